@@ -1,0 +1,61 @@
+# THE host list of streaming-cluster: adding a host is adding one entry to `hosts`.
+#
+# Plain data on purpose (no function, no nixpkgs): `nix-instantiate --eval --strict --json
+# cluster.nix` prints it for any tool, and nix/generate.nix turns it into one JSON config per
+# host for a profile (local, vm, production). Addresses here are the production ones; the local
+# and vm profiles replace them (127.77.<role>.<n> locally, from the number in the host name).
+{
+  site = "streaming-cluster.test";
+
+  # The shared HLS timeline (DESIGN.md section 8): media sequence number = wall-clock slot.
+  timeline = {
+    segmentSeconds = 2;
+    playlistSegments = 6;
+    cacheSegments = 12;
+  };
+
+  channels = [
+    {
+      name = "test";
+      fps = 25;
+      audioKbps = 96;
+      # Production ladder (1080p is for hosts with CPU to spare).
+      preset = "veryfast";
+      ladder = [
+        { name = "1080p"; width = 1920; height = 1080; videoKbps = 5000; }
+        { name = "720p"; width = 1280; height = 720; videoKbps = 2800; }
+        { name = "480p"; width = 854; height = 480; videoKbps = 1400; }
+        { name = "360p"; width = 640; height = 360; videoKbps = 800; }
+      ];
+      # Local and VM runs: two ingests and two sources share 2 cores, so the ladder stays small.
+      smallPreset = "ultrafast";
+      smallLadder = [
+        { name = "360p"; width = 640; height = 360; videoKbps = 800; }
+        { name = "240p"; width = 426; height = 240; videoKbps = 400; }
+        { name = "144p"; width = 256; height = 144; videoKbps = 200; }
+      ];
+    }
+  ];
+
+  hosts = [
+    # lb1 also carries the third etcd member (the witness of the two db hosts).
+    { name = "lb1"; role = "lb"; address = "192.0.2.11"; etcdWitness = true; }
+    { name = "lb2"; role = "lb"; address = "192.0.2.12"; }
+
+    # uplinkMbps caps viewers: viewers x top rendition bandwidth stays under 80 % of it.
+    { name = "broadcast1"; role = "broadcast"; address = "192.0.2.21"; uplinkMbps = 1000; }
+    { name = "broadcast2"; role = "broadcast"; address = "192.0.2.22"; uplinkMbps = 1000; }
+    { name = "broadcast3"; role = "broadcast"; address = "192.0.2.23"; uplinkMbps = 10000; }
+    { name = "broadcast4"; role = "broadcast"; address = "192.0.2.24"; uplinkMbps = 100; }
+
+    { name = "db1"; role = "db"; address = "192.0.2.31"; }
+    { name = "db2"; role = "db"; address = "192.0.2.32"; }
+
+    { name = "ingest1"; role = "ingest"; address = "192.0.2.41"; }
+    { name = "ingest2"; role = "ingest"; address = "192.0.2.42"; }
+
+    # Sources publish a test pattern to every ingest; lower priority number is preferred.
+    { name = "source1"; role = "source"; address = "192.0.2.51"; channel = "test"; priority = 1; }
+    { name = "source2"; role = "source"; address = "192.0.2.52"; channel = "test"; priority = 2; }
+  ];
+}

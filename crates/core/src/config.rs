@@ -1,0 +1,330 @@
+//! The configuration schema of every service.
+//!
+//! These types are the single source of truth for what the Nix generator (`nix/generate.nix`)
+//! emits: each host receives one JSON document, [`HostConfig`], holding the whole cluster view
+//! plus the paths that belong to that host. Unknown fields are refused so that a typo in
+//! `cluster.nix` or a drift between generator and binaries fails loudly at start, not silently.
+//!
+//! Every host sees the whole cluster on purpose: an LB needs every broadcast, a broadcast needs
+//! every ingest, a source needs every ingest. A topology change is a new config plus SIGHUP.
+
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// Errors met while loading a configuration file.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("config file {path} is not a valid host config: {source}")]
+    Parse { path: PathBuf, source: serde_json::Error },
+    #[error("config file {path}: {reason}")]
+    Invalid { path: PathBuf, reason: String },
+}
+
+/// The role a host plays; one service binary per role.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    Lb,
+    Broadcast,
+    Db,
+    Ingest,
+    Source,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Lb => "lb",
+            Role::Broadcast => "broadcast",
+            Role::Db => "db",
+            Role::Ingest => "ingest",
+            Role::Source => "source",
+        }
+    }
+}
+
+impl std::fmt::Display for Role {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// What one host's service reads at start and on SIGHUP.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HostConfig {
+    /// This host's name, one of `cluster.hosts[].name`.
+    pub name: String,
+    pub cluster: ClusterConfig,
+    pub paths: HostPaths,
+    pub telemetry: TelemetryConfig,
+}
+
+/// Files this host reads. Secrets are paths, never values, so they stay out of the Nix store.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HostPaths {
+    /// Writable directory for the service's own files (ingest work files, caches).
+    pub state_dir: PathBuf,
+    /// Where per-host log files go; `None` logs to stderr only (journald in production).
+    pub log_dir: Option<PathBuf>,
+    pub tls_cert: PathBuf,
+    pub tls_key: PathBuf,
+    /// CA bundle that signs every cluster host's certificate (peer-to-peer HTTPS).
+    pub ca_cert: PathBuf,
+    /// HMAC key shared by LBs and broadcasts for viewer tokens.
+    pub token_key: PathBuf,
+    /// Bearer secret that broadcasts present to the ingests' origin API.
+    pub cluster_key: PathBuf,
+    /// Directory of `<channel>.key` files holding each channel's stream key.
+    pub stream_keys_dir: PathBuf,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TelemetryConfig {
+    /// Log JSON lines instead of human-readable text.
+    pub json_logs: bool,
+    /// OTLP/HTTP endpoint for traces, e.g. `http://collector:4318`; `None` disables export.
+    pub otlp_endpoint: Option<String>,
+}
+
+/// The whole cluster as every host sees it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterConfig {
+    /// The public name both LBs answer for, e.g. `streaming-cluster.test`.
+    pub site: String,
+    /// `local`, `vm` or `production`.
+    pub profile: String,
+    /// Public entry URLs of the site (the LBs), in preference order.
+    pub site_urls: Vec<String>,
+    pub timeline: TimelineConfig,
+    pub hosts: Vec<HostEntry>,
+    pub channels: Vec<ChannelConfig>,
+}
+
+/// The shared HLS timeline (DESIGN.md section 8): slot k covers wall-clock [k·D, (k+1)·D).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TimelineConfig {
+    /// Segment duration D in seconds.
+    pub segment_seconds: u32,
+    /// Segments listed in each media playlist.
+    pub playlist_segments: u32,
+    /// Segments a broadcast keeps in memory (at least `playlist_segments`).
+    pub cache_segments: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Ports {
+    pub https: u16,
+    pub rtmp: u16,
+    pub rtmps: u16,
+    pub patroni: u16,
+    pub postgres: u16,
+    pub etcd_client: u16,
+    pub etcd_peer: u16,
+}
+
+/// One entry of `cluster.nix` after the generator filled in addresses and ports.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HostEntry {
+    pub name: String,
+    pub role: Role,
+    /// DNS name, e.g. `broadcast1.streaming-cluster.test`.
+    pub fqdn: String,
+    /// Address the host's services bind and peers connect to.
+    pub address: IpAddr,
+    pub ports: Ports,
+    /// Base HTTPS URL other hosts and viewers use, e.g. `https://127.77.2.1:8443`.
+    pub url: String,
+    /// Broadcasts: uplink that caps how many viewers the LBs send here.
+    pub uplink_mbps: Option<u32>,
+    /// Broadcasts: the ingest pulled first (spread across broadcasts by the generator).
+    pub preferred_ingest: Option<String>,
+    /// Sources: the channel this source publishes.
+    pub channel: Option<String>,
+    /// Sources: lower is preferred.
+    pub priority: Option<u32>,
+    /// Non-db host carrying the third etcd member.
+    pub etcd_witness: bool,
+    /// Draining hosts get no new viewers; existing ones move at their next request.
+    pub drain: bool,
+}
+
+impl HostEntry {
+    /// `host:port` for a given port of this host, bracketing IPv6 addresses.
+    pub fn socket(&self, port: u16) -> std::net::SocketAddr {
+        std::net::SocketAddr::new(self.address, port)
+    }
+}
+
+/// One live channel and its ABR ladder.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ChannelConfig {
+    pub name: String,
+    pub fps: u32,
+    /// x264 preset for the ladder (`ultrafast` on small local machines).
+    pub preset: String,
+    pub audio_kbps: u32,
+    pub ladder: Vec<Rendition>,
+}
+
+impl ChannelConfig {
+    /// Bandwidth of the top rendition in bits per second, as announced in the master playlist.
+    pub fn top_bandwidth_bps(&self) -> u64 {
+        self.ladder.iter().map(Rendition::bandwidth_bps_with(self.audio_kbps)).max().unwrap_or(0)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Rendition {
+    /// Path-safe name such as `360p`.
+    pub name: String,
+    pub width: u32,
+    pub height: u32,
+    pub video_kbps: u32,
+}
+
+impl Rendition {
+    /// Peak bandwidth estimate (video + audio + 10 % container overhead) for `BANDWIDTH`.
+    pub fn bandwidth_bps_with(audio_kbps: u32) -> impl Fn(&Rendition) -> u64 {
+        move |r| u64::from(r.video_kbps + audio_kbps) * 1100
+    }
+}
+
+impl HostConfig {
+    /// Reads and validates a host config file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+        let config: HostConfig = serde_json::from_str(&text)
+            .map_err(|source| ConfigError::Parse { path: path.to_owned(), source })?;
+        config
+            .validate()
+            .map_err(|reason| ConfigError::Invalid { path: path.to_owned(), reason })?;
+        Ok(config)
+    }
+
+    /// Checks what serde cannot: references between entries and path-safe names.
+    pub fn validate(&self) -> Result<(), String> {
+        self.cluster.validate()?;
+        if self.cluster.host(&self.name).is_none() {
+            return Err(format!("host {:?} is not in the cluster's host list", self.name));
+        }
+        Ok(())
+    }
+
+    /// This host's own entry (validated to exist).
+    pub fn me(&self) -> &HostEntry {
+        self.cluster.host(&self.name).expect("validated at load")
+    }
+}
+
+impl ClusterConfig {
+    pub fn host(&self, name: &str) -> Option<&HostEntry> {
+        self.hosts.iter().find(|h| h.name == name)
+    }
+
+    pub fn hosts_with_role(&self, role: Role) -> impl Iterator<Item = &HostEntry> {
+        self.hosts.iter().filter(move |h| h.role == role)
+    }
+
+    pub fn channel(&self, name: &str) -> Option<&ChannelConfig> {
+        self.channels.iter().find(|c| c.name == name)
+    }
+
+    /// Sources of a channel, best first.
+    pub fn sources_of(&self, channel: &str) -> Vec<&HostEntry> {
+        let mut sources: Vec<_> = self
+            .hosts_with_role(Role::Source)
+            .filter(|h| h.channel.as_deref() == Some(channel))
+            .collect();
+        sources.sort_by_key(|h| (h.priority.unwrap_or(u32::MAX), h.name.clone()));
+        sources
+    }
+
+    pub fn validate(&self) -> Result<(), String> {
+        let mut names = std::collections::HashSet::new();
+        for host in &self.hosts {
+            if !is_safe_name(&host.name) {
+                return Err(format!("host name {:?} must be [a-z0-9-]+", host.name));
+            }
+            if !names.insert(&host.name) {
+                return Err(format!("host {:?} appears twice", host.name));
+            }
+            match host.role {
+                Role::Broadcast if host.uplink_mbps.unwrap_or(0) == 0 => {
+                    return Err(format!("broadcast {} needs uplink_mbps > 0", host.name));
+                }
+                Role::Source => {
+                    let channel = host.channel.as_deref().unwrap_or_default();
+                    if self.channel(channel).is_none() {
+                        return Err(format!("source {} publishes unknown channel {channel:?}", host.name));
+                    }
+                }
+                _ => {}
+            }
+        }
+        for host in &self.hosts {
+            if let Some(ingest) = &host.preferred_ingest
+                && self.host(ingest).map(|h| h.role) != Some(Role::Ingest)
+            {
+                return Err(format!("{}: preferred_ingest {ingest:?} is not an ingest", host.name));
+            }
+        }
+        if self.timeline.segment_seconds == 0 || self.timeline.playlist_segments < 3 {
+            return Err("timeline needs segment_seconds >= 1 and playlist_segments >= 3".into());
+        }
+        if self.timeline.cache_segments < self.timeline.playlist_segments {
+            return Err("timeline.cache_segments must be >= playlist_segments".into());
+        }
+        for channel in &self.channels {
+            if !is_safe_name(&channel.name) {
+                return Err(format!("channel name {:?} must be [a-z0-9-]+", channel.name));
+            }
+            if channel.ladder.is_empty() {
+                return Err(format!("channel {} has an empty ladder", channel.name));
+            }
+            for r in &channel.ladder {
+                if !is_safe_name(&r.name) || r.width % 2 != 0 || r.height % 2 != 0 {
+                    return Err(format!(
+                        "rendition {:?} of {}: name must be [a-z0-9-]+ and sizes even",
+                        r.name, channel.name
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Names end up in paths and URLs; keeping them to `[a-z0-9-]` rules out traversal and quoting.
+pub fn is_safe_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 63
+        && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn safe_names() {
+        assert!(is_safe_name("broadcast1"));
+        assert!(is_safe_name("360p"));
+        assert!(!is_safe_name("../etc"));
+        assert!(!is_safe_name("Test"));
+        assert!(!is_safe_name(""));
+    }
+}

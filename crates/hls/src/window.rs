@@ -1,0 +1,195 @@
+//! A sliding window of segments, numbered by slot, and the media playlist it renders.
+//!
+//! Ingests keep one per rendition for the segments they made; broadcasts keep one per rendition
+//! for the segments they pulled. Both render their own playlists from it, so the discontinuity
+//! sequence and media sequence are always consistent with what the window holds.
+
+use std::collections::VecDeque;
+
+use crate::timeline::format_program_date_time;
+
+/// What a playlist says about one segment.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SegmentInfo {
+    /// Media sequence number = time slot.
+    pub seq: u64,
+    pub duration_s: f64,
+    /// EXT-X-DISCONTINUITY before this segment (input switch, slate, gap).
+    pub discontinuity: bool,
+    pub program_date_time_ms: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum WindowError {
+    #[error("segment {got} is not after the last one ({last}): the timeline never goes backwards")]
+    NotAfterLast { got: u64, last: u64 },
+}
+
+/// The newest `capacity` segments, each with a payload (bytes, or `()` for bookkeeping).
+#[derive(Debug, Clone)]
+pub struct SegmentWindow<T> {
+    capacity: usize,
+    segments: VecDeque<(SegmentInfo, T)>,
+    /// Discontinuities of segments that already left the window.
+    dropped_discontinuities: u64,
+}
+
+impl<T> SegmentWindow<T> {
+    pub fn new(capacity: usize) -> Self {
+        Self { capacity: capacity.max(1), segments: VecDeque::new(), dropped_discontinuities: 0 }
+    }
+
+    /// Appends a segment. A gap in sequence numbers is marked as a discontinuity, so a player
+    /// never splices across missing media without being told.
+    pub fn push(&mut self, mut info: SegmentInfo, payload: T) -> Result<(), WindowError> {
+        if let Some(last) = self.last_seq() {
+            if info.seq <= last {
+                return Err(WindowError::NotAfterLast { got: info.seq, last });
+            }
+            if info.seq != last + 1 {
+                info.discontinuity = true;
+            }
+        }
+        self.segments.push_back((info, payload));
+        while self.segments.len() > self.capacity {
+            if let Some((old, _)) = self.segments.pop_front()
+                && old.discontinuity
+            {
+                self.dropped_discontinuities += 1;
+            }
+        }
+        Ok(())
+    }
+
+    pub fn last_seq(&self) -> Option<u64> {
+        self.segments.back().map(|(i, _)| i.seq)
+    }
+
+    pub fn first_seq(&self) -> Option<u64> {
+        self.segments.front().map(|(i, _)| i.seq)
+    }
+
+    pub fn len(&self) -> usize {
+        self.segments.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.segments.is_empty()
+    }
+
+    pub fn get(&self, seq: u64) -> Option<(&SegmentInfo, &T)> {
+        let first = self.first_seq()?;
+        if seq < first {
+            return None;
+        }
+        // Sequence numbers may have gaps, so search from the computed position backwards.
+        let guess = usize::try_from(seq - first).unwrap_or(usize::MAX).min(self.segments.len().saturating_sub(1));
+        self.segments
+            .range(..=guess)
+            .rev()
+            .find(|(i, _)| i.seq == seq)
+            .map(|(i, p)| (i, p))
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = (&SegmentInfo, &T)> {
+        self.segments.iter().map(|(i, p)| (i, p))
+    }
+
+    /// Renders the media playlist of the newest `list_len` segments. `uri` names each segment
+    /// (the broadcast appends the viewer token there).
+    pub fn render(&self, list_len: usize, target_duration_s: u32, uri: impl Fn(&SegmentInfo) -> String) -> String {
+        let skip = self.segments.len().saturating_sub(list_len);
+        let listed: Vec<&SegmentInfo> = self.segments.iter().skip(skip).map(|(i, _)| i).collect();
+        // A discontinuity before the first listed segment is not written as a tag (nothing
+        // precedes it in this playlist) but counted in its discontinuity sequence number.
+        let discontinuity_sequence = self.dropped_discontinuities
+            + self.segments.iter().take(skip).filter(|(i, _)| i.discontinuity).count() as u64
+            + u64::from(listed.first().is_some_and(|i| i.discontinuity));
+        let media_sequence = listed.first().map_or(0, |i| i.seq);
+        // TARGETDURATION must be >= every EXTINF rounded to the nearest integer (RFC 8216 4.3.3.1).
+        let target = listed
+            .iter()
+            .map(|i| i.duration_s.round() as u32)
+            .max()
+            .unwrap_or(0)
+            .max(target_duration_s);
+        let mut out = String::with_capacity(160 + listed.len() * 120);
+        out.push_str("#EXTM3U\n#EXT-X-VERSION:6\n#EXT-X-INDEPENDENT-SEGMENTS\n");
+        out.push_str(&format!("#EXT-X-TARGETDURATION:{target}\n"));
+        out.push_str(&format!("#EXT-X-MEDIA-SEQUENCE:{media_sequence}\n"));
+        out.push_str(&format!("#EXT-X-DISCONTINUITY-SEQUENCE:{discontinuity_sequence}\n"));
+        for (index, info) in listed.iter().enumerate() {
+            if info.discontinuity && index > 0 {
+                out.push_str("#EXT-X-DISCONTINUITY\n");
+            }
+            out.push_str(&format!(
+                "#EXT-X-PROGRAM-DATE-TIME:{}\n#EXTINF:{:.3},\n{}\n",
+                format_program_date_time(info.program_date_time_ms),
+                info.duration_s,
+                uri(info)
+            ));
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::parse::parse_media;
+
+    fn info(seq: u64, discontinuity: bool) -> SegmentInfo {
+        SegmentInfo { seq, duration_s: 2.0, discontinuity, program_date_time_ms: seq * 2000 }
+    }
+
+    #[test]
+    fn keeps_the_newest_and_never_goes_back() {
+        let mut w = SegmentWindow::new(3);
+        for seq in 10..15 {
+            w.push(info(seq, false), seq).unwrap();
+        }
+        assert_eq!((w.first_seq(), w.last_seq()), (Some(12), Some(14)));
+        assert_eq!(w.get(13).map(|(_, p)| *p), Some(13));
+        assert_eq!(w.get(11), None);
+        assert_eq!(w.push(info(14, false), 0), Err(WindowError::NotAfterLast { got: 14, last: 14 }));
+    }
+
+    #[test]
+    fn gaps_become_discontinuities_and_are_counted_when_dropped() {
+        let mut w = SegmentWindow::new(4);
+        w.push(info(1, false), ()).unwrap();
+        w.push(info(2, false), ()).unwrap();
+        w.push(info(5, false), ()).unwrap(); // gap: 3 and 4 missing
+        w.push(info(6, true), ()).unwrap();
+        let text = w.render(3, 2, |i| format!("{}.ts", i.seq));
+        let parsed = parse_media(&text).unwrap();
+        assert_eq!(parsed.media_sequence, 2);
+        assert_eq!(parsed.discontinuity_sequence, 0);
+        let flags: Vec<bool> = parsed.segments.iter().map(|s| s.discontinuity).collect();
+        assert_eq!(flags, vec![false, true, true]);
+        // Once segment 5 (a discontinuity) leaves the listed part, the sequence counts it.
+        w.push(info(7, false), ()).unwrap();
+        w.push(info(8, false), ()).unwrap();
+        let parsed = parse_media(&w.render(2, 2, |i| format!("{}.ts", i.seq))).unwrap();
+        assert_eq!(parsed.media_sequence, 7);
+        assert_eq!(parsed.discontinuity_sequence, 2);
+        assert_eq!(w.get(2).map(|(i, _)| i.seq), None);
+        assert_eq!(w.get(4).map(|(i, _)| i.seq), None);
+        assert_eq!(w.get(5).map(|(i, _)| i.seq), Some(5));
+    }
+
+    #[test]
+    fn playlist_carries_date_times_and_uris() {
+        let mut w = SegmentWindow::new(6);
+        for seq in 882_000_000..882_000_004 {
+            w.push(info(seq, false), ()).unwrap();
+        }
+        let text = w.render(6, 2, |i| format!("{}.ts?t=abc", i.seq));
+        let parsed = parse_media(&text).unwrap();
+        assert_eq!(parsed.target_duration_s, 2.0);
+        assert_eq!(parsed.segments.len(), 4);
+        assert_eq!(parsed.segments[0].uri, "882000000.ts?t=abc");
+        assert_eq!(parsed.segments[0].seq, 882_000_000);
+        assert_eq!(parsed.segments[3].program_date_time_ms, Some(882_000_003 * 2000));
+    }
+}

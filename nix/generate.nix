@@ -1,0 +1,130 @@
+# Turns cluster.nix into one JSON-ready config per host (the schema is HostConfig in
+# crates/core/src/config.rs). Builtins only, so the local runner evaluates it with
+# `nix-instantiate --eval --strict --json nix/generate.nix --argstr profile local --argstr stateDir DIR`
+# and the NixOS modules import the very same function.
+{
+  cluster ? import ../cluster.nix,
+  # local: loopback addresses 127.77.<role>.<n>, files under stateDir.
+  # vm: the NixOS VM test's addresses and paths. production: cluster.nix addresses, port 443.
+  profile ? "local",
+  stateDir ? "/var/lib/streaming-cluster",
+  jsonLogs ? false,
+  otlpEndpoint ? null,
+}:
+let
+  inherit (builtins) filter length elemAt match head listToAttrs map toString genList;
+
+  roleNumbers = { lb = 1; broadcast = 2; db = 3; ingest = 4; source = 5; };
+
+  # broadcast3 -> 3: addresses and ingest preference follow the number in the name, so removing
+  # a host never renumbers the others.
+  hostNumber = name:
+    let m = match "[a-z-]*([0-9]+)" name;
+    in if m == null then throw "host name ${name} must end with a number" else builtins.fromJSON (head m);
+
+  small = profile != "production";
+
+  vmAddress = host: "192.168.1.${toString (roleNumbers.${host.role} * 20 + hostNumber host.name)}";
+
+  address = host:
+    if profile == "local" then "127.77.${toString roleNumbers.${host.role}}.${toString (hostNumber host.name)}"
+    else if profile == "vm" then vmAddress host
+    else if profile == "production" then host.address
+    else throw "unknown profile ${profile} (local, vm, production)";
+
+  ports = {
+    https = if profile == "production" then 443 else 8443;
+    rtmp = 1935;
+    rtmps = 1936;
+    patroni = 8008;
+    postgres = 5432;
+    etcd_client = 2379;
+    etcd_peer = 2380;
+  };
+
+  fqdn = host: "${host.name}.${cluster.site}";
+
+  url = host:
+    if profile == "local" then "https://${address host}:${toString ports.https}"
+    else if profile == "production" then "https://${fqdn host}"
+    else "https://${fqdn host}:${toString ports.https}";
+
+  byRole = role: filter (h: h.role == role) cluster.hosts;
+  ingests = byRole "ingest";
+
+  # Broadcasts prefer ingests in turn, so the pull load is spread and one ingest's death moves
+  # only half of them.
+  preferredIngest = host:
+    if host.role != "broadcast" || length ingests == 0 then null
+    else (elemAt ingests (builtins.sub (hostNumber host.name) 1 - (builtins.div (builtins.sub (hostNumber host.name) 1) (length ingests)) * (length ingests))).name;
+
+  hostEntry = host: {
+    inherit (host) name role;
+    fqdn = fqdn host;
+    address = address host;
+    inherit ports;
+    url = url host;
+    uplink_mbps = host.uplinkMbps or null;
+    preferred_ingest = preferredIngest host;
+    channel = host.channel or null;
+    priority = host.priority or null;
+    etcd_witness = host.etcdWitness or false;
+    drain = host.drain or false;
+  };
+
+  channel = c: {
+    inherit (c) name fps;
+    preset = if small then c.smallPreset or c.preset else c.preset;
+    audio_kbps = c.audioKbps;
+    ladder = map (r: {
+      inherit (r) name width height;
+      video_kbps = r.videoKbps;
+    }) (if small then c.smallLadder or c.ladder else c.ladder);
+  };
+
+  clusterView = {
+    inherit (cluster) site;
+    inherit profile;
+    site_urls =
+      if profile == "production" then [ "https://${cluster.site}" ]
+      else map url (byRole "lb");
+    timeline = {
+      segment_seconds = cluster.timeline.segmentSeconds;
+      playlist_segments = cluster.timeline.playlistSegments;
+      cache_segments = cluster.timeline.cacheSegments;
+    };
+    hosts = map hostEntry cluster.hosts;
+    channels = map channel cluster.channels;
+  };
+
+  # Local runs keep every file under the runner's state dir; deployed hosts use the NixOS
+  # modules' paths (state directory, agenix secrets, ACME or test-CA certificates).
+  paths = host:
+    if profile == "local" then {
+      state_dir = "${stateDir}/hosts/${host.name}";
+      log_dir = "${stateDir}/logs";
+      tls_cert = "${stateDir}/tls/${host.name}.crt";
+      tls_key = "${stateDir}/tls/${host.name}.key";
+      ca_cert = "${stateDir}/tls/ca.crt";
+      token_key = "${stateDir}/secrets/token.key";
+      cluster_key = "${stateDir}/secrets/cluster.key";
+      stream_keys_dir = "${stateDir}/secrets/stream-keys";
+    } else {
+      state_dir = stateDir;
+      log_dir = null;
+      tls_cert = "/run/streaming-cluster/tls/cert.pem";
+      tls_key = "/run/streaming-cluster/tls/key.pem";
+      ca_cert = "/run/streaming-cluster/tls/ca.pem";
+      token_key = "/run/agenix/token-key";
+      cluster_key = "/run/agenix/cluster-key";
+      stream_keys_dir = "/run/agenix/stream-keys";
+    };
+
+  hostConfig = host: {
+    inherit (host) name;
+    cluster = clusterView;
+    paths = paths host;
+    telemetry = { json_logs = jsonLogs; otlp_endpoint = otlpEndpoint; };
+  };
+in
+listToAttrs (map (host: { inherit (host) name; value = hostConfig host; }) cluster.hosts)

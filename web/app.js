@@ -1,0 +1,229 @@
+// streaming-cluster viewer. Plain ES2020, no build step, CSP-safe (no inline code/styles).
+'use strict';
+(() => {
+  const $ = (id) => document.getElementById(id);
+  const video = $('video');
+  const statusEl = $('status');
+  const latencyEl = $('latency');
+  const qualityEl = $('quality');
+  const unmuteEl = $('unmute');
+
+  const params = new URLSearchParams(location.search);
+  const channel = params.get('channel') || 'test';
+  let token = params.get('t') || sessionStorage.getItem('sc.token') || '';
+  if (token) sessionStorage.setItem('sc.token', token);
+  $('channel').textContent = channel;
+
+  // Live state, exposed for tests.
+  const state = {
+    hls: null,
+    video,
+    failovers: 0,
+    broadcast: location.host, // replaced by /api/cluster's "broadcast"
+    baseUrl: location.origin,
+    token,
+    playback: 'loading',
+  };
+  window.scPlayer = state;
+
+  const masterUrl = () =>
+    `${state.baseUrl}/live/${encodeURIComponent(channel)}/master.m3u8?t=${encodeURIComponent(state.token)}`;
+
+  // Rewrite a request URL to the current broadcast: replace origin and `t` (only if it targets another origin).
+  function rewrite(url) {
+    const u = new URL(url, location.href);
+    const base = new URL(state.baseUrl);
+    if (u.origin === base.origin) return u.href;
+    u.protocol = base.protocol;
+    u.host = base.host;
+    u.searchParams.set('t', state.token);
+    return u.href;
+  }
+
+  function render() {
+    statusEl.textContent = `${state.broadcast} · ${state.playback}`;
+    statusEl.classList.toggle('error', state.playback.startsWith('error'));
+  }
+  function setPlayback(p) { state.playback = p; render(); }
+
+  // ---- cluster info & failover ------------------------------------------
+  const clusterInfo = fetch('/api/cluster', { cache: 'no-store' })
+    .then((r) => (r.ok ? r.json() : Promise.reject(new Error(`HTTP ${r.status}`))))
+    .then((c) => {
+      if (typeof c.broadcast === 'string' && c.broadcast) state.broadcast = c.broadcast;
+      render();
+      return { lbs: Array.isArray(c.lbs) ? c.lbs.filter((x) => typeof x === 'string') : [] };
+    })
+    .catch((e) => { console.warn('api/cluster failed', e); return { lbs: [] }; });
+
+  async function assign() {
+    const { lbs } = await clusterInfo;
+    for (const lb of lbs) {
+      const url = `${lb.replace(/\/+$/, '')}/api/assign?channel=${encodeURIComponent(channel)}` +
+        `&exclude=${encodeURIComponent(state.broadcast)}`;
+      try {
+        const ctl = new AbortController();
+        const timer = setTimeout(() => ctl.abort(), 4000);
+        const r = await fetch(url, { cache: 'no-store', signal: ctl.signal }).finally(() => clearTimeout(timer));
+        if (!r.ok) throw new Error(`HTTP ${r.status}`);
+        const a = await r.json();
+        if (a && typeof a.base_url === 'string' && typeof a.token === 'string') return a;
+        throw new Error('bad assign answer');
+      } catch (e) {
+        console.warn('assign via', lb, 'failed:', e);
+      }
+    }
+    return null;
+  }
+
+  let failing = null;
+  function failover(reason) {
+    if (failing) return failing;
+    console.warn('failover:', reason);
+    setPlayback('switching server…');
+    failing = (async () => {
+      for (let attempt = 0; ; attempt++) {
+        const a = await assign();
+        if (a) { switchTo(a); return; }
+        setPlayback('error: no server available, retrying…');
+        await new Promise((res) => setTimeout(res, Math.min(2000 * (attempt + 1), 10000)));
+      }
+    })().finally(() => { failing = null; });
+    return failing;
+  }
+
+  function switchTo(a) {
+    state.baseUrl = new URL(a.base_url).origin;
+    state.token = token = a.token;
+    state.broadcast = typeof a.broadcast === 'string' && a.broadcast ? a.broadcast : new URL(a.base_url).host;
+    state.failovers++;
+    sessionStorage.setItem('sc.token', token);
+    const q = new URLSearchParams(location.search);
+    q.set('t', token);
+    q.set('channel', channel);
+    history.replaceState(history.state, '', `${location.pathname}?${q}`);
+    setPlayback('buffering');
+    if (state.hls) {
+      const hls = state.hls;
+      if (!hls.levels || hls.levels.length === 0) hls.loadSource(masterUrl());
+      else if (!hls.loadingEnabled) hls.startLoad(-1);
+    } else {
+      video.src = masterUrl();
+      video.play().catch(() => {});
+    }
+  }
+
+  // ---- hls.js ------------------------------------------------------------
+  const policy = (ttfb, maxLoad, timeoutRetries, errorRetries) => ({
+    default: {
+      maxTimeToFirstByteMs: ttfb,
+      maxLoadTimeMs: maxLoad,
+      timeoutRetry: { maxNumRetry: timeoutRetries, retryDelayMs: 0, maxRetryDelayMs: 0 },
+      errorRetry: { maxNumRetry: errorRetries, retryDelayMs: 1000, maxRetryDelayMs: 4000 },
+    },
+  });
+
+  function startHls() {
+    const Base = Hls.DefaultConfig.loader;
+    const gens = new WeakMap(); // request context / frag / part -> failover count when sent
+    class FailoverLoader extends Base {
+      load(context, config, callbacks) {
+        context.url = rewrite(context.url);
+        for (const o of [context, context.frag, context.part]) if (o) gens.set(o, state.failovers);
+        super.load(context, config, callbacks);
+      }
+    }
+    const hls = new Hls({
+      loader: FailoverLoader,
+      enableWorker: false, // blob: workers would be blocked by the CSP
+      lowLatencyMode: true,
+      manifestLoadPolicy: policy(4000, 8000, 3, 4),
+      playlistLoadPolicy: policy(4000, 8000, 3, 4),
+      fragLoadPolicy: policy(4000, 20000, 3, 4),
+    });
+    state.hls = hls;
+
+    hls.on(Hls.Events.ERROR, (_ev, data) => {
+      if (data.type === Hls.ErrorTypes.NETWORK_ERROR) {
+        // Requests sent to a previous server are stale: their retries already go to the new one.
+        const key = [data.context, data.part, data.frag].find((o) => o && gens.has(o));
+        const stale = key !== undefined && gens.get(key) < state.failovers;
+        if (!stale) failover(`${data.details}${data.fatal ? ' (fatal)' : ''}`);
+        else if (data.fatal && !failing) { // old-server request: restart loading on the new origin
+          setTimeout(() => { if (!hls.loadingEnabled) hls.startLoad(-1); }, 0);
+        }
+      } else if (data.fatal && data.type === Hls.ErrorTypes.MEDIA_ERROR) {
+        hls.recoverMediaError();
+      } else if (data.fatal) {
+        setPlayback(`error: ${data.details}`);
+      }
+    });
+    hls.on(Hls.Events.MANIFEST_PARSED, () => {
+      buildQualityMenu(hls.levels);
+      video.play().catch(() => {});
+    });
+    hls.on(Hls.Events.LEVEL_SWITCHED, (_ev, data) => {
+      const lvl = hls.levels[data.level];
+      qualityEl.options[0].textContent = lvl && lvl.height && hls.autoLevelEnabled ? `Auto (${lvl.height}p)` : 'Auto';
+    });
+    qualityEl.addEventListener('change', () => { hls.currentLevel = Number(qualityEl.value); });
+
+    hls.attachMedia(video);
+    hls.loadSource(masterUrl());
+  }
+
+  function buildQualityMenu(levels) {
+    while (qualityEl.options.length > 1) qualityEl.remove(1);
+    levels.forEach((lvl, i) => {
+      const opt = document.createElement('option');
+      opt.value = String(i);
+      opt.textContent = lvl.height ? `${lvl.height}p` : `${Math.round((lvl.bitrate || 0) / 1000)} kbps`;
+      qualityEl.appendChild(opt);
+    });
+    qualityEl.value = '-1';
+  }
+
+  function startNative() {
+    qualityEl.disabled = true;
+    video.addEventListener('error', () => failover(`native error ${video.error && video.error.code}`));
+    video.src = masterUrl();
+    video.play().catch(() => {});
+  }
+
+  // ---- UI ------------------------------------------------------------------
+  function syncMute() { unmuteEl.textContent = video.muted ? 'Unmute' : 'Mute'; }
+  unmuteEl.addEventListener('click', () => {
+    video.muted = !video.muted;
+    if (!video.muted) video.volume = video.volume || 1;
+    video.play().catch(() => {});
+  });
+  video.addEventListener('volumechange', syncMute);
+  video.addEventListener('playing', () => setPlayback('live'));
+  video.addEventListener('waiting', () => { if (!failing) setPlayback('buffering'); });
+  video.addEventListener('pause', () => { if (!video.ended && !failing) setPlayback('paused'); });
+
+  function playingDateMs() {
+    const h = state.hls;
+    if (h && h.playingDate) return h.playingDate.getTime();
+    if (!h && typeof video.getStartDate === 'function') {
+      const sd = video.getStartDate().getTime();
+      if (Number.isFinite(sd) && sd > 0) return sd + video.currentTime * 1000;
+    }
+    return null;
+  }
+  setInterval(() => {
+    const pd = playingDateMs();
+    let text = 'Latency: –';
+    if (pd) text = `Latency: ${((Date.now() - pd) / 1000).toFixed(1)} s`;
+    else if (state.hls && Number.isFinite(state.hls.latency)) text = `Latency: ~${state.hls.latency.toFixed(1)} s (to live edge)`;
+    latencyEl.textContent = text;
+    state.latency = pd ? (Date.now() - pd) / 1000 : null;
+  }, 1000);
+
+  syncMute();
+  render();
+  if (!token) setPlayback('error: missing access token (t=…)');
+  if (typeof Hls !== 'undefined' && Hls.isSupported()) startHls();
+  else if (video.canPlayType('application/vnd.apple.mpegurl')) startNative();
+  else setPlayback('error: this browser cannot play HLS');
+})();
