@@ -2,10 +2,12 @@
 //! tokens, TLS, secrets, telemetry, HTTPS serving and the signals that drive shutdown and reload.
 
 pub mod config;
+pub mod http;
 pub mod lifecycle;
 pub mod process;
 pub mod secrets;
 pub mod serve;
+pub mod service;
 pub mod status;
 pub mod telemetry;
 pub mod tls;

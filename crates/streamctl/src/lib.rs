@@ -1,0 +1,1 @@
+//! streamctl (being written)
