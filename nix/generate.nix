@@ -8,6 +8,9 @@
   # vm: the NixOS VM test's addresses and paths. production: cluster.nix addresses, port 443.
   profile ? "local",
   stateDir ? "/var/lib/streaming-cluster",
+  # Local profile only: first two octets of the loopback addresses, so a test cluster can run
+  # beside a developer's cluster (127.77 by contract; tests may pick another).
+  addressPrefix ? "127.77",
   jsonLogs ? false,
   otlpEndpoint ? null,
 }:
@@ -27,7 +30,7 @@ let
   vmAddress = host: "192.168.1.${toString (roleNumbers.${host.role} * 20 + hostNumber host.name)}";
 
   address = host:
-    if profile == "local" then "127.77.${toString roleNumbers.${host.role}}.${toString (hostNumber host.name)}"
+    if profile == "local" then "${addressPrefix}.${toString roleNumbers.${host.role}}.${toString (hostNumber host.name)}"
     else if profile == "vm" then vmAddress host
     else if profile == "production" then host.address
     else throw "unknown profile ${profile} (local, vm, production)";
