@@ -98,7 +98,18 @@ impl<T> SegmentWindow<T> {
     /// Renders the media playlist of the newest `list_len` segments. `uri` names each segment
     /// (the broadcast appends the viewer token there).
     pub fn render(&self, list_len: usize, target_duration_s: u32, uri: impl Fn(&SegmentInfo) -> String) -> String {
-        let skip = self.segments.len().saturating_sub(list_len);
+        // Media sequence numbers are implicit in a playlist (first + index), so only the newest
+        // gap-free run can be listed; older segments stay fetchable by URI.
+        let run_start = self
+            .segments
+            .iter()
+            .zip(self.segments.iter().skip(1))
+            .enumerate()
+            .filter(|(_, ((a, _), (b, _)))| b.seq != a.seq + 1)
+            .map(|(index, _)| index + 1)
+            .last()
+            .unwrap_or(0);
+        let skip = self.segments.len().saturating_sub(list_len).max(run_start);
         let listed: Vec<&SegmentInfo> = self.segments.iter().skip(skip).map(|(i, _)| i).collect();
         // A discontinuity before the first listed segment is not written as a tag (nothing
         // precedes it in this playlist) but counted in its discontinuity sequence number.
@@ -163,10 +174,12 @@ mod tests {
         w.push(info(6, true), ()).unwrap();
         let text = w.render(3, 2, |i| format!("{}.ts", i.seq));
         let parsed = parse_media(&text).unwrap();
-        assert_eq!(parsed.media_sequence, 2);
-        assert_eq!(parsed.discontinuity_sequence, 0);
-        let flags: Vec<bool> = parsed.segments.iter().map(|s| s.discontinuity).collect();
-        assert_eq!(flags, vec![false, true, true]);
+        // Only the run after the gap is listed, so sequence numbers stay true.
+        assert_eq!(parsed.media_sequence, 5);
+        assert_eq!(parsed.discontinuity_sequence, 1);
+        let listed: Vec<(u64, String)> = parsed.segments.iter().map(|s| (s.seq, s.uri.clone())).collect();
+        assert_eq!(listed, vec![(5, "5.ts".to_owned()), (6, "6.ts".to_owned())]);
+        assert!(parsed.segments[1].discontinuity);
         // Once segment 5 (a discontinuity) leaves the listed part, the sequence counts it.
         w.push(info(7, false), ()).unwrap();
         w.push(info(8, false), ()).unwrap();

@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# One command for a newcomer and for CI: install what is missing, then run every test:
+# static checks, unit tests, the Nix parse/eval checks, the vendored hls.js check, and the
+# end-to-end tests through the real binaries (one local cluster at a time: 2 cores).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source scripts/setup-debian.sh
+start=$(date +%s)
+
+echo "== build"
+cargo build --workspace --all-targets --locked
+
+echo "== format and lints"
+cargo fmt --all --check
+cargo clippy --workspace --all-targets --locked -- -D warnings
+
+echo "== Nix files parse; the host list and the generator evaluate"
+scripts/check-nix.sh
+
+echo "== vendored hls.js matches its pinned npm release"
+scripts/check-vendored.sh
+
+echo "== unit and end-to-end tests (end-to-end ones run one at a time)"
+cargo test --workspace --locked -- --include-ignored --test-threads=1
+
+echo "== all tests passed in $(( $(date +%s) - start )) s"
