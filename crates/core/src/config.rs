@@ -17,9 +17,15 @@ use serde::{Deserialize, Serialize};
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read config file {path}: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("config file {path} is not a valid host config: {source}")]
-    Parse { path: PathBuf, source: serde_json::Error },
+    Parse {
+        path: PathBuf,
+        source: serde_json::Error,
+    },
     #[error("config file {path}: {reason}")]
     Invalid { path: PathBuf, reason: String },
 }
@@ -181,7 +187,11 @@ pub struct ChannelConfig {
 impl ChannelConfig {
     /// Bandwidth of the top rendition in bits per second, as announced in the master playlist.
     pub fn top_bandwidth_bps(&self) -> u64 {
-        self.ladder.iter().map(Rendition::bandwidth_bps_with(self.audio_kbps)).max().unwrap_or(0)
+        self.ladder
+            .iter()
+            .map(Rendition::bandwidth_bps_with(self.audio_kbps))
+            .max()
+            .unwrap_or(0)
     }
 }
 
@@ -205,13 +215,19 @@ impl Rendition {
 impl HostConfig {
     /// Reads and validates a host config file.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
-        let config: HostConfig = serde_json::from_str(&text)
-            .map_err(|source| ConfigError::Parse { path: path.to_owned(), source })?;
-        config
-            .validate()
-            .map_err(|reason| ConfigError::Invalid { path: path.to_owned(), reason })?;
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        let config: HostConfig =
+            serde_json::from_str(&text).map_err(|source| ConfigError::Parse {
+                path: path.to_owned(),
+                source,
+            })?;
+        config.validate().map_err(|reason| ConfigError::Invalid {
+            path: path.to_owned(),
+            reason,
+        })?;
         Ok(config)
     }
 
@@ -219,7 +235,10 @@ impl HostConfig {
     pub fn validate(&self) -> Result<(), String> {
         self.cluster.validate()?;
         if self.cluster.host(&self.name).is_none() {
-            return Err(format!("host {:?} is not in the cluster's host list", self.name));
+            return Err(format!(
+                "host {:?} is not in the cluster's host list",
+                self.name
+            ));
         }
         Ok(())
     }
@@ -269,7 +288,10 @@ impl ClusterConfig {
                 Role::Source => {
                     let channel = host.channel.as_deref().unwrap_or_default();
                     if self.channel(channel).is_none() {
-                        return Err(format!("source {} publishes unknown channel {channel:?}", host.name));
+                        return Err(format!(
+                            "source {} publishes unknown channel {channel:?}",
+                            host.name
+                        ));
                     }
                 }
                 _ => {}
@@ -279,7 +301,10 @@ impl ClusterConfig {
             if let Some(ingest) = &host.preferred_ingest
                 && self.host(ingest).map(|h| h.role) != Some(Role::Ingest)
             {
-                return Err(format!("{}: preferred_ingest {ingest:?} is not an ingest", host.name));
+                return Err(format!(
+                    "{}: preferred_ingest {ingest:?} is not an ingest",
+                    host.name
+                ));
             }
         }
         if self.timeline.segment_seconds == 0 || self.timeline.playlist_segments < 3 {
@@ -290,7 +315,10 @@ impl ClusterConfig {
         }
         for channel in &self.channels {
             if !is_safe_name(&channel.name) {
-                return Err(format!("channel name {:?} must be [a-z0-9-]+", channel.name));
+                return Err(format!(
+                    "channel name {:?} must be [a-z0-9-]+",
+                    channel.name
+                ));
             }
             if channel.ladder.is_empty() {
                 return Err(format!("channel {} has an empty ladder", channel.name));
@@ -312,7 +340,9 @@ impl ClusterConfig {
 pub fn is_safe_name(name: &str) -> bool {
     !name.is_empty()
         && name.len() <= 63
-        && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
 }
 
 #[cfg(test)]

@@ -6,7 +6,11 @@ use metrics_exporter_prometheus::PrometheusHandle;
 
 /// `GET /metrics` in Prometheus text format.
 pub fn metrics_response(handle: &PrometheusHandle) -> Response {
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], handle.render()).into_response()
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        handle.render(),
+    )
+        .into_response()
 }
 
 /// True when the request carries `Authorization: Bearer <expected>` (constant-time compare).
@@ -20,5 +24,10 @@ pub fn has_bearer(headers: &HeaderMap, expected: &str) -> bool {
 
 /// A plain-text error with a status, for clients and operators alike.
 pub fn text_error(status: StatusCode, message: impl Into<String>) -> Response {
-    (status, [(header::CONTENT_TYPE, "text/plain; charset=utf-8")], message.into() + "\n").into_response()
+    (
+        status,
+        [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+        message.into() + "\n",
+    )
+        .into_response()
 }

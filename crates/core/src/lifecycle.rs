@@ -37,7 +37,11 @@ impl Lifecycle {
             }
             let _ = tx.send(true);
         });
-        Ok(Self { shutdown: shutdown_rx, reload: reload_rx, trigger: shutdown_tx })
+        Ok(Self {
+            shutdown: shutdown_rx,
+            reload: reload_rx,
+            trigger: shutdown_tx,
+        })
     }
 
     /// Resolves once shutdown was asked for (immediately if it already was).

@@ -9,7 +9,10 @@ pub const MAX_SECRET_BYTES: u64 = 4096;
 #[derive(Debug, thiserror::Error)]
 pub enum SecretError {
     #[error("cannot read secret {path}: {source}")]
-    Read { path: String, source: std::io::Error },
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("secret {path} is empty or larger than {MAX_SECRET_BYTES} bytes")]
     BadSize { path: String },
 }
@@ -18,13 +21,18 @@ pub enum SecretError {
 pub fn read_secret(path: &Path) -> Result<String, SecretError> {
     let shown = path.display().to_string();
     let len = std::fs::metadata(path)
-        .map_err(|source| SecretError::Read { path: shown.clone(), source })?
+        .map_err(|source| SecretError::Read {
+            path: shown.clone(),
+            source,
+        })?
         .len();
     if len > MAX_SECRET_BYTES {
         return Err(SecretError::BadSize { path: shown });
     }
-    let text = std::fs::read_to_string(path)
-        .map_err(|source| SecretError::Read { path: shown.clone(), source })?;
+    let text = std::fs::read_to_string(path).map_err(|source| SecretError::Read {
+        path: shown.clone(),
+        source,
+    })?;
     let text = text.trim();
     if text.is_empty() {
         return Err(SecretError::BadSize { path: shown });

@@ -21,7 +21,13 @@ pub async fn serve_https(
 ) -> anyhow::Result<()> {
     let tls = RustlsConfig::from_pem_file(&cert, &key)
         .await
-        .map_err(|e| anyhow::anyhow!("TLS certificate {} / key {}: {e}", cert.display(), key.display()))?;
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "TLS certificate {} / key {}: {e}",
+                cert.display(),
+                key.display()
+            )
+        })?;
     let handle = axum_server::Handle::new();
     {
         let (handle, lifecycle, tls) = (handle.clone(), lifecycle.clone(), tls.clone());

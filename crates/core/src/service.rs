@@ -51,7 +51,12 @@ where
         }
     };
     if config.me().role != role {
-        eprintln!("{role}: host {} has role {} in {}", config.name, config.me().role, args.config.display());
+        eprintln!(
+            "{role}: host {} has role {} in {}",
+            config.name,
+            config.me().role,
+            args.config.display()
+        );
         return std::process::ExitCode::FAILURE;
     }
     let runtime = match tokio::runtime::Runtime::new() {
@@ -71,7 +76,12 @@ where
         let metrics = crate::telemetry::install_metrics()?;
         let lifecycle = Lifecycle::from_signals()?;
         tracing::info!(host = %config.name, %role, version = env!("CARGO_PKG_VERSION"), "starting");
-        let context = ServiceContext { config_path: args.config.clone(), config, lifecycle, metrics };
+        let context = ServiceContext {
+            config_path: args.config.clone(),
+            config,
+            lifecycle,
+            metrics,
+        };
         let result = run(context).await;
         match &result {
             Ok(()) => tracing::info!("stopped"),

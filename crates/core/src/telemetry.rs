@@ -39,11 +39,22 @@ pub fn init(
     let filter = || EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let json = config.json_logs;
     let fmt_layer = |writer: tracing_subscriber::fmt::writer::BoxMakeWriter| {
-        let layer = tracing_subscriber::fmt::layer().with_writer(writer).with_target(true);
-        if json { layer.json().boxed() } else { layer.with_ansi(false).boxed() }
+        let layer = tracing_subscriber::fmt::layer()
+            .with_writer(writer)
+            .with_target(true);
+        if json {
+            layer.json().boxed()
+        } else {
+            layer.with_ansi(false).boxed()
+        }
     };
-    let mut layers: Vec<Box<dyn Layer<_> + Send + Sync>> =
-        vec![fmt_layer(tracing_subscriber::fmt::writer::BoxMakeWriter::new(std::io::stderr)).with_filter(filter()).boxed()];
+    let mut layers: Vec<Box<dyn Layer<_> + Send + Sync>> = vec![
+        fmt_layer(tracing_subscriber::fmt::writer::BoxMakeWriter::new(
+            std::io::stderr,
+        ))
+        .with_filter(filter())
+        .boxed(),
+    ];
     let mut file_guard = None;
     if let Some(dir) = log_dir {
         std::fs::create_dir_all(dir)?;
@@ -71,11 +82,19 @@ pub fn init(
             .with_resource(resource)
             .build();
         let tracer = tracer_provider.tracer(service.to_owned());
-        layers.push(tracing_opentelemetry::layer().with_tracer(tracer).with_filter(filter()).boxed());
+        layers.push(
+            tracing_opentelemetry::layer()
+                .with_tracer(tracer)
+                .with_filter(filter())
+                .boxed(),
+        );
         provider = Some(tracer_provider);
     }
     tracing_subscriber::registry().with(layers).try_init()?;
-    Ok(TelemetryGuard { _file: file_guard, provider })
+    Ok(TelemetryGuard {
+        _file: file_guard,
+        provider,
+    })
 }
 
 /// Installs the Prometheus recorder; the handle renders `/metrics`.

@@ -29,19 +29,29 @@ pub fn install_crypto_provider() {
 
 pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
     let certs: Result<Vec<_>, _> = CertificateDer::pem_file_iter(path)
-        .map_err(|e| TlsError::Pem { path: path.display().to_string(), reason: e.to_string() })?
+        .map_err(|e| TlsError::Pem {
+            path: path.display().to_string(),
+            reason: e.to_string(),
+        })?
         .collect();
-    let certs =
-        certs.map_err(|e| TlsError::Pem { path: path.display().to_string(), reason: e.to_string() })?;
+    let certs = certs.map_err(|e| TlsError::Pem {
+        path: path.display().to_string(),
+        reason: e.to_string(),
+    })?;
     if certs.is_empty() {
-        return Err(TlsError::Pem { path: path.display().to_string(), reason: "no certificate".into() });
+        return Err(TlsError::Pem {
+            path: path.display().to_string(),
+            reason: "no certificate".into(),
+        });
     }
     Ok(certs)
 }
 
 pub fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
-    PrivateKeyDer::from_pem_file(path)
-        .map_err(|e| TlsError::Pem { path: path.display().to_string(), reason: e.to_string() })
+    PrivateKeyDer::from_pem_file(path).map_err(|e| TlsError::Pem {
+        path: path.display().to_string(),
+        reason: e.to_string(),
+    })
 }
 
 /// A server config for raw TLS listeners (RTMPS), from PEM files.
@@ -55,7 +65,10 @@ pub fn server_config(cert: &Path, key: &Path) -> Result<Arc<ServerConfig>, TlsEr
 /// HTTPS client for peer traffic (LB -> broadcast, broadcast -> ingest) trusting the cluster CA.
 ///
 /// The timeouts bound every peer request: a hung peer must look like a dead one quickly.
-pub fn peer_client(ca_cert: &Path, timeout: std::time::Duration) -> Result<reqwest::Client, TlsError> {
+pub fn peer_client(
+    ca_cert: &Path,
+    timeout: std::time::Duration,
+) -> Result<reqwest::Client, TlsError> {
     let mut builder = reqwest::Client::builder()
         .use_rustls_tls()
         .connect_timeout(timeout)

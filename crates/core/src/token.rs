@@ -86,17 +86,26 @@ impl TokenSigner {
             return Err(TokenError::Malformed);
         }
         let (body, sig) = token.split_once('.').ok_or(TokenError::Malformed)?;
-        let sig = URL_SAFE_NO_PAD.decode(sig).map_err(|_| TokenError::Malformed)?;
+        let sig = URL_SAFE_NO_PAD
+            .decode(sig)
+            .map_err(|_| TokenError::Malformed)?;
         let mut mac = self.mac();
         mac.update(body.as_bytes());
         // verify_slice compares in constant time.
-        mac.verify_slice(&sig).map_err(|_| TokenError::BadSignature)?;
-        let body = URL_SAFE_NO_PAD.decode(body).map_err(|_| TokenError::Malformed)?;
+        mac.verify_slice(&sig)
+            .map_err(|_| TokenError::BadSignature)?;
+        let body = URL_SAFE_NO_PAD
+            .decode(body)
+            .map_err(|_| TokenError::Malformed)?;
         let body = String::from_utf8(body).map_err(|_| TokenError::Malformed)?;
         let mut parts = body.split('|');
-        let (Some(broadcast), Some(channel), Some(viewer), Some(expires), None) =
-            (parts.next(), parts.next(), parts.next(), parts.next(), parts.next())
-        else {
+        let (Some(broadcast), Some(channel), Some(viewer), Some(expires), None) = (
+            parts.next(),
+            parts.next(),
+            parts.next(),
+            parts.next(),
+            parts.next(),
+        ) else {
             return Err(TokenError::Malformed);
         };
         let expires: u64 = expires.parse().map_err(|_| TokenError::Malformed)?;
@@ -149,7 +158,10 @@ mod tests {
     #[test]
     fn another_key_is_refused() {
         let token = TokenSigner::new(b"k1").sign(&claims(1000));
-        assert_eq!(TokenSigner::new(b"k2").verify(&token, 1), Err(TokenError::BadSignature));
+        assert_eq!(
+            TokenSigner::new(b"k2").verify(&token, 1),
+            Err(TokenError::BadSignature)
+        );
     }
 
     #[test]
@@ -157,14 +169,20 @@ mod tests {
         let signer = TokenSigner::new(b"k1");
         let token = signer.sign(&claims(1000));
         let (_, sig) = token.split_once('.').unwrap();
-        let forged = format!("{}.{sig}", URL_SAFE_NO_PAD.encode("broadcast1|test|x|99999999999"));
+        let forged = format!(
+            "{}.{sig}",
+            URL_SAFE_NO_PAD.encode("broadcast1|test|x|99999999999")
+        );
         assert_eq!(signer.verify(&forged, 1), Err(TokenError::BadSignature));
     }
 
     #[test]
     fn expired_is_refused() {
         let signer = TokenSigner::new(b"k1");
-        assert_eq!(signer.verify(&signer.sign(&claims(1000)), 1000), Err(TokenError::Expired));
+        assert_eq!(
+            signer.verify(&signer.sign(&claims(1000)), 1000),
+            Err(TokenError::Expired)
+        );
     }
 
     #[test]

@@ -17,7 +17,7 @@ pub const CODECS: &str = "avc1.4d4028,mp4a.40.2";
 /// media playlist URI.
 pub fn render_master(variants: &[Variant], uri: impl Fn(&str) -> String) -> String {
     let mut sorted: Vec<&Variant> = variants.iter().collect();
-    sorted.sort_by(|a, b| b.bandwidth_bps.cmp(&a.bandwidth_bps));
+    sorted.sort_by_key(|v| std::cmp::Reverse(v.bandwidth_bps));
     let mut out = String::from("#EXTM3U\n#EXT-X-VERSION:6\n#EXT-X-INDEPENDENT-SEGMENTS\n");
     for v in sorted {
         out.push_str(&format!(
@@ -40,8 +40,20 @@ mod tests {
     #[test]
     fn master_lists_every_rendition_best_first() {
         let variants = vec![
-            Variant { name: "144p".into(), bandwidth_bps: 300_000, width: 256, height: 144, fps: 25 },
-            Variant { name: "360p".into(), bandwidth_bps: 1_000_000, width: 640, height: 360, fps: 25 },
+            Variant {
+                name: "144p".into(),
+                bandwidth_bps: 300_000,
+                width: 256,
+                height: 144,
+                fps: 25,
+            },
+            Variant {
+                name: "360p".into(),
+                bandwidth_bps: 1_000_000,
+                width: 640,
+                height: 360,
+                fps: 25,
+            },
         ];
         let text = render_master(&variants, |name| format!("{name}/index.m3u8?t=x"));
         let parsed = parse_master(&text).unwrap();

@@ -82,15 +82,20 @@ pub fn parse_master(text: &str) -> Result<Vec<ParsedVariant>, ParseError> {
     if text.len() > MAX_PLAYLIST_BYTES {
         return Err(ParseError::TooLarge);
     }
-    let playlist = MasterPlaylist::try_from(text).map_err(|e| ParseError::Invalid(e.to_string()))?;
+    let playlist =
+        MasterPlaylist::try_from(text).map_err(|e| ParseError::Invalid(e.to_string()))?;
     Ok(playlist
         .variant_streams
         .iter()
         .filter_map(|v| match v {
-            VariantStream::ExtXStreamInf { uri, stream_data, .. } => Some(ParsedVariant {
+            VariantStream::ExtXStreamInf {
+                uri, stream_data, ..
+            } => Some(ParsedVariant {
                 uri: uri.to_string(),
                 bandwidth: stream_data.bandwidth(),
-                resolution: stream_data.resolution().map(|r| (r.width() as u32, r.height() as u32)),
+                resolution: stream_data
+                    .resolution()
+                    .map(|r| (r.width() as u32, r.height() as u32)),
             }),
             VariantStream::ExtXIFrame { .. } => None,
         })

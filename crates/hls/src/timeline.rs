@@ -14,7 +14,9 @@ pub struct SlotClock {
 impl SlotClock {
     /// `segment_seconds` must be at least 1 (the config validates it).
     pub fn new(segment_seconds: u32) -> Self {
-        Self { segment_ms: u64::from(segment_seconds.max(1)) * 1000 }
+        Self {
+            segment_ms: u64::from(segment_seconds.max(1)) * 1000,
+        }
     }
 
     pub fn segment_ms(self) -> u64 {
@@ -82,7 +84,9 @@ pub fn format_program_date_time(unix_ms: u64) -> String {
 
 /// Parses an EXT-X-PROGRAM-DATE-TIME value into ms since the Unix epoch.
 pub fn parse_program_date_time(value: &str) -> Option<u64> {
-    let t = time::OffsetDateTime::parse(value.trim(), &time::format_description::well_known::Rfc3339).ok()?;
+    let t =
+        time::OffsetDateTime::parse(value.trim(), &time::format_description::well_known::Rfc3339)
+            .ok()?;
     u64::try_from(t.unix_timestamp_nanos() / 1_000_000).ok()
 }
 
@@ -104,8 +108,14 @@ mod tests {
         let c = SlotClock::new(2);
         let epoch = 1_764_000_000_000;
         // Keyframes land on the first frame at or after the boundary (25 fps: up to 40 ms late).
-        assert_eq!(c.slot_of_media_start(epoch, 14_010.0), c.slot_at(epoch + 14_000));
-        assert_eq!(c.slot_of_media_start(epoch, 13_990.0), c.slot_at(epoch + 14_000));
+        assert_eq!(
+            c.slot_of_media_start(epoch, 14_010.0),
+            c.slot_at(epoch + 14_000)
+        );
+        assert_eq!(
+            c.slot_of_media_start(epoch, 13_990.0),
+            c.slot_at(epoch + 14_000)
+        );
         assert!(c.is_on_boundary(14_010.0, 41.0));
         assert!(!c.is_on_boundary(13_370.0, 41.0));
     }

@@ -36,7 +36,11 @@ pub struct SegmentWindow<T> {
 
 impl<T> SegmentWindow<T> {
     pub fn new(capacity: usize) -> Self {
-        Self { capacity: capacity.max(1), segments: VecDeque::new(), dropped_discontinuities: 0 }
+        Self {
+            capacity: capacity.max(1),
+            segments: VecDeque::new(),
+            dropped_discontinuities: 0,
+        }
     }
 
     /// Appends a segment. A gap in sequence numbers is marked as a discontinuity, so a player
@@ -44,7 +48,10 @@ impl<T> SegmentWindow<T> {
     pub fn push(&mut self, mut info: SegmentInfo, payload: T) -> Result<(), WindowError> {
         if let Some(last) = self.last_seq() {
             if info.seq <= last {
-                return Err(WindowError::NotAfterLast { got: info.seq, last });
+                return Err(WindowError::NotAfterLast {
+                    got: info.seq,
+                    last,
+                });
             }
             if info.seq != last + 1 {
                 info.discontinuity = true;
@@ -83,7 +90,9 @@ impl<T> SegmentWindow<T> {
             return None;
         }
         // Sequence numbers may have gaps, so search from the computed position backwards.
-        let guess = usize::try_from(seq - first).unwrap_or(usize::MAX).min(self.segments.len().saturating_sub(1));
+        let guess = usize::try_from(seq - first)
+            .unwrap_or(usize::MAX)
+            .min(self.segments.len().saturating_sub(1));
         self.segments
             .range(..=guess)
             .rev()
@@ -97,7 +106,12 @@ impl<T> SegmentWindow<T> {
 
     /// Renders the media playlist of the newest `list_len` segments. `uri` names each segment
     /// (the broadcast appends the viewer token there).
-    pub fn render(&self, list_len: usize, target_duration_s: u32, uri: impl Fn(&SegmentInfo) -> String) -> String {
+    pub fn render(
+        &self,
+        list_len: usize,
+        target_duration_s: u32,
+        uri: impl Fn(&SegmentInfo) -> String,
+    ) -> String {
         // Media sequence numbers are implicit in a playlist (first + index), so only the newest
         // gap-free run can be listed; older segments stay fetchable by URI.
         let run_start = self
@@ -114,7 +128,12 @@ impl<T> SegmentWindow<T> {
         // A discontinuity before the first listed segment is not written as a tag (nothing
         // precedes it in this playlist) but counted in its discontinuity sequence number.
         let discontinuity_sequence = self.dropped_discontinuities
-            + self.segments.iter().take(skip).filter(|(i, _)| i.discontinuity).count() as u64
+            + self
+                .segments
+                .iter()
+                .take(skip)
+                .filter(|(i, _)| i.discontinuity)
+                .count() as u64
             + u64::from(listed.first().is_some_and(|i| i.discontinuity));
         let media_sequence = listed.first().map_or(0, |i| i.seq);
         // TARGETDURATION must be >= every EXTINF rounded to the nearest integer (RFC 8216 4.3.3.1).
@@ -128,7 +147,9 @@ impl<T> SegmentWindow<T> {
         out.push_str("#EXTM3U\n#EXT-X-VERSION:6\n#EXT-X-INDEPENDENT-SEGMENTS\n");
         out.push_str(&format!("#EXT-X-TARGETDURATION:{target}\n"));
         out.push_str(&format!("#EXT-X-MEDIA-SEQUENCE:{media_sequence}\n"));
-        out.push_str(&format!("#EXT-X-DISCONTINUITY-SEQUENCE:{discontinuity_sequence}\n"));
+        out.push_str(&format!(
+            "#EXT-X-DISCONTINUITY-SEQUENCE:{discontinuity_sequence}\n"
+        ));
         for (index, info) in listed.iter().enumerate() {
             if info.discontinuity && index > 0 {
                 out.push_str("#EXT-X-DISCONTINUITY\n");
@@ -150,7 +171,12 @@ mod tests {
     use crate::parse::parse_media;
 
     fn info(seq: u64, discontinuity: bool) -> SegmentInfo {
-        SegmentInfo { seq, duration_s: 2.0, discontinuity, program_date_time_ms: seq * 2000 }
+        SegmentInfo {
+            seq,
+            duration_s: 2.0,
+            discontinuity,
+            program_date_time_ms: seq * 2000,
+        }
     }
 
     #[test]
@@ -162,7 +188,10 @@ mod tests {
         assert_eq!((w.first_seq(), w.last_seq()), (Some(12), Some(14)));
         assert_eq!(w.get(13).map(|(_, p)| *p), Some(13));
         assert_eq!(w.get(11), None);
-        assert_eq!(w.push(info(14, false), 0), Err(WindowError::NotAfterLast { got: 14, last: 14 }));
+        assert_eq!(
+            w.push(info(14, false), 0),
+            Err(WindowError::NotAfterLast { got: 14, last: 14 })
+        );
     }
 
     #[test]
@@ -177,7 +206,11 @@ mod tests {
         // Only the run after the gap is listed, so sequence numbers stay true.
         assert_eq!(parsed.media_sequence, 5);
         assert_eq!(parsed.discontinuity_sequence, 1);
-        let listed: Vec<(u64, String)> = parsed.segments.iter().map(|s| (s.seq, s.uri.clone())).collect();
+        let listed: Vec<(u64, String)> = parsed
+            .segments
+            .iter()
+            .map(|s| (s.seq, s.uri.clone()))
+            .collect();
         assert_eq!(listed, vec![(5, "5.ts".to_owned()), (6, "6.ts".to_owned())]);
         assert!(parsed.segments[1].discontinuity);
         // Once segment 5 (a discontinuity) leaves the listed part, the sequence counts it.
@@ -203,6 +236,9 @@ mod tests {
         assert_eq!(parsed.segments.len(), 4);
         assert_eq!(parsed.segments[0].uri, "882000000.ts?t=abc");
         assert_eq!(parsed.segments[0].seq, 882_000_000);
-        assert_eq!(parsed.segments[3].program_date_time_ms, Some(882_000_003 * 2000));
+        assert_eq!(
+            parsed.segments[3].program_date_time_ms,
+            Some(882_000_003 * 2000)
+        );
     }
 }

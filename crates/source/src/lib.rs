@@ -1,1 +1,90 @@
-//! source (being written)
+//! The source role: a test pattern publisher (bars, burned-in wall clock and host name, a tone)
+//! that pushes one encode to every ingest of the cluster over RTMP and keeps reconnecting.
+//!
+//! - [`encode`]: the ffmpeg command (pure, tested without ffmpeg).
+//! - [`supervisor`]: the thread that keeps one ffmpeg running, with backoff and a new anchor per start.
+//! - [`http`]: `/healthz`, `/status` and `/metrics` over HTTPS for `streamctl status`.
+//!
+//! SIGHUP re-reads the config and the stream key and restarts the encode only if the ingest list,
+//! the key or the picture changed.
+
+pub mod encode;
+pub mod http;
+pub mod supervisor;
+
+use std::sync::Arc;
+
+use streaming_core::service::ServiceContext;
+
+use crate::encode::EncodeSpec;
+use crate::supervisor::Supervisor;
+
+/// Runs the source until SIGTERM.
+pub async fn run(ctx: ServiceContext) -> anyhow::Result<()> {
+    let spec = EncodeSpec::from_config(&ctx.config)?;
+    tracing::info!(channel = %spec.channel, ingests = spec.ingests.len(), "publishing test pattern");
+    let supervisor = Arc::new(Supervisor::start(spec)?);
+
+    let reload_task = tokio::spawn(reload_loop(
+        ctx.config_path.clone(),
+        ctx.lifecycle.clone(),
+        supervisor.clone(),
+    ));
+
+    let me = ctx.config.me().clone();
+    let app = http::router(http::AppState {
+        name: me.name.clone(),
+        supervisor: supervisor.clone(),
+        metrics: ctx.metrics.clone(),
+    });
+    let served = streaming_core::serve::serve_https(
+        app,
+        me.socket(me.ports.https),
+        ctx.config.paths.tls_cert.clone(),
+        ctx.config.paths.tls_key.clone(),
+        ctx.lifecycle.clone(),
+    )
+    .await;
+    // Whatever ended the server (shutdown or a bind error), the encode stops with it.
+    ctx.lifecycle.request_shutdown();
+    reload_task.abort();
+    let _ = reload_task.await;
+    match Arc::try_unwrap(supervisor) {
+        Ok(supervisor) => tokio::task::spawn_blocking(move || supervisor.stop()).await?,
+        Err(_) => {
+            tracing::warn!("supervisor still shared at shutdown; ffmpeg dies with the process")
+        }
+    }
+    served
+}
+
+/// On SIGHUP: new config + key; restart the encode only when something it uses changed.
+async fn reload_loop(
+    config_path: std::path::PathBuf,
+    lifecycle: streaming_core::lifecycle::Lifecycle,
+    supervisor: Arc<Supervisor>,
+) {
+    let mut reloads = lifecycle.reloads();
+    while reloads.changed().await.is_ok() {
+        let config = match streaming_core::config::HostConfig::load(&config_path) {
+            Ok(config) => config,
+            Err(e) => {
+                tracing::error!("reload: {e}; keeping the running encode");
+                continue;
+            }
+        };
+        match EncodeSpec::from_config(&config) {
+            Ok(spec) if Some(&spec) == supervisor.spec().as_ref() => {
+                tracing::info!("reload: encode unchanged, ffmpeg keeps running");
+            }
+            Ok(spec) => {
+                tracing::info!(
+                    ?spec,
+                    "reload: encode changed (ingests, key or picture), restarting ffmpeg"
+                );
+                supervisor.replace(spec);
+            }
+            Err(e) => tracing::error!("reload: {e}; keeping the running encode"),
+        }
+    }
+}

@@ -1,1 +1,31 @@
-//! streamctl (being written)
+//! streamctl: the operator CLI of streaming-cluster and its local cluster runner.
+//!
+//! - [`cluster`]: cluster.nix -> per-host configs, secrets, state directory layout.
+//! - [`pki`]: the local CA and host certificates.
+//! - [`procs`]: host processes (process groups, pid files, signals, /proc).
+//! - [`probe`]: health, status and playback checks over HTTPS.
+//! - [`commands`]: one function per subcommand.
+//! - [`watch`]: the HLS viewer simulator.
+
+pub mod cli;
+pub mod cluster;
+pub mod commands;
+pub mod pki;
+pub mod probe;
+pub mod procs;
+pub mod watch;
+
+pub use cli::{Cli, Command};
+
+/// Runs one parsed command line.
+pub async fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Up(args) => commands::up(args).await,
+        Command::Down(args) => commands::down(args),
+        Command::Status(args) => commands::status(args).await,
+        Command::Kill(args) => commands::kill(args),
+        Command::Start(args) => commands::start(args),
+        Command::Hosts(args) => commands::hosts(args),
+        Command::Watch(args) => watch::run(args).await,
+    }
+}

@@ -1,0 +1,326 @@
+//! Keeps exactly one ffmpeg encode running on a dedicated thread.
+//!
+//! The thread spawns ffmpeg (with a parent-death signal, so the child never outlives this thread),
+//! reads its log through ffmpeg-sidecar, and restarts it with exponential backoff when it exits.
+//! Each start takes a new anchor: the ingests learn it from the publish URL. A reload that changes
+//! the encode asks for an immediate restart; shutdown stops it for good.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use ffmpeg_sidecar::command::FfmpegCommand;
+use ffmpeg_sidecar::event::{FfmpegEvent, LogLevel};
+use serde::Serialize;
+
+use crate::encode::EncodeSpec;
+
+/// First wait after a crash; doubles up to [`MAX_BACKOFF`].
+pub const MIN_BACKOFF: Duration = Duration::from_millis(500);
+pub const MAX_BACKOFF: Duration = Duration::from_secs(10);
+/// A run longer than this was healthy: the next crash restarts after [`MIN_BACKOFF`] again.
+pub const HEALTHY_RUN: Duration = Duration::from_secs(30);
+/// How long ffmpeg gets to exit after SIGTERM before SIGKILL.
+pub const STOP_GRACE: Duration = Duration::from_secs(3);
+/// The same ffmpeg error line (an ingest down: one per recovery attempt) is logged at most this often.
+pub const REPEAT_LOG_INTERVAL: Duration = Duration::from_secs(30);
+/// The encode counts as healthy while it reported progress this recently.
+pub const PROGRESS_STALE: Duration = Duration::from_secs(5);
+
+/// What `/status` shows and `/healthz` decides on.
+#[derive(Debug, Default, Clone, Serialize)]
+pub struct EncodeStatus {
+    pub running: bool,
+    pub pid: Option<u32>,
+    /// Wall-clock unix ms of media time 0 of the current encode.
+    pub anchor_ms: Option<u64>,
+    /// Times ffmpeg exited on its own and was restarted.
+    pub restarts: u64,
+    /// Frames encoded by the current ffmpeg.
+    pub frames: u64,
+    pub last_exit: Option<String>,
+    pub outputs: Vec<String>,
+}
+
+#[derive(Default)]
+struct Control {
+    /// `None` once shutdown was asked for.
+    spec: Option<EncodeSpec>,
+    /// Set by [`Supervisor::replace`]: the current exit is wanted, restart without backoff.
+    restart_now: bool,
+    /// Pid of the live child; cleared before the child is reaped, so a kill never hits a reused pid.
+    pid: Option<u32>,
+}
+
+struct Shared {
+    control: Mutex<Control>,
+    wake: Condvar,
+    status: Mutex<EncodeStatus>,
+    /// Millis since `epoch` of the last progress line.
+    last_progress_ms: AtomicU64,
+    epoch: Instant,
+}
+
+/// Handle to the supervisor thread.
+pub struct Supervisor {
+    shared: Arc<Shared>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Supervisor {
+    pub fn start(spec: EncodeSpec) -> std::io::Result<Self> {
+        let shared = Arc::new(Shared {
+            control: Mutex::new(Control {
+                spec: Some(spec),
+                ..Control::default()
+            }),
+            wake: Condvar::new(),
+            status: Mutex::new(EncodeStatus::default()),
+            last_progress_ms: AtomicU64::new(0),
+            epoch: Instant::now(),
+        });
+        let thread_shared = shared.clone();
+        let thread = std::thread::Builder::new()
+            .name("ffmpeg-supervisor".into())
+            .spawn(move || supervise(&thread_shared))?;
+        Ok(Self {
+            shared,
+            thread: Some(thread),
+        })
+    }
+
+    /// The encode currently wanted.
+    pub fn spec(&self) -> Option<EncodeSpec> {
+        lock(&self.shared.control).spec.clone()
+    }
+
+    /// Switches to a new encode: the running ffmpeg is stopped and the new one starts at once.
+    pub fn replace(&self, spec: EncodeSpec) {
+        let mut control = lock(&self.shared.control);
+        control.spec = Some(spec);
+        control.restart_now = true;
+        terminate(control.pid);
+        self.shared.wake.notify_all();
+    }
+
+    /// A snapshot for `/status`.
+    pub fn status(&self) -> EncodeStatus {
+        lock(&self.shared.status).clone()
+    }
+
+    /// True while ffmpeg runs and reported progress in the last [`PROGRESS_STALE`].
+    pub fn is_healthy(&self) -> bool {
+        let running = lock(&self.shared.status).running;
+        let last = self.shared.last_progress_ms.load(Ordering::Relaxed);
+        let now = self.shared.epoch.elapsed().as_millis() as u64;
+        running && last > 0 && now.saturating_sub(last) < PROGRESS_STALE.as_millis() as u64
+    }
+
+    /// Stops ffmpeg (SIGTERM, then SIGKILL after [`STOP_GRACE`]) and joins the thread. Blocking.
+    pub fn stop(mut self) {
+        let pid = {
+            let mut control = lock(&self.shared.control);
+            control.spec = None;
+            terminate(control.pid);
+            self.shared.wake.notify_all();
+            control.pid
+        };
+        let deadline = Instant::now() + STOP_GRACE;
+        if let Some(thread) = self.thread.take() {
+            while !thread.is_finished() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            if !thread.is_finished() {
+                let still = lock(&self.shared.control).pid.or(pid);
+                if let Some(pid) = still {
+                    tracing::warn!(pid, "ffmpeg ignored SIGTERM, killing it");
+                    signal(Some(pid), libc::SIGKILL);
+                }
+            }
+            let _ = thread.join();
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+fn terminate(pid: Option<u32>) {
+    signal(pid, libc::SIGTERM);
+}
+
+fn signal(pid: Option<u32>, sig: libc::c_int) {
+    if let Some(pid) = pid.and_then(|p| libc::pid_t::try_from(p).ok()) {
+        // SAFETY: plain syscall; the pid is our unreaped child (see `Control::pid`).
+        unsafe {
+            libc::kill(pid, sig);
+        }
+    }
+}
+
+fn supervise(shared: &Shared) {
+    let mut backoff = MIN_BACKOFF;
+    loop {
+        let spec = {
+            let mut control = lock(&shared.control);
+            control.restart_now = false;
+            match control.spec.clone() {
+                Some(spec) => spec,
+                None => break,
+            }
+        };
+        let anchor_ms = streaming_hls::timeline::unix_now_ms();
+        let started = Instant::now();
+        let exit = run_once(shared, &spec, anchor_ms);
+        let (wanted, stopping) = {
+            let control = lock(&shared.control);
+            (control.restart_now, control.spec.is_none())
+        };
+        {
+            let mut status = lock(&shared.status);
+            status.running = false;
+            status.pid = None;
+            status.last_exit = Some(exit.clone());
+        }
+        metrics::gauge!("source_ffmpeg_running").set(0.0);
+        if stopping {
+            tracing::info!("ffmpeg stopped ({exit})");
+            break;
+        }
+        if wanted {
+            tracing::info!("ffmpeg stopped for a new encode ({exit}); restarting now");
+            backoff = MIN_BACKOFF;
+            continue;
+        }
+        if started.elapsed() > HEALTHY_RUN {
+            backoff = MIN_BACKOFF;
+        }
+        lock(&shared.status).restarts += 1;
+        metrics::counter!("source_ffmpeg_restarts_total").increment(1);
+        tracing::error!("ffmpeg exited ({exit}); restarting in {backoff:?} with a new anchor");
+        // Sleep, but wake at once for shutdown or a new spec.
+        let control = lock(&shared.control);
+        let _ = shared
+            .wake
+            .wait_timeout_while(control, backoff, |c| c.spec.is_some() && !c.restart_now);
+        backoff = (backoff * 2).min(MAX_BACKOFF);
+    }
+}
+
+/// Replaces the value of every `key=` query parameter with `<redacted>`.
+pub fn redact_key(line: &str) -> String {
+    let mut out = String::with_capacity(line.len());
+    let mut rest = line;
+    while let Some(at) = rest.find("key=") {
+        let (before, after) = rest.split_at(at + 4);
+        out.push_str(before);
+        out.push_str("<redacted>");
+        let end = after
+            .find(|c: char| c == '&' || c.is_whitespace())
+            .unwrap_or(after.len());
+        rest = &after[end..];
+    }
+    out.push_str(rest);
+    out
+}
+
+/// Runs one ffmpeg to its end; returns how it ended, for the log.
+fn run_once(shared: &Shared, spec: &EncodeSpec, anchor_ms: u64) -> String {
+    let mut command = FfmpegCommand::new_with_path("ffmpeg");
+    command.args(spec.ffmpeg_args(anchor_ms));
+    streaming_core::process::die_with_parent(command.as_inner_mut());
+    let mut child = match command.spawn() {
+        Ok(child) => child,
+        Err(e) => return format!("cannot start ffmpeg: {e}"),
+    };
+    let pid = child.as_inner().id();
+    {
+        let mut control = lock(&shared.control);
+        control.pid = Some(pid);
+        // A replace() or stop() that came between reading the spec and now must still apply.
+        if control.restart_now || control.spec.is_none() {
+            terminate(Some(pid));
+        }
+    }
+    {
+        let mut status = lock(&shared.status);
+        status.running = true;
+        status.pid = Some(pid);
+        status.anchor_ms = Some(anchor_ms);
+        status.frames = 0;
+        status.outputs = spec
+            .ingests
+            .iter()
+            .map(|(name, addr)| format!("{name} ({addr})"))
+            .collect();
+    }
+    metrics::gauge!("source_ffmpeg_running").set(1.0);
+    metrics::gauge!("source_anchor_ms").set(anchor_ms as f64);
+    tracing::info!(pid, anchor_ms, ?spec, "ffmpeg encode started");
+
+    let mut last_logged: HashMap<String, Instant> = HashMap::new();
+    match child.iter() {
+        Ok(events) => {
+            for event in events {
+                match event {
+                    FfmpegEvent::Progress(p) => {
+                        shared.last_progress_ms.store(
+                            shared.epoch.elapsed().as_millis() as u64 + 1,
+                            Ordering::Relaxed,
+                        );
+                        lock(&shared.status).frames = u64::from(p.frame);
+                        metrics::gauge!("source_frames").set(f64::from(p.frame));
+                    }
+                    FfmpegEvent::Log(
+                        level @ (LogLevel::Warning | LogLevel::Error | LogLevel::Fatal),
+                        line,
+                    ) => {
+                        // ffmpeg prints the publish URL in its errors: keep the key out of logs.
+                        let line = redact_key(&line);
+                        let now = Instant::now();
+                        let fresh = last_logged
+                            .get(&line)
+                            .is_none_or(|t| now.duration_since(*t) > REPEAT_LOG_INTERVAL);
+                        if fresh {
+                            if last_logged.len() > 256 {
+                                last_logged.clear();
+                            }
+                            last_logged.insert(line.clone(), now);
+                            if level == LogLevel::Warning {
+                                tracing::warn!(target: "ffmpeg", "{line}");
+                            } else {
+                                tracing::error!(target: "ffmpeg", "{line}");
+                            }
+                        }
+                    }
+                    FfmpegEvent::Error(e) => tracing::debug!(target: "ffmpeg", "log parser: {e}"),
+                    _ => {}
+                }
+            }
+        }
+        Err(e) => tracing::error!("cannot read ffmpeg's log: {e}"),
+    }
+    // The log ended: ffmpeg exited (or closed stderr). Forget the pid before reaping it.
+    lock(&shared.control).pid = None;
+    let _ = child.as_inner_mut().kill();
+    match child.wait() {
+        Ok(status) => format!("{status}"),
+        Err(e) => format!("wait failed: {e}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn stream_keys_are_redacted() {
+        assert_eq!(
+            super::redact_key("Error opening rtmp://a/live/test?key=s3cret&source=s1: refused"),
+            "Error opening rtmp://a/live/test?key=<redacted>&source=s1: refused"
+        );
+        assert_eq!(super::redact_key("key=abc"), "key=<redacted>");
+        assert_eq!(super::redact_key("no secrets"), "no secrets");
+    }
+}

@@ -1,0 +1,113 @@
+//! The command line (clap derive). These subcommands and flags are the stable interface the
+//! README, tests and benchmarks use (DESIGN.md section 5).
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "streamctl",
+    version,
+    about = "Run and operate a streaming-cluster (local runner, status, failures on demand)"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Evaluate cluster.nix, create CA, certificates and secrets, start every host on loopback,
+    /// and wait until the stream plays through an LB.
+    Up(UpArgs),
+    /// Stop every host started from the state dir (whole process groups, ffmpeg included).
+    Down(DownArgs),
+    /// Every host: process up/hung/down, health, and viewers/load.
+    Status(StatusArgs),
+    /// Kill one host (SIGKILL its process group), hang it (--hang: SIGSTOP), or kill one of its
+    /// ffmpeg children (--ffmpeg).
+    Kill(KillArgs),
+    /// Resume a hung host (SIGCONT) or start a dead one again.
+    Start(StartArgs),
+    /// Print /etc/hosts lines for the cluster's names (hosts and the site name).
+    Hosts(HostsArgs),
+    /// HLS viewer simulator (startup, stalls, failovers, latency).
+    Watch(crate::watch::WatchArgs),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct StateArg {
+    /// State directory of the local cluster (configs, certificates, secrets, logs, pid files).
+    #[arg(long = "state", default_value = ".streamctl")]
+    pub dir: PathBuf,
+}
+
+#[derive(Debug, Args)]
+pub struct UpArgs {
+    /// The host list.
+    #[arg(long, default_value = "cluster.nix")]
+    pub cluster: PathBuf,
+    #[command(flatten)]
+    pub state: StateArg,
+    /// First two octets of the loopback addresses (127.77 by default; tests use their own).
+    #[arg(long, default_value = "127.77")]
+    pub address_prefix: String,
+    /// Seconds to wait for the first playable segment through an LB.
+    #[arg(long, default_value_t = 60)]
+    pub timeout: u64,
+    /// One JSON object: viewer_url, playlist_url, ca_cert, hosts, startup_s.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct DownArgs {
+    #[command(flatten)]
+    pub state: StateArg,
+    /// Also delete the state directory.
+    #[arg(long)]
+    pub wipe: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    #[command(flatten)]
+    pub state: StateArg,
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct KillArgs {
+    /// Host name, e.g. broadcast2.
+    pub name: String,
+    #[command(flatten)]
+    pub state: StateArg,
+    /// SIGSTOP the host instead (it hangs: alive, answering nothing). `start` resumes it.
+    #[arg(long, conflicts_with = "ffmpeg")]
+    pub hang: bool,
+    /// SIGKILL one ffmpeg child of the host (an ingest's transcoder first); the host restarts it.
+    #[arg(long)]
+    pub ffmpeg: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct StartArgs {
+    /// Host name, e.g. broadcast2.
+    pub name: String,
+    #[command(flatten)]
+    pub state: StateArg,
+}
+
+#[derive(Debug, Args)]
+pub struct HostsArgs {
+    /// The host list.
+    #[arg(long, default_value = "cluster.nix")]
+    pub cluster: PathBuf,
+    #[arg(long, default_value = "127.77")]
+    pub address_prefix: String,
+    /// Read the addresses from this state dir's configs instead of evaluating cluster.nix.
+    #[arg(long)]
+    pub state: Option<PathBuf>,
+}

@@ -1,0 +1,520 @@
+//! One function per subcommand; the pieces live in [`crate::cluster`], [`crate::pki`],
+//! [`crate::procs`] and [`crate::probe`].
+
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use serde::Serialize;
+use streaming_core::config::{HostConfig, Role};
+
+use crate::cli::{DownArgs, HostsArgs, KillArgs, StartArgs, StatusArgs, UpArgs};
+use crate::cluster::{self, Layout};
+use crate::probe;
+use crate::procs::{self, Liveness};
+
+/// How long `down` lets a host shut down gracefully before SIGKILL.
+pub const STOP_GRACE: Duration = Duration::from_secs(5);
+/// Timeout of one health or status request (a hung host must not stall `status`).
+pub const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
+/// Timeout of each request of the playback check in `up`.
+pub const PLAY_TIMEOUT: Duration = Duration::from_secs(5);
+
+#[derive(Debug, Serialize)]
+pub struct HostSummary {
+    pub name: String,
+    pub role: Role,
+    pub url: String,
+    pub pid: Option<i32>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct UpReport {
+    pub viewer_url: String,
+    pub playlist_url: String,
+    pub ca_cert: String,
+    pub hosts: Vec<HostSummary>,
+    pub startup_s: f64,
+}
+
+/// `streamctl up`.
+pub async fn up(args: UpArgs) -> anyhow::Result<()> {
+    let started = Instant::now();
+    let layout = Layout::new(&args.state.dir)?;
+    std::fs::create_dir_all(&layout.root)
+        .with_context(|| format!("create {}", layout.root.display()))?;
+    let generator = cluster::find_generator(&args.cluster)?;
+    let configs = cluster::evaluate(
+        &generator,
+        &args.cluster,
+        &layout.root,
+        &args.address_prefix,
+    )?;
+    cluster::materialise(&layout, &configs)?;
+    let say = |line: String| {
+        if !args.json {
+            println!("{line}");
+        }
+    };
+    let mut ordered: Vec<HostConfig> = configs.into_values().collect();
+    cluster::sort_for_start(&mut ordered);
+    let mut hosts = Vec::new();
+    for config in &ordered {
+        let me = config.me();
+        if me.role == Role::Db {
+            say(format!("{}: not yet (chat issue)", me.name));
+            continue;
+        }
+        let pid = match start_host(&layout, config) {
+            Ok(Started::Fresh(pid)) => {
+                say(format!(
+                    "{}: started {} pid {pid} at {}",
+                    me.name, me.role, me.url
+                ));
+                Some(pid)
+            }
+            Ok(Started::AlreadyUp(pid)) => {
+                say(format!("{}: already up (pid {pid}), left alone", me.name));
+                Some(pid)
+            }
+            Err(e) => {
+                say(format!("{}: NOT started: {e:#}", me.name));
+                None
+            }
+        };
+        hosts.push(HostSummary {
+            name: me.name.clone(),
+            role: me.role,
+            url: me.url.clone(),
+            pid,
+        });
+    }
+    let any = ordered.first().context("cluster has no host")?;
+    let lb_url = any
+        .cluster
+        .hosts_with_role(Role::Lb)
+        .map(|h| h.url.clone())
+        .next()
+        .or_else(|| any.cluster.site_urls.first().cloned())
+        .context("cluster has no LB")?;
+    let channel = any
+        .cluster
+        .channels
+        .first()
+        .context("cluster has no channel")?
+        .name
+        .clone();
+    let ca_cert = layout.ca().cert;
+    let client = probe::client(&ca_cert, PLAY_TIMEOUT)?;
+    say(format!(
+        "waiting up to {} s for {lb_url}/live/{channel}/master.m3u8 to play ...",
+        args.timeout
+    ));
+    let deadline = started + Duration::from_secs(args.timeout);
+    let last_error = loop {
+        match probe::plays(&client, &lb_url, &channel).await {
+            Ok(segment) => {
+                let report = UpReport {
+                    viewer_url: format!("{lb_url}/"),
+                    playlist_url: format!("{lb_url}/live/{channel}/master.m3u8"),
+                    ca_cert: ca_cert.display().to_string(),
+                    hosts,
+                    startup_s: started.elapsed().as_secs_f64(),
+                };
+                if args.json {
+                    println!("{}", serde_json::to_string_pretty(&report)?);
+                } else {
+                    println!(
+                        "playing after {:.1} s (first segment {segment})",
+                        report.startup_s
+                    );
+                    println!("viewer:   {}", report.viewer_url);
+                    println!("playlist: {}", report.playlist_url);
+                    println!(
+                        "CA:       {} (trust it, or use curl --cacert)",
+                        report.ca_cert
+                    );
+                }
+                return Ok(());
+            }
+            Err(e) if Instant::now() >= deadline => break format!("{e:#}"),
+            Err(_) => tokio::time::sleep(Duration::from_millis(500)).await,
+        }
+    };
+    eprintln!(
+        "no playable stream through {lb_url} after {} s: {last_error}",
+        args.timeout
+    );
+    report_unhealthy(&layout, &ordered).await;
+    bail!("cluster did not come up (hosts left running: `streamctl down` stops them)")
+}
+
+/// After a failed `up`: which hosts are down or unhealthy, with the end of their logs.
+async fn report_unhealthy(layout: &Layout, configs: &[HostConfig]) {
+    let client = probe::client(&layout.ca().cert, PROBE_TIMEOUT).ok();
+    for config in configs {
+        let me = config.me();
+        if me.role == Role::Db {
+            continue;
+        }
+        let pid = procs::live_pid(&layout.pid_file(&me.name), &layout.config_file(&me.name));
+        let problem = match pid.map(procs::liveness) {
+            None | Some(Liveness::Dead) => Some("process not running".to_owned()),
+            Some(Liveness::Hung) => Some("process stopped (hung)".to_owned()),
+            Some(Liveness::Running) => match &client {
+                Some(client) => probe::healthy(client, &me.url)
+                    .await
+                    .err()
+                    .map(|e| format!("unhealthy: {e}")),
+                None => None,
+            },
+        };
+        if let Some(problem) = problem {
+            eprintln!(
+                "--- {} ({}): {problem}; last lines of {}:",
+                me.name,
+                me.role,
+                layout.out_file(&me.name).display()
+            );
+            eprintln!("{}", procs::tail(&layout.out_file(&me.name), 15));
+        }
+    }
+}
+
+enum Started {
+    Fresh(i32),
+    AlreadyUp(i32),
+}
+
+/// Starts one host unless its pid file names a live process of it.
+fn start_host(layout: &Layout, config: &HostConfig) -> anyhow::Result<Started> {
+    let me = config.me();
+    let config_file = layout.config_file(&me.name);
+    let pid_file = layout.pid_file(&me.name);
+    if let Some(pid) = procs::live_pid(&pid_file, &config_file) {
+        return Ok(Started::AlreadyUp(pid));
+    }
+    let binary = procs::role_binary(me.role)?;
+    if !binary.exists() {
+        bail!("no binary {} (cargo build --workspace)", binary.display());
+    }
+    let pid = procs::spawn(&procs::HostProcess {
+        binary: &binary,
+        config: &config_file,
+        out_file: &layout.out_file(&me.name),
+        pid_file: &pid_file,
+    })?;
+    Ok(Started::Fresh(pid))
+}
+
+/// `streamctl down`.
+pub fn down(args: DownArgs) -> anyhow::Result<()> {
+    let layout = Layout::new(&args.state.dir)?;
+    let mut left = Vec::new();
+    if let Ok(entries) = std::fs::read_dir(layout.run_dir()) {
+        // LBs first (reverse start order) so viewers are turned away before their media goes.
+        let mut pid_files: Vec<_> = entries
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|x| x == "pid"))
+            .collect();
+        pid_files.sort();
+        pid_files.reverse();
+        for pid_file in pid_files {
+            let host = pid_file
+                .file_stem()
+                .and_then(|s| s.to_str())
+                .unwrap_or_default()
+                .to_owned();
+            if let Some(pid) = procs::live_pid(&pid_file, &layout.config_file(&host)) {
+                if procs::stop_group(pid, STOP_GRACE) {
+                    println!("{host}: stopped (pid {pid})");
+                } else {
+                    println!("{host}: processes of group {pid} survived SIGKILL");
+                    left.push(host.clone());
+                }
+            } else {
+                // The service died but ffmpeg children may linger in its group.
+                if let Some(pgid) = std::fs::read_to_string(&pid_file)
+                    .ok()
+                    .and_then(|s| s.trim().parse::<i32>().ok())
+                    && !procs::group_members(pgid).is_empty()
+                {
+                    procs::stop_group(pgid, Duration::from_secs(1));
+                }
+                println!("{host}: was not running");
+            }
+            let _ = std::fs::remove_file(&pid_file);
+        }
+    }
+    if !left.is_empty() {
+        bail!("could not stop: {}", left.join(", "));
+    }
+    if args.wipe && layout.root.exists() {
+        std::fs::remove_dir_all(&layout.root)
+            .with_context(|| format!("remove {}", layout.root.display()))?;
+        println!("removed {}", layout.root.display());
+    }
+    Ok(())
+}
+
+#[derive(Debug, Serialize)]
+pub struct HostStatus {
+    pub name: String,
+    pub role: Role,
+    pub url: String,
+    pub pid: Option<i32>,
+    /// Process alive and not stopped.
+    pub up: bool,
+    pub process: Liveness,
+    /// "ok", or why `/healthz` failed; `None` for hosts not started (db).
+    pub health: Option<String>,
+    /// Broadcasts: viewers, Mbit/s sent, free viewer slots.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub viewers: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub egress_mbps: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub free_viewers: Option<u64>,
+    /// Ingests: the source currently used, per channel ("channel=source").
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub active_source: Option<String>,
+}
+
+/// `streamctl status`.
+pub async fn status(args: StatusArgs) -> anyhow::Result<()> {
+    let layout = Layout::new(&args.state.dir)?;
+    let configs = layout.load_configs()?;
+    let client = probe::client(&layout.ca().cert, PROBE_TIMEOUT)?;
+    let checks = configs
+        .iter()
+        .map(|config| host_status(&layout, &client, config));
+    let statuses: Vec<HostStatus> = futures::future::join_all(checks).await;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&statuses)?);
+        return Ok(());
+    }
+    println!(
+        "{:<12} {:<10} {:>8} {:<6} {:<24} details",
+        "host", "role", "pid", "proc", "health"
+    );
+    for s in &statuses {
+        let mut details = Vec::new();
+        if let Some(v) = s.viewers {
+            details.push(format!("viewers {v}"));
+        }
+        if let Some(e) = s.egress_mbps {
+            details.push(format!("egress {e:.1} Mbit/s"));
+        }
+        if let Some(f) = s.free_viewers {
+            details.push(format!("free {f}"));
+        }
+        if let Some(a) = &s.active_source {
+            details.push(format!("source {a}"));
+        }
+        let health: String = s
+            .health
+            .clone()
+            .unwrap_or_else(|| "-".into())
+            .chars()
+            .take(24)
+            .collect();
+        println!(
+            "{:<12} {:<10} {:>8} {:<6} {:<24} {}",
+            s.name,
+            s.role.as_str(),
+            s.pid.map(|p| p.to_string()).unwrap_or_else(|| "-".into()),
+            match s.process {
+                Liveness::Running => "up",
+                Liveness::Hung => "HUNG",
+                Liveness::Dead => "down",
+            },
+            health,
+            details.join(", ")
+        );
+    }
+    Ok(())
+}
+
+async fn host_status(layout: &Layout, client: &reqwest::Client, config: &HostConfig) -> HostStatus {
+    let me = config.me();
+    let pid = procs::live_pid(&layout.pid_file(&me.name), &layout.config_file(&me.name));
+    let process = pid.map(procs::liveness).unwrap_or(Liveness::Dead);
+    let mut status = HostStatus {
+        name: me.name.clone(),
+        role: me.role,
+        url: me.url.clone(),
+        pid,
+        up: process == Liveness::Running,
+        process,
+        health: None,
+        viewers: None,
+        egress_mbps: None,
+        free_viewers: None,
+        active_source: None,
+    };
+    if me.role == Role::Db && pid.is_none() {
+        return status;
+    }
+    status.health = Some(match probe::healthy(client, &me.url).await {
+        Ok(()) => "ok".into(),
+        Err(e) => e,
+    });
+    if !matches!(me.role, Role::Broadcast | Role::Ingest) || process != Liveness::Running {
+        return status;
+    }
+    let Some(json) = probe::status_json(client, &me.url).await else {
+        return status;
+    };
+    match me.role {
+        Role::Broadcast => {
+            status.viewers = json["viewers"].as_u64();
+            status.egress_mbps = json["egress_mbps"].as_f64();
+            status.free_viewers = json["free_viewers"].as_u64();
+        }
+        _ => status.active_source = active_source(&json),
+    }
+    status
+}
+
+/// The ingest's `/status` is the ingest's own schema: accept `active_source` at the top or per
+/// channel (a map or a list of objects with `name`/`channel`).
+pub fn active_source(json: &serde_json::Value) -> Option<String> {
+    let pick = |v: &serde_json::Value| {
+        ["active_source", "source", "active"]
+            .iter()
+            .find_map(|k| v.get(k))
+            .map(|s| match s {
+                serde_json::Value::String(s) => s.clone(),
+                serde_json::Value::Null => "none".into(),
+                other => other.to_string(),
+            })
+    };
+    if let Some(top) = pick(json) {
+        return Some(top);
+    }
+    let channels = json.get("channels")?;
+    let parts: Vec<String> = match channels {
+        serde_json::Value::Object(map) => map
+            .iter()
+            .filter_map(|(name, v)| pick(v).map(|s| format!("{name}={s}")))
+            .collect(),
+        serde_json::Value::Array(list) => list
+            .iter()
+            .filter_map(|v| {
+                let name = v
+                    .get("name")
+                    .or_else(|| v.get("channel"))
+                    .and_then(|n| n.as_str())
+                    .unwrap_or("?");
+                pick(v).map(|s| format!("{name}={s}"))
+            })
+            .collect(),
+        _ => Vec::new(),
+    };
+    (!parts.is_empty()).then(|| parts.join(" "))
+}
+
+/// `streamctl kill`.
+pub fn kill(args: KillArgs) -> anyhow::Result<()> {
+    let layout = Layout::new(&args.state.dir)?;
+    let config = layout.load_config(&args.name)?;
+    let pid = procs::live_pid(
+        &layout.pid_file(&args.name),
+        &layout.config_file(&args.name),
+    )
+    .with_context(|| format!("{} is not running", args.name))?;
+    if args.ffmpeg {
+        let children = procs::ffmpeg_children(pid);
+        let (child, cmdline) = children.first().with_context(|| {
+            format!(
+                "{} ({}) has no ffmpeg child right now",
+                args.name,
+                config.me().role
+            )
+        })?;
+        procs::signal_pid(*child, libc::SIGKILL);
+        let shown: String = cmdline.chars().take(100).collect();
+        println!("{}: killed ffmpeg pid {child} ({shown}...)", args.name);
+    } else if args.hang {
+        procs::signal_group(pid, libc::SIGSTOP);
+        println!(
+            "{}: hung (SIGSTOP to group {pid}); `streamctl start {}` resumes it",
+            args.name, args.name
+        );
+    } else {
+        procs::signal_group(pid, libc::SIGKILL);
+        procs::wait_group_gone(pid, Duration::from_secs(2));
+        println!("{}: killed (SIGKILL to group {pid})", args.name);
+    }
+    Ok(())
+}
+
+/// `streamctl start`.
+pub fn start(args: StartArgs) -> anyhow::Result<()> {
+    let layout = Layout::new(&args.state.dir)?;
+    let config = layout.load_config(&args.name)?;
+    if config.me().role == Role::Db {
+        bail!(
+            "{}: db hosts are not run locally yet (chat issue)",
+            args.name
+        );
+    }
+    if let Some(pid) = procs::live_pid(
+        &layout.pid_file(&args.name),
+        &layout.config_file(&args.name),
+    ) && procs::liveness(pid) == Liveness::Hung
+    {
+        procs::signal_group(pid, libc::SIGCONT);
+        println!("{}: resumed (SIGCONT to group {pid})", args.name);
+        return Ok(());
+    }
+    match start_host(&layout, &config)? {
+        Started::Fresh(pid) => println!("{}: started pid {pid}", args.name),
+        Started::AlreadyUp(pid) => println!("{}: already up (pid {pid})", args.name),
+    }
+    Ok(())
+}
+
+/// `streamctl hosts`.
+pub fn hosts(args: HostsArgs) -> anyhow::Result<()> {
+    let configs: Vec<HostConfig> = match &args.state {
+        Some(state) => Layout::new(state)?.load_configs()?,
+        None => {
+            let tmp = std::env::temp_dir().join("streamctl-hosts");
+            let generator = cluster::find_generator(&args.cluster)?;
+            cluster::evaluate(&generator, &args.cluster, &tmp, &args.address_prefix)?
+                .into_values()
+                .collect()
+        }
+    };
+    let cluster = &configs.first().context("cluster has no host")?.cluster;
+    print!("{}", hosts_lines(cluster));
+    Ok(())
+}
+
+/// `address fqdn name` per host, then the site name on the first LB.
+pub fn hosts_lines(cluster: &streaming_core::config::ClusterConfig) -> String {
+    let mut out = String::new();
+    for host in &cluster.hosts {
+        out.push_str(&format!("{} {} {}\n", host.address, host.fqdn, host.name));
+    }
+    if let Some(lb) = cluster.hosts_with_role(Role::Lb).next() {
+        out.push_str(&format!("{} {}\n", lb.address, cluster.site));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn active_source_shapes() {
+        let top = serde_json::json!({"active_source": "source1"});
+        assert_eq!(active_source(&top).as_deref(), Some("source1"));
+        let map = serde_json::json!({"channels": {"test": {"active_source": "source2"}}});
+        assert_eq!(active_source(&map).as_deref(), Some("test=source2"));
+        let list = serde_json::json!({"channels": [{"name": "test", "active_source": null}]});
+        assert_eq!(active_source(&list).as_deref(), Some("test=none"));
+        assert_eq!(active_source(&serde_json::json!({"x": 1})), None);
+    }
+}
