@@ -1,1 +1,179 @@
-//! ingest (being written)
+//! The ingest role: RTMP/RTMPS publishers in (stream key checked), the best live source per
+//! channel transcoded by an ffmpeg ladder, segments placed on the shared slot timeline (slate
+//! when there is no input), and an HTTPS origin serving the playlists and segments from memory.
+//!
+//! Modules: `rtmp` (one connection as a state machine), `listener` (sockets, TLS, limits),
+//! `publish` (publish name + stream keys), `select` (source choice), `flv` (FLV writer),
+//! `transcode` (ffmpeg runs and slate), `segments` (CSV list -> slots), `channel` (the per-channel
+//! task), `origin` (HTTP API).
+
+pub mod channel;
+pub mod flv;
+pub mod listener;
+pub mod origin;
+pub mod publish;
+pub mod rtmp;
+pub mod segments;
+pub mod select;
+pub mod transcode;
+
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+
+use anyhow::Context;
+use streaming_core::config::HostConfig;
+use streaming_core::secrets::read_secret;
+use streaming_core::service::ServiceContext;
+use streaming_hls::SlotClock;
+use tokio::sync::{mpsc, watch};
+
+use crate::channel::{CHANNEL_QUEUE, ChannelMsg, ChannelSetup, ChannelShared, ChannelTask};
+use crate::listener::RtmpContext;
+use crate::publish::StreamKeys;
+
+fn ranked_sources(config: &HostConfig, channel: &str) -> Vec<String> {
+    config
+        .cluster
+        .sources_of(channel)
+        .into_iter()
+        .map(|h| h.name.clone())
+        .collect()
+}
+
+fn load_keys(config: &HostConfig) -> StreamKeys {
+    StreamKeys::load(
+        &config.paths.stream_keys_dir,
+        config.cluster.channels.iter().map(|c| c.name.as_str()),
+    )
+}
+
+fn tls_acceptor(config: &HostConfig) -> anyhow::Result<tokio_rustls::TlsAcceptor> {
+    let server = streaming_core::tls::server_config(&config.paths.tls_cert, &config.paths.tls_key)?;
+    Ok(tokio_rustls::TlsAcceptor::from(server))
+}
+
+/// The whole ingest service; returns when shutdown completes.
+pub async fn run(ctx: ServiceContext) -> anyhow::Result<()> {
+    let config = ctx.config.clone();
+    let me = config.me().clone();
+    let timeline = config.cluster.timeline.clone();
+    let clock = SlotClock::new(timeline.segment_seconds);
+    let cluster_key = read_secret(&config.paths.cluster_key).context("cluster key")?;
+    let rtmp = RtmpContext::new(load_keys(&config));
+    let tls = tls_acceptor(&config).context("RTMPS certificate")?;
+    let (tls_tx, tls_rx) = watch::channel(tls);
+
+    let shared: Arc<RwLock<HashMap<String, Arc<ChannelShared>>>> = Arc::default();
+    let mut senders: HashMap<String, mpsc::Sender<ChannelMsg>> = HashMap::new();
+    let mut tasks = tokio::task::JoinSet::new();
+    for channel in &config.cluster.channels {
+        let slate_dir = config.paths.state_dir.join("slate").join(&channel.name);
+        let mut slates = Vec::new();
+        for i in 0..channel.ladder.len() {
+            let (c, d) = (channel.clone(), slate_dir.clone());
+            let slate = tokio::task::spawn_blocking(move || {
+                transcode::encode_slate(&c, i, timeline.segment_seconds, &d)
+            })
+            .await
+            .context("slate encoder")??;
+            slates.push(slate);
+        }
+        tracing::info!(channel = %channel.name, renditions = channel.ladder.len(), "slate encoded");
+        let out = ChannelShared::new(channel, timeline.cache_segments as usize);
+        let (tx, rx) = mpsc::channel(CHANNEL_QUEUE);
+        let setup = ChannelSetup {
+            config: channel.clone(),
+            sources: ranked_sources(&config, &channel.name),
+            clock,
+            work_dir: config.paths.state_dir.join("work").join(&channel.name),
+            slates,
+        };
+        let task = ChannelTask::new(setup, out.clone(), tx.clone(), timeline.cache_segments);
+        tasks.spawn(task.run(rx, ctx.lifecycle.clone()));
+        shared
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(channel.name.clone(), out);
+        senders.insert(channel.name.clone(), tx);
+    }
+    *rtmp.channels.write().unwrap_or_else(|e| e.into_inner()) = senders.clone();
+
+    let cluster_key = Arc::new(RwLock::new(cluster_key));
+    let state = origin::OriginState {
+        channels: shared,
+        cluster_key: cluster_key.clone(),
+        metrics: ctx.metrics.clone(),
+        segment_seconds: timeline.segment_seconds,
+        playlist_segments: timeline.playlist_segments,
+        host: config.name.clone(),
+    };
+
+    // SIGHUP: stream keys, cluster key, config (source ranks, channel settings), RTMPS cert.
+    {
+        let (lifecycle, rtmp) = (ctx.lifecycle.clone(), rtmp.clone());
+        let mut reloads = ctx.lifecycle.reloads();
+        let config_path = ctx.config_path.clone();
+        let mut current = config.clone();
+        tasks.spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = lifecycle.shutdown() => return,
+                    changed = reloads.changed() => if changed.is_err() { return },
+                }
+                match HostConfig::load(&config_path) {
+                    Ok(new) => current = new,
+                    Err(e) => tracing::error!("config reload failed, keeping the old one: {e}"),
+                }
+                *rtmp.keys.write().unwrap_or_else(|e| e.into_inner()) = load_keys(&current);
+                match read_secret(&current.paths.cluster_key) {
+                    Ok(key) => *cluster_key.write().unwrap_or_else(|e| e.into_inner()) = key,
+                    Err(e) => tracing::error!("cluster key reload failed, keeping the old one: {e}"),
+                }
+                match tls_acceptor(&current) {
+                    Ok(acceptor) => {
+                        let _ = tls_tx.send(acceptor);
+                    }
+                    Err(e) => tracing::error!("RTMPS certificate reload failed, keeping the old one: {e}"),
+                }
+                for channel in &current.cluster.channels {
+                    match senders.get(&channel.name) {
+                        Some(tx) => {
+                            let msg = ChannelMsg::Reconfigure {
+                                sources: ranked_sources(&current, &channel.name),
+                                config: channel.clone(),
+                            };
+                            let _ = tx.send(msg).await;
+                        }
+                        None => tracing::warn!(channel = %channel.name, "new channel in config: restart the ingest to serve it"),
+                    }
+                }
+                tracing::info!("reloaded stream keys, cluster key, config and RTMPS certificate");
+            }
+        });
+    }
+
+    let rtmp_task = listener::serve_rtmp(
+        me.socket(me.ports.rtmp),
+        rtmp.clone(),
+        ctx.lifecycle.clone(),
+    );
+    let rtmps_task = listener::serve_rtmps(
+        me.socket(me.ports.rtmps),
+        rtmp.clone(),
+        ctx.lifecycle.clone(),
+        tls_rx,
+    );
+    let https = streaming_core::serve::serve_https(
+        origin::router(state),
+        me.socket(me.ports.https),
+        config.paths.tls_cert.clone(),
+        config.paths.tls_key.clone(),
+        ctx.lifecycle.clone(),
+    );
+    let result = tokio::try_join!(rtmp_task, rtmps_task, https);
+    if result.is_err() {
+        ctx.lifecycle.request_shutdown();
+    }
+    while tasks.join_next().await.is_some() {}
+    result.map(|_| ())
+}

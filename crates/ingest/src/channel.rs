@@ -1,0 +1,628 @@
+//! One channel: its publishers, the input switch, the transcoder runs and the slot emission.
+//!
+//! A single tokio task owns all of it (no locks on the media path); the origin reads the
+//! published windows through [`ChannelShared`]. Every slot k is decided once, at
+//! (k+1)·D + [`EMIT_GRACE`]: the live segments of all renditions if they all arrived, otherwise
+//! the slate in every rendition. So the playlists advance every D seconds whatever the input does.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use serde::Serialize;
+use streaming_core::config::ChannelConfig;
+use streaming_hls::{SegmentInfo, SegmentWindow, SlotClock, Variant, unix_now_ms};
+use tokio::sync::{mpsc, watch};
+
+use crate::flv::{self, TagKind};
+use crate::segments::RunTimeline;
+use crate::select::{Candidate, choose, rank_of};
+use crate::transcode::{FeedError, RunExit, RunHandle, RunSpec, start_run};
+
+/// How long after a slot ends we wait for its live segments (ffmpeg finishes a segment when the
+/// next keyframe arrives, plus encode and poll delay).
+pub const EMIT_GRACE: Duration = Duration::from_millis(1500);
+/// Messages queued towards a channel task; publishers block (TCP backpressure) when it is full.
+pub const CHANNEL_QUEUE: usize = 2048;
+/// Restart backoff after a transcoder crash: doubles from the first value up to the second.
+const BACKOFF_FIRST: Duration = Duration::from_secs(1);
+const BACKOFF_MAX: Duration = Duration::from_secs(10);
+/// A run that lived this long resets the backoff.
+const RUN_HEALTHY_AFTER: Duration = Duration::from_secs(30);
+/// Selection re-evaluation period (stale publishers are noticed this fast).
+const SELECT_EVERY: Duration = Duration::from_millis(250);
+
+/// What reaches a channel task.
+#[derive(Debug)]
+pub enum ChannelMsg {
+    Joined {
+        conn: u64,
+        source: Option<String>,
+        anchor_ms: Option<u64>,
+        peer: SocketAddr,
+    },
+    Media {
+        conn: u64,
+        kind: TagKind,
+        timestamp_ms: u32,
+        data: Bytes,
+    },
+    Left {
+        conn: u64,
+    },
+    Segment {
+        run_id: u64,
+        rendition: usize,
+        slot: u64,
+        data: Bytes,
+    },
+    RunExited {
+        run_id: u64,
+        exit: RunExit,
+    },
+    /// New config after SIGHUP: ranked source names and the channel's settings.
+    Reconfigure {
+        sources: Vec<String>,
+        config: ChannelConfig,
+    },
+}
+
+/// One rendition's published segments.
+pub struct RenditionOutput {
+    pub name: String,
+    pub window: SegmentWindow<Bytes>,
+}
+
+/// What the origin serves for a channel.
+pub struct ChannelOutput {
+    pub renditions: Vec<RenditionOutput>,
+    pub variants: Vec<Variant>,
+}
+
+/// Operator view of a channel (`/status`).
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct ChannelStatus {
+    pub active_source: Option<String>,
+    pub live: bool,
+    pub last_slot: Option<u64>,
+    pub ffmpeg_restarts: u64,
+    pub publishers_connected: usize,
+    pub segments_live: u64,
+    pub segments_slate: u64,
+}
+
+/// The part of a channel shared with the origin.
+pub struct ChannelShared {
+    pub name: String,
+    pub output: RwLock<ChannelOutput>,
+    /// Last decided slot; origin requests with `_HLS_msn` wait on it.
+    pub last_slot: watch::Sender<Option<u64>>,
+    pub status: Mutex<ChannelStatus>,
+}
+
+impl ChannelShared {
+    pub fn new(config: &ChannelConfig, cache_segments: usize) -> Arc<Self> {
+        let renditions = config
+            .ladder
+            .iter()
+            .map(|r| RenditionOutput {
+                name: r.name.clone(),
+                window: SegmentWindow::new(cache_segments),
+            })
+            .collect();
+        let bandwidth = streaming_core::config::Rendition::bandwidth_bps_with(config.audio_kbps);
+        let variants = config
+            .ladder
+            .iter()
+            .map(|r| Variant {
+                name: r.name.clone(),
+                bandwidth_bps: bandwidth(r),
+                width: r.width,
+                height: r.height,
+                fps: config.fps,
+            })
+            .collect();
+        Arc::new(Self {
+            name: config.name.clone(),
+            output: RwLock::new(ChannelOutput {
+                renditions,
+                variants,
+            }),
+            last_slot: watch::channel(None).0,
+            status: Mutex::new(ChannelStatus::default()),
+        })
+    }
+}
+
+struct Publisher {
+    source: Option<String>,
+    peer: SocketAddr,
+    rank: u32,
+    anchor_ms: Option<u64>,
+    avc_header: Option<Bytes>,
+    aac_header: Option<Bytes>,
+    last_media: Option<Instant>,
+}
+
+/// The input currently routed to the transcoder.
+struct Feed {
+    publisher: u64,
+    /// For log lines after the publisher is gone.
+    label: String,
+    epoch_ms: u64,
+    anchor_ms: u64,
+    /// `None` until the first keyframe (or while backing off after a crash).
+    run: Option<(RunHandle, u32)>,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum LastPushed {
+    Slate,
+    Live(u64),
+}
+
+struct PendingSlot {
+    run_id: u64,
+    parts: Vec<Option<Bytes>>,
+}
+
+/// Settings fixed for the channel task's life (the ladder shape is, see `Reconfigure`).
+pub struct ChannelSetup {
+    pub config: ChannelConfig,
+    pub sources: Vec<String>,
+    pub clock: SlotClock,
+    pub work_dir: PathBuf,
+    pub slates: Vec<Bytes>,
+}
+
+pub struct ChannelTask {
+    setup: ChannelSetup,
+    shared: Arc<ChannelShared>,
+    tx: mpsc::Sender<ChannelMsg>,
+    publishers: HashMap<u64, Publisher>,
+    feed: Option<Feed>,
+    next_run: u64,
+    crashes_in_row: u32,
+    backoff_until: Option<Instant>,
+    pending: BTreeMap<u64, PendingSlot>,
+    next_slot: u64,
+    last_pushed: Option<LastPushed>,
+    cache_segments: u64,
+}
+
+impl ChannelTask {
+    pub fn new(
+        setup: ChannelSetup,
+        shared: Arc<ChannelShared>,
+        tx: mpsc::Sender<ChannelMsg>,
+        cache_segments: u32,
+    ) -> Self {
+        let next_slot = setup.clock.slot_at(unix_now_ms());
+        Self {
+            setup,
+            shared,
+            tx,
+            publishers: HashMap::new(),
+            feed: None,
+            next_run: 1,
+            crashes_in_row: 0,
+            backoff_until: None,
+            pending: BTreeMap::new(),
+            next_slot,
+            last_pushed: None,
+            cache_segments: u64::from(cache_segments),
+        }
+    }
+
+    /// Runs until shutdown; then ends the current run's input so ffmpeg exits.
+    pub async fn run(
+        mut self,
+        mut rx: mpsc::Receiver<ChannelMsg>,
+        lifecycle: streaming_core::lifecycle::Lifecycle,
+    ) {
+        let _ = std::fs::remove_dir_all(&self.setup.work_dir);
+        let mut select_tick = tokio::time::interval(SELECT_EVERY);
+        select_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            let deadline = self.deadline_ms(self.next_slot);
+            let wait = Duration::from_millis(deadline.saturating_sub(unix_now_ms()));
+            tokio::select! {
+                _ = lifecycle.shutdown() => break,
+                msg = rx.recv() => match msg {
+                    Some(msg) => self.handle(msg),
+                    None => break,
+                },
+                _ = tokio::time::sleep(wait) => self.emit_due(),
+                _ = select_tick.tick() => self.reselect(),
+            }
+        }
+        if let Some(feed) = &mut self.feed
+            && let Some((run, _)) = &mut feed.run
+        {
+            run.finish();
+        }
+    }
+
+    fn deadline_ms(&self, slot: u64) -> u64 {
+        self.setup.clock.slot_start_ms(slot + 1) + EMIT_GRACE.as_millis() as u64
+    }
+
+    fn handle(&mut self, msg: ChannelMsg) {
+        match msg {
+            ChannelMsg::Joined {
+                conn,
+                source,
+                anchor_ms,
+                peer,
+            } => {
+                let rank = rank_of(source.as_deref(), &self.setup.sources);
+                tracing::info!(channel = %self.setup.config.name, conn, %peer, source = source.as_deref().unwrap_or("-"), rank, "publisher connected");
+                self.publishers.insert(
+                    conn,
+                    Publisher {
+                        source,
+                        peer,
+                        rank,
+                        anchor_ms,
+                        avc_header: None,
+                        aac_header: None,
+                        last_media: None,
+                    },
+                );
+                self.update_status();
+            }
+            ChannelMsg::Left { conn } => {
+                if let Some(p) = self.publishers.remove(&conn) {
+                    tracing::info!(channel = %self.setup.config.name, conn, peer = %p.peer, source = p.source.as_deref().unwrap_or("-"), "publisher disconnected");
+                }
+                self.reselect();
+                self.update_status();
+            }
+            ChannelMsg::Media {
+                conn,
+                kind,
+                timestamp_ms,
+                data,
+            } => self.media(conn, kind, timestamp_ms, data),
+            ChannelMsg::Segment {
+                run_id,
+                rendition,
+                slot,
+                data,
+            } => self.segment(run_id, rendition, slot, data),
+            ChannelMsg::RunExited { run_id, exit } => self.run_exited(run_id, exit),
+            ChannelMsg::Reconfigure { sources, config } => {
+                for p in self.publishers.values_mut() {
+                    p.rank = rank_of(p.source.as_deref(), &sources);
+                }
+                self.setup.sources = sources;
+                let same_shape = config.ladder.len() == self.setup.config.ladder.len()
+                    && config
+                        .ladder
+                        .iter()
+                        .zip(&self.setup.config.ladder)
+                        .all(|(a, b)| {
+                            a.name == b.name && a.width == b.width && a.height == b.height
+                        });
+                if config != self.setup.config {
+                    if same_shape {
+                        tracing::info!(channel = %config.name, "channel settings changed: applied at the next transcoder start");
+                        self.setup.config = config;
+                    } else {
+                        tracing::warn!(channel = %config.name, "ladder renditions changed: restart the ingest to apply (bitrates, preset and fps apply on reload)");
+                    }
+                }
+                self.reselect();
+            }
+        }
+    }
+
+    fn media(&mut self, conn: u64, kind: TagKind, timestamp_ms: u32, data: Bytes) {
+        let now = Instant::now();
+        let Some(p) = self.publishers.get_mut(&conn) else {
+            return;
+        };
+        p.last_media = Some(now);
+        if p.anchor_ms.is_none() {
+            // No anchor in the URL (OBS): media time 0 is "now minus this timestamp".
+            p.anchor_ms = Some(unix_now_ms().saturating_sub(u64::from(timestamp_ms)));
+        }
+        match kind {
+            TagKind::Video if flv::is_avc_sequence_header(&data) => {
+                p.avc_header = Some(data.clone())
+            }
+            TagKind::Audio if flv::is_aac_sequence_header(&data) => {
+                p.aac_header = Some(data.clone())
+            }
+            _ => {}
+        }
+        if self.feed.as_ref().is_none_or(|f| f.publisher != conn) {
+            self.reselect();
+        }
+        let Some(feed) = &self.feed else { return };
+        if feed.publisher != conn {
+            return;
+        }
+        let flv_ts = feed.anchor_ms as i64 + i64::from(timestamp_ms) - feed.epoch_ms as i64;
+        let Ok(flv_ts) = u32::try_from(flv_ts) else {
+            return;
+        };
+        if feed.run.is_none() {
+            let is_start = kind == TagKind::Video
+                && flv::is_video_keyframe(&data)
+                && !flv::is_avc_sequence_header(&data);
+            if is_start && self.backoff_until.is_none_or(|t| now >= t) {
+                self.start_run(flv_ts, &data);
+            }
+            return;
+        }
+        let Some(feed) = &mut self.feed else { return };
+        let Some((run, first_ts)) = &mut feed.run else {
+            return;
+        };
+        if kind == TagKind::Audio && flv_ts < *first_ts {
+            return; // audio from before the first frame would start the output early
+        }
+        match run.feed(flv::tag(kind, flv_ts, &data)) {
+            Ok(()) => {}
+            Err(FeedError::Gone) => {} // RunExited follows
+            Err(FeedError::Stalled) => {
+                tracing::error!(channel = %self.setup.config.name, run = run.run_id, "transcoder does not keep up with its input: killing it");
+                run.kill();
+            }
+        }
+    }
+
+    /// Starts a transcoder run at this keyframe: FLV header, sequence headers, then the frame.
+    fn start_run(&mut self, flv_ts: u32, keyframe: &Bytes) {
+        let Some(feed) = &self.feed else { return };
+        let Some(p) = self.publishers.get(&feed.publisher) else {
+            return;
+        };
+        let (Some(avc), Some(aac)) = (p.avc_header.clone(), p.aac_header.clone()) else {
+            tracing::debug!(channel = %self.setup.config.name, "waiting for AVC and AAC sequence headers");
+            return;
+        };
+        let run_id = self.next_run;
+        self.next_run += 1;
+        let first_frame_ms = f64::from(flv_ts) + f64::from(flv::composition_time_ms(keyframe));
+        // C is passed with 3 decimals: round here so the boundary check sees the same value.
+        let first_frame_ms = (first_frame_ms).round();
+        let timeline = RunTimeline {
+            clock: self.setup.clock,
+            epoch_ms: feed.epoch_ms,
+            first_frame_ms,
+            frame_ms: 1000.0 / f64::from(self.setup.config.fps.max(1)),
+        };
+        let spec = RunSpec {
+            channel_name: self.setup.config.name.clone(),
+            run_id,
+            config: self.setup.config.clone(),
+            segment_s: self.setup.clock.segment_ms() as u32 / 1000,
+            timeline,
+            dir: self.setup.work_dir.join(run_id.to_string()),
+        };
+        match start_run(spec, self.tx.clone()) {
+            Ok(run) => {
+                tracing::info!(
+                    channel = %self.setup.config.name, run = run_id,
+                    source = p.source.as_deref().unwrap_or("-"), epoch_ms = feed.epoch_ms,
+                    first_frame_s = first_frame_ms / 1000.0, "transcoder started"
+                );
+                let header = Bytes::from_static(&flv::HEADER);
+                let tags = [
+                    header,
+                    flv::tag(TagKind::Video, flv_ts, &avc),
+                    flv::tag(TagKind::Audio, flv_ts, &aac),
+                    flv::tag(TagKind::Video, flv_ts, keyframe),
+                ];
+                for t in tags {
+                    let _ = run.feed(t);
+                }
+                if let Some(feed) = &mut self.feed {
+                    feed.run = Some((run, flv_ts));
+                }
+            }
+            Err(e) => {
+                tracing::error!(channel = %self.setup.config.name, "cannot start the transcoder: {e}");
+                self.note_crash();
+            }
+        }
+    }
+
+    fn note_crash(&mut self) {
+        self.crashes_in_row += 1;
+        let backoff = BACKOFF_FIRST
+            .saturating_mul(1 << self.crashes_in_row.min(4).saturating_sub(1))
+            .min(BACKOFF_MAX);
+        self.backoff_until = Some(Instant::now() + backoff);
+        metrics::counter!("ingest_ffmpeg_restarts_total", "channel" => self.setup.config.name.clone()).increment(1);
+        self.shared
+            .status
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .ffmpeg_restarts += 1;
+    }
+
+    fn run_exited(&mut self, run_id: u64, exit: RunExit) {
+        let current = self
+            .feed
+            .as_ref()
+            .and_then(|f| f.run.as_ref())
+            .map(|(r, _)| r.run_id);
+        if current != Some(run_id) {
+            tracing::info!(channel = %self.setup.config.name, run = run_id, status = %exit.status, "transcoder run ended");
+            return;
+        }
+        let lived = self
+            .feed
+            .as_mut()
+            .and_then(|f| f.run.take())
+            .map(|(r, _)| r.started.elapsed())
+            .unwrap_or_default();
+        if lived >= RUN_HEALTHY_AFTER {
+            self.crashes_in_row = 0;
+        }
+        tracing::error!(
+            channel = %self.setup.config.name, run = run_id, status = %exit.status, lived_s = lived.as_secs(),
+            stderr = %exit.stderr_tail.join(" | "),
+            "transcoder exited while its input is live: restarting at the next keyframe (slate fills the gap)"
+        );
+        self.note_crash();
+    }
+
+    /// Picks the best live publisher; on change, ends the current run and routes the new one.
+    fn reselect(&mut self) {
+        let now = Instant::now();
+        let candidates: Vec<Candidate> = self
+            .publishers
+            .iter()
+            .map(|(id, p)| Candidate {
+                id: *id,
+                rank: p.rank,
+                has_video_header: p.avc_header.is_some(),
+                last_media: p.last_media,
+            })
+            .collect();
+        let best = choose(&candidates, now);
+        if best == self.feed.as_ref().map(|f| f.publisher) {
+            return;
+        }
+        let name = |id: Option<u64>| {
+            id.and_then(|id| self.publishers.get(&id))
+                .map_or("-".to_string(), |p| {
+                    p.source.clone().unwrap_or_else(|| p.peer.to_string())
+                })
+        };
+        let from = self
+            .feed
+            .as_ref()
+            .map_or("-".to_string(), |f| f.label.clone());
+        tracing::info!(channel = %self.setup.config.name, %from, to = %name(best), "input switch");
+        let label = name(best);
+        if let Some(mut old) = self.feed.take()
+            && let Some((run, _)) = &mut old.run
+        {
+            run.finish();
+        }
+        self.feed = best.and_then(|id| {
+            let anchor_ms = self.publishers.get(&id)?.anchor_ms?;
+            Some(Feed {
+                publisher: id,
+                label: label.clone(),
+                epoch_ms: self.setup.clock.epoch_for_anchor(anchor_ms),
+                anchor_ms,
+                run: None,
+            })
+        });
+        self.update_status();
+    }
+
+    fn segment(&mut self, run_id: u64, rendition: usize, slot: u64, data: Bytes) {
+        let n = self.setup.slates.len();
+        if rendition >= n {
+            return;
+        }
+        let now_slot = self.setup.clock.slot_at(unix_now_ms());
+        if slot < self.next_slot {
+            tracing::debug!(channel = %self.setup.config.name, slot, "live segment arrived after its slot was decided: dropped");
+            metrics::counter!("ingest_segments_late_total").increment(1);
+            return;
+        }
+        if slot > now_slot + 1 {
+            tracing::warn!(channel = %self.setup.config.name, slot, now_slot, "live segment from the future (bad anchor?): dropped");
+            return;
+        }
+        let after_slot_end_ms =
+            unix_now_ms() as i64 - self.setup.clock.slot_start_ms(slot + 1) as i64;
+        tracing::debug!(channel = %self.setup.config.name, run = run_id, rendition, slot, after_slot_end_ms, "live segment received");
+        let entry = self.pending.entry(slot).or_insert_with(|| PendingSlot {
+            run_id,
+            parts: vec![None; n],
+        });
+        if entry.run_id == run_id {
+            entry.parts[rendition] = Some(data);
+        }
+    }
+
+    /// Decides every slot whose deadline passed.
+    fn emit_due(&mut self) {
+        let now = unix_now_ms();
+        let now_slot = self.setup.clock.slot_at(now);
+        if now_slot > self.next_slot + self.cache_segments {
+            // Asleep for a long time (SIGSTOP): do not replay a window's worth of slates.
+            self.next_slot = now_slot - self.cache_segments;
+        }
+        while self.deadline_ms(self.next_slot) <= now {
+            let slot = self.next_slot;
+            self.decide(slot);
+            self.next_slot += 1;
+        }
+    }
+
+    fn decide(&mut self, slot: u64) {
+        let live = self
+            .pending
+            .remove(&slot)
+            .filter(|p| p.parts.iter().all(Option::is_some));
+        self.pending.retain(|s, _| *s > slot);
+        let segment_s = self.setup.clock.segment_seconds();
+        let pdt = self.setup.clock.slot_start_ms(slot);
+        let (parts, kind): (Vec<Bytes>, LastPushed) = match live {
+            Some(p) => (
+                p.parts.into_iter().flatten().collect(),
+                LastPushed::Live(p.run_id),
+            ),
+            None => (self.setup.slates.clone(), LastPushed::Slate),
+        };
+        let discontinuity = kind == LastPushed::Slate || self.last_pushed != Some(kind);
+        {
+            let mut out = self
+                .shared
+                .output
+                .write()
+                .unwrap_or_else(|e| e.into_inner());
+            for (r, data) in out.renditions.iter_mut().zip(parts) {
+                let info = SegmentInfo {
+                    seq: slot,
+                    duration_s: segment_s,
+                    discontinuity,
+                    program_date_time_ms: pdt,
+                };
+                if let Err(e) = r.window.push(info, data) {
+                    tracing::error!(channel = %self.setup.config.name, "timeline: {e}");
+                }
+            }
+        }
+        self.last_pushed = Some(kind);
+        let live = matches!(kind, LastPushed::Live(_));
+        metrics::counter!("ingest_segments_total", "channel" => self.setup.config.name.clone(), "kind" => if live { "live" } else { "slate" }).increment(1);
+        {
+            let mut status = self.shared.status.lock().unwrap_or_else(|e| e.into_inner());
+            status.live = live;
+            status.last_slot = Some(slot);
+            if live {
+                status.segments_live += 1
+            } else {
+                status.segments_slate += 1
+            }
+        }
+        self.shared.last_slot.send_replace(Some(slot));
+    }
+
+    fn update_status(&self) {
+        let active = self
+            .feed
+            .as_ref()
+            .and_then(|f| self.publishers.get(&f.publisher));
+        let mut status = self.shared.status.lock().unwrap_or_else(|e| e.into_inner());
+        status.active_source =
+            active.map(|p| p.source.clone().unwrap_or_else(|| p.peer.to_string()));
+        status.publishers_connected = self.publishers.len();
+        metrics::gauge!("ingest_publishers_connected", "channel" => self.setup.config.name.clone())
+            .set(self.publishers.len() as f64);
+    }
+}

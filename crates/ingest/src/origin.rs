@@ -1,0 +1,184 @@
+//! The HTTPS origin the broadcasts pull from (contract "Ingest origin API"), plus the usual
+//! `/healthz`, `/status` and `/metrics`.
+
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use metrics_exporter_prometheus::PrometheusHandle;
+use serde::Deserialize;
+use streaming_core::config::is_safe_name;
+use streaming_core::http::{has_bearer, metrics_response, text_error};
+
+use crate::channel::ChannelShared;
+
+const PLAYLIST_TYPE: &str = "application/vnd.apple.mpegurl";
+/// A blocking playlist request may ask for a segment at most this many slots ahead.
+const MAX_MSN_AHEAD: u64 = 2;
+
+#[derive(Clone)]
+pub struct OriginState {
+    pub channels: Arc<RwLock<HashMap<String, Arc<ChannelShared>>>>,
+    pub cluster_key: Arc<RwLock<String>>,
+    pub metrics: PrometheusHandle,
+    pub segment_seconds: u32,
+    pub playlist_segments: u32,
+    pub host: String,
+}
+
+impl OriginState {
+    fn channel(&self, name: &str) -> Option<Arc<ChannelShared>> {
+        if !is_safe_name(name) {
+            return None;
+        }
+        self.channels
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(name)
+            .cloned()
+    }
+
+    fn authorized(&self, headers: &HeaderMap) -> bool {
+        has_bearer(
+            headers,
+            &self.cluster_key.read().unwrap_or_else(|e| e.into_inner()),
+        )
+    }
+}
+
+pub fn router(state: OriginState) -> Router {
+    Router::new()
+        .route("/origin/{channel}/master.m3u8", get(master))
+        .route(
+            "/origin/{channel}/{rendition}/{file}",
+            get(media_or_segment),
+        )
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/status", get(status))
+        .route(
+            "/metrics",
+            get(|State(s): State<OriginState>| async move { metrics_response(&s.metrics) }),
+        )
+        .with_state(state)
+}
+
+fn playlist(body: String) -> Response {
+    (
+        [
+            (header::CONTENT_TYPE, PLAYLIST_TYPE),
+            (header::CACHE_CONTROL, "no-cache"),
+        ],
+        body,
+    )
+        .into_response()
+}
+
+fn unauthorized() -> Response {
+    text_error(
+        StatusCode::UNAUTHORIZED,
+        "missing or wrong cluster key (Authorization: Bearer ...)",
+    )
+}
+
+async fn master(
+    State(s): State<OriginState>,
+    Path(channel): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    if !s.authorized(&headers) {
+        return unauthorized();
+    }
+    let Some(ch) = s.channel(&channel) else {
+        return text_error(StatusCode::NOT_FOUND, "no such channel");
+    };
+    let body = {
+        let out = ch.output.read().unwrap_or_else(|e| e.into_inner());
+        streaming_hls::render_master(&out.variants, |name| format!("{name}/index.m3u8"))
+    };
+    playlist(body)
+}
+
+#[derive(Deserialize)]
+struct MediaQuery {
+    #[serde(rename = "_HLS_msn")]
+    msn: Option<u64>,
+}
+
+async fn media_or_segment(
+    State(s): State<OriginState>,
+    Path((channel, rendition, file)): Path<(String, String, String)>,
+    Query(query): Query<MediaQuery>,
+    headers: HeaderMap,
+) -> Response {
+    if !s.authorized(&headers) {
+        return unauthorized();
+    }
+    let Some(ch) = s.channel(&channel) else {
+        return text_error(StatusCode::NOT_FOUND, "no such channel");
+    };
+    if !is_safe_name(&rendition) {
+        return text_error(StatusCode::NOT_FOUND, "no such rendition");
+    }
+    if file == "index.m3u8" {
+        if let Some(msn) = query.msn {
+            let mut rx = ch.last_slot.subscribe();
+            let last = *rx.borrow();
+            if last.is_some_and(|l| msn > l + MAX_MSN_AHEAD) {
+                return text_error(StatusCode::BAD_REQUEST, "_HLS_msn is too far in the future");
+            }
+            // Bounded: about three target durations, then answer with what we have.
+            let wait = Duration::from_secs(u64::from(s.segment_seconds) * 3);
+            let _ = tokio::time::timeout(wait, rx.wait_for(|l| l.is_some_and(|l| l >= msn))).await;
+        }
+        let out = ch.output.read().unwrap_or_else(|e| e.into_inner());
+        let Some(r) = out.renditions.iter().find(|r| r.name == rendition) else {
+            return text_error(StatusCode::NOT_FOUND, "no such rendition");
+        };
+        let body = r
+            .window
+            .render(s.playlist_segments as usize, s.segment_seconds, |i| {
+                format!("{}.ts", i.seq)
+            });
+        return playlist(body);
+    }
+    let Some(seq) = file
+        .strip_suffix(".ts")
+        .filter(|n| !n.is_empty() && n.len() <= 20 && n.bytes().all(|b| b.is_ascii_digit()))
+        .and_then(|n| n.parse::<u64>().ok())
+    else {
+        return text_error(StatusCode::NOT_FOUND, "no such file");
+    };
+    let data = {
+        let out = ch.output.read().unwrap_or_else(|e| e.into_inner());
+        out.renditions
+            .iter()
+            .find(|r| r.name == rendition)
+            .and_then(|r| r.window.get(seq).map(|(_, d)| d.clone()))
+    };
+    match data {
+        Some(data) => ([(header::CONTENT_TYPE, "video/mp2t")], data).into_response(),
+        None => text_error(StatusCode::NOT_FOUND, "segment not in the window"),
+    }
+}
+
+async fn status(State(s): State<OriginState>) -> Response {
+    let channels: Vec<(String, Arc<ChannelShared>)> = s
+        .channels
+        .read()
+        .unwrap_or_else(|e| e.into_inner())
+        .iter()
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    let mut map = serde_json::Map::new();
+    for (name, ch) in channels {
+        let st = ch.status.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        map.insert(name, serde_json::to_value(st).unwrap_or_default());
+    }
+    axum::Json(serde_json::json!({ "name": s.host, "role": "ingest", "channels": map }))
+        .into_response()
+}
