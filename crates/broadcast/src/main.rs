@@ -1,1 +1,7 @@
-fn main() {}
+use std::process::ExitCode;
+
+use streaming_core::config::Role;
+
+fn main() -> ExitCode {
+    streaming_core::service::main(Role::Broadcast, streaming_broadcast::run)
+}

@@ -1,1 +1,99 @@
-//! lb (being written)
+//! The LB: the HTTPS front door. It hands each viewer a signed sticky token naming one
+//! broadcast (chosen by health and free capacity from `/status` polls) and redirects there; it
+//! never carries video.
+
+pub mod assign;
+pub mod health;
+pub mod routes;
+
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use anyhow::Context;
+use streaming_core::config::HostConfig;
+use streaming_core::secrets::read_secret;
+use streaming_core::service::ServiceContext;
+use streaming_core::token::TokenSigner;
+
+use crate::health::{Health, POLL_TIMEOUT};
+use crate::routes::{App, Current};
+
+fn load(config: HostConfig) -> anyhow::Result<Current> {
+    let key = read_secret(&config.paths.token_key)?;
+    let client = streaming_core::tls::peer_client(&config.paths.ca_cert, POLL_TIMEOUT)
+        .with_context(|| format!("cluster CA {}", config.paths.ca_cert.display()))?;
+    Ok(Current {
+        config: Arc::new(config),
+        signer: TokenSigner::new(key.as_bytes()),
+        client,
+    })
+}
+
+/// Runs the LB until shutdown.
+pub async fn run(ctx: ServiceContext) -> anyhow::Result<()> {
+    let me = ctx.config.me().clone();
+    let current = Arc::new(RwLock::new(load(ctx.config.clone())?));
+    let health = Arc::new(Health::default());
+
+    {
+        let current = current.clone();
+        tokio::spawn(health::poll_loop(
+            health.clone(),
+            move || {
+                let c = current.read().unwrap_or_else(|e| e.into_inner());
+                (c.config.clone(), c.client.clone())
+            },
+            ctx.lifecycle.clone(),
+        ));
+    }
+
+    // SIGHUP: new, removed or drained broadcasts, and the token key, without a restart.
+    {
+        let current = current.clone();
+        let mut reloads = ctx.lifecycle.reloads();
+        let path = ctx.config_path.clone();
+        let name = ctx.config.name.clone();
+        tokio::spawn(async move {
+            while reloads.changed().await.is_ok() {
+                let loaded = HostConfig::load(&path)
+                    .map_err(anyhow::Error::from)
+                    .and_then(|config| {
+                        anyhow::ensure!(
+                            config.name == name,
+                            "config now names host {:?}, not {name:?}",
+                            config.name
+                        );
+                        load(config)
+                    });
+                match loaded {
+                    Ok(new) => {
+                        let broadcasts = new
+                            .config
+                            .cluster
+                            .hosts_with_role(streaming_core::config::Role::Broadcast)
+                            .count();
+                        *current.write().unwrap_or_else(|e| e.into_inner()) = new;
+                        tracing::info!(broadcasts, "config and token key reloaded");
+                    }
+                    Err(e) => tracing::error!("reload failed, keeping the previous config: {e:#}"),
+                }
+            }
+        });
+    }
+
+    let app = routes::router(App {
+        current,
+        health,
+        metrics: ctx.metrics.clone(),
+    });
+    // Give the first poll a moment so the first viewers are not told the cluster is empty.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    streaming_core::serve::serve_https(
+        app,
+        me.socket(me.ports.https),
+        ctx.config.paths.tls_cert.clone(),
+        ctx.config.paths.tls_key.clone(),
+        ctx.lifecycle.clone(),
+    )
+    .await
+}

@@ -1,0 +1,540 @@
+//! Pulling each channel's renditions from the ingests' origin API into in-memory windows.
+//!
+//! One task per channel and rendition. It long-polls the media playlist of its current ingest
+//! (`?_HLS_msn=<last+1>` answers when the next segment exists), fetches every segment newer than
+//! what we hold and pushes it into the rendition's [`SegmentWindow`] under the origin's sequence
+//! number. Both ingests cut the same timeline (DESIGN.md section 8), so when a fetch fails, times
+//! out or the playlist goes stale we simply continue from the other ingest; the window refuses to
+//! go backwards, so a switch can never make our own playlist jump back or repeat.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use streaming_core::config::{HostConfig, Role};
+use streaming_core::lifecycle::Lifecycle;
+use streaming_hls::parse::MAX_PLAYLIST_BYTES;
+use streaming_hls::{ParsedMedia, SegmentInfo, SlotClock, parse_media};
+
+use crate::state::{Broadcast, ChannelState, RenditionState, lock, read, write};
+
+/// The first fill (or a refill after a gap) takes only this many of the newest segments: enough
+/// for a player to start 3 segments behind the edge, without downloading a stale backlog.
+pub const FIRST_FILL_SEGMENTS: usize = 4;
+/// No segment of ours comes near this; a bigger body is a broken or hostile origin.
+pub const MAX_SEGMENT_BYTES: usize = 16 * 1024 * 1024;
+/// How often a puller that failed over asks its preferred ingest whether it is back.
+pub const PREFERRED_PROBE_INTERVAL: Duration = Duration::from_secs(5);
+/// Pause after every ingest failed in a row, so a dead cluster does not make us spin.
+const ALL_FAILED_PAUSE: Duration = Duration::from_millis(500);
+
+#[derive(Debug, thiserror::Error)]
+pub enum PullError {
+    #[error("request failed: {0}")]
+    Http(#[from] reqwest::Error),
+    #[error("HTTP status {0}")]
+    Status(u16),
+    #[error("body larger than {0} bytes")]
+    TooLarge(usize),
+    #[error("playlist is not UTF-8")]
+    Utf8,
+    #[error(transparent)]
+    Parse(#[from] streaming_hls::parse::ParseError),
+}
+
+/// An ingest we can pull from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Origin {
+    pub name: String,
+    pub url: String,
+}
+
+/// Ingests in the order we try them: this host's preferred ingest first (the generator spreads
+/// broadcasts over ingests), then the others in config order.
+pub fn origin_order(config: &HostConfig) -> Vec<Origin> {
+    let preferred = config.me().preferred_ingest.as_deref();
+    let mut origins: Vec<Origin> = config
+        .cluster
+        .hosts_with_role(Role::Ingest)
+        .map(|h| Origin {
+            name: h.name.clone(),
+            url: h.url.trim_end_matches('/').to_owned(),
+        })
+        .collect();
+    // Stable sort: preferred first, the rest keep their order.
+    origins.sort_by_key(|o| Some(o.name.as_str()) != preferred);
+    origins
+}
+
+/// Which ingest a puller uses. Pure, so the failover rule is testable.
+#[derive(Debug, Default)]
+pub struct OriginChoice {
+    current: Option<String>,
+}
+
+impl OriginChoice {
+    /// The current origin if it is still configured, else the first (preferred) one.
+    pub fn current<'a>(&mut self, origins: &'a [Origin]) -> Option<&'a Origin> {
+        let found = self
+            .current
+            .as_ref()
+            .and_then(|c| origins.iter().find(|o| &o.name == c));
+        let chosen = found.or_else(|| origins.first())?;
+        self.current = Some(chosen.name.clone());
+        Some(chosen)
+    }
+
+    /// Moves to the next origin after the current one (wrapping); returns it.
+    pub fn advance<'a>(&mut self, origins: &'a [Origin]) -> Option<&'a Origin> {
+        let index = self
+            .current
+            .as_ref()
+            .and_then(|c| origins.iter().position(|o| &o.name == c))
+            .map_or(0, |i| (i + 1) % origins.len().max(1));
+        let chosen = origins.get(index)?;
+        self.current = Some(chosen.name.clone());
+        Some(chosen)
+    }
+
+    pub fn set(&mut self, name: &str) {
+        self.current = Some(name.to_owned());
+    }
+}
+
+/// Which of a playlist's segments to fetch given the newest one we hold: everything newer, but
+/// only the last [`FIRST_FILL_SEGMENTS`] when we hold nothing or the origin is past a gap.
+pub fn segments_to_fetch(
+    playlist: &ParsedMedia,
+    held: Option<u64>,
+) -> Vec<&streaming_hls::ParsedSegment> {
+    let newer: Vec<_> = playlist
+        .segments
+        .iter()
+        .filter(|s| held.is_none_or(|h| s.seq > h))
+        .collect();
+    let gap = match (held, newer.first()) {
+        (None, _) => true,
+        (Some(h), Some(first)) => first.seq > h + 1,
+        (Some(_), None) => false,
+    };
+    if gap && newer.len() > FIRST_FILL_SEGMENTS {
+        newer[newer.len() - FIRST_FILL_SEGMENTS..].to_vec()
+    } else {
+        newer
+    }
+}
+
+/// GET with a bearer key, a timeout and a body size limit.
+async fn fetch_limited(
+    client: &reqwest::Client,
+    url: &str,
+    key: &str,
+    timeout: Duration,
+    limit: usize,
+) -> Result<Bytes, PullError> {
+    let mut response = client
+        .get(url)
+        .bearer_auth(key)
+        .timeout(timeout)
+        .send()
+        .await?;
+    if response.status() != reqwest::StatusCode::OK {
+        return Err(PullError::Status(response.status().as_u16()));
+    }
+    if response.content_length().is_some_and(|n| n > limit as u64) {
+        return Err(PullError::TooLarge(limit));
+    }
+    let mut body = BytesMut::with_capacity(response.content_length().unwrap_or(0) as usize);
+    while let Some(chunk) = response.chunk().await? {
+        if body.len() + chunk.len() > limit {
+            return Err(PullError::TooLarge(limit));
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body.freeze())
+}
+
+async fn fetch_playlist(
+    client: &reqwest::Client,
+    key: &str,
+    origin: &Origin,
+    path: &str,
+    msn: Option<u64>,
+    timeout: Duration,
+) -> Result<ParsedMedia, PullError> {
+    let url = match msn {
+        Some(n) => format!("{}/origin/{path}/index.m3u8?_HLS_msn={n}", origin.url),
+        None => format!("{}/origin/{path}/index.m3u8", origin.url),
+    };
+    let body = fetch_limited(client, &url, key, timeout, MAX_PLAYLIST_BYTES).await?;
+    let text = std::str::from_utf8(&body).map_err(|_| PullError::Utf8)?;
+    Ok(parse_media(text)?)
+}
+
+/// Keeps one puller per configured channel and rendition; called at start and after a reload.
+/// Pullers of renditions that left the config stop by themselves.
+pub fn spawn_missing(bc: &Arc<Broadcast>, lifecycle: &Lifecycle) {
+    let config = bc.config();
+    let capacity = config.cluster.timeline.cache_segments as usize;
+    for channel in &config.cluster.channels {
+        let state = write(&bc.channels)
+            .entry(channel.name.clone())
+            .or_default()
+            .clone();
+        for rendition in &channel.ladder {
+            let mut renditions = write(&state.renditions);
+            if renditions.contains_key(&rendition.name) {
+                continue;
+            }
+            let r = Arc::new(RenditionState::new(&rendition.name, capacity));
+            renditions.insert(rendition.name.clone(), r.clone());
+            let puller = Puller::new(bc.clone(), channel.name.clone(), state.clone(), r);
+            tokio::spawn(puller.run(lifecycle.clone()));
+        }
+    }
+}
+
+/// The pulling state machine of one rendition.
+struct Puller {
+    bc: Arc<Broadcast>,
+    channel: String,
+    channel_state: Arc<ChannelState>,
+    rendition: Arc<RenditionState>,
+    choice: OriginChoice,
+    switched_at: Instant,
+    last_probe: Instant,
+    consecutive_failures: usize,
+    /// A segment that failed to download, and on how many tries: after one try per ingest we
+    /// give up on it (the window then marks the gap as a discontinuity).
+    failed_seq: Option<(u64, usize)>,
+}
+
+enum Step {
+    Continue,
+    Gone,
+}
+
+impl Puller {
+    fn new(
+        bc: Arc<Broadcast>,
+        channel: String,
+        channel_state: Arc<ChannelState>,
+        rendition: Arc<RenditionState>,
+    ) -> Self {
+        let now = Instant::now();
+        Self {
+            bc,
+            channel,
+            channel_state,
+            rendition,
+            choice: OriginChoice::default(),
+            switched_at: now,
+            last_probe: now,
+            consecutive_failures: 0,
+            failed_seq: None,
+        }
+    }
+
+    async fn run(mut self, lifecycle: Lifecycle) {
+        tracing::info!(channel = %self.channel, rendition = %self.rendition.name, "puller started");
+        loop {
+            let step = tokio::select! {
+                _ = lifecycle.shutdown() => break,
+                step = self.step() => step,
+            };
+            if let Step::Gone = step {
+                tracing::info!(channel = %self.channel, rendition = %self.rendition.name,
+                    "rendition left the config: puller stopped");
+                write(&self.channel_state.renditions).remove(&self.rendition.name);
+                let mut channels = write(&self.bc.channels);
+                if read(&self.channel_state.renditions).is_empty()
+                    && self.bc.config().cluster.channel(&self.channel).is_none()
+                {
+                    channels.remove(&self.channel);
+                }
+                break;
+            }
+        }
+    }
+
+    async fn step(&mut self) -> Step {
+        let config = self.bc.config();
+        let Some(channel) = config.cluster.channel(&self.channel) else {
+            return Step::Gone;
+        };
+        if !channel.ladder.iter().any(|r| r.name == self.rendition.name) {
+            return Step::Gone;
+        }
+        let d = Duration::from_secs(u64::from(config.cluster.timeline.segment_seconds.max(1)));
+        let origins = origin_order(&config);
+        let Some(origin) = self.choice.current(&origins).cloned() else {
+            tracing::warn!(channel = %self.channel, "no ingest in the config");
+            tokio::time::sleep(d).await;
+            return Step::Continue;
+        };
+        let preferred = origins[0].clone();
+        let (client, key) = (self.bc.client(), self.bc.cluster_key());
+        let path = format!("{}/{}", self.channel, self.rendition.name);
+        let held = read(&self.rendition.window).last_seq();
+
+        // Stale = no new segment for 1.5·D since the last one (or since we switched here).
+        let now = Instant::now();
+        let progress =
+            (*lock(&self.rendition.last_new)).map_or(self.switched_at, |t| t.max(self.switched_at));
+        let stale_at = progress + d * 3 / 2;
+        let wait_until = stale_at.max(now + d / 2).min(now + 3 * d);
+        let main = tokio::time::timeout_at(
+            wait_until.into(),
+            fetch_playlist(
+                &client,
+                &key,
+                &origin,
+                &path,
+                held.map(|s| s + 1),
+                3 * d + Duration::from_secs(1),
+            ),
+        );
+        let probe_due =
+            origin != preferred && now.duration_since(self.last_probe) >= PREFERRED_PROBE_INTERVAL;
+        let probe = async {
+            if !probe_due {
+                return None;
+            }
+            let answer = fetch_playlist(
+                &client,
+                &key,
+                &preferred,
+                &path,
+                None,
+                d.min(Duration::from_secs(2)),
+            )
+            .await;
+            // Back only when it is not behind what we already serve.
+            Some(answer.is_ok_and(|p| match (held, p.last_seq()) {
+                (Some(h), Some(last)) => last >= h,
+                (None, _) => true,
+                (Some(_), None) => false,
+            }))
+        };
+        let (main, probe) = tokio::join!(main, probe);
+        if probe.is_some() {
+            self.last_probe = Instant::now();
+        }
+
+        match main {
+            Err(_elapsed) => {
+                if Instant::now() >= stale_at {
+                    self.fail(
+                        &origins,
+                        &origin,
+                        "stale: no new segment in 1.5 target durations",
+                    );
+                }
+            }
+            Ok(Err(e)) => self.fail(&origins, &origin, &format!("playlist: {e}")),
+            Ok(Ok(playlist)) => {
+                metrics::counter!("broadcast_pulls_total", "origin" => origin.name.clone(), "result" => "ok")
+                    .increment(1);
+                *lock(&self.channel_state.origin) = Some(origin.name.clone());
+                match self
+                    .take_segments(&client, &key, &origin, &path, &playlist, d, origins.len())
+                    .await
+                {
+                    Ok(0) => {
+                        if Instant::now() >= stale_at {
+                            self.fail(
+                                &origins,
+                                &origin,
+                                "stale: no new segment in 1.5 target durations",
+                            );
+                        } else {
+                            // A blocking origin answers only when there is news; anything else
+                            // must not make us spin.
+                            tokio::time::sleep(d / 8).await;
+                        }
+                    }
+                    Ok(_) => self.consecutive_failures = 0,
+                    Err(e) => self.fail(&origins, &origin, &format!("segment: {e}")),
+                }
+            }
+        }
+
+        if probe == Some(true)
+            && self
+                .choice
+                .current(&origins)
+                .is_some_and(|o| o.name != preferred.name)
+        {
+            tracing::info!(channel = %self.channel, rendition = %self.rendition.name, ingest = %preferred.name,
+                "preferred ingest answers again: switching back");
+            self.switch_to(&preferred.name);
+        }
+        if self.consecutive_failures >= origins.len() {
+            tokio::time::sleep(ALL_FAILED_PAUSE).await;
+        }
+        Step::Continue
+    }
+
+    /// Downloads and stores the segments we miss; returns how many were added.
+    #[allow(clippy::too_many_arguments)]
+    async fn take_segments(
+        &mut self,
+        client: &reqwest::Client,
+        key: &str,
+        origin: &Origin,
+        path: &str,
+        playlist: &ParsedMedia,
+        d: Duration,
+        origin_count: usize,
+    ) -> Result<usize, PullError> {
+        let held = read(&self.rendition.window).last_seq();
+        let clock = SlotClock::new(d.as_secs() as u32);
+        let mut added = 0;
+        for segment in segments_to_fetch(playlist, held) {
+            if let Some((seq, tries)) = self.failed_seq
+                && seq == segment.seq
+                && tries >= origin_count
+            {
+                tracing::warn!(channel = %self.channel, rendition = %self.rendition.name, seq,
+                    "segment failed on every ingest: skipping it (discontinuity)");
+                continue;
+            }
+            let url = format!("{}/origin/{path}/{}.ts", origin.url, segment.seq);
+            let bytes = match fetch_limited(
+                client,
+                &url,
+                key,
+                2 * d + Duration::from_secs(1),
+                MAX_SEGMENT_BYTES,
+            )
+            .await
+            {
+                Ok(b) => b,
+                Err(e) => {
+                    let tries = match self.failed_seq {
+                        Some((seq, n)) if seq == segment.seq => n + 1,
+                        _ => 1,
+                    };
+                    self.failed_seq = Some((segment.seq, tries));
+                    return Err(e);
+                }
+            };
+            let info = SegmentInfo {
+                seq: segment.seq,
+                duration_s: segment.duration_s,
+                discontinuity: segment.discontinuity,
+                program_date_time_ms: segment
+                    .program_date_time_ms
+                    .unwrap_or(clock.slot_start_ms(segment.seq)),
+            };
+            let size = bytes.len();
+            match write(&self.rendition.window).push(info, bytes) {
+                Ok(()) => {
+                    *lock(&self.rendition.last_new) = Some(Instant::now());
+                    added += 1;
+                    tracing::debug!(channel = %self.channel, rendition = %self.rendition.name,
+                        seq = segment.seq, size, ingest = %origin.name, "segment pulled");
+                }
+                // Only possible if the window moved meanwhile; the timeline never goes back.
+                Err(e) => tracing::debug!("{e}"),
+            }
+            self.failed_seq = None;
+        }
+        Ok(added)
+    }
+
+    fn fail(&mut self, origins: &[Origin], origin: &Origin, reason: &str) {
+        metrics::counter!("broadcast_pulls_total", "origin" => origin.name.clone(), "result" => "failed")
+            .increment(1);
+        self.consecutive_failures += 1;
+        let quiet = self.consecutive_failures > origins.len();
+        if let Some(next) = self.choice.advance(origins).cloned()
+            && next.name != origin.name
+        {
+            if !quiet {
+                tracing::warn!(channel = %self.channel, rendition = %self.rendition.name, ingest = %origin.name,
+                    next = %next.name, "pull failed ({reason}): switching ingest");
+            }
+            self.switched_at = Instant::now();
+            self.last_probe = Instant::now();
+            metrics::counter!("broadcast_origin_switches_total", "channel" => self.channel.clone())
+                .increment(1);
+        } else if !quiet {
+            tracing::warn!(channel = %self.channel, rendition = %self.rendition.name, ingest = %origin.name,
+                "pull failed ({reason}), no other ingest to try");
+        }
+    }
+
+    fn switch_to(&mut self, name: &str) {
+        self.choice.set(name);
+        self.switched_at = Instant::now();
+        self.consecutive_failures = 0;
+        metrics::counter!("broadcast_origin_switches_total", "channel" => self.channel.clone())
+            .increment(1);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn origins() -> Vec<Origin> {
+        ["ingest2", "ingest1"]
+            .iter()
+            .map(|n| Origin {
+                name: n.to_string(),
+                url: format!("https://{n}"),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn preferred_ingest_comes_first() {
+        let config = crate::state::test_support::config();
+        let order: Vec<String> = origin_order(&config).into_iter().map(|o| o.name).collect();
+        assert_eq!(order, ["ingest2", "ingest1"]);
+    }
+
+    #[test]
+    fn failover_cycles_through_ingests() {
+        let o = origins();
+        let mut c = OriginChoice::default();
+        assert_eq!(c.current(&o).unwrap().name, "ingest2");
+        assert_eq!(c.advance(&o).unwrap().name, "ingest1");
+        assert_eq!(c.current(&o).unwrap().name, "ingest1");
+        assert_eq!(c.advance(&o).unwrap().name, "ingest2");
+        // The current origin left the config: back to the first.
+        c.set("ingest9");
+        assert_eq!(c.current(&o).unwrap().name, "ingest2");
+    }
+
+    fn playlist(first: u64, n: u64) -> ParsedMedia {
+        let mut text = format!(
+            "#EXTM3U\n#EXT-X-VERSION:6\n#EXT-X-TARGETDURATION:2\n#EXT-X-MEDIA-SEQUENCE:{first}\n"
+        );
+        for seq in first..first + n {
+            text.push_str(&format!("#EXTINF:2.000,\n{seq}.ts\n"));
+        }
+        parse_media(&text).unwrap()
+    }
+
+    #[test]
+    fn first_fill_takes_only_the_newest() {
+        let p = playlist(100, 6);
+        let seqs = |held| {
+            segments_to_fetch(&p, held)
+                .iter()
+                .map(|s| s.seq)
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(seqs(None), [102, 103, 104, 105]);
+        // Continuing: everything newer, even more than the first fill.
+        assert_eq!(seqs(Some(99)), [100, 101, 102, 103, 104, 105]);
+        assert_eq!(seqs(Some(103)), [104, 105]);
+        assert!(seqs(Some(105)).is_empty());
+        // A gap (we fell far behind): only the newest few.
+        assert_eq!(seqs(Some(50)), [102, 103, 104, 105]);
+        // An origin behind us offers nothing.
+        assert!(seqs(Some(200)).is_empty());
+    }
+}

@@ -1,0 +1,612 @@
+//! The viewer API: the page, `/api/cluster`, token-protected playlists and segments, and the
+//! operator endpoints `/healthz`, `/status`, `/metrics`.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use axum::Router;
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderValue, Method, StatusCode, Uri, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use metrics_exporter_prometheus::PrometheusHandle;
+use streaming_core::config::{ChannelConfig, Rendition, is_safe_name};
+use streaming_core::http::text_error;
+use streaming_core::token::{TOKEN_TTL_SECS, TokenError, TokenSigner, ViewerClaims, unix_now};
+use streaming_hls::{SegmentWindow, Variant, render_master};
+use tower_http::cors::{AllowOrigin, CorsLayer};
+use tower_http::set_header::SetResponseHeaderLayer;
+
+use crate::state::{Broadcast, read};
+
+pub const PLAYLIST_TYPE: &str = "application/vnd.apple.mpegurl";
+pub const SEGMENT_TYPE: &str = "video/mp2t";
+
+#[derive(Clone)]
+pub struct App {
+    pub bc: Arc<Broadcast>,
+    pub metrics: PrometheusHandle,
+}
+
+pub fn router(app: App) -> Router {
+    let bc = app.bc.clone();
+    // The page of another broadcast (after a failover) or an LB page calls us cross-origin.
+    let cors = CorsLayer::new()
+        .allow_origin(AllowOrigin::predicate(move |origin: &HeaderValue, _| {
+            origin
+                .to_str()
+                .is_ok_and(|o| bc.allowed_origins().iter().any(|a| a == o))
+        }))
+        .allow_methods([Method::GET, Method::OPTIONS]);
+    let cross_origin = Router::new()
+        .route("/live/{channel}/{file}", get(master))
+        .route("/live/{channel}/{rendition}/{file}", get(media_or_segment))
+        .route("/api/cluster", get(cluster))
+        .layer(cors);
+    Router::new()
+        .merge(cross_origin)
+        .route("/healthz", get(healthz))
+        .route("/status", get(status))
+        .route("/metrics", get(metrics))
+        .fallback(page)
+        .layer(SetResponseHeaderLayer::overriding(
+            header::X_CONTENT_TYPE_OPTIONS,
+            HeaderValue::from_static("nosniff"),
+        ))
+        .with_state(app)
+}
+
+/// Why a request for media is refused, as the 403 body says it.
+pub fn check_token(
+    signer: &TokenSigner,
+    token: Option<&str>,
+    channel: &str,
+    now: u64,
+) -> Result<ViewerClaims, TokenError> {
+    let claims = signer.verify(token.unwrap_or_default(), now)?;
+    // A token naming another broadcast is fine: viewers fail over between broadcasts.
+    if claims.channel != channel {
+        return Err(TokenError::WrongChannel(claims.channel));
+    }
+    Ok(claims)
+}
+
+/// A fresh token for the same viewer, naming us, with a sliding expiry.
+pub fn renew(signer: &TokenSigner, claims: &ViewerClaims, me: &str, now: u64) -> String {
+    signer.sign(&ViewerClaims {
+        broadcast: me.to_owned(),
+        channel: claims.channel.clone(),
+        viewer: claims.viewer.clone(),
+        expires: now + TOKEN_TTL_SECS,
+    })
+}
+
+/// The master playlist of a channel, each variant URI carrying the token.
+pub fn master_playlist(channel: &ChannelConfig, token: &str) -> String {
+    let variants: Vec<Variant> = channel
+        .ladder
+        .iter()
+        .map(|r| Variant {
+            name: r.name.clone(),
+            bandwidth_bps: Rendition::bandwidth_bps_with(channel.audio_kbps)(r),
+            width: r.width,
+            height: r.height,
+            fps: channel.fps,
+        })
+        .collect();
+    render_master(&variants, |name| format!("{name}/index.m3u8?t={token}"))
+}
+
+/// The media playlist of a rendition, each segment URI carrying the token.
+pub fn media_playlist<T>(
+    window: &SegmentWindow<T>,
+    list_len: usize,
+    target_s: u32,
+    token: &str,
+) -> String {
+    window.render(list_len, target_s, |info| {
+        format!("{}.ts?t={token}", info.seq)
+    })
+}
+
+/// `<seq>.ts` with a plain decimal seq; anything else is not a segment name of ours.
+pub fn parse_segment_name(file: &str) -> Option<u64> {
+    let digits = file.strip_suffix(".ts")?;
+    if digits.is_empty() || digits.len() > 19 || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    digits.parse().ok()
+}
+
+fn forbidden(e: TokenError) -> Response {
+    text_error(StatusCode::FORBIDDEN, e.to_string())
+}
+
+fn playlist_response(bc: &Broadcast, body: String) -> Response {
+    bc.count_egress(body.len());
+    (
+        [
+            (header::CONTENT_TYPE, PLAYLIST_TYPE),
+            (header::CACHE_CONTROL, "no-cache"),
+        ],
+        body,
+    )
+        .into_response()
+}
+
+/// Why a media request is refused.
+enum Refused {
+    UnknownChannel,
+    Token(TokenError),
+}
+
+impl IntoResponse for Refused {
+    fn into_response(self) -> Response {
+        match self {
+            Refused::UnknownChannel => text_error(StatusCode::NOT_FOUND, "unknown channel"),
+            Refused::Token(e) => forbidden(e),
+        }
+    }
+}
+
+/// Checks the channel name and the token; records the viewer.
+fn admit(
+    bc: &Broadcast,
+    channel: &str,
+    query: &HashMap<String, String>,
+) -> Result<(ChannelConfig, ViewerClaims), Refused> {
+    let config = bc.config();
+    let known = is_safe_name(channel)
+        .then(|| config.cluster.channel(channel))
+        .flatten();
+    let Some(channel_config) = known.cloned() else {
+        return Err(Refused::UnknownChannel);
+    };
+    let claims = check_token(
+        &bc.signer(),
+        query.get("t").map(String::as_str),
+        channel,
+        unix_now(),
+    )
+    .map_err(Refused::Token)?;
+    bc.viewer_seen(&claims.viewer);
+    Ok((channel_config, claims))
+}
+
+async fn master(
+    State(app): State<App>,
+    Path((channel, file)): Path<(String, String)>,
+    Query(query): Query<HashMap<String, String>>,
+) -> Response {
+    if file != "master.m3u8" {
+        return text_error(StatusCode::NOT_FOUND, "not found");
+    }
+    let (channel_config, claims) = match admit(&app.bc, &channel, &query) {
+        Ok(x) => x,
+        Err(r) => return r.into_response(),
+    };
+    let token = renew(&app.bc.signer(), &claims, &app.bc.name, unix_now());
+    playlist_response(&app.bc, master_playlist(&channel_config, &token))
+}
+
+async fn media_or_segment(
+    State(app): State<App>,
+    Path((channel, rendition, file)): Path<(String, String, String)>,
+    Query(query): Query<HashMap<String, String>>,
+) -> Response {
+    let bc = &app.bc;
+    let is_playlist = file == "index.m3u8";
+    let seq = parse_segment_name(&file);
+    if !is_safe_name(&rendition) || (!is_playlist && seq.is_none()) {
+        return text_error(StatusCode::NOT_FOUND, "not found");
+    }
+    let (channel_config, claims) = match admit(bc, &channel, &query) {
+        Ok(x) => x,
+        Err(r) => return r.into_response(),
+    };
+    let state = bc.channel(&channel).and_then(|c| c.rendition(&rendition));
+    let (Some(state), true) = (
+        state,
+        channel_config.ladder.iter().any(|r| r.name == rendition),
+    ) else {
+        return text_error(StatusCode::NOT_FOUND, "unknown rendition");
+    };
+    let config = bc.config();
+    let timeline = &config.cluster.timeline;
+    if let Some(seq) = seq {
+        let found = read(&state.window).get(seq).map(|(_, bytes)| bytes.clone());
+        let Some(bytes) = found else {
+            return text_error(StatusCode::NOT_FOUND, "segment not in the window");
+        };
+        bc.count_egress(bytes.len());
+        let cache = format!(
+            "private, max-age={}",
+            timeline.cache_segments * timeline.segment_seconds
+        );
+        // `Bytes` clone: every viewer shares the one buffer.
+        return (
+            [
+                (header::CONTENT_TYPE, SEGMENT_TYPE.to_owned()),
+                (header::CACHE_CONTROL, cache),
+            ],
+            bytes,
+        )
+            .into_response();
+    }
+    let token = renew(&bc.signer(), &claims, &bc.name, unix_now());
+    let body = {
+        let window = read(&state.window);
+        if window.is_empty() {
+            None
+        } else {
+            Some(media_playlist(
+                &window,
+                timeline.playlist_segments as usize,
+                timeline.segment_seconds,
+                &token,
+            ))
+        }
+    };
+    match body {
+        Some(body) => playlist_response(bc, body),
+        None => {
+            let mut r = text_error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "channel is not live here yet",
+            );
+            r.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("2"));
+            r
+        }
+    }
+}
+
+async fn cluster(State(app): State<App>) -> Response {
+    let config = app.bc.config();
+    let body = serde_json::json!({
+        "broadcast": app.bc.name,
+        "lbs": config.cluster.site_urls,
+        "channel": config.cluster.channels.first().map(|c| c.name.clone()),
+    });
+    ([(header::CACHE_CONTROL, "no-store")], axum::Json(body)).into_response()
+}
+
+async fn healthz(State(app): State<App>) -> Response {
+    let live = app.bc.live_channels();
+    if live.is_empty() {
+        let d = app.bc.segment_duration().as_secs() * 3;
+        text_error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("not live: no channel has a segment newer than {d} s"),
+        )
+    } else {
+        (
+            StatusCode::OK,
+            format!("ok: live channels {}\n", live.join(",")),
+        )
+            .into_response()
+    }
+}
+
+async fn status(State(app): State<App>) -> Response {
+    (
+        [(header::CACHE_CONTROL, "no-store")],
+        axum::Json(app.bc.status()),
+    )
+        .into_response()
+}
+
+async fn metrics(State(app): State<App>) -> Response {
+    app.bc.viewer_count();
+    streaming_core::http::metrics_response(&app.metrics)
+}
+
+async fn page(State(app): State<App>, method: Method, uri: Uri) -> Response {
+    if method != Method::GET && method != Method::HEAD {
+        return text_error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed");
+    }
+    let mut connect = app.bc.allowed_origins();
+    connect.retain(|o| !o.is_empty());
+    crate::web::serve_uri(&uri, &connect)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::body::Body;
+    use axum::http::Request;
+    use bytes::Bytes;
+    use streaming_hls::{SegmentInfo, parse_master, parse_media};
+    use tower::ServiceExt;
+
+    const KEY: &[u8] = b"test-token-key";
+
+    fn app() -> App {
+        streaming_core::tls::install_crypto_provider();
+        let config = crate::state::test_support::config();
+        let bc = Arc::new(Broadcast::new(
+            config,
+            TokenSigner::new(KEY),
+            "ck".into(),
+            reqwest::Client::new(),
+        ));
+        let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
+        App {
+            bc,
+            metrics: recorder.handle(),
+        }
+    }
+
+    fn fill(app: &App, seqs: std::ops::Range<u64>) {
+        let config = app.bc.config();
+        let channel = crate::state::ChannelState::default();
+        for r in &config.cluster.channels[0].ladder {
+            let state = crate::state::RenditionState::new(&r.name, 12);
+            for seq in seqs.clone() {
+                let info = SegmentInfo {
+                    seq,
+                    duration_s: 2.0,
+                    discontinuity: false,
+                    program_date_time_ms: seq * 2000,
+                };
+                state
+                    .window
+                    .write()
+                    .unwrap()
+                    .push(info, Bytes::from(format!("ts-{seq}")))
+                    .unwrap();
+            }
+            *state.last_new.lock().unwrap() = Some(std::time::Instant::now());
+            channel
+                .renditions
+                .write()
+                .unwrap()
+                .insert(r.name.clone(), Arc::new(state));
+        }
+        app.bc
+            .channels
+            .write()
+            .unwrap()
+            .insert("test".into(), Arc::new(channel));
+    }
+
+    fn token(broadcast: &str, channel: &str, viewer: &str, expires: u64) -> String {
+        TokenSigner::new(KEY).sign(&ViewerClaims {
+            broadcast: broadcast.into(),
+            channel: channel.into(),
+            viewer: viewer.into(),
+            expires,
+        })
+    }
+
+    async fn get(
+        app: &App,
+        uri: &str,
+        origin: Option<&str>,
+    ) -> (StatusCode, axum::http::HeaderMap, String) {
+        let mut req = Request::get(uri);
+        if let Some(o) = origin {
+            req = req.header(header::ORIGIN, o);
+        }
+        let resp = router(app.clone())
+            .oneshot(req.body(Body::empty()).unwrap())
+            .await
+            .unwrap();
+        let (parts, body) = resp.into_parts();
+        let body = axum::body::to_bytes(body, 1 << 20).await.unwrap();
+        (
+            parts.status,
+            parts.headers,
+            String::from_utf8_lossy(&body).into_owned(),
+        )
+    }
+
+    fn t_of(uri: &str) -> String {
+        uri.split_once("?t=")
+            .expect("uri carries a token")
+            .1
+            .to_owned()
+    }
+
+    #[tokio::test]
+    async fn playlists_carry_renewed_tokens_in_every_uri() {
+        let app = app();
+        fill(&app, 100..110);
+        let now = unix_now();
+        // A token made for another broadcast, close to expiry: accepted, and renewed for us.
+        let t = token("broadcast2", "test", "viewer-a", now + 5);
+        let (status, headers, body) =
+            get(&app, &format!("/live/test/master.m3u8?t={t}"), None).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        assert_eq!(headers[header::CONTENT_TYPE], PLAYLIST_TYPE);
+        assert_eq!(headers[header::CACHE_CONTROL], "no-cache");
+        let variants = parse_master(&body).unwrap();
+        assert_eq!(variants.len(), 2);
+        let signer = TokenSigner::new(KEY);
+        for v in &variants {
+            let claims = signer.verify(&t_of(&v.uri), now).unwrap();
+            assert_eq!(
+                (claims.broadcast.as_str(), claims.viewer.as_str()),
+                ("broadcast1", "viewer-a")
+            );
+            assert!(claims.expires >= now + TOKEN_TTL_SECS);
+        }
+        let media_uri = format!("/live/test/{}", variants[0].uri);
+        assert!(media_uri.starts_with("/live/test/360p/index.m3u8?t="));
+        let (status, _, body) = get(&app, &media_uri, None).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        let media = parse_media(&body).unwrap();
+        // playlist_segments = 6 of the 10 held.
+        assert_eq!(media.media_sequence, 104);
+        assert_eq!(media.segments.len(), 6);
+        for s in &media.segments {
+            assert!(s.uri.starts_with(&format!("{}.ts?t=", s.seq)));
+            assert_eq!(
+                signer.verify(&t_of(&s.uri), now).unwrap().viewer,
+                "viewer-a"
+            );
+        }
+        let (status, headers, body) = get(
+            &app,
+            &format!("/live/test/360p/{}", media.segments[5].uri),
+            None,
+        )
+        .await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(body, "ts-109");
+        assert_eq!(headers[header::CONTENT_TYPE], SEGMENT_TYPE);
+        assert_eq!(headers[header::CACHE_CONTROL], "private, max-age=24");
+        assert_eq!(headers[header::X_CONTENT_TYPE_OPTIONS], "nosniff");
+        // One viewer, however many requests.
+        assert_eq!(app.bc.status().viewers, 1);
+    }
+
+    #[tokio::test]
+    async fn bad_tokens_are_refused_with_a_reason() {
+        let app = app();
+        fill(&app, 1..5);
+        let now = unix_now();
+        let forged = TokenSigner::new(b"other").sign(&ViewerClaims {
+            broadcast: "broadcast1".into(),
+            channel: "test".into(),
+            viewer: "v".into(),
+            expires: now + 100,
+        });
+        let cases = [
+            ("/live/test/master.m3u8".to_owned(), "no token"),
+            (format!("/live/test/master.m3u8?t={forged}"), "signature"),
+            (
+                format!(
+                    "/live/test/360p/index.m3u8?t={}",
+                    token("broadcast1", "test", "v", now - 1)
+                ),
+                "expired",
+            ),
+            (
+                format!(
+                    "/live/test/360p/1.ts?t={}",
+                    token("broadcast1", "other", "v", now + 100)
+                ),
+                "channel",
+            ),
+            ("/live/test/360p/1.ts?t=garbage".to_owned(), "malformed"),
+        ];
+        for (uri, reason) in cases {
+            let (status, _, body) = get(&app, &uri, None).await;
+            assert_eq!(status, StatusCode::FORBIDDEN, "{uri}");
+            assert!(body.contains(reason), "{uri}: {body}");
+        }
+        assert_eq!(app.bc.status().viewers, 0);
+    }
+
+    #[tokio::test]
+    async fn unknown_or_unsafe_paths_are_404() {
+        let app = app();
+        fill(&app, 1..5);
+        let t = token("broadcast1", "test", "v", unix_now() + 100);
+        for uri in [
+            format!("/live/nope/master.m3u8?t={t}"),
+            format!("/live/test/720p/index.m3u8?t={t}"),
+            format!("/live/test/360p/99.ts?t={t}"),
+            format!("/live/test/360p/1.mp4?t={t}"),
+            format!("/live/test/360p/-1.ts?t={t}"),
+            format!("/live/test/..%2F..%2Fetc/index.m3u8?t={t}"),
+            format!("/live/test/other.m3u8?t={t}"),
+            "/no-such-file.js".to_owned(),
+        ] {
+            let (status, _, _) = get(&app, &uri, None).await;
+            assert_eq!(status, StatusCode::NOT_FOUND, "{uri}");
+        }
+    }
+
+    #[tokio::test]
+    async fn cors_only_for_cluster_origins() {
+        let app = app();
+        fill(&app, 1..5);
+        let t = token("broadcast1", "test", "v", unix_now() + 100);
+        let uri = format!("/live/test/360p/index.m3u8?t={t}");
+        let (_, headers, _) = get(&app, &uri, Some("https://127.79.2.2:8443")).await;
+        assert_eq!(
+            headers[header::ACCESS_CONTROL_ALLOW_ORIGIN],
+            "https://127.79.2.2:8443"
+        );
+        let (_, headers, _) = get(&app, "/api/cluster", Some("https://127.79.1.1:8443")).await;
+        assert_eq!(
+            headers[header::ACCESS_CONTROL_ALLOW_ORIGIN],
+            "https://127.79.1.1:8443"
+        );
+        let (_, headers, _) = get(&app, &uri, Some("https://evil.example")).await;
+        assert!(headers.get(header::ACCESS_CONTROL_ALLOW_ORIGIN).is_none());
+    }
+
+    #[tokio::test]
+    async fn page_has_strict_csp_and_types() {
+        let app = app();
+        let (status, headers, body) = get(&app, "/?t=x&channel=test", None).await;
+        assert_eq!(status, StatusCode::OK);
+        assert!(body.contains("hls.min.js"));
+        assert_eq!(headers[header::CONTENT_TYPE], "text/html; charset=utf-8");
+        let csp = headers[header::CONTENT_SECURITY_POLICY].to_str().unwrap();
+        assert!(csp.contains("script-src 'self';"));
+        assert!(csp.contains("frame-ancestors 'none'"));
+        assert!(csp.contains("connect-src 'self' "));
+        for origin in [
+            "https://127.79.1.1:8443",
+            "https://127.79.1.2:8443",
+            "https://127.79.2.2:8443",
+        ] {
+            assert!(csp.contains(origin), "{csp}");
+        }
+        assert!(
+            !csp.contains("127.79.4.1"),
+            "ingests are not for browsers: {csp}"
+        );
+        assert_eq!(headers[header::X_CONTENT_TYPE_OPTIONS], "nosniff");
+        let (status, headers, _) = get(&app, "/app.js", None).await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(
+            headers[header::CONTENT_TYPE],
+            "text/javascript; charset=utf-8"
+        );
+        let (_, headers, _) = get(&app, "/app.css", None).await;
+        assert_eq!(headers[header::CONTENT_TYPE], "text/css; charset=utf-8");
+        let (status, _, _) = get(&app, "/vendor/hls.js/hls.min.js", None).await;
+        assert_eq!(status, StatusCode::OK);
+    }
+
+    #[tokio::test]
+    async fn cluster_info_status_and_health() {
+        let app = app();
+        let (status, _, body) = get(&app, "/healthz", None).await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+        let (_, _, body) = get(&app, "/api/cluster", None).await;
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(v["broadcast"], "broadcast1");
+        assert_eq!(v["channel"], "test");
+        assert_eq!(v["lbs"][1], "https://127.79.1.2:8443");
+        fill(&app, 1..5);
+        let (status, _, _) = get(&app, "/healthz", None).await;
+        assert_eq!(status, StatusCode::OK);
+        let (_, _, body) = get(&app, "/status", None).await;
+        let s: streaming_core::status::BroadcastStatus = serde_json::from_str(&body).unwrap();
+        assert!(s.live && !s.draining);
+        assert_eq!(s.uplink_mbps, 100);
+        // Top rendition (800 + 96) kbit/s × 1.1 = 985.6 kbit/s; 80 Mbit/s usable -> 81 viewers.
+        assert_eq!(s.free_viewers, 81);
+    }
+
+    #[test]
+    fn segment_names() {
+        assert_eq!(parse_segment_name("882000000.ts"), Some(882_000_000));
+        for bad in [
+            "",
+            ".ts",
+            "+1.ts",
+            "1.ts.ts",
+            "99999999999999999999.ts",
+            "1",
+        ] {
+            assert_eq!(parse_segment_name(bad), None, "{bad}");
+        }
+    }
+}

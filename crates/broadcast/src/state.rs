@@ -1,0 +1,281 @@
+//! The broadcast's shared state: current config and secrets (swapped on SIGHUP), the segment
+//! windows per channel and rendition, and the viewer/egress accounting.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use streaming_core::config::{HostConfig, Role};
+use streaming_core::status::{BroadcastStatus, viewer_capacity};
+use streaming_core::token::TokenSigner;
+use streaming_hls::SegmentWindow;
+
+use crate::viewers::{EgressMeter, ViewerTracker};
+
+/// Poison-tolerant lock helpers: a panicking holder must not take the whole edge down.
+pub(crate) fn read<T>(lock: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
+    lock.read().unwrap_or_else(|e| e.into_inner())
+}
+pub(crate) fn write<T>(lock: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
+    lock.write().unwrap_or_else(|e| e.into_inner())
+}
+pub(crate) fn lock<T>(lock: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    lock.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// One rendition's pulled segments.
+#[derive(Debug)]
+pub struct RenditionState {
+    pub name: String,
+    pub window: RwLock<SegmentWindow<Bytes>>,
+    /// When the newest segment arrived (liveness and staleness are judged on our own clock, so
+    /// a skewed origin clock cannot make us look live or dead).
+    pub last_new: Mutex<Option<Instant>>,
+}
+
+impl RenditionState {
+    pub fn new(name: &str, capacity: usize) -> Self {
+        Self {
+            name: name.to_owned(),
+            window: RwLock::new(SegmentWindow::new(capacity)),
+            last_new: Mutex::new(None),
+        }
+    }
+
+    pub fn newest_age(&self, now: Instant) -> Option<Duration> {
+        lock(&self.last_new).map(|t| now.saturating_duration_since(t))
+    }
+}
+
+/// One channel: its renditions and the ingest it is currently pulled from.
+#[derive(Debug, Default)]
+pub struct ChannelState {
+    pub renditions: RwLock<BTreeMap<String, Arc<RenditionState>>>,
+    pub origin: Mutex<Option<String>>,
+}
+
+impl ChannelState {
+    pub fn rendition(&self, name: &str) -> Option<Arc<RenditionState>> {
+        read(&self.renditions).get(name).cloned()
+    }
+
+    /// Age of the freshest segment over all renditions.
+    pub fn newest_age(&self, now: Instant) -> Option<Duration> {
+        read(&self.renditions)
+            .values()
+            .filter_map(|r| r.newest_age(now))
+            .min()
+    }
+}
+
+/// Everything the pullers and the HTTP handlers share.
+pub struct Broadcast {
+    pub name: String,
+    config: RwLock<Arc<HostConfig>>,
+    signer: RwLock<TokenSigner>,
+    cluster_key: RwLock<String>,
+    client: RwLock<reqwest::Client>,
+    pub channels: RwLock<BTreeMap<String, Arc<ChannelState>>>,
+    pub viewers: Mutex<ViewerTracker>,
+    pub egress: Mutex<EgressMeter>,
+}
+
+impl Broadcast {
+    pub fn new(
+        config: HostConfig,
+        signer: TokenSigner,
+        cluster_key: String,
+        client: reqwest::Client,
+    ) -> Self {
+        let window = viewer_window(&config);
+        Self {
+            name: config.name.clone(),
+            config: RwLock::new(Arc::new(config)),
+            signer: RwLock::new(signer),
+            cluster_key: RwLock::new(cluster_key),
+            client: RwLock::new(client),
+            channels: RwLock::new(BTreeMap::new()),
+            viewers: Mutex::new(ViewerTracker::new(window)),
+            egress: Mutex::new(EgressMeter::new(Instant::now())),
+        }
+    }
+
+    pub fn config(&self) -> Arc<HostConfig> {
+        read(&self.config).clone()
+    }
+
+    pub fn signer(&self) -> TokenSigner {
+        read(&self.signer).clone()
+    }
+
+    pub fn cluster_key(&self) -> String {
+        read(&self.cluster_key).clone()
+    }
+
+    pub fn client(&self) -> reqwest::Client {
+        read(&self.client).clone()
+    }
+
+    /// Swaps in a reloaded config and secrets (SIGHUP).
+    pub fn replace(
+        &self,
+        config: HostConfig,
+        signer: TokenSigner,
+        cluster_key: String,
+        client: reqwest::Client,
+    ) {
+        lock(&self.viewers).set_window(viewer_window(&config));
+        *write(&self.config) = Arc::new(config);
+        *write(&self.signer) = signer;
+        *write(&self.cluster_key) = cluster_key;
+        *write(&self.client) = client;
+    }
+
+    pub fn channel(&self, name: &str) -> Option<Arc<ChannelState>> {
+        read(&self.channels).get(name).cloned()
+    }
+
+    pub fn segment_duration(&self) -> Duration {
+        Duration::from_secs(u64::from(
+            self.config().cluster.timeline.segment_seconds.max(1),
+        ))
+    }
+
+    /// Counts a response body towards egress (Prometheus counter and the /status rate).
+    pub fn count_egress(&self, bytes: usize) {
+        metrics::counter!("broadcast_egress_bytes_total").increment(bytes as u64);
+        lock(&self.egress).add(bytes as u64, Instant::now());
+    }
+
+    pub fn viewer_seen(&self, viewer: &str) {
+        lock(&self.viewers).seen(viewer, Instant::now());
+    }
+
+    /// Prunes stale viewers and returns the current count (also published as a gauge).
+    pub fn viewer_count(&self) -> u64 {
+        let n = lock(&self.viewers).prune(Instant::now());
+        metrics::gauge!("broadcast_viewers").set(n as f64);
+        n
+    }
+
+    /// True when at least one channel has a segment younger than 3·D.
+    pub fn live_channels(&self) -> Vec<String> {
+        let limit = 3 * self.segment_duration();
+        let now = Instant::now();
+        read(&self.channels)
+            .iter()
+            .filter(|(_, c)| c.newest_age(now).is_some_and(|age| age < limit))
+            .map(|(name, _)| name.clone())
+            .collect()
+    }
+
+    pub fn status(&self) -> BroadcastStatus {
+        let config = self.config();
+        let me = config.me();
+        let uplink = me.uplink_mbps.unwrap_or(0);
+        // With several channels a viewer may pick the most expensive one: plan for that.
+        let top = config
+            .cluster
+            .channels
+            .iter()
+            .map(|c| c.top_bandwidth_bps())
+            .max()
+            .unwrap_or(0);
+        let viewers = self.viewer_count();
+        let origins = read(&self.channels)
+            .iter()
+            .filter_map(|(name, c)| lock(&c.origin).clone().map(|o| (name.clone(), o)))
+            .collect();
+        BroadcastStatus {
+            name: self.name.clone(),
+            viewers,
+            egress_mbps: lock(&self.egress).mbps(Instant::now()),
+            uplink_mbps: uplink,
+            free_viewers: viewer_capacity(uplink, top).saturating_sub(viewers),
+            live: !self.live_channels().is_empty(),
+            draining: me.drain,
+            origins,
+        }
+    }
+
+    /// Browser origins allowed to call us (CORS) and to be called by our page (CSP connect-src):
+    /// every cluster host URL and every site URL.
+    pub fn allowed_origins(&self) -> Vec<String> {
+        allowed_origins(&self.config())
+    }
+}
+
+/// 2·D, the window in which a playing viewer must have asked for something.
+fn viewer_window(config: &HostConfig) -> Duration {
+    Duration::from_secs(2 * u64::from(config.cluster.timeline.segment_seconds.max(1)))
+}
+
+pub fn allowed_origins(config: &HostConfig) -> Vec<String> {
+    let mut origins: Vec<String> = config
+        .cluster
+        .hosts
+        .iter()
+        .filter(|h| matches!(h.role, Role::Lb | Role::Broadcast))
+        .map(|h| h.url.as_str())
+        .chain(config.cluster.site_urls.iter().map(String::as_str))
+        .filter_map(|u| url::Url::parse(u).ok())
+        .map(|u| u.origin().ascii_serialization())
+        .filter(|o| o != "null")
+        .collect();
+    origins.sort();
+    origins.dedup();
+    origins
+}
+
+#[cfg(test)]
+pub(crate) mod test_support {
+    use super::*;
+
+    /// A two-broadcast, one-ingest-pair cluster as the generator would emit it.
+    pub fn config() -> HostConfig {
+        let host = |name: &str, role: &str, addr: &str, extra: serde_json::Value| {
+            let mut h = serde_json::json!({
+                "name": name, "role": role, "fqdn": format!("{name}.streaming-cluster.test"),
+                "address": addr,
+                "ports": {"https": 8443, "rtmp": 1935, "rtmps": 1936, "patroni": 8008, "postgres": 5432,
+                          "etcd_client": 2379, "etcd_peer": 2380},
+                "url": format!("https://{addr}:8443"), "uplink_mbps": null, "preferred_ingest": null,
+                "channel": null, "priority": null, "etcd_witness": false, "drain": false
+            });
+            if let (Some(h), Some(extra)) = (h.as_object_mut(), extra.as_object()) {
+                for (k, v) in extra {
+                    h.insert(k.clone(), v.clone());
+                }
+            }
+            h
+        };
+        let json = serde_json::json!({
+            "name": "broadcast1",
+            "cluster": {
+                "site": "streaming-cluster.test", "profile": "local",
+                "site_urls": ["https://127.79.1.1:8443", "https://127.79.1.2:8443"],
+                "timeline": {"segment_seconds": 2, "playlist_segments": 6, "cache_segments": 12},
+                "hosts": [
+                    host("lb1", "lb", "127.79.1.1", serde_json::json!({})),
+                    host("broadcast1", "broadcast", "127.79.2.1",
+                         serde_json::json!({"uplink_mbps": 100, "preferred_ingest": "ingest2"})),
+                    host("broadcast2", "broadcast", "127.79.2.2",
+                         serde_json::json!({"uplink_mbps": 1000, "preferred_ingest": "ingest1"})),
+                    host("ingest1", "ingest", "127.79.4.1", serde_json::json!({})),
+                    host("ingest2", "ingest", "127.79.4.2", serde_json::json!({})),
+                ],
+                "channels": [{"name": "test", "fps": 25, "preset": "ultrafast", "audio_kbps": 96, "ladder": [
+                    {"name": "360p", "width": 640, "height": 360, "video_kbps": 800},
+                    {"name": "144p", "width": 256, "height": 144, "video_kbps": 200}
+                ]}]
+            },
+            "paths": {"state_dir": "/nonexistent", "log_dir": null, "tls_cert": "/x", "tls_key": "/x",
+                      "ca_cert": "/x", "token_key": "/x", "cluster_key": "/x", "stream_keys_dir": "/x"},
+            "telemetry": {"json_logs": false, "otlp_endpoint": null}
+        });
+        let config: HostConfig = serde_json::from_value(json).expect("test config parses");
+        config.validate().expect("test config is valid");
+        config
+    }
+}

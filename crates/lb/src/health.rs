@@ -1,0 +1,336 @@
+//! What the LB knows about each broadcast: its last `/status`, polled about once a second.
+//!
+//! No LB state is replicated: each LB polls every broadcast itself. Between two polls a burst of
+//! viewers could all land on the broadcast that looked emptiest, so assignments made since the
+//! last poll are subtracted from the free slots it reported.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use streaming_core::config::{HostConfig, HostEntry, Role};
+use streaming_core::status::BroadcastStatus;
+
+use crate::assign::Candidate;
+
+/// How often every broadcast is polled.
+pub const POLL_INTERVAL: Duration = Duration::from_secs(1);
+/// A poll that takes longer counts as failed: a hung broadcast must look like a dead one.
+pub const POLL_TIMEOUT: Duration = Duration::from_secs(1);
+/// A broadcast whose last good poll is older than this gets no new viewers.
+pub const MAX_POLL_AGE: Duration = Duration::from_secs(2);
+/// `/status` answers are a few hundred bytes.
+const MAX_STATUS_BYTES: usize = 64 * 1024;
+
+/// One broadcast as seen by this LB.
+#[derive(Debug, Clone, Default)]
+pub struct BroadcastHealth {
+    pub status: Option<BroadcastStatus>,
+    pub last_ok: Option<Instant>,
+    pub last_error: Option<String>,
+    /// Viewers this LB sent there since the status it last got.
+    pub assigned_since_poll: u64,
+}
+
+/// Shared poll results, by broadcast name.
+#[derive(Debug, Default)]
+pub struct Health {
+    map: RwLock<BTreeMap<String, BroadcastHealth>>,
+}
+
+impl Health {
+    pub fn snapshot(&self) -> BTreeMap<String, BroadcastHealth> {
+        self.map.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Records a poll result.
+    pub fn record(&self, name: &str, result: Result<BroadcastStatus, String>, now: Instant) {
+        let mut map = self.map.write().unwrap_or_else(|e| e.into_inner());
+        let entry = map.entry(name.to_owned()).or_default();
+        match result {
+            Ok(status) => {
+                entry.status = Some(status);
+                entry.last_ok = Some(now);
+                entry.last_error = None;
+                entry.assigned_since_poll = 0;
+            }
+            Err(e) => entry.last_error = Some(e),
+        }
+    }
+
+    /// Counts an assignment against a broadcast's free slots until its next poll.
+    pub fn note_assignment(&self, name: &str) {
+        let mut map = self.map.write().unwrap_or_else(|e| e.into_inner());
+        map.entry(name.to_owned()).or_default().assigned_since_poll += 1;
+    }
+
+    /// Forgets broadcasts that left the config.
+    pub fn retain(&self, names: &[String]) {
+        let mut map = self.map.write().unwrap_or_else(|e| e.into_inner());
+        map.retain(|name, _| names.contains(name));
+    }
+}
+
+/// Judges one broadcast; pure.
+pub fn judge(host: &HostEntry, health: Option<&BroadcastHealth>, now: Instant) -> Candidate {
+    let mut candidate = Candidate {
+        name: host.name.clone(),
+        base_url: host.url.trim_end_matches('/').to_owned(),
+        eligible: false,
+        free_viewers: 0,
+        reason: String::new(),
+    };
+    let fresh = health
+        .and_then(|h| h.last_ok.map(|t| (h, t)))
+        .filter(|(_, t)| now.saturating_duration_since(*t) < MAX_POLL_AGE);
+    let reason = match (fresh, health.and_then(|h| h.status.as_ref())) {
+        _ if host.drain => "draining (config)".to_owned(),
+        (None, _) | (_, None) => match health.and_then(|h| h.last_error.clone()) {
+            Some(e) => format!("no fresh status: {e}"),
+            None => "no fresh status".to_owned(),
+        },
+        (Some((h, _)), Some(status)) => {
+            candidate.free_viewers = status.free_viewers.saturating_sub(h.assigned_since_poll);
+            if status.name != host.name {
+                format!("answers as {:?}", status.name)
+            } else if status.draining {
+                "draining".to_owned()
+            } else if !status.live {
+                "not live".to_owned()
+            } else if candidate.free_viewers == 0 {
+                "full".to_owned()
+            } else {
+                String::new()
+            }
+        }
+    };
+    candidate.eligible = reason.is_empty();
+    candidate.reason = reason;
+    candidate
+}
+
+/// Every configured broadcast, judged.
+pub fn candidates(
+    config: &HostConfig,
+    health: &BTreeMap<String, BroadcastHealth>,
+    now: Instant,
+) -> Vec<Candidate> {
+    config
+        .cluster
+        .hosts_with_role(Role::Broadcast)
+        .map(|h| judge(h, health.get(&h.name), now))
+        .collect()
+}
+
+async fn poll_one(client: &reqwest::Client, url: &str) -> Result<BroadcastStatus, String> {
+    let mut response = client
+        .get(format!("{}/status", url.trim_end_matches('/')))
+        .timeout(POLL_TIMEOUT)
+        .send()
+        .await
+        .map_err(|e| format!("request failed: {e}"))?;
+    if !response.status().is_success() {
+        return Err(format!("HTTP {}", response.status()));
+    }
+    let mut body = Vec::new();
+    while let Some(chunk) = response.chunk().await.map_err(|e| format!("body: {e}"))? {
+        if body.len() + chunk.len() > MAX_STATUS_BYTES {
+            return Err("status larger than 64 KiB".into());
+        }
+        body.extend_from_slice(&chunk);
+    }
+    serde_json::from_slice(&body).map_err(|e| format!("bad status JSON: {e}"))
+}
+
+/// Polls every broadcast of the current config, in parallel, once per [`POLL_INTERVAL`].
+pub async fn poll_loop(
+    health: Arc<Health>,
+    config: impl Fn() -> (Arc<HostConfig>, reqwest::Client),
+    lifecycle: streaming_core::lifecycle::Lifecycle,
+) {
+    let mut tick = tokio::time::interval(POLL_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut was_eligible: BTreeMap<String, bool> = BTreeMap::new();
+    loop {
+        tokio::select! {
+            _ = lifecycle.shutdown() => break,
+            _ = tick.tick() => {}
+        }
+        let (config, client) = config();
+        let targets: Vec<(String, String)> = config
+            .cluster
+            .hosts_with_role(Role::Broadcast)
+            .map(|h| (h.name.clone(), h.url.clone()))
+            .collect();
+        health.retain(&targets.iter().map(|(n, _)| n.clone()).collect::<Vec<_>>());
+        let mut polls = tokio::task::JoinSet::new();
+        for (name, url) in targets {
+            let client = client.clone();
+            polls.spawn(async move {
+                let result = poll_one(&client, &url).await;
+                (name, result)
+            });
+        }
+        while let Some(done) = polls.join_next().await {
+            let Ok((name, result)) = done else { continue };
+            let outcome = if result.is_ok() { "ok" } else { "failed" };
+            metrics::counter!("lb_polls_total", "broadcast" => name.clone(), "result" => outcome)
+                .increment(1);
+            health.record(&name, result, Instant::now());
+        }
+        // Log eligibility changes once, not every second.
+        let snapshot = health.snapshot();
+        let now = Instant::now();
+        for c in candidates(&config, &snapshot, now) {
+            metrics::gauge!("lb_broadcast_eligible", "broadcast" => c.name.clone())
+                .set(if c.eligible { 1.0 } else { 0.0 });
+            metrics::gauge!("lb_broadcast_free_viewers", "broadcast" => c.name.clone())
+                .set(c.free_viewers as f64);
+            if was_eligible.insert(c.name.clone(), c.eligible) != Some(c.eligible) {
+                if c.eligible {
+                    tracing::info!(broadcast = %c.name, free = c.free_viewers, "broadcast eligible");
+                } else {
+                    tracing::warn!(broadcast = %c.name, reason = %c.reason, "broadcast not eligible");
+                }
+            }
+        }
+        was_eligible.retain(|name, _| snapshot.contains_key(name));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn host(name: &str, drain: bool) -> HostEntry {
+        serde_json::from_value(serde_json::json!({
+            "name": name, "role": "broadcast", "fqdn": "x", "address": "127.79.2.1",
+            "ports": {"https": 8443, "rtmp": 1935, "rtmps": 1936, "patroni": 8008, "postgres": 5432,
+                      "etcd_client": 2379, "etcd_peer": 2380},
+            "url": "https://127.79.2.1:8443/", "uplink_mbps": 100, "preferred_ingest": null,
+            "channel": null, "priority": null, "etcd_witness": false, "drain": drain
+        }))
+        .unwrap()
+    }
+
+    fn status(name: &str, live: bool, draining: bool, free: u64) -> BroadcastStatus {
+        BroadcastStatus {
+            name: name.into(),
+            viewers: 3,
+            egress_mbps: 1.0,
+            uplink_mbps: 100,
+            free_viewers: free,
+            live,
+            draining,
+            origins: Default::default(),
+        }
+    }
+
+    fn polled(s: BroadcastStatus, at: Instant) -> BroadcastHealth {
+        BroadcastHealth {
+            status: Some(s),
+            last_ok: Some(at),
+            last_error: None,
+            assigned_since_poll: 0,
+        }
+    }
+
+    #[test]
+    fn eligibility_rules() {
+        let now = Instant::now();
+        let h = host("broadcast1", false);
+        let ok = judge(
+            &h,
+            Some(&polled(status("broadcast1", true, false, 10), now)),
+            now,
+        );
+        assert!(ok.eligible, "{ok:?}");
+        assert_eq!(ok.base_url, "https://127.79.2.1:8443");
+        assert_eq!(ok.free_viewers, 10);
+        let cases = [
+            (judge(&h, None, now), "no fresh status"),
+            (
+                judge(
+                    &h,
+                    Some(&polled(status("broadcast1", true, false, 10), now)),
+                    now + Duration::from_secs(3),
+                ),
+                "no fresh status",
+            ),
+            (
+                judge(
+                    &h,
+                    Some(&polled(status("broadcast1", false, false, 10), now)),
+                    now,
+                ),
+                "not live",
+            ),
+            (
+                judge(
+                    &h,
+                    Some(&polled(status("broadcast1", true, true, 10), now)),
+                    now,
+                ),
+                "draining",
+            ),
+            (
+                judge(
+                    &h,
+                    Some(&polled(status("broadcast1", true, false, 0), now)),
+                    now,
+                ),
+                "full",
+            ),
+            (
+                judge(
+                    &h,
+                    Some(&polled(status("broadcast2", true, false, 9), now)),
+                    now,
+                ),
+                "answers as",
+            ),
+            (
+                judge(
+                    &host("broadcast1", true),
+                    Some(&polled(status("broadcast1", true, false, 9), now)),
+                    now,
+                ),
+                "draining (config)",
+            ),
+        ];
+        for (c, reason) in cases {
+            assert!(
+                !c.eligible && c.reason.contains(reason),
+                "{c:?} vs {reason}"
+            );
+        }
+    }
+
+    #[test]
+    fn assignments_since_the_poll_use_up_free_slots() {
+        let health = Health::default();
+        let now = Instant::now();
+        health.record("broadcast1", Ok(status("broadcast1", true, false, 2)), now);
+        health.note_assignment("broadcast1");
+        let h = host("broadcast1", false);
+        let c = judge(&h, health.snapshot().get("broadcast1"), now);
+        assert_eq!((c.eligible, c.free_viewers), (true, 1));
+        health.note_assignment("broadcast1");
+        let c = judge(&h, health.snapshot().get("broadcast1"), now);
+        assert_eq!((c.eligible, c.reason.as_str()), (false, "full"));
+        // The next poll reflects reality again.
+        health.record("broadcast1", Ok(status("broadcast1", true, false, 5)), now);
+        assert_eq!(
+            judge(&h, health.snapshot().get("broadcast1"), now).free_viewers,
+            5
+        );
+        // A failed poll keeps the last status until it ages out.
+        health.record("broadcast1", Err("timeout".into()), now);
+        assert!(judge(&h, health.snapshot().get("broadcast1"), now).eligible);
+        let late = judge(&h, health.snapshot().get("broadcast1"), now + MAX_POLL_AGE);
+        assert!(
+            !late.eligible && late.reason.contains("timeout"),
+            "{late:?}"
+        );
+    }
+}

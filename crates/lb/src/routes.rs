@@ -1,0 +1,534 @@
+//! The LB's HTTP surface: redirects for the page and for plain HLS clients, `/api/assign` for
+//! players that lost their broadcast, and the operator endpoints.
+
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+use std::time::Instant;
+
+use axum::Router;
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use metrics_exporter_prometheus::PrometheusHandle;
+use streaming_core::config::{HostConfig, is_safe_name};
+use streaming_core::http::text_error;
+use streaming_core::token::{TOKEN_TTL_SECS, TokenSigner, ViewerClaims, new_viewer_id, unix_now};
+use tower_http::set_header::SetResponseHeaderLayer;
+
+use crate::assign::{choose, parse_exclude};
+use crate::health::{Health, candidates};
+
+/// Seconds a client should wait before asking again when the cluster is full.
+pub const RETRY_AFTER_SECS: &str = "5";
+
+/// Config and key, swapped together on SIGHUP.
+pub struct Current {
+    pub config: Arc<HostConfig>,
+    pub signer: TokenSigner,
+    pub client: reqwest::Client,
+}
+
+#[derive(Clone)]
+pub struct App {
+    pub current: Arc<RwLock<Current>>,
+    pub health: Arc<Health>,
+    pub metrics: PrometheusHandle,
+}
+
+impl App {
+    fn config(&self) -> Arc<HostConfig> {
+        self.current
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .config
+            .clone()
+    }
+    fn signer(&self) -> TokenSigner {
+        self.current
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .signer
+            .clone()
+    }
+}
+
+/// A broadcast chosen for a viewer, with the token that takes them there.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct Assignment {
+    pub broadcast: String,
+    pub base_url: String,
+    pub token: String,
+}
+
+/// Why no assignment could be made.
+#[derive(Debug, PartialEq)]
+pub enum AssignError {
+    UnknownChannel,
+    NoBroadcast,
+}
+
+impl App {
+    /// The channel asked for (default: the first configured one), if it exists.
+    fn channel(&self, asked: Option<&String>) -> Result<String, AssignError> {
+        let config = self.config();
+        match asked {
+            Some(name) if is_safe_name(name) && config.cluster.channel(name).is_some() => {
+                Ok(name.clone())
+            }
+            Some(_) => Err(AssignError::UnknownChannel),
+            None => config
+                .cluster
+                .channels
+                .first()
+                .map(|c| c.name.clone())
+                .ok_or(AssignError::UnknownChannel),
+        }
+    }
+
+    /// Picks a broadcast and signs a token for it. A bad or expired token is no error here: it
+    /// just means a new assignment (and a new viewer id).
+    pub fn assign(
+        &self,
+        query: &HashMap<String, String>,
+    ) -> Result<(String, Assignment), AssignError> {
+        let channel = self.channel(query.get("channel"))?;
+        let signer = self.signer();
+        let now = unix_now();
+        let claims = query
+            .get("t")
+            .and_then(|t| signer.verify(t, now).ok())
+            .filter(|c| c.channel == channel);
+        let exclude = parse_exclude(query.get("exclude").map(String::as_str));
+        let config = self.config();
+        let cands = candidates(&config, &self.health.snapshot(), Instant::now());
+        let sticky = claims.as_ref().map(|c| c.broadcast.as_str());
+        let Some(chosen) = choose(&cands, sticky, &exclude) else {
+            metrics::counter!("lb_no_broadcast_total").increment(1);
+            return Err(AssignError::NoBroadcast);
+        };
+        let kept = sticky == Some(chosen.name.as_str());
+        if !kept {
+            // A viewer new to this broadcast: count it until the next poll shows it.
+            self.health.note_assignment(&chosen.name);
+        }
+        metrics::counter!("lb_assignments_total", "broadcast" => chosen.name.clone(),
+            "kind" => if kept { "sticky" } else { "new" })
+        .increment(1);
+        let token = signer.sign(&ViewerClaims {
+            broadcast: chosen.name.clone(),
+            channel: channel.clone(),
+            viewer: claims.map(|c| c.viewer).unwrap_or_else(new_viewer_id),
+            expires: now + TOKEN_TTL_SECS,
+        });
+        Ok((
+            channel,
+            Assignment {
+                broadcast: chosen.name.clone(),
+                base_url: chosen.base_url.clone(),
+                token,
+            },
+        ))
+    }
+}
+
+pub fn router(app: App) -> Router {
+    Router::new()
+        .route("/", get(page))
+        .route("/live/{channel}/{file}", get(hls))
+        .route("/api/assign", get(api_assign))
+        .route("/healthz", get(healthz))
+        .route("/status", get(status))
+        .route("/metrics", get(metrics))
+        .layer(SetResponseHeaderLayer::overriding(
+            header::X_CONTENT_TYPE_OPTIONS,
+            HeaderValue::from_static("nosniff"),
+        ))
+        .with_state(app)
+}
+
+fn redirect(location: String) -> Response {
+    match HeaderValue::from_str(&location) {
+        Ok(value) => (
+            StatusCode::FOUND,
+            [
+                (header::LOCATION, value),
+                (header::CACHE_CONTROL, HeaderValue::from_static("no-store")),
+            ],
+        )
+            .into_response(),
+        Err(_) => text_error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "bad broadcast URL in config",
+        ),
+    }
+}
+
+fn with_retry_after(mut response: Response) -> Response {
+    response.headers_mut().insert(
+        header::RETRY_AFTER,
+        HeaderValue::from_static(RETRY_AFTER_SECS),
+    );
+    response
+        .headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    response
+}
+
+const FULL_PAGE: &str = "<!doctype html>
+<html lang=\"en\"><head><meta charset=\"utf-8\"><meta http-equiv=\"refresh\" content=\"5\">
+<title>Stream unavailable</title></head>
+<body><h1>Cluster full or no healthy broadcast</h1>
+<p>No broadcast server can take another viewer right now (all are full, draining or not live).
+This page retries by itself in a few seconds.</p></body></html>
+";
+
+async fn page(State(app): State<App>, Query(query): Query<HashMap<String, String>>) -> Response {
+    match app.assign(&query) {
+        Ok((channel, a)) => redirect(format!("{}/?t={}&channel={channel}", a.base_url, a.token)),
+        Err(AssignError::UnknownChannel) => text_error(StatusCode::NOT_FOUND, "unknown channel"),
+        Err(AssignError::NoBroadcast) => with_retry_after(
+            (
+                StatusCode::SERVICE_UNAVAILABLE,
+                [
+                    (header::CONTENT_TYPE, "text/html; charset=utf-8"),
+                    (
+                        header::CONTENT_SECURITY_POLICY,
+                        "default-src 'none'; frame-ancestors 'none'",
+                    ),
+                ],
+                FULL_PAGE,
+            )
+                .into_response(),
+        ),
+    }
+}
+
+async fn hls(
+    State(app): State<App>,
+    Path((channel, file)): Path<(String, String)>,
+    Query(mut query): Query<HashMap<String, String>>,
+) -> Response {
+    if file != "master.m3u8" {
+        return text_error(
+            StatusCode::NOT_FOUND,
+            "only /live/<channel>/master.m3u8 is served here",
+        );
+    }
+    query.insert("channel".into(), channel);
+    match app.assign(&query) {
+        Ok((channel, a)) => redirect(format!(
+            "{}/live/{channel}/master.m3u8?t={}",
+            a.base_url, a.token
+        )),
+        Err(AssignError::UnknownChannel) => text_error(StatusCode::NOT_FOUND, "unknown channel"),
+        Err(AssignError::NoBroadcast) => with_retry_after(text_error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "cluster full / no healthy broadcast: retry in a few seconds",
+        )),
+    }
+}
+
+async fn api_assign(
+    State(app): State<App>,
+    Query(query): Query<HashMap<String, String>>,
+) -> Response {
+    let (status, body) = match app.assign(&query) {
+        Ok((_, a)) => (StatusCode::OK, serde_json::to_value(a).unwrap_or_default()),
+        Err(AssignError::UnknownChannel) => (
+            StatusCode::NOT_FOUND,
+            serde_json::json!({"error": "unknown channel"}),
+        ),
+        Err(AssignError::NoBroadcast) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            serde_json::json!({"error": "cluster full / no healthy broadcast"}),
+        ),
+    };
+    let mut response = (
+        status,
+        [
+            (header::ACCESS_CONTROL_ALLOW_ORIGIN, "*"),
+            (header::CACHE_CONTROL, "no-store"),
+        ],
+        axum::Json(body),
+    )
+        .into_response();
+    if status == StatusCode::SERVICE_UNAVAILABLE {
+        response = with_retry_after(response);
+    }
+    response
+}
+
+async fn healthz(State(app): State<App>) -> Response {
+    let config = app.config();
+    let n = candidates(&config, &app.health.snapshot(), Instant::now())
+        .iter()
+        .filter(|c| c.eligible)
+        .count();
+    if n == 0 {
+        text_error(StatusCode::SERVICE_UNAVAILABLE, "no eligible broadcast")
+    } else {
+        (StatusCode::OK, format!("ok: {n} eligible broadcasts\n")).into_response()
+    }
+}
+
+async fn status(State(app): State<App>) -> Response {
+    let config = app.config();
+    let snapshot = app.health.snapshot();
+    let now = Instant::now();
+    let broadcasts: Vec<serde_json::Value> = candidates(&config, &snapshot, now)
+        .into_iter()
+        .map(|c| {
+            let h = snapshot.get(&c.name);
+            let st = h.and_then(|h| h.status.as_ref());
+            serde_json::json!({
+                "name": c.name,
+                "url": c.base_url,
+                "eligible": c.eligible,
+                "reason": c.reason,
+                "free_viewers": c.free_viewers,
+                "viewers": st.map(|s| s.viewers),
+                "egress_mbps": st.map(|s| s.egress_mbps),
+                "live": st.map(|s| s.live),
+                "draining": st.map(|s| s.draining),
+                "assigned_since_poll": h.map_or(0, |h| h.assigned_since_poll),
+                "last_poll_age_s": h.and_then(|h| h.last_ok).map(|t| now.saturating_duration_since(t).as_secs_f64()),
+                "last_error": h.and_then(|h| h.last_error.clone()),
+            })
+        })
+        .collect();
+    let body = serde_json::json!({"name": config.name, "broadcasts": broadcasts});
+    ([(header::CACHE_CONTROL, "no-store")], axum::Json(body)).into_response()
+}
+
+async fn metrics(State(app): State<App>) -> Response {
+    streaming_core::http::metrics_response(&app.metrics)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::body::Body;
+    use axum::http::Request;
+    use streaming_core::status::BroadcastStatus;
+    use tower::ServiceExt;
+
+    const KEY: &[u8] = b"k";
+
+    fn config() -> HostConfig {
+        let host = |name: &str, role: &str, addr: &str, drain: bool| {
+            serde_json::json!({
+                "name": name, "role": role, "fqdn": "x", "address": addr,
+                "ports": {"https": 8443, "rtmp": 1935, "rtmps": 1936, "patroni": 8008, "postgres": 5432,
+                          "etcd_client": 2379, "etcd_peer": 2380},
+                "url": format!("https://{addr}:8443"),
+                "uplink_mbps": if role == "broadcast" { Some(100) } else { None },
+                "preferred_ingest": null, "channel": null, "priority": null, "etcd_witness": false, "drain": drain
+            })
+        };
+        serde_json::from_value(serde_json::json!({
+            "name": "lb1",
+            "cluster": {
+                "site": "s", "profile": "local", "site_urls": ["https://127.79.1.1:8443"],
+                "timeline": {"segment_seconds": 2, "playlist_segments": 6, "cache_segments": 12},
+                "hosts": [host("lb1", "lb", "127.79.1.1", false),
+                          host("broadcast1", "broadcast", "127.79.2.1", false),
+                          host("broadcast2", "broadcast", "127.79.2.2", false)],
+                "channels": [{"name": "test", "fps": 25, "preset": "ultrafast", "audio_kbps": 96,
+                              "ladder": [{"name": "360p", "width": 640, "height": 360, "video_kbps": 800}]}]
+            },
+            "paths": {"state_dir": "/x", "log_dir": null, "tls_cert": "/x", "tls_key": "/x", "ca_cert": "/x",
+                      "token_key": "/x", "cluster_key": "/x", "stream_keys_dir": "/x"},
+            "telemetry": {"json_logs": false, "otlp_endpoint": null}
+        }))
+        .unwrap()
+    }
+
+    fn app(free: &[(&str, u64)]) -> App {
+        streaming_core::tls::install_crypto_provider();
+        let health = Arc::new(Health::default());
+        for (name, free) in free {
+            let status = BroadcastStatus {
+                name: name.to_string(),
+                viewers: 0,
+                egress_mbps: 0.0,
+                uplink_mbps: 100,
+                free_viewers: *free,
+                live: true,
+                draining: false,
+                origins: Default::default(),
+            };
+            health.record(name, Ok(status), Instant::now());
+        }
+        let current = Current {
+            config: Arc::new(config()),
+            signer: TokenSigner::new(KEY),
+            client: reqwest::Client::new(),
+        };
+        App {
+            current: Arc::new(RwLock::new(current)),
+            health,
+            metrics: metrics_exporter_prometheus::PrometheusBuilder::new()
+                .build_recorder()
+                .handle(),
+        }
+    }
+
+    async fn get(app: &App, uri: &str) -> (StatusCode, axum::http::HeaderMap, String) {
+        let resp = router(app.clone())
+            .oneshot(Request::get(uri).body(Body::empty()).unwrap())
+            .await
+            .unwrap();
+        let (parts, body) = resp.into_parts();
+        let body = axum::body::to_bytes(body, 1 << 20).await.unwrap();
+        (
+            parts.status,
+            parts.headers,
+            String::from_utf8_lossy(&body).into_owned(),
+        )
+    }
+
+    fn claims_of(location: &str) -> ViewerClaims {
+        let t = location
+            .split("t=")
+            .nth(1)
+            .unwrap()
+            .split('&')
+            .next()
+            .unwrap();
+        TokenSigner::new(KEY).verify(t, unix_now()).unwrap()
+    }
+
+    #[tokio::test]
+    async fn redirects_carry_a_token_for_the_chosen_broadcast() {
+        let app = app(&[("broadcast1", 5), ("broadcast2", 50)]);
+        let (status, headers, _) = get(&app, "/live/test/master.m3u8").await;
+        assert_eq!(status, StatusCode::FOUND);
+        let loc = headers[header::LOCATION].to_str().unwrap();
+        assert!(
+            loc.starts_with("https://127.79.2.2:8443/live/test/master.m3u8?t="),
+            "{loc}"
+        );
+        let claims = claims_of(loc);
+        assert_eq!(
+            (claims.broadcast.as_str(), claims.channel.as_str()),
+            ("broadcast2", "test")
+        );
+
+        let (status, headers, _) = get(&app, "/").await;
+        assert_eq!(status, StatusCode::FOUND);
+        let loc = headers[header::LOCATION].to_str().unwrap();
+        assert!(
+            loc.starts_with("https://127.79.2.2:8443/?t=") && loc.ends_with("&channel=test"),
+            "{loc}"
+        );
+        assert_eq!(headers[header::CACHE_CONTROL], "no-store");
+    }
+
+    #[tokio::test]
+    async fn valid_token_is_sticky_and_keeps_the_viewer_id() {
+        let app = app(&[("broadcast1", 5), ("broadcast2", 50)]);
+        let t = TokenSigner::new(KEY).sign(&ViewerClaims {
+            broadcast: "broadcast1".into(),
+            channel: "test".into(),
+            viewer: "me".into(),
+            expires: unix_now() + 60,
+        });
+        let (_, headers, _) = get(&app, &format!("/live/test/master.m3u8?t={t}")).await;
+        let claims = claims_of(headers[header::LOCATION].to_str().unwrap());
+        assert_eq!(
+            (claims.broadcast.as_str(), claims.viewer.as_str()),
+            ("broadcast1", "me")
+        );
+        // Excluding it (player failover) moves the same viewer elsewhere.
+        let (status, headers, body) = get(
+            &app,
+            &format!("/api/assign?channel=test&exclude=broadcast1&t={t}"),
+        )
+        .await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(headers[header::ACCESS_CONTROL_ALLOW_ORIGIN], "*");
+        assert_eq!(headers[header::CACHE_CONTROL], "no-store");
+        let a: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(a["broadcast"], "broadcast2");
+        assert_eq!(a["base_url"], "https://127.79.2.2:8443");
+        let claims = TokenSigner::new(KEY)
+            .verify(a["token"].as_str().unwrap(), unix_now())
+            .unwrap();
+        assert_eq!(claims.viewer, "me");
+        // A forged token is just a new assignment with a new viewer id.
+        let forged = TokenSigner::new(b"evil").sign(&ViewerClaims {
+            viewer: "me".into(),
+            ..claims
+        });
+        let (status, headers, _) = get(&app, &format!("/live/test/master.m3u8?t={forged}")).await;
+        assert_eq!(status, StatusCode::FOUND);
+        assert_ne!(
+            claims_of(headers[header::LOCATION].to_str().unwrap()).viewer,
+            "me"
+        );
+    }
+
+    #[tokio::test]
+    async fn bursts_spread_before_the_next_poll() {
+        let app = app(&[("broadcast1", 2), ("broadcast2", 3)]);
+        let mut got = Vec::new();
+        for _ in 0..5 {
+            let (_, _, body) = get(&app, "/api/assign").await;
+            let a: serde_json::Value = serde_json::from_str(&body).unwrap();
+            got.push(a["broadcast"].as_str().unwrap().to_owned());
+        }
+        assert_eq!(
+            got,
+            [
+                "broadcast2",
+                "broadcast1",
+                "broadcast2",
+                "broadcast1",
+                "broadcast2"
+            ]
+        );
+        // Now everything is taken until the next poll.
+        let (status, headers, body) = get(&app, "/api/assign").await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(headers[header::RETRY_AFTER], "5");
+        assert!(body.contains("no healthy broadcast"));
+        let (status, headers, body) = get(&app, "/").await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+        assert!(
+            headers[header::CONTENT_TYPE]
+                .to_str()
+                .unwrap()
+                .starts_with("text/html")
+        );
+        assert!(body.contains("Cluster full"));
+        let (status, _, body) = get(&app, "/live/test/master.m3u8").await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+        assert!(body.contains("cluster full"));
+    }
+
+    #[tokio::test]
+    async fn unknown_channel_is_404() {
+        let app = app(&[("broadcast1", 5)]);
+        for uri in [
+            "/live/nope/master.m3u8",
+            "/?channel=nope",
+            "/api/assign?channel=..",
+            "/live/test/index.m3u8",
+        ] {
+            assert_eq!(get(&app, uri).await.0, StatusCode::NOT_FOUND, "{uri}");
+        }
+    }
+
+    #[tokio::test]
+    async fn status_lists_every_broadcast() {
+        let app = app(&[("broadcast1", 5)]);
+        let (status, _, body) = get(&app, "/status").await;
+        assert_eq!(status, StatusCode::OK);
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(v["broadcasts"][0]["eligible"], true);
+        assert_eq!(v["broadcasts"][1]["eligible"], false);
+        assert_eq!(v["broadcasts"][1]["reason"], "no fresh status");
+        assert_eq!(get(&app, "/healthz").await.0, StatusCode::OK);
+    }
+}
