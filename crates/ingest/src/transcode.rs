@@ -85,6 +85,10 @@ pub fn ladder_args(
             "main",
             "-level:v",
             "4.0",
+            // CABAC on: ultrafast would otherwise signal Constrained Baseline while the master
+            // playlist announces Main (streaming_hls::master::CODECS).
+            "-coder",
+            "1",
             "-b:v",
             &vb,
             "-maxrate",
@@ -438,6 +442,8 @@ pub fn encode_slate(
             "main",
             "-level:v",
             "4.0",
+            "-coder",
+            "1",
         ])
         .args([
             "-b:v",
@@ -529,7 +535,7 @@ mod tests {
             &"expr:if(isnan(prev_forced_t),1,gte(floor((t+13.370)/2),floor((prev_forced_t+13.370)/2)+1))".to_string()
         ));
         assert_eq!(args.iter().filter(|a| *a == "-segment_list").count(), 3);
-        assert!(joined.contains("-map [v1] -map 0:a -c:v libx264 -preset ultrafast -profile:v main -level:v 4.0 -b:v 400k -maxrate 400k -bufsize 400k"));
+        assert!(joined.contains("-map [v1] -map 0:a -c:v libx264 -preset ultrafast -profile:v main -level:v 4.0 -coder 1 -b:v 400k -maxrate 400k -bufsize 400k"));
         assert!(joined.contains(
             "-segment_list /w/r2.csv -segment_list_type csv -segment_list_flags live /w/r2_%05d.ts"
         ));
