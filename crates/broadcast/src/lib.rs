@@ -34,7 +34,6 @@ fn load_secrets(config: &HostConfig) -> anyhow::Result<(TokenSigner, String, req
 /// Runs the broadcast until shutdown.
 pub async fn run(ctx: ServiceContext) -> anyhow::Result<()> {
     let (signer, cluster_key, client) = load_secrets(&ctx.config)?;
-    let me = ctx.config.me().clone();
     let bc = Arc::new(Broadcast::new(
         ctx.config.clone(),
         signer,
@@ -93,12 +92,5 @@ pub async fn run(ctx: ServiceContext) -> anyhow::Result<()> {
         bc,
         metrics: ctx.metrics.clone(),
     });
-    streaming_core::serve::serve_https(
-        app,
-        me.socket(me.ports.https),
-        ctx.config.paths.tls_cert.clone(),
-        ctx.config.paths.tls_key.clone(),
-        ctx.lifecycle.clone(),
-    )
-    .await
+    ctx.serve_https(app).await
 }

@@ -27,6 +27,22 @@ pub struct ServiceContext {
 }
 
 impl ServiceContext {
+    /// Serves the host's HTTPS app on its address and HTTPS port with its certificate, until
+    /// shutdown (certificates re-read on SIGHUP).
+    pub fn serve_https(
+        &self,
+        app: axum::Router,
+    ) -> impl std::future::Future<Output = anyhow::Result<()>> + use<> {
+        let me = self.config.me();
+        crate::serve::serve_https(
+            app,
+            me.socket(me.ports.https),
+            self.config.paths.tls_cert.clone(),
+            self.config.paths.tls_key.clone(),
+            self.lifecycle.clone(),
+        )
+    }
+
     /// Re-reads the config file; the caller keeps the old one when this fails.
     pub fn reload_config(&self) -> Result<HostConfig, crate::config::ConfigError> {
         let config = HostConfig::load(&self.config_path)?;

@@ -31,7 +31,6 @@ fn load(config: HostConfig) -> anyhow::Result<Current> {
 
 /// Runs the LB until shutdown.
 pub async fn run(ctx: ServiceContext) -> anyhow::Result<()> {
-    let me = ctx.config.me().clone();
     let current = Arc::new(RwLock::new(load(ctx.config.clone())?));
     let health = Arc::new(Health::default());
 
@@ -88,12 +87,5 @@ pub async fn run(ctx: ServiceContext) -> anyhow::Result<()> {
     });
     // Give the first poll a moment so the first viewers are not told the cluster is empty.
     tokio::time::sleep(Duration::from_millis(200)).await;
-    streaming_core::serve::serve_https(
-        app,
-        me.socket(me.ports.https),
-        ctx.config.paths.tls_cert.clone(),
-        ctx.config.paths.tls_key.clone(),
-        ctx.lifecycle.clone(),
-    )
-    .await
+    ctx.serve_https(app).await
 }

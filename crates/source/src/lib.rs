@@ -37,14 +37,7 @@ pub async fn run(ctx: ServiceContext) -> anyhow::Result<()> {
         supervisor: supervisor.clone(),
         metrics: ctx.metrics.clone(),
     });
-    let served = streaming_core::serve::serve_https(
-        app,
-        me.socket(me.ports.https),
-        ctx.config.paths.tls_cert.clone(),
-        ctx.config.paths.tls_key.clone(),
-        ctx.lifecycle.clone(),
-    )
-    .await;
+    let served = ctx.serve_https(app).await;
     // Whatever ended the server (shutdown or a bind error), the encode stops with it.
     ctx.lifecycle.request_shutdown();
     reload_task.abort();

@@ -352,6 +352,7 @@ async fn host_status(layout: &Layout, client: &reqwest::Client, config: &HostCon
         active_source: None,
     };
     if me.role == Role::Db && pid.is_none() {
+        status.health = Some("not yet (chat issue)".into());
         return status;
     }
     status.health = Some(match probe::healthy(client, &me.url).await {
@@ -375,41 +376,20 @@ async fn host_status(layout: &Layout, client: &reqwest::Client, config: &HostCon
     status
 }
 
-/// The ingest's `/status` is the ingest's own schema: accept `active_source` at the top or per
-/// channel (a map or a list of objects with `name`/`channel`).
+/// The active source of each channel from an ingest's `/status`
+/// (`{"channels": {"<name>": {"active_source": ...}}}`), as `test=source1`.
 pub fn active_source(json: &serde_json::Value) -> Option<String> {
-    let pick = |v: &serde_json::Value| {
-        ["active_source", "source", "active"]
-            .iter()
-            .find_map(|k| v.get(k))
-            .map(|s| match s {
-                serde_json::Value::String(s) => s.clone(),
-                serde_json::Value::Null => "none".into(),
-                other => other.to_string(),
-            })
-    };
-    if let Some(top) = pick(json) {
-        return Some(top);
-    }
-    let channels = json.get("channels")?;
-    let parts: Vec<String> = match channels {
-        serde_json::Value::Object(map) => map
-            .iter()
-            .filter_map(|(name, v)| pick(v).map(|s| format!("{name}={s}")))
-            .collect(),
-        serde_json::Value::Array(list) => list
-            .iter()
-            .filter_map(|v| {
-                let name = v
-                    .get("name")
-                    .or_else(|| v.get("channel"))
-                    .and_then(|n| n.as_str())
-                    .unwrap_or("?");
-                pick(v).map(|s| format!("{name}={s}"))
-            })
-            .collect(),
-        _ => Vec::new(),
-    };
+    let channels = json.get("channels")?.as_object()?;
+    let parts: Vec<String> = channels
+        .iter()
+        .map(|(name, v)| {
+            let source = v
+                .get("active_source")
+                .and_then(|s| s.as_str())
+                .unwrap_or("none");
+            format!("{name}={source}")
+        })
+        .collect();
     (!parts.is_empty()).then(|| parts.join(" "))
 }
 
@@ -508,13 +488,15 @@ mod tests {
     use super::*;
 
     #[test]
-    fn active_source_shapes() {
-        let top = serde_json::json!({"active_source": "source1"});
-        assert_eq!(active_source(&top).as_deref(), Some("source1"));
-        let map = serde_json::json!({"channels": {"test": {"active_source": "source2"}}});
-        assert_eq!(active_source(&map).as_deref(), Some("test=source2"));
-        let list = serde_json::json!({"channels": [{"name": "test", "active_source": null}]});
-        assert_eq!(active_source(&list).as_deref(), Some("test=none"));
+    fn active_source_per_channel() {
+        let status = serde_json::json!({"channels": {
+            "test": {"active_source": "source2"},
+            "idle": {"active_source": null}
+        }});
+        assert_eq!(
+            active_source(&status).as_deref(),
+            Some("idle=none test=source2")
+        );
         assert_eq!(active_source(&serde_json::json!({"x": 1})), None);
     }
 }
