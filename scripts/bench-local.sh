@@ -25,6 +25,8 @@ until curl -sf --cacert "$state/tls/ca.crt" "https://$prefix.4.1:8443/status" \
   sleep 0.2
 done
 t_live=$(date +%s.%N)
+# Steady state: let every broadcast fill a whole playlist window before viewers arrive.
+sleep 12
 
 $streamctl watch --json --state "$state" --seconds "$seconds" --viewers "$viewers" --renditions all > "$state.watch.json" &
 watch_pid=$!

@@ -80,6 +80,9 @@
   function failover(reason) {
     if (failing) return failing;
     console.warn('failover:', reason);
+    // hls.js answers connection errors on the dead server by switching to lower levels (its error
+    // controller runs before our ERROR handler); remember the level actually playing to restore it.
+    if (state.hls && state.levelBeforeFailover === undefined) state.levelBeforeFailover = state.hls.currentLevel;
     setPlayback('switching server…');
     failing = (async () => {
       for (let attempt = 0; ; attempt++) {
@@ -102,11 +105,23 @@
     q.set('t', token);
     q.set('channel', channel);
     history.replaceState(history.state, '', `${location.pathname}?${q}`);
-    setPlayback('buffering');
+    // The buffer usually covers the switch: playback never stops, so no 'playing' event follows.
+    setPlayback(!video.paused && video.readyState >= HTMLMediaElement.HAVE_FUTURE_DATA ? 'live' : 'buffering');
     if (state.hls) {
       const hls = state.hls;
+      const prev = state.levelBeforeFailover;
+      state.levelBeforeFailover = undefined;
       if (!hls.levels || hls.levels.length === 0) hls.loadSource(masterUrl());
-      else if (!hls.loadingEnabled) hls.startLoad(-1);
+      else {
+        // Errors on the old server say nothing about the levels: clear them and undo the down-switch.
+        for (const lvl of hls.levels) { lvl.loadError = 0; lvl.fragmentError = 0; }
+        if (hls.autoLevelEnabled && Number.isInteger(prev) && prev >= 0 && prev < hls.levels.length &&
+            hls.nextLoadLevel < prev) {
+          hls.nextAutoLevel = prev;
+          hls.nextLoadLevel = prev;
+        }
+        if (!hls.loadingEnabled) hls.startLoad(-1);
+      }
     } else {
       video.src = masterUrl();
       video.play().catch(() => {});
@@ -200,6 +215,9 @@
   video.addEventListener('volumechange', syncMute);
   video.addEventListener('playing', () => setPlayback('live'));
   video.addEventListener('waiting', () => { if (!failing) setPlayback('buffering'); });
+  video.addEventListener('timeupdate', () => { // e.g. after an error status while the buffer kept playing
+    if (state.playback !== 'live' && !failing && !video.paused && video.readyState >= HTMLMediaElement.HAVE_FUTURE_DATA) setPlayback('live');
+  });
   video.addEventListener('pause', () => { if (!video.ended && !failing) setPlayback('paused'); });
 
   function playingDateMs() {
