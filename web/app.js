@@ -56,11 +56,23 @@
     })
     .catch((e) => { console.warn('api/cluster failed', e); return { lbs: [] }; });
 
+  // Broadcasts that failed us recently: an LB may not have noticed a death yet (it polls every
+  // second), so every one of them is excluded, not just the current one.
+  const FAILED_MEMORY_MS = 30000;
+  const failedAt = new Map();
+  function excluded() {
+    const now = Date.now();
+    failedAt.set(state.broadcast, now);
+    for (const [name, at] of failedAt) if (now - at > FAILED_MEMORY_MS) failedAt.delete(name);
+    return [...failedAt.keys()].join(',');
+  }
+
   async function assign() {
     const { lbs } = await clusterInfo;
+    const exclude = excluded();
     for (const lb of lbs) {
       const url = `${lb.replace(/\/+$/, '')}/api/assign?channel=${encodeURIComponent(channel)}` +
-        `&exclude=${encodeURIComponent(state.broadcast)}`;
+        `&exclude=${encodeURIComponent(exclude)}`;
       try {
         const ctl = new AbortController();
         const timer = setTimeout(() => ctl.abort(), 4000);
@@ -88,6 +100,8 @@
       for (let attempt = 0; ; attempt++) {
         const a = await assign();
         if (a) { switchTo(a); return; }
+        // Nothing left outside the exclusions: they may have recovered, so forget them.
+        failedAt.clear();
         setPlayback('error: no server available, retrying…');
         await new Promise((res) => setTimeout(res, Math.min(2000 * (attempt + 1), 10000)));
       }

@@ -428,7 +428,11 @@ impl Puller {
                     .unwrap_or(clock.slot_start_ms(segment.seq)),
             };
             let size = bytes.len();
-            match write(&self.rendition.window).push(info, bytes) {
+            let mut window = write(&self.rendition.window);
+            window.start_discontinuity_sequence(segment.discontinuity_sequence);
+            let pushed = window.push(info, bytes);
+            drop(window);
+            match pushed {
                 Ok(()) => {
                     *lock(&self.rendition.last_new) = Some(Instant::now());
                     added += 1;

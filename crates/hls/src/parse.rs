@@ -22,6 +22,9 @@ pub struct ParsedSegment {
     pub seq: u64,
     pub duration_s: f64,
     pub discontinuity: bool,
+    /// This segment's discontinuity sequence number: the playlist's EXT-X-DISCONTINUITY-SEQUENCE
+    /// plus the discontinuity tags after the first listed segment up to this one.
+    pub discontinuity_sequence: u64,
     pub program_date_time_ms: Option<u64>,
     pub uri: String,
 }
@@ -54,6 +57,7 @@ pub fn parse_media(text: &str) -> Result<ParsedMedia, ParseError> {
     }
     let playlist = MediaPlaylist::try_from(text).map_err(|e| ParseError::Invalid(e.to_string()))?;
     let media_sequence = playlist.media_sequence as u64;
+    let mut discontinuity_sequence = playlist.discontinuity_sequence as u64;
     let segments = playlist
         .segments
         .iter()
@@ -62,6 +66,12 @@ pub fn parse_media(text: &str) -> Result<ParsedMedia, ParseError> {
             seq: media_sequence + index as u64,
             duration_s: segment.duration.duration().as_secs_f64(),
             discontinuity: segment.has_discontinuity,
+            discontinuity_sequence: {
+                if index > 0 && segment.has_discontinuity {
+                    discontinuity_sequence += 1;
+                }
+                discontinuity_sequence
+            },
             program_date_time_ms: segment
                 .program_date_time
                 .as_ref()

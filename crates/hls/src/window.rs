@@ -30,8 +30,10 @@ pub enum WindowError {
 pub struct SegmentWindow<T> {
     capacity: usize,
     segments: VecDeque<(SegmentInfo, T)>,
-    /// Discontinuities of segments that already left the window.
+    /// Discontinuities of segments that already left the window (plus the starting number).
     dropped_discontinuities: u64,
+    /// Discontinuity sequence number the first segment pushed into an empty window takes.
+    start_discontinuity_sequence: u64,
 }
 
 impl<T> SegmentWindow<T> {
@@ -40,6 +42,17 @@ impl<T> SegmentWindow<T> {
             capacity: capacity.max(1),
             segments: VecDeque::new(),
             dropped_discontinuities: 0,
+            start_discontinuity_sequence: 0,
+        }
+    }
+
+    /// Numbers discontinuities like the playlist this window is filled from, so that every
+    /// broadcast pulling the same timeline serves the same EXT-X-DISCONTINUITY-SEQUENCE (players
+    /// moving between broadcasts reject a mismatch). Takes effect on the first segment pushed
+    /// into an empty window; later calls change nothing.
+    pub fn start_discontinuity_sequence(&mut self, number: u64) {
+        if self.segments.is_empty() {
+            self.start_discontinuity_sequence = number;
         }
     }
 
@@ -56,6 +69,11 @@ impl<T> SegmentWindow<T> {
             if info.seq != last + 1 {
                 info.discontinuity = true;
             }
+        } else {
+            // The first segment's own discontinuity is part of its starting number.
+            self.dropped_discontinuities = self
+                .start_discontinuity_sequence
+                .saturating_sub(u64::from(info.discontinuity));
         }
         self.segments.push_back((info, payload));
         while self.segments.len() > self.capacity {
@@ -222,6 +240,38 @@ mod tests {
         assert_eq!(w.get(2).map(|(i, _)| i.seq), None);
         assert_eq!(w.get(4).map(|(i, _)| i.seq), None);
         assert_eq!(w.get(5).map(|(i, _)| i.seq), Some(5));
+    }
+
+    #[test]
+    fn a_window_filled_from_a_playlist_keeps_its_discontinuity_numbers() {
+        let mut origin = SegmentWindow::new(10);
+        for (seq, d) in [
+            (1, false),
+            (2, true),
+            (3, true),
+            (4, false),
+            (5, true),
+            (6, false),
+        ] {
+            origin.push(info(seq, d), ()).unwrap();
+        }
+        let parsed = parse_media(&origin.render(4, 2, |i| format!("{}.ts", i.seq))).unwrap();
+        let numbers: Vec<(u64, u64)> = parsed
+            .segments
+            .iter()
+            .map(|s| (s.seq, s.discontinuity_sequence))
+            .collect();
+        assert_eq!(numbers, vec![(3, 2), (4, 2), (5, 3), (6, 3)]);
+        // A second window joining late, from segment 4 on, serves the same numbers.
+        let mut edge = SegmentWindow::new(10);
+        edge.start_discontinuity_sequence(parsed.segments[1].discontinuity_sequence);
+        for s in &parsed.segments[1..] {
+            edge.push(info(s.seq, s.discontinuity), ()).unwrap();
+        }
+        let theirs = parse_media(&origin.render(2, 2, |i| format!("{}.ts", i.seq))).unwrap();
+        let ours = parse_media(&edge.render(2, 2, |i| format!("{}.ts", i.seq))).unwrap();
+        assert_eq!(ours.discontinuity_sequence, theirs.discontinuity_sequence);
+        assert_eq!(ours.media_sequence, theirs.media_sequence);
     }
 
     #[test]

@@ -262,8 +262,14 @@ struct Viewer {
     channel: String,
     rendition_mode: String,
     pin: Option<Url>,
+    /// Broadcasts that failed this viewer recently: all are excluded at the next assignment,
+    /// since an LB may not have noticed a death yet.
+    failed: std::collections::HashMap<String, Instant>,
     report: ViewerReport,
 }
+
+/// How long a broadcast that failed a viewer stays excluded from its reassignments.
+const FAILED_MEMORY: Duration = Duration::from_secs(30);
 
 #[derive(Debug, thiserror::Error)]
 enum FetchError {
@@ -348,15 +354,22 @@ impl Viewer {
         Ok(serde_json::from_slice::<ClusterInfo>(&body)?.broadcast)
     }
 
-    /// Asks the LBs, in turn, for a broadcast other than `exclude`.
-    async fn reassign(&mut self, exclude: &str, current: &Assignment) -> Option<Assignment> {
+    /// Asks the LBs, in turn, for a broadcast other than the ones that failed recently.
+    async fn reassign(&mut self, current: &Assignment) -> Option<Assignment> {
+        let now = Instant::now();
+        self.failed.insert(current.broadcast.clone(), now);
+        self.failed
+            .retain(|_, at| now.duration_since(*at) < FAILED_MEMORY);
+        let mut exclude: Vec<&str> = self.failed.keys().map(String::as_str).collect();
+        exclude.sort_unstable();
+        let exclude = exclude.join(",");
         for lb in &self.lbs {
             let Ok(mut url) = lb.join("/api/assign") else {
                 continue;
             };
             url.query_pairs_mut()
                 .append_pair("channel", &self.channel)
-                .append_pair("exclude", exclude)
+                .append_pair("exclude", &exclude)
                 .append_pair("t", &current.token);
             let Ok(body) = self.fetch(&url, Duration::from_secs(2)).await else {
                 continue;
@@ -379,6 +392,8 @@ impl Viewer {
                 token: answer.token,
             });
         }
+        // Nothing left outside the exclusions: they may have recovered, so forget them.
+        self.failed.clear();
         None
     }
 
@@ -552,8 +567,7 @@ impl Viewer {
             self.report.errors += 1;
             bail!("gave up after {MAX_FAILOVERS_PER_SEGMENT} failovers: {error}");
         }
-        let exclude = assignment.broadcast.clone();
-        match self.reassign(&exclude, assignment).await {
+        match self.reassign(assignment).await {
             Some(next) => {
                 self.report.failovers += 1;
                 self.report.broadcasts.insert(next.broadcast.clone());
@@ -699,6 +713,7 @@ pub async fn watch(args: &WatchArgs) -> anyhow::Result<WatchReport> {
             channel: channel.clone(),
             rendition_mode: args.renditions.clone(),
             pin: pin.clone(),
+            failed: Default::default(),
             report: ViewerReport {
                 viewer: index,
                 ..Default::default()
