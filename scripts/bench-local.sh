@@ -82,6 +82,11 @@ print(f"| stalls / stall seconds / errors | {watch['stalls']} / {watch['stall_s'
 print(f"| latency (now - PROGRAM-DATE-TIME at the play head), mean over viewers | {watch['latency_s']:.2f} s |")
 print(f"| latency per viewer min / median / max | {lat[0]:.2f} / {lat[len(lat)//2]:.2f} / {lat[-1]:.2f} s |")
 print(f"| viewer startup (entry to first segment), mean | {watch['startup_s']:.2f} s |")
+print("\nLatency is 3 segments of hold-back (6 s) plus the ingest pipeline (a slot's segment is published")
+print("about 0.7-0.8 s after the slot ends: source pacing, RTMP, the ladder encode, the next keyframe closing")
+print("the segment) plus 0-2 s depending on where in a slot a viewer joins (a player starts 3 segments")
+print("behind the newest one it sees). Viewers here join within 0.6 s of each other, so their spread is small;")
+print("over random join times expect 6.8 to 8.8 s.")
 print("\nCPU (cores, 1.0 = one core) and resident memory per host while streaming, whole process group:\n")
 print("| host | role | CPU | RSS MiB |\n|---|---|---|---|")
 for h in sorted(cpu):
