@@ -27,7 +27,7 @@
   window.scPlayer = state;
 
   const masterUrl = () =>
-    `${state.baseUrl}/live/${encodeURIComponent(channel)}/master.m3u8?t=${encodeURIComponent(state.token)}`;
+    `${state.baseUrl}/live/${encodeURIComponent(channel)}/master.m3u8?t=${encodeURIComponent(state.token)}&steering=0`; // no Content Steering: the page fails over itself
 
   // Rewrite a request URL to the current broadcast: replace origin and `t` (only if it targets another origin).
   function rewrite(url) {

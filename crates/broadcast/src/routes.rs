@@ -10,7 +10,7 @@ use axum::http::{HeaderValue, Method, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use metrics_exporter_prometheus::PrometheusHandle;
-use streaming_core::config::{ChannelConfig, Rendition, is_safe_name};
+use streaming_core::config::{ChannelConfig, HostConfig, Rendition, Role, is_safe_name};
 use streaming_core::http::text_error;
 use streaming_core::token::{TOKEN_TTL_SECS, TokenError, TokenSigner, ViewerClaims, unix_now};
 use streaming_hls::{SegmentWindow, Variant, render_master};
@@ -81,9 +81,8 @@ pub fn renew(signer: &TokenSigner, claims: &ViewerClaims, me: &str, now: u64) ->
     })
 }
 
-/// The master playlist of a channel, each variant URI carrying the token.
-pub fn master_playlist(channel: &ChannelConfig, token: &str) -> String {
-    let variants: Vec<Variant> = channel
+fn variants_of(channel: &ChannelConfig) -> Vec<Variant> {
+    channel
         .ladder
         .iter()
         .map(|r| Variant {
@@ -93,8 +92,107 @@ pub fn master_playlist(channel: &ChannelConfig, token: &str) -> String {
             height: r.height,
             fps: channel.fps,
         })
-        .collect();
-    render_master(&variants, |name| format!("{name}/index.m3u8?t={token}"))
+        .collect()
+}
+
+/// The master playlist of a channel, each variant URI carrying the token.
+pub fn master_playlist(channel: &ChannelConfig, token: &str) -> String {
+    render_master(&variants_of(channel), |name| {
+        format!("{name}/index.m3u8?t={token}")
+    })
+}
+
+/// HLS Content Steering for players that do not run our page: every broadcast is a Pathway,
+/// and an LB's `/steering` tells compliant players (hls.js >= 1.4, Safari, ExoPlayer) which one
+/// to use, so they leave a dead, hung or draining broadcast on their own. Players that ignore
+/// steering see the other pathways as redundant variants (same BANDWIDTH), their classic
+/// backup streams.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Steering {
+    /// Steering manifest URI (an LB's `/steering`).
+    pub server_uri: String,
+    /// Pathway the player starts on (us, unless we are draining).
+    pub first: String,
+    /// (broadcast name, base URL or `None` for ourselves: relative URIs), first one first.
+    pub pathways: Vec<(String, Option<String>)>,
+}
+
+/// The steering plan of a channel's master as this broadcast serves it: itself first with
+/// relative URIs (unless draining), then every other broadcast not draining, in config order.
+pub fn steering_plan(config: &HostConfig, channel: &str, viewer: &str) -> Option<Steering> {
+    let me = config.me();
+    let lbs = &config.cluster.site_urls;
+    if lbs.is_empty() {
+        return None;
+    }
+    // Spread the steering load over the LBs, stable per viewer.
+    let hash = viewer
+        .bytes()
+        .fold(0u64, |h, b| h.wrapping_mul(31).wrapping_add(u64::from(b)));
+    let lb = lbs[(hash % lbs.len() as u64) as usize].trim_end_matches('/');
+    let mut pathways: Vec<(String, Option<String>)> = Vec::new();
+    if !me.drain {
+        pathways.push((me.name.clone(), None));
+    }
+    for host in config.cluster.hosts_with_role(Role::Broadcast) {
+        if host.name != me.name && !host.drain && is_pathway_id(&host.name) {
+            pathways.push((
+                host.name.clone(),
+                Some(host.url.trim_end_matches('/').to_owned()),
+            ));
+        }
+    }
+    if pathways.is_empty() {
+        pathways.push((me.name.clone(), None));
+    }
+    Some(Steering {
+        server_uri: format!("{lb}/steering?channel={channel}"),
+        first: pathways[0].0.clone(),
+        pathways,
+    })
+}
+
+/// Pathway IDs are [a-zA-Z0-9._-]; host names are stricter already, this guards the quoting.
+fn is_pathway_id(s: &str) -> bool {
+    !s.is_empty()
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+}
+
+/// The master with one copy of the ladder per pathway (`PATHWAY-ID` on each variant) and the
+/// `EXT-X-CONTENT-STEERING` tag. Our own pathway keeps relative URIs, so a player that ignores
+/// steering plays from us first.
+pub fn steered_master_playlist(
+    channel: &ChannelConfig,
+    token: &str,
+    steering: &Steering,
+) -> String {
+    let variants = variants_of(channel);
+    let mut out = String::from("#EXTM3U\n#EXT-X-VERSION:6\n#EXT-X-INDEPENDENT-SEGMENTS\n");
+    out.push_str(&format!(
+        "#EXT-X-CONTENT-STEERING:SERVER-URI=\"{}\",PATHWAY-ID=\"{}\"\n",
+        steering.server_uri, steering.first
+    ));
+    for (pathway, base) in &steering.pathways {
+        let one = render_master(&variants, |name| match base {
+            None => format!("{name}/index.m3u8?t={token}"),
+            Some(base) => format!("{base}/live/{}/{name}/index.m3u8?t={token}", channel.name),
+        });
+        for line in one.lines() {
+            if line.starts_with("#EXTM3U")
+                || line.starts_with("#EXT-X-VERSION")
+                || line.starts_with("#EXT-X-INDEPENDENT-SEGMENTS")
+            {
+                continue;
+            }
+            out.push_str(line);
+            if line.starts_with("#EXT-X-STREAM-INF:") {
+                out.push_str(&format!(",PATHWAY-ID=\"{pathway}\""));
+            }
+            out.push('\n');
+        }
+    }
+    out
 }
 
 /// The media playlist of a rendition, each segment URI carrying the token.
@@ -186,7 +284,17 @@ async fn master(
         Err(r) => return r.into_response(),
     };
     let token = renew(&app.bc.signer(), &claims, &app.bc.name, unix_now());
-    playlist_response(&app.bc, master_playlist(&channel_config, &token))
+    // Our page fails over by itself and asks for a plain master (`steering=0`).
+    let plan = if query.get("steering").map(String::as_str) == Some("0") {
+        None
+    } else {
+        steering_plan(&app.bc.config(), &channel, &claims.viewer)
+    };
+    let body = match plan {
+        Some(plan) => steered_master_playlist(&channel_config, &token, &plan),
+        None => master_playlist(&channel_config, &token),
+    };
+    playlist_response(&app.bc, body)
 }
 
 async fn media_or_segment(
@@ -232,6 +340,18 @@ async fn media_or_segment(
             bytes,
         )
             .into_response();
+    }
+    if config.me().drain {
+        // Draining: the viewer's next playlist request moves it (the page and `watch` fail
+        // over through an LB on any error; steering players already left by pathway).
+        metrics::counter!("broadcast_drain_refusals_total").increment(1);
+        let mut r = text_error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "broadcast is draining: ask an LB for another one",
+        );
+        r.headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from_static("2"));
+        return r;
     }
     let token = renew(&bc.signer(), &claims, &bc.name, unix_now());
     let body = {
@@ -421,7 +541,8 @@ mod tests {
         assert_eq!(headers[header::CONTENT_TYPE], PLAYLIST_TYPE);
         assert_eq!(headers[header::CACHE_CONTROL], "no-cache");
         let variants = parse_master(&body).unwrap();
-        assert_eq!(variants.len(), 2);
+        // Two renditions on each of the two pathways (us, then broadcast2).
+        assert_eq!(variants.len(), 4);
         let signer = TokenSigner::new(KEY);
         for v in &variants {
             let claims = signer.verify(&t_of(&v.uri), now).unwrap();
@@ -593,6 +714,144 @@ mod tests {
         assert_eq!(s.uplink_mbps, 100);
         // Top rendition (800 + 96) kbit/s × 1.1 = 985.6 kbit/s; 80 Mbit/s usable -> 81 viewers.
         assert_eq!(s.free_viewers, 81);
+    }
+
+    #[tokio::test]
+    async fn master_offers_every_broadcast_as_a_steering_pathway() {
+        let app = app();
+        fill(&app, 100..110);
+        let t = token("broadcast1", "test", "viewer-a", unix_now() + 60);
+        let (status, _, body) = get(&app, &format!("/live/test/master.m3u8?t={t}"), None).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        assert!(
+            body.contains("#EXT-X-CONTENT-STEERING:SERVER-URI=\"https://127.79.1.")
+                && body.contains("/steering?channel=test\",PATHWAY-ID=\"broadcast1\"\n"),
+            "{body}"
+        );
+        let infs: Vec<&str> = body
+            .lines()
+            .filter(|l| l.starts_with("#EXT-X-STREAM-INF:"))
+            .collect();
+        assert_eq!(infs.len(), 4);
+        assert!(
+            infs[..2]
+                .iter()
+                .all(|l| l.ends_with(",PATHWAY-ID=\"broadcast1\""))
+        );
+        assert!(
+            infs[2..]
+                .iter()
+                .all(|l| l.ends_with(",PATHWAY-ID=\"broadcast2\""))
+        );
+        // The parser `watch` uses still reads it: ours first (relative), best first per pathway.
+        let variants = parse_master(&body).unwrap();
+        let uris: Vec<&str> = variants
+            .iter()
+            .map(|v| v.uri.split('?').next().unwrap())
+            .collect();
+        assert_eq!(
+            uris,
+            [
+                "360p/index.m3u8",
+                "144p/index.m3u8",
+                "https://127.79.2.2:8443/live/test/360p/index.m3u8",
+                "https://127.79.2.2:8443/live/test/144p/index.m3u8"
+            ]
+        );
+        assert_eq!(variants[0].bandwidth, variants[2].bandwidth);
+        // Every pathway's URI carries the same renewed token, which broadcast2 accepts too.
+        let signer = TokenSigner::new(KEY);
+        for v in &variants {
+            assert_eq!(
+                signer.verify(&t_of(&v.uri), unix_now()).unwrap().viewer,
+                "viewer-a"
+            );
+        }
+        // Our page fails over by itself and asks for the plain master.
+        let (_, _, body) = get(
+            &app,
+            &format!("/live/test/master.m3u8?t={t}&steering=0"),
+            None,
+        )
+        .await;
+        assert!(
+            !body.contains("STEERING") && !body.contains("PATHWAY-ID"),
+            "{body}"
+        );
+        assert_eq!(parse_master(&body).unwrap().len(), 2);
+    }
+
+    #[test]
+    fn steering_plan_skips_draining_broadcasts() {
+        let mut config = crate::state::test_support::config();
+        let plan = steering_plan(&config, "test", "v").unwrap();
+        assert_eq!(plan.first, "broadcast1");
+        assert_eq!(
+            plan.pathways,
+            [
+                ("broadcast1".to_owned(), None),
+                (
+                    "broadcast2".to_owned(),
+                    Some("https://127.79.2.2:8443".to_owned())
+                )
+            ]
+        );
+        // Viewers spread over the LBs, each one stable.
+        let lbs: std::collections::BTreeSet<String> = (0..20)
+            .map(|i| {
+                steering_plan(&config, "test", &format!("viewer-{i}"))
+                    .unwrap()
+                    .server_uri
+            })
+            .collect();
+        assert_eq!(lbs.len(), 2, "{lbs:?}");
+        // Draining ourselves: the player starts on (and is steered to) another pathway.
+        for h in &mut config.cluster.hosts {
+            if h.name == "broadcast1" {
+                h.drain = true;
+            }
+        }
+        let plan = steering_plan(&config, "test", "v").unwrap();
+        assert_eq!(plan.first, "broadcast2");
+        assert_eq!(plan.pathways.len(), 1);
+        // Everything draining: still a playable master (ours).
+        for h in &mut config.cluster.hosts {
+            h.drain = true;
+        }
+        let plan = steering_plan(&config, "test", "v").unwrap();
+        assert_eq!(plan.pathways, [("broadcast1".to_owned(), None)]);
+    }
+
+    #[tokio::test]
+    async fn draining_moves_viewers_at_their_next_playlist_request() {
+        let app = app();
+        fill(&app, 100..110);
+        let t = token("broadcast1", "test", "v", unix_now() + 60);
+        let mut config = (*app.bc.config()).clone();
+        for h in &mut config.cluster.hosts {
+            h.drain = h.name == "broadcast1";
+        }
+        app.bc.replace(
+            config,
+            TokenSigner::new(KEY),
+            "ck".into(),
+            reqwest::Client::new(),
+        );
+        let (status, headers, body) =
+            get(&app, &format!("/live/test/360p/index.m3u8?t={t}"), None).await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(headers[header::RETRY_AFTER], "2");
+        assert!(body.contains("draining"), "{body}");
+        // A segment already listed is still served (the download in flight completes).
+        let (status, _, body) = get(&app, &format!("/live/test/360p/105.ts?t={t}"), None).await;
+        assert_eq!((status, body.as_str()), (StatusCode::OK, "ts-105"));
+        assert!(app.bc.status().draining);
+        // The master steers to the others only.
+        let (_, _, body) = get(&app, &format!("/live/test/master.m3u8?t={t}"), None).await;
+        assert!(
+            body.contains("PATHWAY-ID=\"broadcast2\"") && !body.contains("\"broadcast1\""),
+            "{body}"
+        );
     }
 
     #[test]

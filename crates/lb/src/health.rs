@@ -14,11 +14,14 @@ use streaming_core::status::BroadcastStatus;
 use crate::assign::Candidate;
 
 /// How often every broadcast is polled.
-pub const POLL_INTERVAL: Duration = Duration::from_secs(1);
+pub const POLL_INTERVAL: Duration = Duration::from_millis(500);
 /// A poll that takes longer counts as failed: a hung broadcast must look like a dead one.
-pub const POLL_TIMEOUT: Duration = Duration::from_secs(1);
-/// A broadcast whose last good poll is older than this gets no new viewers.
-pub const MAX_POLL_AGE: Duration = Duration::from_secs(2);
+/// Also bounds one poll round, so healthy broadcasts are re-polled at least this often.
+pub const POLL_TIMEOUT: Duration = Duration::from_millis(800);
+/// A broadcast whose last good poll is older than this gets no new viewers. A host that dies or
+/// hangs right after answering is excluded this long after its last answer (the issue asks for
+/// 2 s); a healthy one answers about twice within it, so one slow answer does not exclude it.
+pub const MAX_POLL_AGE: Duration = Duration::from_millis(1500);
 /// `/status` answers are a few hundred bytes.
 const MAX_STATUS_BYTES: usize = 64 * 1024;
 
@@ -304,6 +307,30 @@ mod tests {
                 "{c:?} vs {reason}"
             );
         }
+    }
+
+    #[test]
+    fn a_hung_broadcast_is_excluded_within_two_seconds() {
+        assert!(POLL_TIMEOUT < MAX_POLL_AGE && MAX_POLL_AGE <= Duration::from_secs(2));
+        // Polls start at least every max(interval, timeout): a healthy one stays eligible.
+        assert!(POLL_INTERVAL.max(POLL_TIMEOUT) * 3 / 2 < MAX_POLL_AGE);
+        let health = Health::default();
+        let t0 = Instant::now();
+        let h = host("broadcast1", false);
+        health.record("broadcast1", Ok(status("broadcast1", true, false, 9)), t0);
+        // It hangs right after answering: every later poll times out.
+        let mut t = t0;
+        while t < t0 + Duration::from_secs(2) {
+            t += POLL_TIMEOUT;
+            health.record("broadcast1", Err("timed out".into()), t);
+        }
+        let judged = |at: Instant| judge(&h, health.snapshot().get("broadcast1"), at);
+        assert!(judged(t0 + POLL_TIMEOUT).eligible);
+        let late = judged(t0 + Duration::from_secs(2));
+        assert!(
+            !late.eligible && late.reason.contains("timed out"),
+            "{late:?}"
+        );
     }
 
     #[test]

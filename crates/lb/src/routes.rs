@@ -16,7 +16,7 @@ use streaming_core::http::text_error;
 use streaming_core::token::{TOKEN_TTL_SECS, TokenSigner, ViewerClaims, new_viewer_id, unix_now};
 use tower_http::set_header::SetResponseHeaderLayer;
 
-use crate::assign::{choose, parse_exclude};
+use crate::assign::{Candidate, choose, parse_exclude};
 use crate::health::{Health, candidates};
 
 /// Seconds a client should wait before asking again when the cluster is full.
@@ -132,9 +132,49 @@ impl App {
     }
 }
 
+/// Seconds a steering player waits before asking again: how soon it leaves a broadcast that
+/// died, hung or started draining (its own request errors usually make it move sooner).
+pub const STEERING_TTL_SECS: u64 = 10;
+
+/// `PATHWAY-PRIORITY` of the steering manifest: the viewer's current pathway first while it is
+/// eligible (steering must not move everyone to the emptiest broadcast every TTL), then every
+/// other eligible broadcast, most free capacity first. With nothing eligible the current
+/// pathway (or every broadcast) is kept, so the player does not jump to a dead one.
+pub fn pathway_priority(cands: &[Candidate], current: Option<&str>) -> Vec<String> {
+    let mut eligible: Vec<&Candidate> = cands.iter().filter(|c| c.eligible).collect();
+    eligible.sort_by(|a, b| {
+        b.free_viewers
+            .cmp(&a.free_viewers)
+            .then_with(|| a.name.cmp(&b.name))
+    });
+    if let Some(cur) = current
+        && let Some(i) = eligible.iter().position(|c| c.name == cur)
+    {
+        let c = eligible.remove(i);
+        eligible.insert(0, c);
+    }
+    if !eligible.is_empty() {
+        return eligible.into_iter().map(|c| c.name.clone()).collect();
+    }
+    match current.filter(|cur| cands.iter().any(|c| c.name == *cur)) {
+        Some(cur) => vec![cur.to_owned()],
+        None => cands.iter().map(|c| c.name.clone()).collect(),
+    }
+}
+
+/// The HLS Content Steering manifest (version 1) for a player currently on `current`.
+pub fn steering_manifest(cands: &[Candidate], current: Option<&str>) -> serde_json::Value {
+    serde_json::json!({
+        "VERSION": 1,
+        "TTL": STEERING_TTL_SECS,
+        "PATHWAY-PRIORITY": pathway_priority(cands, current),
+    })
+}
+
 pub fn router(app: App) -> Router {
     Router::new()
         .route("/", get(page))
+        .route("/steering", get(steering))
         .route("/live/{channel}/{file}", get(hls))
         .route("/api/assign", get(api_assign))
         .route("/healthz", get(healthz))
@@ -257,6 +297,32 @@ async fn api_assign(
         response = with_retry_after(response);
     }
     response
+}
+
+/// `GET /steering?channel=C&_HLS_pathway=P[&_HLS_throughput=N]`, asked by players every TTL
+/// (the `SERVER-URI` of the masters the broadcasts serve).
+async fn steering(
+    State(app): State<App>,
+    Query(query): Query<HashMap<String, String>>,
+) -> Response {
+    if let Err(AssignError::UnknownChannel) = app.channel(query.get("channel")) {
+        return text_error(StatusCode::NOT_FOUND, "unknown channel");
+    }
+    let current = query
+        .get("_HLS_pathway")
+        .map(String::as_str)
+        .filter(|p| is_safe_name(p));
+    let config = app.config();
+    let cands = candidates(&config, &app.health.snapshot(), Instant::now());
+    metrics::counter!("lb_steering_total").increment(1);
+    (
+        [
+            (header::ACCESS_CONTROL_ALLOW_ORIGIN, "*"),
+            (header::CACHE_CONTROL, "no-store"),
+        ],
+        axum::Json(steering_manifest(&cands, current)),
+    )
+        .into_response()
 }
 
 async fn healthz(State(app): State<App>) -> Response {
@@ -518,6 +584,92 @@ mod tests {
         ] {
             assert_eq!(get(&app, uri).await.0, StatusCode::NOT_FOUND, "{uri}");
         }
+    }
+
+    fn cand(name: &str, eligible: bool, free: u64) -> Candidate {
+        Candidate {
+            name: name.into(),
+            base_url: format!("https://{name}"),
+            eligible,
+            free_viewers: free,
+            reason: String::new(),
+        }
+    }
+
+    #[test]
+    fn steering_keeps_the_current_pathway_while_eligible() {
+        let cands = [
+            cand("broadcast1", true, 5),
+            cand("broadcast2", true, 50),
+            cand("broadcast3", false, 500),
+            cand("broadcast4", true, 20),
+        ];
+        assert_eq!(
+            pathway_priority(&cands, None),
+            ["broadcast2", "broadcast4", "broadcast1"]
+        );
+        assert_eq!(
+            pathway_priority(&cands, Some("broadcast1")),
+            ["broadcast1", "broadcast2", "broadcast4"]
+        );
+        // The current one died, hung or drains: it is left out, the best one leads.
+        assert_eq!(
+            pathway_priority(&cands, Some("broadcast3")),
+            ["broadcast2", "broadcast4", "broadcast1"]
+        );
+        // Nothing eligible: stay put rather than jump to a dead broadcast.
+        let dead = [cand("broadcast1", false, 0), cand("broadcast2", false, 0)];
+        assert_eq!(pathway_priority(&dead, Some("broadcast2")), ["broadcast2"]);
+        assert_eq!(
+            pathway_priority(&dead, Some("nope")),
+            ["broadcast1", "broadcast2"]
+        );
+        let m = steering_manifest(&cands, Some("broadcast4"));
+        assert_eq!(m["VERSION"], 1);
+        assert_eq!(m["TTL"], STEERING_TTL_SECS);
+        assert_eq!(m["PATHWAY-PRIORITY"][0], "broadcast4");
+    }
+
+    #[tokio::test]
+    async fn steering_endpoint_serves_the_manifest() {
+        // broadcast2 never answered a poll: not a pathway to go to.
+        let app = app(&[("broadcast1", 5)]);
+        let (status, headers, body) = get(
+            &app,
+            "/steering?channel=test&_HLS_pathway=broadcast2&_HLS_throughput=1000",
+        )
+        .await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        assert_eq!(headers[header::ACCESS_CONTROL_ALLOW_ORIGIN], "*");
+        assert_eq!(headers[header::CACHE_CONTROL], "no-store");
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(
+            v,
+            serde_json::json!({"VERSION": 1, "TTL": 10, "PATHWAY-PRIORITY": ["broadcast1"]})
+        );
+        assert_eq!(
+            get(&app, "/steering?channel=nope").await.0,
+            StatusCode::NOT_FOUND
+        );
+    }
+
+    #[tokio::test]
+    async fn tokens_from_the_other_lb_are_sticky_too() {
+        // Both LBs sign with the shared token key: lb2's token keeps the viewer at lb1.
+        let app = app(&[("broadcast1", 5), ("broadcast2", 50)]);
+        let from_lb2 = TokenSigner::new(KEY).sign(&ViewerClaims {
+            broadcast: "broadcast1".into(),
+            channel: "test".into(),
+            viewer: "v2".into(),
+            expires: unix_now() + 60,
+        });
+        let (_, _, body) = get(&app, &format!("/api/assign?channel=test&t={from_lb2}")).await;
+        let a: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(a["broadcast"], "broadcast1");
+        let claims = TokenSigner::new(KEY)
+            .verify(a["token"].as_str().unwrap(), unix_now())
+            .unwrap();
+        assert_eq!(claims.viewer, "v2");
     }
 
     #[tokio::test]

@@ -34,6 +34,63 @@ pub enum Command {
     Hosts(HostsArgs),
     /// HLS viewer simulator (startup, stalls, failovers, latency).
     Watch(crate::watch::WatchArgs),
+    /// After adding a host's entry to the cluster file: regenerate every config, create its
+    /// certificate, start it, and SIGHUP the others so they use it without restarts.
+    /// On a drained host: take it back into service.
+    Add(AddArgs),
+    /// Take a host out of service: LBs stop assigning it and its viewers move at their next
+    /// playlist request (it answers 503; steering players are steered away). The flag lives in
+    /// <state>/drained and survives regeneration. Then remove its entry from the cluster file
+    /// and run `streamctl sync` to stop it for good.
+    Drain(DrainArgs),
+    /// Re-read the cluster file (drained list applied): rewrite every config, SIGHUP every
+    /// running host, and stop hosts whose entry was removed.
+    Sync(SyncArgs),
+    /// Load and comparison benchmarks.
+    Bench(crate::bench::BenchArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct AddArgs {
+    /// Host name as in the cluster file, e.g. broadcast5.
+    pub name: String,
+    #[command(flatten)]
+    pub state: StateArg,
+    /// The host list (default: the one `up` or the last `add` used, recorded in the state dir).
+    #[arg(long)]
+    pub cluster: Option<PathBuf>,
+    /// First two octets of the loopback addresses (default: the one `up` used).
+    #[arg(long)]
+    pub address_prefix: Option<String>,
+    /// Seconds to wait for the started host to answer /healthz (0: do not wait).
+    #[arg(long, default_value_t = 30)]
+    pub timeout: u64,
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct DrainArgs {
+    /// Host name, e.g. broadcast3.
+    pub name: String,
+    #[command(flatten)]
+    pub state: StateArg,
+    /// The host list (default: the one recorded in the state dir).
+    #[arg(long)]
+    pub cluster: Option<PathBuf>,
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct SyncArgs {
+    #[command(flatten)]
+    pub state: StateArg,
+    /// The host list (default: the one recorded in the state dir).
+    #[arg(long)]
+    pub cluster: Option<PathBuf>,
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Debug, Clone, Args)]

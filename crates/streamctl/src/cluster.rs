@@ -1,7 +1,7 @@
 //! From `cluster.nix` to a local cluster's files: the generator's per-host JSON, certificates,
 //! secrets and the state directory layout that every other subcommand reads back.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
@@ -46,6 +46,15 @@ impl Layout {
     /// stdout + stderr of the host's process (the service's own log is `<host>.log` beside it).
     pub fn out_file(&self, host: &str) -> PathBuf {
         self.log_dir().join(format!("{host}.out"))
+    }
+    /// Hosts taken out of service by `streamctl drain`, one name a line; applied as
+    /// `drain = true` after every evaluation so the flag survives re-generation.
+    pub fn drained_file(&self) -> PathBuf {
+        self.root.join("drained")
+    }
+    /// Which cluster file and address prefix the configs were generated from (`up`, `add`).
+    pub fn source_file(&self) -> PathBuf {
+        self.root.join("source.json")
     }
     pub fn ca(&self) -> CaFiles {
         CaFiles {
@@ -159,6 +168,110 @@ pub fn evaluate(
             .validate()
             .map_err(|e| anyhow::anyhow!("generator: host {name}: {e}"))?;
     }
+    Ok(configs)
+}
+
+/// The drained host names in a `drained` file's text (blank lines, `#` comments and names
+/// that cannot be hosts are skipped).
+pub fn parse_drained(text: &str) -> BTreeSet<String> {
+    text.lines()
+        .map(|l| l.split('#').next().unwrap_or_default().trim())
+        .filter(|l| streaming_core::config::is_safe_name(l))
+        .map(str::to_owned)
+        .collect()
+}
+
+pub fn read_drained(layout: &Layout) -> anyhow::Result<BTreeSet<String>> {
+    match std::fs::read_to_string(layout.drained_file()) {
+        Ok(text) => Ok(parse_drained(&text)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(BTreeSet::new()),
+        Err(e) => Err(e).with_context(|| format!("read {}", layout.drained_file().display())),
+    }
+}
+
+pub fn write_drained(layout: &Layout, drained: &BTreeSet<String>) -> anyhow::Result<()> {
+    let mut text =
+        String::from("# hosts drained by `streamctl drain` (`streamctl add NAME` undoes)\n");
+    for name in drained {
+        text.push_str(name);
+        text.push('\n');
+    }
+    write_file(&layout.drained_file(), text.as_bytes(), false)
+        .with_context(|| format!("write {}", layout.drained_file().display()))
+}
+
+/// Sets `drain` on the drained hosts' entries in every host's cluster view (each host sees the
+/// whole cluster: LBs read it to stop assigning, the host itself to refuse playlists).
+pub fn apply_drained(configs: &mut BTreeMap<String, HostConfig>, drained: &BTreeSet<String>) {
+    for config in configs.values_mut() {
+        for host in &mut config.cluster.hosts {
+            host.drain = host.drain || drained.contains(&host.name);
+        }
+    }
+}
+
+/// What the configs of a state dir were generated from.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Source {
+    pub cluster: PathBuf,
+    pub address_prefix: String,
+}
+
+impl Source {
+    /// The recorded source, with `cluster`/`prefix` overriding it. Without a record (a cluster
+    /// started by an older streamctl) the prefix comes from the configs' addresses.
+    pub fn resolve(
+        layout: &Layout,
+        cluster: Option<&Path>,
+        prefix: Option<&str>,
+    ) -> anyhow::Result<Self> {
+        let recorded: Option<Source> = std::fs::read(layout.source_file())
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok());
+        let derived_prefix = || -> Option<String> {
+            let configs = layout.load_configs().ok()?;
+            let address = configs.first()?.me().address.to_string();
+            let mut octets = address.split('.');
+            Some(format!("{}.{}", octets.next()?, octets.next()?))
+        };
+        let cluster = match (cluster, &recorded) {
+            (Some(c), _) => c.to_owned(),
+            (None, Some(r)) => r.cluster.clone(),
+            (None, None) => PathBuf::from("cluster.nix"),
+        };
+        let address_prefix = match (prefix, &recorded) {
+            (Some(p), _) => p.to_owned(),
+            (None, Some(r)) => r.address_prefix.clone(),
+            (None, None) => derived_prefix().unwrap_or_else(|| "127.77".to_owned()),
+        };
+        let cluster = std::fs::canonicalize(&cluster)
+            .with_context(|| format!("cluster file {}", cluster.display()))?;
+        Ok(Self {
+            cluster,
+            address_prefix,
+        })
+    }
+
+    pub fn save(&self, layout: &Layout) -> anyhow::Result<()> {
+        write_file(
+            &layout.source_file(),
+            &serde_json::to_vec_pretty(self)?,
+            false,
+        )
+        .with_context(|| format!("write {}", layout.source_file().display()))
+    }
+}
+
+/// Evaluates the cluster file for this state dir and applies the drained list.
+pub fn generate(layout: &Layout, source: &Source) -> anyhow::Result<BTreeMap<String, HostConfig>> {
+    let generator = find_generator(&source.cluster)?;
+    let mut configs = evaluate(
+        &generator,
+        &source.cluster,
+        &layout.root,
+        &source.address_prefix,
+    )?;
+    apply_drained(&mut configs, &read_drained(layout)?);
     Ok(configs)
 }
 
@@ -325,6 +438,48 @@ mod tests {
         let source1 = &configs["source1"];
         assert_eq!(source1.me().address.to_string(), "127.80.5.1");
         assert_eq!(source1.cluster.channel("test").unwrap().preset, "ultrafast");
+    }
+
+    #[test]
+    fn drained_list_survives_regeneration() {
+        let state = tempfile::tempdir().unwrap();
+        let layout = Layout::new(state.path()).unwrap();
+        assert!(read_drained(&layout).unwrap().is_empty());
+        assert_eq!(
+            parse_drained("# c\nbroadcast3\n\n  lb1  # why\n../x\nbroadcast3\n"),
+            ["broadcast3".to_owned(), "lb1".to_owned()].into()
+        );
+        let drained: BTreeSet<String> = ["broadcast3".to_owned()].into();
+        write_drained(&layout, &drained).unwrap();
+        assert_eq!(read_drained(&layout).unwrap(), drained);
+        let root = repo();
+        std::fs::copy(root.join("cluster.nix"), state.path().join("cluster.nix")).unwrap();
+        std::fs::create_dir_all(state.path().join("nix")).unwrap();
+        std::fs::copy(
+            root.join("nix/generate.nix"),
+            state.path().join("nix/generate.nix"),
+        )
+        .unwrap();
+        let source = Source::resolve(
+            &layout,
+            Some(&state.path().join("cluster.nix")),
+            Some("127.80"),
+        )
+        .unwrap();
+        source.save(&layout).unwrap();
+        assert_eq!(Source::resolve(&layout, None, None).unwrap(), source);
+        let configs = generate(&layout, &source).unwrap();
+        for config in configs.values() {
+            for host in &config.cluster.hosts {
+                assert_eq!(
+                    host.drain,
+                    host.name == "broadcast3",
+                    "{}: {}",
+                    config.name,
+                    host.name
+                );
+            }
+        }
     }
 
     #[test]

@@ -1,13 +1,16 @@
 //! One function per subcommand; the pieces live in [`crate::cluster`], [`crate::pki`],
 //! [`crate::procs`] and [`crate::probe`].
 
+use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use serde::Serialize;
 use streaming_core::config::{HostConfig, Role};
 
-use crate::cli::{DownArgs, HostsArgs, KillArgs, StartArgs, StatusArgs, UpArgs};
+use crate::cli::{
+    AddArgs, DownArgs, DrainArgs, HostsArgs, KillArgs, StartArgs, StatusArgs, SyncArgs, UpArgs,
+};
 use crate::cluster::{self, Layout};
 use crate::probe;
 use crate::procs::{self, Liveness};
@@ -42,14 +45,11 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
     let layout = Layout::new(&args.state.dir)?;
     std::fs::create_dir_all(&layout.root)
         .with_context(|| format!("create {}", layout.root.display()))?;
-    let generator = cluster::find_generator(&args.cluster)?;
-    let configs = cluster::evaluate(
-        &generator,
-        &args.cluster,
-        &layout.root,
-        &args.address_prefix,
-    )?;
+    let source =
+        cluster::Source::resolve(&layout, Some(&args.cluster), Some(&args.address_prefix))?;
+    let configs = cluster::generate(&layout, &source)?;
     cluster::materialise(&layout, &configs)?;
+    source.save(&layout)?;
     let say = |line: String| {
         if !args.json {
             println!("{line}");
@@ -452,6 +452,235 @@ pub fn start(args: StartArgs) -> anyhow::Result<()> {
         Started::AlreadyUp(pid) => println!("{}: already up (pid {pid})", args.name),
     }
     Ok(())
+}
+
+/// What a topology change (`add`, `drain`, `sync`) did.
+#[derive(Debug, Default, Serialize)]
+pub struct TopologyReport {
+    /// Hosts started.
+    pub started: Vec<String>,
+    /// Hosts sent SIGHUP to re-read their (rewritten) config.
+    pub reloaded: Vec<String>,
+    /// Hosts stopped because they left the host list.
+    pub removed: Vec<String>,
+    /// Listed hosts whose process is not running (`streamctl add NAME` or `start NAME`).
+    pub not_running: Vec<String>,
+    /// Hosts currently drained.
+    pub drained: Vec<String>,
+}
+
+/// Re-evaluates the host list, rewrites every config (certificates and secrets for new hosts),
+/// and returns the new configs plus the hosts that left the list.
+fn regenerate(
+    layout: &Layout,
+    source: &cluster::Source,
+) -> anyhow::Result<(BTreeMap<String, HostConfig>, Vec<String>)> {
+    let before: Vec<String> = layout.load_configs()?.into_iter().map(|c| c.name).collect();
+    // Names that left the list are dropped from the drained list too.
+    let mut drained = cluster::read_drained(layout)?;
+    let configs = cluster::generate(layout, source)?;
+    if drained.iter().any(|d| !configs.contains_key(d)) {
+        drained.retain(|d| configs.contains_key(d));
+        cluster::write_drained(layout, &drained)?;
+    }
+    cluster::materialise(layout, &configs)?;
+    source.save(layout)?;
+    let removed = before
+        .into_iter()
+        .filter(|name| !configs.contains_key(name))
+        .collect();
+    Ok((configs, removed))
+}
+
+/// SIGHUP to the main process of every running host (not its group: ffmpeg children would
+/// die of it), so services re-read config and secrets without a restart.
+fn reload_running(
+    layout: &Layout,
+    configs: &BTreeMap<String, HostConfig>,
+    skip: Option<&str>,
+    report: &mut TopologyReport,
+) {
+    let mut ordered: Vec<&HostConfig> = configs.values().collect();
+    ordered.sort_by_key(|c| (cluster::start_rank(c.me().role), c.name.clone()));
+    for config in ordered {
+        let name = &config.name;
+        if config.me().role == Role::Db || skip == Some(name.as_str()) {
+            continue;
+        }
+        match procs::live_pid(&layout.pid_file(name), &layout.config_file(name)) {
+            Some(pid) if procs::signal_pid(pid, libc::SIGHUP) => report.reloaded.push(name.clone()),
+            _ => report.not_running.push(name.clone()),
+        }
+    }
+}
+
+/// Stops hosts that left the host list (after the others reloaded, so LBs no longer send
+/// viewers there) and deletes their config and pid files.
+fn stop_removed(layout: &Layout, removed: &[String], report: &mut TopologyReport) {
+    for name in removed {
+        if let Some(pid) = procs::live_pid(&layout.pid_file(name), &layout.config_file(name)) {
+            procs::stop_group(pid, STOP_GRACE);
+        }
+        let _ = std::fs::remove_file(layout.config_file(name));
+        let _ = std::fs::remove_file(layout.pid_file(name));
+        report.removed.push(name.clone());
+    }
+}
+
+fn print_report(report: &TopologyReport, json: bool) -> anyhow::Result<()> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(report)?);
+        return Ok(());
+    }
+    let line = |what: &str, names: &[String]| {
+        if !names.is_empty() {
+            println!("{what}: {}", names.join(", "));
+        }
+    };
+    line("started", &report.started);
+    line("reloaded (SIGHUP)", &report.reloaded);
+    line("removed (stopped)", &report.removed);
+    line("listed but not running", &report.not_running);
+    line("drained", &report.drained);
+    Ok(())
+}
+
+/// Waits until a started host answers `/healthz` (broadcasts: once they have a live segment).
+async fn wait_healthy(layout: &Layout, config: &HostConfig, timeout: Duration) -> bool {
+    let Ok(client) = probe::client(&layout.ca().cert, PROBE_TIMEOUT) else {
+        return false;
+    };
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if probe::healthy(&client, &config.me().url).await.is_ok() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    false
+}
+
+/// `streamctl add NAME`: the host's entry is in the cluster file; generate, start it, reload
+/// the others. Also takes a drained host back into service.
+pub async fn add(args: AddArgs) -> anyhow::Result<()> {
+    let layout = Layout::new(&args.state.dir)?;
+    if !streaming_core::config::is_safe_name(&args.name) {
+        bail!("{:?} is not a host name", args.name);
+    }
+    let source = cluster::Source::resolve(
+        &layout,
+        args.cluster.as_deref(),
+        args.address_prefix.as_deref(),
+    )?;
+    let mut drained = cluster::read_drained(&layout)?;
+    let undrained = drained.remove(&args.name);
+    if undrained {
+        cluster::write_drained(&layout, &drained)?;
+    }
+    let (configs, removed) = regenerate(&layout, &source)?;
+    let Some(config) = configs.get(&args.name) else {
+        bail!(
+            "{} is not in {}: add its entry to `hosts` first",
+            args.name,
+            source.cluster.display()
+        );
+    };
+    if config.me().role == Role::Db {
+        bail!(
+            "{}: db hosts are not run locally yet (chat issue)",
+            args.name
+        );
+    }
+    let mut report = TopologyReport::default();
+    let fresh = match start_host(&layout, config)? {
+        Started::Fresh(pid) => {
+            if !args.json {
+                println!(
+                    "{}: started {} pid {pid} at {}",
+                    args.name,
+                    config.me().role,
+                    config.me().url
+                );
+            }
+            report.started.push(args.name.clone());
+            true
+        }
+        Started::AlreadyUp(pid) => {
+            if !args.json {
+                let what = if undrained { ", back in service" } else { "" };
+                println!("{}: already up (pid {pid}){what}", args.name);
+            }
+            false
+        }
+    };
+    // The new host already read its config; everyone else learns about it now.
+    reload_running(
+        &layout,
+        &configs,
+        fresh.then_some(args.name.as_str()),
+        &mut report,
+    );
+    stop_removed(&layout, &removed, &mut report);
+    report.drained = drained.into_iter().collect();
+    if fresh && args.timeout > 0 {
+        let healthy = wait_healthy(&layout, config, Duration::from_secs(args.timeout)).await;
+        if !args.json {
+            if healthy {
+                println!("{}: healthy; the LBs use it within a second", args.name);
+            } else {
+                println!(
+                    "{}: not healthy after {} s (see {})",
+                    args.name,
+                    args.timeout,
+                    layout.out_file(&args.name).display()
+                );
+            }
+        }
+    }
+    print_report(&report, args.json)
+}
+
+/// `streamctl drain NAME`.
+pub fn drain(args: DrainArgs) -> anyhow::Result<()> {
+    let layout = Layout::new(&args.state.dir)?;
+    let config = layout.load_config(&args.name)?;
+    let source = cluster::Source::resolve(&layout, args.cluster.as_deref(), None)?;
+    let mut drained = cluster::read_drained(&layout)?;
+    drained.insert(args.name.clone());
+    cluster::write_drained(&layout, &drained)?;
+    let (configs, removed) = regenerate(&layout, &source)?;
+    let mut report = TopologyReport::default();
+    reload_running(&layout, &configs, None, &mut report);
+    stop_removed(&layout, &removed, &mut report);
+    report.drained = cluster::read_drained(&layout)?.into_iter().collect();
+    if !args.json {
+        if config.me().role == Role::Broadcast {
+            println!(
+                "{}: draining: the LBs assign it no new viewers and its viewers move at their \
+                 next playlist request.\n`streamctl add {}` takes it back; removing its entry \
+                 from the cluster file and `streamctl sync` take it out for good.",
+                args.name, args.name
+            );
+        } else {
+            println!(
+                "{}: marked drained in every config; only broadcasts act on it so far",
+                args.name
+            );
+        }
+    }
+    print_report(&report, args.json)
+}
+
+/// `streamctl sync`: re-read the cluster file, stop hosts no longer listed, reload the rest.
+pub fn sync(args: SyncArgs) -> anyhow::Result<()> {
+    let layout = Layout::new(&args.state.dir)?;
+    let source = cluster::Source::resolve(&layout, args.cluster.as_deref(), None)?;
+    let (configs, removed) = regenerate(&layout, &source)?;
+    let mut report = TopologyReport::default();
+    reload_running(&layout, &configs, None, &mut report);
+    stop_removed(&layout, &removed, &mut report);
+    report.drained = cluster::read_drained(&layout)?.into_iter().collect();
+    print_report(&report, args.json)
 }
 
 /// `streamctl hosts`.

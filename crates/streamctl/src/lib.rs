@@ -6,7 +6,9 @@
 //! - [`probe`]: health, status and playback checks over HTTPS.
 //! - [`commands`]: one function per subcommand.
 //! - [`watch`]: the HLS viewer simulator.
+//! - [`bench`]: load and failover benchmarks.
 
+pub mod bench;
 pub mod cli;
 pub mod cluster;
 pub mod commands;
@@ -27,5 +29,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Start(args) => commands::start(args),
         Command::Hosts(args) => commands::hosts(args),
         Command::Watch(args) => watch::run(args).await,
+        Command::Add(args) => commands::add(args).await,
+        Command::Drain(args) => commands::drain(args),
+        Command::Sync(args) => commands::sync(args),
+        Command::Bench(args) => bench::run(args).await,
     }
 }

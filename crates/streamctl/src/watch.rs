@@ -47,7 +47,8 @@ pub struct WatchArgs {
     /// name such as `360p`.
     #[arg(long, default_value = "auto")]
     pub renditions: String,
-    /// Start every viewer on this broadcast (by host name) instead of the LB's choice.
+    /// Start viewers on these broadcasts (host names, comma-separated; viewer i takes the
+    /// i-th modulo their number) instead of the LB's choice. They still fail over through the LB.
     #[arg(long)]
     pub pin: Option<String>,
     /// Print one JSON object instead of text.
@@ -433,7 +434,10 @@ impl Viewer {
             assignment.broadcast = self.broadcast_name(&pin).await?;
             assignment.base = pin;
         }
-        let master_url = rebase(&master_url, &assignment);
+        let mut master_url = rebase(&master_url, &assignment);
+        // Like the page: the plain master (no content-steering pathways); failover goes through
+        // the LB instead.
+        master_url.query_pairs_mut().append_pair("steering", "0");
         let master_body = self.fetch(&master_url, Duration::from_secs(5)).await?;
         let variants = parse_master(std::str::from_utf8(&master_body)?)?;
         if variants.is_empty() {
@@ -699,9 +703,13 @@ pub async fn watch(args: &WatchArgs) -> anyhow::Result<WatchReport> {
             }
         })
         .unwrap_or_else(|| "test".to_owned());
-    let pin = match &args.pin {
-        Some(name) => Some(pin_url(&args.state, name)?),
-        None => None,
+    let pins: Vec<Url> = match &args.pin {
+        Some(names) => names
+            .split(',')
+            .filter(|n| !n.is_empty())
+            .map(|name| pin_url(&args.state, name))
+            .collect::<anyhow::Result<_>>()?,
+        None => Vec::new(),
     };
     let mut tasks = Vec::new();
     for index in 0..args.viewers.max(1) {
@@ -712,7 +720,7 @@ pub async fn watch(args: &WatchArgs) -> anyhow::Result<WatchReport> {
             lbs: lbs.clone(),
             channel: channel.clone(),
             rendition_mode: args.renditions.clone(),
-            pin: pin.clone(),
+            pin: (!pins.is_empty()).then(|| pins[index % pins.len()].clone()),
             failed: Default::default(),
             report: ViewerReport {
                 viewer: index,

@@ -1,0 +1,352 @@
+//! `streamctl bench failover`: the failover matrix.
+//!
+//! Against a running local cluster (`streamctl up`), for each fault: start simulated viewers
+//! spread over every broadcast (plus the ones pinned to the faulty host's path), inject the
+//! fault a few seconds in (SIGKILL, or SIGSTOP for a hang), restore the host after a while
+//! (`streamctl start`), and report what the viewers felt (stalls, stall seconds, errors,
+//! failovers) and how long the cluster took to be whole again after the restore. Faults are
+//! injected only into processes of the local cluster, through `streamctl kill`/`start`, so the
+//! bench exercises exactly what an operator would use.
+
+use std::fmt::Write as _;
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use serde::Serialize;
+
+use crate::watch::{WatchArgs, WatchReport, watch};
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct BenchArgs {
+    #[command(subcommand)]
+    pub what: BenchKind,
+}
+
+#[derive(Debug, Clone, clap::Subcommand)]
+pub enum BenchKind {
+    /// Inject every single-host fault (and one double fault) while viewers watch.
+    Failover(FailoverArgs),
+}
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct FailoverArgs {
+    /// State directory of the running cluster.
+    #[arg(long, default_value = ".streamctl")]
+    pub state: PathBuf,
+    /// Viewers spread over every broadcast (one more is added on the faulty host's path).
+    #[arg(long, default_value_t = 20)]
+    pub viewers: usize,
+    /// Watching time per fault, after viewer startup.
+    #[arg(long, default_value_t = 40)]
+    pub seconds: u64,
+    /// Seconds of watching before the fault is injected.
+    #[arg(long, default_value_t = 8)]
+    pub fault_after: u64,
+    /// Seconds the fault lasts before the host is restored.
+    #[arg(long, default_value_t = 15)]
+    pub fault_for: u64,
+    /// Only these faults (comma-separated names from the table), default all.
+    #[arg(long)]
+    pub only: Option<String>,
+    /// Write the Markdown table here (e.g. docs/failover-matrix.md).
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// Print the rows as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// One way a host can fail.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// SIGKILL of the host's whole process group.
+    Kill,
+    /// SIGSTOP: the host hangs, sockets stay open.
+    Hang,
+    /// SIGKILL of one ffmpeg child only.
+    Ffmpeg,
+}
+
+/// A fault of the matrix: one or more hosts failing together.
+#[derive(Debug, Clone, Serialize)]
+pub struct Fault {
+    pub name: String,
+    pub hosts: Vec<String>,
+    pub mode: Mode,
+    /// The broadcast whose path the fault is on: some viewers are pinned there.
+    pub path: String,
+}
+
+/// The matrix of the issue: kill and hang of lb1, the viewers' broadcast, its preferred ingest
+/// and source1; the transcoder of one ingest; one broadcast and one ingest at once.
+pub fn matrix() -> Vec<Fault> {
+    let fault = |name: &str, hosts: &[&str], mode: Mode| Fault {
+        name: name.to_owned(),
+        hosts: hosts.iter().map(|h| (*h).to_owned()).collect(),
+        mode,
+        path: "broadcast1".to_owned(),
+    };
+    vec![
+        fault("lb1-kill", &["lb1"], Mode::Kill),
+        fault("lb1-hang", &["lb1"], Mode::Hang),
+        fault("broadcast-kill", &["broadcast1"], Mode::Kill),
+        fault("broadcast-hang", &["broadcast1"], Mode::Hang),
+        fault("ingest-kill", &["ingest1"], Mode::Kill),
+        fault("ingest-hang", &["ingest1"], Mode::Hang),
+        fault("source1-kill", &["source1"], Mode::Kill),
+        fault("source1-hang", &["source1"], Mode::Hang),
+        fault("ingest-ffmpeg-kill", &["ingest1"], Mode::Ffmpeg),
+        fault(
+            "broadcast+ingest-kill",
+            &["broadcast1", "ingest1"],
+            Mode::Kill,
+        ),
+    ]
+}
+
+/// What one fault did to the viewers.
+#[derive(Debug, Clone, Serialize)]
+pub struct Row {
+    pub fault: Fault,
+    pub viewers: usize,
+    pub stalls: u64,
+    pub stall_s: f64,
+    pub errors: u64,
+    pub failovers: u64,
+    pub request_failures: u64,
+    pub latency_max_s: f64,
+    /// Seconds from the restore until every host answered its health check again.
+    pub whole_again_s: Option<f64>,
+}
+
+impl Row {
+    pub fn clean(&self) -> bool {
+        self.stalls == 0 && self.errors == 0
+    }
+}
+
+/// Runs `streamctl <args>` (this very binary) against the cluster's state.
+fn streamctl(state: &std::path::Path, args: &[&str]) -> anyhow::Result<String> {
+    let exe = std::env::current_exe().context("locating streamctl")?;
+    let output = Command::new(exe)
+        .args(args)
+        .arg("--state")
+        .arg(state)
+        .output()
+        .with_context(|| format!("streamctl {}", args.join(" ")))?;
+    if !output.status.success() {
+        bail!(
+            "streamctl {} failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&output.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+}
+
+/// True when every started host is up and healthy (db hosts are not part of this cluster yet).
+fn whole(state: &std::path::Path) -> bool {
+    let Ok(text) = streamctl(state, &["status", "--json"]) else {
+        return false;
+    };
+    let Ok(hosts) = serde_json::from_str::<Vec<serde_json::Value>>(&text) else {
+        return false;
+    };
+    hosts
+        .iter()
+        .filter(|h| h["role"] != "db")
+        .all(|h| h["up"] == true && h["health"] == "ok")
+}
+
+async fn wait_whole(state: &std::path::Path, limit: Duration) -> Option<f64> {
+    let start = Instant::now();
+    while start.elapsed() < limit {
+        let state = state.to_owned();
+        if tokio::task::spawn_blocking(move || whole(&state))
+            .await
+            .unwrap_or(false)
+        {
+            return Some(start.elapsed().as_secs_f64());
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    None
+}
+
+fn inject(state: &std::path::Path, fault: &Fault) -> anyhow::Result<()> {
+    for host in &fault.hosts {
+        match fault.mode {
+            Mode::Kill => streamctl(state, &["kill", host])?,
+            Mode::Hang => streamctl(state, &["kill", host, "--hang"])?,
+            Mode::Ffmpeg => streamctl(state, &["kill", host, "--ffmpeg"])?,
+        };
+    }
+    Ok(())
+}
+
+fn restore(state: &std::path::Path, fault: &Fault) -> anyhow::Result<()> {
+    if fault.mode == Mode::Ffmpeg {
+        return Ok(()); // the ingest restarts its own transcoder
+    }
+    for host in &fault.hosts {
+        streamctl(state, &["start", host])?;
+    }
+    Ok(())
+}
+
+/// Runs one row: viewers watch while the fault comes and goes.
+pub async fn run_fault(args: &FailoverArgs, fault: &Fault) -> anyhow::Result<Row> {
+    let state = args.state.clone();
+    if wait_whole(&state, Duration::from_secs(60)).await.is_none() {
+        bail!(
+            "the cluster is not whole before {}: see `streamctl status`",
+            fault.name
+        );
+    }
+    let broadcasts: Vec<String> = {
+        let text = streamctl(&state, &["status", "--json"])?;
+        let hosts: Vec<serde_json::Value> = serde_json::from_str(&text)?;
+        hosts
+            .iter()
+            .filter(|h| h["role"] == "broadcast")
+            .filter_map(|h| h["name"].as_str().map(str::to_owned))
+            .collect()
+    };
+    // Viewers spread over every broadcast, and one more on the faulty path.
+    let mut pins = broadcasts.clone();
+    pins.push(fault.path.clone());
+    let viewers = args.viewers.max(pins.len());
+    let watch_args = WatchArgs {
+        url: None,
+        state: state.clone(),
+        ca: None,
+        seconds: args.seconds,
+        viewers: viewers + 1,
+        renditions: "all".into(),
+        pin: Some(
+            (0..=viewers)
+                .map(|i| {
+                    if i == viewers {
+                        fault.path.clone()
+                    } else {
+                        broadcasts[i % broadcasts.len()].clone()
+                    }
+                })
+                .collect::<Vec<_>>()
+                .join(","),
+        ),
+        json: true,
+    };
+    let viewers_task = tokio::spawn(async move { watch(&watch_args).await });
+    tokio::time::sleep(Duration::from_secs(args.fault_after)).await;
+    tracing::info!(fault = %fault.name, "injecting");
+    inject(&state, fault)?;
+    tokio::time::sleep(Duration::from_secs(args.fault_for)).await;
+    tracing::info!(fault = %fault.name, "restoring");
+    restore(&state, fault)?;
+    let whole_again_s = wait_whole(&state, Duration::from_secs(60)).await;
+    let report: WatchReport = viewers_task.await.context("viewer task")??;
+    Ok(Row {
+        fault: fault.clone(),
+        viewers: report.viewers,
+        stalls: report.stalls,
+        stall_s: report.stall_s,
+        errors: report.errors,
+        failovers: report.failovers,
+        request_failures: report.request_failures,
+        latency_max_s: report.latency_max_s,
+        whole_again_s,
+    })
+}
+
+/// The Markdown table, with the command that made it.
+pub fn markdown(args: &FailoverArgs, rows: &[Row]) -> String {
+    let mut out = String::from("# Failover matrix\n\n");
+    let _ = writeln!(
+        out,
+        "Made by `streamctl bench failover --viewers {} --seconds {} --fault-after {} --fault-for {}` \
+         against a local cluster started with `streamctl up` (2-core machine). Each row: viewers \
+         spread over every broadcast plus one pinned to the faulty host's path watch for {} s; the \
+         fault starts after {} s and the host is restored (`streamctl start`) {} s later.\n",
+        args.viewers,
+        args.seconds,
+        args.fault_after,
+        args.fault_for,
+        args.seconds,
+        args.fault_after,
+        args.fault_for
+    );
+    out.push_str("| fault | hosts | viewers | stalls | stall s | errors | failovers | request failures | max latency s | whole again after restore |\n");
+    out.push_str("|---|---|---|---|---|---|---|---|---|---|\n");
+    for r in rows {
+        let _ = writeln!(
+            out,
+            "| {} | {} | {} | {} | {:.2} | {} | {} | {} | {:.1} | {} |",
+            r.fault.name,
+            r.fault.hosts.join(" + "),
+            r.viewers,
+            r.stalls,
+            r.stall_s,
+            r.errors,
+            r.failovers,
+            r.request_failures,
+            r.latency_max_s,
+            r.whole_again_s
+                .map_or("not within 60 s".to_owned(), |s| format!("{s:.1} s"))
+        );
+    }
+    out
+}
+
+pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
+    match args.what {
+        BenchKind::Failover(args) => failover(args).await,
+    }
+}
+
+async fn failover(args: FailoverArgs) -> anyhow::Result<()> {
+    let wanted: Option<Vec<&str>> = args.only.as_deref().map(|o| o.split(',').collect());
+    let faults: Vec<Fault> = matrix()
+        .into_iter()
+        .filter(|f| wanted.as_ref().is_none_or(|w| w.contains(&f.name.as_str())))
+        .collect();
+    if faults.is_empty() {
+        bail!(
+            "no fault matches --only (names: {})",
+            matrix()
+                .iter()
+                .map(|f| f.name.clone())
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
+    let mut rows = Vec::new();
+    for fault in &faults {
+        eprintln!("bench: {} ...", fault.name);
+        let row = run_fault(&args, fault).await?;
+        eprintln!(
+            "bench: {}: {} stalls ({:.2} s), {} errors, {} failovers, whole again {}",
+            row.fault.name,
+            row.stalls,
+            row.stall_s,
+            row.errors,
+            row.failovers,
+            row.whole_again_s
+                .map_or("-".into(), |s| format!("{s:.1} s"))
+        );
+        rows.push(row);
+    }
+    let table = markdown(&args, &rows);
+    if let Some(path) = &args.out {
+        std::fs::write(path, &table).with_context(|| format!("writing {}", path.display()))?;
+    }
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&rows)?);
+    } else {
+        print!("{table}");
+    }
+    Ok(())
+}
