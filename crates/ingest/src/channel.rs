@@ -5,7 +5,7 @@
 //! (k+1)·D + [`EMIT_GRACE`]: the live segments of all renditions if they all arrived, otherwise
 //! the slate in every rendition. So the playlists advance every D seconds whatever the input does.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, RwLock};
@@ -19,7 +19,7 @@ use tokio::sync::{mpsc, watch};
 
 use crate::flv::{self, TagKind};
 use crate::segments::RunTimeline;
-use crate::select::{Candidate, choose, rank_of};
+use crate::select::{Coverage, SLOT_EDGE_TOLERANCE_MS, Selector, SlotFact, rank_of};
 use crate::transcode::{FeedError, RunExit, RunHandle, RunSpec, start_run};
 
 /// How long after a slot ends we wait for its live segments (ffmpeg finishes a segment when the
@@ -32,16 +32,24 @@ const BACKOFF_FIRST: Duration = Duration::from_secs(1);
 const BACKOFF_MAX: Duration = Duration::from_secs(10);
 /// A run that lived this long resets the backoff.
 const RUN_HEALTHY_AFTER: Duration = Duration::from_secs(30);
-/// Selection re-evaluation period (stale publishers are noticed this fast).
-const SELECT_EVERY: Duration = Duration::from_millis(250);
+/// The source of slot k is decided at k·D plus this: the last frames of slot k-1 must have
+/// arrived by then (from the source directly or through a relay) to count as delivered.
+pub const DECIDE_DELAY: Duration = Duration::from_millis(700);
+/// Media kept per publisher for a switch: two GOPs, so the run of a newly chosen source can
+/// start at its keyframe before the slot boundary and deliver that slot whole. Capped anyway.
+const MAX_RECENT_TAGS: usize = 2000;
+const MAX_RECENT_BYTES: usize = 32 * 1024 * 1024;
 
 /// What reaches a channel task.
 #[derive(Debug)]
 pub enum ChannelMsg {
+    /// A publisher whose anchor is known (from its publish name, or fixed by the listener at
+    /// its first media tag). `source` is its source name (`publisher` for a plain one).
     Joined {
         conn: u64,
-        source: Option<String>,
-        anchor_ms: Option<u64>,
+        source: String,
+        anchor_ms: u64,
+        relayed: bool,
         peer: SocketAddr,
     },
     Media {
@@ -137,19 +145,44 @@ impl ChannelShared {
     }
 }
 
+/// One stream as every ingest sees it: a source name and an anchor. A relayed copy and the
+/// direct connection of the same publish share it; two OBS publishers do not.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SourceKey {
+    pub source: String,
+    pub anchor_ms: u64,
+}
+
 struct Publisher {
-    source: Option<String>,
+    key: SourceKey,
     peer: SocketAddr,
     rank: u32,
-    anchor_ms: Option<u64>,
+    relayed: bool,
     avc_header: Option<Bytes>,
     aac_header: Option<Bytes>,
-    last_media: Option<Instant>,
+    coverage: Coverage,
+    /// The current and the previous GOP (see `MAX_RECENT_TAGS`).
+    recent: VecDeque<(TagKind, u32, Bytes)>,
+    recent_bytes: usize,
+}
+
+impl Publisher {
+    fn usable(&self) -> bool {
+        self.avc_header.is_some() && self.aac_header.is_some()
+    }
+}
+
+fn is_key_picture(kind: TagKind, data: &[u8]) -> bool {
+    kind == TagKind::Video && flv::is_video_keyframe(data) && !flv::is_avc_sequence_header(data)
 }
 
 /// The input currently routed to the transcoder.
 struct Feed {
     publisher: u64,
+    key: SourceKey,
+    /// Last timestamps fed per kind: a handover to another connection of the same stream skips
+    /// what was already fed.
+    last_fed: [Option<u32>; 2],
     /// For log lines after the publisher is gone.
     label: String,
     epoch_ms: u64,
@@ -191,6 +224,9 @@ pub struct ChannelTask {
     next_slot: u64,
     last_pushed: Option<LastPushed>,
     cache_segments: u64,
+    selector: Selector<SourceKey>,
+    /// The next slot whose source is to be decided.
+    next_decision: u64,
 }
 
 impl ChannelTask {
@@ -214,6 +250,8 @@ impl ChannelTask {
             next_slot,
             last_pushed: None,
             cache_segments: u64::from(cache_segments),
+            selector: Selector::default(),
+            next_decision: next_slot + 1,
         }
     }
 
@@ -224,11 +262,12 @@ impl ChannelTask {
         lifecycle: streaming_core::lifecycle::Lifecycle,
     ) {
         let _ = std::fs::remove_dir_all(&self.setup.work_dir);
-        let mut select_tick = tokio::time::interval(SELECT_EVERY);
-        select_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
+            let now = unix_now_ms();
             let deadline = self.deadline_ms(self.next_slot);
-            let wait = Duration::from_millis(deadline.saturating_sub(unix_now_ms()));
+            let wait = Duration::from_millis(deadline.saturating_sub(now));
+            let decide_at = self.decision_ms(self.next_decision);
+            let decide_wait = Duration::from_millis(decide_at.saturating_sub(now));
             tokio::select! {
                 _ = lifecycle.shutdown() => break,
                 msg = rx.recv() => match msg {
@@ -236,7 +275,7 @@ impl ChannelTask {
                     None => break,
                 },
                 _ = tokio::time::sleep(wait) => self.emit_due(),
-                _ = select_tick.tick() => self.reselect(),
+                _ = tokio::time::sleep(decide_wait) => self.decide_due(),
             }
         }
         if let Some(feed) = &mut self.feed
@@ -244,6 +283,10 @@ impl ChannelTask {
         {
             run.finish();
         }
+    }
+
+    fn decision_ms(&self, slot: u64) -> u64 {
+        self.setup.clock.slot_start_ms(slot) + DECIDE_DELAY.as_millis() as u64
     }
 
     fn deadline_ms(&self, slot: u64) -> u64 {
@@ -256,29 +299,32 @@ impl ChannelTask {
                 conn,
                 source,
                 anchor_ms,
+                relayed,
                 peer,
             } => {
-                let rank = rank_of(source.as_deref(), &self.setup.sources);
-                tracing::info!(channel = %self.setup.config.name, conn, %peer, source = source.as_deref().unwrap_or("-"), rank, "publisher connected");
+                let rank = rank_of(Some(&source), &self.setup.sources);
+                tracing::info!(channel = %self.setup.config.name, conn, %peer, %source, anchor_ms, relayed, rank, "publisher connected");
                 self.publishers.insert(
                     conn,
                     Publisher {
-                        source,
+                        key: SourceKey { source, anchor_ms },
                         peer,
                         rank,
-                        anchor_ms,
+                        relayed,
                         avc_header: None,
                         aac_header: None,
-                        last_media: None,
+                        coverage: Coverage::default(),
+                        recent: VecDeque::new(),
+                        recent_bytes: 0,
                     },
                 );
                 self.update_status();
             }
             ChannelMsg::Left { conn } => {
                 if let Some(p) = self.publishers.remove(&conn) {
-                    tracing::info!(channel = %self.setup.config.name, conn, peer = %p.peer, source = p.source.as_deref().unwrap_or("-"), "publisher disconnected");
+                    tracing::info!(channel = %self.setup.config.name, conn, peer = %p.peer, source = %p.key.source, relayed = p.relayed, "publisher disconnected");
                 }
-                self.reselect();
+                self.left(conn);
                 self.update_status();
             }
             ChannelMsg::Media {
@@ -296,9 +342,9 @@ impl ChannelTask {
             ChannelMsg::RunExited { run_id, exit } => self.run_exited(run_id, exit),
             ChannelMsg::Reconfigure { sources, config } => {
                 for p in self.publishers.values_mut() {
-                    p.rank = rank_of(p.source.as_deref(), &sources);
+                    p.rank = rank_of(Some(&p.key.source), &sources);
                 }
-                self.setup.sources = sources;
+                self.setup.sources = sources; // applied at the next slot decision
                 let same_shape = config.ladder.len() == self.setup.config.ladder.len()
                     && config
                         .ladder
@@ -315,21 +361,14 @@ impl ChannelTask {
                         tracing::warn!(channel = %config.name, "ladder renditions changed: restart the ingest to apply (bitrates, preset and fps apply on reload)");
                     }
                 }
-                self.reselect();
             }
         }
     }
 
     fn media(&mut self, conn: u64, kind: TagKind, timestamp_ms: u32, data: Bytes) {
-        let now = Instant::now();
         let Some(p) = self.publishers.get_mut(&conn) else {
             return;
         };
-        p.last_media = Some(now);
-        if p.anchor_ms.is_none() {
-            // No anchor in the URL (OBS): media time 0 is "now minus this timestamp".
-            p.anchor_ms = Some(unix_now_ms().saturating_sub(u64::from(timestamp_ms)));
-        }
         match kind {
             TagKind::Video if flv::is_avc_sequence_header(&data) => {
                 p.avc_header = Some(data.clone())
@@ -337,35 +376,64 @@ impl ChannelTask {
             TagKind::Audio if flv::is_aac_sequence_header(&data) => {
                 p.aac_header = Some(data.clone())
             }
-            _ => {}
+            _ => {
+                p.coverage
+                    .observe(p.key.anchor_ms + u64::from(timestamp_ms));
+                if is_key_picture(kind, &data)
+                    && let Some(i) = p.recent.iter().rposition(|(k, _, d)| is_key_picture(*k, d))
+                {
+                    for (_, _, d) in p.recent.drain(..i) {
+                        p.recent_bytes -= d.len();
+                    }
+                }
+                p.recent_bytes += data.len();
+                p.recent.push_back((kind, timestamp_ms, data.clone()));
+                while p.recent.len() > MAX_RECENT_TAGS || p.recent_bytes > MAX_RECENT_BYTES {
+                    if let Some((_, _, d)) = p.recent.pop_front() {
+                        p.recent_bytes -= d.len();
+                    }
+                }
+            }
         }
-        if self.feed.as_ref().is_none_or(|f| f.publisher != conn) {
-            self.reselect();
+        if self.feed.as_ref().is_some_and(|f| f.publisher == conn) {
+            self.route(kind, timestamp_ms, data);
         }
-        let Some(feed) = &self.feed else { return };
-        if feed.publisher != conn {
-            return;
+    }
+
+    /// Hands one tag of the active publisher to the transcoder (starting a run at a keyframe).
+    fn route(&mut self, kind: TagKind, timestamp_ms: u32, data: Bytes) {
+        let now = Instant::now();
+        let Some(feed) = &mut self.feed else { return };
+        let slot = kind as usize & 1; // Audio = 8 -> 0, Video = 9 -> 1
+        if feed.last_fed[slot].is_some_and(|last| timestamp_ms <= last)
+            && !flv::is_avc_sequence_header(&data)
+            && !flv::is_aac_sequence_header(&data)
+        {
+            return; // already fed through another connection of the same stream
         }
         let flv_ts = feed.anchor_ms as i64 + i64::from(timestamp_ms) - feed.epoch_ms as i64;
         let Ok(flv_ts) = u32::try_from(flv_ts) else {
             return;
         };
         if feed.run.is_none() {
-            let is_start = kind == TagKind::Video
-                && flv::is_video_keyframe(&data)
-                && !flv::is_avc_sequence_header(&data);
+            let is_start = is_key_picture(kind, &data);
             if is_start && self.backoff_until.is_none_or(|t| now >= t) {
                 self.start_run(flv_ts, &data);
+                if let Some(feed) = &mut self.feed
+                    && feed.run.is_some()
+                {
+                    feed.last_fed[slot] = Some(timestamp_ms);
+                }
             }
             return;
         }
-        let Some(feed) = &mut self.feed else { return };
         let Some((run, first_ts)) = &mut feed.run else {
             return;
         };
         if kind == TagKind::Audio && flv_ts < *first_ts {
             return; // audio from before the first frame would start the output early
         }
+        feed.last_fed[slot] = Some(timestamp_ms);
         match run.feed(flv::tag(kind, flv_ts, &data)) {
             Ok(()) => {}
             Err(FeedError::Gone) => {} // RunExited follows
@@ -409,7 +477,7 @@ impl ChannelTask {
             Ok(run) => {
                 tracing::info!(
                     channel = %self.setup.config.name, run = run_id,
-                    source = p.source.as_deref().unwrap_or("-"), epoch_ms = feed.epoch_ms,
+                    source = %p.key.source, epoch_ms = feed.epoch_ms,
                     first_frame_s = first_frame_ms / 1000.0, "transcoder started"
                 );
                 let header = Bytes::from_static(&flv::HEADER);
@@ -474,51 +542,140 @@ impl ChannelTask {
         self.note_crash();
     }
 
-    /// Picks the best live publisher; on change, ends the current run and routes the new one.
-    fn reselect(&mut self) {
-        let now = Instant::now();
-        let candidates: Vec<Candidate> = self
-            .publishers
-            .iter()
-            .map(|(id, p)| Candidate {
-                id: *id,
-                rank: p.rank,
-                has_video_header: p.avc_header.is_some(),
-                last_media: p.last_media,
-            })
-            .collect();
-        let best = choose(&candidates, now);
-        if best == self.feed.as_ref().map(|f| f.publisher) {
+    /// Decides the source of every slot whose decision time has come.
+    fn decide_due(&mut self) {
+        let now = unix_now_ms();
+        let now_slot = self.setup.clock.slot_at(now);
+        if self.next_decision + 2 < now_slot {
+            // Asleep (SIGSTOP): coverage facts of long-gone slots say nothing; decide from now.
+            self.next_decision = now_slot;
+        }
+        while self.decision_ms(self.next_decision) <= now {
+            let slot = self.next_decision;
+            self.choose_source(slot);
+            self.next_decision += 1;
+        }
+    }
+
+    /// The per-slot rule (`select`): which stream feeds slot `slot`, from who delivered the
+    /// whole previous slot. On a change, ends the current run and starts the new source at its
+    /// keyframe at or before the slot boundary (replayed from its recent media).
+    fn choose_source(&mut self, slot: u64) {
+        let clock = self.setup.clock;
+        let prev = slot.saturating_sub(1);
+        let mut facts: BTreeMap<SourceKey, SlotFact<SourceKey>> = BTreeMap::new();
+        for p in self.publishers.values().filter(|p| p.usable()) {
+            let delivered = p.coverage.covers(clock, prev);
+            facts
+                .entry(p.key.clone())
+                .or_insert_with(|| SlotFact {
+                    key: p.key.clone(),
+                    rank: p.rank,
+                    delivered: false,
+                })
+                .delivered |= delivered;
+        }
+        let facts: Vec<_> = facts.into_values().collect();
+        let chosen = self.selector.decide(&facts);
+        if self.feed.as_ref().map(|f| &f.key) == chosen.as_ref() {
             return;
         }
-        let name = |id: Option<u64>| {
-            id.and_then(|id| self.publishers.get(&id))
-                .map_or("-".to_string(), |p| {
-                    p.source.clone().unwrap_or_else(|| p.peer.to_string())
-                })
-        };
+        let conn = chosen.as_ref().and_then(|key| {
+            self.publishers
+                .iter()
+                .filter(|(_, p)| p.usable() && &p.key == key)
+                .min_by_key(|(id, p)| (p.relayed, !p.coverage.covers(clock, prev), **id))
+                .map(|(id, _)| *id)
+        });
         let from = self
             .feed
             .as_ref()
             .map_or("-".to_string(), |f| f.label.clone());
-        tracing::info!(channel = %self.setup.config.name, %from, to = %name(best), "input switch");
-        let label = name(best);
+        let from_delivered = self
+            .feed
+            .as_ref()
+            .and_then(|f| facts.iter().find(|x| x.key == f.key))
+            .is_some_and(|x| x.delivered);
+        let label = conn
+            .and_then(|id| self.publishers.get(&id))
+            .map_or("-".to_string(), |p| {
+                format!(
+                    "{}@{}",
+                    p.key.source,
+                    if p.relayed { "relay" } else { "direct" }
+                )
+            });
+        tracing::info!(
+            channel = %self.setup.config.name, slot, %from, from_delivered_previous_slot = from_delivered,
+            to = %label, "input switch (decided at the slot boundary)"
+        );
         if let Some(mut old) = self.feed.take()
             && let Some((run, _)) = &mut old.run
         {
             run.finish();
         }
-        self.feed = best.and_then(|id| {
-            let anchor_ms = self.publishers.get(&id)?.anchor_ms?;
+        self.feed = conn.and_then(|id| {
+            let p = self.publishers.get(&id)?;
             Some(Feed {
                 publisher: id,
+                key: p.key.clone(),
+                last_fed: [None; 2],
                 label: label.clone(),
-                epoch_ms: self.setup.clock.epoch_for_anchor(anchor_ms),
-                anchor_ms,
+                epoch_ms: clock.epoch_for_anchor(p.key.anchor_ms),
+                anchor_ms: p.key.anchor_ms,
                 run: None,
             })
         });
+        self.replay(slot);
         self.update_status();
+    }
+
+    /// Feeds the new source's recent media from its last keyframe at or before `slot`'s start
+    /// (or its first kept keyframe), so its run can deliver `slot` whole.
+    fn replay(&mut self, slot: u64) {
+        let Some(feed) = &self.feed else { return };
+        let Some(p) = self.publishers.get(&feed.publisher) else {
+            return;
+        };
+        let boundary = self.setup.clock.slot_start_ms(slot) + SLOT_EDGE_TOLERANCE_MS;
+        let anchor = p.key.anchor_ms;
+        let start = p
+            .recent
+            .iter()
+            .rposition(|(k, ts, d)| is_key_picture(*k, d) && anchor + u64::from(*ts) <= boundary)
+            .or_else(|| p.recent.iter().position(|(k, _, d)| is_key_picture(*k, d)));
+        let Some(start) = start else { return };
+        let tags: Vec<_> = p.recent.iter().skip(start).cloned().collect();
+        tracing::debug!(channel = %self.setup.config.name, slot, tags = tags.len(), "replaying recent media into the new run");
+        for (kind, ts, data) in tags {
+            self.route(kind, ts, data);
+        }
+    }
+
+    /// The active connection closed: hand over to another connection of the same stream (a
+    /// relayed copy carries identical timestamps, so the run goes on), or end the run and let
+    /// the next slot decision pick a source.
+    fn left(&mut self, conn: u64) {
+        let Some(feed) = &mut self.feed else { return };
+        if feed.publisher != conn {
+            return;
+        }
+        let other = self
+            .publishers
+            .iter()
+            .filter(|(_, p)| p.usable() && p.key == feed.key)
+            .min_by_key(|(id, p)| (p.relayed, **id))
+            .map(|(id, p)| (*id, p.relayed));
+        if let Some((id, relayed)) = other {
+            tracing::info!(channel = %self.setup.config.name, from = conn, to = id, relayed, "active connection closed: same stream continues from another connection");
+            feed.publisher = id;
+            return;
+        }
+        tracing::info!(channel = %self.setup.config.name, source = %feed.label, "active publisher left: slate until the next slot decision");
+        if let Some((run, _)) = &mut feed.run {
+            run.finish();
+        }
+        self.feed = None;
     }
 
     fn segment(&mut self, run_id: u64, rendition: usize, slot: u64, data: Bytes) {
@@ -635,8 +792,7 @@ impl ChannelTask {
             .as_ref()
             .and_then(|f| self.publishers.get(&f.publisher));
         let mut status = self.shared.status.lock().unwrap_or_else(|e| e.into_inner());
-        status.active_source =
-            active.map(|p| p.source.clone().unwrap_or_else(|| p.peer.to_string()));
+        status.active_source = active.map(|p| p.key.source.clone());
         status.publishers_connected = self.publishers.len();
         metrics::gauge!("ingest_publishers_connected", "channel" => self.setup.config.name.clone())
             .set(self.publishers.len() as f64);

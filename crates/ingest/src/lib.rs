@@ -3,7 +3,7 @@
 //! when there is no input), and an HTTPS origin serving the playlists and segments from memory.
 //!
 //! Modules: `rtmp` (one connection as a state machine), `listener` (sockets, TLS, limits),
-//! `publish` (publish name + stream keys), `select` (source choice), `flv` (FLV writer),
+//! `publish` (publish name + stream keys), `select` (source choice per slot), `relay` (forwarding a single-ingest publisher to the peers), `flv` (FLV writer),
 //! `transcode` (ffmpeg runs and slate), `segments` (CSV list -> slots), `channel` (the per-channel
 //! task), `origin` (HTTP API).
 
@@ -12,6 +12,7 @@ pub mod flv;
 pub mod listener;
 pub mod origin;
 pub mod publish;
+pub mod relay;
 pub mod rtmp;
 pub mod segments;
 pub mod select;
@@ -40,6 +41,16 @@ fn ranked_sources(config: &HostConfig, channel: &str) -> Vec<String> {
         .collect()
 }
 
+/// RTMP addresses of the other ingests (relay targets).
+fn peer_ingests(config: &HostConfig) -> Vec<std::net::SocketAddr> {
+    config
+        .cluster
+        .hosts_with_role(streaming_core::config::Role::Ingest)
+        .filter(|h| h.name != config.name)
+        .map(|h| h.socket(h.ports.rtmp))
+        .collect()
+}
+
 fn load_keys(config: &HostConfig) -> StreamKeys {
     StreamKeys::load(
         &config.paths.stream_keys_dir,
@@ -60,6 +71,7 @@ pub async fn run(ctx: ServiceContext) -> anyhow::Result<()> {
     let clock = SlotClock::new(timeline.segment_seconds);
     let cluster_key = read_secret(&config.paths.cluster_key).context("cluster key")?;
     let rtmp = RtmpContext::new(load_keys(&config));
+    *rtmp.peers.write().unwrap_or_else(|e| e.into_inner()) = peer_ingests(&config);
     let tls = tls_acceptor(&config).context("RTMPS certificate")?;
     let (tls_tx, tls_rx) = watch::channel(tls);
 
@@ -125,6 +137,7 @@ pub async fn run(ctx: ServiceContext) -> anyhow::Result<()> {
                     Err(e) => tracing::error!("config reload failed, keeping the old one: {e}"),
                 }
                 *rtmp.keys.write().unwrap_or_else(|e| e.into_inner()) = load_keys(&current);
+                *rtmp.peers.write().unwrap_or_else(|e| e.into_inner()) = peer_ingests(&current);
                 match read_secret(&current.paths.cluster_key) {
                     Ok(key) => *cluster_key.write().unwrap_or_else(|e| e.into_inner()) = key,
                     Err(e) => tracing::error!("cluster key reload failed, keeping the old one: {e}"),

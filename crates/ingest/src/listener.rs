@@ -14,8 +14,10 @@ use tokio::sync::{Semaphore, mpsc, watch};
 
 use crate::channel::ChannelMsg;
 use crate::flv::TagKind;
-use crate::publish::StreamKeys;
+use crate::publish::{PLAIN_SOURCE, PublishRequest, StreamKeys, relay_publish_name};
+use crate::relay::{RelayStream, Relays};
 use crate::rtmp::{RtmpSession, SessionEvent};
+use streaming_hls::unix_now_ms;
 
 /// Concurrent RTMP(S) connections; publishers are few (sources, OBS), so this is generous.
 pub const MAX_CONNECTIONS: usize = 64;
@@ -30,6 +32,8 @@ const READ_BUFFER: usize = 64 * 1024;
 pub struct RtmpContext {
     pub keys: RwLock<StreamKeys>,
     pub channels: RwLock<HashMap<String, mpsc::Sender<ChannelMsg>>>,
+    /// RTMP addresses of the other ingests: publishers that reach only us are relayed there.
+    pub peers: RwLock<Vec<SocketAddr>>,
     pub limit: Arc<Semaphore>,
     next_conn: AtomicU64,
 }
@@ -39,6 +43,7 @@ impl RtmpContext {
         Arc::new(Self {
             keys: RwLock::new(keys),
             channels: RwLock::new(HashMap::new()),
+            peers: RwLock::new(Vec::new()),
             limit: Arc::new(Semaphore::new(MAX_CONNECTIONS)),
             next_conn: AtomicU64::new(1),
         })
@@ -128,6 +133,9 @@ async fn handle_connection<S: AsyncRead + AsyncWrite + Unpin>(
     let mut buf = vec![0u8; READ_BUFFER];
     let started = Instant::now();
     let mut channel: Option<(String, mpsc::Sender<ChannelMsg>)> = None;
+    // Accepted, waiting for the first media tag to fix the anchor before joining the channel.
+    let mut joining: Option<PublishRequest> = None;
+    let mut relays: Option<Relays> = None;
     loop {
         let read = tokio::select! {
             _ = lifecycle.shutdown() => break,
@@ -164,7 +172,7 @@ async fn handle_connection<S: AsyncRead + AsyncWrite + Unpin>(
         }
         for event in output.events {
             let (kind, timestamp_ms, data) = match event {
-                SessionEvent::PublishAccepted(request) => {
+                SessionEvent::PublishAccepted(mut request) => {
                     let tx = ctx
                         .channels
                         .read()
@@ -176,18 +184,13 @@ async fn handle_connection<S: AsyncRead + AsyncWrite + Unpin>(
                         metrics::counter!("ingest_publishes_refused_total").increment(1);
                         return;
                     };
-                    tracing::info!(%peer, conn, channel = %request.channel, source = request.source.as_deref().unwrap_or("-"), anchor_ms = ?request.anchor_ms, "publish accepted");
+                    tracing::info!(%peer, conn, channel = %request.channel, source = request.source.as_deref().unwrap_or("-"), anchor_ms = ?request.anchor_ms, relayed = request.relayed, "publish accepted");
                     metrics::counter!("ingest_publishes_accepted_total").increment(1);
-                    let joined = ChannelMsg::Joined {
-                        conn,
-                        source: request.source.clone(),
-                        anchor_ms: request.anchor_ms,
-                        peer,
-                    };
-                    if tx.send(joined).await.is_err() {
-                        return;
+                    if request.source.is_none() {
+                        request.source = Some(PLAIN_SOURCE.to_string());
                     }
-                    channel = Some((request.channel, tx));
+                    channel = Some((request.channel.clone(), tx));
+                    joining = Some(request);
                     continue;
                 }
                 SessionEvent::PublishRefused {
@@ -203,6 +206,46 @@ async fn handle_connection<S: AsyncRead + AsyncWrite + Unpin>(
                 SessionEvent::Video { timestamp_ms, data } => (TagKind::Video, timestamp_ms, data),
                 SessionEvent::Audio { timestamp_ms, data } => (TagKind::Audio, timestamp_ms, data),
             };
+            if let Some(request) = joining.take() {
+                // A plain publisher (no anchor): its media time 0 is "now minus this first
+                // timestamp", fixed once here so the relay carries exactly the anchor we use.
+                let anchor_ms = request
+                    .anchor_ms
+                    .unwrap_or_else(|| unix_now_ms().saturating_sub(u64::from(timestamp_ms)));
+                let source = request.source.clone().unwrap_or_default();
+                if !request.relayed {
+                    let peers = ctx.peers.read().unwrap_or_else(|e| e.into_inner()).clone();
+                    if !peers.is_empty() {
+                        let stream = RelayStream {
+                            channel: request.channel.clone(),
+                            publish_name: relay_publish_name(
+                                &request.channel,
+                                &request.key,
+                                &source,
+                                anchor_ms,
+                            ),
+                            source: source.clone(),
+                            anchor_ms,
+                        };
+                        relays = Some(Relays::start(&stream, &peers, lifecycle));
+                    }
+                }
+                let joined = ChannelMsg::Joined {
+                    conn,
+                    source,
+                    anchor_ms,
+                    relayed: request.relayed,
+                    peer,
+                };
+                if let Some((_, tx)) = &channel
+                    && tx.send(joined).await.is_err()
+                {
+                    break;
+                }
+            }
+            if let Some(relays) = &mut relays {
+                relays.push(kind, timestamp_ms, &data);
+            }
             if let Some((_, tx)) = &channel
                 && tx
                     .send(ChannelMsg::Media {

@@ -15,6 +15,24 @@ pub struct PublishRequest {
     pub source: Option<String>,
     /// Wall-clock unix ms of media timestamp 0, when the publisher knows it.
     pub anchor_ms: Option<u64>,
+    /// `relayed=1`: a peer ingest forwards this stream; it is not relayed again.
+    pub relayed: bool,
+}
+
+/// Source name given to a publisher that sends none (OBS): its relay carries it, so the peer
+/// ranks it alike.
+pub const PLAIN_SOURCE: &str = "publisher";
+
+/// The publish name a relay uses towards a peer ingest: same channel, key, source and anchor,
+/// plus `relayed=1`.
+pub fn relay_publish_name(channel: &str, key: &str, source: &str, anchor_ms: u64) -> String {
+    let query = url::form_urlencoded::Serializer::new(String::new())
+        .append_pair("key", key)
+        .append_pair("source", source)
+        .append_pair("anchor", &anchor_ms.to_string())
+        .append_pair("relayed", "1")
+        .finish();
+    format!("{channel}?{query}")
 }
 
 // The key must never reach a log line.
@@ -24,6 +42,7 @@ impl std::fmt::Debug for PublishRequest {
             .field("channel", &self.channel)
             .field("source", &self.source)
             .field("anchor_ms", &self.anchor_ms)
+            .field("relayed", &self.relayed)
             .finish_non_exhaustive()
     }
 }
@@ -51,7 +70,7 @@ pub fn parse_publish_name(name: &str) -> Result<PublishRequest, PublishNameError
     if !is_safe_name(channel) {
         return Err(PublishNameError::BadChannel);
     }
-    let (mut key, mut source, mut anchor_ms) = (None, None, None);
+    let (mut key, mut source, mut anchor_ms, mut relayed) = (None, None, None, false);
     for (k, v) in url::form_urlencoded::parse(query.as_bytes()) {
         match k.as_ref() {
             "key" => key = Some(v.into_owned()),
@@ -64,6 +83,7 @@ pub fn parse_publish_name(name: &str) -> Result<PublishRequest, PublishNameError
             "anchor" if !v.is_empty() => {
                 anchor_ms = Some(v.parse::<u64>().map_err(|_| PublishNameError::BadAnchor)?);
             }
+            "relayed" => relayed = v == "1",
             _ => {}
         }
     }
@@ -75,6 +95,7 @@ pub fn parse_publish_name(name: &str) -> Result<PublishRequest, PublishNameError
         key,
         source,
         anchor_ms,
+        relayed,
     })
 }
 
@@ -148,7 +169,17 @@ mod tests {
         assert_eq!(r.anchor_ms, Some(1_764_000_000_123));
         // OBS sends only the key.
         let r = parse_publish_name("test?key=abc").unwrap();
-        assert_eq!((r.source, r.anchor_ms), (None, None));
+        assert_eq!((r.source, r.anchor_ms, r.relayed), (None, None, false));
+    }
+
+    #[test]
+    fn relay_name_round_trips() {
+        let name = relay_publish_name("test", "k3y/+=&", PLAIN_SOURCE, 1_764_000_000_123);
+        let r = parse_publish_name(&name).unwrap();
+        assert_eq!(r.key, "k3y/+=&");
+        assert_eq!(r.source.as_deref(), Some(PLAIN_SOURCE));
+        assert_eq!(r.anchor_ms, Some(1_764_000_000_123));
+        assert!(r.relayed);
     }
 
     #[test]

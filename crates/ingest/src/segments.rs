@@ -147,4 +147,70 @@ mod tests {
         };
         assert_eq!(tl.place(0, &first), Ok(slot0 + 7));
     }
+
+    /// Two ingests receive the same publish (same anchor, same timestamps: directly from the
+    /// source or through the relay) but start their transcoder runs at different keyframes and
+    /// with their own epoch computed independently. The segments they list must land on the
+    /// same slots, so segment N is the same media on both.
+    #[test]
+    fn two_ingests_map_the_same_media_to_the_same_slots() {
+        let clock = SlotClock::new(2);
+        let anchor = 1_764_000_001_370u64; // source's wall clock at media time 0
+        let ingest = |first_frame_ms: f64, lines: &[&str]| -> Vec<Result<u64, Rejected>> {
+            let tl = RunTimeline {
+                clock,
+                epoch_ms: clock.epoch_for_anchor(anchor),
+                first_frame_ms,
+                frame_ms: 40.0,
+            };
+            lines
+                .iter()
+                .enumerate()
+                .map(|(i, l)| tl.place(i, &parse_csv_line(l).unwrap()))
+                .collect()
+        };
+        // FLV times are anchor + ts - epoch = 1370 + ts. Ingest 1 started at the source's first
+        // keyframe (ts 0 -> 1370 ms), ingest 2 one GOP later (ts 2000 -> 3370 ms).
+        let one = ingest(
+            1370.0,
+            &[
+                "r0_00000.ts,0.000000,2.000000",
+                "r0_00001.ts,2.000000,4.000000",
+                "r0_00002.ts,4.000000,6.040000",
+                "r0_00003.ts,6.040000,8.000000",
+            ],
+        );
+        let two = ingest(
+            3370.0,
+            &[
+                "r0_00000.ts,0.000000,4.000000",
+                "r0_00001.ts,4.000000,6.040000",
+                "r0_00002.ts,6.040000,8.000000",
+            ],
+        );
+        let slot0 = clock.slot_at(clock.epoch_for_anchor(anchor));
+        assert_eq!(
+            one,
+            [
+                Err(Rejected::PartialFirst),
+                Ok(slot0 + 1),
+                Ok(slot0 + 2),
+                Ok(slot0 + 3)
+            ]
+        );
+        assert_eq!(
+            two,
+            [Err(Rejected::PartialFirst), Ok(slot0 + 2), Ok(slot0 + 3)]
+        );
+        // Same media start -> same slot -> same name and PROGRAM-DATE-TIME on both.
+        assert_eq!(clock.slot_start_ms(slot0 + 2), 1_764_000_004_000);
+        // And the mapping depends only on anchor and timestamps, not on when a run started.
+        for ts in [0u64, 630, 2_630, 40_630, 3_600_000] {
+            let media_ms = (anchor + ts - clock.epoch_for_anchor(anchor)) as f64;
+            assert_eq!(
+                clock.slot_of_media_start(clock.epoch_for_anchor(anchor), media_ms),
+                ((anchor + ts) as f64 / 2000.0).round() as u64
+            );
+        }
+    }
 }

@@ -1,50 +1,136 @@
-//! Which publisher of a channel feeds the transcoder: the best-ranked live one.
+//! Which source of a channel feeds the transcoder, decided once per slot by a rule both ingests
+//! compute alike (DESIGN.md section 8).
 //!
-//! Both sources publish to every ingest; ranks come from the cluster config (`sources_of`), so
-//! every ingest picks the same one. A publisher is live once it sent its AVC sequence header and
-//! while media keeps arriving (silence for more than [`STALE_AFTER`] demotes it).
+//! The only facts used are media timestamps mapped to wall clock with the publish's anchor, which
+//! every ingest receives identically (from the source, or from the relaying peer). A source
+//! *delivered slot k* when its media covers [k·D, (k+1)·D) without a gap. At the start of slot
+//! k+1 (plus a short delay for the last frames to arrive) every ingest asks [`Selector::decide`]:
+//! - the active source keeps the slot if it delivered slot k, unless a higher-priority source has
+//!   delivered [`RETURN_AFTER_SLOTS`] whole slots in a row (stable again: go back to it);
+//! - otherwise (it missed slot k: killed, hung, network gone) the highest-priority source that
+//!   delivered slot k takes over, so a failover costs at most one slot plus the pipeline.
 
-use std::time::{Duration, Instant};
+use std::collections::HashMap;
+use std::hash::Hash;
 
-/// A publisher silent for longer than this is no longer a candidate.
-pub const STALE_AFTER: Duration = Duration::from_secs(2);
+use streaming_hls::SlotClock;
+
+/// Whole consecutive slots a higher-priority source must deliver before the ingests go back to
+/// it (3 slots = 6 s with 2 s segments). The operator's "stable for" setting, as a constant.
+pub const RETURN_AFTER_SLOTS: u32 = 3;
+/// A silence longer than this between two media tags breaks a source's coverage.
+pub const MAX_MEDIA_GAP_MS: u64 = 1000;
+/// Slack at a slot's edges: the first and last frames of a slot sit up to one frame (plus
+/// audio/video interleaving) inside it.
+pub const SLOT_EDGE_TOLERANCE_MS: u64 = 100;
 
 /// Rank of a publisher: position of its `source` in the channel's source list, unknown or absent
-/// sources after every configured one; ties go to the earlier connection.
+/// sources after every configured one.
 pub fn rank_of(source: Option<&str>, ranked_sources: &[String]) -> u32 {
     source
         .and_then(|s| ranked_sources.iter().position(|r| r == s))
         .map_or(ranked_sources.len() as u32, |p| p as u32)
 }
 
-/// What selection needs to know about one publisher.
-#[derive(Debug, Clone)]
-pub struct Candidate {
-    pub id: u64,
-    pub rank: u32,
-    pub has_video_header: bool,
-    pub last_media: Option<Instant>,
+/// The wall-clock span one publisher's media covered without a gap, by its own timestamps.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Coverage {
+    start_ms: Option<u64>,
+    last_ms: u64,
 }
 
-impl Candidate {
-    pub fn is_live(&self, now: Instant) -> bool {
-        self.has_video_header
-            && self
-                .last_media
-                .is_some_and(|t| now.saturating_duration_since(t) <= STALE_AFTER)
+impl Coverage {
+    /// Notes a media tag whose timestamp maps to wall-clock `wall_ms` (anchor + timestamp).
+    /// A gap, or a jump back (the encoder restarted its clock), starts a new span.
+    pub fn observe(&mut self, wall_ms: u64) {
+        let continues = self.start_ms.is_some()
+            && wall_ms <= self.last_ms + MAX_MEDIA_GAP_MS
+            && wall_ms + MAX_MEDIA_GAP_MS >= self.last_ms;
+        if continues {
+            self.last_ms = self.last_ms.max(wall_ms);
+        } else {
+            self.start_ms = Some(wall_ms);
+            self.last_ms = wall_ms;
+        }
+    }
+
+    /// True when the current span covers the whole of `slot`.
+    pub fn covers(&self, clock: SlotClock, slot: u64) -> bool {
+        self.start_ms.is_some_and(|start| {
+            start <= clock.slot_start_ms(slot) + SLOT_EDGE_TOLERANCE_MS
+                && self.last_ms + SLOT_EDGE_TOLERANCE_MS >= clock.slot_start_ms(slot + 1)
+        })
     }
 }
 
-/// The best live candidate (lowest rank, then lowest connection id).
-pub fn choose<'a>(
-    candidates: impl IntoIterator<Item = &'a Candidate>,
-    now: Instant,
-) -> Option<u64> {
-    candidates
-        .into_iter()
-        .filter(|c| c.is_live(now))
-        .min_by_key(|c| (c.rank, c.id))
-        .map(|c| c.id)
+/// What the rule knows about one source for the slot that just ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SlotFact<K> {
+    pub key: K,
+    /// Lower is preferred; ties go to the smaller key (identical on every ingest).
+    pub rank: u32,
+    pub delivered: bool,
+}
+
+/// The per-channel source choice: pure, fed once per slot.
+#[derive(Debug, Clone)]
+pub struct Selector<K> {
+    active: Option<K>,
+    streaks: HashMap<K, u32>,
+}
+
+impl<K> Default for Selector<K> {
+    fn default() -> Self {
+        Self {
+            active: None,
+            streaks: HashMap::new(),
+        }
+    }
+}
+
+impl<K: Clone + Eq + Hash + Ord> Selector<K> {
+    pub fn active(&self) -> Option<&K> {
+        self.active.as_ref()
+    }
+
+    /// Whole slots in a row `key` has delivered, as of the last decision.
+    pub fn streak(&self, key: &K) -> u32 {
+        self.streaks.get(key).copied().unwrap_or(0)
+    }
+
+    /// Decides the source of slot k+1 from the facts about slot k (one fact per source present;
+    /// absent sources count as not delivered). `None` means the slate.
+    pub fn decide(&mut self, facts: &[SlotFact<K>]) -> Option<K> {
+        let streaks: HashMap<K, u32> = facts
+            .iter()
+            .map(|f| {
+                let s = if f.delivered {
+                    self.streak(&f.key) + 1
+                } else {
+                    0
+                };
+                (f.key.clone(), s)
+            })
+            .collect();
+        let best = |min_streak: u32, better_than: Option<u32>| {
+            facts
+                .iter()
+                .filter(|f| streaks[&f.key] >= min_streak && better_than.is_none_or(|r| f.rank < r))
+                .min_by(|a, b| (a.rank, &a.key).cmp(&(b.rank, &b.key)))
+                .map(|f| f.key.clone())
+        };
+        let current = self
+            .active
+            .as_ref()
+            .and_then(|a| facts.iter().find(|f| &f.key == a))
+            .filter(|f| f.delivered);
+        self.active = match current {
+            Some(cur) => best(RETURN_AFTER_SLOTS, Some(cur.rank)).or_else(|| Some(cur.key.clone())),
+            None => best(1, None),
+        };
+        self.streaks = streaks;
+        self.active.clone()
+    }
 }
 
 #[cfg(test)]
@@ -61,30 +147,107 @@ mod tests {
     }
 
     #[test]
-    fn best_live_wins_and_falls_back_and_returns() {
-        let t0 = Instant::now();
-        let mut a = Candidate {
-            id: 1,
-            rank: 0,
-            has_video_header: true,
-            last_media: Some(t0),
-        };
-        let b = Candidate {
-            id: 2,
-            rank: 1,
-            has_video_header: true,
-            last_media: Some(t0 + Duration::from_secs(3)),
-        };
-        // Both live: the better rank.
-        assert_eq!(choose([&a, &b], t0 + Duration::from_millis(500)), Some(1));
-        // a silent for > 2 s: fall back to b.
-        assert_eq!(choose([&a, &b], t0 + Duration::from_millis(3500)), Some(2));
-        // a sends again: back to a.
-        a.last_media = Some(t0 + Duration::from_millis(3600));
-        assert_eq!(choose([&a, &b], t0 + Duration::from_millis(3700)), Some(1));
-        // Without a sequence header a publisher is not usable yet.
-        a.has_video_header = false;
-        assert_eq!(choose([&a, &b], t0 + Duration::from_millis(3700)), Some(2));
-        assert_eq!(choose([], t0), None);
+    fn coverage_needs_the_whole_slot_without_gaps() {
+        let clock = SlotClock::new(2);
+        let k = 882_000_000u64; // slot start 1_764_000_000_000
+        let start = clock.slot_start_ms(k);
+        let mut c = Coverage::default();
+        assert!(!c.covers(clock, k));
+        // Publisher starts 500 ms into slot k: k is not whole, k+1 will be.
+        for t in (start + 500..start + 4_020).step_by(40) {
+            c.observe(t);
+        }
+        assert!(!c.covers(clock, k));
+        assert!(c.covers(clock, k + 1));
+        // Frames 20 ms after the boundary still count as covering from the boundary.
+        let mut c = Coverage::default();
+        for t in (start + 20..start + 2_000).step_by(40) {
+            c.observe(t);
+        }
+        assert!(c.covers(clock, k));
+        // A 1.5 s hole in slot k+1 breaks it (and k+2 starts a new span late).
+        for t in (start + 3_500..start + 6_100).step_by(40) {
+            c.observe(t);
+        }
+        assert!(!c.covers(clock, k + 1));
+        assert!(c.covers(clock, k + 2));
+        // Timestamps jumping back (encoder restart) start over.
+        c.observe(start);
+        assert!(!c.covers(clock, k + 2));
+    }
+
+    fn fact(key: &'static str, rank: u32, delivered: bool) -> SlotFact<&'static str> {
+        SlotFact {
+            key,
+            rank,
+            delivered,
+        }
+    }
+
+    #[test]
+    fn fails_over_at_once_and_returns_after_a_stable_run() {
+        let mut s = Selector::default();
+        // Nothing delivered yet: slate.
+        assert_eq!(s.decide(&[fact("a", 0, false), fact("b", 1, false)]), None);
+        // Both deliver: the primary.
+        assert_eq!(
+            s.decide(&[fact("a", 0, true), fact("b", 1, true)]),
+            Some("a")
+        );
+        // The primary misses one slot: the backup takes the next one.
+        assert_eq!(
+            s.decide(&[fact("a", 0, false), fact("b", 1, true)]),
+            Some("b")
+        );
+        // The primary is back: the backup keeps it until the primary delivered 3 whole slots.
+        assert_eq!(
+            s.decide(&[fact("a", 0, true), fact("b", 1, true)]),
+            Some("b")
+        );
+        assert_eq!(
+            s.decide(&[fact("a", 0, true), fact("b", 1, true)]),
+            Some("b")
+        );
+        // A flap resets the count.
+        assert_eq!(
+            s.decide(&[fact("a", 0, false), fact("b", 1, true)]),
+            Some("b")
+        );
+        for _ in 0..RETURN_AFTER_SLOTS - 1 {
+            assert_eq!(
+                s.decide(&[fact("a", 0, true), fact("b", 1, true)]),
+                Some("b")
+            );
+        }
+        assert_eq!(s.streak(&"a"), RETURN_AFTER_SLOTS - 1);
+        assert_eq!(
+            s.decide(&[fact("a", 0, true), fact("b", 1, true)]),
+            Some("a")
+        );
+        // Both gone (b's connection closed: no fact at all): slate.
+        assert_eq!(s.decide(&[fact("a", 0, false)]), None);
+        // The backup alone comes back: taken after one whole slot.
+        assert_eq!(s.decide(&[fact("b", 1, true)]), Some("b"));
+    }
+
+    #[test]
+    fn two_ingests_with_the_same_facts_choose_alike() {
+        // Same facts, offered in a different order (different connection order per ingest).
+        let slots = [
+            vec![fact("a", 0, true), fact("c", 0, true), fact("b", 1, true)],
+            vec![fact("a", 0, false), fact("c", 0, true), fact("b", 1, true)],
+            vec![fact("a", 0, true), fact("c", 0, false), fact("b", 1, true)],
+            vec![fact("a", 0, true), fact("c", 0, false), fact("b", 1, false)],
+        ];
+        let (mut one, mut two) = (Selector::default(), Selector::default());
+        let mut chosen = Vec::new();
+        for facts in &slots {
+            let mut reversed = facts.clone();
+            reversed.reverse();
+            let x = one.decide(facts);
+            assert_eq!(x, two.decide(&reversed));
+            chosen.push(x);
+        }
+        assert_eq!(chosen, [Some("a"), Some("c"), Some("a"), Some("a")]);
     }
 }
