@@ -484,12 +484,14 @@ impl Viewer {
                         Ok(body) => {
                             let parsed = parse_media(std::str::from_utf8(&body)?)?;
                             target = Duration::from_secs_f64(parsed.target_duration_s.max(1.0));
-                            if next_seq.is_none() {
+                            // Start 3 segments behind the live edge; a playlist that does not
+                            // list 3 yet (a channel that just went live) is waited for, as a
+                            // player holding back 3 segments would.
+                            if next_seq.is_none()
+                                && parsed.segments.len() as u64 >= START_BEHIND_SEGMENTS
+                            {
                                 let last = parsed.last_seq().context("empty media playlist")?;
-                                next_seq = Some(
-                                    last.saturating_sub(START_BEHIND_SEGMENTS - 1)
-                                        .max(parsed.media_sequence),
-                                );
+                                next_seq = Some(last + 1 - START_BEHIND_SEGMENTS);
                             }
                             if let (Some(n), Some(first)) = (next_seq, parsed.segments.first())
                                 && n < first.seq
