@@ -9,6 +9,9 @@ use metrics_exporter_prometheus::PrometheusHandle;
 use crate::config::{HostConfig, Role};
 use crate::lifecycle::Lifecycle;
 
+/// How long blocking threads get to finish once the service's async work is done.
+pub const SHUTDOWN_BLOCKING_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// Command line shared by every service.
 #[derive(Debug, clap::Parser)]
 pub struct ServiceArgs {
@@ -105,6 +108,9 @@ where
         }
         result
     });
+    // Blocking threads (ffmpeg supervisors, pipe writers) may still wait on a child or a pipe:
+    // give them a moment, then exit anyway rather than hang the shutdown.
+    runtime.shutdown_timeout(SHUTDOWN_BLOCKING_GRACE);
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {

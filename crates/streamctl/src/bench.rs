@@ -117,6 +117,7 @@ pub struct Row {
     pub errors: u64,
     pub failovers: u64,
     pub request_failures: u64,
+    pub discontinuities: u64,
     pub latency_max_s: f64,
     /// Seconds from the restore until every host answered its health check again.
     pub whole_again_s: Option<f64>,
@@ -257,6 +258,7 @@ pub async fn run_fault(args: &FailoverArgs, fault: &Fault) -> anyhow::Result<Row
         errors: report.errors,
         failovers: report.failovers,
         request_failures: report.request_failures,
+        discontinuities: report.discontinuities,
         latency_max_s: report.latency_max_s,
         whole_again_s,
     })
@@ -279,12 +281,12 @@ pub fn markdown(args: &FailoverArgs, rows: &[Row]) -> String {
         args.fault_after,
         args.fault_for
     );
-    out.push_str("| fault | hosts | viewers | stalls | stall s | errors | failovers | request failures | max latency s | whole again after restore |\n");
-    out.push_str("|---|---|---|---|---|---|---|---|---|---|\n");
+    out.push_str("| fault | hosts | viewers | stalls | stall s | errors | failovers | request failures | discontinuities seen | max latency s | whole again after restore |\n");
+    out.push_str("|---|---|---|---|---|---|---|---|---|---|---|\n");
     for r in rows {
         let _ = writeln!(
             out,
-            "| {} | {} | {} | {} | {:.2} | {} | {} | {} | {:.1} | {} |",
+            "| {} | {} | {} | {} | {:.2} | {} | {} | {} | {} | {:.1} | {} |",
             r.fault.name,
             r.fault.hosts.join(" + "),
             r.viewers,
@@ -293,6 +295,7 @@ pub fn markdown(args: &FailoverArgs, rows: &[Row]) -> String {
             r.errors,
             r.failovers,
             r.request_failures,
+            r.discontinuities,
             r.latency_max_s,
             r.whole_again_s
                 .map_or("not within 60 s".to_owned(), |s| format!("{s:.1} s"))

@@ -71,6 +71,9 @@ pub struct ViewerReport {
     /// Rendition changes after the first choice.
     pub switches: u64,
     pub segments: u64,
+    /// Segments played that began with EXT-X-DISCONTINUITY (a source switch or a slate): a
+    /// picture change the viewer sees, though not a stall.
+    pub discontinuities: u64,
     /// Mean of now − PROGRAM-DATE-TIME at the play head, sampled at every segment.
     pub latency_s: f64,
     pub latency_max_s: f64,
@@ -93,6 +96,7 @@ pub struct WatchReport {
     pub failovers: u64,
     pub switches: u64,
     pub segments: u64,
+    pub discontinuities: u64,
     pub latency_s: f64,
     pub latency_max_s: f64,
     pub renditions: BTreeSet<String>,
@@ -119,6 +123,7 @@ impl WatchReport {
             report.failovers += v.failovers;
             report.switches += v.switches;
             report.segments += v.segments;
+            report.discontinuities += v.discontinuities;
             report.renditions.extend(v.renditions.iter().cloned());
             report.broadcasts.extend(v.broadcasts.iter().cloned());
         }
@@ -527,6 +532,7 @@ impl Viewer {
                         deadline = Some(now + Duration::from_secs(seconds));
                     }
                     self.report.segments += 1;
+                    self.report.discontinuities += u64::from(segment.discontinuity);
                     self.report.renditions.insert(name_of(&variants[variant]));
                     next_seq = Some(segment.seq + 1);
                     failures_this_segment = 0;

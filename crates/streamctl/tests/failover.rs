@@ -1,0 +1,321 @@
+//! High availability end to end through the real binaries: both ingests publish one timeline,
+//! the failover matrix (short windows) leaves viewers with 0 stalls and 0 errors, and a broadcast
+//! and an ingest are added and removed while the cluster runs.
+//!
+//! `#[ignore]`d in a bare `cargo test` (needs ffmpeg, ffprobe, nix-instantiate and the workspace
+//! binaries); scripts/test.sh runs it with `--include-ignored`, one cluster at a time.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use serde_json::Value;
+
+/// Loopback prefix of this test's cluster (127.76 is the other end-to-end test's).
+const PREFIX: &str = "127.73";
+
+fn streamctl() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_streamctl"))
+}
+
+fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../..")
+        .canonicalize()
+        .unwrap()
+}
+
+fn run(command: &mut Command) -> Output {
+    let output = command.output().expect("command starts");
+    assert!(
+        output.status.success(),
+        "{command:?} failed: {}\nstdout: {}\nstderr: {}",
+        output.status,
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    output
+}
+
+fn json_of(output: &Output) -> Value {
+    serde_json::from_slice(&output.stdout).unwrap_or_else(|e| {
+        panic!(
+            "not JSON ({e}): {}",
+            String::from_utf8_lossy(&output.stdout)
+        )
+    })
+}
+
+struct Cluster {
+    state: PathBuf,
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        let _ = streamctl()
+            .arg("down")
+            .arg("--state")
+            .arg(&self.state)
+            .output();
+    }
+}
+
+fn curl(state: &Path, url: &str, bearer: Option<&str>) -> Vec<u8> {
+    let mut command = Command::new("curl");
+    command
+        .args(["-sS", "--fail", "--max-time", "10", "--cacert"])
+        .arg(state.join("tls/ca.crt"));
+    if let Some(key) = bearer {
+        command
+            .arg("-H")
+            .arg(format!("Authorization: Bearer {key}"));
+    }
+    run(command.arg(url)).stdout
+}
+
+/// First video PTS of a segment, in seconds (ffprobe on the bytes).
+fn first_video_pts(bytes: &[u8], scratch: &Path) -> f64 {
+    std::fs::write(scratch, bytes).unwrap();
+    let out = run(Command::new("ffprobe")
+        .args([
+            "-v",
+            "error",
+            "-select_streams",
+            "v:0",
+            "-show_entries",
+            "packet=pts_time",
+            "-read_intervals",
+            "%+#1",
+            "-of",
+            "csv=p=0",
+        ])
+        .arg(scratch));
+    let text = String::from_utf8_lossy(&out.stdout);
+    let first = text
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .trim()
+        .trim_end_matches(',');
+    first
+        .parse()
+        .unwrap_or_else(|e| panic!("ffprobe pts {first:?}: {e}"))
+}
+
+fn watch(state: &Path, seconds: u64, pin: Option<&str>) -> Value {
+    let mut command = streamctl();
+    command
+        .args(["watch", "--json", "--viewers", "2", "--seconds"])
+        .arg(seconds.to_string())
+        .arg("--state")
+        .arg(state);
+    if let Some(pin) = pin {
+        command.args(["--pin", pin]);
+    }
+    json_of(&run(&mut command))
+}
+
+fn lb_broadcasts(state: &Path) -> Vec<(String, bool)> {
+    let status: Value = serde_json::from_slice(&curl(
+        state,
+        &format!("https://{PREFIX}.1.1:8443/status"),
+        None,
+    ))
+    .unwrap();
+    status["broadcasts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| {
+            (
+                b["name"].as_str().unwrap().to_owned(),
+                b["eligible"].as_bool().unwrap_or(false),
+            )
+        })
+        .collect()
+}
+
+#[test]
+#[ignore = "end to end: needs ffmpeg, nix-instantiate and the workspace binaries (scripts/test.sh)"]
+fn any_one_host_may_fail_and_the_topology_may_change() {
+    let tmp = tempfile::tempdir().unwrap();
+    let state = tmp.path().join("state");
+    let _cluster = Cluster {
+        state: state.clone(),
+    };
+    let cluster_file = tmp.path().join("cluster.nix");
+    std::fs::copy(repo_root().join("cluster.nix"), &cluster_file).unwrap();
+    run(streamctl()
+        .args(["up", "--json", "--address-prefix", PREFIX, "--cluster"])
+        .arg(&cluster_file)
+        .arg("--state")
+        .arg(&state));
+    // Let both ingests settle on source1 and fill their windows.
+    let settled = watch(&state, 8, None);
+    assert_eq!(settled["errors"], 0, "{settled:#}");
+
+    // One timeline: the same sequence numbers carry the same PROGRAM-DATE-TIME and the same
+    // media time on both ingests.
+    let key = std::fs::read_to_string(state.join("secrets/cluster.key")).unwrap();
+    let key = key.trim();
+    let playlist = |ingest: u8| {
+        let body = curl(
+            &state,
+            &format!("https://{PREFIX}.4.{ingest}:8443/origin/test/360p/index.m3u8"),
+            Some(key),
+        );
+        streaming_hls::parse_media(&String::from_utf8_lossy(&body)).unwrap()
+    };
+    let (one, two) = (playlist(1), playlist(2));
+    let common: Vec<_> = one
+        .segments
+        .iter()
+        .filter_map(|a| two.segments.iter().find(|b| b.seq == a.seq).map(|b| (a, b)))
+        .collect();
+    assert!(
+        common.len() >= 4,
+        "both ingests list the same slots: {one:?} / {two:?}"
+    );
+    for (a, b) in &common {
+        assert_eq!(
+            a.program_date_time_ms, b.program_date_time_ms,
+            "slot {}",
+            a.seq
+        );
+    }
+    let (a, _) = common[common.len() - 2];
+    let segment = |ingest: u8| {
+        curl(
+            &state,
+            &format!(
+                "https://{PREFIX}.4.{ingest}:8443/origin/test/360p/{}.ts",
+                a.seq
+            ),
+            Some(key),
+        )
+    };
+    let scratch = tmp.path().join("segment.ts");
+    let (pts1, pts2) = (
+        first_video_pts(&segment(1), &scratch),
+        first_video_pts(&segment(2), &scratch),
+    );
+    assert!(
+        (pts1 - pts2).abs() <= 0.041,
+        "segment {} starts at {pts1} on ingest1 and {pts2} on ingest2",
+        a.seq
+    );
+
+    // The failover matrix, short windows: every fault once, 0 stalls and 0 errors.
+    let rows = json_of(&run(streamctl()
+        .args([
+            "bench",
+            "failover",
+            "--json",
+            "--viewers",
+            "20",
+            "--seconds",
+            "16",
+            "--fault-after",
+            "5",
+            "--fault-for",
+            "6",
+            "--state",
+        ])
+        .arg(&state)));
+    let rows = rows.as_array().unwrap();
+    assert_eq!(rows.len(), 10, "every fault of the matrix ran");
+    for row in rows {
+        let name = &row["fault"]["name"];
+        assert_eq!(row["stalls"], 0, "{name}: {row:#}");
+        assert_eq!(row["errors"], 0, "{name}: {row:#}");
+        assert!(
+            row["whole_again_s"].is_number(),
+            "{name}: the cluster became whole again: {row:#}"
+        );
+    }
+    let moved: u64 = rows.iter().map(|r| r["failovers"].as_u64().unwrap()).sum();
+    assert!(
+        moved > 0,
+        "viewers on the faulty broadcast moved: {rows:#?}"
+    );
+
+    // Topology: add broadcast5 and ingest3 to the list, use them, then take them out for good.
+    let text = std::fs::read_to_string(&cluster_file).unwrap();
+    let extra = r#"
+    { name = "broadcast5"; role = "broadcast"; address = "192.0.2.25"; uplinkMbps = 1000; }
+    { name = "ingest3"; role = "ingest"; address = "192.0.2.43"; }
+  ];
+}"#;
+    let grown = text
+        .trim_end()
+        .trim_end_matches('}')
+        .trim_end()
+        .trim_end_matches("];")
+        .to_owned()
+        + extra;
+    std::fs::write(&cluster_file, &grown).unwrap();
+    run(streamctl().args(["add", "ingest3", "--state"]).arg(&state));
+    run(streamctl()
+        .args(["add", "broadcast5", "--state"])
+        .arg(&state));
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !lb_broadcasts(&state).contains(&("broadcast5".to_owned(), true)) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "lb1 uses broadcast5: {:?}",
+            lb_broadcasts(&state)
+        );
+        std::thread::sleep(std::time::Duration::from_millis(250));
+    }
+    let on_new = watch(&state, 8, Some("broadcast5"));
+    assert_eq!(
+        (on_new["stalls"].as_u64(), on_new["errors"].as_u64()),
+        (Some(0), Some(0)),
+        "{on_new:#}"
+    );
+    assert!(
+        on_new["broadcasts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|b| b == "broadcast5"),
+        "{on_new:#}"
+    );
+    let ingest3: Value = serde_json::from_slice(&curl(
+        &state,
+        &format!("https://{PREFIX}.4.3:8443/status"),
+        None,
+    ))
+    .unwrap();
+    assert!(
+        ingest3["channels"]["test"]["last_slot"].is_number(),
+        "ingest3 emits the timeline: {ingest3:#}"
+    );
+
+    run(streamctl()
+        .args(["drain", "broadcast5", "--state"])
+        .arg(&state));
+    std::fs::write(&cluster_file, &text).unwrap();
+    run(streamctl().args(["sync", "--state"]).arg(&state));
+    let names: Vec<String> = lb_broadcasts(&state).into_iter().map(|(n, _)| n).collect();
+    assert!(
+        !names.contains(&"broadcast5".to_owned()),
+        "broadcast5 is gone from lb1: {names:?}"
+    );
+    let after = watch(&state, 8, None);
+    assert_eq!(
+        (after["stalls"].as_u64(), after["errors"].as_u64()),
+        (Some(0), Some(0)),
+        "{after:#}"
+    );
+    let status = json_of(&run(streamctl()
+        .args(["status", "--json", "--state"])
+        .arg(&state)));
+    assert!(
+        !status
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|h| h["name"] == "ingest3" || h["name"] == "broadcast5"),
+        "removed hosts are gone: {status:#}"
+    );
+}
