@@ -51,9 +51,21 @@ pub async fn serve_https(
         });
     }
     tracing::info!(%addr, "HTTPS listening");
-    axum_server::bind_rustls(addr, tls)
+    let server = axum_server::bind_rustls(addr, tls)
         .handle(handle)
-        .serve(app.into_make_service_with_connect_info::<SocketAddr>())
-        .await
-        .map_err(|e| anyhow::anyhow!("HTTPS server on {addr}: {e}"))
+        .serve(app.into_make_service_with_connect_info::<SocketAddr>());
+    // axum-server announces shutdown with `Notify::notify_waiters`, which a server busy between
+    // two accepts can miss (seen on ingests that never exited): past the grace period, stop
+    // waiting for it and drop it, which closes the listener and its connections.
+    let overdue = async {
+        lifecycle.shutdown().await;
+        tokio::time::sleep(GRACE_PERIOD + Duration::from_secs(1)).await;
+    };
+    tokio::select! {
+        served = server => served.map_err(|e| anyhow::anyhow!("HTTPS server on {addr}: {e}")),
+        () = overdue => {
+            tracing::warn!(%addr, "HTTPS server still busy after the grace period: closing it");
+            Ok(())
+        }
+    }
 }
