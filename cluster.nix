@@ -12,6 +12,9 @@
     segmentSeconds = 2;
     playlistSegments = 6;
     cacheSegments = 12;
+    # After a failover to a backup source, go back to the primary once it has delivered this
+    # long without a gap.
+    primaryReturnSeconds = 6;
   };
 
   channels = [

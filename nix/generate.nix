@@ -95,6 +95,7 @@ let
       segment_seconds = cluster.timeline.segmentSeconds;
       playlist_segments = cluster.timeline.playlistSegments;
       cache_segments = cluster.timeline.cacheSegments;
+      primary_return_seconds = cluster.timeline.primaryReturnSeconds or 6;
     };
     hosts = map hostEntry cluster.hosts;
     channels = map channel cluster.channels;

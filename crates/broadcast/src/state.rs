@@ -255,7 +255,7 @@ pub(crate) mod test_support {
             "cluster": {
                 "site": "streaming-cluster.test", "profile": "local",
                 "site_urls": ["https://127.79.1.1:8443", "https://127.79.1.2:8443"],
-                "timeline": {"segment_seconds": 2, "playlist_segments": 6, "cache_segments": 12},
+                "timeline": {"segment_seconds": 2, "playlist_segments": 6, "cache_segments": 12, "primary_return_seconds": 6},
                 "hosts": [
                     host("lb1", "lb", "127.79.1.1", serde_json::json!({})),
                     host("broadcast1", "broadcast", "127.79.2.1",

@@ -124,6 +124,18 @@ pub struct TimelineConfig {
     pub playlist_segments: u32,
     /// Segments a broadcast keeps in memory (at least `playlist_segments`).
     pub cache_segments: u32,
+    /// How long a higher-priority source must have delivered without a gap before the ingests
+    /// go back to it (rounded up to whole segments).
+    pub primary_return_seconds: u32,
+}
+
+impl TimelineConfig {
+    /// `primary_return_seconds` in whole slots, at least one.
+    pub fn primary_return_slots(&self) -> u32 {
+        self.primary_return_seconds
+            .div_ceil(self.segment_seconds.max(1))
+            .max(1)
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -348,6 +360,19 @@ pub fn is_safe_name(name: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn primary_return_is_whole_slots() {
+        let timeline = |seconds| TimelineConfig {
+            segment_seconds: 2,
+            playlist_segments: 6,
+            cache_segments: 12,
+            primary_return_seconds: seconds,
+        };
+        assert_eq!(timeline(6).primary_return_slots(), 3);
+        assert_eq!(timeline(7).primary_return_slots(), 4);
+        assert_eq!(timeline(0).primary_return_slots(), 1);
+    }
 
     #[test]
     fn safe_names() {

@@ -38,6 +38,10 @@ pub const DECIDE_DELAY: Duration = Duration::from_millis(700);
 /// Media kept per publisher for a switch: two GOPs, so the run of a newly chosen source can
 /// start at its keyframe before the slot boundary and deliver that slot whole. Capped anyway.
 const MAX_RECENT_TAGS: usize = 2000;
+/// A running transcoder that has produced no segment for this many segment durations (plus the
+/// emission grace) while being fed is hung (SIGSTOPped, deadlocked): it is killed and restarted
+/// like a crashed one. A fresh run needs about two durations for its first whole segment.
+const STALLED_AFTER_SEGMENTS: u64 = 3;
 const MAX_RECENT_BYTES: usize = 32 * 1024 * 1024;
 
 /// What reaches a channel task.
@@ -209,6 +213,8 @@ pub struct ChannelSetup {
     pub clock: SlotClock,
     pub work_dir: PathBuf,
     pub slates: Vec<Bytes>,
+    /// Whole slots a better source must deliver before it is taken back.
+    pub primary_return_slots: u32,
 }
 
 pub struct ChannelTask {
@@ -227,6 +233,8 @@ pub struct ChannelTask {
     selector: Selector<SourceKey>,
     /// The next slot whose source is to be decided.
     next_decision: u64,
+    /// When the current run started or last delivered a segment (unix ms): the hang watchdog.
+    run_progress_ms: u64,
 }
 
 impl ChannelTask {
@@ -237,6 +245,7 @@ impl ChannelTask {
         cache_segments: u32,
     ) -> Self {
         let next_slot = setup.clock.slot_at(unix_now_ms());
+        let selector = Selector::new(setup.primary_return_slots);
         Self {
             setup,
             shared,
@@ -250,8 +259,9 @@ impl ChannelTask {
             next_slot,
             last_pushed: None,
             cache_segments: u64::from(cache_segments),
-            selector: Selector::default(),
+            selector,
             next_decision: next_slot + 1,
+            run_progress_ms: 0,
         }
     }
 
@@ -493,6 +503,7 @@ impl ChannelTask {
                 if let Some(feed) = &mut self.feed {
                     feed.run = Some((run, flv_ts));
                 }
+                self.run_progress_ms = unix_now_ms();
             }
             Err(e) => {
                 tracing::error!(channel = %self.setup.config.name, "cannot start the transcoder: {e}");
@@ -702,6 +713,7 @@ impl ChannelTask {
         });
         if entry.run_id == run_id {
             entry.parts[rendition] = Some(data);
+            self.run_progress_ms = unix_now_ms();
         }
         self.emit_complete();
     }
@@ -733,6 +745,27 @@ impl ChannelTask {
             let slot = self.next_slot;
             self.decide(slot);
             self.next_slot += 1;
+        }
+        self.kill_stalled_run(now);
+    }
+
+    /// The watchdog: a transcoder that is fed but makes no segments is killed, so the usual crash
+    /// path restarts it instead of the slate standing in for it indefinitely.
+    fn kill_stalled_run(&mut self, now: u64) {
+        let limit =
+            STALLED_AFTER_SEGMENTS * self.setup.clock.segment_ms() + EMIT_GRACE.as_millis() as u64;
+        let stalled_ms = now.saturating_sub(self.run_progress_ms);
+        if stalled_ms <= limit {
+            return;
+        }
+        if let Some(feed) = &mut self.feed
+            && let Some((run, _)) = &mut feed.run
+        {
+            tracing::error!(channel = %self.setup.config.name, stalled_ms, "transcoder made no segment while fed: killing it (it will be restarted)");
+            metrics::counter!("ingest_transcoder_stalls_total", "channel" => self.setup.config.name.clone()).increment(1);
+            run.kill();
+            // One kill per stall: the exit restarts it and resets the clock.
+            self.run_progress_ms = now;
         }
     }
 

@@ -99,6 +99,7 @@ pub async fn run(ctx: ServiceContext) -> anyhow::Result<()> {
             clock,
             work_dir: config.paths.state_dir.join("work").join(&channel.name),
             slates,
+            primary_return_slots: timeline.primary_return_slots(),
         };
         let task = ChannelTask::new(setup, out.clone(), tx.clone(), timeline.cache_segments);
         tasks.spawn(task.run(rx, ctx.lifecycle.clone()));

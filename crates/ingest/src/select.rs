@@ -16,7 +16,7 @@ use std::hash::Hash;
 use streaming_hls::SlotClock;
 
 /// Whole consecutive slots a higher-priority source must deliver before the ingests go back to
-/// it (3 slots = 6 s with 2 s segments). The operator's "stable for" setting, as a constant.
+/// it, unless the cluster says otherwise (`timeline.primaryReturnSeconds` in cluster.nix).
 pub const RETURN_AFTER_SLOTS: u32 = 3;
 /// A silence longer than this between two media tags breaks a source's coverage.
 pub const MAX_MEDIA_GAP_MS: u64 = 1000;
@@ -77,13 +77,22 @@ pub struct SlotFact<K> {
 pub struct Selector<K> {
     active: Option<K>,
     streaks: HashMap<K, u32>,
+    return_after: u32,
 }
 
 impl<K> Default for Selector<K> {
     fn default() -> Self {
+        Self::new(RETURN_AFTER_SLOTS)
+    }
+}
+
+impl<K> Selector<K> {
+    /// A selector that goes back to a better source after `return_after` whole slots.
+    pub fn new(return_after: u32) -> Self {
         Self {
             active: None,
             streaks: HashMap::new(),
+            return_after: return_after.max(1),
         }
     }
 }
@@ -125,7 +134,7 @@ impl<K: Clone + Eq + Hash + Ord> Selector<K> {
             .and_then(|a| facts.iter().find(|f| &f.key == a))
             .filter(|f| f.delivered);
         self.active = match current {
-            Some(cur) => best(RETURN_AFTER_SLOTS, Some(cur.rank)).or_else(|| Some(cur.key.clone())),
+            Some(cur) => best(self.return_after, Some(cur.rank)).or_else(|| Some(cur.key.clone())),
             None => best(1, None),
         };
         self.streaks = streaks;

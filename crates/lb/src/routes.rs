@@ -396,7 +396,7 @@ mod tests {
             "name": "lb1",
             "cluster": {
                 "site": "s", "profile": "local", "site_urls": ["https://127.79.1.1:8443"],
-                "timeline": {"segment_seconds": 2, "playlist_segments": 6, "cache_segments": 12},
+                "timeline": {"segment_seconds": 2, "playlist_segments": 6, "cache_segments": 12, "primary_return_seconds": 6},
                 "hosts": [host("lb1", "lb", "127.79.1.1", false),
                           host("broadcast1", "broadcast", "127.79.2.1", false),
                           host("broadcast2", "broadcast", "127.79.2.2", false)],

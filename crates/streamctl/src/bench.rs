@@ -68,6 +68,8 @@ pub enum Mode {
     Hang,
     /// SIGKILL of one ffmpeg child only.
     Ffmpeg,
+    /// SIGSTOP of one ffmpeg child only: the host must notice by itself.
+    FfmpegHang,
 }
 
 /// A fault of the matrix: one or more hosts failing together.
@@ -81,7 +83,8 @@ pub struct Fault {
 }
 
 /// The matrix of the issue: kill and hang of lb1, the viewers' broadcast, its preferred ingest
-/// and source1; the transcoder of one ingest; one broadcast and one ingest at once.
+/// and source1; kill and hang of the transcoder of one ingest; one broadcast and one ingest at
+/// once.
 pub fn matrix() -> Vec<Fault> {
     let fault = |name: &str, hosts: &[&str], mode: Mode| Fault {
         name: name.to_owned(),
@@ -99,6 +102,7 @@ pub fn matrix() -> Vec<Fault> {
         fault("source1-kill", &["source1"], Mode::Kill),
         fault("source1-hang", &["source1"], Mode::Hang),
         fault("ingest-ffmpeg-kill", &["ingest1"], Mode::Ffmpeg),
+        fault("ingest-ffmpeg-hang", &["ingest1"], Mode::FfmpegHang),
         fault(
             "broadcast+ingest-kill",
             &["broadcast1", "ingest1"],
@@ -183,14 +187,15 @@ fn inject(state: &std::path::Path, fault: &Fault) -> anyhow::Result<()> {
             Mode::Kill => streamctl(state, &["kill", host])?,
             Mode::Hang => streamctl(state, &["kill", host, "--hang"])?,
             Mode::Ffmpeg => streamctl(state, &["kill", host, "--ffmpeg"])?,
+            Mode::FfmpegHang => streamctl(state, &["kill", host, "--ffmpeg", "--hang"])?,
         };
     }
     Ok(())
 }
 
 fn restore(state: &std::path::Path, fault: &Fault) -> anyhow::Result<()> {
-    if fault.mode == Mode::Ffmpeg {
-        return Ok(()); // the ingest restarts its own transcoder
+    if matches!(fault.mode, Mode::Ffmpeg | Mode::FfmpegHang) {
+        return Ok(()); // the ingest restarts its own transcoder (killing a hung one first)
     }
     for host in &fault.hosts {
         streamctl(state, &["start", host])?;

@@ -142,7 +142,8 @@ pub struct KillArgs {
     #[command(flatten)]
     pub state: StateArg,
     /// SIGSTOP the host instead (it hangs: alive, answering nothing). `start` resumes it.
-    #[arg(long, conflicts_with = "ffmpeg")]
+    /// With --ffmpeg: SIGSTOP only that ffmpeg child (the ingest's watchdog must notice).
+    #[arg(long)]
     pub hang: bool,
     /// SIGKILL one ffmpeg child of the host (an ingest's transcoder first); the host restarts it.
     #[arg(long)]

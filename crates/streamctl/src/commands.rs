@@ -411,9 +411,14 @@ pub fn kill(args: KillArgs) -> anyhow::Result<()> {
                 config.me().role
             )
         })?;
-        procs::signal_pid(*child, libc::SIGKILL);
+        let (signal, done) = if args.hang {
+            (libc::SIGSTOP, "hung")
+        } else {
+            (libc::SIGKILL, "killed")
+        };
+        procs::signal_pid(*child, signal);
         let shown: String = cmdline.chars().take(100).collect();
-        println!("{}: killed ffmpeg pid {child} ({shown}...)", args.name);
+        println!("{}: {done} ffmpeg pid {child} ({shown}...)", args.name);
     } else if args.hang {
         procs::signal_group(pid, libc::SIGSTOP);
         println!(
