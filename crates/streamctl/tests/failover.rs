@@ -5,59 +5,16 @@
 //! `#[ignore]`d in a bare `cargo test` (needs ffmpeg, ffprobe, nix-instantiate and the workspace
 //! binaries); scripts/test.sh runs it with `--include-ignored`, one cluster at a time.
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::path::Path;
+use std::process::Command;
 
 use serde_json::Value;
 
 /// Loopback prefix of this test's cluster (127.76 is the other end-to-end test's).
 const PREFIX: &str = "127.73";
 
-fn streamctl() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_streamctl"))
-}
-
-fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../..")
-        .canonicalize()
-        .unwrap()
-}
-
-fn run(command: &mut Command) -> Output {
-    let output = command.output().expect("command starts");
-    assert!(
-        output.status.success(),
-        "{command:?} failed: {}\nstdout: {}\nstderr: {}",
-        output.status,
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
-    output
-}
-
-fn json_of(output: &Output) -> Value {
-    serde_json::from_slice(&output.stdout).unwrap_or_else(|e| {
-        panic!(
-            "not JSON ({e}): {}",
-            String::from_utf8_lossy(&output.stdout)
-        )
-    })
-}
-
-struct Cluster {
-    state: PathBuf,
-}
-
-impl Drop for Cluster {
-    fn drop(&mut self) {
-        let _ = streamctl()
-            .arg("down")
-            .arg("--state")
-            .arg(&self.state)
-            .output();
-    }
-}
+mod common;
+use common::{Cluster, json_of, repo_root, run, streamctl};
 
 fn curl(state: &Path, url: &str, bearer: Option<&str>) -> Vec<u8> {
     let mut command = Command::new("curl");

@@ -7,8 +7,8 @@
 //! workspace binaries built next to streamctl (`cargo build --workspace`), so it is `#[ignore]`d
 //! in a bare `cargo test`; scripts/test.sh runs it with `--include-ignored`, one cluster at a time.
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::path::Path;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
@@ -17,53 +17,8 @@ use serde_json::Value;
 /// running while the tests do.
 const PREFIX: &str = "127.76";
 
-fn streamctl() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_streamctl"))
-}
-
-fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../..")
-        .canonicalize()
-        .unwrap()
-}
-
-fn run(command: &mut Command) -> Output {
-    let output = command.output().expect("command starts");
-    if !output.status.success() {
-        panic!(
-            "{command:?} failed: {}\nstdout: {}\nstderr: {}",
-            output.status,
-            String::from_utf8_lossy(&output.stdout),
-            String::from_utf8_lossy(&output.stderr)
-        );
-    }
-    output
-}
-
-fn json_of(output: &Output) -> Value {
-    serde_json::from_slice(&output.stdout).unwrap_or_else(|e| {
-        panic!(
-            "not JSON ({e}): {}",
-            String::from_utf8_lossy(&output.stdout)
-        )
-    })
-}
-
-/// Stops the cluster whatever happens to the test, so no process outlives it.
-struct Cluster {
-    state: PathBuf,
-}
-
-impl Drop for Cluster {
-    fn drop(&mut self) {
-        let _ = streamctl()
-            .arg("down")
-            .arg("--state")
-            .arg(&self.state)
-            .output();
-    }
-}
+mod common;
+use common::{Cluster, json_of, repo_root, run, streamctl};
 
 /// Processes whose command line mentions the state dir (every host, the ingests' ffmpeg) or
 /// this cluster's RTMP addresses (the sources' ffmpeg).

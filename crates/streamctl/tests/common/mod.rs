@@ -1,0 +1,55 @@
+//! Helpers shared by the end-to-end tests: running the real `streamctl` and stopping the cluster
+//! whatever happens to the test.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use serde_json::Value;
+
+pub fn streamctl() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_streamctl"))
+}
+
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../..")
+        .canonicalize()
+        .unwrap()
+}
+
+/// Runs a command and fails the test with its output when it fails.
+pub fn run(command: &mut Command) -> Output {
+    let output = command.output().expect("command starts");
+    assert!(
+        output.status.success(),
+        "{command:?} failed: {}\nstdout: {}\nstderr: {}",
+        output.status,
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    output
+}
+
+pub fn json_of(output: &Output) -> Value {
+    serde_json::from_slice(&output.stdout).unwrap_or_else(|e| {
+        panic!(
+            "not JSON ({e}): {}",
+            String::from_utf8_lossy(&output.stdout)
+        )
+    })
+}
+
+/// Stops the cluster of a state dir when dropped, so no process outlives a failing test.
+pub struct Cluster {
+    pub state: PathBuf,
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        let _ = streamctl()
+            .arg("down")
+            .arg("--state")
+            .arg(&self.state)
+            .output();
+    }
+}
