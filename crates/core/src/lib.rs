@@ -12,11 +12,3 @@ pub mod status;
 pub mod telemetry;
 pub mod tls;
 pub mod token;
-
-/// Wall-clock time in seconds since the Unix epoch, with sub-second precision.
-pub fn unix_now_f64() -> f64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs_f64())
-        .unwrap_or(0.0)
-}
