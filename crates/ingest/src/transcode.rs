@@ -28,6 +28,39 @@ pub const POLL_EVERY: Duration = Duration::from_millis(100);
 /// stderr lines kept for the crash report.
 const STDERR_TAIL: usize = 12;
 
+/// x264 settings shared by the ladder and its slate, so a slate segment decodes with the same
+/// codec parameters as the live ones: Main profile level 4.0 with CABAC (ultrafast would
+/// otherwise signal Constrained Baseline while the master playlist announces Main,
+/// streaming_hls::master::CODECS), constant bitrate, and no keyframes but the forced ones.
+fn x264_args(preset: &str, video_kbps: u32) -> Vec<String> {
+    let vb = format!("{video_kbps}k");
+    [
+        "-c:v",
+        "libx264",
+        "-preset",
+        preset,
+        "-profile:v",
+        "main",
+        "-level:v",
+        "4.0",
+        "-coder",
+        "1",
+        "-b:v",
+        &vb,
+        "-maxrate",
+        &vb,
+        "-bufsize",
+        &vb,
+        "-g",
+        "9999",
+        "-sc_threshold",
+        "0",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
+}
+
 /// The ffmpeg arguments of a ladder run (exactly the flags the timeline spike measured).
 /// `first_frame_s` is C: the time of the first frame fed, so forced keyframes land on absolute
 /// multiples of `segment_s`.
@@ -67,38 +100,17 @@ pub fn ladder_args(
     .collect();
     args.push(filter);
     for (i, r) in channel.ladder.iter().enumerate() {
-        let vb = format!("{}k", r.video_kbps);
         let list = dir.join(format!("r{i}.csv")).display().to_string();
         let pattern = dir.join(format!("r{i}_%05d.ts")).display().to_string();
         let map_v = format!("[v{i}]");
         let ab = format!("{}k", channel.audio_kbps);
+        args.extend(
+            ["-map", &map_v, "-map", "0:a"]
+                .iter()
+                .map(|s| s.to_string()),
+        );
+        args.extend(x264_args(&channel.preset, r.video_kbps));
         let part: &[&str] = &[
-            "-map",
-            &map_v,
-            "-map",
-            "0:a",
-            "-c:v",
-            "libx264",
-            "-preset",
-            &channel.preset,
-            "-profile:v",
-            "main",
-            "-level:v",
-            "4.0",
-            // CABAC on: ultrafast would otherwise signal Constrained Baseline while the master
-            // playlist announces Main (streaming_hls::master::CODECS).
-            "-coder",
-            "1",
-            "-b:v",
-            &vb,
-            "-maxrate",
-            &vb,
-            "-bufsize",
-            &vb,
-            "-g",
-            "9999",
-            "-sc_threshold",
-            "0",
             "-forced-idr",
             "1",
             "-force_key_frames",
@@ -406,7 +418,6 @@ pub fn encode_slate(
             ",drawtext=fontfile={SLATE_FONT}:text='NO SIGNAL':fontcolor=white:fontsize=h/8:x=(w-text_w)/2:y=(h-text_h)/2"
         ));
     }
-    let vb = format!("{}k", r.video_kbps);
     let mut command = std::process::Command::new("ffmpeg");
     command
         .args([
@@ -433,30 +444,7 @@ pub fn encode_slate(
             "-vf",
             &vf,
         ])
-        .args([
-            "-c:v",
-            "libx264",
-            "-preset",
-            &channel.preset,
-            "-profile:v",
-            "main",
-            "-level:v",
-            "4.0",
-            "-coder",
-            "1",
-        ])
-        .args([
-            "-b:v",
-            &vb,
-            "-maxrate",
-            &vb,
-            "-bufsize",
-            &vb,
-            "-g",
-            "9999",
-            "-sc_threshold",
-            "0",
-        ])
+        .args(x264_args(&channel.preset, r.video_kbps))
         .args([
             "-c:a",
             "aac",
