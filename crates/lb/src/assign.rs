@@ -50,10 +50,11 @@ pub fn parse_exclude(value: Option<&str>) -> Vec<String> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn c(name: &str, eligible: bool, free: u64) -> Candidate {
+    /// A candidate named `name` at `https://<name>`; also used by the routes' tests.
+    pub(crate) fn c(name: &str, eligible: bool, free: u64) -> Candidate {
         Candidate {
             name: name.into(),
             base_url: format!("https://{name}"),

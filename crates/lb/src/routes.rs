@@ -586,15 +586,7 @@ mod tests {
         }
     }
 
-    fn cand(name: &str, eligible: bool, free: u64) -> Candidate {
-        Candidate {
-            name: name.into(),
-            base_url: format!("https://{name}"),
-            eligible,
-            free_viewers: free,
-            reason: String::new(),
-        }
-    }
+    use crate::assign::tests::c as cand;
 
     #[test]
     fn steering_keeps_the_current_pathway_while_eligible() {
