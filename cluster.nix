@@ -17,6 +17,14 @@
     primaryReturnSeconds = 6;
   };
 
+  # Accounts and chat: PostgreSQL 15 under Patroni on the db hosts, etcd on them and lb1.
+  database = {
+    name = "streaming";
+    # Patroni's leader lease in seconds: a dead primary is replaced within about this long, and
+    # chat writes resume within ttl + 2 s. 5 is a measured, safe tuning on quiet hosts.
+    ttl = 10;
+  };
+
   channels = [
     {
       name = "test";

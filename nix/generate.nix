@@ -54,6 +54,18 @@ let
 
   byRole = role: filter (h: h.role == role) cluster.hosts;
   ingests = byRole "ingest";
+  dbHosts = byRole "db";
+  # etcd runs on every db host plus the witness, so two db hosts still have a quorum of three.
+  etcdHosts = dbHosts ++ filter (h: h.etcdWitness or false) cluster.hosts;
+  runsEtcd = host: builtins.elem host.name (map (h: h.name) etcdHosts);
+
+  database = {
+    name = cluster.database.name or "streaming";
+    user = cluster.database.user or "streaming";
+    ttl = cluster.database.ttl or 10;
+    loopWait = cluster.database.loopWait or 1;
+    retryTimeout = cluster.database.retryTimeout or 3;
+  };
 
   # Broadcasts prefer ingests in turn, so the pull load is spread and one ingest's death moves
   # only half of them.
@@ -99,6 +111,7 @@ let
     };
     hosts = map hostEntry cluster.hosts;
     channels = map channel cluster.channels;
+    database = { inherit (database) name user ttl; };
   };
 
   # Local runs keep every file under the runner's state dir; deployed hosts use the NixOS
@@ -113,6 +126,10 @@ let
       token_key = "${stateDir}/secrets/token.key";
       cluster_key = "${stateDir}/secrets/cluster.key";
       stream_keys_dir = "${stateDir}/secrets/stream-keys";
+      db_password = "${stateDir}/secrets/db-password";
+      db_superuser_password = "${stateDir}/secrets/db-superuser-password";
+      db_replication_password = "${stateDir}/secrets/db-replication-password";
+      admin_password = "${stateDir}/secrets/admin-password";
     } else {
       state_dir = stateDir;
       log_dir = null;
@@ -122,13 +139,93 @@ let
       token_key = "/run/agenix/token-key";
       cluster_key = "/run/agenix/cluster-key";
       stream_keys_dir = "/run/agenix/stream-keys";
+      db_password = "/run/agenix/db-password";
+      db_superuser_password = "/run/agenix/db-superuser-password";
+      db_replication_password = "/run/agenix/db-replication-password";
+      admin_password = "/run/agenix/admin-password";
     };
+
+  # etcd member flags (the witness on lb1 included). Plain HTTP between members: locally it is
+  # loopback, on deployed hosts the NixOS db module may add TLS.
+  etcdUrl = host: port: "http://${address host}:${toString port}";
+  etcdConfig = host: {
+    inherit (host) name;
+    data_dir = "${(paths host).state_dir}/etcd";
+    client_url = etcdUrl host ports.etcd_client;
+    peer_url = etcdUrl host ports.etcd_peer;
+    initial_cluster = builtins.concatStringsSep "," (map (h: "${h.name}=${etcdUrl h ports.etcd_peer}") etcdHosts);
+    cluster_token = "${cluster.site}-etcd";
+  };
+
+  # Who may connect to PostgreSQL: locally every loopback connection arrives from 127.0.0.1.
+  clientCidrs =
+    if profile == "local" then [ "127.0.0.0/8" ]
+    else map (h: "${address h}/32") cluster.hosts;
+  hbaLines = [ "local all all peer" ]
+    ++ map (cidr: "host replication replicator ${cidr} scram-sha-256") clientCidrs
+    ++ map (cidr: "host all all ${cidr} scram-sha-256") clientCidrs;
+
+  # Patroni's own settings for a db host (its YAML is a superset of JSON, so this is written as
+  # is). Passwords are not here: Patroni reads PATRONI_SUPERUSER_PASSWORD and
+  # PATRONI_REPLICATION_PASSWORD from its environment, filled from the secret files. The runner
+  # adds what depends on the machine (bin_dir, post_bootstrap).
+  patroniConfig = host: {
+    scope = "${cluster.site}-db";
+    inherit (host) name;
+    restapi = {
+      listen = "${address host}:${toString ports.patroni}";
+      connect_address = "${address host}:${toString ports.patroni}";
+    };
+    etcd3.hosts = map (h: "${address h}:${toString ports.etcd_client}") etcdHosts;
+    bootstrap = {
+      dcs = {
+        ttl = database.ttl;
+        loop_wait = database.loopWait;
+        retry_timeout = database.retryTimeout;
+        maximum_lag_on_failover = 1048576;
+        # An acknowledged commit is on both db hosts while both live; a lone survivor still
+        # accepts writes (not strict), so one dead host never stops the chat.
+        synchronous_mode = true;
+        synchronous_mode_strict = false;
+        postgresql = {
+          use_pg_rewind = true;
+          use_slots = true;
+          parameters = {
+            wal_level = "replica";
+            hot_standby = "on";
+            wal_log_hints = "on";
+            max_connections = 200;
+            max_wal_senders = 10;
+            max_replication_slots = 10;
+          };
+        };
+      };
+      initdb = [ { encoding = "UTF8"; } "data-checksums" ];
+      pg_hba = hbaLines;
+    };
+    postgresql = {
+      listen = "${address host}:${toString ports.postgres}";
+      connect_address = "${address host}:${toString ports.postgres}";
+      data_dir = "${(paths host).state_dir}/pgdata";
+      pgpass = "${(paths host).state_dir}/pgpass";
+      authentication = {
+        superuser.username = "postgres";
+        replication.username = "replicator";
+        rewind.username = "postgres";
+      };
+      parameters.unix_socket_directories = "${(paths host).state_dir}/run";
+      pg_hba = hbaLines;
+    };
+    tags = { nofailover = false; noloadbalance = false; clonefrom = false; nosync = false; };
+  };
 
   hostConfig = host: {
     inherit (host) name;
     cluster = clusterView;
     paths = paths host;
     telemetry = { json_logs = jsonLogs; otlp_endpoint = otlpEndpoint; };
+    etcd = if runsEtcd host then etcdConfig host else null;
+    patroni = if host.role == "db" then patroniConfig host else null;
   };
 in
 listToAttrs (map (host: { inherit (host) name; value = hostConfig host; }) cluster.hosts)

@@ -13,6 +13,13 @@ command -v cc >/dev/null || need+=(build-essential)
 command -v pkg-config >/dev/null || need+=(pkg-config)
 command -v npm >/dev/null || need+=(npm)
 command -v pgrep >/dev/null || need+=(procps)
+# The db role: PostgreSQL under Patroni (Debian's python3 with psycopg2), etcd for its leader lock.
+[ -x /usr/lib/postgresql/15/bin/postgres ] || need+=(postgresql-15)
+[ -x /usr/bin/patroni ] || need+=(patroni)
+command -v etcd >/dev/null || need+=(etcd-server)
+/usr/bin/python3 -c 'import psycopg2' 2>/dev/null || need+=(python3-psycopg2)
+# The browser test drives Debian's chromium with playwright-core.
+[ -x /usr/bin/chromium ] || need+=(chromium)
 
 if [ ${#need[@]} -gt 0 ]; then
   echo "setup: installing ${need[*]}"
@@ -30,3 +37,14 @@ if ! command -v cargo >/dev/null; then
     exit 1
   fi
 fi
+
+# playwright-core for the browser test (tests/browser/), pinned by package-lock.json.
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+if [ ! "$root/node_modules/.package-lock.json" -nt "$root/package-lock.json" ]; then
+  echo "setup: npm ci"
+  (cd "$root" && npm ci --no-audit --no-fund --loglevel=error >/dev/null)
+fi
+[ -f "$root/node_modules/playwright-core/package.json" ] || {
+  echo "setup: npm ci did not install node_modules/playwright-core" >&2
+  exit 1
+}

@@ -7,6 +7,9 @@
   const latencyEl = $('latency');
   const qualityEl = $('quality');
   const unmuteEl = $('unmute');
+  const liveEl = $('live');
+  const goLiveEl = $('golive');
+  const viewersEl = $('viewers');
 
   const params = new URLSearchParams(location.search);
   const channel = params.get('channel') || 'test';
@@ -22,7 +25,15 @@
     broadcast: location.host, // replaced by /api/cluster's "broadcast"
     baseUrl: location.origin,
     token,
+    channel,
     playback: 'loading',
+    atLiveEdge: null,
+    viewers: null,
+    // 'broadcast' events (detail: {broadcast, baseUrl}) when the page moves to another broadcast:
+    // the chat follows the player.
+    events: new EventTarget(),
+    failover: (reason) => failover(reason),
+    lbs: () => clusterInfo.then((c) => c.lbs),
   };
   window.scPlayer = state;
 
@@ -50,7 +61,7 @@
   const clusterInfo = fetch('/api/cluster', { cache: 'no-store' })
     .then((r) => (r.ok ? r.json() : Promise.reject(new Error(`HTTP ${r.status}`))))
     .then((c) => {
-      if (typeof c.broadcast === 'string' && c.broadcast) state.broadcast = c.broadcast;
+      if (typeof c.broadcast === 'string' && c.broadcast && state.failovers === 0) state.broadcast = c.broadcast;
       render();
       return { lbs: Array.isArray(c.lbs) ? c.lbs.filter((x) => typeof x === 'string') : [] };
     })
@@ -119,6 +130,9 @@
     q.set('t', token);
     q.set('channel', channel);
     history.replaceState(history.state, '', `${location.pathname}?${q}`);
+    state.events.dispatchEvent(new CustomEvent('broadcast', {
+      detail: { broadcast: state.broadcast, baseUrl: state.baseUrl },
+    }));
     // The buffer usually covers the switch: playback never stops, so no 'playing' event follows.
     setPlayback(!video.paused && video.readyState >= HTMLMediaElement.HAVE_FUTURE_DATA ? 'live' : 'buffering');
     if (state.hls) {
@@ -166,6 +180,8 @@
       loader: FailoverLoader,
       enableWorker: false, // blob: workers would be blocked by the CSP
       lowLatencyMode: true,
+      // After any hiccup, catch up with the live edge by playing up to 10 % faster (no jump).
+      maxLiveSyncPlaybackRate: 1.1,
       manifestLoadPolicy: policy(4000, 8000, 3, 4),
       playlistLoadPolicy: policy(4000, 8000, 3, 4),
       fragLoadPolicy: policy(4000, 20000, 3, 4),
@@ -247,10 +263,80 @@
     const pd = playingDateMs();
     let text = 'Latency: –';
     if (pd) text = `Latency: ${((Date.now() - pd) / 1000).toFixed(1)} s`;
-    else if (state.hls && Number.isFinite(state.hls.latency)) text = `Latency: ~${state.hls.latency.toFixed(1)} s (to live edge)`;
+    else if (state.hls && Number.isFinite(state.hls.latency) && state.hls.latency > 0) text = `Latency: ~${state.hls.latency.toFixed(1)} s (to live edge)`;
     latencyEl.textContent = text;
     state.latency = pd ? (Date.now() - pd) / 1000 : null;
   }, 1000);
+
+  // ---- live edge -------------------------------------------------------------
+  // hls.js's liveSyncPosition is the live edge minus the hold-back the player aims for; being
+  // more than 1.5 target durations behind it means the viewer paused or seeked back.
+  function behindLive() {
+    const h = state.hls;
+    if (!h || !Number.isFinite(h.liveSyncPosition) || !h.liveSyncPosition) return null;
+    return h.liveSyncPosition - video.currentTime;
+  }
+  function targetDuration() {
+    const h = state.hls;
+    const lvl = h && h.levels && h.levels[Math.max(h.currentLevel, 0)];
+    return (lvl && lvl.details && lvl.details.targetduration) || 2;
+  }
+  function renderLive() {
+    const behind = behindLive();
+    let atEdge = null;
+    let text = 'Connecting';
+    if (behind !== null && video.readyState >= HTMLMediaElement.HAVE_CURRENT_DATA) {
+      atEdge = behind < targetDuration() * 1.5 && !video.paused;
+      text = atEdge ? 'LIVE' : `Behind live by ${Math.max(0, behind).toFixed(0)} s`;
+    } else if (!state.hls && video.readyState >= HTMLMediaElement.HAVE_CURRENT_DATA) {
+      atEdge = !video.paused;
+      text = atEdge ? 'LIVE' : 'Paused';
+    }
+    state.atLiveEdge = atEdge;
+    liveEl.textContent = text;
+    liveEl.classList.toggle('behind', atEdge !== true);
+    goLiveEl.hidden = atEdge !== false || !state.hls;
+  }
+  goLiveEl.addEventListener('click', () => {
+    const h = state.hls;
+    if (h && Number.isFinite(h.liveSyncPosition)) video.currentTime = h.liveSyncPosition;
+    video.play().catch(() => {});
+  });
+  setInterval(renderLive, 1000);
+
+  // ---- total viewer count ----------------------------------------------------
+  // GET <lb>/api/stats -> {"viewers","broadcasts"} every 5 s, LBs in turn; an LB without the
+  // endpoint or unreachable just hides the count. The chat's "stats" events also update it.
+  function showViewers(n) {
+    if (!Number.isFinite(n) || n < 0) return;
+    state.viewers = n;
+    viewersEl.textContent = `${n} watching`;
+    viewersEl.hidden = false;
+  }
+  state.showViewers = showViewers;
+  let statsLb = 0;
+  async function pollStats() {
+    const { lbs } = await clusterInfo;
+    for (let i = 0; i < lbs.length; i++) {
+      const lb = lbs[(statsLb + i) % lbs.length].replace(/\/+$/, '');
+      try {
+        const ctl = new AbortController();
+        const timer = setTimeout(() => ctl.abort(), 3000);
+        const r = await fetch(`${lb}/api/stats`, { cache: 'no-store', signal: ctl.signal })
+          .finally(() => clearTimeout(timer));
+        if (!r.ok) throw new Error(`HTTP ${r.status}`);
+        const s = await r.json();
+        if (s && Number.isFinite(s.viewers)) {
+          statsLb = (statsLb + i) % lbs.length;
+          showViewers(s.viewers);
+          return;
+        }
+      } catch (_) { /* try the next LB */ }
+    }
+    if (state.viewers === null) viewersEl.hidden = true;
+  }
+  pollStats();
+  setInterval(pollStats, 5000);
 
   syncMute();
   render();

@@ -41,10 +41,13 @@ pub async fn run(ctx: ServiceContext) -> anyhow::Result<()> {
         client,
     ));
     pull::spawn_missing(&bc, &ctx.lifecycle);
+    let chat =
+        streaming_chat::Chat::start(&ctx.config, bc.allowed_origins(), ctx.lifecycle.clone())
+            .context("starting accounts and chat")?;
 
     // SIGHUP: config (drain flag, ingests, uplink, channels), token and cluster keys, CA.
     {
-        let (bc, lifecycle) = (bc.clone(), ctx.lifecycle.clone());
+        let (bc, lifecycle, chat) = (bc.clone(), ctx.lifecycle.clone(), chat.clone());
         let mut reloads = ctx.lifecycle.reloads();
         let ctx_path = ctx.config_path.clone();
         tokio::spawn(async move {
@@ -65,6 +68,9 @@ pub async fn run(ctx: ServiceContext) -> anyhow::Result<()> {
                 match reloaded {
                     Ok((config, signer, key, client)) => {
                         let drain = config.me().drain;
+                        if let Err(e) = chat.reload(&config, state::allowed_origins(&config)) {
+                            tracing::error!("chat reload failed, keeping its previous keys: {e:#}");
+                        }
                         bc.replace(config, signer, key, client);
                         pull::spawn_missing(&bc, &lifecycle);
                         tracing::info!(drain, "config and secrets reloaded");
@@ -88,9 +94,12 @@ pub async fn run(ctx: ServiceContext) -> anyhow::Result<()> {
         });
     }
 
-    let app = routes::router(routes::App {
-        bc,
-        metrics: ctx.metrics.clone(),
-    });
+    let app = routes::router(
+        routes::App {
+            bc,
+            metrics: ctx.metrics.clone(),
+        },
+        Some(chat),
+    );
     ctx.serve_https(app).await
 }

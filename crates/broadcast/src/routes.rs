@@ -28,7 +28,8 @@ pub struct App {
     pub metrics: PrometheusHandle,
 }
 
-pub fn router(app: App) -> Router {
+/// `chat` is `None` only in tests of the media routes.
+pub fn router(app: App, chat: Option<Arc<streaming_chat::Chat>>) -> Router {
     let bc = app.bc.clone();
     // The page of another broadcast (after a failover) or an LB page calls us cross-origin.
     let cors = CorsLayer::new()
@@ -37,23 +38,31 @@ pub fn router(app: App) -> Router {
                 .to_str()
                 .is_ok_and(|o| bc.allowed_origins().iter().any(|a| a == o))
         }))
-        .allow_methods([Method::GET, Method::OPTIONS]);
-    let cross_origin = Router::new()
+        .allow_methods([Method::GET, Method::POST, Method::OPTIONS])
+        .allow_headers([header::AUTHORIZATION, header::CONTENT_TYPE]);
+    let mut cross_origin = Router::new()
         .route("/live/{channel}/{file}", get(master))
         .route("/live/{channel}/{rendition}/{file}", get(media_or_segment))
         .route("/api/cluster", get(cluster))
-        .layer(cors);
+        .with_state(app.clone());
+    // Accounts and chat: a page that failed over to us keeps its account session.
+    if let Some(chat) = chat {
+        cross_origin = cross_origin
+            .merge(streaming_chat::api::router(chat.clone()))
+            .merge(streaming_chat::ws::router(chat));
+    }
+    let cross_origin = cross_origin.layer(cors);
     Router::new()
-        .merge(cross_origin)
         .route("/healthz", get(healthz))
         .route("/status", get(status))
         .route("/metrics", get(metrics))
         .fallback(page)
+        .with_state(app)
+        .merge(cross_origin)
         .layer(SetResponseHeaderLayer::overriding(
             header::X_CONTENT_TYPE_OPTIONS,
             HeaderValue::from_static("nosniff"),
         ))
-        .with_state(app)
 }
 
 /// Why a request for media is refused, as the 403 body says it.
@@ -508,7 +517,7 @@ mod tests {
         if let Some(o) = origin {
             req = req.header(header::ORIGIN, o);
         }
-        let resp = router(app.clone())
+        let resp = router(app.clone(), None)
             .oneshot(req.body(Body::empty()).unwrap())
             .await
             .unwrap();

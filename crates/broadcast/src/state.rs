@@ -268,10 +268,12 @@ pub(crate) mod test_support {
                 "channels": [{"name": "test", "fps": 25, "preset": "ultrafast", "audio_kbps": 96, "ladder": [
                     {"name": "360p", "width": 640, "height": 360, "video_kbps": 800},
                     {"name": "144p", "width": 256, "height": 144, "video_kbps": 200}
-                ]}]
+                ]}],
+                "database": {"name": "streaming", "user": "streaming", "ttl": 10}
             },
             "paths": {"state_dir": "/nonexistent", "log_dir": null, "tls_cert": "/x", "tls_key": "/x",
-                      "ca_cert": "/x", "token_key": "/x", "cluster_key": "/x", "stream_keys_dir": "/x"},
+                      "ca_cert": "/x", "token_key": "/x", "cluster_key": "/x", "stream_keys_dir": "/x", "db_password": "/x",
+                      "db_superuser_password": "/x", "db_replication_password": "/x", "admin_password": "/x"},
             "telemetry": {"json_logs": false, "otlp_endpoint": null}
         });
         let config: HostConfig = serde_json::from_value(json).expect("test config parses");

@@ -25,12 +25,18 @@ pub fn content_type(path: &str) -> &'static str {
 }
 
 /// The page may load only its own files, play blob: media made by hls.js, and talk to the
-/// cluster's own hosts (other broadcasts after a failover, the LBs for `/api/assign`).
+/// cluster's own hosts (other broadcasts after a failover, their chat sockets, the LBs for
+/// `/api/assign`).
 pub fn content_security_policy(connect_origins: &[String]) -> String {
     let mut connect = String::from("'self'");
     for origin in connect_origins {
         connect.push(' ');
         connect.push_str(origin);
+        // The chat socket of whichever broadcast the player moved to.
+        if let Some(host) = origin.strip_prefix("https://") {
+            connect.push_str(" wss://");
+            connect.push_str(host);
+        }
     }
     format!(
         "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; \

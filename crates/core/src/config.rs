@@ -68,6 +68,35 @@ pub struct HostConfig {
     pub cluster: ClusterConfig,
     pub paths: HostPaths,
     pub telemetry: TelemetryConfig,
+    /// Hosts that carry an etcd member (db hosts and the witness): its flags.
+    pub etcd: Option<EtcdConfig>,
+    /// Db hosts: Patroni's own configuration, passed through to its config file untouched.
+    pub patroni: Option<serde_json::Value>,
+}
+
+/// One etcd member as the runner (or the NixOS module) starts it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EtcdConfig {
+    pub name: String,
+    pub data_dir: PathBuf,
+    pub client_url: String,
+    pub peer_url: String,
+    /// `name=peer_url,...` for every member.
+    pub initial_cluster: String,
+    pub cluster_token: String,
+}
+
+/// The accounts and chat database every broadcast uses.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DatabaseConfig {
+    /// Database name, owned by `user`.
+    pub name: String,
+    /// The services' login role; its password is `paths.db_password`.
+    pub user: String,
+    /// Patroni's leader lease in seconds: the write outage after a primary dies is about this.
+    pub ttl: u32,
 }
 
 /// Files this host reads. Secrets are paths, never values, so they stay out of the Nix store.
@@ -88,6 +117,14 @@ pub struct HostPaths {
     pub cluster_key: PathBuf,
     /// Directory of `<channel>.key` files holding each channel's stream key.
     pub stream_keys_dir: PathBuf,
+    /// Password of the services' database role.
+    pub db_password: PathBuf,
+    /// Db hosts: PostgreSQL superuser password (Patroni, pg_rewind).
+    pub db_superuser_password: PathBuf,
+    /// Db hosts: password of the streaming replication role.
+    pub db_replication_password: PathBuf,
+    /// Password of the `admin` account created at first start.
+    pub admin_password: PathBuf,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -112,6 +149,7 @@ pub struct ClusterConfig {
     pub timeline: TimelineConfig,
     pub hosts: Vec<HostEntry>,
     pub channels: Vec<ChannelConfig>,
+    pub database: DatabaseConfig,
 }
 
 /// The shared HLS timeline (DESIGN.md section 8): slot k covers wall-clock [k·D, (k+1)·D).

@@ -112,6 +112,24 @@ pub fn judge(host: &HostEntry, health: Option<&BroadcastHealth>, now: Instant) -
     candidate
 }
 
+/// Viewers on the configured broadcasts that answered within `MAX_POLL_AGE`, and how many did.
+pub fn audience(
+    config: &HostConfig,
+    health: &BTreeMap<String, BroadcastHealth>,
+    now: Instant,
+) -> (u64, usize) {
+    config
+        .cluster
+        .hosts_with_role(Role::Broadcast)
+        .filter_map(|h| health.get(&h.name))
+        .filter(|h| {
+            h.last_ok
+                .is_some_and(|t| now.saturating_duration_since(t) < MAX_POLL_AGE)
+        })
+        .filter_map(|h| h.status.as_ref())
+        .fold((0, 0), |(viewers, n), s| (viewers + s.viewers, n + 1))
+}
+
 /// Every configured broadcast, judged.
 pub fn candidates(
     config: &HostConfig,

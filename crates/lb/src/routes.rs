@@ -177,6 +177,7 @@ pub fn router(app: App) -> Router {
         .route("/steering", get(steering))
         .route("/live/{channel}/{file}", get(hls))
         .route("/api/assign", get(api_assign))
+        .route("/api/stats", get(api_stats))
         .route("/healthz", get(healthz))
         .route("/status", get(status))
         .route("/metrics", get(metrics))
@@ -299,6 +300,20 @@ async fn api_assign(
     response
 }
 
+/// `GET /api/stats`: the audience the page shows (viewers on every broadcast that answers).
+async fn api_stats(State(app): State<App>) -> Response {
+    let (viewers, broadcasts) =
+        crate::health::audience(&app.config(), &app.health.snapshot(), Instant::now());
+    (
+        [
+            (header::ACCESS_CONTROL_ALLOW_ORIGIN, "*"),
+            (header::CACHE_CONTROL, "no-store"),
+        ],
+        axum::Json(serde_json::json!({ "viewers": viewers, "broadcasts": broadcasts })),
+    )
+        .into_response()
+}
+
 /// `GET /steering?channel=C&_HLS_pathway=P[&_HLS_throughput=N]`, asked by players every TTL
 /// (the `SERVER-URI` of the masters the broadcasts serve).
 async fn steering(
@@ -401,10 +416,12 @@ mod tests {
                           host("broadcast1", "broadcast", "127.79.2.1", false),
                           host("broadcast2", "broadcast", "127.79.2.2", false)],
                 "channels": [{"name": "test", "fps": 25, "preset": "ultrafast", "audio_kbps": 96,
-                              "ladder": [{"name": "360p", "width": 640, "height": 360, "video_kbps": 800}]}]
+                              "ladder": [{"name": "360p", "width": 640, "height": 360, "video_kbps": 800}]}],
+                "database": {"name": "streaming", "user": "streaming", "ttl": 10}
             },
             "paths": {"state_dir": "/x", "log_dir": null, "tls_cert": "/x", "tls_key": "/x", "ca_cert": "/x",
-                      "token_key": "/x", "cluster_key": "/x", "stream_keys_dir": "/x"},
+                      "token_key": "/x", "cluster_key": "/x", "stream_keys_dir": "/x", "db_password": "/x",
+                      "db_superuser_password": "/x", "db_replication_password": "/x", "admin_password": "/x"},
             "telemetry": {"json_logs": false, "otlp_endpoint": null}
         }))
         .unwrap()
@@ -416,7 +433,7 @@ mod tests {
         for (name, free) in free {
             let status = BroadcastStatus {
                 name: name.to_string(),
-                viewers: 0,
+                viewers: 100u64.saturating_sub(*free),
                 egress_mbps: 0.0,
                 uplink_mbps: 100,
                 free_viewers: *free,
@@ -489,6 +506,26 @@ mod tests {
             "{loc}"
         );
         assert_eq!(headers[header::CACHE_CONTROL], "no-store");
+    }
+
+    #[tokio::test]
+    async fn stats_sum_the_viewers_of_answering_broadcasts() {
+        let both = app(&[("broadcast1", 5), ("broadcast2", 50)]);
+        let (status, headers, body) = get(&both, "/api/stats").await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(headers[header::ACCESS_CONTROL_ALLOW_ORIGIN], "*");
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(
+            (v["viewers"].as_u64(), v["broadcasts"].as_u64()),
+            (Some(145), Some(2))
+        );
+        let silent = app(&[("broadcast1", 5)]);
+        let (_, _, body) = get(&silent, "/api/stats").await;
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(
+            (v["viewers"].as_u64(), v["broadcasts"].as_u64()),
+            (Some(95), Some(1))
+        );
     }
 
     #[tokio::test]

@@ -28,6 +28,9 @@ pub struct BenchArgs {
 pub enum BenchKind {
     /// Inject every single-host fault (and one double fault) while viewers watch.
     Failover(FailoverArgs),
+    /// Chat load while the database primary is killed twice and hung once: write outage per
+    /// failover, and every acked message checked in PostgreSQL.
+    ChatFailover(crate::chat_failover::ChatFailoverArgs),
 }
 
 #[derive(Debug, Clone, clap::Args)]
@@ -312,6 +315,7 @@ pub fn markdown(args: &FailoverArgs, rows: &[Row]) -> String {
 pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     match args.what {
         BenchKind::Failover(args) => failover(args).await,
+        BenchKind::ChatFailover(args) => crate::chat_failover::run(args).await,
     }
 }
 

@@ -48,6 +48,20 @@ pub enum Command {
     Sync(SyncArgs),
     /// Load and comparison benchmarks.
     Bench(crate::bench::BenchArgs),
+    /// Chat load: registered clients on several broadcasts send messages, reconnect through the
+    /// LB on failures, and check that every acked message reached everyone once and in order.
+    Chat(crate::chat::ChatArgs),
+    /// Internal: one local db host (its etcd member and Patroni), started by `up`/`start` as
+    /// the leader of the host's process group.
+    #[command(hide = true)]
+    DbHost(DbHostArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct DbHostArgs {
+    /// The host's config file (`<state>/config/<host>.json`).
+    #[arg(long)]
+    pub config: PathBuf,
 }
 
 #[derive(Debug, Args)]

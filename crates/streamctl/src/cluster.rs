@@ -333,13 +333,19 @@ pub fn materialise(layout: &Layout, configs: &BTreeMap<String, HostConfig>) -> a
     Ok(())
 }
 
-/// Random secrets shared by the hosts: token key, cluster key, one stream key per channel.
-/// Existing files are kept (a running publisher keeps its key across `up`s).
+/// Random secrets shared by the hosts: token key, cluster key, one stream key per channel, the
+/// database passwords (services' role, superuser, replication) and the `admin` account's.
+/// Existing files are kept (a running publisher keeps its key across `up`s, and PostgreSQL
+/// keeps the passwords it was bootstrapped with).
 pub fn ensure_secrets(configs: &BTreeMap<String, HostConfig>) -> anyhow::Result<()> {
     let mut files = std::collections::BTreeSet::new();
     for config in configs.values() {
         files.insert(config.paths.token_key.clone());
         files.insert(config.paths.cluster_key.clone());
+        files.insert(config.paths.db_password.clone());
+        files.insert(config.paths.db_superuser_password.clone());
+        files.insert(config.paths.db_replication_password.clone());
+        files.insert(config.paths.admin_password.clone());
         for channel in &config.cluster.channels {
             files.insert(
                 config
@@ -505,6 +511,20 @@ mod tests {
             std::fs::metadata(&key).unwrap().permissions().mode() & 0o777,
             0o600
         );
+        let db1 = &configs["db1"].paths;
+        for secret in [
+            &db1.db_password,
+            &db1.db_superuser_password,
+            &db1.db_replication_password,
+            &db1.admin_password,
+        ] {
+            let meta = std::fs::metadata(secret).unwrap();
+            assert_eq!(meta.permissions().mode() & 0o777, 0o600, "{secret:?}");
+            assert_eq!(
+                streaming_core::secrets::read_secret(secret).unwrap().len(),
+                64
+            );
+        }
         let before = std::fs::read_to_string(&key).unwrap();
         materialise(&layout, &configs).unwrap();
         assert_eq!(

@@ -12,6 +12,7 @@ use crate::cli::{
     AddArgs, DownArgs, DrainArgs, HostsArgs, KillArgs, StartArgs, StatusArgs, SyncArgs, UpArgs,
 };
 use crate::cluster::{self, Layout};
+use crate::db;
 use crate::probe;
 use crate::procs::{self, Liveness};
 
@@ -37,6 +38,14 @@ pub struct UpReport {
     pub ca_cert: String,
     pub hosts: Vec<HostSummary>,
     pub startup_s: f64,
+    /// The db host holding Patroni's leader lock when `up` returned (`None`: no db hosts).
+    pub db_primary: Option<String>,
+    /// Seconds from the start of `up` until `db_primary` answered 200 on `/primary`.
+    pub db_primary_s: Option<f64>,
+    /// Replicas streaming from the primary when `up` returned.
+    pub db_streaming: Vec<String>,
+    /// Seconds from the start of `up` until a replica streamed.
+    pub db_streaming_s: Option<f64>,
 }
 
 /// `streamctl up`.
@@ -60,11 +69,17 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
     let mut hosts = Vec::new();
     for config in &ordered {
         let me = config.me();
-        if me.role == Role::Db {
-            say(format!("{}: not yet (chat issue)", me.name));
-            continue;
-        }
         let pid = match start_host(&layout, config) {
+            Ok(Started::Fresh(pid)) if me.role == Role::Db => {
+                say(format!(
+                    "{}: started etcd + Patroni (supervisor pid {pid}), Patroni REST {}, \
+                     PostgreSQL {}",
+                    me.name,
+                    db::rest_url(me),
+                    me.socket(me.ports.postgres)
+                ));
+                Some(pid)
+            }
             Ok(Started::Fresh(pid)) => {
                 say(format!(
                     "{}: started {} pid {pid} at {}",
@@ -105,47 +120,91 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
         .clone();
     let ca_cert = layout.ca().cert;
     let client = probe::client(&ca_cert, PLAY_TIMEOUT)?;
+    let has_db = any.cluster.hosts_with_role(Role::Db).next().is_some();
     say(format!(
-        "waiting up to {} s for {lb_url}/live/{channel}/master.m3u8 to play ...",
-        args.timeout
+        "waiting up to {} s for {lb_url}/live/{channel}/master.m3u8 to play{} ...",
+        args.timeout,
+        if has_db {
+            " and for a database primary"
+        } else {
+            ""
+        }
     ));
     let deadline = started + Duration::from_secs(args.timeout);
-    let last_error = loop {
-        match probe::plays(&client, &lb_url, &channel).await {
-            Ok(segment) => {
-                let report = UpReport {
-                    viewer_url: format!("{lb_url}/"),
-                    playlist_url: format!("{lb_url}/live/{channel}/master.m3u8"),
-                    ca_cert: ca_cert.display().to_string(),
-                    hosts,
-                    startup_s: started.elapsed().as_secs_f64(),
-                };
-                if args.json {
-                    println!("{}", serde_json::to_string_pretty(&report)?);
-                } else {
-                    println!(
-                        "playing after {:.1} s (first segment {segment})",
-                        report.startup_s
-                    );
-                    println!("viewer:   {}", report.viewer_url);
-                    println!("playlist: {}", report.playlist_url);
-                    println!(
-                        "CA:       {} (trust it, or use curl --cacert)",
-                        report.ca_cert
-                    );
-                }
-                return Ok(());
+    let mut played: Option<(String, f64)> = None;
+    let mut last_error = String::new();
+    let mut database = db::Readiness::default();
+    loop {
+        if played.is_none() {
+            match probe::plays(&client, &lb_url, &channel).await {
+                Ok(segment) => played = Some((segment, started.elapsed().as_secs_f64())),
+                Err(e) => last_error = format!("{e:#}"),
             }
-            Err(e) if Instant::now() >= deadline => break format!("{e:#}"),
-            Err(_) => tokio::time::sleep(Duration::from_millis(500)).await,
         }
+        if has_db && !database.settled(&any.cluster, started) {
+            let had_primary = database.primary.is_some();
+            database.poll(&any.cluster, started).await;
+            if let (false, Some(primary), Some(s)) =
+                (had_primary, &database.primary, database.primary_s)
+            {
+                say(format!("database: {primary} is primary after {s:.1} s"));
+            }
+        }
+        let db_done = !has_db || database.settled(&any.cluster, started);
+        if (played.is_some() && db_done) || Instant::now() >= deadline {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let Some((segment, startup_s)) = played else {
+        eprintln!(
+            "no playable stream through {lb_url} after {} s: {last_error}",
+            args.timeout
+        );
+        report_unhealthy(&layout, &ordered).await;
+        bail!("cluster did not come up (hosts left running: `streamctl down` stops them)")
     };
-    eprintln!(
-        "no playable stream through {lb_url} after {} s: {last_error}",
-        args.timeout
-    );
-    report_unhealthy(&layout, &ordered).await;
-    bail!("cluster did not come up (hosts left running: `streamctl down` stops them)")
+    if has_db && database.primary.is_none() {
+        eprintln!(
+            "no database primary (no db host answered 200 on Patroni's /primary) after {} s:\n{}",
+            args.timeout,
+            db::explain_no_primary(&layout, &ordered).await
+        );
+        bail!("the database did not come up (hosts left running: `streamctl down` stops them)")
+    }
+    let report = UpReport {
+        viewer_url: format!("{lb_url}/"),
+        playlist_url: format!("{lb_url}/live/{channel}/master.m3u8"),
+        ca_cert: ca_cert.display().to_string(),
+        hosts,
+        startup_s,
+        db_primary: database.primary.clone(),
+        db_primary_s: database.primary_s,
+        db_streaming: database.streaming.clone(),
+        db_streaming_s: database.streaming_s,
+    };
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        println!("playing after {startup_s:.1} s (first segment {segment})");
+        if let (Some(primary), Some(s)) = (&report.db_primary, report.db_primary_s) {
+            let replicas = match report.db_streaming_s {
+                Some(r) => format!(
+                    "{} streaming after {r:.1} s",
+                    report.db_streaming.join(", ")
+                ),
+                None => "no replica streaming yet (see `streamctl status`)".to_owned(),
+            };
+            println!("database: primary {primary} after {s:.1} s; {replicas}");
+        }
+        println!("viewer:   {}", report.viewer_url);
+        println!("playlist: {}", report.playlist_url);
+        println!(
+            "CA:       {} (trust it, or use curl --cacert)",
+            report.ca_cert
+        );
+    }
+    Ok(())
 }
 
 /// After a failed `up`: which hosts are down or unhealthy, with the end of their logs.
@@ -191,7 +250,17 @@ fn start_host(layout: &Layout, config: &HostConfig) -> anyhow::Result<Started> {
     let config_file = layout.config_file(&me.name);
     let pid_file = layout.pid_file(&me.name);
     if let Some(pid) = procs::live_pid(&pid_file, &config_file) {
+        // A witness whose etcd died alone (the host itself is up): start the member again.
+        if me.role != Role::Db
+            && config.etcd.is_some()
+            && !procs::group_members(pid).iter().any(|s| s.comm == "etcd")
+        {
+            db::spawn_etcd(config, Some(pid))?;
+        }
         return Ok(Started::AlreadyUp(pid));
+    }
+    if me.role == Role::Db {
+        return Ok(Started::Fresh(db::start_host(layout, config)?));
     }
     let binary = procs::role_binary(me.role)?;
     if !binary.exists() {
@@ -203,6 +272,10 @@ fn start_host(layout: &Layout, config: &HostConfig) -> anyhow::Result<Started> {
         out_file: &layout.out_file(&me.name),
         pid_file: &pid_file,
     })?;
+    // The etcd witness (lb1) runs in the host's process group: it lives and dies with it.
+    if config.etcd.is_some() {
+        db::spawn_etcd(config, Some(pid)).with_context(|| format!("{}: etcd witness", me.name))?;
+    }
     Ok(Started::Fresh(pid))
 }
 
@@ -218,13 +291,39 @@ pub fn down(args: DownArgs) -> anyhow::Result<()> {
             .collect();
         pid_files.sort();
         pid_files.reverse();
-        for pid_file in pid_files {
-            let host = pid_file
+        let host_of = |pid_file: &std::path::Path| {
+            pid_file
                 .file_stem()
                 .and_then(|s| s.to_str())
                 .unwrap_or_default()
-                .to_owned();
-            if let Some(pid) = procs::live_pid(&pid_file, &layout.config_file(&host)) {
+                .to_owned()
+        };
+        // Db hosts last (they started first: the broadcasts use them until they stop), and
+        // all together: each Patroni stops its PostgreSQL and releases the leader key while
+        // both db hosts' etcd members still answer.
+        let (db_hosts, others): (Vec<_>, Vec<_>) = pid_files
+            .into_iter()
+            .map(|p| {
+                let config = layout.load_config(&host_of(&p)).ok();
+                (p, config)
+            })
+            .partition(|(_, c)| c.as_ref().is_some_and(|c| c.patroni.is_some()));
+        for (pid_file, config) in others {
+            let host = host_of(&pid_file);
+            let pid = procs::live_pid(&pid_file, &layout.config_file(&host));
+            // The etcd witness shares its host's group; etcd may need ~9 s on SIGTERM, so it
+            // gets a short grace of its own.
+            if let Some(config) = config.filter(|c| c.etcd.is_some()) {
+                if db::stop_host(&config, pid, STOP_GRACE) {
+                    match pid {
+                        Some(pid) => println!("{host}: stopped (pid {pid})"),
+                        None => println!("{host}: was not running"),
+                    }
+                } else {
+                    println!("{host}: processes survived SIGKILL");
+                    left.push(host.clone());
+                }
+            } else if let Some(pid) = pid {
                 if procs::stop_group(pid, STOP_GRACE) {
                     println!("{host}: stopped (pid {pid})");
                 } else {
@@ -243,6 +342,31 @@ pub fn down(args: DownArgs) -> anyhow::Result<()> {
                 println!("{host}: was not running");
             }
             let _ = std::fs::remove_file(&pid_file);
+        }
+        let db_pids: Vec<(String, Option<i32>)> = db_hosts
+            .iter()
+            .map(|(pid_file, _)| {
+                let host = host_of(pid_file);
+                let pid = procs::live_pid(pid_file, &layout.config_file(&host));
+                (host, pid)
+            })
+            .collect();
+        let stopping: Vec<(&HostConfig, Option<i32>)> = db_hosts
+            .iter()
+            .zip(&db_pids)
+            .filter_map(|((_, config), (_, pid))| Some((config.as_ref()?, *pid)))
+            .collect();
+        let stopped = db::stop_hosts(&stopping, STOP_GRACE);
+        for (((pid_file, _), (host, pid)), stopped) in db_hosts.iter().zip(db_pids).zip(stopped) {
+            match (stopped, pid) {
+                (true, Some(pid)) => println!("{host}: stopped (pid {pid})"),
+                (true, None) => println!("{host}: was not running"),
+                (false, _) => {
+                    println!("{host}: processes survived SIGKILL");
+                    left.push(host.clone());
+                }
+            }
+            let _ = std::fs::remove_file(pid_file);
         }
     }
     if !left.is_empty() {
@@ -265,7 +389,8 @@ pub struct HostStatus {
     /// Process alive and not stopped.
     pub up: bool,
     pub process: Liveness,
-    /// "ok", or why `/healthz` failed; `None` for hosts not started (db).
+    /// "ok", or why `/healthz` failed; db hosts: "ok" when Patroni reports its PostgreSQL
+    /// running, else Patroni's state or why its REST API did not answer.
     pub health: Option<String>,
     /// Broadcasts: viewers, Mbit/s sent, free viewer slots.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -277,6 +402,18 @@ pub struct HostStatus {
     /// Ingests: the source currently used, per channel ("channel=source").
     #[serde(skip_serializing_if = "Option::is_none")]
     pub active_source: Option<String>,
+    /// Db hosts: Patroni's role (`primary`, `replica`, ...) from its REST `/patroni`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub db_role: Option<String>,
+    /// Db hosts: Patroni's state (`running`, `starting`, `creating replica`, ...).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub db_state: Option<String>,
+    /// Db primary: replicas streaming from it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub db_streaming: Option<Vec<String>>,
+    /// Hosts with an etcd member: "ok" or why its `/health` failed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub etcd: Option<String>,
 }
 
 /// `streamctl status`.
@@ -309,6 +446,16 @@ pub async fn status(args: StatusArgs) -> anyhow::Result<()> {
         }
         if let Some(a) = &s.active_source {
             details.push(format!("source {a}"));
+        }
+        if let Some(role) = &s.db_role {
+            let state = s.db_state.as_deref().unwrap_or("?");
+            details.push(format!("patroni {role} ({state})"));
+        }
+        if let Some(streaming) = s.db_streaming.as_ref().filter(|v| !v.is_empty()) {
+            details.push(format!("streaming to {}", streaming.join(" ")));
+        }
+        if let Some(etcd) = &s.etcd {
+            details.push(format!("etcd {etcd}"));
         }
         let health: String = s
             .health
@@ -350,9 +497,36 @@ async fn host_status(layout: &Layout, client: &reqwest::Client, config: &HostCon
         egress_mbps: None,
         free_viewers: None,
         active_source: None,
+        db_role: None,
+        db_state: None,
+        db_streaming: None,
+        etcd: None,
     };
-    if me.role == Role::Db && pid.is_none() {
-        status.health = Some("not yet (chat issue)".into());
+    if let Some(etcd) = &config.etcd {
+        status.etcd = Some(match db::etcd_health(&db::rest_client(), etcd).await {
+            Ok(()) => "ok".into(),
+            Err(e) => e,
+        });
+    }
+    if me.role == Role::Db {
+        // No HTTPS service here: health is Patroni's view of its PostgreSQL.
+        status.health = Some(match db::member(&db::rest_client(), me).await {
+            Ok(member) => {
+                let member = member.only_members(&config.cluster);
+                let health = if member.state == "running" {
+                    "ok".to_owned()
+                } else {
+                    member.state.clone()
+                };
+                if member.role == "primary" {
+                    status.db_streaming = Some(member.streaming.clone());
+                }
+                status.db_role = Some(member.role);
+                status.db_state = Some(member.state);
+                health
+            }
+            Err(e) => format!("patroni: {e}"),
+        });
         return status;
     }
     status.health = Some(match probe::healthy(client, &me.url).await {
@@ -419,11 +593,27 @@ pub fn kill(args: KillArgs) -> anyhow::Result<()> {
         procs::signal_pid(*child, signal);
         let shown: String = cmdline.chars().take(100).collect();
         println!("{}: {done} ffmpeg pid {child} ({shown}...)", args.name);
+    } else if args.hang && config.patroni.is_some() {
+        let stopped = db::hang_host(&config, Some(pid));
+        println!(
+            "{}: hung (SIGSTOP to group {pid}, the postmaster and its children: {stopped} \
+             processes); `streamctl start {}` resumes it",
+            args.name, args.name
+        );
     } else if args.hang {
         procs::signal_group(pid, libc::SIGSTOP);
         println!(
             "{}: hung (SIGSTOP to group {pid}); `streamctl start {}` resumes it",
             args.name, args.name
+        );
+    } else if config.patroni.is_some() {
+        let survivors = db::kill_host(&config, Some(pid));
+        if !survivors.is_empty() {
+            bail!("{}: processes survived SIGKILL: {survivors:?}", args.name);
+        }
+        println!(
+            "{}: killed (SIGKILL to group {pid}, the postmaster and its children)",
+            args.name
         );
     } else {
         procs::signal_group(pid, libc::SIGKILL);
@@ -437,19 +627,22 @@ pub fn kill(args: KillArgs) -> anyhow::Result<()> {
 pub fn start(args: StartArgs) -> anyhow::Result<()> {
     let layout = Layout::new(&args.state.dir)?;
     let config = layout.load_config(&args.name)?;
-    if config.me().role == Role::Db {
-        bail!(
-            "{}: db hosts are not run locally yet (chat issue)",
-            args.name
-        );
-    }
     if let Some(pid) = procs::live_pid(
         &layout.pid_file(&args.name),
         &layout.config_file(&args.name),
     ) && procs::liveness(pid) == Liveness::Hung
     {
-        procs::signal_group(pid, libc::SIGCONT);
-        println!("{}: resumed (SIGCONT to group {pid})", args.name);
+        if config.patroni.is_some() {
+            let resumed = db::resume_host(&config, Some(pid));
+            println!(
+                "{}: resumed (SIGCONT to group {pid}, the postmaster and its children: \
+                 {resumed} processes)",
+                args.name
+            );
+        } else {
+            procs::signal_group(pid, libc::SIGCONT);
+            println!("{}: resumed (SIGCONT to group {pid})", args.name);
+        }
         return Ok(());
     }
     match start_host(&layout, &config)? {
@@ -523,8 +716,16 @@ fn reload_running(
 /// viewers there) and deletes their config and pid files.
 fn stop_removed(layout: &Layout, removed: &[String], report: &mut TopologyReport) {
     for name in removed {
-        if let Some(pid) = procs::live_pid(&layout.pid_file(name), &layout.config_file(name)) {
-            procs::stop_group(pid, STOP_GRACE);
+        let pid = procs::live_pid(&layout.pid_file(name), &layout.config_file(name));
+        match layout.load_config(name) {
+            Ok(config) if config.patroni.is_some() => {
+                db::stop_host(&config, pid, STOP_GRACE);
+            }
+            _ => {
+                if let Some(pid) = pid {
+                    procs::stop_group(pid, STOP_GRACE);
+                }
+            }
         }
         let _ = std::fs::remove_file(layout.config_file(name));
         let _ = std::fs::remove_file(layout.pid_file(name));
@@ -592,7 +793,9 @@ pub async fn add(args: AddArgs) -> anyhow::Result<()> {
     };
     if config.me().role == Role::Db {
         bail!(
-            "{}: db hosts are not run locally yet (chat issue)",
+            "{}: db hosts join the etcd/Patroni cluster only with `up` (etcd membership is \
+             fixed at bootstrap); `streamctl start {}` restarts a stopped one",
+            args.name,
             args.name
         );
     }

@@ -5,13 +5,19 @@
 //! - [`procs`]: host processes (process groups, pid files, signals, /proc).
 //! - [`probe`]: health, status and playback checks over HTTPS.
 //! - [`commands`]: one function per subcommand.
+//! - [`db`]: the database role (etcd, Patroni, PostgreSQL) and who is primary.
 //! - [`watch`]: the HLS viewer simulator.
 //! - [`bench`]: load and failover benchmarks.
+//! - [`chat`]: the chat load client (`streamctl chat`); [`chat_failover`]: its database
+//!   failover bench.
 
 pub mod bench;
+pub mod chat;
+pub mod chat_failover;
 pub mod cli;
 pub mod cluster;
 pub mod commands;
+pub mod db;
 pub mod pki;
 pub mod probe;
 pub mod procs;
@@ -33,5 +39,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Drain(args) => commands::drain(args),
         Command::Sync(args) => commands::sync(args),
         Command::Bench(args) => bench::run(args).await,
+        Command::Chat(args) => chat::run(args).await,
+        Command::DbHost(args) => db::run_host(&args.config),
     }
 }

@@ -113,6 +113,11 @@ pub struct HostProcess<'a> {
 
 /// Starts the host in its own process group, output appended to its `.out` file, pid recorded.
 pub fn spawn(host: &HostProcess<'_>) -> anyhow::Result<i32> {
+    spawn_with_args(host, &[])
+}
+
+/// [`spawn`] with arguments before `--config` (a subcommand: `streamctl db-host --config X`).
+pub fn spawn_with_args(host: &HostProcess<'_>, leading: &[&str]) -> anyhow::Result<i32> {
     let out = OpenOptions::new()
         .create(true)
         .append(true)
@@ -120,6 +125,7 @@ pub fn spawn(host: &HostProcess<'_>) -> anyhow::Result<i32> {
         .with_context(|| format!("open {}", host.out_file.display()))?;
     let err = out.try_clone()?;
     let child = Command::new(host.binary)
+        .args(leading)
         .arg("--config")
         .arg(host.config)
         .stdin(Stdio::null())

@@ -1,0 +1,286 @@
+//! Accounts and live chat, served by every broadcast, stored in PostgreSQL under Patroni.
+//!
+//! - db: which db host is primary (Patroni REST), one pool to it, retries across failovers.
+//! - store: every SQL statement; the chat is an append-only, per-channel numbered event log.
+//! - hub: LISTEN/NOTIFY fan-out to this broadcast's clients, with replay from a last seq.
+//! - ws: the WebSocket protocol; api: register/login/logout/me/role over HTTPS.
+//! - session, password, limits: bearer session tokens, argon2, rate and size limits.
+
+pub mod api;
+pub mod db;
+pub mod hub;
+pub mod limits;
+pub mod password;
+pub mod session;
+pub mod store;
+pub mod ws;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use streaming_core::config::HostConfig;
+use streaming_core::lifecycle::Lifecycle;
+use streaming_core::secrets::read_secret;
+use streaming_core::token::unix_now;
+use tokio::sync::watch;
+
+use crate::db::{Database, DbError, with_retry};
+use crate::hub::Hub;
+use crate::limits::{ConnectionCounter, LoginFailures, RateLimiter};
+use crate::session::{SessionError, SessionSigner};
+use crate::store::{StoreError, User, UserRole};
+
+/// A session checked against the database recently is trusted for this long (logout still
+/// takes effect everywhere within it).
+const SESSION_CACHE: Duration = Duration::from_secs(30);
+
+pub struct Chat {
+    pub db: Database,
+    pub hub: Arc<Hub>,
+    /// This broadcast's name, told to clients so they know where they are.
+    pub broadcast: String,
+    signer: RwLock<SessionSigner>,
+    origins: RwLock<Vec<String>>,
+    /// How long a write keeps retrying through a failover before the client is told to resend:
+    /// Patroni's ttl plus a margin.
+    retry_window: Duration,
+    lifecycle: Lifecycle,
+    rates: RateLimiter<i64>,
+    connections: ConnectionCounter,
+    login_failures: LoginFailures,
+    sessions: Mutex<HashMap<uuid::Uuid, (User, Instant)>>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AuthError {
+    #[error(transparent)]
+    Token(#[from] SessionError),
+    #[error("session ended (logged out or expired): log in again")]
+    Revoked,
+}
+
+impl Chat {
+    /// Reads the secrets and starts the database watcher, schema preparation and fan-out. The
+    /// database may be down: everything waits for a primary in the background.
+    pub fn start(
+        config: &HostConfig,
+        allowed_origins: Vec<String>,
+        lifecycle: Lifecycle,
+    ) -> anyhow::Result<Arc<Chat>> {
+        let password = read_secret(&config.paths.db_password).context("database password")?;
+        let admin_password = read_secret(&config.paths.admin_password).context("admin password")?;
+        let token_key = read_secret(&config.paths.token_key).context("token key")?;
+        let channels: Vec<String> = config
+            .cluster
+            .channels
+            .iter()
+            .map(|c| c.name.clone())
+            .collect();
+
+        let shutdown = {
+            let lifecycle = lifecycle.clone();
+            async move { lifecycle.shutdown().await }
+        };
+        let db = Database::start(config, password, shutdown);
+        let hub = Hub::new(&channels);
+        let chat = Arc::new(Chat {
+            db: db.clone(),
+            hub: hub.clone(),
+            broadcast: config.name.clone(),
+            signer: RwLock::new(SessionSigner::new(token_key.as_bytes())),
+            origins: RwLock::new(allowed_origins),
+            retry_window: Duration::from_secs(u64::from(config.cluster.database.ttl) + 5),
+            lifecycle: lifecycle.clone(),
+            rates: RateLimiter::new(limits::MESSAGE_BURST, limits::MESSAGES_PER_SECOND),
+            connections: ConnectionCounter::default(),
+            login_failures: LoginFailures::default(),
+            sessions: Mutex::new(HashMap::new()),
+        });
+
+        let (prepared_tx, prepared_rx) = watch::channel(0u64);
+        tokio::spawn(prepare_each_primary(
+            db.clone(),
+            channels,
+            admin_password,
+            prepared_tx,
+            lifecycle.clone(),
+        ));
+        let fan_out = hub.run(db, prepared_rx);
+        tokio::spawn(async move {
+            tokio::select! {
+                () = fan_out => {}
+                () = lifecycle.shutdown() => {}
+            }
+        });
+        Ok(chat)
+    }
+
+    /// SIGHUP: a new token key or a changed host list.
+    pub fn reload(&self, config: &HostConfig, allowed_origins: Vec<String>) -> anyhow::Result<()> {
+        let token_key = read_secret(&config.paths.token_key).context("token key")?;
+        if let Ok(mut signer) = self.signer.write() {
+            *signer = SessionSigner::new(token_key.as_bytes());
+        }
+        if let Ok(mut origins) = self.origins.write() {
+            *origins = allowed_origins;
+        }
+        Ok(())
+    }
+
+    fn signer(&self) -> SessionSigner {
+        self.signer
+            .read()
+            .map(|s| s.clone())
+            .unwrap_or_else(|p| p.into_inner().clone())
+    }
+
+    /// Browser pages from these origins may open the chat socket.
+    pub fn origin_allowed(&self, origin: &str) -> bool {
+        self.origins
+            .read()
+            .is_ok_and(|o| o.iter().any(|a| a == origin))
+    }
+
+    /// Retries a store operation through a failover, for at most the retry window.
+    pub async fn retry<T, F, Fut>(&self, op: F) -> Result<T, StoreError>
+    where
+        F: FnMut(sqlx::PgPool) -> Fut,
+        Fut: Future<Output = Result<T, StoreError>>,
+    {
+        retry_store(&self.db, self.retry_window, op).await
+    }
+
+    /// The user behind a session token. The database has the last word (logout, role changes);
+    /// while it is failing over, a correctly signed, unexpired token is trusted as a viewer.
+    pub async fn authenticate(&self, token: &str) -> Result<User, AuthError> {
+        let claims = self.signer().verify(token, unix_now())?;
+        if let Ok(cache) = self.sessions.lock()
+            && let Some((user, at)) = cache.get(&claims.session)
+            && at.elapsed() < SESSION_CACHE
+        {
+            return Ok(user.clone());
+        }
+        let session = claims.session;
+        match retry_store(&self.db, Duration::from_secs(2), |pool| async move {
+            store::session_user(&pool, session).await
+        })
+        .await
+        {
+            Ok(Some(user)) if user.id == claims.user_id => {
+                if let Ok(mut cache) = self.sessions.lock() {
+                    if cache.len() > 50_000 {
+                        cache.retain(|_, (_, at)| at.elapsed() < SESSION_CACHE);
+                    }
+                    cache.insert(claims.session, (user.clone(), Instant::now()));
+                }
+                Ok(user)
+            }
+            Ok(_) => Err(AuthError::Revoked),
+            Err(e) => {
+                tracing::warn!("session check deferred, database unavailable: {e}");
+                Ok(User {
+                    id: claims.user_id,
+                    name: claims.name,
+                    role: UserRole::Viewer,
+                })
+            }
+        }
+    }
+
+    fn forget_session(&self, session: uuid::Uuid) {
+        if let Ok(mut cache) = self.sessions.lock() {
+            cache.remove(&session);
+        }
+    }
+}
+
+async fn retry_store<T, F, Fut>(db: &Database, window: Duration, mut op: F) -> Result<T, StoreError>
+where
+    F: FnMut(sqlx::PgPool) -> Fut,
+    Fut: Future<Output = Result<T, StoreError>>,
+{
+    // Store errors that are not database errors (banned, name taken...) must not be retried:
+    // carry them through `with_retry` as a successful outcome.
+    let outcome = with_retry(db, window, |pool| {
+        let attempt = op(pool);
+        async move {
+            match attempt.await {
+                Err(StoreError::Db(e)) => Err(e),
+                other => Ok(other),
+            }
+        }
+    })
+    .await;
+    match outcome {
+        Ok(inner) => inner,
+        Err(e) => Err(StoreError::Db(e)),
+    }
+}
+
+/// Migrations can wait on another starter's lock: give them time, and on timeout drop the
+/// connection, which ends the session and any lock it holds.
+const PREPARE_TIMEOUT: Duration = Duration::from_secs(60);
+
+async fn prepare_once(
+    db: &Database,
+    channels: &[String],
+    admin_hash: &str,
+) -> Result<(), StoreError> {
+    let pool = db.dedicated()?;
+    let result =
+        tokio::time::timeout(PREPARE_TIMEOUT, store::prepare(&pool, channels, admin_hash)).await;
+    // In the background: closing waits for the (possibly hung) connection to be released.
+    tokio::spawn(async move { pool.close().await });
+    match result {
+        Ok(result) => result,
+        Err(_) => Err(StoreError::Db(DbError::Timeout(PREPARE_TIMEOUT))),
+    }
+}
+
+/// Each new primary gets the schema (migrations are advisory-locked, so broadcasts racing here
+/// apply them once), the channels and the admin account; the fan-out waits for this.
+async fn prepare_each_primary(
+    db: Database,
+    channels: Vec<String>,
+    admin_password: String,
+    prepared: watch::Sender<u64>,
+    lifecycle: Lifecycle,
+) {
+    let admin_hash = match password::hash(admin_password).await {
+        Ok(h) => h,
+        Err(e) => {
+            tracing::error!("cannot hash the admin password: {e}");
+            return;
+        }
+    };
+    let mut generations = db.generations();
+    loop {
+        let generation = *generations.borrow_and_update();
+        if db.pool().is_ok() {
+            let result = prepare_once(&db, &channels, &admin_hash).await;
+            match result {
+                Ok(()) => {
+                    tracing::info!(
+                        primary = db.primary().unwrap_or_default(),
+                        "chat schema ready"
+                    );
+                    prepared.send_replace(generation);
+                    tokio::select! {
+                        r = generations.changed() => if r.is_err() { return },
+                        () = lifecycle.shutdown() => return,
+                    }
+                    continue;
+                }
+                Err(StoreError::Db(DbError::NoPrimary)) => {}
+                Err(e) => tracing::error!("preparing the chat database failed, retrying: {e}"),
+            }
+        }
+        tokio::select! {
+            _ = generations.changed() => {}
+            () = tokio::time::sleep(Duration::from_secs(1)) => {}
+            () = lifecycle.shutdown() => return,
+        }
+    }
+}

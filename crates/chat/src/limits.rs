@@ -1,0 +1,255 @@
+//! In-memory limits of one broadcast: message rate per user, WebSocket connections per IP,
+//! failed logins per name and per IP. They protect this process and the database; a determined
+//! abuser spreading over every broadcast gets at most one broadcast's allowance on each.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// Longest chat message in characters.
+pub const MAX_MESSAGE_CHARS: usize = 500;
+/// Largest WebSocket frame accepted (a full-length message of 4-byte characters fits).
+pub const MAX_FRAME_BYTES: usize = 4096;
+/// Messages a user may send at once, and per second after that.
+pub const MESSAGE_BURST: f64 = 10.0;
+pub const MESSAGES_PER_SECOND: f64 = 3.0;
+/// Frames of any kind per connection per second before it is closed as a flood.
+pub const FRAMES_PER_SECOND: u32 = 30;
+pub const CONNECTIONS_PER_IP: usize = 32;
+/// Failed logins per name or per IP within `LOGIN_WINDOW` before further tries are refused.
+pub const LOGIN_FAILURES: usize = 5;
+pub const LOGIN_WINDOW: Duration = Duration::from_secs(60);
+
+/// A token bucket per key.
+#[derive(Debug)]
+pub struct RateLimiter<K> {
+    burst: f64,
+    per_second: f64,
+    buckets: Mutex<HashMap<K, (f64, Instant)>>,
+}
+
+impl<K: std::hash::Hash + Eq + Clone> RateLimiter<K> {
+    pub fn new(burst: f64, per_second: f64) -> Self {
+        RateLimiter {
+            burst,
+            per_second,
+            buckets: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Takes one token; false when the bucket is empty.
+    pub fn allow(&self, key: &K, now: Instant) -> bool {
+        let Ok(mut buckets) = self.buckets.lock() else {
+            return false;
+        };
+        if buckets.len() > 100_000 {
+            // Forget idle keys rather than grow without bound.
+            let full_after = Duration::from_secs_f64(self.burst / self.per_second);
+            buckets.retain(|_, (_, at)| now.duration_since(*at) < full_after);
+        }
+        let (tokens, at) = buckets.entry(key.clone()).or_insert((self.burst, now));
+        *tokens =
+            (*tokens + now.duration_since(*at).as_secs_f64() * self.per_second).min(self.burst);
+        *at = now;
+        if *tokens >= 1.0 {
+            *tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+/// Counts open connections per IP; the guard gives its slot back when dropped.
+#[derive(Debug, Default, Clone)]
+pub struct ConnectionCounter {
+    open: Arc<Mutex<HashMap<IpAddr, usize>>>,
+}
+
+pub struct ConnectionGuard {
+    open: Arc<Mutex<HashMap<IpAddr, usize>>>,
+    ip: IpAddr,
+}
+
+impl ConnectionCounter {
+    pub fn try_open(&self, ip: IpAddr, max: usize) -> Option<ConnectionGuard> {
+        let mut open = self.open.lock().ok()?;
+        let n = open.entry(ip).or_default();
+        if *n >= max {
+            return None;
+        }
+        *n += 1;
+        Some(ConnectionGuard {
+            open: self.open.clone(),
+            ip,
+        })
+    }
+}
+
+impl Drop for ConnectionGuard {
+    fn drop(&mut self) {
+        if let Ok(mut open) = self.open.lock()
+            && let Some(n) = open.get_mut(&self.ip)
+        {
+            *n -= 1;
+            if *n == 0 {
+                open.remove(&self.ip);
+            }
+        }
+    }
+}
+
+/// Recent failed logins per key (lower-cased name, or IP).
+#[derive(Debug, Default)]
+pub struct LoginFailures {
+    failures: Mutex<HashMap<String, Vec<Instant>>>,
+}
+
+impl LoginFailures {
+    /// Seconds until `key` may try again, if it is locked out.
+    pub fn locked_for(&self, key: &str, now: Instant) -> Option<u64> {
+        let mut failures = self.failures.lock().ok()?;
+        let list = failures.get_mut(key)?;
+        list.retain(|at| now.duration_since(*at) < LOGIN_WINDOW);
+        if list.len() < LOGIN_FAILURES {
+            return None;
+        }
+        let oldest = list.first()?;
+        Some(
+            (LOGIN_WINDOW - now.duration_since(*oldest))
+                .as_secs()
+                .max(1),
+        )
+    }
+
+    pub fn record(&self, key: &str, now: Instant) {
+        if let Ok(mut failures) = self.failures.lock() {
+            if failures.len() > 100_000 {
+                failures.retain(|_, l| {
+                    l.last()
+                        .is_some_and(|at| now.duration_since(*at) < LOGIN_WINDOW)
+                });
+            }
+            failures.entry(key.to_owned()).or_default().push(now);
+        }
+    }
+
+    pub fn clear(&self, key: &str) {
+        if let Ok(mut failures) = self.failures.lock() {
+            failures.remove(key);
+        }
+    }
+}
+
+/// Why a chat text is refused, if it is.
+pub fn check_text(text: &str) -> Result<(), (&'static str, &'static str)> {
+    if text.trim().is_empty() {
+        return Err(("empty", "empty message"));
+    }
+    if text.chars().count() > MAX_MESSAGE_CHARS {
+        return Err(("too_long", "message longer than 500 characters"));
+    }
+    // PostgreSQL text cannot hold NUL, and other control characters only serve to garble.
+    if text
+        .chars()
+        .any(|c| c.is_control() && c != '\n' && c != '\t')
+    {
+        return Err(("bad_request", "control characters are not allowed"));
+    }
+    Ok(())
+}
+
+/// Client-made ids: short and path/JSON safe.
+pub fn valid_client_id(id: &str) -> bool {
+    (1..=64).contains(&id.len())
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+
+/// Account names: 3-32 of `[A-Za-z0-9_-]`, so no markup, quoting or look-alikes get in.
+pub fn check_name(name: &str) -> Result<(), &'static str> {
+    if !(3..=32).contains(&name.len())
+        || !name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    {
+        return Err("names are 3 to 32 letters, digits, '_' or '-'");
+    }
+    if name.eq_ignore_ascii_case("admin") {
+        return Err("that name is reserved");
+    }
+    Ok(())
+}
+
+pub fn check_password(password: &str) -> Result<(), &'static str> {
+    match password.chars().count() {
+        0..8 => Err("passwords need at least 8 characters"),
+        8..=256 => Ok(()),
+        _ => Err("passwords are at most 256 characters"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bucket_allows_a_burst_then_the_rate() {
+        let limiter = RateLimiter::new(3.0, 1.0);
+        let t0 = Instant::now();
+        assert!((0..3).all(|_| limiter.allow(&"u", t0)));
+        assert!(!limiter.allow(&"u", t0));
+        assert!(limiter.allow(&"other", t0), "keys are independent");
+        assert!(limiter.allow(&"u", t0 + Duration::from_millis(1000)));
+        assert!(!limiter.allow(&"u", t0 + Duration::from_millis(1100)));
+    }
+
+    #[test]
+    fn connection_slots_come_back() {
+        let counter = ConnectionCounter::default();
+        let ip: IpAddr = "127.0.0.1".parse().unwrap();
+        let a = counter.try_open(ip, 2).unwrap();
+        let _b = counter.try_open(ip, 2).unwrap();
+        assert!(counter.try_open(ip, 2).is_none());
+        drop(a);
+        assert!(counter.try_open(ip, 2).is_some());
+    }
+
+    #[test]
+    fn login_lockout_after_failures() {
+        let f = LoginFailures::default();
+        let t0 = Instant::now();
+        for _ in 0..LOGIN_FAILURES {
+            assert_eq!(f.locked_for("bob", t0), None);
+            f.record("bob", t0);
+        }
+        assert!(f.locked_for("bob", t0).is_some_and(|s| s >= 59));
+        assert_eq!(f.locked_for("bob", t0 + LOGIN_WINDOW), None);
+        f.record("carol", t0);
+        f.clear("carol");
+        assert_eq!(f.locked_for("carol", t0), None);
+    }
+
+    #[test]
+    fn texts_names_and_ids() {
+        assert!(check_text("hello <b>world</b>; DROP TABLE users; --").is_ok());
+        assert_eq!(check_text("  ").unwrap_err().0, "empty");
+        assert_eq!(check_text(&"é".repeat(501)).unwrap_err().0, "too_long");
+        assert!(check_text(&"é".repeat(500)).is_ok());
+        assert_eq!(check_text("a\0b").unwrap_err().0, "bad_request");
+        assert!(check_text("two\nlines").is_ok());
+        assert!(valid_client_id("c1-abc_9"));
+        assert!(
+            !valid_client_id("") && !valid_client_id("a b") && !valid_client_id(&"x".repeat(65))
+        );
+        assert!(check_name("Alice_1").is_ok());
+        for bad in ["al", "<script>", "a'b", "Admin", &"x".repeat(33), "émile"] {
+            assert!(check_name(bad).is_err(), "{bad}");
+        }
+        assert!(check_password("short").is_err());
+        assert!(check_password("long enough").is_ok());
+        assert!(check_password(&"p".repeat(257)).is_err());
+    }
+}

@@ -1,0 +1,557 @@
+//! The chat WebSocket, `wss://<broadcast>/api/chat/<channel>`: JSON text frames.
+//!
+//! Client -> server: first `{"type":"hello","session":<token|null>,"since":<seq|null>}`, then
+//! `send {id, text}`, moderators' `delete {id, target}`, `mute {id, user, seconds}`,
+//! `ban {id, user}`, `unban {id, user}`, and `ping`. Server -> client: `welcome`, the channel's
+//! events in seq order (`message`, `delete`, `mute`, `ban`, `unban`; see store::Event), `ack
+//! {id, seq}` once committed, `error {id, code, message}`, `pong`.
+//!
+//! A client keeps the highest seq it saw and sends it as `since` after a reconnect (to any
+//! broadcast): the gap is replayed, from this broadcast's memory or from the database, and
+//! nothing is sent twice on one connection. Sends carry a client-made id and may be resent
+//! after a reconnect: the database keeps one copy and the ack repeats its seq.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
+use axum::extract::{ConnectInfo, Path, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use futures::stream::{SplitSink, SplitStream};
+use futures::{SinkExt, StreamExt};
+use serde::Deserialize;
+use tokio::sync::{broadcast, mpsc};
+
+use crate::hub::Follow;
+use crate::limits::{self, ConnectionGuard};
+use crate::store::{self, Action, Event, StoreError, User};
+use crate::{Chat, db::DbError};
+
+const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+const PING_EVERY: Duration = Duration::from_secs(10);
+/// A client silent (not even a pong) for this long is gone.
+const IDLE_LIMIT: Duration = Duration::from_secs(35);
+const SEND_TIMEOUT: Duration = Duration::from_secs(5);
+/// Events sent to a fresh client (no `since`).
+const HISTORY: i64 = 50;
+/// Largest gap replayed from the database in one go; older history is not chat any more.
+const MAX_REPLAY: i64 = 5000;
+/// Writes queued per connection while the database is slow.
+const PENDING_OPS: usize = 16;
+/// Tungstenite's own ceiling; our limit (limits::MAX_FRAME_BYTES) is checked with a clear error.
+const TRANSPORT_LIMIT: usize = 64 * 1024;
+
+pub fn router(chat: Arc<Chat>) -> axum::Router {
+    axum::Router::new()
+        .route("/api/chat/{channel}", axum::routing::get(upgrade))
+        .with_state(chat)
+}
+
+fn refuse(status: StatusCode, message: &str) -> Response {
+    (
+        status,
+        [(header::CACHE_CONTROL, "no-store")],
+        axum::Json(serde_json::json!({ "error": message })),
+    )
+        .into_response()
+}
+
+async fn upgrade(
+    State(chat): State<Arc<Chat>>,
+    Path(channel): Path<String>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    ws: WebSocketUpgrade,
+) -> Response {
+    if !chat.hub.has_channel(&channel) {
+        return refuse(StatusCode::NOT_FOUND, "no such channel");
+    }
+    // Browsers always send Origin: only the cluster's own pages may use a viewer's session.
+    if let Some(origin) = headers.get(header::ORIGIN)
+        && !origin.to_str().is_ok_and(|o| chat.origin_allowed(o))
+    {
+        return refuse(
+            StatusCode::FORBIDDEN,
+            "chat is only open to the cluster's own pages",
+        );
+    }
+    let Some(guard) = chat
+        .connections
+        .try_open(peer.ip(), limits::CONNECTIONS_PER_IP)
+    else {
+        return refuse(
+            StatusCode::TOO_MANY_REQUESTS,
+            "too many chat connections from your address",
+        );
+    };
+    ws.max_message_size(TRANSPORT_LIMIT)
+        .max_frame_size(TRANSPORT_LIMIT)
+        .on_upgrade(move |socket| async move {
+            metrics::gauge!("chat_connections").increment(1.0);
+            Connection::serve(chat, channel, socket, guard).await;
+            metrics::gauge!("chat_connections").decrement(1.0);
+        })
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(tag = "type", rename_all = "lowercase")]
+enum ClientMessage {
+    Hello {
+        session: Option<String>,
+        since: Option<i64>,
+    },
+    Send {
+        id: String,
+        text: String,
+    },
+    Delete {
+        id: String,
+        target: i64,
+    },
+    Mute {
+        id: String,
+        user: String,
+        seconds: u32,
+    },
+    Ban {
+        id: String,
+        user: String,
+    },
+    Unban {
+        id: String,
+        user: String,
+    },
+    Ping,
+}
+
+/// A write the worker performs in order, off the connection's loop.
+struct Op {
+    id: String,
+    action: Action,
+}
+
+fn error_json(id: Option<&str>, code: &str, message: &str) -> String {
+    serde_json::json!({ "type": "error", "id": id, "code": code, "message": message }).to_string()
+}
+
+fn text(s: String) -> Message {
+    Message::Text(Utf8Bytes::from(s))
+}
+
+/// Why the loop ended, if the client should be told.
+struct Closing(u16, &'static str);
+
+struct Connection {
+    chat: Arc<Chat>,
+    channel: String,
+    sink: SplitSink<WebSocket, Message>,
+    user: Option<User>,
+    /// Highest seq sent on this connection.
+    last_sent: i64,
+}
+
+impl Connection {
+    async fn serve(chat: Arc<Chat>, channel: String, socket: WebSocket, _guard: ConnectionGuard) {
+        let (sink, mut stream) = socket.split();
+        let mut conn = Connection {
+            chat,
+            channel,
+            sink,
+            user: None,
+            last_sent: 0,
+        };
+        let closing = match conn.open(&mut stream).await {
+            Ok(follow) => conn.run(stream, follow).await,
+            Err(closing) => closing,
+        };
+        let _ = tokio::time::timeout(
+            SEND_TIMEOUT,
+            conn.sink.send(Message::Close(Some(CloseFrame {
+                code: closing.0,
+                reason: Utf8Bytes::from_static(closing.1),
+            }))),
+        )
+        .await;
+    }
+
+    async fn send(&mut self, message: Message) -> Result<(), Closing> {
+        match tokio::time::timeout(SEND_TIMEOUT, self.sink.send(message)).await {
+            Ok(Ok(())) => Ok(()),
+            _ => Err(Closing(1001, "send failed or too slow")),
+        }
+    }
+
+    async fn send_event(&mut self, event: &Event) -> Result<(), Closing> {
+        if event.seq() <= self.last_sent {
+            return Ok(());
+        }
+        let json = serde_json::to_string(event).unwrap_or_default();
+        self.send(text(json)).await?;
+        self.last_sent = event.seq();
+        Ok(())
+    }
+
+    /// Hello, authentication, welcome and the replay of what the client missed.
+    async fn open(&mut self, stream: &mut SplitStream<WebSocket>) -> Result<Follow, Closing> {
+        let hello = match tokio::time::timeout(HELLO_TIMEOUT, stream.next()).await {
+            Ok(Some(Ok(Message::Text(t)))) if t.len() <= limits::MAX_FRAME_BYTES => {
+                serde_json::from_str::<ClientMessage>(&t).ok()
+            }
+            Ok(None | Some(Err(_)) | Some(Ok(Message::Close(_)))) => {
+                return Err(Closing(1000, "bye"));
+            }
+            _ => None,
+        };
+        let Some(ClientMessage::Hello { session, since }) = hello else {
+            let _ = self
+                .send(text(error_json(
+                    None,
+                    "bad_request",
+                    "the first message must be {\"type\":\"hello\",\"session\":...,\"since\":...} within 10 s",
+                )))
+                .await;
+            return Err(Closing(1008, "expected hello"));
+        };
+        if let Some(token) = session.filter(|t| !t.is_empty()) {
+            match self.chat.authenticate(&token).await {
+                Ok(user) => self.user = Some(user),
+                Err(e) => {
+                    self.send(text(error_json(None, "bad_session", &e.to_string())))
+                        .await?;
+                }
+            }
+        }
+        let after = match since {
+            Some(seq) if seq >= 0 => seq,
+            _ => {
+                let ready = self.chat.hub.ready();
+                if tokio::time::timeout(self.chat.retry_window, ready)
+                    .await
+                    .is_err()
+                {
+                    self.send(text(error_json(
+                        None,
+                        "unavailable",
+                        "chat history is unavailable (database failover), reconnect shortly",
+                    )))
+                    .await?;
+                    return Err(Closing(1013, "try again later"));
+                }
+                (self.chat.hub.last_seq(&self.channel).unwrap_or(0) - HISTORY).max(0)
+            }
+        };
+        self.last_sent = after;
+        let welcome = serde_json::json!({
+            "type": "welcome",
+            "channel": self.channel,
+            "broadcast": self.chat.broadcast,
+            "user": self.user,
+            "last_seq": self.chat.hub.last_seq(&self.channel),
+        });
+        self.send(text(welcome.to_string())).await?;
+        self.catch_up().await
+    }
+
+    /// Follows the hub from `last_sent`: replays the ring, or the database when the ring does
+    /// not reach back that far, and returns the live feed.
+    async fn catch_up(&mut self) -> Result<Follow, Closing> {
+        let follow = self
+            .chat
+            .hub
+            .follow(&self.channel, self.last_sent)
+            .ok_or(Closing(1011, "channel vanished"))?;
+        if follow.incomplete {
+            let stop = self.last_sent + MAX_REPLAY;
+            loop {
+                let (channel, after) = (self.channel.clone(), self.last_sent);
+                let batch = self
+                    .chat
+                    .retry(|pool| {
+                        let channel = channel.clone();
+                        async move { store::events_after(&pool, &channel, after, 500).await }
+                    })
+                    .await;
+                let batch = match batch {
+                    Ok(b) => b,
+                    Err(e) => {
+                        tracing::warn!("chat replay failed: {e}");
+                        self.send(text(error_json(
+                            None,
+                            "unavailable",
+                            "chat history is unavailable (database failover), reconnect shortly",
+                        )))
+                        .await?;
+                        return Err(Closing(1013, "try again later"));
+                    }
+                };
+                let done = batch.len() < 500 || self.last_sent >= stop;
+                for event in &batch {
+                    self.send_event(event).await?;
+                }
+                if done {
+                    break;
+                }
+            }
+        }
+        for event in &follow.backlog {
+            self.send_event(event).await?;
+        }
+        Ok(follow)
+    }
+
+    async fn run(&mut self, mut stream: SplitStream<WebSocket>, mut follow: Follow) -> Closing {
+        let (ops, op_rx) = mpsc::channel::<Op>(PENDING_OPS);
+        let (replies, mut reply_rx) = mpsc::channel::<String>(PENDING_OPS * 2);
+        if let Some(user) = self.user.clone() {
+            tokio::spawn(write_worker(
+                self.chat.clone(),
+                self.channel.clone(),
+                user,
+                op_rx,
+                replies,
+            ));
+        }
+        let mut ping = tokio::time::interval(PING_EVERY);
+        let mut last_heard = Instant::now();
+        let (mut window_start, mut frames) = (Instant::now(), 0u32);
+        let lifecycle = self.chat.lifecycle.clone();
+        loop {
+            let step = tokio::select! {
+                frame = stream.next() => {
+                    let Some(Ok(frame)) = frame else { return Closing(1000, "bye") };
+                    last_heard = Instant::now();
+                    if window_start.elapsed() >= Duration::from_secs(1) {
+                        (window_start, frames) = (Instant::now(), 0);
+                    }
+                    frames += 1;
+                    if frames > limits::FRAMES_PER_SECOND {
+                        let _ = self.send(text(error_json(None, "rate_limited", "too many frames per second: closing"))).await;
+                        return Closing(1008, "flood");
+                    }
+                    match frame {
+                        Message::Text(t) => self.handle(&t, &ops).await,
+                        Message::Binary(_) => self.send(text(error_json(None, "bad_request", "text frames only"))).await,
+                        Message::Close(_) => return Closing(1000, "bye"),
+                        Message::Ping(_) | Message::Pong(_) => Ok(()),
+                    }
+                }
+                event = follow.live.recv() => match event {
+                    Ok(event) => self.send_event(&event).await,
+                    // Too slow to follow live: catch up from the ring or the database.
+                    Err(broadcast::error::RecvError::Lagged(_)) => match self.catch_up().await {
+                        Ok(f) => { follow = f; Ok(()) }
+                        Err(c) => Err(c),
+                    },
+                    Err(broadcast::error::RecvError::Closed) => Err(Closing(1011, "channel closed")),
+                },
+                Some(reply) = reply_rx.recv() => self.send(text(reply)).await,
+                _ = ping.tick() => {
+                    if last_heard.elapsed() > IDLE_LIMIT {
+                        return Closing(1001, "idle");
+                    }
+                    self.send(Message::Ping(Default::default())).await
+                }
+                () = lifecycle.shutdown() => return Closing(1001, "broadcast shutting down"),
+            };
+            if let Err(closing) = step {
+                return closing;
+            }
+        }
+    }
+
+    /// One client frame: validated here, writes queued for the worker.
+    async fn handle(&mut self, raw: &str, ops: &mpsc::Sender<Op>) -> Result<(), Closing> {
+        if raw.len() > limits::MAX_FRAME_BYTES {
+            let _ = self
+                .send(text(error_json(
+                    None,
+                    "too_long",
+                    "frames are limited to 4 KiB",
+                )))
+                .await;
+            return Err(Closing(1009, "frame too big"));
+        }
+        let message = match serde_json::from_str::<ClientMessage>(raw) {
+            Ok(m) => m,
+            Err(_) => {
+                return self
+                    .send(text(error_json(None, "bad_request", "not a chat message (see the protocol: type send/delete/mute/ban/unban/ping)")))
+                    .await;
+            }
+        };
+        let (id, action) = match message {
+            ClientMessage::Ping => return self.send(text(r#"{"type":"pong"}"#.into())).await,
+            ClientMessage::Hello { .. } => {
+                return self
+                    .send(text(error_json(None, "bad_request", "already said hello")))
+                    .await;
+            }
+            ClientMessage::Send { id, text } => (id, Action::Message { text }),
+            ClientMessage::Delete { id, target } => (id, Action::Delete { target }),
+            ClientMessage::Mute { id, user, seconds } => (
+                id,
+                Action::Mute {
+                    user,
+                    seconds: seconds.clamp(1, 7 * 24 * 3600),
+                },
+            ),
+            ClientMessage::Ban { id, user } => (id, Action::Ban { user }),
+            ClientMessage::Unban { id, user } => (id, Action::Unban { user }),
+        };
+        if let Err((code, why)) = self.check(&id, &action) {
+            let id = limits::valid_client_id(&id).then_some(id.as_str());
+            return self.send(text(error_json(id, code, why))).await;
+        }
+        if ops
+            .try_send(Op {
+                id: id.clone(),
+                action,
+            })
+            .is_err()
+        {
+            return self
+                .send(text(error_json(
+                    Some(&id),
+                    "rate_limited",
+                    "too many messages waiting for the database",
+                )))
+                .await;
+        }
+        Ok(())
+    }
+
+    fn check(&self, id: &str, action: &Action) -> Result<(), (&'static str, &'static str)> {
+        let Some(user) = &self.user else {
+            return Err(("login_required", "log in to chat"));
+        };
+        if !limits::valid_client_id(id) {
+            return Err(("bad_request", "id must be 1-64 of [A-Za-z0-9_-]"));
+        }
+        match action {
+            Action::Message { text } => {
+                limits::check_text(text)?;
+                if !self.chat.rates.allow(&user.id, Instant::now()) {
+                    return Err(("rate_limited", "slow down: at most 3 messages per second"));
+                }
+            }
+            _ if !user.role.moderates() => {
+                return Err(("forbidden", "only moderators may do that"));
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+}
+
+/// Appends one client's writes in order, each retried through a failover; answers go back to
+/// the connection (which may have closed: then they are dropped, and the client resends).
+async fn write_worker(
+    chat: Arc<Chat>,
+    channel: String,
+    user: User,
+    mut ops: mpsc::Receiver<Op>,
+    replies: mpsc::Sender<String>,
+) {
+    while let Some(op) = ops.recv().await {
+        let started = Instant::now();
+        let result = chat
+            .retry(|pool| {
+                let (channel, user, id, action) = (
+                    channel.clone(),
+                    user.clone(),
+                    op.id.clone(),
+                    op.action.clone(),
+                );
+                async move { store::append(&pool, &channel, &user, &id, &action).await }
+            })
+            .await;
+        metrics::histogram!("chat_append_seconds").record(started.elapsed().as_secs_f64());
+        let reply = match result {
+            Ok(appended) => {
+                metrics::counter!("chat_appends_total", "duplicate" => appended.duplicate.to_string()).increment(1);
+                serde_json::json!({ "type": "ack", "id": op.id, "seq": appended.seq }).to_string()
+            }
+            Err(e) => {
+                let (code, message) = match &e {
+                    StoreError::Banned => ("banned", e.to_string()),
+                    StoreError::Muted(_) => ("muted", e.to_string()),
+                    StoreError::Forbidden => ("forbidden", e.to_string()),
+                    StoreError::NotFound(_) => ("bad_request", e.to_string()),
+                    StoreError::Db(DbError::NoPrimary | DbError::Timeout(_))
+                    | StoreError::Db(_) => {
+                        tracing::warn!("chat write gave up after the retry window: {e}");
+                        (
+                            "unavailable",
+                            "the database did not answer in time (failover): resend the same id"
+                                .to_owned(),
+                        )
+                    }
+                    StoreError::NameTaken => ("bad_request", e.to_string()),
+                };
+                error_json(Some(&op.id), code, &message)
+            }
+        };
+        if replies.send(reply).await.is_err() {
+            return;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn protocol_messages_parse() {
+        let hello: ClientMessage =
+            serde_json::from_str(r#"{"type":"hello","session":null,"since":12}"#).unwrap();
+        assert!(matches!(
+            hello,
+            ClientMessage::Hello {
+                session: None,
+                since: Some(12)
+            }
+        ));
+        let send: ClientMessage =
+            serde_json::from_str(r#"{"type":"send","id":"a1","text":"<b>hi</b>"}"#).unwrap();
+        assert!(matches!(send, ClientMessage::Send { ref text, .. } if text == "<b>hi</b>"));
+        for bad in [
+            r#"{"type":"drop"}"#,
+            r#"{"type":"send","id":"a"}"#,
+            "[]",
+            "garbage",
+        ] {
+            assert!(serde_json::from_str::<ClientMessage>(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn events_serialise_to_the_protocol() {
+        let e = Event::Message {
+            seq: 7,
+            id: "c1".into(),
+            user: "alice".into(),
+            role: store::UserRole::Moderator,
+            text: "<script>x</script>".into(),
+            at: "2026-11-25T00:00:00Z".into(),
+        };
+        let v: serde_json::Value = serde_json::to_value(&e).unwrap();
+        assert_eq!(v["type"], "message");
+        assert_eq!(v["seq"], 7);
+        assert_eq!(v["role"], "moderator");
+        assert_eq!(
+            v["text"], "<script>x</script>",
+            "text stays data, escaped only by JSON"
+        );
+        let d = serde_json::to_value(Event::Delete {
+            seq: 8,
+            target: 7,
+            by: "m".into(),
+        })
+        .unwrap();
+        assert_eq!(d["type"], "delete");
+        assert_eq!(d["target"], 7);
+    }
+}

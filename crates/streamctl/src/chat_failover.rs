@@ -1,0 +1,777 @@
+//! `streamctl bench chat-failover`: chat durability while the database primary fails.
+//!
+//! Against a running local cluster, the chat load of [`crate::chat`] runs while the current
+//! PostgreSQL primary is killed (SIGKILL of Patroni, PostgreSQL and etcd of that db host, through
+//! `streamctl kill`), restored and left to rejoin as a synchronous standby; then the new primary
+//! is killed the same way; then the primary of the moment is hung (SIGSTOP, `streamctl kill
+//! --hang`) and resumed. Per fault the bench measures the write outage the chat clients felt
+//! (from their ack stream) and how long until another db host answered Patroni's `/primary`.
+//! Afterwards it reads the chat log in PostgreSQL, on the primary as the services' role, and
+//! checks that every acked (user, id) is stored exactly once under its acked seq.
+//! The issue's target: 0 lost, 0 duplicates, outage <= ttl + 2 s.
+
+use std::collections::HashMap;
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use serde::Serialize;
+use sqlx::Connection as _;
+use streaming_core::config::{ClusterConfig, HostEntry, Role};
+use tokio::sync::{oneshot, watch};
+
+use crate::chat::{self, AckedMessage, ChatReport, LoadOptions, Outage, Target};
+use crate::cluster::Layout;
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct ChatFailoverArgs {
+    /// State directory of the running cluster.
+    #[arg(long, default_value = ".streamctl")]
+    pub state: PathBuf,
+    /// Chat clients, each with its own account, spread over the broadcasts.
+    #[arg(long, default_value_t = 8)]
+    pub clients: usize,
+    /// Messages per second, all clients together.
+    #[arg(long, default_value_t = 24.0)]
+    pub rate: f64,
+    /// Seconds of load at least (the three faults may take longer; the load runs until they end).
+    #[arg(long, default_value_t = 90)]
+    pub seconds: u64,
+    /// Seconds of flowing acks before the first fault, after each recovery and after each rejoin.
+    #[arg(long, default_value_t = 5)]
+    pub settle: u64,
+    /// Print the result as JSON.
+    #[arg(long)]
+    pub json: bool,
+    /// Write the Markdown table here (e.g. docs/chat-failover.md).
+    #[arg(long)]
+    pub markdown: Option<PathBuf>,
+}
+
+/// How the primary fails.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FaultKind {
+    /// SIGKILL of Patroni, PostgreSQL and etcd of the host (`streamctl kill dbN`).
+    Kill,
+    /// SIGSTOP of them (`streamctl kill dbN --hang`); `streamctl start` sends SIGCONT.
+    Hang,
+}
+
+/// The sequence of the issue: kill, kill (of the new primary), hang.
+pub const FAULTS: [FaultKind; 3] = [FaultKind::Kill, FaultKind::Kill, FaultKind::Hang];
+
+/// What one fault did.
+#[derive(Debug, Clone, Serialize)]
+pub struct FaultRow {
+    pub fault: String,
+    pub kind: FaultKind,
+    /// The primary that failed.
+    pub host: String,
+    /// When the fault was injected (seconds since the bench started).
+    pub at_s: f64,
+    pub new_primary: Option<String>,
+    /// From the fault until another db host answered `/primary` with 200.
+    pub new_primary_after_s: Option<f64>,
+    /// The longest write outage the chat clients saw around this fault.
+    pub outage_s: f64,
+    /// Every write outage between this fault and the next.
+    pub outages: Vec<Outage>,
+    /// From the fault until `streamctl start` of the failed host.
+    pub restored_after_s: f64,
+    /// From the restore until the host answered `/replica`, then `/sync`, with 200.
+    pub replica_after_restore_s: Option<f64>,
+    pub sync_after_restore_s: Option<f64>,
+    /// The primary once the cluster was whole again after the restore.
+    pub leader_after_restore: Option<String>,
+    /// The failed host became primary again after its restore (Patroni 3.0.2's etcd3 lease bug
+    /// after a hang longer than ttl): the new primary's writes since the failover are rewound.
+    pub took_leader_back: bool,
+    /// Messages acked between this fault and the next.
+    pub acked: u64,
+    /// Of those: not in the database under their acked seq.
+    pub lost: u64,
+    /// Of those: stored more than once.
+    pub duplicates: u64,
+}
+
+/// The database side of the check.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct DbCheck {
+    /// The db host read (the primary after the run).
+    pub host: String,
+    /// Acked messages looked up.
+    pub checked: u64,
+    /// Message rows of this run's accounts.
+    pub rows: u64,
+    /// Acked and not stored.
+    pub lost: u64,
+    /// Acked and stored under another seq than the ack said.
+    pub wrong_seq: u64,
+    /// Acked and stored more than once.
+    pub duplicates: u64,
+    /// Seqs used twice in the channel (any account).
+    pub seq_duplicates: u64,
+    /// Stored but never acked (the ack was lost with a socket; allowed, and delivered anyway).
+    pub stored_unacked: u64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ChatFailoverReport {
+    /// Patroni's leader lease (config.cluster.database.ttl).
+    pub ttl_s: u32,
+    /// ttl + 2 s: the issue's bound on each outage.
+    pub target_outage_s: f64,
+    pub faults: Vec<FaultRow>,
+    pub load: ChatReport,
+    pub db: DbCheck,
+    /// 0 lost, 0 duplicates, every client got everything in order, every outage within target.
+    pub passed: bool,
+}
+
+/// `GET http://<addr>:<patroni>/<check>` answered 200 (`replica`, `sync`).
+async fn patroni_says(http: &reqwest::Client, host: &HostEntry, check: &str) -> bool {
+    let url = format!("{}/{check}", crate::db::rest_url(host));
+    matches!(http.get(url).send().await, Ok(r) if r.status().is_success())
+}
+
+/// The db host among `dbs` that is primary now (Patroni's `/primary`, through
+/// [`crate::db::primary_in`]).
+async fn find_primary(cluster: &ClusterConfig, dbs: &[HostEntry]) -> Option<String> {
+    let mut only = cluster.clone();
+    only.hosts.retain(|h| dbs.iter().any(|d| d.name == h.name));
+    crate::db::primary_in(&only).await
+}
+
+/// Polls `check` every 200 ms until it holds or `limit` passes; the seconds it took.
+async fn wait_until<F, Fut>(limit: Duration, mut check: F) -> Option<f64>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let start = Instant::now();
+    loop {
+        if check().await {
+            return Some(start.elapsed().as_secs_f64());
+        }
+        if start.elapsed() >= limit {
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// This very binary, also when a rebuild replaced it while the bench runs (the kernel then
+/// names the running one "<path> (deleted)"; the new file at the path is the same program).
+fn own_binary() -> anyhow::Result<PathBuf> {
+    let exe = std::env::current_exe().context("locating streamctl")?;
+    if exe.exists() {
+        return Ok(exe);
+    }
+    let text = exe.to_string_lossy();
+    match text.strip_suffix(" (deleted)") {
+        Some(path) if Path::new(path).exists() => Ok(PathBuf::from(path)),
+        _ => bail!("streamctl binary {} is gone", exe.display()),
+    }
+}
+
+/// Runs `streamctl <args> --state <state>` (kill and start go through the operator's commands).
+async fn streamctl(state: &Path, args: &[&str]) -> anyhow::Result<String> {
+    let exe = own_binary()?;
+    let output = tokio::process::Command::new(exe)
+        .args(args)
+        .arg("--state")
+        .arg(state)
+        .kill_on_drop(true)
+        .output()
+        .await
+        .with_context(|| format!("streamctl {}", args.join(" ")))?;
+    if !output.status.success() {
+        bail!(
+            "streamctl {} failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&output.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+}
+
+/// The longest outage overlapping `[from_s, to_s)`, and all of them.
+pub fn outages_in(outages: &[Outage], from_s: f64, to_s: f64) -> (f64, Vec<Outage>) {
+    let inside: Vec<Outage> = outages
+        .iter()
+        .filter(|o| o.start_s < to_s && o.start_s + o.duration_s > from_s)
+        .copied()
+        .collect();
+    let longest = inside.iter().map(|o| o.duration_s).fold(0.0, f64::max);
+    (longest, inside)
+}
+
+/// Per acked message: how many rows hold its (user, id), and whether one has its seq.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stored {
+    Once,
+    Missing,
+    WrongSeq,
+    Twice,
+}
+
+/// Compares the acks with the rows `(user, client_id, seq)` read from the database.
+pub fn compare(acked: &[AckedMessage], rows: &[(String, String, i64)]) -> Vec<Stored> {
+    let mut by_id: HashMap<(&str, &str), Vec<i64>> = HashMap::new();
+    for (user, id, seq) in rows {
+        by_id.entry((user, id)).or_default().push(*seq);
+    }
+    acked
+        .iter()
+        .map(|m| match by_id.get(&(m.user.as_str(), m.id.as_str())) {
+            None => Stored::Missing,
+            Some(seqs) if seqs.len() > 1 => Stored::Twice,
+            Some(seqs) if seqs[0] == m.seq as i64 => Stored::Once,
+            Some(_) => Stored::WrongSeq,
+        })
+        .collect()
+}
+
+/// Reads this run's messages from the primary as the services' role and checks every ack.
+async fn check_db(
+    layout: &Layout,
+    dbs: &[HostEntry],
+    primary: &str,
+    channel: &str,
+    user_prefix: &str,
+    acked: &[AckedMessage],
+) -> anyhow::Result<(DbCheck, Vec<Stored>)> {
+    let config = layout.load_configs()?;
+    let any = config.first().context("no host config")?;
+    let database = &any.cluster.database;
+    let password = streaming_core::secrets::read_secret(&any.paths.db_password)
+        .with_context(|| format!("db password {}", any.paths.db_password.display()))?;
+    let host = dbs
+        .iter()
+        .find(|h| h.name == primary)
+        .with_context(|| format!("{primary} is not a db host"))?;
+    let options = sqlx::postgres::PgConnectOptions::new()
+        .host(&host.address.to_string())
+        .port(host.ports.postgres)
+        .username(&database.user)
+        .password(&password)
+        .database(&database.name)
+        .application_name("streamctl-chat-failover");
+    let mut conn = tokio::time::timeout(
+        Duration::from_secs(10),
+        sqlx::postgres::PgConnection::connect_with(&options),
+    )
+    .await
+    .context("connecting to PostgreSQL: timeout")?
+    .with_context(|| format!("connecting to PostgreSQL on {primary} as {}", database.user))?;
+    let rows: Vec<(String, String, i64)> = sqlx::query_as(
+        "SELECT u.name, e.client_id, e.seq FROM chat_events e JOIN users u ON u.id = e.user_id \
+         WHERE e.channel = $1 AND e.kind = 'message' AND starts_with(u.name, $2)",
+    )
+    .bind(channel)
+    .bind(user_prefix)
+    .fetch_all(&mut conn)
+    .await
+    .context("reading chat_events")?;
+    let (seq_duplicates,): (i64,) =
+        sqlx::query_as("SELECT count(*) - count(DISTINCT seq) FROM chat_events WHERE channel = $1")
+            .bind(channel)
+            .fetch_one(&mut conn)
+            .await
+            .context("counting seqs")?;
+    let _ = conn.close().await;
+    let stored = compare(acked, &rows);
+    let count = |s: Stored| stored.iter().filter(|x| **x == s).count() as u64;
+    let matched = count(Stored::Once) + count(Stored::WrongSeq) + count(Stored::Twice);
+    let check = DbCheck {
+        host: primary.to_owned(),
+        checked: acked.len() as u64,
+        rows: rows.len() as u64,
+        lost: count(Stored::Missing),
+        wrong_seq: count(Stored::WrongSeq),
+        duplicates: count(Stored::Twice),
+        seq_duplicates: seq_duplicates.max(0) as u64,
+        stored_unacked: (rows.len() as u64).saturating_sub(matched),
+    };
+    Ok((check, stored))
+}
+
+/// One fault from injection to the failed host being a synchronous standby again.
+#[allow(clippy::too_many_arguments)]
+async fn one_fault(
+    args: &ChatFailoverArgs,
+    cluster: &ClusterConfig,
+    http: &reqwest::Client,
+    dbs: &[HostEntry],
+    epoch: Instant,
+    live: &chat::Live,
+    number: usize,
+    kind: FaultKind,
+    ttl_s: u32,
+) -> anyhow::Result<FaultRow> {
+    let host = wait_for_primary(cluster, dbs, Duration::from_secs(30))
+        .await
+        .context("no primary before the fault")?;
+    let name = match kind {
+        FaultKind::Kill => format!("kill {number}"),
+        FaultKind::Hang => "hang".to_owned(),
+    };
+    let entry = dbs
+        .iter()
+        .find(|h| h.name == host)
+        .context("primary is not a db host")?
+        .clone();
+    eprintln!("bench: {name}: {host} is the primary; failing it");
+    let at_s = epoch.elapsed().as_secs_f64();
+    let fault_at = Instant::now();
+    match kind {
+        FaultKind::Kill => streamctl(&args.state, &["kill", &host]).await?,
+        FaultKind::Hang => streamctl(&args.state, &["kill", &host, "--hang"]).await?,
+    };
+    let result = async {
+        let others: Vec<HostEntry> = dbs.iter().filter(|h| h.name != host).cloned().collect();
+        let new_primary = wait_for_primary(cluster, &others, Duration::from_secs(60)).await;
+        let new_primary_after_s = new_primary
+            .as_ref()
+            .map(|_| fault_at.elapsed().as_secs_f64());
+        eprintln!(
+            "bench: {name}: new primary {} after {}",
+            new_primary.as_deref().unwrap_or("none"),
+            new_primary_after_s.map_or("-".into(), |s| format!("{s:.1} s"))
+        );
+        // Writes flow again (an ack after the promotion), then a few seconds of them.
+        let promoted_s = epoch.elapsed().as_secs_f64();
+        let patience = Duration::from_secs(u64::from(ttl_s.max(10)) * 3);
+        let resumed = wait_until(patience, || async {
+            live.last_ack_s().is_some_and(|t| t > promoted_s)
+        })
+        .await;
+        if resumed.is_none() {
+            eprintln!(
+                "bench: {name}: no chat ack within {} s of the promotion",
+                patience.as_secs()
+            );
+        }
+        tokio::time::sleep(Duration::from_secs(args.settle)).await;
+        anyhow::Ok((new_primary, new_primary_after_s))
+    }
+    .await;
+    // The host comes back whatever happened above.
+    let restored_after_s = fault_at.elapsed().as_secs_f64();
+    eprintln!("bench: {name}: restoring {host}");
+    streamctl(&args.state, &["start", &host]).await?;
+    let restored = Instant::now();
+    let (new_primary, new_primary_after_s) = result?;
+    // Whole again: the restored host a synchronous standby of the primary — or, if it took the
+    // leader back (it must not: the writes of the new primary would be rewound), primary with
+    // a synchronous standby. The next fault may only come then (synchronous_mode promotes
+    // only the synchronous standby).
+    let mut replica_after_restore_s = None;
+    let mut sync_after_restore_s = None;
+    let mut leader_after_restore = None;
+    let limit = Duration::from_secs(90);
+    while restored.elapsed() < limit {
+        if replica_after_restore_s.is_none() && patroni_says(http, &entry, "replica").await {
+            replica_after_restore_s = Some(restored.elapsed().as_secs_f64());
+        }
+        if patroni_says(http, &entry, "sync").await {
+            sync_after_restore_s = Some(restored.elapsed().as_secs_f64());
+            leader_after_restore = find_primary(cluster, dbs).await;
+            break;
+        }
+        if let Some(primary) = find_primary(cluster, dbs).await
+            && primary == host
+        {
+            let mut has_sync = false;
+            for other in dbs.iter().filter(|h| h.name != host) {
+                has_sync |= patroni_says(http, other, "sync").await;
+            }
+            if has_sync {
+                leader_after_restore = Some(primary);
+                break;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let took_leader_back = leader_after_restore.as_deref() == Some(host.as_str());
+    if took_leader_back {
+        eprintln!(
+            "bench: {name}: {host} TOOK THE LEADER BACK after its restore: the new primary's \
+             writes since the failover were rewound"
+        );
+    }
+    eprintln!(
+        "bench: {name}: {host} replica after {}, synchronous standby after {}",
+        replica_after_restore_s.map_or("-".into(), |s: f64| format!("{s:.1} s")),
+        sync_after_restore_s.map_or("-".into(), |s: f64| format!("{s:.1} s"))
+    );
+    tokio::time::sleep(Duration::from_secs(args.settle)).await;
+    Ok(FaultRow {
+        fault: name,
+        kind,
+        host,
+        at_s,
+        new_primary,
+        new_primary_after_s,
+        outage_s: 0.0,
+        outages: Vec::new(),
+        restored_after_s,
+        replica_after_restore_s,
+        sync_after_restore_s,
+        leader_after_restore,
+        took_leader_back,
+        acked: 0,
+        lost: 0,
+        duplicates: 0,
+    })
+}
+
+async fn wait_for_primary(
+    cluster: &ClusterConfig,
+    dbs: &[HostEntry],
+    limit: Duration,
+) -> Option<String> {
+    let start = Instant::now();
+    loop {
+        if let Some(p) = find_primary(cluster, dbs).await {
+            return Some(p);
+        }
+        if start.elapsed() >= limit {
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Runs the bench; the report (also for the end-to-end test, through `--json`).
+pub async fn bench(args: &ChatFailoverArgs) -> anyhow::Result<ChatFailoverReport> {
+    let layout = Layout::new(&args.state)?;
+    let configs = layout.load_configs()?;
+    let any = configs.first().context("no host config in the state dir")?;
+    let ttl_s = any.cluster.database.ttl;
+    let dbs: Vec<HostEntry> = any.cluster.hosts_with_role(Role::Db).cloned().collect();
+    if dbs.len() < 2 {
+        bail!(
+            "the cluster has {} db host(s); failover needs two",
+            dbs.len()
+        );
+    }
+    let http = crate::db::rest_client();
+    let cluster = &any.cluster;
+    // A primary with a synchronous standby, or the first kill has nobody to promote.
+    let whole = wait_until(Duration::from_secs(90), || async {
+        match find_primary(cluster, &dbs).await {
+            Some(p) => {
+                let others = dbs.iter().filter(|h| h.name != p);
+                for h in others {
+                    if patroni_says(&http, h, "sync").await {
+                        return true;
+                    }
+                }
+                false
+            }
+            None => false,
+        }
+    })
+    .await;
+    if whole.is_none() {
+        bail!("no primary with a synchronous standby within 90 s (see `streamctl status`)");
+    }
+    let target = Target::resolve(None, &args.state, None, None)?;
+    let channel = target.channel.clone();
+    let epoch = Instant::now();
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let (sending_tx, sending_rx) = oneshot::channel();
+    let live = Arc::new(chat::Live::default());
+    let load = tokio::spawn(chat::load(LoadOptions {
+        target,
+        clients: args.clients,
+        rate: args.rate,
+        seconds: None,
+        stop: Some(stop_rx),
+        drain: Duration::from_secs(20),
+        // Longer than the broadcasts' retry window (ttl + 5 s), so their `unavailable` answer
+        // comes before the client gives up on the socket.
+        ack_timeout: Duration::from_secs(u64::from(ttl_s) + 10),
+        epoch,
+        sending: Some(sending_tx),
+        live: live.clone(),
+    }));
+    if sending_rx.await.is_err() {
+        // The load ended before sending: its error says why.
+        return match load.await.context("chat load task")? {
+            Err(e) => Err(e),
+            Ok(_) => bail!("the chat load ended before sending"),
+        };
+    }
+    eprintln!(
+        "bench: chat load running ({} clients, {} msg/s)",
+        args.clients, args.rate
+    );
+    tokio::time::sleep(Duration::from_secs(args.settle)).await;
+    let mut rows = Vec::new();
+    for (i, kind) in FAULTS.iter().enumerate() {
+        match one_fault(
+            args,
+            cluster,
+            &http,
+            &dbs,
+            epoch,
+            &live,
+            i + 1,
+            *kind,
+            ttl_s,
+        )
+        .await
+        {
+            Ok(row) => rows.push(row),
+            Err(e) => {
+                let _ = stop_tx.send(true);
+                let _ = load.await;
+                return Err(e.context(format!("fault {}", i + 1)));
+            }
+        }
+    }
+    let minimum = Duration::from_secs(args.seconds);
+    if epoch.elapsed() < minimum {
+        tokio::time::sleep(minimum - epoch.elapsed()).await;
+    }
+    let _ = stop_tx.send(true);
+    let outcome = load.await.context("chat load task")??;
+    let primary = wait_for_primary(cluster, &dbs, Duration::from_secs(30))
+        .await
+        .context("no primary to check the stored messages on")?;
+    let (db, stored) = check_db(
+        &layout,
+        &dbs,
+        &primary,
+        &channel,
+        &outcome.user_prefix,
+        &outcome.acked,
+    )
+    .await?;
+    // Per fault: its window runs until the next fault (the last one until the end).
+    let end_s = epoch.elapsed().as_secs_f64();
+    let starts: Vec<f64> = rows.iter().map(|r| r.at_s).collect();
+    for (i, row) in rows.iter_mut().enumerate() {
+        let from = starts[i];
+        let to = starts.get(i + 1).copied().unwrap_or(end_s);
+        let (longest, inside) = outages_in(&outcome.report.write_outages, from - 0.5, to);
+        row.outage_s = longest;
+        row.outages = inside;
+        for (m, s) in outcome.acked.iter().zip(&stored) {
+            if m.acked_s >= from && m.acked_s < to {
+                row.acked += 1;
+                match s {
+                    Stored::Missing | Stored::WrongSeq => row.lost += 1,
+                    Stored::Twice => row.duplicates += 1,
+                    Stored::Once => {}
+                }
+            }
+        }
+    }
+    let target_outage_s = f64::from(ttl_s) + 2.0;
+    let load_report = outcome.report;
+    let passed = db.lost == 0
+        && db.wrong_seq == 0
+        && db.duplicates == 0
+        && db.seq_duplicates == 0
+        && load_report.missing == 0
+        && load_report.duplicates == 0
+        && load_report.out_of_order == 0
+        && load_report.delivered
+        && load_report.seq_conflicts == 0
+        && rows
+            .iter()
+            .all(|r| r.outage_s <= target_outage_s && !r.took_leader_back);
+    Ok(ChatFailoverReport {
+        ttl_s,
+        target_outage_s,
+        faults: rows,
+        load: load_report,
+        db,
+        passed,
+    })
+}
+
+/// The Markdown page (docs/chat-failover.md).
+pub fn markdown(args: &ChatFailoverArgs, report: &ChatFailoverReport) -> String {
+    let load = &report.load;
+    let mut out = String::from("# Chat during database failover\n\n");
+    let _ = writeln!(
+        out,
+        "Made by `streamctl bench chat-failover --clients {} --rate {} --seconds {}` against a \
+         local cluster started with `streamctl up` (2-core machine; Patroni ttl {} s, \
+         synchronous_mode). {} chat clients, each with its own account, on {} send {} msg/s in \
+         total for {:.0} s while the PostgreSQL primary is killed (SIGKILL of Patroni, \
+         PostgreSQL and etcd of that host), killed again after the first one rejoined, then \
+         hung (SIGSTOP) and resumed. The outage is the longest time the clients had a message \
+         pending and no ack arrived; \"new primary\" is the time until the other db host \
+         answered Patroni's `/primary`. Lost and duplicates are checked in PostgreSQL: every \
+         acked (user, id) must be stored exactly once, under its acked seq. Target: 0 lost, \
+         0 duplicates, outage <= ttl + 2 s = {:.0} s.\n",
+        args.clients,
+        args.rate,
+        args.seconds,
+        report.ttl_s,
+        load.clients,
+        load.initial_broadcasts.join(" and "),
+        args.rate,
+        load.seconds,
+        report.target_outage_s,
+    );
+    out.push_str("| fault | host | outage s | new primary after s | acked | lost | duplicates |\n");
+    out.push_str("|---|---|---|---|---|---|---|\n");
+    for r in &report.faults {
+        let _ = writeln!(
+            out,
+            "| {} | {} | {:.1} | {} | {} | {} | {} |",
+            r.fault,
+            r.host,
+            r.outage_s,
+            r.new_primary_after_s
+                .map_or("not within 60 s".to_owned(), |s| format!("{s:.1}")),
+            r.acked,
+            r.lost,
+            r.duplicates
+        );
+    }
+    let _ = writeln!(
+        out,
+        "| whole run | | | | {} | {} | {} |\n",
+        report.db.checked,
+        report.db.lost + report.db.wrong_seq,
+        report.db.duplicates + report.db.seq_duplicates
+    );
+    let _ = writeln!(
+        out,
+        "Clients: {} sent, {} acked, {} never acked; deliveries missing {}, duplicated {}, out \
+         of order {}; seqs given to two messages {}; {} reconnects, {} resends; longest wait for \
+         an ack {:.1} s. Database: {} rows of the run on {}, {} of them stored but never acked \
+         (ack lost with a socket).",
+        load.sent,
+        load.acked,
+        load.unacked,
+        load.missing,
+        load.duplicates,
+        load.out_of_order,
+        load.seq_conflicts,
+        load.reconnects,
+        load.resends,
+        load.max_ack_wait_s,
+        report.db.rows,
+        report.db.host,
+        report.db.stored_unacked
+    );
+    let rejoin: Vec<String> = report
+        .faults
+        .iter()
+        .map(|r| {
+            format!(
+                "{} ({}): {}replica {} / synchronous standby {} after the restore",
+                r.fault,
+                r.host,
+                if r.took_leader_back {
+                    "TOOK THE LEADER BACK (writes of the new primary rewound), "
+                } else {
+                    ""
+                },
+                r.replica_after_restore_s
+                    .map_or("-".into(), |s| format!("{s:.1} s")),
+                r.sync_after_restore_s
+                    .map_or("-".into(), |s| format!("{s:.1} s"))
+            )
+        })
+        .collect();
+    let _ = writeln!(out, "\nRejoin: {}.", rejoin.join("; "));
+    let _ = writeln!(
+        out,
+        "\nResult: {}.",
+        if report.passed {
+            "target met"
+        } else {
+            "TARGET MISSED"
+        }
+    );
+    out
+}
+
+pub async fn run(args: ChatFailoverArgs) -> anyhow::Result<()> {
+    let report = bench(&args).await?;
+    let table = markdown(&args, &report);
+    if let Some(path) = &args.markdown {
+        std::fs::write(path, &table).with_context(|| format!("writing {}", path.display()))?;
+    }
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{table}");
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn acked(user: &str, id: &str, seq: u64) -> AckedMessage {
+        AckedMessage {
+            user: user.into(),
+            id: id.into(),
+            seq,
+            acked_s: 0.0,
+        }
+    }
+
+    #[test]
+    fn compare_finds_missing_wrong_seq_and_doubles() {
+        let acks = vec![
+            acked("a", "a-1", 1),
+            acked("a", "a-2", 2),
+            acked("b", "b-1", 3),
+            acked("b", "b-2", 4),
+        ];
+        let rows = vec![
+            ("a".to_owned(), "a-1".to_owned(), 1),
+            ("b".to_owned(), "b-1".to_owned(), 5),
+            ("b".to_owned(), "b-2".to_owned(), 4),
+            ("b".to_owned(), "b-2".to_owned(), 6),
+            ("c".to_owned(), "c-1".to_owned(), 7),
+        ];
+        assert_eq!(
+            compare(&acks, &rows),
+            vec![
+                Stored::Once,
+                Stored::Missing,
+                Stored::WrongSeq,
+                Stored::Twice
+            ]
+        );
+    }
+
+    #[test]
+    fn outages_are_attributed_to_the_fault_window_they_overlap() {
+        let outages = vec![
+            Outage {
+                start_s: 10.2,
+                duration_s: 10.5,
+            },
+            Outage {
+                start_s: 40.0,
+                duration_s: 1.5,
+            },
+            Outage {
+                start_s: 60.0,
+                duration_s: 9.0,
+            },
+        ];
+        let (longest, inside) = outages_in(&outages, 9.5, 59.0);
+        assert_eq!(longest, 10.5);
+        assert_eq!(inside.len(), 2);
+        let (longest, _) = outages_in(&outages, 100.0, 120.0);
+        assert_eq!(longest, 0.0);
+    }
+}

@@ -1,0 +1,60 @@
+# Which secrets each host reads: the one mapping behind nixos-modules/common.nix (what agenix
+# decrypts on a host, to /run/agenix/<name>, the paths nix/generate.nix writes into the configs)
+# and secrets/secrets.nix (whom each file is encrypted to). Builtins only, so the agenix CLI and
+# scripts/check-nix.sh evaluate it anywhere.
+{
+  cluster ? import ../cluster.nix,
+}:
+let
+  inherit (builtins)
+    filter
+    map
+    concatMap
+    elem
+    listToAttrs
+    ;
+  secret = name: {
+    inherit name;
+    file = "${name}.age";
+  };
+  streamKey = channel: {
+    name = "stream-keys/${channel}.key";
+    file = "stream-key-${channel}.age";
+  };
+  channels = map (c: c.name) cluster.channels;
+
+  forHost =
+    host:
+    if host.role == "lb" then
+      [ (secret "token-key") ]
+    else if host.role == "broadcast" then
+      map secret [
+        "token-key"
+        "cluster-key"
+        "db-password"
+        "admin-password"
+      ]
+    else if host.role == "ingest" then
+      [ (secret "cluster-key") ] ++ map streamKey channels
+    else if host.role == "source" then
+      [ (streamKey host.channel) ]
+    else if host.role == "db" then
+      map secret [
+        "db-password"
+        "db-superuser-password"
+        "db-replication-password"
+      ]
+    else
+      throw "unknown role ${host.role} of ${host.name}";
+
+  all = concatMap forHost cluster.hosts;
+  files = builtins.attrNames (listToAttrs (map (s: {
+    name = s.file;
+    value = null;
+  }) all));
+in
+{
+  inherit forHost files;
+  # Host names that read `file`.
+  readers = file: map (h: h.name) (filter (h: elem file (map (s: s.file) (forHost h))) cluster.hosts);
+}

@@ -1,0 +1,36 @@
+# The front door (crates/lb): hands each viewer a signed sticky token naming a broadcast and
+# redirects there. Stateless apart from its signing key; lb1 also carries the etcd witness
+# (etcd.nix, from cluster.nix's etcdWitness flag).
+flake:
+{
+  config,
+  lib,
+  pkgs,
+  ...
+}:
+let
+  cfg = config.services.streaming-cluster.lb;
+  ports = config.services.streaming-cluster.hostConfig.cluster.hosts;
+  me = lib.findFirst (h: h.name == config.services.streaming-cluster.hostName) null ports;
+in
+{
+  options.services.streaming-cluster.lb = {
+    enable = lib.mkEnableOption "the lb role (on by default on hosts whose cluster.nix role is lb)";
+    package = lib.mkOption {
+      type = lib.types.package;
+      default = flake.packages.${pkgs.stdenv.hostPlatform.system}.lb;
+      defaultText = lib.literalExpression "self.packages.\${system}.lb";
+      description = "Package providing the `lb` binary.";
+    };
+  };
+
+  config = lib.mkIf (config.services.streaming-cluster.enable && cfg.enable) (
+    import ./service.nix { inherit config lib pkgs; } {
+      role = "lb";
+      inherit (cfg) package;
+      bin = "lb";
+      ports = [ me.ports.https ];
+      limitNoFile = 65536;
+    }
+  );
+}

@@ -1,0 +1,190 @@
+# The twelve hosts of cluster.nix as NixOS VMs (vm profile: the generator's 192.168.1.x
+# addresses, HTTPS on 8443), plus a client VM that watches and chats through an LB while the test
+# crashes or cuts off, in turn, an LB, the viewers' broadcast, an ingest, source1 and the database
+# primary, then brings each back and checks that it rejoins. Run by `nix flake check`
+# (checks.x86_64-linux.vm-failover); `nix run .#cluster-vm` is its interactive driver.
+#
+# TLS: a test-only CA and one certificate per host from secrets/test/tls (generate.sh; SANs:
+# name, fqdn, vm address). Secrets: the production agenix path, decrypting secrets/test/*.age
+# with the committed, test-only identity secrets/test/test-host.agekey.
+{ self }:
+{ lib, pkgs, ... }:
+let
+  cluster = import ../cluster.nix;
+  generated = import ../nix/generate.nix {
+    inherit cluster;
+    profile = "vm";
+  };
+  testSecrets = ../secrets/test;
+  ca = "${testSecrets}/tls/ca.crt";
+  entryOf = name: lib.findFirst (h: h.name == name) null generated.${name}.cluster.hosts;
+
+  # Guest RAM (MiB) and vCPUs per role: about 8.8 GiB for the thirteen VMs.
+  memory = {
+    lb = 512;
+    broadcast = 512;
+    db = 768;
+    ingest = 1024;
+    source = 768;
+  };
+  cores = {
+    lb = 1;
+    broadcast = 1;
+    db = 1;
+    ingest = 2;
+    source = 1;
+  };
+
+  # The test framework numbers the VMs 192.168.1.1.. in name order; the cluster uses the
+  # generator's addresses instead, so configs, certificates and /etc/hosts agree.
+  addressed = address: {
+    networking.interfaces.eth1.ipv4.addresses = lib.mkOverride 0 [
+      {
+        inherit address;
+        prefixLength = 24;
+      }
+    ];
+    networking.primaryIPAddress = lib.mkForce address;
+  };
+
+  hostNode =
+    host:
+    let
+      me = entryOf host.name;
+    in
+    {
+      imports = [ (addressed me.address) ];
+      virtualisation.memorySize = memory.${host.role};
+      virtualisation.cores = cores.${host.role};
+      services.streaming-cluster = {
+        enable = true;
+        hostName = host.name;
+        profile = "vm";
+        tls = {
+          source = "files";
+          certFile = "${testSecrets}/tls/${host.name}.crt";
+          keyFile = "${testSecrets}/tls/${host.name}.key"; # TEST ONLY key, public on purpose
+          caFile = ca;
+        };
+        secrets.directory = testSecrets;
+      };
+      # TEST ONLY identity: decrypts secrets/test/*.age and nothing else.
+      age.identityPaths = [ "${testSecrets}/test-host.agekey" ];
+      environment.systemPackages = [ pkgs.curl ];
+    };
+
+  # `streamctl watch --pin NAME` reads NAME's config from <state>/config: the client gets the
+  # vm configs (no secrets in them) and the test CA as a read-only state directory.
+  clientState = pkgs.linkFarm "streaming-cluster-client-state" (
+    lib.mapAttrsToList (name: config: {
+      name = "config/${name}.json";
+      path = pkgs.writeText "${name}.json" (builtins.toJSON config);
+    }) generated
+    ++ [
+      {
+        name = "tls/ca.crt";
+        path = ca;
+      }
+    ]
+  );
+
+  anyConfig = generated.${(builtins.head cluster.hosts).name};
+  lbs = lib.filter (h: h.role == "lb") anyConfig.cluster.hosts;
+  streamctl = self.packages.${pkgs.stdenv.hostPlatform.system}.streamctl;
+  channel = (builtins.head anyConfig.cluster.channels).name;
+in
+{
+  name = "streaming-cluster-failover";
+
+  defaults.imports = [ self.nixosModules.default ];
+
+  nodes =
+    lib.listToAttrs (
+      map (host: {
+        inherit (host) name;
+        value = hostNode host;
+      }) cluster.hosts
+    )
+    // {
+      client = {
+        virtualisation.memorySize = 768;
+        virtualisation.cores = 2;
+        environment.systemPackages = [
+          streamctl
+          pkgs.curl
+          pkgs.jq
+        ];
+        # The cluster's names (the hosts resolve them through the common module).
+        networking.hosts = lib.foldl' (
+          acc: h: acc // { ${h.address} = (acc.${h.address} or [ ]) ++ [ h.fqdn ]; }
+        ) { } anyConfig.cluster.hosts;
+      };
+    };
+
+  # `nix run .#cluster-vm`: lb1's HTTPS on https://localhost:8443 of the host (its certificate
+  # has localhost among its test SANs), and a SOCKS5 proxy on localhost:1080 into the test
+  # network, through which a browser reaches the broadcasts the LB redirects to.
+  interactive.nodes.lb1 =
+    { pkgs, ... }:
+    {
+      virtualisation.forwardPorts = [
+        {
+          from = "host";
+          host.port = 8443;
+          guest.port = 8444;
+        }
+      ];
+      # The LB binds its cluster address only, and QEMU's user network (eth0) delivers the
+      # forwarded port elsewhere: relay it.
+      networking.firewall.allowedTCPPorts = [ 8444 ];
+      systemd.services.lb-forward = {
+        wantedBy = [ "multi-user.target" ];
+        after = [ "network-online.target" ];
+        wants = [ "network-online.target" ];
+        serviceConfig = {
+          ExecStart = "${pkgs.socat}/bin/socat TCP-LISTEN:8444,fork,reuseaddr TCP:${(entryOf "lb1").address}:8443";
+          Restart = "always";
+          RestartSec = 1;
+          DynamicUser = true;
+        };
+      };
+    };
+  interactive.nodes.client =
+    { pkgs, ... }:
+    {
+      virtualisation.forwardPorts = [
+        {
+          from = "host";
+          host.port = 1080;
+          guest.port = 1080;
+        }
+      ];
+      networking.firewall.allowedTCPPorts = [ 1080 ];
+      systemd.services.socks = {
+        wantedBy = [ "multi-user.target" ];
+        serviceConfig = {
+          ExecStart = "${pkgs.microsocks}/bin/microsocks -i 0.0.0.0 -p 1080";
+          Restart = "always";
+          DynamicUser = true;
+        };
+      };
+    };
+
+  # Constants for the script, then the script itself (kept in a .py file so that it can be
+  # linted without Nix: scripts/check-nix.sh).
+  testScript = ''
+    STREAMCTL = "${streamctl}/bin/streamctl"
+    CA = "${ca}"
+    STATE = "${clientState}"
+    CHANNEL = "${channel}"
+    LB_URLS = ${builtins.toJSON (map (h: h.url) lbs)}
+    HOSTS = ${
+      builtins.toJSON (
+        map (h: {
+          inherit (h) name role url;
+        }) anyConfig.cluster.hosts
+      )
+    }
+  ''
+  + builtins.readFile ./failover.py;
+}

@@ -1,0 +1,203 @@
+# The VM failover test's script. vm-tests/failover.nix prepends the constants STREAMCTL, CA,
+# STATE, CHANNEL, LB_URLS and HOSTS (name, role, url of every cluster host); the NixOS test
+# driver provides start_all, subtest, machines and one variable per VM (lb1 ... client).
+#
+# Each fault runs while `streamctl watch` (4 viewers through lb1) and `streamctl chat` (6 chat
+# clients spread over the broadcasts) run on the client: the fault comes ~15 s in, the host comes
+# back ~20 s later, and the run must end with 0 stalls, 0 errors, and every acked chat message
+# received exactly once by every client. Then the host must have rejoined.
+import json
+import time
+
+LB = LB_URLS[0]
+ENTRY = f"{LB}/live/{CHANNEL}/master.m3u8"
+CURL = f"curl --silent --show-error --fail --max-time 5 --cacert {CA}"
+LOAD_SECONDS = 60
+FAULT_AFTER = 15
+FAULT_FOR = 20
+
+
+def url_of(name):
+    return next(h["url"] for h in HOSTS if h["name"] == name)
+
+
+def names(role):
+    return [h["name"] for h in HOSTS if h["role"] == role]
+
+
+def vm(name):
+    return next(m for m in machines if m.name == name)
+
+
+def get_json(url):
+    return json.loads(client.succeed(f"{CURL} '{url}'"))
+
+
+def wait_healthy(name, timeout=300):
+    client.wait_until_succeeds(f"{CURL} {url_of(name)}/healthz", timeout=timeout)
+
+
+def wait_primary(timeout=300):
+    probes = " || ".join(
+        f"curl -sf --max-time 3 -o /dev/null http://{db}:8008/primary" for db in names("db")
+    )
+    client.wait_until_succeeds(probes, timeout=timeout)
+
+
+def db_primary():
+    for db in names("db"):
+        status, _ = client.execute(f"curl -sf --max-time 3 -o /dev/null http://{db}:8008/primary")
+        if status == 0:
+            return db
+    raise Exception("no db host answers 200 on :8008/primary")
+
+
+def watch_cmd(seconds, viewers, pin=None):
+    pin_arg = f" --pin {pin}" if pin else ""
+    return (
+        f"{STREAMCTL} watch {ENTRY} --state {STATE} --ca {CA} --seconds {seconds}"
+        f" --viewers {viewers}{pin_arg} --json"
+    )
+
+
+def chat_cmd(seconds):
+    return (
+        f"{STREAMCTL} chat {LB} --state {STATE} --ca {CA} --seconds {seconds}"
+        " --clients 6 --rate 3 --json"
+    )
+
+
+def start_load(tag, pin=None):
+    """watch and chat in the background, as transient units writing their JSON to /tmp."""
+    for kind, cmd in (("watch", watch_cmd(LOAD_SECONDS, 4, pin)), ("chat", chat_cmd(LOAD_SECONDS))):
+        client.succeed(
+            f"systemd-run --unit={kind}-{tag} --property=Type=exec"
+            f" --property=StandardOutput=file:/tmp/{kind}-{tag}.json"
+            f" --property=StandardError=file:/tmp/{kind}-{tag}.log {cmd}"
+        )
+
+
+def report(kind, tag):
+    out = client.succeed(f"cat /tmp/{kind}-{tag}.json")
+    try:
+        return json.loads(out)
+    except ValueError:
+        log = client.succeed(f"tail -n 30 /tmp/{kind}-{tag}.log")
+        raise Exception(f"{kind} during {tag} printed no JSON report: {out!r}\n{log}")
+
+
+def finish_load(tag):
+    for kind in ("watch", "chat"):
+        client.wait_until_succeeds(
+            f"! systemctl is-active --quiet {kind}-{tag}.service", timeout=LOAD_SECONDS + 300
+        )
+    w, c = report("watch", tag), report("chat", tag)
+    print(
+        f"{tag}: watch {w['viewers']} viewers, {w['segments']} segments, {w['stalls']} stalls"
+        f" ({w['stall_s']} s), {w['errors']} errors, {w['failovers']} failovers;"
+        f" chat {c['clients']} clients on {c['broadcasts']} broadcasts, {c['sent']} sent,"
+        f" {c['acked']} acked, {c['missing']} missing, {c['duplicates']} duplicates,"
+        f" {c['reconnects']} reconnects, write outages {c['write_outages']}"
+    )
+    assert w["segments"] > 0, f"{tag}: the viewers played nothing: {w}"
+    assert w["stalls"] == 0, f"{tag}: {w['stalls']} stalls ({w['stall_s']} s)"
+    assert w["errors"] == 0, f"{tag}: {w['errors']} segments missed"
+    assert c["acked"] > 0, f"{tag}: no chat message was acknowledged: {c}"
+    assert c["missing"] == 0, f"{tag}: {c['missing']} acked chat messages not delivered to every client"
+    assert c["duplicates"] == 0, f"{tag}: {c['duplicates']} chat messages delivered twice"
+
+
+def with_fault(tag, fault, restore, pin=None):
+    start_load(tag, pin)
+    time.sleep(FAULT_AFTER)
+    fault()
+    time.sleep(FAULT_FOR)
+    restore()
+    finish_load(tag)
+
+
+def short_watch(pin=None):
+    w = json.loads(client.succeed(watch_cmd(8, 2, pin)))
+    assert w["segments"] > 0 and w["stalls"] == 0 and w["errors"] == 0, f"watch: {w}"
+    return w
+
+
+start_all()
+
+with subtest("the cluster comes up from nothing"):
+    for db in names("db"):
+        vm(db).wait_for_unit("patroni.service")
+    wait_primary(timeout=600)
+    for h in HOSTS:
+        if h["role"] != "db":
+            vm(h["name"]).wait_for_unit(f"streaming-{h['role']}.service")
+            wait_healthy(h["name"], timeout=600)
+    for ingest in names("ingest"):
+        client.wait_until_succeeds(
+            f"{CURL} {url_of(ingest)}/status | jq -e '.channels[\"{CHANNEL}\"].live == true'",
+            timeout=600,
+        )
+    # Through the LB, as a viewer: playlists, segments, tokens, certificates.
+    client.wait_until_succeeds(f"{watch_cmd(6, 1)} | jq -e '.segments > 0 and .errors == 0'", timeout=300)
+    # Accounts and chat: the app role and database exist (post_bootstrap), migrations ran.
+    client.wait_until_succeeds(
+        f"{chat_cmd(5)} | jq -e '.acked > 0 and .missing == 0 and .duplicates == 0'", timeout=300
+    )
+
+with subtest("lb1 crashes (entry LB and etcd witness): viewers and chat carry on"):
+    with_fault("lb1", lb1.crash, lb1.start)
+    lb1.wait_for_unit("streaming-lb.service")
+    wait_healthy("lb1")
+    lb1.wait_until_succeeds("etcdctl --endpoints=http://127.0.0.1:2379 endpoint health", timeout=120)
+    assert len(lb1.succeed("etcdctl --endpoints=http://127.0.0.1:2379 member list").strip().splitlines()) == 3
+    assert get_json(f"{LB}/api/assign?channel={CHANNEL}")["broadcast"]
+
+with subtest("the viewers' broadcast is cut off: they move to another one"):
+    with_fault("broadcast1", broadcast1.block, broadcast1.unblock, pin="broadcast1")
+    client.wait_until_succeeds(
+        f"{CURL} {LB}/status | jq -e '.broadcasts[] | select(.name == \"broadcast1\") | .eligible'",
+        timeout=60,
+    )
+    w = short_watch(pin="broadcast1")
+    assert w["failovers"] == 0, f"broadcast1 serves again, yet the pinned viewers failed over: {w}"
+
+with subtest("an ingest crashes: the broadcasts pull from the other one"):
+    with_fault("ingest1", ingest1.crash, ingest1.start)
+    ingest1.wait_for_unit("streaming-ingest.service")
+    wait_healthy("ingest1")
+    client.wait_until_succeeds(
+        f"{CURL} {url_of('ingest1')}/status | jq -e '.channels[\"{CHANNEL}\"].live == true'", timeout=120
+    )
+    # broadcast1 prefers ingest1 (generator): it goes back once ingest1 keeps up.
+    client.wait_until_succeeds(
+        f"{CURL} {url_of('broadcast1')}/status | jq -e '.origins[\"{CHANNEL}\"] == \"ingest1\"'", timeout=120
+    )
+
+with subtest("source1 is cut off: the ingests switch to source2, then back"):
+    with_fault("source1", source1.block, source1.unblock)
+    for ingest in names("ingest"):
+        client.wait_until_succeeds(
+            f"{CURL} {url_of(ingest)}/status"
+            f" | jq -e '.channels[\"{CHANNEL}\"].active_source == \"source1\"'",
+            timeout=120,
+        )
+
+with subtest("the database primary crashes: Patroni fails over, no acked chat message is lost"):
+    primary = db_primary()
+    with_fault("db-primary", vm(primary).crash, vm(primary).start)
+    vm(primary).wait_for_unit("patroni.service")
+    wait_primary()
+    new_primary = db_primary()
+    assert new_primary != primary, f"{primary} is primary again right after its crash"
+    client.wait_until_succeeds(f"curl -sf --max-time 3 http://{primary}:8008/replica", timeout=300)
+    client.wait_until_succeeds(
+        f"curl -sf --max-time 3 http://{new_primary}:8008/cluster | jq -e '.members | length == 2'",
+        timeout=120,
+    )
+
+with subtest("the whole cluster is back"):
+    for h in HOSTS:
+        if h["role"] != "db":
+            wait_healthy(h["name"])
+    start_load("final")
+    finish_load("final")
