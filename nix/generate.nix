@@ -214,6 +214,8 @@ let
         rewind.username = "postgres";
       };
       parameters.unix_socket_directories = "${(paths host).state_dir}/run";
+      # pg_basebackup's default spread checkpoint keeps a new replica waiting for minutes.
+      basebackup = [ { checkpoint = "fast"; } ];
       pg_hba = hbaLines;
     };
     tags = { nofailover = false; noloadbalance = false; clonefrom = false; nosync = false; };

@@ -54,9 +54,6 @@ let
         parameters = patroni.postgresql.parameters // {
           unix_socket_directories = "/run/patroni";
         };
-        # As the local runner does: pg_basebackup's default spread checkpoint keeps a new
-        # replica waiting for minutes (checkpoint_timeout); a fast one clones in seconds.
-        basebackup = patroni.postgresql.basebackup or [ { checkpoint = "fast"; } ];
       };
   };
 in

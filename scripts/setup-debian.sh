@@ -15,7 +15,7 @@ command -v npm >/dev/null || need+=(npm)
 command -v pgrep >/dev/null || need+=(procps)
 # The db role: PostgreSQL under Patroni (Debian's python3 with psycopg2), etcd for its leader lock.
 [ -x /usr/lib/postgresql/15/bin/postgres ] || need+=(postgresql-15)
-[ -x /usr/bin/patroni ] || need+=(patroni)
+dpkg -s python3-venv >/dev/null 2>&1 || need+=(python3-venv)
 command -v etcd >/dev/null || need+=(etcd-server)
 /usr/bin/python3 -c 'import psycopg2' 2>/dev/null || need+=(python3-psycopg2)
 # The browser test drives Debian's chromium with playwright-core.
@@ -27,6 +27,17 @@ if [ ${#need[@]} -gt 0 ]; then
   [ "$(id -u)" -eq 0 ] || sudo_cmd="sudo"
   $sudo_cmd apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $sudo_cmd apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+fi
+
+# Patroni from PyPI, pinned: Debian 12's 3.0.2 can take the leader key back after a hang
+# longer than its ttl and demote the new primary, losing acknowledged commits (fixed in 3.0.3).
+# Not 3.1+: those raise any ttl below 20 s to 20 s, doubling the failover time.
+patroni_version=3.0.4
+patroni_venv=/opt/streaming-cluster/patroni
+if [ "$("$patroni_venv/bin/patroni" --version 2>/dev/null)" != "patroni $patroni_version" ]; then
+  echo "setup: Patroni $patroni_version into $patroni_venv"
+  /usr/bin/python3 -m venv --system-site-packages "$patroni_venv"
+  "$patroni_venv/bin/pip" install -q --disable-pip-version-check "patroni[etcd3]==$patroni_version"
 fi
 
 if ! command -v cargo >/dev/null; then

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One command for a newcomer and for CI: install what is missing, then run every test:
-# static checks, unit tests, the Nix parse/eval checks, the vendored hls.js check, and the
-# end-to-end tests through the real binaries (one local cluster at a time: 2 cores).
+# static checks, unit tests, the Nix static checks, the vendored hls.js check, the store test on
+# a throwaway PostgreSQL, and the end-to-end tests through the real binaries (streaming, failover,
+# database, chat durability, the page in chromium), one local cluster at a time: 2 cores.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/setup-debian.sh
@@ -14,7 +15,7 @@ echo "== format and lints"
 cargo fmt --all --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
 
-echo "== Nix files parse; the host list and the generator evaluate"
+echo "== Nix: files parse, generator and lock check out, hosts/modules/options/secrets line up"
 scripts/check-nix.sh
 
 echo "== vendored hls.js matches its pinned npm release"

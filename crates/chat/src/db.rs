@@ -2,7 +2,7 @@
 //!
 //! libpq's `target_session_attrs=read-write` would happily connect to an orphaned old primary
 //! (reference/patroni.md), so the primary is whichever db host's Patroni answers 200 on
-//! `GET /primary`. A watcher asks every db host once a second; when the answer changes, the pool
+//! `GET /primary`. A watcher asks every db host twice a second; when the answer changes, the pool
 //! is replaced and the old one closed, so no new statement reaches the old primary. A statement
 //! already sent there cannot be acknowledged by it either: with `synchronous_mode` an orphan's
 //! commit waits for a standby that is gone, and our callers give up after a timeout and retry,
@@ -17,7 +17,7 @@ use streaming_core::config::{HostConfig, HostEntry, Role};
 use tokio::sync::{Notify, watch};
 
 /// How often the watcher asks Patroni who leads, and how long one answer may take.
-const CHECK_EVERY: Duration = Duration::from_secs(1);
+const CHECK_EVERY: Duration = Duration::from_millis(500);
 const CHECK_TIMEOUT: Duration = Duration::from_millis(800);
 /// A statement (commit included) that takes longer than this is abandoned and retried: the
 /// primary may be gone or orphaned.
@@ -294,11 +294,18 @@ where
 {
     let started = tokio::time::Instant::now();
     let mut pause = Duration::from_millis(100);
+    let mut generations = db.generations();
     loop {
+        generations.borrow_and_update();
         let attempt = match db.pool() {
-            Ok(pool) => match tokio::time::timeout(STATEMENT_TIMEOUT, op(pool)).await {
-                Ok(result) => result,
-                Err(_) => Err(DbError::Timeout(STATEMENT_TIMEOUT)),
+            // A new primary abandons the attempt on the old one at once (it may hang there
+            // until the statement timeout): the retry is idempotent.
+            Ok(pool) => tokio::select! {
+                result = tokio::time::timeout(STATEMENT_TIMEOUT, op(pool)) => match result {
+                    Ok(result) => result,
+                    Err(_) => Err(DbError::Timeout(STATEMENT_TIMEOUT)),
+                },
+                _ = generations.changed() => Err(DbError::NoPrimary),
             },
             Err(e) => Err(e),
         };
@@ -306,7 +313,10 @@ where
             Err(e) if e.is_transient() && started.elapsed() < deadline => {
                 db.suspect();
                 tracing::debug!("database attempt failed, retrying: {e}");
-                tokio::time::sleep(pause).await;
+                tokio::select! {
+                    () = tokio::time::sleep(pause) => {}
+                    _ = generations.changed() => {}
+                }
                 pause = (pause * 2).min(Duration::from_millis(500));
             }
             other => return other,

@@ -32,9 +32,9 @@ use crate::limits::{ConnectionCounter, LoginFailures, RateLimiter};
 use crate::session::{SessionError, SessionSigner};
 use crate::store::{StoreError, User, UserRole};
 
-/// A session checked against the database recently is trusted for this long (logout still
-/// takes effect everywhere within it).
-const SESSION_CACHE: Duration = Duration::from_secs(30);
+/// A session checked against the database recently is trusted for this long, so a reconnect
+/// storm does not become a query storm; a logout reaches every broadcast within it.
+const SESSION_CACHE: Duration = Duration::from_secs(5);
 
 pub struct Chat {
     pub db: Database,

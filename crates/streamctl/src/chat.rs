@@ -668,7 +668,8 @@ enum ServerFrame {
     Other,
 }
 
-type Ws =
+/// A chat WebSocket over the cluster's TLS.
+pub type Ws =
     tokio_tungstenite::WebSocketStream<tokio_rustls::client::TlsStream<tokio::net::TcpStream>>;
 
 /// A broadcast handed out by an LB.
@@ -678,15 +679,16 @@ pub struct Assignment {
     pub base: Url,
 }
 
-/// What every client shares: HTTP and TLS clients, the LBs, the channel.
-struct Net {
+/// What every client shares: HTTP and TLS clients, the LBs, the channel. Public for the
+/// end-to-end tests, which speak the protocol by hand.
+pub struct Net {
     http: reqwest::Client,
     tls: tokio_rustls::TlsConnector,
     target: Target,
 }
 
 impl Net {
-    fn new(target: Target) -> anyhow::Result<Self> {
+    pub fn new(target: Target) -> anyhow::Result<Self> {
         let http = streaming_core::tls::peer_client(&target.ca, Duration::from_secs(5))
             .with_context(|| format!("loading CA {}", target.ca.display()))?;
         let mut roots = rustls::RootCertStore::empty();
@@ -703,6 +705,11 @@ impl Net {
             tls: tokio_rustls::TlsConnector::from(Arc::new(config)),
             target,
         })
+    }
+
+    /// The HTTPS client trusting the cluster CA.
+    pub fn http(&self) -> &reqwest::Client {
+        &self.http
     }
 
     /// Asks the LBs in turn for a broadcast outside `exclude`; `None` if none has one.
@@ -742,7 +749,7 @@ impl Net {
     }
 
     /// Every broadcast the LBs hand out: assign, excluding the ones found, until none is left.
-    async fn discover(&self) -> anyhow::Result<Vec<Assignment>> {
+    pub async fn discover(&self) -> anyhow::Result<Vec<Assignment>> {
         let mut found: Vec<Assignment> = Vec::new();
         for _ in 0..32 {
             let exclude: Vec<String> = found.iter().map(|a| a.broadcast.clone()).collect();
@@ -812,7 +819,7 @@ impl Net {
     }
 
     /// TCP, TLS (cluster CA) and the WebSocket handshake to a broadcast's chat.
-    async fn connect(&self, base: &Url) -> anyhow::Result<Ws> {
+    pub async fn connect(&self, base: &Url) -> anyhow::Result<Ws> {
         let host = base.host().context("base URL without host")?;
         let port = base.port_or_known_default().unwrap_or(443);
         let server_name = match &host {

@@ -1,10 +1,10 @@
 //! `streamctl bench chat-failover`: chat durability while the database primary fails.
 //!
 //! Against a running local cluster, the chat load of [`crate::chat`] runs while the current
-//! PostgreSQL primary is killed (SIGKILL of Patroni, PostgreSQL and etcd of that db host, through
-//! `streamctl kill`), restored and left to rejoin as a synchronous standby; then the new primary
-//! is killed the same way; then the primary of the moment is hung (SIGSTOP, `streamctl kill
-//! --hang`) and resumed. Per fault the bench measures the write outage the chat clients felt
+//! PostgreSQL primary is killed (SIGKILL of Patroni and PostgreSQL, `streamctl kill dbN
+//! --postgres`; with `--whole-host` the host's etcd member dies too), restored and left to
+//! rejoin as a synchronous standby; then the new primary is killed the same way; then the
+//! primary of the moment is hung (SIGSTOP, `--hang`) and resumed. Per fault the bench measures the write outage the chat clients felt
 //! (from their ack stream) and how long until another db host answered Patroni's `/primary`.
 //! Afterwards it reads the chat log in PostgreSQL, on the primary as the services' role, and
 //! checks that every acked (user, id) is stored exactly once under its acked seq.
@@ -48,15 +48,20 @@ pub struct ChatFailoverArgs {
     /// Write the Markdown table here (e.g. docs/chat-failover.md).
     #[arg(long)]
     pub markdown: Option<PathBuf>,
+    /// Fail the whole db host (its etcd member too, as a power cut) instead of only its
+    /// database service (Patroni and PostgreSQL).
+    #[arg(long)]
+    pub whole_host: bool,
 }
 
 /// How the primary fails.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum FaultKind {
-    /// SIGKILL of Patroni, PostgreSQL and etcd of the host (`streamctl kill dbN`).
+    /// SIGKILL of Patroni and PostgreSQL (`streamctl kill dbN --postgres`), or of the whole
+    /// host with `--whole-host`.
     Kill,
-    /// SIGSTOP of them (`streamctl kill dbN --hang`); `streamctl start` sends SIGCONT.
+    /// SIGSTOP of them (`--hang`); `streamctl start` sends SIGCONT.
     Hang,
 }
 
@@ -327,10 +332,14 @@ async fn one_fault(
     eprintln!("bench: {name}: {host} is the primary; failing it");
     let at_s = epoch.elapsed().as_secs_f64();
     let fault_at = Instant::now();
-    match kind {
-        FaultKind::Kill => streamctl(&args.state, &["kill", &host]).await?,
-        FaultKind::Hang => streamctl(&args.state, &["kill", &host, "--hang"]).await?,
-    };
+    let mut kill = vec!["kill", host.as_str()];
+    if kind == FaultKind::Hang {
+        kill.push("--hang");
+    }
+    if !args.whole_host {
+        kill.push("--postgres");
+    }
+    streamctl(&args.state, &kill).await?;
     let result = async {
         let others: Vec<HostEntry> = dbs.iter().filter(|h| h.name != host).cloned().collect();
         let new_primary = wait_for_primary(cluster, &others, Duration::from_secs(60)).await;

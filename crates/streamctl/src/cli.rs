@@ -162,6 +162,10 @@ pub struct KillArgs {
     /// SIGKILL one ffmpeg child of the host (an ingest's transcoder first); the host restarts it.
     #[arg(long)]
     pub ffmpeg: bool,
+    /// Db hosts: only Patroni and PostgreSQL (a crash of the database service; the host and
+    /// its etcd member stay up). `start` runs Patroni again.
+    #[arg(long, conflicts_with = "ffmpeg")]
+    pub postgres: bool,
 }
 
 #[derive(Debug, Args)]

@@ -593,11 +593,25 @@ pub fn kill(args: KillArgs) -> anyhow::Result<()> {
         procs::signal_pid(*child, signal);
         let shown: String = cmdline.chars().take(100).collect();
         println!("{}: {done} ffmpeg pid {child} ({shown}...)", args.name);
+    } else if args.postgres && config.patroni.is_none() {
+        bail!(
+            "{} is not a db host: --postgres applies to db hosts",
+            args.name
+        );
     } else if args.hang && config.patroni.is_some() {
-        let stopped = db::hang_host(&config, Some(pid));
+        let scope = if args.postgres {
+            db::Scope::Database
+        } else {
+            db::Scope::Host
+        };
+        let stopped = db::hang_host(&config, Some(pid), scope);
+        let what = if args.postgres {
+            "Patroni, the postmaster and its children"
+        } else {
+            "the whole host"
+        };
         println!(
-            "{}: hung (SIGSTOP to group {pid}, the postmaster and its children: {stopped} \
-             processes); `streamctl start {}` resumes it",
+            "{}: hung (SIGSTOP to {what}: {stopped} processes); `streamctl start {}` resumes it",
             args.name, args.name
         );
     } else if args.hang {
@@ -607,14 +621,27 @@ pub fn kill(args: KillArgs) -> anyhow::Result<()> {
             args.name, args.name
         );
     } else if config.patroni.is_some() {
-        let survivors = db::kill_host(&config, Some(pid));
+        let scope = if args.postgres {
+            db::Scope::Database
+        } else {
+            db::Scope::Host
+        };
+        let survivors = db::kill_host(&config, Some(pid), scope);
         if !survivors.is_empty() {
             bail!("{}: processes survived SIGKILL: {survivors:?}", args.name);
         }
-        println!(
-            "{}: killed (SIGKILL to group {pid}, the postmaster and its children)",
-            args.name
-        );
+        if args.postgres {
+            println!(
+                "{}: killed Patroni and PostgreSQL (SIGKILL); etcd and the host stay up, \
+                 `streamctl start {}` runs Patroni again",
+                args.name, args.name
+            );
+        } else {
+            println!(
+                "{}: killed (SIGKILL to group {pid}, the postmaster and its children)",
+                args.name
+            );
+        }
     } else {
         procs::signal_group(pid, libc::SIGKILL);
         procs::wait_group_gone(pid, Duration::from_secs(2));
@@ -627,22 +654,29 @@ pub fn kill(args: KillArgs) -> anyhow::Result<()> {
 pub fn start(args: StartArgs) -> anyhow::Result<()> {
     let layout = Layout::new(&args.state.dir)?;
     let config = layout.load_config(&args.name)?;
-    if let Some(pid) = procs::live_pid(
+    let live = procs::live_pid(
         &layout.pid_file(&args.name),
         &layout.config_file(&args.name),
-    ) && procs::liveness(pid) == Liveness::Hung
+    );
+    if let Some(pid) = live
+        && config.patroni.is_some()
     {
-        if config.patroni.is_some() {
-            let resumed = db::resume_host(&config, Some(pid));
-            println!(
-                "{}: resumed (SIGCONT to group {pid}, the postmaster and its children: \
-                 {resumed} processes)",
-                args.name
-            );
-        } else {
-            procs::signal_group(pid, libc::SIGCONT);
-            println!("{}: resumed (SIGCONT to group {pid})", args.name);
-        }
+        // Hung (whole host or database only) or with its database service killed: resume
+        // everything, and the host's supervisor starts Patroni again if it is not running.
+        let resumed = db::resume_host(&config, Some(pid));
+        procs::signal_pid(pid, libc::SIGUSR1);
+        println!(
+            "{}: resumed (SIGCONT to group {pid}, the postmaster and its children: {resumed} \
+             processes); Patroni is started again if it was killed",
+            args.name
+        );
+        return Ok(());
+    }
+    if let Some(pid) = live
+        && procs::liveness(pid) == Liveness::Hung
+    {
+        procs::signal_group(pid, libc::SIGCONT);
+        println!("{}: resumed (SIGCONT to group {pid})", args.name);
         return Ok(());
     }
     match start_host(&layout, &config)? {

@@ -27,6 +27,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use serde::Serialize;
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use serde_json::{Value, json};
 use streaming_core::config::{ClusterConfig, EtcdConfig, HostConfig, HostEntry, Role};
 use streaming_core::secrets::read_secret;
@@ -36,9 +38,13 @@ use crate::procs;
 
 /// The OS user Patroni and PostgreSQL run as (created by Debian's postgresql packages).
 pub const PG_OS_USER: &str = "postgres";
-/// Debian's patroni needs Debian's python (another python3 on PATH may lack psycopg2).
-pub const PYTHON: &str = "/usr/bin/python3";
-pub const PATRONI: &str = "/usr/bin/patroni";
+/// Patroni from PyPI in a venv over Debian's python3 (whose psycopg2 it uses), installed by
+/// scripts/setup-debian.sh. Debian 12's own patroni 3.0.2 can take the leader key back after
+/// a hang longer than the ttl and demote the new primary, losing acknowledged commits
+/// (patroni/patroni#2689, fixed in 3.0.3). Pinned to 3.0.4: from 3.1 on, a ttl under 20 s is
+/// raised to 20 s.
+pub const PYTHON: &str = "/opt/streaming-cluster/patroni/bin/python3";
+pub const PATRONI: &str = "/opt/streaming-cluster/patroni/bin/patroni";
 /// Server binaries when `STREAMCTL_PG_BIN_DIR` is unset (else the newest installed version).
 pub const PG_BIN_DIR: &str = "/usr/lib/postgresql/15/bin";
 /// One REST request to Patroni or etcd (a hung host must not stall `status` or `up`).
@@ -186,13 +192,6 @@ pub fn patroni_settings(
             .as_object_mut()
             .with_context(|| format!("patroni.{section} is not an object"))?
             .insert(key.to_owned(), Value::String(value));
-    }
-    // pg_basebackup's default spread checkpoint keeps a new replica waiting for minutes
-    // (checkpoint_timeout); a fast one clones in seconds.
-    if let Some(postgresql) = object.get_mut("postgresql").and_then(Value::as_object_mut) {
-        postgresql
-            .entry("basebackup")
-            .or_insert_with(|| json!([{"checkpoint": "fast"}]));
     }
     Ok(settings)
 }
@@ -491,13 +490,30 @@ pub fn run_host(config_file: &Path) -> anyhow::Result<()> {
         );
         children.insert(pid, "etcd");
     }
-    if config.patroni.is_some() {
+    let spawn_patroni = |children: &mut BTreeMap<i32, &str>| -> anyhow::Result<()> {
         let child = patroni_command(&config)?
             .spawn()
             .with_context(|| format!("{name}: start Patroni"))?;
         let pid = i32::try_from(child.id()).context("pid out of range")?;
         println!("{name}: Patroni pid {pid} as {PG_OS_USER}");
         children.insert(pid, "Patroni");
+        Ok(())
+    };
+    if config.patroni.is_some() {
+        spawn_patroni(&mut children)?;
+    }
+    // `streamctl start` after `kill --postgres` sends SIGUSR1: run Patroni again, as systemd's
+    // Restart= would on a real host. No SA_RESTART, so waitpid returns EINTR and we look.
+    static RESPAWN: AtomicBool = AtomicBool::new(false);
+    extern "C" fn respawn(_: libc::c_int) {
+        RESPAWN.store(true, Ordering::SeqCst);
+    }
+    // SAFETY: a zeroed sigaction with a handler that only stores an atomic (async-signal-safe).
+    unsafe {
+        let mut action: libc::sigaction = std::mem::zeroed();
+        action.sa_sigaction = respawn as extern "C" fn(libc::c_int) as libc::sighandler_t;
+        libc::sigemptyset(&mut action.sa_mask);
+        libc::sigaction(libc::SIGUSR1, &action, std::ptr::null_mut());
     }
     while !children.is_empty() {
         let mut status = 0;
@@ -505,6 +521,13 @@ pub fn run_host(config_file: &Path) -> anyhow::Result<()> {
         let pid = unsafe { libc::waitpid(-1, &mut status, 0) };
         if pid < 0 {
             if std::io::Error::last_os_error().raw_os_error() == Some(libc::EINTR) {
+                if RESPAWN.swap(false, Ordering::SeqCst)
+                    && config.patroni.is_some()
+                    && !children.values().any(|w| *w == "Patroni")
+                    && let Err(e) = spawn_patroni(&mut children)
+                {
+                    eprintln!("{name}: {e:#}");
+                }
                 continue;
             }
             break;
@@ -602,23 +625,45 @@ fn signal_all(pids: &[i32], pgid: Option<i32>, signal: libc::c_int) {
     }
 }
 
-/// SIGKILL every process of the host, as a power cut would. Everything is frozen (SIGSTOP)
+/// What `kill`/`hang` reach on a db host.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scope {
+    /// Everything, as a power cut would: supervisor, etcd, Patroni, PostgreSQL.
+    Host,
+    /// Patroni and PostgreSQL only: the database service crashed, the machine (its supervisor
+    /// and etcd member) is fine.
+    Database,
+}
+
+fn in_scope(pids: Vec<i32>, pgid: Option<i32>, scope: Scope) -> Vec<i32> {
+    match scope {
+        Scope::Host => pids,
+        Scope::Database => pids
+            .into_iter()
+            .filter(|p| Some(*p) != pgid && !is_etcd(*p))
+            .collect(),
+    }
+}
+
+/// SIGKILL every process of the host (or of its database service), as a power cut would. Everything is frozen (SIGSTOP)
 /// first and the tree read again, so nothing forks or restarts the postmaster between the read
 /// and the kill; every process seen in any round is killed (one orphaned by a parent that
 /// exited meanwhile included). Returns the survivors (empty when the host is gone).
-pub fn kill_host(config: &HostConfig, pgid: Option<i32>) -> Vec<i32> {
+pub fn kill_host(config: &HostConfig, pgid: Option<i32>, scope: Scope) -> Vec<i32> {
     let deadline = Instant::now() + Duration::from_secs(5);
     let mut seen: BTreeSet<i32> = BTreeSet::new();
+    // Group-wide signals would reach the supervisor and etcd too.
+    let group = (scope == Scope::Host).then_some(pgid).flatten();
     loop {
-        seen.extend(host_processes(config, pgid));
+        seen.extend(in_scope(host_processes(config, pgid), pgid, scope));
         let alive: Vec<i32> = seen.iter().copied().filter(|p| is_alive(*p)).collect();
         if alive.is_empty() || Instant::now() >= deadline {
             return alive;
         }
-        signal_all(&alive, pgid, libc::SIGSTOP);
-        seen.extend(host_processes(config, pgid));
+        signal_all(&alive, group, libc::SIGSTOP);
+        seen.extend(in_scope(host_processes(config, pgid), pgid, scope));
         let alive: Vec<i32> = seen.iter().copied().filter(|p| is_alive(*p)).collect();
-        signal_all(&alive, pgid, libc::SIGKILL);
+        signal_all(&alive, group, libc::SIGKILL);
         std::thread::sleep(Duration::from_millis(50));
     }
 }
@@ -629,12 +674,13 @@ fn is_alive(pid: i32) -> bool {
 
 /// SIGSTOP every process of the host (Patroni first, so it cannot react to its postmaster
 /// stopping). Returns how many processes are stopped.
-pub fn hang_host(config: &HostConfig, pgid: Option<i32>) -> usize {
+pub fn hang_host(config: &HostConfig, pgid: Option<i32>, scope: Scope) -> usize {
     let mut pids = Vec::new();
+    let group = (scope == Scope::Host).then_some(pgid).flatten();
     // A second pass stops what was forked while the first ran.
     for _ in 0..2 {
-        pids = host_processes(config, pgid);
-        signal_all(&pids, pgid, libc::SIGSTOP);
+        pids = in_scope(host_processes(config, pgid), pgid, scope);
+        signal_all(&pids, group, libc::SIGSTOP);
         std::thread::sleep(Duration::from_millis(20));
     }
     pids.len()
@@ -706,7 +752,7 @@ pub fn stop_hosts(hosts: &[(&HostConfig, Option<i32>)], grace: Duration) -> Vec<
     wait_for(&|left, _, _| left.is_empty(), ETCD_STOP_GRACE);
     hosts
         .iter()
-        .map(|(config, pgid)| kill_host(config, *pgid).is_empty())
+        .map(|(config, pgid)| kill_host(config, *pgid, Scope::Host).is_empty())
         .collect()
 }
 

@@ -3,7 +3,10 @@
 //! hosts, and returns with a primary; the services' role writes on it; a hung replica resumes;
 //! `streamctl kill <primary>` leaves none of that host's processes (postmaster and backends
 //! included) and the other db host takes over within ttl + 10 s with the committed rows; the old
-//! primary comes back as a replica; `down` leaves no etcd, Patroni or PostgreSQL behind.
+//! primary comes back as a replica; accounts and chat refuse bad input (wrong or guessed
+//! passwords, taken names, forged sessions, empty/oversized/flooding messages) with clear
+//! errors while HTML and SQL metacharacters travel as plain text; `down` leaves no etcd,
+//! Patroni or PostgreSQL behind.
 //!
 //! Needs postgresql-15, patroni, etcd-server, python3-psycopg2 (scripts/setup-debian.sh), root
 //! (Patroni runs as the postgres user), and the workspace binaries: `#[ignore]`d in a bare
@@ -12,10 +15,13 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use serde_json::Value;
+use futures::{SinkExt, StreamExt};
+use serde_json::{Value, json};
 use streaming_core::config::HostConfig;
+use streaming_streamctl::chat::{Net, Target, Ws};
 use streaming_streamctl::cluster::Layout;
 use streaming_streamctl::db;
+use tokio_tungstenite::tungstenite::Message;
 
 /// Loopback prefix of this test's cluster (127.76 and 127.73 are the other tests').
 const PREFIX: &str = "127.78";
@@ -263,6 +269,10 @@ fn database_primary_fails_over_and_rejoins() {
     );
     assert_eq!(psql(&primary, "SELECT count(*) FROM probe").unwrap(), "2");
 
+    // Accounts and chat through the real broadcasts: bad input gets a clear answer and changes
+    // nothing that was accepted.
+    rt.block_on(chat_refuses_bad_input(&state));
+
     // Down: no etcd, Patroni or PostgreSQL process of this cluster is left.
     let mut everything: Vec<i32> = configs
         .iter()
@@ -282,5 +292,330 @@ fn database_primary_fails_over_and_rejoins() {
             "{} left processes",
             c.name
         );
+    }
+}
+
+async fn post(net: &Net, url: url::Url, body: Value, session: Option<&str>) -> (u16, Value) {
+    let mut request = net.http().post(url).json(&body);
+    if let Some(session) = session {
+        request = request.bearer_auth(session);
+    }
+    let response = request.send().await.expect("request");
+    let status = response.status().as_u16();
+    let retry_after = response.headers().get("retry-after").is_some();
+    let mut body: Value = response.json().await.unwrap_or(Value::Null);
+    if retry_after {
+        body["retry_after_header"] = json!(true);
+    }
+    (status, body)
+}
+
+/// The next JSON frame that is not an event (welcome, ack, error, pong), within 20 s; `None`
+/// when the server closed the socket (its close code with it).
+async fn reply(ws: &mut Ws) -> Result<Value, Option<u16>> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let frame = tokio::time::timeout_at(deadline, ws.next())
+            .await
+            .expect("a reply within 20 s");
+        match frame {
+            Some(Ok(Message::Text(t))) => {
+                let v: Value = serde_json::from_str(&t).expect("JSON frame");
+                if matches!(
+                    v["type"].as_str(),
+                    Some("welcome" | "ack" | "error" | "pong")
+                ) {
+                    return Ok(v);
+                }
+            }
+            Some(Ok(Message::Close(frame))) => return Err(frame.map(|f| u16::from(f.code))),
+            Some(Ok(_)) => {}
+            Some(Err(_)) | None => return Err(None),
+        }
+    }
+}
+
+async fn send(ws: &mut Ws, frame: Value) {
+    ws.send(Message::text(frame.to_string()))
+        .await
+        .expect("send");
+}
+
+async fn hello(
+    net: &Net,
+    base: &url::Url,
+    session: Option<&str>,
+    since: Option<i64>,
+) -> (Ws, Value) {
+    let mut ws = net.connect(base).await.expect("chat socket");
+    send(
+        &mut ws,
+        json!({"type": "hello", "session": session, "since": since}),
+    )
+    .await;
+    let welcome = reply(&mut ws).await.expect("welcome or error");
+    (ws, welcome)
+}
+
+async fn chat_refuses_bad_input(state: &Path) {
+    let net = Net::new(Target::resolve(None, state, None, None).unwrap()).unwrap();
+    let broadcasts = net.discover().await.unwrap();
+    assert!(broadcasts.len() >= 2, "{broadcasts:?}");
+    let (a, b) = (&broadcasts[0].base, &broadcasts[1].base);
+    let api = |base: &url::Url, path: &str| base.join(path).unwrap();
+    let tag = std::process::id();
+    let name = format!("Bad_{tag}");
+
+    // Registration: case-insensitive uniqueness, names without markup, passwords with a length.
+    let (status, body) = post(
+        &net,
+        api(a, "/api/account/register"),
+        json!({"name": name, "password": "correct horse"}),
+        None,
+    )
+    .await;
+    assert_eq!(status, 201, "{body}");
+    let session = body["session"].as_str().unwrap().to_owned();
+    let (status, body) = post(
+        &net,
+        api(b, "/api/account/register"),
+        json!({"name": name.to_lowercase(), "password": "another one"}),
+        None,
+    )
+    .await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (409, Some("that name is taken"))
+    );
+    for bad in [
+        "<script>alert(1)</script>",
+        "x'; DROP TABLE users; --",
+        "ab",
+        "admin",
+    ] {
+        let (status, body) = post(
+            &net,
+            api(a, "/api/account/register"),
+            json!({"name": bad, "password": "long enough"}),
+            None,
+        )
+        .await;
+        assert_eq!(status, 400, "{bad}: {body}");
+        assert!(
+            body["error"].as_str().is_some_and(|e| !e.is_empty()),
+            "{body}"
+        );
+    }
+    let (status, _) = post(
+        &net,
+        api(a, "/api/account/register"),
+        json!({"name": format!("short_{tag}"), "password": "short"}),
+        None,
+    )
+    .await;
+    assert_eq!(status, 400);
+    let (status, body) = post(
+        &net,
+        api(a, "/api/account/register"),
+        json!("garbage"),
+        None,
+    )
+    .await;
+    assert_eq!(status, 400, "{body}");
+
+    // The session works on the other broadcast too.
+    let me = net
+        .http()
+        .get(api(b, "/api/account/me"))
+        .bearer_auth(&session)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(me.status().as_u16(), 200);
+
+    // Wrong passwords: 401 with one message for "no such user" and "wrong password", then
+    // locked out (429 with Retry-After), even for the right password.
+    let (status, unknown) = post(
+        &net,
+        api(a, "/api/account/login"),
+        json!({"name": format!("nobody_{tag}"), "password": "whatever1"}),
+        None,
+    )
+    .await;
+    assert_eq!(status, 401);
+    for _ in 0..5 {
+        let (status, wrong) = post(
+            &net,
+            api(b, "/api/account/login"),
+            json!({"name": name, "password": "wrong password"}),
+            None,
+        )
+        .await;
+        if status == 429 {
+            break;
+        }
+        assert_eq!((status, &wrong["error"]), (401, &unknown["error"]));
+    }
+    let (status, body) = post(
+        &net,
+        api(b, "/api/account/login"),
+        json!({"name": name, "password": "correct horse"}),
+        None,
+    )
+    .await;
+    assert_eq!(status, 429, "{body}");
+    assert_eq!(body["retry_after_header"], true, "{body}");
+
+    // A forged session: refused with a reason on the API and on the chat, which stays read-only.
+    let forged = format!("s1.{}.AAAA", "eyJ4IjoxfQ");
+    let me = net
+        .http()
+        .get(api(a, "/api/account/me"))
+        .bearer_auth(&forged)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(me.status().as_u16(), 401);
+    let (mut ws, first) = hello(&net, a, Some(&forged), Some(0)).await;
+    assert_eq!(
+        (first["type"].as_str(), first["code"].as_str()),
+        (Some("error"), Some("bad_session")),
+        "{first}"
+    );
+    assert_eq!(reply(&mut ws).await.unwrap()["user"], Value::Null);
+    send(&mut ws, json!({"type": "send", "id": "f1", "text": "hi"})).await;
+    assert_eq!(reply(&mut ws).await.unwrap()["code"], "login_required");
+    drop(ws);
+
+    // Messages: HTML and SQL metacharacters are stored and delivered byte for byte; empty,
+    // oversized and control characters are refused; a resend of an id is not stored twice.
+    let (mut ws, welcome) = hello(&net, a, Some(&session), None).await;
+    assert_eq!(welcome["user"]["name"], name.as_str(), "{welcome}");
+    let nasty = "<img src=x onerror=alert(1)> '; DROP TABLE chat_events; -- \" \\ ✓";
+    send(&mut ws, json!({"type": "send", "id": "m1", "text": nasty})).await;
+    let ack = reply(&mut ws).await.unwrap();
+    assert_eq!(ack["type"], "ack", "{ack}");
+    let seq = ack["seq"].as_i64().unwrap();
+    send(&mut ws, json!({"type": "send", "id": "m1", "text": nasty})).await;
+    assert_eq!(
+        reply(&mut ws).await.unwrap()["seq"].as_i64(),
+        Some(seq),
+        "resend: same seq"
+    );
+    for (text, code) in [
+        ("   ", "empty"),
+        (&"x".repeat(501)[..], "too_long"),
+        ("a\u{0}b", "bad_request"),
+    ] {
+        send(&mut ws, json!({"type": "send", "id": "m2", "text": text})).await;
+        let r = reply(&mut ws).await.unwrap();
+        assert_eq!(
+            (r["type"].as_str(), r["code"].as_str()),
+            (Some("error"), Some(code)),
+            "{r}"
+        );
+    }
+    send(
+        &mut ws,
+        json!({"type": "delete", "id": "d1", "target": seq}),
+    )
+    .await;
+    assert_eq!(
+        reply(&mut ws).await.unwrap()["code"],
+        "forbidden",
+        "viewers do not moderate"
+    );
+    send(&mut ws, json!({"type": "send", "id": "m3"})).await;
+    assert_eq!(reply(&mut ws).await.unwrap()["code"], "bad_request");
+    // A frame over 4 KiB closes the socket with 1009 after a clear error.
+    send(
+        &mut ws,
+        json!({"type": "send", "id": "m4", "text": "y".repeat(5000)}),
+    )
+    .await;
+    assert_eq!(reply(&mut ws).await.unwrap()["code"], "too_long");
+    assert_eq!(reply(&mut ws).await.unwrap_err(), Some(1009));
+
+    // The other broadcast replays the accepted message exactly once, as text.
+    let (mut ws, _) = hello(&net, b, Some(&session), Some(seq - 1)).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let event = loop {
+        let frame = tokio::time::timeout_at(deadline, ws.next())
+            .await
+            .expect("replay")
+            .unwrap()
+            .unwrap();
+        let v: Value = serde_json::from_str(frame.to_text().unwrap()).unwrap();
+        if v["type"] == "message" {
+            break v;
+        }
+    };
+    assert_eq!(
+        (
+            event["seq"].as_i64(),
+            event["text"].as_str(),
+            event["user"].as_str()
+        ),
+        (Some(seq), Some(nasty), Some(name.as_str()))
+    );
+
+    // Sending faster than the per-user rate: refused, not queued; a frame flood: closed (1008).
+    let mut limited = 0;
+    for i in 0..12 {
+        send(
+            &mut ws,
+            json!({"type": "send", "id": format!("r{i}"), "text": "quick"}),
+        )
+        .await;
+    }
+    for _ in 0..12 {
+        if reply(&mut ws).await.unwrap()["code"] == "rate_limited" {
+            limited += 1;
+        }
+    }
+    assert!(limited >= 1, "12 messages at once: none rate limited");
+    for _ in 0..40 {
+        if ws.send(Message::text(r#"{"type":"ping"}"#)).await.is_err() {
+            break;
+        }
+    }
+    let closed = loop {
+        match reply(&mut ws).await {
+            Ok(v) if v["code"] == "rate_limited" || v["type"] == "pong" => continue,
+            Ok(v) => panic!("unexpected {v}"),
+            Err(code) => break code,
+        }
+    };
+    assert_eq!(closed, Some(1008), "flood closes the socket");
+
+    // Logout revokes the session everywhere.
+    let (status, _) = post(
+        &net,
+        api(b, "/api/account/logout"),
+        json!({}),
+        Some(&session),
+    )
+    .await;
+    assert_eq!(status, 204);
+    for base in broadcasts.iter().map(|b| &b.base) {
+        // Each broadcast trusts a checked session for at most 5 s.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let me = net
+                .http()
+                .get(api(base, "/api/account/me"))
+                .bearer_auth(&session)
+                .send()
+                .await
+                .unwrap();
+            if me.status().as_u16() == 401 {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{base}: still logged in 10 s after logout"
+            );
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
     }
 }
