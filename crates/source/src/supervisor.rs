@@ -28,6 +28,14 @@ pub const STOP_GRACE: Duration = Duration::from_secs(3);
 pub const REPEAT_LOG_INTERVAL: Duration = Duration::from_secs(30);
 /// The encode counts as healthy while it reported progress this recently.
 pub const PROGRESS_STALE: Duration = Duration::from_secs(5);
+/// Media time 0 must be the anchor's wall-clock time: the ingests map timestamps to slots with
+/// it and count a source as delivering only when a slot's media is in by 0.7 s after its end.
+/// ffmpeg starts its real-time clock only once encoders and outputs are open, which on a busy
+/// machine can take seconds after the spawn. A run whose media lags the anchor by more than this
+/// is restarted with the anchor moved by the lag measured.
+pub const MAX_START_LAG_MS: i64 = 300;
+/// Restarts for a late start before the lag is accepted (and logged).
+const MAX_LAG_CORRECTIONS: u32 = 3;
 
 /// What `/status` shows and `/healthz` decides on.
 #[derive(Debug, Default, Clone, Serialize)]
@@ -163,6 +171,9 @@ fn signal(pid: Option<u32>, sig: libc::c_int) {
 
 fn supervise(shared: &Shared) {
     let mut backoff = MIN_BACKOFF;
+    // How long ffmpeg takes from spawn to its first frame, as last measured: added to the anchor.
+    let mut start_delay_ms: i64 = 0;
+    let mut corrections = 0;
     loop {
         let spec = {
             let mut control = lock(&shared.control);
@@ -172,9 +183,23 @@ fn supervise(shared: &Shared) {
                 None => break,
             }
         };
-        let anchor_ms = streaming_hls::timeline::unix_now_ms();
+        let anchor_ms = streaming_hls::timeline::unix_now_ms() + start_delay_ms.max(0) as u64;
         let started = Instant::now();
-        let exit = run_once(shared, &spec, anchor_ms);
+        let check_lag = corrections < MAX_LAG_CORRECTIONS;
+        let exit = match run_once(shared, &spec, anchor_ms, check_lag) {
+            RunEnd::Exited(exit) => exit,
+            RunEnd::Late { lag_ms } => {
+                corrections += 1;
+                start_delay_ms = (start_delay_ms + lag_ms).clamp(0, 10_000);
+                tracing::warn!(
+                    lag_ms,
+                    start_delay_ms,
+                    "ffmpeg's media started {lag_ms} ms after its anchor (slow start): restarting \
+                     with the anchor {start_delay_ms} ms after the spawn"
+                );
+                continue;
+            }
+        };
         let (wanted, stopping) = {
             let control = lock(&shared.control);
             (control.restart_now, control.spec.is_none())
@@ -197,6 +222,7 @@ fn supervise(shared: &Shared) {
         }
         if started.elapsed() > HEALTHY_RUN {
             backoff = MIN_BACKOFF;
+            corrections = 0;
         }
         lock(&shared.status).restarts += 1;
         metrics::counter!("source_ffmpeg_restarts_total").increment(1);
@@ -227,14 +253,50 @@ pub fn redact_key(line: &str) -> String {
     out
 }
 
-/// Runs one ffmpeg to its end; returns how it ended, for the log.
-fn run_once(shared: &Shared, spec: &EncodeSpec, anchor_ms: u64) -> String {
+/// How one ffmpeg run ended.
+enum RunEnd {
+    /// It exited; how, for the log.
+    Exited(String),
+    /// Stopped on purpose: its media time lagged the anchor by `lag_ms`.
+    Late { lag_ms: i64 },
+}
+
+/// `HH:MM:SS.cc` (ffmpeg's `time=`, possibly negative) in milliseconds.
+pub fn parse_media_time_ms(time: &str) -> Option<i64> {
+    let (sign, time) = match time.strip_prefix('-') {
+        Some(rest) => (-1, rest),
+        None => (1, time),
+    };
+    let mut parts = time.split(':');
+    let (h, m, s) = (parts.next()?, parts.next()?, parts.next()?);
+    if parts.next().is_some() {
+        return None;
+    }
+    let seconds: f64 = s.parse().ok()?;
+    let total = h.parse::<i64>().ok()? * 3_600_000 + m.parse::<i64>().ok()? * 60_000;
+    Some(sign * (total + (seconds * 1000.0).round() as i64))
+}
+
+/// Runs one ffmpeg to its end (or, with `check_lag`, until it turns out to have started late).
+fn run_once(shared: &Shared, spec: &EncodeSpec, anchor_ms: u64, check_lag: bool) -> RunEnd {
+    match run_and_watch(shared, spec, anchor_ms, check_lag) {
+        Ok(exit) => RunEnd::Exited(exit),
+        Err(lag_ms) => RunEnd::Late { lag_ms },
+    }
+}
+
+fn run_and_watch(
+    shared: &Shared,
+    spec: &EncodeSpec,
+    anchor_ms: u64,
+    mut check_lag: bool,
+) -> Result<String, i64> {
     let mut command = FfmpegCommand::new_with_path("ffmpeg");
     command.args(spec.ffmpeg_args(anchor_ms));
     streaming_core::process::die_with_parent(command.as_inner_mut());
     let mut child = match command.spawn() {
         Ok(child) => child,
-        Err(e) => return format!("cannot start ffmpeg: {e}"),
+        Err(e) => return Ok(format!("cannot start ffmpeg: {e}")),
     };
     let pid = child.as_inner().id();
     {
@@ -262,6 +324,7 @@ fn run_once(shared: &Shared, spec: &EncodeSpec, anchor_ms: u64) -> String {
     tracing::info!(pid, anchor_ms, ?spec, "ffmpeg encode started");
 
     let mut last_logged: HashMap<String, Instant> = HashMap::new();
+    let mut late = None;
     match child.iter() {
         Ok(events) => {
             for event in events {
@@ -273,6 +336,22 @@ fn run_once(shared: &Shared, spec: &EncodeSpec, anchor_ms: u64) -> String {
                         );
                         lock(&shared.status).frames = u64::from(p.frame);
                         metrics::gauge!("source_frames").set(f64::from(p.frame));
+                        // One look, a second into the media: how far behind its anchor is it?
+                        if let Some(media_ms) = parse_media_time_ms(&p.time)
+                            && check_lag
+                            && media_ms >= 1000
+                        {
+                            check_lag = false;
+                            let wall_ms = streaming_hls::timeline::unix_now_ms() as i64;
+                            let lag_ms = wall_ms - anchor_ms as i64 - media_ms;
+                            metrics::gauge!("source_start_lag_ms").set(lag_ms as f64);
+                            tracing::info!(lag_ms, "media time against the anchor");
+                            if lag_ms > MAX_START_LAG_MS {
+                                late = Some(lag_ms);
+                                terminate(Some(pid));
+                                break;
+                            }
+                        }
                     }
                     FfmpegEvent::Log(
                         level @ (LogLevel::Warning | LogLevel::Error | LogLevel::Fatal),
@@ -306,14 +385,27 @@ fn run_once(shared: &Shared, spec: &EncodeSpec, anchor_ms: u64) -> String {
     // The log ended: ffmpeg exited (or closed stderr). Forget the pid before reaping it.
     lock(&shared.control).pid = None;
     let _ = child.as_inner_mut().kill();
-    match child.wait() {
+    let exit = match child.wait() {
         Ok(status) => format!("{status}"),
         Err(e) => format!("wait failed: {e}"),
+    };
+    match late {
+        Some(lag_ms) => Err(lag_ms),
+        None => Ok(exit),
     }
 }
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn media_times_parse() {
+        assert_eq!(super::parse_media_time_ms("00:00:01.23"), Some(1230));
+        assert_eq!(super::parse_media_time_ms("01:02:03.50"), Some(3_723_500));
+        assert_eq!(super::parse_media_time_ms("-00:00:00.04"), Some(-40));
+        assert_eq!(super::parse_media_time_ms("N/A"), None);
+        assert_eq!(super::parse_media_time_ms("1:2:3:4"), None);
+    }
+
     #[test]
     fn stream_keys_are_redacted() {
         assert_eq!(
