@@ -612,12 +612,11 @@ pub fn markdown(args: &ChatFailoverArgs, report: &ChatFailoverReport) -> String 
     let mut out = String::from("# Chat during database failover\n\n");
     let _ = writeln!(
         out,
-        "Made by `streamctl bench chat-failover --clients {} --rate {} --seconds {}` against a \
+        "Made by `streamctl bench chat-failover --clients {} --rate {} --seconds {}{}` against a \
          local cluster started with `streamctl up` (2-core machine; Patroni ttl {} s, \
          synchronous_mode). {} chat clients, each with its own account, on {} send {} msg/s in \
-         total for {:.0} s while the PostgreSQL primary is killed (SIGKILL of Patroni, \
-         PostgreSQL and etcd of that host), killed again after the first one rejoined, then \
-         hung (SIGSTOP) and resumed. The outage is the longest time the clients had a message \
+         total for {:.0} s while the PostgreSQL primary is killed ({}), killed again after the \
+         first one rejoined, then hung (SIGSTOP of the same) and resumed. The outage is the longest time the clients had a message \
          pending and no ack arrived; \"new primary\" is the time until the other db host \
          answered Patroni's `/primary`. Lost and duplicates are checked in PostgreSQL: every \
          acked (user, id) must be stored exactly once, under its acked seq. Target: 0 lost, \
@@ -625,11 +624,17 @@ pub fn markdown(args: &ChatFailoverArgs, report: &ChatFailoverReport) -> String 
         args.clients,
         args.rate,
         args.seconds,
+        if args.whole_host { " --whole-host" } else { "" },
         report.ttl_s,
         load.clients,
-        load.initial_broadcasts.join(" and "),
+        load.initial_broadcasts.join(", "),
         args.rate,
         load.seconds,
+        if args.whole_host {
+            "SIGKILL of the whole db host: Patroni, PostgreSQL and its etcd member"
+        } else {
+            "SIGKILL of Patroni and PostgreSQL; the host and its etcd member stay up"
+        },
         report.target_outage_s,
     );
     out.push_str("| fault | host | outage s | new primary after s | acked | lost | duplicates |\n");
