@@ -183,6 +183,23 @@ impl Connection {
         }
     }
 
+    /// Tells the client why, then ends the connection with `closing`.
+    async fn refuse(&mut self, code: &str, message: &str, closing: Closing) -> Closing {
+        match self.send(text(error_json(None, code, message))).await {
+            Ok(()) => closing,
+            Err(failed) => failed,
+        }
+    }
+
+    async fn history_unavailable(&mut self) -> Closing {
+        self.refuse(
+            "unavailable",
+            "chat history is unavailable (database failover), reconnect shortly",
+            Closing(1013, "try again later"),
+        )
+        .await
+    }
+
     async fn send_event(&mut self, event: &Event) -> Result<(), Closing> {
         if event.seq() <= self.last_sent {
             return Ok(());
@@ -205,14 +222,13 @@ impl Connection {
             _ => None,
         };
         let Some(ClientMessage::Hello { session, since }) = hello else {
-            let _ = self
-                .send(text(error_json(
-                    None,
+            return Err(self
+                .refuse(
                     "bad_request",
                     "the first message must be {\"type\":\"hello\",\"session\":...,\"since\":...} within 10 s",
-                )))
-                .await;
-            return Err(Closing(1008, "expected hello"));
+                    Closing(1008, "expected hello"),
+                )
+                .await);
         };
         if let Some(token) = session.filter(|t| !t.is_empty()) {
             match self.chat.authenticate(&token).await {
@@ -231,13 +247,7 @@ impl Connection {
                     .await
                     .is_err()
                 {
-                    self.send(text(error_json(
-                        None,
-                        "unavailable",
-                        "chat history is unavailable (database failover), reconnect shortly",
-                    )))
-                    .await?;
-                    return Err(Closing(1013, "try again later"));
+                    return Err(self.history_unavailable().await);
                 }
                 (self.chat.hub.last_seq(&self.channel).unwrap_or(0) - HISTORY).max(0)
             }
@@ -277,13 +287,7 @@ impl Connection {
                     Ok(b) => b,
                     Err(e) => {
                         tracing::warn!("chat replay failed: {e}");
-                        self.send(text(error_json(
-                            None,
-                            "unavailable",
-                            "chat history is unavailable (database failover), reconnect shortly",
-                        )))
-                        .await?;
-                        return Err(Closing(1013, "try again later"));
+                        return Err(self.history_unavailable().await);
                     }
                 };
                 let done = batch.len() < 500 || self.last_sent >= stop;
@@ -327,8 +331,7 @@ impl Connection {
                     }
                     frames += 1;
                     if frames > limits::FRAMES_PER_SECOND {
-                        let _ = self.send(text(error_json(None, "rate_limited", "too many frames per second: closing"))).await;
-                        return Closing(1008, "flood");
+                        return self.refuse("rate_limited", "too many frames per second: closing", Closing(1008, "flood")).await;
                     }
                     match frame {
                         Message::Text(t) => self.handle(&t, &ops).await,
@@ -364,14 +367,13 @@ impl Connection {
     /// One client frame: validated here, writes queued for the worker.
     async fn handle(&mut self, raw: &str, ops: &mpsc::Sender<Op>) -> Result<(), Closing> {
         if raw.len() > limits::MAX_FRAME_BYTES {
-            let _ = self
-                .send(text(error_json(
-                    None,
+            return Err(self
+                .refuse(
                     "too_long",
                     "frames are limited to 4 KiB",
-                )))
-                .await;
-            return Err(Closing(1009, "frame too big"));
+                    Closing(1009, "frame too big"),
+                )
+                .await);
         }
         let message = match serde_json::from_str::<ClientMessage>(raw) {
             Ok(m) => m,

@@ -137,8 +137,24 @@ impl Row {
 }
 
 /// Runs `streamctl <args>` (this very binary) against the cluster's state.
-fn streamctl(state: &std::path::Path, args: &[&str]) -> anyhow::Result<String> {
+/// This very binary, also when a rebuild replaced it while a bench runs (the kernel then names
+/// the running one "<path> (deleted)"; the new file at the path is the same program).
+fn own_binary() -> anyhow::Result<std::path::PathBuf> {
     let exe = std::env::current_exe().context("locating streamctl")?;
+    if exe.exists() {
+        return Ok(exe);
+    }
+    let text = exe.to_string_lossy();
+    match text.strip_suffix(" (deleted)") {
+        Some(path) if std::path::Path::new(path).exists() => Ok(path.into()),
+        _ => bail!("streamctl binary {} is gone", exe.display()),
+    }
+}
+
+/// Runs `streamctl <args> --state <state>`: faults and restores go through the operator's
+/// commands, as a person would type them.
+pub(crate) fn streamctl(state: &std::path::Path, args: &[&str]) -> anyhow::Result<String> {
+    let exe = own_binary()?;
     let output = Command::new(exe)
         .args(args)
         .arg("--state")
@@ -155,7 +171,7 @@ fn streamctl(state: &std::path::Path, args: &[&str]) -> anyhow::Result<String> {
     Ok(String::from_utf8_lossy(&output.stdout).into_owned())
 }
 
-/// True when every started host is up and healthy (db hosts are not part of this cluster yet).
+/// True when every started host is up and healthy.
 fn whole(state: &std::path::Path) -> bool {
     let Ok(text) = streamctl(state, &["status", "--json"]) else {
         return false;
@@ -163,10 +179,7 @@ fn whole(state: &std::path::Path) -> bool {
     let Ok(hosts) = serde_json::from_str::<Vec<serde_json::Value>>(&text) else {
         return false;
     };
-    hosts
-        .iter()
-        .filter(|h| h["role"] != "db")
-        .all(|h| h["up"] == true && h["health"] == "ok")
+    hosts.iter().all(|h| h["up"] == true && h["health"] == "ok")
 }
 
 async fn wait_whole(state: &std::path::Path, limit: Duration) -> Option<f64> {

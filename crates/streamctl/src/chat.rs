@@ -763,41 +763,35 @@ impl Net {
 
     /// Registers an account; its session token.
     async fn register(&self, base: &Url, name: &str, password: &str) -> anyhow::Result<String> {
-        #[derive(Deserialize)]
-        struct Answer {
-            session: String,
-        }
-        let url = base.join("/api/account/register")?;
-        let response = self
-            .http
-            .post(url.clone())
-            .json(&serde_json::json!({"name": name, "password": password}))
-            .send()
-            .await
-            .with_context(|| format!("POST {url}"))?;
-        let status = response.status();
-        let body = response.bytes().await?;
-        if status == reqwest::StatusCode::CONFLICT {
+        match self.account(base, "register", name, password).await? {
             // Registered by an attempt whose answer was lost: log in instead.
-            return self.login(base, name, password).await;
+            Err((reqwest::StatusCode::CONFLICT, _)) => self.login(base, name, password).await,
+            Err((status, why)) => bail!("register {name} at {base}: {status} {why}"),
+            Ok(session) => Ok(session),
         }
-        if !status.is_success() {
-            bail!(
-                "POST {url}: {status} {}",
-                String::from_utf8_lossy(&body[..body.len().min(300)])
-            );
-        }
-        Ok(serde_json::from_slice::<Answer>(&body)
-            .with_context(|| format!("POST {url}: no session in the answer"))?
-            .session)
     }
 
     async fn login(&self, base: &Url, name: &str, password: &str) -> anyhow::Result<String> {
+        match self.account(base, "login", name, password).await? {
+            Err((status, why)) => bail!("log in {name} at {base}: {status} {why}"),
+            Ok(session) => Ok(session),
+        }
+    }
+
+    /// `POST /api/account/<action>` with a name and password: the session token, or the status
+    /// and reason of a refusal.
+    async fn account(
+        &self,
+        base: &Url,
+        action: &str,
+        name: &str,
+        password: &str,
+    ) -> anyhow::Result<Result<String, (reqwest::StatusCode, String)>> {
         #[derive(Deserialize)]
         struct Answer {
             session: String,
         }
-        let url = base.join("/api/account/login")?;
+        let url = base.join(&format!("/api/account/{action}"))?;
         let response = self
             .http
             .post(url.clone())
@@ -808,14 +802,12 @@ impl Net {
         let status = response.status();
         let body = response.bytes().await?;
         if !status.is_success() {
-            bail!(
-                "POST {url}: {status} {}",
-                String::from_utf8_lossy(&body[..body.len().min(300)])
-            );
+            let why = String::from_utf8_lossy(&body[..body.len().min(300)]).into_owned();
+            return Ok(Err((status, why)));
         }
-        Ok(serde_json::from_slice::<Answer>(&body)
+        Ok(Ok(serde_json::from_slice::<Answer>(&body)
             .with_context(|| format!("POST {url}: no session in the answer"))?
-            .session)
+            .session))
     }
 
     /// TCP, TLS (cluster CA) and the WebSocket handshake to a broadcast's chat.

@@ -168,39 +168,16 @@ where
     }
 }
 
-/// This very binary, also when a rebuild replaced it while the bench runs (the kernel then
-/// names the running one "<path> (deleted)"; the new file at the path is the same program).
-fn own_binary() -> anyhow::Result<PathBuf> {
-    let exe = std::env::current_exe().context("locating streamctl")?;
-    if exe.exists() {
-        return Ok(exe);
-    }
-    let text = exe.to_string_lossy();
-    match text.strip_suffix(" (deleted)") {
-        Some(path) if Path::new(path).exists() => Ok(PathBuf::from(path)),
-        _ => bail!("streamctl binary {} is gone", exe.display()),
-    }
-}
-
 /// Runs `streamctl <args> --state <state>` (kill and start go through the operator's commands).
 async fn streamctl(state: &Path, args: &[&str]) -> anyhow::Result<String> {
-    let exe = own_binary()?;
-    let output = tokio::process::Command::new(exe)
-        .args(args)
-        .arg("--state")
-        .arg(state)
-        .kill_on_drop(true)
-        .output()
-        .await
-        .with_context(|| format!("streamctl {}", args.join(" ")))?;
-    if !output.status.success() {
-        bail!(
-            "streamctl {} failed: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&output.stderr).trim()
-        );
-    }
-    Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+    let state = state.to_owned();
+    let args: Vec<String> = args.iter().map(|a| (*a).to_owned()).collect();
+    tokio::task::spawn_blocking(move || {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        crate::bench::streamctl(&state, &args)
+    })
+    .await
+    .context("streamctl task")?
 }
 
 /// The longest outage overlapping `[from_s, to_s)`, and all of them.
