@@ -1,7 +1,7 @@
 # A db host: PostgreSQL 15 under nixpkgs' services.patroni, its leader lease in etcd (etcd.nix).
 # Patroni's settings are the generator's `patroni` section for this host, minus what the nixpkgs
 # module sets itself (scope, name, REST and PostgreSQL addresses, data directory, pgpass) and
-# plus what the local runner adds too (post_bootstrap, a fast base backup) and the socket
+# plus what the local runner adds too (post_bootstrap) and the socket
 # directory. Passwords come from
 # agenix files through Patroni's environment, never through the store.
 flake:
