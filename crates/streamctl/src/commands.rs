@@ -280,17 +280,62 @@ fn start_host(layout: &Layout, config: &HostConfig) -> anyhow::Result<Started> {
 }
 
 /// `streamctl down`.
+/// Stops one (non-db) host for `down`: what to print, and whether nothing of it is left.
+fn stop_one(
+    layout: &Layout,
+    pid_file: &std::path::Path,
+    config: Option<&HostConfig>,
+) -> (String, bool) {
+    let host = pid_file
+        .file_stem()
+        .and_then(|s| s.to_str())
+        .unwrap_or_default()
+        .to_owned();
+    let pid = procs::live_pid(pid_file, &layout.config_file(&host));
+    let outcome = if let Some(config) = config.filter(|c| c.etcd.is_some()) {
+        // The etcd witness shares its host's group; etcd may need ~9 s on SIGTERM, so it gets
+        // a short grace of its own.
+        if db::stop_host(config, pid, STOP_GRACE) {
+            match pid {
+                Some(pid) => (format!("{host}: stopped (pid {pid})"), true),
+                None => (format!("{host}: was not running"), true),
+            }
+        } else {
+            (format!("{host}: processes survived SIGKILL"), false)
+        }
+    } else if let Some(pid) = pid {
+        if procs::stop_group(pid, STOP_GRACE) {
+            (format!("{host}: stopped (pid {pid})"), true)
+        } else {
+            (
+                format!("{host}: processes of group {pid} survived SIGKILL"),
+                false,
+            )
+        }
+    } else {
+        // The service died but ffmpeg children may linger in its group.
+        if let Some(pgid) = std::fs::read_to_string(pid_file)
+            .ok()
+            .and_then(|s| s.trim().parse::<i32>().ok())
+            && !procs::group_members(pgid).is_empty()
+        {
+            procs::stop_group(pgid, Duration::from_secs(1));
+        }
+        (format!("{host}: was not running"), true)
+    };
+    let _ = std::fs::remove_file(pid_file);
+    outcome
+}
+
 pub fn down(args: DownArgs) -> anyhow::Result<()> {
     let layout = Layout::new(&args.state.dir)?;
     let mut left = Vec::new();
     if let Ok(entries) = std::fs::read_dir(layout.run_dir()) {
-        // LBs first (reverse start order) so viewers are turned away before their media goes.
         let mut pid_files: Vec<_> = entries
             .filter_map(|e| e.ok().map(|e| e.path()))
             .filter(|p| p.extension().is_some_and(|x| x == "pid"))
             .collect();
         pid_files.sort();
-        pid_files.reverse();
         let host_of = |pid_file: &std::path::Path| {
             pid_file
                 .file_stem()
@@ -308,41 +353,35 @@ pub fn down(args: DownArgs) -> anyhow::Result<()> {
                 (p, config)
             })
             .partition(|(_, c)| c.as_ref().is_some_and(|c| c.patroni.is_some()));
-        for (pid_file, config) in others {
-            let host = host_of(&pid_file);
-            let pid = procs::live_pid(&pid_file, &layout.config_file(&host));
-            // The etcd witness shares its host's group; etcd may need ~9 s on SIGTERM, so it
-            // gets a short grace of its own.
-            if let Some(config) = config.filter(|c| c.etcd.is_some()) {
-                if db::stop_host(&config, pid, STOP_GRACE) {
-                    match pid {
-                        Some(pid) => println!("{host}: stopped (pid {pid})"),
-                        None => println!("{host}: was not running"),
+        // All at once (each may use its whole grace to finish responses), reported in order.
+        let outcomes: Vec<(String, bool)> = std::thread::scope(|scope| {
+            let stops: Vec<_> = others
+                .iter()
+                .map(|(pid_file, config)| {
+                    scope.spawn(|| stop_one(&layout, pid_file, config.as_ref()))
+                })
+                .collect();
+            stops
+                .into_iter()
+                .zip(&others)
+                .map(|(stop, (pid_file, _))| {
+                    let host = host_of(pid_file);
+                    match stop.join() {
+                        Ok((message, stopped)) => {
+                            println!("{message}");
+                            (host, stopped)
+                        }
+                        Err(_) => (host, false),
                     }
-                } else {
-                    println!("{host}: processes survived SIGKILL");
-                    left.push(host.clone());
-                }
-            } else if let Some(pid) = pid {
-                if procs::stop_group(pid, STOP_GRACE) {
-                    println!("{host}: stopped (pid {pid})");
-                } else {
-                    println!("{host}: processes of group {pid} survived SIGKILL");
-                    left.push(host.clone());
-                }
-            } else {
-                // The service died but ffmpeg children may linger in its group.
-                if let Some(pgid) = std::fs::read_to_string(&pid_file)
-                    .ok()
-                    .and_then(|s| s.trim().parse::<i32>().ok())
-                    && !procs::group_members(pgid).is_empty()
-                {
-                    procs::stop_group(pgid, Duration::from_secs(1));
-                }
-                println!("{host}: was not running");
-            }
-            let _ = std::fs::remove_file(&pid_file);
-        }
+                })
+                .collect()
+        });
+        left.extend(
+            outcomes
+                .into_iter()
+                .filter(|(_, stopped)| !stopped)
+                .map(|(h, _)| h),
+        );
         let db_pids: Vec<(String, Option<i32>)> = db_hosts
             .iter()
             .map(|(pid_file, _)| {
