@@ -24,10 +24,10 @@ use futures::{SinkExt, StreamExt};
 use serde::Deserialize;
 use tokio::sync::{broadcast, mpsc};
 
+use crate::Chat;
 use crate::hub::Follow;
 use crate::limits::{self, ConnectionGuard};
 use crate::store::{self, Action, Event, StoreError, User};
-use crate::{Chat, db::DbError};
 
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 const PING_EVERY: Duration = Duration::from_secs(10);
@@ -481,8 +481,7 @@ async fn write_worker(
                     StoreError::Muted(_) => ("muted", e.to_string()),
                     StoreError::Forbidden => ("forbidden", e.to_string()),
                     StoreError::NotFound(_) => ("bad_request", e.to_string()),
-                    StoreError::Db(DbError::NoPrimary | DbError::Timeout(_))
-                    | StoreError::Db(_) => {
+                    StoreError::Db(_) => {
                         tracing::warn!("chat write gave up after the retry window: {e}");
                         (
                             "unavailable",
