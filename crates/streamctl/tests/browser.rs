@@ -25,7 +25,7 @@ const PREFIX: &str = "127.79";
 const BROWSER_DEADLINE: Duration = Duration::from_secs(300);
 
 mod common;
-use common::{Cluster, json_of, repo_root, run, streamctl};
+use common::{Cluster, repo_root, run, streamctl};
 
 fn chromium() -> Option<PathBuf> {
     std::env::var_os("CHROMIUM")
@@ -75,14 +75,7 @@ fn page_plays_chats_and_survives_its_broadcast_in_chromium() {
     let _cluster = Cluster {
         state: state.clone(),
     };
-    let up = json_of(&run(streamctl()
-        .arg("up")
-        .arg("--json")
-        .arg("--cluster")
-        .arg(root.join("cluster.nix"))
-        .arg("--state")
-        .arg(&state)
-        .args(["--address-prefix", PREFIX])));
+    let up = common::up(&state, PREFIX, None);
     let lb = up["viewer_url"]
         .as_str()
         .expect("viewer_url")

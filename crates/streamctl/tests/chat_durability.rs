@@ -47,11 +47,7 @@ fn acked_chat_messages_survive_killed_and_hung_database_primaries() {
         .map(|line| format!("{line}\n"))
         .collect();
     std::fs::write(&cluster_file, trimmed).unwrap();
-    run(streamctl()
-        .args(["up", "--json", "--address-prefix", PREFIX, "--cluster"])
-        .arg(&cluster_file)
-        .arg("--state")
-        .arg(&state));
+    common::up(&state, PREFIX, Some(&cluster_file));
     let up_s = started.elapsed().as_secs_f64();
 
     let markdown = tmp.path().join("chat-failover.md");

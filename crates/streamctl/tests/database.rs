@@ -27,7 +27,7 @@ use tokio_tungstenite::tungstenite::Message;
 const PREFIX: &str = "127.78";
 
 mod common;
-use common::{Cluster, json_of, repo_root, run, streamctl};
+use common::{Cluster, json_of, run, streamctl};
 
 fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_current_thread()
@@ -111,14 +111,7 @@ fn database_primary_fails_over_and_rejoins() {
 
     // Up: the stream plays and a primary answers /primary.
     let started = Instant::now();
-    let up = json_of(&run(streamctl()
-        .arg("up")
-        .arg("--json")
-        .arg("--cluster")
-        .arg(repo_root().join("cluster.nix"))
-        .arg("--state")
-        .arg(&state)
-        .args(["--address-prefix", PREFIX])));
+    let up = common::up(&state, PREFIX, None);
     eprintln!(
         "up took {:.1} s: playing after {} s, db primary {} after {} s, streaming {} after {} s",
         started.elapsed().as_secs_f64(),

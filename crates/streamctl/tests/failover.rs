@@ -101,11 +101,7 @@ fn any_one_host_may_fail_and_the_topology_may_change() {
     };
     let cluster_file = tmp.path().join("cluster.nix");
     std::fs::copy(repo_root().join("cluster.nix"), &cluster_file).unwrap();
-    run(streamctl()
-        .args(["up", "--json", "--address-prefix", PREFIX, "--cluster"])
-        .arg(&cluster_file)
-        .arg("--state")
-        .arg(&state));
+    common::up(&state, PREFIX, Some(&cluster_file));
     // Let both ingests settle on source1 and fill their windows.
     let settled = watch(&state, 8, None);
     assert_eq!(settled["errors"], 0, "{settled:#}");

@@ -18,7 +18,7 @@ use serde_json::Value;
 const PREFIX: &str = "127.76";
 
 mod common;
-use common::{Cluster, json_of, repo_root, run, streamctl};
+use common::{Cluster, json_of, run, streamctl};
 
 /// Processes whose command line mentions the state dir (every host, the ingests' ffmpeg) or
 /// this cluster's RTMP addresses (the sources' ffmpeg).
@@ -91,14 +91,7 @@ fn local_cluster_streams_end_to_end() {
 
     // Up: every host as real processes, until the stream plays through an LB.
     let started = Instant::now();
-    let up = json_of(&run(streamctl()
-        .arg("up")
-        .arg("--json")
-        .arg("--cluster")
-        .arg(repo_root().join("cluster.nix"))
-        .arg("--state")
-        .arg(&state)
-        .args(["--address-prefix", PREFIX])));
+    let up = common::up(&state, PREFIX, None);
     eprintln!("up took {:.1} s: {up:#}", started.elapsed().as_secs_f64());
     let playlist_url = up["playlist_url"]
         .as_str()

@@ -39,6 +39,16 @@ pub fn json_of(output: &Output) -> Value {
     })
 }
 
+/// `streamctl up --json` of a host list (`cluster.nix` of the repository by default) on the
+/// loopback addresses `prefix`.*: its report.
+pub fn up(state: &Path, prefix: &str, cluster: Option<&Path>) -> Value {
+    json_of(&run(streamctl()
+        .args(["up", "--json", "--address-prefix", prefix, "--cluster"])
+        .arg(cluster.map_or_else(|| repo_root().join("cluster.nix"), Path::to_owned))
+        .arg("--state")
+        .arg(state)))
+}
+
 /// Stops the cluster of a state dir when dropped, so no process outlives a failing test.
 pub struct Cluster {
     pub state: PathBuf,
