@@ -34,6 +34,8 @@ const PING_EVERY: Duration = Duration::from_secs(10);
 /// A client silent (not even a pong) for this long is gone.
 const IDLE_LIMIT: Duration = Duration::from_secs(35);
 const SEND_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a closed connection waits for the client's Close before dropping the socket.
+const CLOSE_LINGER: Duration = Duration::from_secs(2);
 /// Events sent to a fresh client (no `since`).
 const HISTORY: i64 = 50;
 /// Largest gap replayed from the database in one go; older history is not chat any more.
@@ -163,10 +165,10 @@ impl Connection {
             last_sent: 0,
         };
         let closing = match conn.open(&mut stream).await {
-            Ok(follow) => conn.run(stream, follow).await,
+            Ok(follow) => conn.run(&mut stream, follow).await,
             Err(closing) => closing,
         };
-        let _ = tokio::time::timeout(
+        let sent = tokio::time::timeout(
             SEND_TIMEOUT,
             conn.sink.send(Message::Close(Some(CloseFrame {
                 code: closing.0,
@@ -174,6 +176,19 @@ impl Connection {
             }))),
         )
         .await;
+        // The closing handshake: read (and drop) what the client still sends until its Close or
+        // EOF, briefly. Dropping the socket at once would reset a client that is still sending,
+        // and a reset can destroy the close frame (and its reason) before the client reads it.
+        if matches!(sent, Ok(Ok(()))) {
+            let _ = tokio::time::timeout(CLOSE_LINGER, async {
+                while let Some(Ok(frame)) = stream.next().await {
+                    if matches!(frame, Message::Close(_)) {
+                        break;
+                    }
+                }
+            })
+            .await;
+        }
     }
 
     async fn send(&mut self, message: Message) -> Result<(), Closing> {
@@ -305,7 +320,7 @@ impl Connection {
         Ok(follow)
     }
 
-    async fn run(&mut self, mut stream: SplitStream<WebSocket>, mut follow: Follow) -> Closing {
+    async fn run(&mut self, stream: &mut SplitStream<WebSocket>, mut follow: Follow) -> Closing {
         let (ops, op_rx) = mpsc::channel::<Op>(PENDING_OPS);
         let (replies, mut reply_rx) = mpsc::channel::<String>(PENDING_OPS * 2);
         if let Some(user) = self.user.clone() {
