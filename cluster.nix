@@ -25,6 +25,21 @@
     ttl = 10;
   };
 
+  # What one outside client may hold or ask for; every listener faces the internet
+  # (docs/security.md gives the threat model behind each value). Left out: the built-in default.
+  limits = {
+    httpHeaderSeconds = 10;            # TLS handshake + first request headers of a connection
+    httpIdleSeconds = 60;              # keep-alive connection with nothing asked
+    httpConnections = 16384;           # per HTTPS listener
+    httpConnectionsPerAddress = 256;   # one household, office or carrier NAT
+    assignRate = { burst = 20; perMinute = 60; };   # /api/assign and LB entries, per address
+    accountRate = { burst = 10; perMinute = 20; };  # register and login, per address
+    rtmpConnections = 64;
+    rtmpConnectionsPerAddress = 8;
+    rtmpPublishSeconds = 5;            # connect to accepted publish
+    chatSockets = 4096;                # chat WebSockets per broadcast
+  };
+
   channels = [
     {
       name = "test";

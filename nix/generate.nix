@@ -52,6 +52,15 @@ let
     else if profile == "production" then "https://${fqdn host}"
     else "https://${fqdn host}:${toString ports.https}";
 
+  # camelCase (cluster.nix) to snake_case (the JSON schema), one level of nesting deep: the
+  # Rust side refuses unknown fields, so a misspelt limit fails at start.
+  upper = [ "A" "B" "C" "D" "E" "F" "G" "H" "I" "J" "K" "L" "M" "N" "O" "P" "Q" "R" "S" "T" "U" "V" "W" "X" "Y" "Z" ];
+  snakeName = builtins.replaceStrings upper (map (c: "_" + builtins.replaceStrings upper [ "a" "b" "c" "d" "e" "f" "g" "h" "i" "j" "k" "l" "m" "n" "o" "p" "q" "r" "s" "t" "u" "v" "w" "x" "y" "z" ] c) upper);
+  snakeAttrs = attrs: listToAttrs (map (k: {
+    name = snakeName k;
+    value = let v = attrs.${k}; in if builtins.isAttrs v then snakeAttrs v else v;
+  }) (builtins.attrNames attrs));
+
   byRole = role: filter (h: h.role == role) cluster.hosts;
   ingests = byRole "ingest";
   dbHosts = byRole "db";
@@ -112,6 +121,7 @@ let
     hosts = map hostEntry cluster.hosts;
     channels = map channel cluster.channels;
     database = { inherit (database) name user ttl; };
+    limits = snakeAttrs (cluster.limits or { });
   };
 
   # Local runs keep every file under the runner's state dir; deployed hosts use the NixOS

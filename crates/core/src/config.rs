@@ -150,6 +150,69 @@ pub struct ClusterConfig {
     pub hosts: Vec<HostEntry>,
     pub channels: Vec<ChannelConfig>,
     pub database: DatabaseConfig,
+    /// What one outside client may hold or ask for (`limits` in `cluster.nix`).
+    #[serde(default)]
+    pub limits: LimitsConfig,
+}
+
+/// Limits that keep one client, or a few hundred, from stopping, filling or fooling a host.
+/// Every listener faces the internet in production; docs/security.md explains each value.
+/// Any field left out of `cluster.nix` takes the default below.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    /// A new HTTPS connection must finish its TLS handshake and send its first request's
+    /// headers within this; later requests' headers too.
+    pub http_header_seconds: u32,
+    /// A keep-alive HTTPS connection with no request in flight is closed after this.
+    pub http_idle_seconds: u32,
+    /// Open HTTPS connections per listener.
+    pub http_connections: u32,
+    /// Open HTTPS connections from one address (households and offices share one).
+    pub http_connections_per_address: u32,
+    /// `/api/assign` and the LB's entry redirects, per client address.
+    pub assign_rate: RateLimit,
+    /// Account endpoints (register, login), per client address.
+    pub account_rate: RateLimit,
+    /// Open RTMP and RTMPS connections per ingest.
+    pub rtmp_connections: u32,
+    /// Open RTMP and RTMPS connections from one address.
+    pub rtmp_connections_per_address: u32,
+    /// An RTMP connection that has not been accepted as a publisher by then is closed.
+    pub rtmp_publish_seconds: u32,
+    /// Chat WebSockets per broadcast.
+    pub chat_sockets: u32,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        Self {
+            http_header_seconds: 10,
+            http_idle_seconds: 60,
+            http_connections: 16384,
+            http_connections_per_address: 256,
+            assign_rate: RateLimit {
+                burst: 20,
+                per_minute: 60,
+            },
+            account_rate: RateLimit {
+                burst: 10,
+                per_minute: 20,
+            },
+            rtmp_connections: 64,
+            rtmp_connections_per_address: 8,
+            rtmp_publish_seconds: 5,
+            chat_sockets: 4096,
+        }
+    }
+}
+
+/// A token bucket: `burst` requests at once, then `per_minute` spread over each minute.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RateLimit {
+    pub burst: u32,
+    pub per_minute: u32,
 }
 
 /// The shared HLS timeline (DESIGN.md section 8): slot k covers wall-clock [k·D, (k+1)·D).
