@@ -418,3 +418,114 @@ pub fn refusal_line(channel: Option<&str>, reason: &crate::publish::Refusal) -> 
         None => format!("refused publish: {reason}"),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::net::TcpSocket;
+
+    async fn connect_from(ip: [u8; 4], to: SocketAddr) -> tokio::net::TcpStream {
+        let socket = TcpSocket::new_v4().unwrap();
+        socket
+            .bind(SocketAddr::from((ip, 0)))
+            .expect("loopback source address");
+        socket.connect(to).await.unwrap()
+    }
+
+    /// Reads until the server closes, returns how long that took (or None if still open after
+    /// `wait`), trickling a byte every 100 ms when `trickle`.
+    async fn closed_within(
+        stream: &mut tokio::net::TcpStream,
+        wait: Duration,
+        trickle: bool,
+    ) -> Option<Duration> {
+        let started = Instant::now();
+        let mut buf = [0u8; 8192];
+        // The RTMP version byte, so the handshake is under way and answered.
+        let _ = stream.write_all(&[3]).await;
+        while started.elapsed() < wait {
+            match tokio::time::timeout(Duration::from_millis(100), stream.read(&mut buf)).await {
+                Ok(Ok(0)) | Ok(Err(_)) => return Some(started.elapsed()),
+                Ok(Ok(_)) | Err(_) => {}
+            }
+            if trickle && stream.write_all(&[0]).await.is_err() {
+                return Some(started.elapsed());
+            }
+        }
+        None
+    }
+
+    #[tokio::test]
+    async fn caps_and_publish_deadline_on_a_real_listener() {
+        let prometheus = metrics_exporter_prometheus::PrometheusBuilder::new()
+            .install_recorder()
+            .unwrap();
+        let limits = LimitsConfig {
+            rtmp_connections: 3,
+            rtmp_connections_per_address: 2,
+            rtmp_publish_seconds: 2,
+            ..LimitsConfig::default()
+        };
+        let ctx = RtmpContext::new(StreamKeys::default(), &limits);
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let lifecycle = Lifecycle::from_signals().unwrap();
+        tokio::spawn(accept_loop(listener, ctx.clone(), lifecycle.clone(), None));
+
+        // Two from one address are held; the third from it is closed at once.
+        let mut a1 = connect_from([127, 0, 0, 1], addr).await;
+        let mut a2 = connect_from([127, 0, 0, 1], addr).await;
+        let mut a3 = connect_from([127, 0, 0, 1], addr).await;
+        let refused_after = closed_within(&mut a3, Duration::from_secs(5), false).await;
+        assert!(refused_after.is_some(), "per-address cap");
+        // Another address still gets in, up to the global cap.
+        let mut b1 = connect_from([127, 0, 0, 2], addr).await;
+        let mut c1 = connect_from([127, 0, 0, 3], addr).await;
+        let global_after = closed_within(&mut c1, Duration::from_secs(5), false).await;
+        assert!(global_after.is_some(), "global cap");
+
+        // The held ones, trickling a byte every 100 ms, are closed by the publish deadline.
+        let (r1, r2, r3) = tokio::join!(
+            closed_within(&mut a1, Duration::from_secs(10), true),
+            closed_within(&mut a2, Duration::from_secs(10), false),
+            closed_within(&mut b1, Duration::from_secs(10), true),
+        );
+        let held: Vec<_> = [r1, r2, r3]
+            .into_iter()
+            .map(|r| r.expect("closed by the publish deadline"))
+            .collect();
+        println!(
+            "per-address refusal after {refused_after:?}, global refusal after {global_after:?}, \
+             deadline (2 s) closed trickling/idle/trickling sockets after {held:?}"
+        );
+        // Their slots are free again: a new connection from the first address is served.
+        let mut again = connect_from([127, 0, 0, 1], addr).await;
+        again.write_all(&[3]).await.unwrap();
+        let mut s0s1 = vec![0u8; 1 + 1536];
+        tokio::time::timeout(Duration::from_secs(5), again.read_exact(&mut s0s1))
+            .await
+            .expect("handshake answered")
+            .unwrap();
+
+        // Tighter limits after a reload apply to new connections.
+        ctx.set_limits(&LimitsConfig {
+            rtmp_connections_per_address: 1,
+            ..limits
+        });
+        let mut second = connect_from([127, 0, 0, 1], addr).await;
+        assert!(
+            closed_within(&mut second, Duration::from_secs(5), false)
+                .await
+                .is_some()
+        );
+
+        let rendered = prometheus.render();
+        for reason in ["per_address", "connections", "publish_deadline"] {
+            assert!(
+                rendered.contains(&format!("ingest_rtmp_refused_total{{reason=\"{reason}\"}}")),
+                "{reason} missing in {rendered}"
+            );
+        }
+        lifecycle.request_shutdown();
+    }
+}

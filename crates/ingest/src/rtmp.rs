@@ -42,7 +42,7 @@ const MAX_CONTROL_BYTES: u32 = 64;
 const MAX_STREAMS: u32 = 4;
 /// We acknowledge at most this often, whatever window the peer asks for, so a window of one byte
 /// cannot make us answer every byte.
-const MIN_ACK_WINDOW: u32 = 64 * 1024;
+const MIN_ACK_WINDOW: u32 = 4096;
 /// Chunk size we announce and use for our (small) messages.
 const OUR_CHUNK_SIZE: u32 = 4096;
 /// Window acknowledgement size and peer bandwidth we announce.
