@@ -2,8 +2,8 @@
 //! channel transcoded by an ffmpeg ladder, segments placed on the shared slot timeline (slate
 //! when there is no input), and an HTTPS origin serving the playlists and segments from memory.
 //!
-//! Modules: `rtmp` (one connection as a state machine, over `chunk` and `amf0`), `listener` (sockets, TLS, limits),
-//! `publish` (publish name + stream keys), `select` (source choice per slot), `relay` (forwarding a single-ingest publisher to the peers), `flv` (FLV writer),
+//! Modules: `rtmp` (one connection as a state machine, over `chunk` reassembly and the
+//! depth-limited `amf0` decoder), `listener` (sockets, TLS, limits), `publish` (publish name + stream keys), `select` (source choice per slot), `relay` (forwarding a single-ingest publisher to the peers), `flv` (FLV writer),
 //! `transcode` (ffmpeg runs and slate), `segments` (CSV list -> slots), `channel` (the per-channel
 //! task), `origin` (HTTP API).
 
