@@ -388,7 +388,7 @@ impl ChannelTask {
             }
             _ => {
                 p.coverage
-                    .observe(p.key.anchor_ms + u64::from(timestamp_ms));
+                    .observe(p.key.anchor_ms.saturating_add(u64::from(timestamp_ms)));
                 if is_key_picture(kind, &data)
                     && let Some(i) = p.recent.iter().rposition(|(k, _, d)| is_key_picture(*k, d))
                 {
@@ -421,7 +421,10 @@ impl ChannelTask {
         {
             return; // already fed through another connection of the same stream
         }
-        let flv_ts = feed.anchor_ms as i64 + i64::from(timestamp_ms) - feed.epoch_ms as i64;
+        // Anchors are bounded when a publish is parsed; this stays checked all the same, so a
+        // wild one drops tags instead of wrapping.
+        let flv_ts =
+            (i128::from(feed.anchor_ms) + i128::from(timestamp_ms)) - i128::from(feed.epoch_ms);
         let Ok(flv_ts) = u32::try_from(flv_ts) else {
             return;
         };
@@ -653,7 +656,9 @@ impl ChannelTask {
         let start = p
             .recent
             .iter()
-            .rposition(|(k, ts, d)| is_key_picture(*k, d) && anchor + u64::from(*ts) <= boundary)
+            .rposition(|(k, ts, d)| {
+                is_key_picture(*k, d) && anchor.saturating_add(u64::from(*ts)) <= boundary
+            })
             .or_else(|| p.recent.iter().position(|(k, _, d)| is_key_picture(*k, d)));
         let Some(start) = start else { return };
         let tags: Vec<_> = p.recent.iter().skip(start).cloned().collect();

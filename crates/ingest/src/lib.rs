@@ -2,12 +2,14 @@
 //! channel transcoded by an ffmpeg ladder, segments placed on the shared slot timeline (slate
 //! when there is no input), and an HTTPS origin serving the playlists and segments from memory.
 //!
-//! Modules: `rtmp` (one connection as a state machine), `listener` (sockets, TLS, limits),
-//! `publish` (publish name + stream keys), `select` (source choice per slot), `relay` (forwarding a single-ingest publisher to the peers), `flv` (FLV writer),
+//! Modules: `rtmp` (one connection as a state machine, over `chunk` reassembly and the
+//! depth-limited `amf0` decoder), `listener` (sockets, TLS, limits), `publish` (publish name + stream keys), `select` (source choice per slot), `relay` (forwarding a single-ingest publisher to the peers), `flv` (FLV writer),
 //! `transcode` (ffmpeg runs and slate), `segments` (CSV list -> slots), `channel` (the per-channel
 //! task), `origin` (HTTP API).
 
+pub mod amf0;
 pub mod channel;
+pub mod chunk;
 pub mod flv;
 pub mod listener;
 pub mod origin;
@@ -70,7 +72,7 @@ pub async fn run(ctx: ServiceContext) -> anyhow::Result<()> {
     let timeline = config.cluster.timeline.clone();
     let clock = SlotClock::new(timeline.segment_seconds);
     let cluster_key = read_secret(&config.paths.cluster_key).context("cluster key")?;
-    let rtmp = RtmpContext::new(load_keys(&config));
+    let rtmp = RtmpContext::new(load_keys(&config), &config.cluster.limits);
     *rtmp.peers.write().unwrap_or_else(|e| e.into_inner()) = peer_ingests(&config);
     let tls = tls_acceptor(&config).context("RTMPS certificate")?;
     let (tls_tx, tls_rx) = watch::channel(tls);
@@ -121,7 +123,8 @@ pub async fn run(ctx: ServiceContext) -> anyhow::Result<()> {
         host: config.name.clone(),
     };
 
-    // SIGHUP: stream keys, cluster key, config (source ranks, channel settings), RTMPS cert.
+    // SIGHUP: stream keys, cluster key, config (source ranks, channel settings, RTMP limits),
+    // RTMPS cert.
     {
         let (lifecycle, rtmp) = (ctx.lifecycle.clone(), rtmp.clone());
         let mut reloads = ctx.lifecycle.reloads();
@@ -138,6 +141,7 @@ pub async fn run(ctx: ServiceContext) -> anyhow::Result<()> {
                     Err(e) => tracing::error!("config reload failed, keeping the old one: {e}"),
                 }
                 *rtmp.keys.write().unwrap_or_else(|e| e.into_inner()) = load_keys(&current);
+                rtmp.set_limits(&current.cluster.limits);
                 *rtmp.peers.write().unwrap_or_else(|e| e.into_inner()) = peer_ingests(&current);
                 match read_secret(&current.paths.cluster_key) {
                     Ok(key) => *cluster_key.write().unwrap_or_else(|e| e.into_inner()) = key,

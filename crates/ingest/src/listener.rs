@@ -1,16 +1,23 @@
 //! RTMP and RTMPS listeners: accept, limit, time out, and shuttle bytes between the socket and
 //! an [`RtmpSession`]. Everything protocol-related is in `rtmp.rs`.
+//!
+//! Limits come from `limits` in `cluster.nix` and follow SIGHUP: a global and a per-address cap
+//! on open connections (a refused connection is closed at once, so idle sockets from one
+//! address cannot lock publishers out), and one deadline from accept to an accepted publish
+//! that covers the TLS handshake and whatever the peer sends, so trickling bytes buys nothing.
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, RwLock};
-use std::time::{Duration, Instant};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
 
+use streaming_core::config::LimitsConfig;
 use streaming_core::lifecycle::Lifecycle;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpListener;
-use tokio::sync::{Semaphore, mpsc, watch};
+use tokio::sync::{mpsc, watch};
+use tokio::time::Instant;
 
 use crate::channel::ChannelMsg;
 use crate::flv::TagKind;
@@ -19,14 +26,43 @@ use crate::relay::{RelayStream, Relays};
 use crate::rtmp::{RtmpSession, SessionEvent};
 use streaming_hls::unix_now_ms;
 
-/// Concurrent RTMP(S) connections; publishers are few (sources, OBS), so this is generous.
-pub const MAX_CONNECTIONS: usize = 64;
-/// A connection that sends nothing for this long is closed (publishers send constantly).
+/// An accepted publisher that sends nothing for this long is closed (publishers send constantly).
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(10);
-/// TLS handshake, and RTMP handshake + connect + publish, must finish within this.
-pub const SETUP_TIMEOUT: Duration = Duration::from_secs(10);
 /// Bytes read from the socket at once.
 const READ_BUFFER: usize = 64 * 1024;
+/// Refusals of connections are logged at most once per this interval, with a count.
+const REFUSAL_LOG_INTERVAL: Duration = Duration::from_secs(1);
+
+/// The connection limits of `limits` in `cluster.nix`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RtmpLimits {
+    pub connections: usize,
+    pub per_address: usize,
+    pub publish_deadline: Duration,
+}
+
+impl From<&LimitsConfig> for RtmpLimits {
+    fn from(l: &LimitsConfig) -> Self {
+        Self {
+            connections: l.rtmp_connections as usize,
+            per_address: l.rtmp_connections_per_address as usize,
+            publish_deadline: Duration::from_secs(u64::from(l.rtmp_publish_seconds.max(1))),
+        }
+    }
+}
+
+#[derive(Default)]
+struct OpenConnections {
+    total: usize,
+    per_address: HashMap<IpAddr, usize>,
+}
+
+/// Refusals since the last log line, so a flood costs one line per interval.
+#[derive(Default)]
+struct RefusalLog {
+    last: Option<Instant>,
+    suppressed: u64,
+}
 
 /// What every connection needs.
 pub struct RtmpContext {
@@ -34,19 +70,96 @@ pub struct RtmpContext {
     pub channels: RwLock<HashMap<String, mpsc::Sender<ChannelMsg>>>,
     /// RTMP addresses of the other ingests: publishers that reach only us are relayed there.
     pub peers: RwLock<Vec<SocketAddr>>,
-    pub limit: Arc<Semaphore>,
+    limits: RwLock<RtmpLimits>,
+    open: Mutex<OpenConnections>,
+    refusals: Mutex<RefusalLog>,
     next_conn: AtomicU64,
 }
 
+/// One open connection counted against the caps; uncounted when dropped.
+struct Slot {
+    ctx: Arc<RtmpContext>,
+    ip: IpAddr,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let mut open = self.ctx.open.lock().unwrap_or_else(|e| e.into_inner());
+        open.total = open.total.saturating_sub(1);
+        if let Some(n) = open.per_address.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                open.per_address.remove(&self.ip);
+            }
+        }
+    }
+}
+
 impl RtmpContext {
-    pub fn new(keys: StreamKeys) -> Arc<Self> {
+    pub fn new(keys: StreamKeys, limits: &LimitsConfig) -> Arc<Self> {
         Arc::new(Self {
             keys: RwLock::new(keys),
             channels: RwLock::new(HashMap::new()),
             peers: RwLock::new(Vec::new()),
-            limit: Arc::new(Semaphore::new(MAX_CONNECTIONS)),
+            limits: RwLock::new(limits.into()),
+            open: Mutex::default(),
+            refusals: Mutex::default(),
             next_conn: AtomicU64::new(1),
         })
+    }
+
+    /// New limits apply to connections accepted from now on.
+    pub fn set_limits(&self, limits: &LimitsConfig) {
+        *self.limits.write().unwrap_or_else(|e| e.into_inner()) = limits.into();
+    }
+
+    pub fn limits(&self) -> RtmpLimits {
+        *self.limits.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Counts a new connection from `ip`, or says which cap refuses it.
+    fn admit(self: &Arc<Self>, ip: IpAddr) -> Result<Slot, &'static str> {
+        let limits = self.limits();
+        let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
+        if open.total >= limits.connections {
+            return Err("connections");
+        }
+        let from_ip = open.per_address.entry(ip).or_insert(0);
+        if *from_ip >= limits.per_address {
+            if *from_ip == 0 {
+                open.per_address.remove(&ip);
+            }
+            return Err("per_address");
+        }
+        *from_ip += 1;
+        open.total += 1;
+        Ok(Slot {
+            ctx: self.clone(),
+            ip,
+        })
+    }
+
+    fn log_refusal(&self, peer: SocketAddr, reason: &str, limits: RtmpLimits) {
+        metrics::counter!("ingest_rtmp_refused_total", "reason" => reason.to_owned()).increment(1);
+        let now = Instant::now();
+        let mut log = self.refusals.lock().unwrap_or_else(|e| e.into_inner());
+        if log
+            .last
+            .is_some_and(|t| now.duration_since(t) < REFUSAL_LOG_INTERVAL)
+        {
+            log.suppressed += 1;
+            return;
+        }
+        log.last = Some(now);
+        let suppressed = std::mem::take(&mut log.suppressed);
+        tracing::warn!(
+            %peer,
+            reason,
+            suppressed,
+            "RTMP connection refused: at most {} connections, {} per address ({suppressed} more refusals since the last such line)",
+            limits.connections,
+            limits.per_address,
+        );
     }
 }
 
@@ -77,7 +190,8 @@ pub async fn serve_rtmps(
     accept_loop(listener, ctx, lifecycle, Some(tls)).await
 }
 
-async fn accept_loop(
+/// Serves RTMP (or RTMPS with `tls`) on a bound listener until shutdown.
+pub async fn accept_loop(
     listener: TcpListener,
     ctx: Arc<RtmpContext>,
     lifecycle: Lifecycle,
@@ -95,10 +209,17 @@ async fn accept_loop(
                 }
             },
         };
-        let Ok(permit) = ctx.limit.clone().try_acquire_owned() else {
-            tracing::warn!(%peer, "RTMP connection refused: {MAX_CONNECTIONS} connections already open");
-            continue;
+        let limits = ctx.limits();
+        let slot = match ctx.admit(peer.ip().to_canonical()) {
+            Ok(slot) => slot,
+            Err(reason) => {
+                // Dropping the socket closes it now: a refused peer holds nothing.
+                drop(stream);
+                ctx.log_refusal(peer, reason, limits);
+                continue;
+            }
         };
+        let deadline = Instant::now() + limits.publish_deadline;
         let _ = stream.set_nodelay(true);
         let conn = ctx.next_conn.fetch_add(1, Ordering::Relaxed);
         let (ctx, lifecycle, acceptor) = (
@@ -107,39 +228,48 @@ async fn accept_loop(
             tls.as_ref().map(|t| t.borrow().clone()),
         );
         tokio::spawn(async move {
-            let _permit = permit;
-            match acceptor {
-                None => handle_connection(stream, peer, conn, &ctx, &lifecycle).await,
-                Some(acceptor) => {
-                    match tokio::time::timeout(SETUP_TIMEOUT, acceptor.accept(stream)).await {
-                        Ok(Ok(tls)) => handle_connection(tls, peer, conn, &ctx, &lifecycle).await,
-                        Ok(Err(e)) => tracing::warn!(%peer, "RTMPS TLS handshake failed: {e}"),
-                        Err(_) => tracing::warn!(%peer, "RTMPS TLS handshake timed out"),
-                    }
+            let _slot = slot;
+            let Some(acceptor) = acceptor else {
+                return handle_connection(stream, peer, conn, &ctx, &lifecycle, deadline).await;
+            };
+            match tokio::time::timeout_at(deadline, acceptor.accept(stream)).await {
+                Ok(Ok(tls)) => handle_connection(tls, peer, conn, &ctx, &lifecycle, deadline).await,
+                Ok(Err(e)) => tracing::warn!(%peer, "RTMPS TLS handshake failed: {e}"),
+                Err(_) => {
+                    metrics::counter!("ingest_rtmp_refused_total", "reason" => "publish_deadline")
+                        .increment(1);
+                    tracing::warn!(%peer, "RTMPS TLS handshake not done within the publish deadline");
                 }
             }
         });
     }
 }
 
+/// Serves one connection; `deadline` is when it must have been accepted as a publisher.
 async fn handle_connection<S: AsyncRead + AsyncWrite + Unpin>(
     mut stream: S,
     peer: SocketAddr,
     conn: u64,
     ctx: &RtmpContext,
     lifecycle: &Lifecycle,
+    deadline: Instant,
 ) {
     let mut session = RtmpSession::new();
     let mut buf = vec![0u8; READ_BUFFER];
-    let started = Instant::now();
     let mut channel: Option<(String, mpsc::Sender<ChannelMsg>)> = None;
     // Accepted, waiting for the first media tag to fix the anchor before joining the channel.
     let mut joining: Option<PublishRequest> = None;
     let mut relays: Option<Relays> = None;
     loop {
+        // Until the publish is accepted one deadline covers everything, reads and writes alike.
+        let until = if session.is_publishing() {
+            Instant::now() + IDLE_TIMEOUT
+        } else {
+            deadline
+        };
         let read = tokio::select! {
             _ = lifecycle.shutdown() => break,
-            r = tokio::time::timeout(IDLE_TIMEOUT, stream.read(&mut buf)) => r,
+            r = tokio::time::timeout_at(until, stream.read(&mut buf)) => r,
         };
         let n = match read {
             Ok(Ok(0)) => break,
@@ -148,8 +278,14 @@ async fn handle_connection<S: AsyncRead + AsyncWrite + Unpin>(
                 tracing::debug!(%peer, conn, "RTMP read error: {e}");
                 break;
             }
-            Err(_) => {
+            Err(_) if session.is_publishing() => {
                 tracing::warn!(%peer, conn, "closing RTMP connection: idle for {}s", IDLE_TIMEOUT.as_secs());
+                break;
+            }
+            Err(_) => {
+                metrics::counter!("ingest_rtmp_refused_total", "reason" => "publish_deadline")
+                    .increment(1);
+                tracing::warn!(%peer, conn, "closing RTMP connection: no accepted publish within {}s of connecting", ctx.limits().publish_deadline.as_secs());
                 break;
             }
         };
@@ -160,12 +296,18 @@ async fn handle_connection<S: AsyncRead + AsyncWrite + Unpin>(
         let output = match output {
             Ok(o) => o,
             Err(e) => {
+                metrics::counter!("ingest_rtmp_refused_total", "reason" => "protocol").increment(1);
                 tracing::warn!(%peer, conn, "closing RTMP connection: {e}");
                 break;
             }
         };
         if !output.send.is_empty() {
-            match tokio::time::timeout(IDLE_TIMEOUT, stream.write_all(&output.send)).await {
+            let until = if session.is_publishing() {
+                Instant::now() + IDLE_TIMEOUT
+            } else {
+                deadline
+            };
+            match tokio::time::timeout_at(until, stream.write_all(&output.send)).await {
                 Ok(Ok(())) => {}
                 _ => break,
             }
@@ -193,12 +335,8 @@ async fn handle_connection<S: AsyncRead + AsyncWrite + Unpin>(
                     joining = Some(request);
                     continue;
                 }
-                SessionEvent::PublishRefused {
-                    name_channel,
-                    source,
-                    reason,
-                } => {
-                    tracing::warn!(%peer, conn, channel = %name_channel, source = source.as_deref().unwrap_or("-"), "refused publish on channel {name_channel:?} from {peer}: {reason}");
+                SessionEvent::PublishRefused { channel, reason } => {
+                    tracing::warn!(%peer, conn, "{}", refusal_line(channel.as_deref(), &reason));
                     metrics::counter!("ingest_publishes_refused_total").increment(1);
                     continue;
                 }
@@ -265,13 +403,129 @@ async fn handle_connection<S: AsyncRead + AsyncWrite + Unpin>(
             let _ = tokio::time::timeout(Duration::from_secs(1), stream.shutdown()).await;
             break;
         }
-        if !session.is_publishing() && started.elapsed() > SETUP_TIMEOUT {
-            tracing::warn!(%peer, conn, "closing RTMP connection: no publish within {}s", SETUP_TIMEOUT.as_secs());
-            break;
-        }
     }
     if let Some((name, tx)) = channel {
         tracing::debug!(%peer, conn, channel = %name, "RTMP connection closed");
         let _ = tx.send(ChannelMsg::Left { conn }).await;
+    }
+}
+
+/// The log text of a refused publish. The channel is named only when it is configured (a
+/// refused publish name may be a pasted key).
+pub fn refusal_line(channel: Option<&str>, reason: &crate::publish::Refusal) -> String {
+    match channel {
+        Some(channel) => format!("refused publish on channel {channel:?}: {reason}"),
+        None => format!("refused publish: {reason}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::net::TcpSocket;
+
+    async fn connect_from(ip: [u8; 4], to: SocketAddr) -> tokio::net::TcpStream {
+        let socket = TcpSocket::new_v4().unwrap();
+        socket
+            .bind(SocketAddr::from((ip, 0)))
+            .expect("loopback source address");
+        socket.connect(to).await.unwrap()
+    }
+
+    /// Reads until the server closes, returns how long that took (or None if still open after
+    /// `wait`), trickling a byte every 100 ms when `trickle`.
+    async fn closed_within(
+        stream: &mut tokio::net::TcpStream,
+        wait: Duration,
+        trickle: bool,
+    ) -> Option<Duration> {
+        let started = Instant::now();
+        let mut buf = [0u8; 8192];
+        // The RTMP version byte, so the handshake is under way and answered.
+        let _ = stream.write_all(&[3]).await;
+        while started.elapsed() < wait {
+            match tokio::time::timeout(Duration::from_millis(100), stream.read(&mut buf)).await {
+                Ok(Ok(0)) | Ok(Err(_)) => return Some(started.elapsed()),
+                Ok(Ok(_)) | Err(_) => {}
+            }
+            if trickle && stream.write_all(&[0]).await.is_err() {
+                return Some(started.elapsed());
+            }
+        }
+        None
+    }
+
+    #[tokio::test]
+    async fn caps_and_publish_deadline_on_a_real_listener() {
+        let prometheus = metrics_exporter_prometheus::PrometheusBuilder::new()
+            .install_recorder()
+            .unwrap();
+        let limits = LimitsConfig {
+            rtmp_connections: 3,
+            rtmp_connections_per_address: 2,
+            rtmp_publish_seconds: 2,
+            ..LimitsConfig::default()
+        };
+        let ctx = RtmpContext::new(StreamKeys::default(), &limits);
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let lifecycle = Lifecycle::from_signals().unwrap();
+        tokio::spawn(accept_loop(listener, ctx.clone(), lifecycle.clone(), None));
+
+        // Two from one address are held; the third from it is closed at once.
+        let mut a1 = connect_from([127, 0, 0, 1], addr).await;
+        let mut a2 = connect_from([127, 0, 0, 1], addr).await;
+        let mut a3 = connect_from([127, 0, 0, 1], addr).await;
+        let refused_after = closed_within(&mut a3, Duration::from_secs(5), false).await;
+        assert!(refused_after.is_some(), "per-address cap");
+        // Another address still gets in, up to the global cap.
+        let mut b1 = connect_from([127, 0, 0, 2], addr).await;
+        let mut c1 = connect_from([127, 0, 0, 3], addr).await;
+        let global_after = closed_within(&mut c1, Duration::from_secs(5), false).await;
+        assert!(global_after.is_some(), "global cap");
+
+        // The held ones, trickling a byte every 100 ms, are closed by the publish deadline.
+        let (r1, r2, r3) = tokio::join!(
+            closed_within(&mut a1, Duration::from_secs(10), true),
+            closed_within(&mut a2, Duration::from_secs(10), false),
+            closed_within(&mut b1, Duration::from_secs(10), true),
+        );
+        let held: Vec<_> = [r1, r2, r3]
+            .into_iter()
+            .map(|r| r.expect("closed by the publish deadline"))
+            .collect();
+        println!(
+            "per-address refusal after {refused_after:?}, global refusal after {global_after:?}, \
+             deadline (2 s) closed trickling/idle/trickling sockets after {held:?}"
+        );
+        // Their slots are free again: a new connection from the first address is served.
+        let mut again = connect_from([127, 0, 0, 1], addr).await;
+        again.write_all(&[3]).await.unwrap();
+        let mut s0s1 = vec![0u8; 1 + 1536];
+        tokio::time::timeout(Duration::from_secs(5), again.read_exact(&mut s0s1))
+            .await
+            .expect("handshake answered")
+            .unwrap();
+
+        // Tighter limits after a reload apply to new connections.
+        ctx.set_limits(&LimitsConfig {
+            rtmp_connections_per_address: 1,
+            ..limits
+        });
+        let mut second = connect_from([127, 0, 0, 1], addr).await;
+        assert!(
+            closed_within(&mut second, Duration::from_secs(5), false)
+                .await
+                .is_some()
+        );
+
+        let rendered = prometheus.render();
+        for reason in ["per_address", "connections", "publish_deadline"] {
+            assert!(
+                rendered.contains(&format!("ingest_rtmp_refused_total{{reason=\"{reason}\"}}")),
+                "{reason} missing in {rendered}"
+            );
+        }
+        lifecycle.request_shutdown();
     }
 }

@@ -57,12 +57,27 @@ pub enum PublishNameError {
     BadAnchor,
     #[error("source is not a valid host name")]
     BadSource,
+    #[error("anchor is more than a day ahead of or 49 days behind this ingest's clock")]
+    AnchorOutOfRange,
 }
 
 /// Longest publish name we look at; anything longer is refused, not parsed.
 pub const MAX_PUBLISH_NAME: usize = 1024;
 
+/// How far an anchor may lie ahead of our clock: clocks are synchronised, so a day ahead is
+/// already absurd.
+pub const MAX_ANCHOR_AHEAD_MS: u64 = 24 * 3600 * 1000;
+/// How far an anchor may lie behind: media timestamps are u32 milliseconds, so a publish cannot
+/// reach now from an older anchor.
+pub const MAX_ANCHOR_BEHIND_MS: u64 = u32::MAX as u64;
+
 pub fn parse_publish_name(name: &str) -> Result<PublishRequest, PublishNameError> {
+    parse_publish_name_at(name, streaming_hls::unix_now_ms())
+}
+
+/// [`parse_publish_name`] with the clock given; anchors far from `now_ms` are refused here so
+/// that no arithmetic on them can overflow later.
+pub fn parse_publish_name_at(name: &str, now_ms: u64) -> Result<PublishRequest, PublishNameError> {
     if name.len() > MAX_PUBLISH_NAME {
         return Err(PublishNameError::BadChannel);
     }
@@ -81,7 +96,13 @@ pub fn parse_publish_name(name: &str) -> Result<PublishRequest, PublishNameError
                 source = Some(v.into_owned());
             }
             "anchor" if !v.is_empty() => {
-                anchor_ms = Some(v.parse::<u64>().map_err(|_| PublishNameError::BadAnchor)?);
+                let anchor = v.parse::<u64>().map_err(|_| PublishNameError::BadAnchor)?;
+                if anchor > now_ms.saturating_add(MAX_ANCHOR_AHEAD_MS)
+                    || anchor < now_ms.saturating_sub(MAX_ANCHOR_BEHIND_MS)
+                {
+                    return Err(PublishNameError::AnchorOutOfRange);
+                }
+                anchor_ms = Some(anchor);
             }
             "relayed" => relayed = v == "1",
             _ => {}
@@ -159,6 +180,12 @@ impl StreamKeys {
 mod tests {
     use super::*;
 
+    const NOW: u64 = 1_764_000_100_000;
+
+    fn parse_publish_name(name: &str) -> Result<PublishRequest, PublishNameError> {
+        parse_publish_name_at(name, NOW)
+    }
+
     #[test]
     fn parses_the_contract_form() {
         let r =
@@ -205,6 +232,14 @@ mod tests {
             parse_publish_name(&"a".repeat(2000)),
             Err(PublishNameError::BadChannel)
         );
+        for anchor in [u64::MAX, NOW + MAX_ANCHOR_AHEAD_MS + 1, 0, NOW - (1 << 32)] {
+            assert_eq!(
+                parse_publish_name(&format!("test?key=a&anchor={anchor}")),
+                Err(PublishNameError::AnchorOutOfRange),
+                "{anchor}"
+            );
+        }
+        assert!(parse_publish_name(&format!("test?key=a&anchor={}", NOW + 1000)).is_ok());
     }
 
     #[test]
