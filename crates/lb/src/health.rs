@@ -239,6 +239,7 @@ mod tests {
             name: name.into(),
             viewers: 3,
             egress_mbps: 1.0,
+            segment_egress_mbps: 1.0,
             uplink_mbps: 100,
             free_viewers: free,
             live,

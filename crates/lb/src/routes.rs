@@ -435,6 +435,7 @@ mod tests {
                 name: name.to_string(),
                 viewers: 100u64.saturating_sub(*free),
                 egress_mbps: 0.0,
+                segment_egress_mbps: 0.0,
                 uplink_mbps: 100,
                 free_viewers: *free,
                 live: true,
