@@ -256,7 +256,8 @@ impl IntoResponse for Refused {
     }
 }
 
-/// Checks the channel name and the token; records the viewer.
+/// Checks the channel name and the token. A valid token does not make a viewer: only a
+/// downloaded segment does (see [`segment_body`]).
 fn admit(
     bc: &Broadcast,
     channel: &str,
@@ -276,7 +277,6 @@ fn admit(
         unix_now(),
     )
     .map_err(Refused::Token)?;
-    bc.viewer_seen(&claims.viewer);
     Ok((channel_config, claims))
 }
 
@@ -335,20 +335,24 @@ async fn media_or_segment(
         let Some(bytes) = found else {
             return text_error(StatusCode::NOT_FOUND, "segment not in the window");
         };
-        bc.count_egress(bytes.len());
         let cache = format!(
             "private, max-age={}",
             timeline.cache_segments * timeline.segment_seconds
         );
-        // `Bytes` clone: every viewer shares the one buffer.
-        return (
+        let length = bytes.len();
+        let mut response = (
             [
                 (header::CONTENT_TYPE, SEGMENT_TYPE.to_owned()),
                 (header::CACHE_CONTROL, cache),
             ],
-            bytes,
+            segment_body(bc.clone(), claims.viewer, bytes),
         )
             .into_response();
+        // A streamed body has no length of its own; players like to know it.
+        response
+            .headers_mut()
+            .insert(header::CONTENT_LENGTH, HeaderValue::from(length));
+        return response;
     }
     if config.me().drain {
         // Draining: the viewer's next playlist request moves it (the page and `watch` fail
@@ -388,6 +392,31 @@ async fn media_or_segment(
             r
         }
     }
+}
+
+/// Chunk size of a segment body: hyper asks for the next chunk only when its write buffer has
+/// room, so what we count is close to what the connection really took.
+const SEGMENT_CHUNK: usize = 16 * 1024;
+
+/// A segment body counted as it is handed to the connection: each chunk is egress when hyper
+/// takes it, and the viewer counts once the last chunk is taken. A client that asks for a segment
+/// but does not read it (or closes early) gets no viewer slot and costs at most what its
+/// connection buffers hold.
+fn segment_body(bc: Arc<Broadcast>, viewer: String, bytes: bytes::Bytes) -> axum::body::Body {
+    use futures::StreamExt;
+    let total = bytes.len();
+    let chunks = total.div_ceil(SEGMENT_CHUNK).max(1);
+    // `Bytes::slice`: every chunk still shares the one buffer all viewers get.
+    let stream = futures::stream::iter(0..chunks).map(move |i| {
+        let end = ((i + 1) * SEGMENT_CHUNK).min(total);
+        let chunk = bytes.slice((i * SEGMENT_CHUNK).min(end)..end);
+        bc.count_segment_egress(chunk.len());
+        if i + 1 == chunks {
+            bc.segment_fetched(&viewer);
+        }
+        Ok::<_, std::convert::Infallible>(chunk)
+    });
+    axum::body::Body::from_stream(stream)
 }
 
 async fn cluster(State(app): State<App>) -> Response {
@@ -445,6 +474,7 @@ mod tests {
     use axum::body::Body;
     use axum::http::Request;
     use bytes::Bytes;
+    use std::time::Duration;
     use streaming_hls::{SegmentInfo, parse_master, parse_media};
     use tower::ServiceExt;
 
@@ -467,6 +497,10 @@ mod tests {
     }
 
     fn fill(app: &App, seqs: std::ops::Range<u64>) {
+        fill_with(app, seqs, |seq| Bytes::from(format!("ts-{seq}")));
+    }
+
+    fn fill_with(app: &App, seqs: std::ops::Range<u64>, body: impl Fn(u64) -> Bytes) {
         let config = app.bc.config();
         let channel = crate::state::ChannelState::default();
         for r in &config.cluster.channels[0].ladder {
@@ -478,12 +512,7 @@ mod tests {
                     discontinuity: false,
                     program_date_time_ms: seq * 2000,
                 };
-                state
-                    .window
-                    .write()
-                    .unwrap()
-                    .push(info, Bytes::from(format!("ts-{seq}")))
-                    .unwrap();
+                state.window.write().unwrap().push(info, body(seq)).unwrap();
             }
             *state.last_new.lock().unwrap() = Some(std::time::Instant::now());
             channel
@@ -702,6 +731,102 @@ mod tests {
         assert_eq!(headers[header::CONTENT_TYPE], "text/css; charset=utf-8");
         let (status, _, _) = get(&app, "/vendor/hls.js/hls.min.js", None).await;
         assert_eq!(status, StatusCode::OK);
+    }
+
+    /// Egress meters that started 10 s ago, so rates are averaged over their full window
+    /// whatever the test's timing.
+    fn meters_with_history(app: &App) {
+        let now = std::time::Instant::now();
+        let start = now.checked_sub(Duration::from_secs(10)).unwrap_or(now);
+        *app.bc.egress.lock().unwrap() = crate::viewers::EgressMeter::new(start);
+        *app.bc.segment_egress.lock().unwrap() = crate::viewers::EgressMeter::new(start);
+    }
+
+    /// The status including the current second of egress.
+    fn status_now(app: &App) -> streaming_core::status::BroadcastStatus {
+        app.bc
+            .status_at(std::time::Instant::now() + Duration::from_secs(1))
+    }
+
+    #[tokio::test]
+    async fn playlist_fetchers_are_no_viewers_and_cost_no_capacity() {
+        let app = app();
+        fill(&app, 1..5);
+        meters_with_history(&app);
+        let before = status_now(&app);
+        // Top rendition (800 + 96) kbit/s × 1.1 = 985.6 kbit/s; 80 Mbit/s usable -> 81 viewers.
+        assert_eq!((before.viewers, before.free_viewers), (0, 81));
+        let now = unix_now();
+        for i in 0..1000 {
+            let t = token("broadcast1", "test", &format!("fake-{i}"), now + 100);
+            let (status, _, body) = get(&app, &format!("/live/test/master.m3u8?t={t}"), None).await;
+            assert_eq!(status, StatusCode::OK, "{body}");
+            let (status, _, body) =
+                get(&app, &format!("/live/test/360p/index.m3u8?t={t}"), None).await;
+            assert_eq!(status, StatusCode::OK, "{body}");
+        }
+        let during = status_now(&app);
+        assert!(during.egress_mbps > 0.0, "playlists were sent: {during:?}");
+        assert_eq!(during.segment_egress_mbps, 0.0);
+        assert_eq!((during.viewers, during.free_viewers), (0, 81));
+        assert_eq!(app.bc.viewers.lock().unwrap().tracked(), 0);
+        // One real viewer downloading a segment counts.
+        let t = token("broadcast1", "test", "real", now + 100);
+        let (status, _, body) = get(&app, &format!("/live/test/360p/3.ts?t={t}"), None).await;
+        assert_eq!((status, body.as_str()), (StatusCode::OK, "ts-3"));
+        let after = status_now(&app);
+        assert_eq!((after.viewers, after.free_viewers), (1, 80));
+    }
+
+    #[tokio::test]
+    async fn capacity_follows_measured_segment_egress() {
+        let app = app();
+        // 1 MB (8 Mbit) segments.
+        fill_with(&app, 1..12, |seq| Bytes::from(vec![seq as u8; 1_000_000]));
+        meters_with_history(&app);
+        let t = token("broadcast1", "test", "v", unix_now() + 100);
+        for seq in 1..11 {
+            let (status, headers, body) =
+                get(&app, &format!("/live/test/360p/{seq}.ts?t={t}"), None).await;
+            assert_eq!((status, body.len()), (StatusCode::OK, 1_000_000));
+            assert_eq!(headers[header::CONTENT_LENGTH], "1000000");
+        }
+        let s = status_now(&app);
+        // 80 Mbit over the 5 s window: 16 Mbit/s; (80 - 16) Mbit/s / 985.6 kbit/s = 64.9.
+        assert!((s.segment_egress_mbps - 16.0).abs() < 1e-9, "{s:?}");
+        assert!(s.egress_mbps >= s.segment_egress_mbps);
+        // One counted viewer alone would leave 80: the measured egress binds.
+        assert_eq!((s.viewers, s.free_viewers), (1, 64));
+    }
+
+    #[tokio::test]
+    async fn a_segment_not_read_to_the_end_makes_no_viewer() {
+        use futures::StreamExt;
+        let app = app();
+        fill_with(&app, 1..3, |_| Bytes::from(vec![0u8; 100_000]));
+        meters_with_history(&app);
+        let t = token("broadcast1", "test", "v", unix_now() + 100);
+        let response = router(app.clone(), None)
+            .oneshot(
+                Request::get(format!("/live/test/360p/1.ts?t={t}"))
+                    .body(Body::empty())
+                    .unwrap(),
+            )
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+        let mut body = response.into_body().into_data_stream();
+        let first = body.next().await.unwrap().unwrap();
+        assert_eq!(first.len(), SEGMENT_CHUNK);
+        // The client goes away after the first chunk.
+        drop(body);
+        let s = status_now(&app);
+        assert_eq!(s.viewers, 0);
+        let sent_mbit = SEGMENT_CHUNK as f64 * 8.0 / 1e6;
+        assert!(
+            (s.segment_egress_mbps * 5.0 - sent_mbit).abs() < 1e-9,
+            "{s:?}"
+        );
     }
 
     #[tokio::test]

@@ -6,8 +6,8 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use streaming_core::config::{HostConfig, Role};
-use streaming_core::status::{BroadcastStatus, viewer_capacity};
+use streaming_core::config::{HostConfig, Rendition, Role};
+use streaming_core::status::{BroadcastStatus, free_viewers, viewer_capacity};
 use streaming_core::token::TokenSigner;
 use streaming_hls::SegmentWindow;
 
@@ -78,7 +78,12 @@ pub struct Broadcast {
     client: RwLock<reqwest::Client>,
     pub channels: RwLock<BTreeMap<String, Arc<ChannelState>>>,
     pub viewers: Mutex<ViewerTracker>,
+    /// Every body handed to viewers, playlists included.
     pub egress: Mutex<EgressMeter>,
+    /// Segment bodies only: what capacity is planned on. Playlist floods are the rate limits'
+    /// business; counting them here would let a few hundred small requests a second shrink the
+    /// capacity the LBs see, which is the attack this accounting exists to stop.
+    pub segment_egress: Mutex<EgressMeter>,
 }
 
 impl Broadcast {
@@ -89,6 +94,8 @@ impl Broadcast {
         client: reqwest::Client,
     ) -> Self {
         let window = viewer_window(&config);
+        let cap = tracked_viewers_cap(&config);
+        let start = Instant::now();
         Self {
             name: config.name.clone(),
             config: RwLock::new(Arc::new(config)),
@@ -96,8 +103,9 @@ impl Broadcast {
             cluster_key: RwLock::new(cluster_key),
             client: RwLock::new(client),
             channels: RwLock::new(BTreeMap::new()),
-            viewers: Mutex::new(ViewerTracker::new(window)),
-            egress: Mutex::new(EgressMeter::new(Instant::now())),
+            viewers: Mutex::new(ViewerTracker::new(window, cap)),
+            egress: Mutex::new(EgressMeter::new(start)),
+            segment_egress: Mutex::new(EgressMeter::new(start)),
         }
     }
 
@@ -125,7 +133,7 @@ impl Broadcast {
         cluster_key: String,
         client: reqwest::Client,
     ) {
-        lock(&self.viewers).set_window(viewer_window(&config));
+        lock(&self.viewers).set_limits(viewer_window(&config), tracked_viewers_cap(&config));
         *write(&self.config) = Arc::new(config);
         *write(&self.signer) = signer;
         *write(&self.cluster_key) = cluster_key;
@@ -142,19 +150,32 @@ impl Broadcast {
         ))
     }
 
-    /// Counts a response body towards egress (Prometheus counter and the /status rate).
+    /// Counts a playlist body towards egress (Prometheus counter and the /status rate).
     pub fn count_egress(&self, bytes: usize) {
         metrics::counter!("broadcast_egress_bytes_total").increment(bytes as u64);
         lock(&self.egress).add(bytes as u64, Instant::now());
     }
 
-    pub fn viewer_seen(&self, viewer: &str) {
-        lock(&self.viewers).seen(viewer, Instant::now());
+    /// Counts part of a segment body as it is handed to the connection.
+    pub fn count_segment_egress(&self, bytes: usize) {
+        self.count_egress(bytes);
+        lock(&self.segment_egress).add(bytes as u64, Instant::now());
+    }
+
+    /// Notes that `viewer` was handed a whole segment: this, not a token, makes a viewer.
+    pub fn segment_fetched(&self, viewer: &str) {
+        if !lock(&self.viewers).fetched_segment(viewer, Instant::now()) {
+            metrics::counter!("broadcast_viewers_untracked_total").increment(1);
+        }
     }
 
     /// Prunes stale viewers and returns the current count (also published as a gauge).
     pub fn viewer_count(&self) -> u64 {
-        let n = lock(&self.viewers).prune(Instant::now());
+        self.viewer_count_at(Instant::now())
+    }
+
+    fn viewer_count_at(&self, now: Instant) -> u64 {
+        let n = lock(&self.viewers).prune(now);
         metrics::gauge!("broadcast_viewers").set(n as f64);
         n
     }
@@ -171,6 +192,11 @@ impl Broadcast {
     }
 
     pub fn status(&self) -> BroadcastStatus {
+        self.status_at(Instant::now())
+    }
+
+    /// The status as of `now` (tests look past the current, partial second of egress).
+    pub(crate) fn status_at(&self, now: Instant) -> BroadcastStatus {
         let config = self.config();
         let me = config.me();
         let uplink = me.uplink_mbps.unwrap_or(0);
@@ -182,17 +208,19 @@ impl Broadcast {
             .map(|c| c.top_bandwidth_bps())
             .max()
             .unwrap_or(0);
-        let viewers = self.viewer_count();
+        let viewers = self.viewer_count_at(now);
         let origins = read(&self.channels)
             .iter()
             .filter_map(|(name, c)| lock(&c.origin).clone().map(|o| (name.clone(), o)))
             .collect();
+        let segment_egress_mbps = lock(&self.segment_egress).mbps(now);
         BroadcastStatus {
             name: self.name.clone(),
             viewers,
-            egress_mbps: lock(&self.egress).mbps(Instant::now()),
+            egress_mbps: lock(&self.egress).mbps(now),
+            segment_egress_mbps,
             uplink_mbps: uplink,
-            free_viewers: viewer_capacity(uplink, top).saturating_sub(viewers),
+            free_viewers: free_viewers(uplink, top, viewers, segment_egress_mbps),
             live: !self.live_channels().is_empty(),
             draining: me.drain,
             origins,
@@ -206,9 +234,34 @@ impl Broadcast {
     }
 }
 
-/// 2·D, the window in which a playing viewer must have asked for something.
+/// 2·D, the window in which a playing viewer must have downloaded a segment.
 fn viewer_window(config: &HostConfig) -> Duration {
     Duration::from_secs(2 * u64::from(config.cluster.timeline.segment_seconds.max(1)))
+}
+
+/// Fewest viewer ids tracked at once, whatever the uplink.
+const MIN_TRACKED_VIEWERS: u64 = 4096;
+
+/// How many viewer ids we track at once: twice as many viewers as the uplink could serve on the
+/// smallest rendition, so every real viewer fits and a flood of fresh ids has a fixed ceiling
+/// (about 100 bytes each).
+fn tracked_viewers_cap(config: &HostConfig) -> usize {
+    let smallest = config
+        .cluster
+        .channels
+        .iter()
+        .flat_map(|c| {
+            c.ladder
+                .iter()
+                .map(Rendition::bandwidth_bps_with(c.audio_kbps))
+        })
+        .min()
+        .unwrap_or(0);
+    let uplink = config.me().uplink_mbps.unwrap_or(0);
+    let cap = viewer_capacity(uplink, smallest)
+        .saturating_mul(2)
+        .max(MIN_TRACKED_VIEWERS);
+    usize::try_from(cap).unwrap_or(usize::MAX)
 }
 
 pub fn allowed_origins(config: &HostConfig) -> Vec<String> {

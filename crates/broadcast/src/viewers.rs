@@ -1,50 +1,82 @@
-//! Who is watching and how much we send: the two numbers the LBs balance on.
+//! Who is watching and how much we send: the numbers the LBs balance on.
 //!
-//! A viewer is a distinct token viewer id seen in the last 2·D (DESIGN.md section 8): a player
-//! asks for its media playlist about once per segment, so anyone still playing is seen at least
-//! once in that window. Egress is measured from the bodies we hand out, over a short sliding
-//! window, which is what the uplink actually carries.
+//! A viewer is a distinct token viewer id that downloaded a whole segment in the last 2·D: a
+//! player fetches about one segment per D, so anyone still playing did so within that window.
+//! Tokens are handed out to anyone, so holding one, or asking for playlists with it, proves
+//! nothing; a whole segment costs the client its own download bandwidth. Ids enter the map only
+//! on such a download, and the map has a cap, so a flood of fresh ids cannot grow it without
+//! bound. Egress is measured from the bodies we hand out, over a short sliding window, which is
+//! what the uplink actually carries.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-/// Distinct viewer ids with the last time each was seen.
+/// A full map is pruned at most this often on the insert path, so a flood of fresh ids does not
+/// turn every segment request into a scan of the whole map.
+const PRUNE_EVERY: Duration = Duration::from_secs(1);
+
+/// Distinct viewer ids with the last time each finished downloading a segment.
 #[derive(Debug)]
 pub struct ViewerTracker {
     window: Duration,
-    last_seen: HashMap<String, Instant>,
+    cap: usize,
+    last_fetch: HashMap<String, Instant>,
+    last_prune: Option<Instant>,
 }
 
 impl ViewerTracker {
-    pub fn new(window: Duration) -> Self {
+    /// Tracks at most `cap` distinct ids at once.
+    pub fn new(window: Duration, cap: usize) -> Self {
         Self {
             window,
-            last_seen: HashMap::new(),
+            cap,
+            last_fetch: HashMap::new(),
+            last_prune: None,
         }
     }
 
-    /// Changes the window (the segment duration may change on reload).
-    pub fn set_window(&mut self, window: Duration) {
+    /// Changes the window and the cap (the segment duration, uplink and ladder may change on
+    /// reload).
+    pub fn set_limits(&mut self, window: Duration, cap: usize) {
         self.window = window;
+        self.cap = cap;
     }
 
-    /// Notes a request from a viewer. Ids come from tokens whose signature was checked, so an
-    /// outsider cannot grow this map.
-    pub fn seen(&mut self, viewer: &str, now: Instant) {
-        match self.last_seen.get_mut(viewer) {
-            Some(t) => *t = (*t).max(now),
-            None => {
-                self.last_seen.insert(viewer.to_owned(), now);
+    /// Notes that `viewer` finished downloading a whole segment. Returns false when the id was
+    /// not tracked because the map is full of viewers still within the window (its bytes still
+    /// count as egress, which bounds capacity on its own).
+    pub fn fetched_segment(&mut self, viewer: &str, now: Instant) -> bool {
+        if let Some(t) = self.last_fetch.get_mut(viewer) {
+            *t = (*t).max(now);
+            return true;
+        }
+        if self.last_fetch.len() >= self.cap {
+            let due = self
+                .last_prune
+                .is_none_or(|t| now.saturating_duration_since(t) >= PRUNE_EVERY);
+            if due {
+                self.prune(now);
+            }
+            if self.last_fetch.len() >= self.cap {
+                return false;
             }
         }
+        self.last_fetch.insert(viewer.to_owned(), now);
+        true
     }
 
-    /// Forgets viewers not seen within the window and returns how many remain.
+    /// Forgets viewers without a download within the window and returns how many remain.
     pub fn prune(&mut self, now: Instant) -> u64 {
         let window = self.window;
-        self.last_seen
-            .retain(|_, seen| now.saturating_duration_since(*seen) < window);
-        self.last_seen.len() as u64
+        self.last_fetch
+            .retain(|_, fetched| now.saturating_duration_since(*fetched) < window);
+        self.last_prune = Some(now);
+        self.last_fetch.len() as u64
+    }
+
+    /// Ids currently held, stale ones included (the memory bound).
+    pub fn tracked(&self) -> usize {
+        self.last_fetch.len()
     }
 }
 
@@ -108,17 +140,36 @@ mod tests {
     use super::*;
 
     #[test]
-    fn distinct_viewers_within_the_window() {
+    fn distinct_segment_fetchers_within_the_window() {
         let t0 = Instant::now();
-        let mut v = ViewerTracker::new(Duration::from_secs(4));
-        v.seen("a", t0);
-        v.seen("a", t0 + Duration::from_secs(1));
-        v.seen("b", t0 + Duration::from_secs(1));
+        let mut v = ViewerTracker::new(Duration::from_secs(4), 100);
+        assert!(v.fetched_segment("a", t0));
+        v.fetched_segment("a", t0 + Duration::from_secs(1));
+        v.fetched_segment("b", t0 + Duration::from_secs(1));
         assert_eq!(v.prune(t0 + Duration::from_secs(2)), 2);
-        v.seen("a", t0 + Duration::from_secs(3));
-        // b was last seen at 1 s: gone at 5 s; a (3 s) still counts.
+        v.fetched_segment("a", t0 + Duration::from_secs(3));
+        // b last fetched at 1 s: gone at 5 s; a (3 s) still counts.
         assert_eq!(v.prune(t0 + Duration::from_secs(5)), 1);
         assert_eq!(v.prune(t0 + Duration::from_secs(8)), 0);
+    }
+
+    #[test]
+    fn a_flood_of_distinct_ids_stays_within_the_cap() {
+        let t0 = Instant::now();
+        let cap = 1000;
+        let mut v = ViewerTracker::new(Duration::from_secs(4), cap);
+        // 100,000 distinct ids, each downloading a segment within the same second.
+        let tracked = (0..100_000)
+            .filter(|i| v.fetched_segment(&format!("fake-{i}"), t0 + Duration::from_micros(*i)))
+            .count();
+        assert_eq!(tracked, cap);
+        assert_eq!(v.tracked(), cap);
+        // Ids already tracked keep being refreshed while the map is full.
+        assert!(v.fetched_segment("fake-0", t0 + Duration::from_secs(2)));
+        // Once the window has passed, room is made for new viewers (pruned on insert).
+        let later = t0 + Duration::from_secs(5);
+        assert!(v.fetched_segment("real", later));
+        assert_eq!(v.prune(later), 2, "fake-0 (2 s) and real remain");
     }
 
     #[test]

@@ -5,12 +5,19 @@ use serde::{Deserialize, Serialize};
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct BroadcastStatus {
     pub name: String,
-    /// Distinct viewer tokens seen in the last 2·D.
+    /// Distinct viewers that downloaded a whole segment in the last 2·D. Holding a token or
+    /// asking for playlists does not make one a viewer.
     pub viewers: u64,
-    /// Bytes sent to viewers per second over the last few seconds, in Mbit/s.
+    /// Everything sent to viewers (playlists and segments) per second over the last few
+    /// seconds, in Mbit/s.
     pub egress_mbps: f64,
+    /// The segment part of `egress_mbps`: what [`free_viewers`] is planned on. Absent from
+    /// broadcasts older than this field (read as 0).
+    #[serde(default)]
+    pub segment_egress_mbps: f64,
     pub uplink_mbps: u32,
-    /// How many more viewers of the top rendition fit under 80 % of the uplink.
+    /// How many more viewers of the top rendition fit under 80 % of the uplink: see
+    /// [`free_viewers`].
     pub free_viewers: u64,
     /// True when at least one channel has a fresh playlist.
     pub live: bool,
@@ -19,10 +26,12 @@ pub struct BroadcastStatus {
     pub origins: std::collections::BTreeMap<String, String>,
 }
 
-/// Share of the uplink we allow to fill (DESIGN.md section 8).
+/// Share of the uplink we allow to fill; the rest is headroom for playlists, TLS and TCP
+/// overhead, and viewers switching up before the next measurement.
 pub const UPLINK_FILL: f64 = 0.8;
 
-/// The seed's capacity rule: viewers × top rendition bandwidth stays under 80 % of the uplink.
+/// How many viewers of the top rendition fit in an empty uplink: viewers × top rendition
+/// bandwidth stays under 80 % of it.
 pub fn viewer_capacity(uplink_mbps: u32, top_bandwidth_bps: u64) -> u64 {
     if top_bandwidth_bps == 0 {
         return 0;
@@ -30,12 +39,74 @@ pub fn viewer_capacity(uplink_mbps: u32, top_bandwidth_bps: u64) -> u64 {
     ((f64::from(uplink_mbps) * 1e6 * UPLINK_FILL) / top_bandwidth_bps as f64).floor() as u64
 }
 
+/// Free viewer slots, the number the LBs balance on: the smaller of two estimates.
+///
+/// - By measured egress: `floor((0.8 · uplink − segment egress) / top)`, where the segment
+///   egress is what really left over the last few seconds. Someone holding a token who fetches
+///   nothing (or only playlists) costs nothing here; a real viewer costs what its rendition
+///   costs.
+/// - By count: `floor(0.8 · uplink / top) − viewers`, where `viewers` counts only those who
+///   downloaded a whole segment recently. This bounds the first estimate from above because a
+///   viewer on a small rendition may switch to the top one at any time, and viewers that just
+///   started (or paused) send less than they will.
+///
+/// A broadcast that just started has no egress and no viewers, so both estimates are the plain
+/// capacity: neither full nor unlimited. With no declared uplink or no ladder it is full.
+pub fn free_viewers(
+    uplink_mbps: u32,
+    top_bandwidth_bps: u64,
+    viewers: u64,
+    segment_egress_mbps: f64,
+) -> u64 {
+    if top_bandwidth_bps == 0 {
+        return 0;
+    }
+    let by_count = viewer_capacity(uplink_mbps, top_bandwidth_bps).saturating_sub(viewers);
+    let budget_bps = f64::from(uplink_mbps) * 1e6 * UPLINK_FILL;
+    // `max` also turns a NaN into 0; the cast saturates.
+    let room_bps = (budget_bps - segment_egress_mbps * 1e6).max(0.0);
+    let by_egress = (room_bps / top_bandwidth_bps as f64).floor() as u64;
+    by_count.min(by_egress)
+}
+
 #[cfg(test)]
 mod tests {
+    use super::*;
+
     #[test]
     fn capacity_rule() {
         // 100 Mbit/s, 5 Mbit/s top rendition: 80 Mbit/s usable, 16 viewers.
-        assert_eq!(super::viewer_capacity(100, 5_000_000), 16);
-        assert_eq!(super::viewer_capacity(100, 0), 0);
+        assert_eq!(viewer_capacity(100, 5_000_000), 16);
+        assert_eq!(viewer_capacity(100, 0), 0);
+    }
+
+    #[test]
+    fn free_viewers_follow_measured_egress_and_never_exceed_the_count() {
+        // Just started: nothing sent, nobody counted: the plain capacity.
+        assert_eq!(free_viewers(100, 5_000_000, 0, 0.0), 16);
+        // 4 counted viewers on the top rendition sending 20 Mbit/s: 12 left by either estimate.
+        assert_eq!(free_viewers(100, 5_000_000, 4, 20.0), 12);
+        // 10 viewers on a 1 Mbit/s rendition (10 Mbit/s): egress leaves 14, but any of them may
+        // switch to the top rendition, so the count bounds it to 6.
+        assert_eq!(free_viewers(100, 5_000_000, 10, 10.0), 6);
+        // Uncounted downloaders (a flood of fresh ids beyond what is tracked) still cost their
+        // egress: 60 Mbit/s leaves room for 4.
+        assert_eq!(free_viewers(100, 5_000_000, 0, 60.0), 4);
+        // Over budget, by egress or by count: full, never wrapped around.
+        assert_eq!(free_viewers(100, 5_000_000, 0, 95.0), 0);
+        assert_eq!(free_viewers(100, 5_000_000, 40, 0.0), 0);
+        assert_eq!(free_viewers(100, 5_000_000, 0, f64::NAN), 0);
+        assert_eq!(free_viewers(100, 0, 0, 0.0), 0);
+        assert_eq!(free_viewers(0, 5_000_000, 0, 0.0), 0);
+    }
+
+    #[test]
+    fn older_status_without_segment_egress_still_parses() {
+        let json = serde_json::json!({
+            "name": "broadcast1", "viewers": 3, "egress_mbps": 1.5, "uplink_mbps": 100,
+            "free_viewers": 10, "live": true, "draining": false, "origins": {}
+        });
+        let s: BroadcastStatus = serde_json::from_value(json).unwrap();
+        assert_eq!((s.viewers, s.segment_egress_mbps), (3, 0.0));
     }
 }

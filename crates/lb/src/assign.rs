@@ -11,7 +11,8 @@ pub struct Candidate {
     pub base_url: String,
     /// Fresh poll, live, not draining, room for one more viewer.
     pub eligible: bool,
-    /// Free viewer slots as last reported minus what we assigned since.
+    /// Free viewer slots as last reported minus what we assigned recently (at most half of them:
+    /// see the health module).
     pub free_viewers: u64,
     /// Why it is not eligible (empty when it is), for `/status` and logs.
     pub reason: String,

@@ -1,10 +1,14 @@
 //! What the LB knows about each broadcast: its last `/status`, polled about once a second.
 //!
-//! No LB state is replicated: each LB polls every broadcast itself. Between two polls a burst of
-//! viewers could all land on the broadcast that looked emptiest, so assignments made since the
-//! last poll are subtracted from the free slots it reported.
+//! No LB state is replicated: each LB polls every broadcast itself. A viewer shows in a
+//! broadcast's count only once it has downloaded a segment, a second or two after we sent it
+//! there, so a burst of viewers could all land on the broadcast that looked emptiest. Our own
+//! recent assignments are therefore subtracted from the free slots it reported, but they are
+//! only a guess (anyone can ask for assignments and never watch): they age out after
+//! [`PENDING_TTL`] and may take at most half of the reported room, so they spread a burst
+//! without ever declaring a broadcast full. Only the broadcast's own measurement does that.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
@@ -22,6 +26,12 @@ pub const POLL_TIMEOUT: Duration = Duration::from_millis(800);
 /// hangs right after answering is excluded this long after its last answer (the issue asks for
 /// 2 s); a healthy one answers about twice within it, so one slow answer does not exclude it.
 pub const MAX_POLL_AGE: Duration = Duration::from_millis(1500);
+/// How long an assignment counts against a broadcast's free slots: long enough for a real
+/// player to fetch its first segment and for the next poll to report it, short enough that a
+/// burst of assignments nobody uses stops mattering within seconds.
+pub const PENDING_TTL: Duration = Duration::from_secs(3);
+/// Recent assignments are counted in buckets this wide (bounded memory, whatever the rate).
+const PENDING_BUCKET: Duration = Duration::from_millis(250);
 /// `/status` answers are a few hundred bytes.
 const MAX_STATUS_BYTES: usize = 64 * 1024;
 
@@ -31,8 +41,45 @@ pub struct BroadcastHealth {
     pub status: Option<BroadcastStatus>,
     pub last_ok: Option<Instant>,
     pub last_error: Option<String>,
-    /// Viewers this LB sent there since the status it last got.
-    pub assigned_since_poll: u64,
+    /// Viewers this LB sent there within [`PENDING_TTL`].
+    pub recent: RecentAssignments,
+}
+
+/// Assignments made within the last [`PENDING_TTL`], in a few time buckets.
+#[derive(Debug, Clone, Default)]
+pub struct RecentAssignments {
+    /// (bucket start, assignments), oldest first; at most TTL / bucket + 1 entries.
+    buckets: VecDeque<(Instant, u64)>,
+}
+
+impl RecentAssignments {
+    pub fn note(&mut self, now: Instant) {
+        self.expire(now);
+        match self.buckets.back_mut() {
+            Some((start, n)) if now.saturating_duration_since(*start) < PENDING_BUCKET => {
+                *n = n.saturating_add(1);
+            }
+            _ => self.buckets.push_back((now, 1)),
+        }
+    }
+
+    fn expire(&mut self, now: Instant) {
+        while self
+            .buckets
+            .front()
+            .is_some_and(|(start, _)| now.saturating_duration_since(*start) >= PENDING_TTL)
+        {
+            self.buckets.pop_front();
+        }
+    }
+
+    /// Assignments still within the TTL at `now`.
+    pub fn count(&self, now: Instant) -> u64 {
+        self.buckets
+            .iter()
+            .filter(|(start, _)| now.saturating_duration_since(*start) < PENDING_TTL)
+            .fold(0, |sum, (_, n)| sum.saturating_add(*n))
+    }
 }
 
 /// Shared poll results, by broadcast name.
@@ -54,17 +101,17 @@ impl Health {
             Ok(status) => {
                 entry.status = Some(status);
                 entry.last_ok = Some(now);
+                // Recent assignments stay: this answer may predate their first segment.
                 entry.last_error = None;
-                entry.assigned_since_poll = 0;
             }
             Err(e) => entry.last_error = Some(e),
         }
     }
 
-    /// Counts an assignment against a broadcast's free slots until its next poll.
-    pub fn note_assignment(&self, name: &str) {
+    /// Counts an assignment against a broadcast's free slots for [`PENDING_TTL`].
+    pub fn note_assignment(&self, name: &str, now: Instant) {
         let mut map = self.map.write().unwrap_or_else(|e| e.into_inner());
-        map.entry(name.to_owned()).or_default().assigned_since_poll += 1;
+        map.entry(name.to_owned()).or_default().recent.note(now);
     }
 
     /// Forgets broadcasts that left the config.
@@ -93,7 +140,8 @@ pub fn judge(host: &HostEntry, health: Option<&BroadcastHealth>, now: Instant) -
             None => "no fresh status".to_owned(),
         },
         (Some((h, _)), Some(status)) => {
-            candidate.free_viewers = status.free_viewers.saturating_sub(h.assigned_since_poll);
+            let reported = status.free_viewers;
+            candidate.free_viewers = reported - h.recent.count(now).min(reported / 2);
             if status.name != host.name {
                 format!("answers as {:?}", status.name)
             } else if status.draining {
@@ -239,6 +287,7 @@ mod tests {
             name: name.into(),
             viewers: 3,
             egress_mbps: 1.0,
+            segment_egress_mbps: 1.0,
             uplink_mbps: 100,
             free_viewers: free,
             live,
@@ -252,7 +301,7 @@ mod tests {
             status: Some(s),
             last_ok: Some(at),
             last_error: None,
-            assigned_since_poll: 0,
+            recent: RecentAssignments::default(),
         }
     }
 
@@ -352,30 +401,75 @@ mod tests {
     }
 
     #[test]
-    fn assignments_since_the_poll_use_up_free_slots() {
+    fn recent_assignments_spread_a_burst_but_never_mark_a_broadcast_full() {
         let health = Health::default();
         let now = Instant::now();
-        health.record("broadcast1", Ok(status("broadcast1", true, false, 2)), now);
-        health.note_assignment("broadcast1");
         let h = host("broadcast1", false);
-        let c = judge(&h, health.snapshot().get("broadcast1"), now);
-        assert_eq!((c.eligible, c.free_viewers), (true, 1));
-        health.note_assignment("broadcast1");
-        let c = judge(&h, health.snapshot().get("broadcast1"), now);
-        assert_eq!((c.eligible, c.reason.as_str()), (false, "full"));
-        // The next poll reflects reality again.
-        health.record("broadcast1", Ok(status("broadcast1", true, false, 5)), now);
-        assert_eq!(
-            judge(&h, health.snapshot().get("broadcast1"), now).free_viewers,
-            5
+        let judged = |at: Instant| judge(&h, health.snapshot().get("broadcast1"), at);
+        health.record("broadcast1", Ok(status("broadcast1", true, false, 10)), now);
+        health.note_assignment("broadcast1", now);
+        health.note_assignment("broadcast1", now);
+        assert_eq!((judged(now).eligible, judged(now).free_viewers), (true, 8));
+        // A poll that does not show them yet (no segment downloaded) does not forget them.
+        health.record("broadcast1", Ok(status("broadcast1", true, false, 10)), now);
+        assert_eq!(judged(now).free_viewers, 8);
+        // One address asking for a thousand assignments takes at most half the room...
+        for _ in 0..1000 {
+            health.note_assignment("broadcast1", now);
+        }
+        let c = judged(now);
+        assert_eq!((c.eligible, c.free_viewers), (true, 5), "{c:?}");
+        // ...and only for a few seconds.
+        let later = now + PENDING_TTL;
+        health.record(
+            "broadcast1",
+            Ok(status("broadcast1", true, false, 10)),
+            later,
         );
+        assert_eq!(judged(later).free_viewers, 10);
+        assert_eq!(
+            health.snapshot()["broadcast1"]
+                .recent
+                .count(later + PENDING_BUCKET),
+            0
+        );
+        // Full is what the broadcast itself reports.
+        health.record(
+            "broadcast1",
+            Ok(status("broadcast1", true, false, 0)),
+            later,
+        );
+        assert_eq!(judged(later).reason, "full");
         // A failed poll keeps the last status until it ages out.
-        health.record("broadcast1", Err("timeout".into()), now);
-        assert!(judge(&h, health.snapshot().get("broadcast1"), now).eligible);
-        let late = judge(&h, health.snapshot().get("broadcast1"), now + MAX_POLL_AGE);
+        health.record(
+            "broadcast1",
+            Ok(status("broadcast1", true, false, 5)),
+            later,
+        );
+        health.record("broadcast1", Err("timeout".into()), later);
+        assert!(judged(later).eligible);
+        let late = judged(later + MAX_POLL_AGE);
         assert!(
             !late.eligible && late.reason.contains("timeout"),
             "{late:?}"
         );
+    }
+
+    #[test]
+    fn recent_assignments_use_bounded_memory() {
+        let mut recent = RecentAssignments::default();
+        let t0 = Instant::now();
+        // 100,000 assignments spread over a minute.
+        for i in 0..100_000u64 {
+            recent.note(t0 + Duration::from_micros(i * 600));
+        }
+        let end = t0 + Duration::from_secs(60);
+        assert!(
+            recent.buckets.len() as u128
+                <= PENDING_TTL.as_millis() / PENDING_BUCKET.as_millis() + 1
+        );
+        // About 3 s worth of the 1,667 per second are still counted.
+        let n = recent.count(end);
+        assert!((4_500..=5_100).contains(&n), "{n}");
     }
 }

@@ -110,7 +110,7 @@ impl App {
         let kept = sticky == Some(chosen.name.as_str());
         if !kept {
             // A viewer new to this broadcast: count it until the next poll shows it.
-            self.health.note_assignment(&chosen.name);
+            self.health.note_assignment(&chosen.name, Instant::now());
         }
         metrics::counter!("lb_assignments_total", "broadcast" => chosen.name.clone(),
             "kind" => if kept { "sticky" } else { "new" })
@@ -372,7 +372,7 @@ async fn status(State(app): State<App>) -> Response {
                 "egress_mbps": st.map(|s| s.egress_mbps),
                 "live": st.map(|s| s.live),
                 "draining": st.map(|s| s.draining),
-                "assigned_since_poll": h.map_or(0, |h| h.assigned_since_poll),
+                "recent_assignments": h.map_or(0, |h| h.recent.count(now)),
                 "last_poll_age_s": h.and_then(|h| h.last_ok).map(|t| now.saturating_duration_since(t).as_secs_f64()),
                 "last_error": h.and_then(|h| h.last_error.clone()),
             })
@@ -435,6 +435,7 @@ mod tests {
                 name: name.to_string(),
                 viewers: 100u64.saturating_sub(*free),
                 egress_mbps: 0.0,
+                segment_egress_mbps: 0.0,
                 uplink_mbps: 100,
                 free_viewers: *free,
                 live: true,
@@ -573,25 +574,38 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn bursts_spread_before_the_next_poll() {
-        let app = app(&[("broadcast1", 2), ("broadcast2", 3)]);
+    async fn bursts_spread_before_the_next_poll_but_do_not_fill_the_cluster() {
+        let app = app(&[("broadcast1", 10), ("broadcast2", 16)]);
         let mut got = Vec::new();
-        for _ in 0..5 {
+        for _ in 0..8 {
             let (_, _, body) = get(&app, "/api/assign").await;
             let a: serde_json::Value = serde_json::from_str(&body).unwrap();
             got.push(a["broadcast"].as_str().unwrap().to_owned());
         }
-        assert_eq!(
-            got,
-            [
-                "broadcast2",
-                "broadcast1",
-                "broadcast2",
-                "broadcast1",
-                "broadcast2"
-            ]
-        );
-        // Now everything is taken until the next poll.
+        // broadcast2 until both look alike (10 left), then in turn.
+        let mut expected = vec!["broadcast2"; 6];
+        expected.extend(["broadcast1", "broadcast2"]);
+        assert_eq!(got, expected);
+        // Assignments nobody uses (fake viewers) take at most half the reported room: the
+        // cluster stays open until the broadcasts themselves report it full.
+        for _ in 0..1000 {
+            assert_eq!(get(&app, "/api/assign").await.0, StatusCode::OK);
+        }
+        let (_, _, body) = get(&app, "/status").await;
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        let free: Vec<_> = v["broadcasts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|b| (b["eligible"].as_bool(), b["free_viewers"].as_u64()))
+            .collect();
+        // broadcast2 took the rest once it stayed ahead at half its reported 16.
+        assert_eq!(free, [(Some(true), Some(7)), (Some(true), Some(8))]);
+    }
+
+    #[tokio::test]
+    async fn a_full_cluster_says_so() {
+        let app = app(&[("broadcast1", 0), ("broadcast2", 0)]);
         let (status, headers, body) = get(&app, "/api/assign").await;
         assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
         assert_eq!(headers[header::RETRY_AFTER], "5");
