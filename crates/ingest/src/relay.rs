@@ -58,6 +58,7 @@ impl RelayPeers {
                     max: Duration::from_secs(5),
                 },
                 failures_metric: "ingest_relay_failures_total",
+                bind: Some(config.me().address),
             },
             targets,
         })

@@ -114,6 +114,9 @@ pub struct PublishOptions {
     pub backoff: Backoff,
     /// Counter incremented (label `target`) at every failed connection.
     pub failures_metric: &'static str,
+    /// Local address to connect from: the host's own, which its listeners use too, so the
+    /// server sees (and limits, and logs) the host by its cluster address.
+    pub bind: Option<std::net::IpAddr>,
 }
 
 /// The stream to publish. The name includes the key: it never reaches a log line.
@@ -365,7 +368,14 @@ async fn connect(
     stream: &Stream,
     options: &PublishOptions,
 ) -> Result<(Tls, ClientSession), PublishError> {
-    let tcp = TcpStream::connect(target.addr).await?;
+    let socket = match target.addr {
+        SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+        SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+    };
+    if let Some(ip) = options.bind {
+        socket.bind(SocketAddr::new(ip, 0))?;
+    }
+    let tcp = socket.connect(target.addr).await?;
     let _ = tcp.set_nodelay(true);
     let connector = tokio_rustls::TlsConnector::from(options.tls.clone());
     let mut tls = connector.connect(target.server_name.clone(), tcp).await?;

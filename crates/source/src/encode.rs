@@ -51,6 +51,8 @@ pub struct EncodeSpec {
     pub ingests: Vec<Target>,
     /// The CA bundle the ingests' certificates are checked against.
     pub ca_cert: PathBuf,
+    /// This host's address: the publishing connections come from it.
+    pub address: std::net::IpAddr,
     pub stream_key: String,
 }
 
@@ -118,6 +120,7 @@ impl EncodeSpec {
             audio_kbps: channel.audio_kbps,
             ingests,
             ca_cert: config.paths.ca_cert.clone(),
+            address: me.address,
             stream_key,
         })
     }
@@ -252,6 +255,7 @@ mod tests {
             audio_kbps: 96,
             ingests: vec![],
             ca_cert: "/nonexistent/ca.crt".into(),
+            address: [127, 0, 0, 1].into(),
             stream_key: "k3y/+=".into(),
         }
     }

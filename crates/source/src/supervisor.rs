@@ -320,6 +320,7 @@ fn run_and_watch(
         queue_tags: PUBLISH_QUEUE_TAGS,
         backoff: PUBLISH_BACKOFF,
         failures_metric: "source_publish_failures_total",
+        bind: Some(spec.address),
     };
     shared.runtime.spawn(publish(
         stdout,
