@@ -619,6 +619,48 @@ mod tests {
         assert_eq!(resume.plan(&headers, &aac), vec![aac]);
     }
 
+    fn host(url: &str) -> HostEntry {
+        HostEntry {
+            name: "ingest2".into(),
+            role: streaming_core::config::Role::Ingest,
+            fqdn: "ingest2.streaming-cluster.test".into(),
+            address: [192, 0, 2, 42].into(),
+            ports: streaming_core::config::Ports {
+                https: 8443,
+                rtmp: 1935,
+                rtmps: 1936,
+                patroni: 8008,
+                postgres: 5432,
+                etcd_client: 2379,
+                etcd_peer: 2380,
+            },
+            url: url.into(),
+            uplink_mbps: None,
+            preferred_ingest: None,
+            channel: None,
+            priority: None,
+            etcd_witness: false,
+            drain: false,
+        }
+    }
+
+    #[test]
+    fn targets_are_verified_by_the_name_peers_use_for_https() {
+        let local = Target::rtmps_of(&host("https://192.0.2.42:8443")).unwrap();
+        assert_eq!(local.addr, "192.0.2.42:1936".parse().unwrap());
+        assert_eq!(
+            local.server_name,
+            ServerName::from(std::net::IpAddr::from([192, 0, 2, 42]))
+        );
+        let acme = Target::rtmps_of(&host("https://ingest2.streaming-cluster.test")).unwrap();
+        assert_eq!(acme.addr, "192.0.2.42:1936".parse().unwrap());
+        assert_eq!(
+            acme.server_name,
+            ServerName::try_from("ingest2.streaming-cluster.test").unwrap()
+        );
+        assert!(Target::rtmps_of(&host("not a url")).is_err());
+    }
+
     #[test]
     fn stream_debug_hides_the_publish_name() {
         let s = Stream {
