@@ -42,10 +42,11 @@ pub const MAX_START_LAG_MS: i64 = 300;
 const MAX_LAG_CORRECTIONS: u32 = 3;
 /// Tags queued per ingest before a stuck one starts dropping (about 3.5 s at 25 fps + audio).
 pub const PUBLISH_QUEUE_TAGS: usize = 256;
-/// Reconnection waits towards an ingest that went away.
+/// Reconnection waits towards an ingest that went away: at most a second, so a restarted
+/// ingest gets its sources back within a second of listening.
 pub const PUBLISH_BACKOFF: Backoff = Backoff {
     first: Duration::from_millis(500),
-    max: Duration::from_secs(2),
+    max: Duration::from_secs(1),
 };
 
 /// What `/status` shows and `/healthz` decides on.
