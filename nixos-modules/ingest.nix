@@ -33,6 +33,8 @@ in
         path = [ cfg.ffmpegPackage ];
         ports = [
           me.ports.https
+          # Plain RTMP only for outside publishers that cannot do TLS: sources and the relay
+          # between ingests use RTMPS.
           me.ports.rtmp
           me.ports.rtmps
         ];

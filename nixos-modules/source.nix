@@ -31,7 +31,8 @@ in
         inherit (cfg) package;
         bin = "source";
         path = [ cfg.ffmpegPackage ];
-        # /healthz and /metrics only; it publishes outwards.
+        # /healthz and /metrics only; it publishes outwards, over RTMPS to every ingest (their
+        # port 1936, certificates checked against the CA bundle in /run/streaming-cluster/tls).
         ports = [ me.ports.https ];
         memoryDenyWriteExecute = false;
       })

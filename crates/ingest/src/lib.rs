@@ -43,14 +43,13 @@ fn ranked_sources(config: &HostConfig, channel: &str) -> Vec<String> {
         .collect()
 }
 
-/// RTMP addresses of the other ingests (relay targets).
-fn peer_ingests(config: &HostConfig) -> Vec<std::net::SocketAddr> {
-    config
-        .cluster
-        .hosts_with_role(streaming_core::config::Role::Ingest)
-        .filter(|h| h.name != config.name)
-        .map(|h| h.socket(h.ports.rtmp))
-        .collect()
+/// RTMPS endpoints of the other ingests (relay targets): set for the relays, returns their
+/// addresses for the connection handlers.
+fn configure_relay_peers(config: &HostConfig) -> anyhow::Result<Vec<std::net::SocketAddr>> {
+    let peers = relay::RelayPeers::from_config(config)?;
+    let addresses = peers.addresses();
+    relay::set_peers(peers);
+    Ok(addresses)
 }
 
 fn load_keys(config: &HostConfig) -> StreamKeys {
@@ -73,7 +72,8 @@ pub async fn run(ctx: ServiceContext) -> anyhow::Result<()> {
     let clock = SlotClock::new(timeline.segment_seconds);
     let cluster_key = read_secret(&config.paths.cluster_key).context("cluster key")?;
     let rtmp = RtmpContext::new(load_keys(&config), &config.cluster.limits);
-    *rtmp.peers.write().unwrap_or_else(|e| e.into_inner()) = peer_ingests(&config);
+    *rtmp.peers.write().unwrap_or_else(|e| e.into_inner()) =
+        configure_relay_peers(&config).context("relay peers")?;
     let tls = tls_acceptor(&config).context("RTMPS certificate")?;
     let (tls_tx, tls_rx) = watch::channel(tls);
 
@@ -142,7 +142,10 @@ pub async fn run(ctx: ServiceContext) -> anyhow::Result<()> {
                 }
                 *rtmp.keys.write().unwrap_or_else(|e| e.into_inner()) = load_keys(&current);
                 rtmp.set_limits(&current.cluster.limits);
-                *rtmp.peers.write().unwrap_or_else(|e| e.into_inner()) = peer_ingests(&current);
+                match configure_relay_peers(&current) {
+                    Ok(peers) => *rtmp.peers.write().unwrap_or_else(|e| e.into_inner()) = peers,
+                    Err(e) => tracing::error!("relay peers reload failed, keeping the old ones: {e:#}"),
+                }
                 match read_secret(&current.paths.cluster_key) {
                     Ok(key) => *cluster_key.write().unwrap_or_else(|e| e.into_inner()) = key,
                     Err(e) => tracing::error!("cluster key reload failed, keeping the old one: {e}"),

@@ -1,26 +1,17 @@
 //! The one ffmpeg encode a source runs: a lavfi test pattern with a burned-in wall clock and host
-//! name plus a tone, encoded once and fanned out to every ingest with the `tee` muxer.
-//!
-//! The fan-out uses tee's fifo mode with recovery (DESIGN.md section 8 "Source fan-out"): each
-//! output gets its own queue and thread, a failed output is reopened every
-//! [`RECOVERY_WAIT_SECS`] for ever, and a slow output drops packets instead of blocking the
-//! encoder. Verified against Debian's ffmpeg 5.1: an RTMP receiver that goes away and comes back
-//! gets the stream again without the encoder restarting.
+//! name plus a tone, encoded once and written as FLV to ffmpeg's stdout. The source process reads
+//! those tags and publishes them over RTMPS to every ingest (`crate::supervisor`), so the stream
+//! key is never on ffmpeg's command line and never travels in clear.
 //!
 //! Everything here is pure (config in, argument list out) so it is tested without ffmpeg.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use streaming_core::config::{HostConfig, Role};
+use streaming_rtmp_publish::{Target, TargetError};
 
 /// Font for the burned-in text (Debian `fonts-dejavu-core`).
 pub const FONT: &str = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf";
-
-/// Seconds between two reconnection attempts to an ingest that went away.
-pub const RECOVERY_WAIT_SECS: u32 = 1;
-
-/// Packets queued per output before a stuck output starts dropping (about 4 s at 25 fps + audio).
-pub const FIFO_QUEUE_PACKETS: u32 = 200;
 
 /// Frequency of the test tone.
 pub const TONE_HZ: u32 = 440;
@@ -37,6 +28,8 @@ pub enum SpecError {
     NoIngest,
     #[error("stream key: {0}")]
     Key(#[from] streaming_core::secrets::SecretError),
+    #[error(transparent)]
+    Target(#[from] TargetError),
 }
 
 /// Everything that decides the encode except the anchor (taken at each spawn).
@@ -54,8 +47,12 @@ pub struct EncodeSpec {
     pub preset: String,
     pub video_kbps: u32,
     pub audio_kbps: u32,
-    /// `(ingest name, "host:port")` of every RTMP output.
-    pub ingests: Vec<(String, String)>,
+    /// The RTMPS endpoint of every ingest.
+    pub ingests: Vec<Target>,
+    /// The CA bundle the ingests' certificates are checked against.
+    pub ca_cert: PathBuf,
+    /// This host's address: the publishing connections come from it.
+    pub address: std::net::IpAddr,
     pub stream_key: String,
 }
 
@@ -99,8 +96,8 @@ impl EncodeSpec {
         let ingests: Vec<_> = config
             .cluster
             .hosts_with_role(Role::Ingest)
-            .map(|h| (h.name.clone(), h.socket(h.ports.rtmp).to_string()))
-            .collect();
+            .map(Target::rtmps_of)
+            .collect::<Result<_, _>>()?;
         if ingests.is_empty() {
             return Err(SpecError::NoIngest);
         }
@@ -122,47 +119,31 @@ impl EncodeSpec {
             video_kbps: top.video_kbps.saturating_mul(2),
             audio_kbps: channel.audio_kbps,
             ingests,
+            ca_cert: config.paths.ca_cert.clone(),
+            address: me.address,
             stream_key,
         })
     }
 
-    /// The publish URL for one ingest (the shared runtime contract's query parameters).
-    pub fn publish_url(&self, ingest_addr: &str, anchor_ms: u64) -> String {
+    /// The RTMP publish name (the shared runtime contract's query parameters): the same for
+    /// every ingest, and secret, since it carries the key.
+    pub fn publish_name(&self, anchor_ms: u64) -> String {
         format!(
-            "rtmp://{ingest_addr}/live/{}?key={}&source={}&anchor={anchor_ms}",
+            "{}?key={}&source={}&anchor={anchor_ms}",
             self.channel,
             query_escape(&self.stream_key),
             query_escape(&self.host)
         )
     }
 
-    /// The tee muxer's output list: one fifo-backed FLV output per ingest, failures ignored.
-    pub fn tee_outputs(&self, anchor_ms: u64) -> String {
-        self.ingests
-            .iter()
-            .map(|(_, addr)| {
-                format!(
-                    "[f=flv:onfail=ignore:flvflags=no_duration_filesize]{}",
-                    tee_escape(&self.publish_url(addr, anchor_ms))
-                )
-            })
-            .collect::<Vec<_>>()
-            .join("|")
-    }
-
-    /// ffmpeg's arguments (without the program name) for an encode whose media time 0 is
-    /// wall-clock `anchor_ms`.
-    pub fn ffmpeg_args(&self, anchor_ms: u64) -> Vec<String> {
+    /// ffmpeg's arguments (without the program name). The anchor is not among them: media
+    /// time 0 is whenever ffmpeg starts, and the anchor travels in the publish name.
+    pub fn ffmpeg_args(&self) -> Vec<String> {
         let drawtext = format!(
             "drawtext=fontfile={FONT}:text='%{{localtime}}  {host}':x=16:y=16:fontsize={size}:\
              fontcolor=white:box=1:boxcolor=black@0.6:boxborderw=6",
             host = filter_escape(&self.host),
             size = (self.height / 14).max(10),
-        );
-        let fifo_options = format!(
-            "attempt_recovery=1:recover_any_error=1:max_recovery_attempts=0:\
-             recovery_wait_time={RECOVERY_WAIT_SECS}:drop_pkts_on_overflow=1:\
-             restart_with_keyframe=1:queue_size={FIFO_QUEUE_PACKETS}"
         );
         let vk = self.video_kbps;
         let args = [
@@ -217,16 +198,16 @@ impl EncodeSpec {
             "2",
             "-b:a",
             &format!("{}k", self.audio_kbps),
-            // FLV needs the codec headers up front; the tee muxer does not ask for them itself.
-            "-flags",
-            "+global_header",
             "-f",
-            "tee",
-            "-use_fifo",
+            "flv",
+            // A pipe cannot seek back to patch these in.
+            "-flvflags",
+            "no_duration_filesize",
+            // Every packet at once: the pipe's buffer would otherwise delay media by up to
+            // 32 KiB, which at low bitrates is a large part of a segment.
+            "-flush_packets",
             "1",
-            "-fifo_options",
-            &fifo_options,
-            &self.tee_outputs(anchor_ms),
+            "pipe:1",
         ];
         args.iter().map(|s| s.to_string()).collect()
     }
@@ -245,18 +226,6 @@ fn query_escape(value: &str) -> String {
         } else {
             out.push_str(&format!("%{b:02X}"));
         }
-    }
-    out
-}
-
-/// tee splits its output list with `av_get_token`: `|`, `\` and `'` must be escaped.
-fn tee_escape(value: &str) -> String {
-    let mut out = String::with_capacity(value.len());
-    for c in value.chars() {
-        if matches!(c, '|' | '\\' | '\'' | '[' | ']') {
-            out.push('\\');
-        }
-        out.push(c);
     }
     out
 }
@@ -284,47 +253,52 @@ mod tests {
             preset: "ultrafast".into(),
             video_kbps: 1600,
             audio_kbps: 96,
-            ingests: vec![
-                ("ingest1".into(), "127.80.4.1:1935".into()),
-                ("ingest2".into(), "127.80.4.2:1935".into()),
-            ],
+            ingests: vec![],
+            ca_cert: "/nonexistent/ca.crt".into(),
+            address: [127, 0, 0, 1].into(),
             stream_key: "k3y/+=".into(),
         }
     }
 
     #[test]
-    fn publish_url_follows_the_contract() {
+    fn publish_name_follows_the_contract() {
         assert_eq!(
-            spec().publish_url("127.80.4.1:1935", 1_700_000_000_123),
-            "rtmp://127.80.4.1:1935/live/test?key=k3y%2F%2B%3D&source=source1&anchor=1700000000123"
+            spec().publish_name(1_700_000_000_123),
+            "test?key=k3y%2F%2B%3D&source=source1&anchor=1700000000123"
         );
     }
 
     #[test]
-    fn one_fifo_output_per_ingest() {
-        let outputs = spec().tee_outputs(5);
-        let parts: Vec<_> = outputs.split('|').collect();
-        assert_eq!(parts.len(), 2);
-        assert!(parts[0].starts_with("[f=flv:onfail=ignore"));
-        assert!(parts[1].ends_with(
-            "rtmp://127.80.4.2:1935/live/test?key=k3y%2F%2B%3D&source=source1&anchor=5"
-        ));
-    }
-
-    #[test]
-    fn args_fix_the_gop_and_enable_recovery() {
-        let args = spec().ffmpeg_args(7);
+    fn args_fix_the_gop_and_write_flv_to_stdout() {
+        let args = spec().ffmpeg_args();
         let after = |flag: &str| args[args.iter().position(|a| a == flag).unwrap() + 1].clone();
         assert_eq!(after("-g"), "50");
         assert_eq!(after("-keyint_min"), "50");
         assert_eq!(after("-profile:v"), "main");
         assert_eq!(after("-ar"), "48000");
-        assert_eq!(after("-use_fifo"), "1");
-        assert!(after("-fifo_options").contains("attempt_recovery=1"));
-        assert!(after("-fifo_options").contains("recover_any_error=1"));
-        assert!(args.last().unwrap().contains("anchor=7"));
+        assert_eq!(after("-f"), "lavfi");
+        assert_eq!(
+            args[args.len() - 7..],
+            [
+                "-f",
+                "flv",
+                "-flvflags",
+                "no_duration_filesize",
+                "-flush_packets",
+                "1",
+                "pipe:1"
+            ]
+            .map(String::from)
+        );
         assert!(after("-vf").contains("%{localtime}"));
         assert!(after("-vf").contains("source1"));
+    }
+
+    #[test]
+    fn no_secret_on_the_command_line() {
+        let args = spec().ffmpeg_args().join(" ");
+        assert!(!args.contains("k3y"), "{args}");
+        assert!(!args.contains("key="), "{args}");
     }
 
     #[test]
@@ -334,7 +308,6 @@ mod tests {
 
     #[test]
     fn escaping() {
-        assert_eq!(tee_escape("a|b'c"), "a\\|b\\'c");
         assert_eq!(filter_escape("host':x=1"), "hostx1");
     }
 }

@@ -1,8 +1,9 @@
 //! The source role: a test pattern publisher (bars, burned-in wall clock and host name, a tone)
-//! that pushes one encode to every ingest of the cluster over RTMP and keeps reconnecting.
+//! that pushes one encode to every ingest of the cluster over RTMPS and keeps reconnecting.
 //!
 //! - [`encode`]: the ffmpeg command (pure, tested without ffmpeg).
-//! - [`supervisor`]: the thread that keeps one ffmpeg running, with backoff and a new anchor per start.
+//! - [`supervisor`]: the thread that keeps one ffmpeg running, with backoff and a new anchor per
+//!   start, and the task that publishes its FLV output to the ingests.
 //! - [`http`]: `/healthz`, `/status` and `/metrics` over HTTPS for `streamctl status`.
 //!
 //! SIGHUP re-reads the config and the stream key and restarts the encode only if the ingest list,
@@ -23,7 +24,7 @@ use crate::supervisor::Supervisor;
 pub async fn run(ctx: ServiceContext) -> anyhow::Result<()> {
     let spec = EncodeSpec::from_config(&ctx.config)?;
     tracing::info!(channel = %spec.channel, ingests = spec.ingests.len(), "publishing test pattern");
-    let supervisor = Arc::new(Supervisor::start(spec)?);
+    let supervisor = Arc::new(Supervisor::start(spec, ctx.lifecycle.clone())?);
 
     let reload_task = tokio::spawn(reload_loop(
         ctx.config_path.clone(),

@@ -1,9 +1,11 @@
-//! Keeps exactly one ffmpeg encode running on a dedicated thread.
+//! Keeps exactly one ffmpeg encode running on a dedicated thread, and publishes what it encodes.
 //!
 //! The thread spawns ffmpeg (with a parent-death signal, so the child never outlives this thread),
 //! reads its log through ffmpeg-sidecar, and restarts it with exponential backoff when it exits.
-//! Each start takes a new anchor: the ingests learn it from the publish URL. A reload that changes
-//! the encode asks for an immediate restart; shutdown stops it for good.
+//! ffmpeg writes FLV to its stdout; a task on the runtime reads the tags and publishes them over
+//! RTMPS to every ingest, each through its own queue with its own reconnects, so one ingest down
+//! never disturbs the other. Each start takes a new anchor: the ingests learn it from the publish
+//! name. A reload that changes the encode asks for an immediate restart; shutdown stops it for good.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -14,6 +16,8 @@ use std::time::{Duration, Instant};
 use ffmpeg_sidecar::command::FfmpegCommand;
 use ffmpeg_sidecar::event::{FfmpegEvent, LogLevel};
 use serde::Serialize;
+use streaming_core::lifecycle::Lifecycle;
+use streaming_rtmp_publish::{Backoff, Fanout, FlvReader, PublishOptions, Stream, Target};
 
 use crate::encode::EncodeSpec;
 
@@ -36,6 +40,14 @@ pub const PROGRESS_STALE: Duration = Duration::from_secs(5);
 pub const MAX_START_LAG_MS: i64 = 300;
 /// Restarts for a late start before the lag is accepted (and logged).
 const MAX_LAG_CORRECTIONS: u32 = 3;
+/// Tags queued per ingest before a stuck one starts dropping (about 3.5 s at 25 fps + audio).
+pub const PUBLISH_QUEUE_TAGS: usize = 256;
+/// Reconnection waits towards an ingest that went away: at most a second, so a restarted
+/// ingest gets its sources back within a second of listening.
+pub const PUBLISH_BACKOFF: Backoff = Backoff {
+    first: Duration::from_millis(500),
+    max: Duration::from_secs(1),
+};
 
 /// What `/status` shows and `/healthz` decides on.
 #[derive(Debug, Default, Clone, Serialize)]
@@ -69,6 +81,9 @@ struct Shared {
     /// Millis since `epoch` of the last progress line.
     last_progress_ms: AtomicU64,
     epoch: Instant,
+    /// Where the publishing tasks run (the supervisor itself is a plain thread).
+    runtime: tokio::runtime::Handle,
+    lifecycle: Lifecycle,
 }
 
 /// Handle to the supervisor thread.
@@ -78,7 +93,8 @@ pub struct Supervisor {
 }
 
 impl Supervisor {
-    pub fn start(spec: EncodeSpec) -> std::io::Result<Self> {
+    /// Starts the supervisor thread; must be called on the runtime that runs the publishing.
+    pub fn start(spec: EncodeSpec, lifecycle: Lifecycle) -> std::io::Result<Self> {
         let shared = Arc::new(Shared {
             control: Mutex::new(Control {
                 spec: Some(spec),
@@ -88,6 +104,8 @@ impl Supervisor {
             status: Mutex::new(EncodeStatus::default()),
             last_progress_ms: AtomicU64::new(0),
             epoch: Instant::now(),
+            runtime: tokio::runtime::Handle::current(),
+            lifecycle,
         });
         let thread_shared = shared.clone();
         let thread = std::thread::Builder::new()
@@ -236,23 +254,6 @@ fn supervise(shared: &Shared) {
     }
 }
 
-/// Replaces the value of every `key=` query parameter with `<redacted>`.
-pub fn redact_key(line: &str) -> String {
-    let mut out = String::with_capacity(line.len());
-    let mut rest = line;
-    while let Some(at) = rest.find("key=") {
-        let (before, after) = rest.split_at(at + 4);
-        out.push_str(before);
-        out.push_str("<redacted>");
-        let end = after
-            .find(|c: char| c == '&' || c.is_whitespace())
-            .unwrap_or(after.len());
-        rest = &after[end..];
-    }
-    out.push_str(rest);
-    out
-}
-
 /// How one ffmpeg run ended.
 enum RunEnd {
     /// It exited; how, for the log.
@@ -291,14 +292,44 @@ fn run_and_watch(
     anchor_ms: u64,
     mut check_lag: bool,
 ) -> Result<String, i64> {
+    // Read at every start, so a renewed CA bundle applies from the next run on.
+    let tls = match streaming_rtmp_publish::client_config(&spec.ca_cert) {
+        Ok(tls) => tls,
+        Err(e) => return Ok(format!("cannot load the CA to verify the ingests: {e}")),
+    };
     let mut command = FfmpegCommand::new_with_path("ffmpeg");
-    command.args(spec.ffmpeg_args(anchor_ms));
+    command.args(spec.ffmpeg_args());
     streaming_core::process::die_with_parent(command.as_inner_mut());
     let mut child = match command.spawn() {
         Ok(child) => child,
         Err(e) => return Ok(format!("cannot start ffmpeg: {e}")),
     };
     let pid = child.as_inner().id();
+    // Taken before ffmpeg-sidecar's iterator, which would otherwise read it for raw frames.
+    let Some(stdout) = child.take_stdout() else {
+        let _ = child.as_inner_mut().kill();
+        let _ = child.wait();
+        return Ok("ffmpeg's stdout is not a pipe".into());
+    };
+    let stream = Stream {
+        label: format!("{} from {} (anchor {anchor_ms})", spec.channel, spec.host),
+        publish_name: spec.publish_name(anchor_ms),
+    };
+    let options = PublishOptions {
+        tls,
+        app: "live".into(),
+        queue_tags: PUBLISH_QUEUE_TAGS,
+        backoff: PUBLISH_BACKOFF,
+        failures_metric: "source_publish_failures_total",
+        bind: Some(spec.address),
+    };
+    shared.runtime.spawn(publish(
+        stdout,
+        stream,
+        spec.ingests.clone(),
+        options,
+        shared.lifecycle.clone(),
+    ));
     {
         let mut control = lock(&shared.control);
         control.pid = Some(pid);
@@ -316,7 +347,7 @@ fn run_and_watch(
         status.outputs = spec
             .ingests
             .iter()
-            .map(|(name, addr)| format!("{name} ({addr})"))
+            .map(|target| format!("{target:?}"))
             .collect();
     }
     metrics::gauge!("source_ffmpeg_running").set(1.0);
@@ -357,8 +388,6 @@ fn run_and_watch(
                         level @ (LogLevel::Warning | LogLevel::Error | LogLevel::Fatal),
                         line,
                     ) => {
-                        // ffmpeg prints the publish URL in its errors: keep the key out of logs.
-                        let line = redact_key(&line);
                         let now = Instant::now();
                         let fresh = last_logged
                             .get(&line)
@@ -395,6 +424,36 @@ fn run_and_watch(
     }
 }
 
+/// Reads ffmpeg's FLV from `stdout` and publishes every tag to every ingest until ffmpeg exits.
+/// Ending early (unreadable FLV) closes the pipe, which ends ffmpeg and so the run.
+async fn publish(
+    stdout: std::process::ChildStdout,
+    stream: Stream,
+    ingests: Vec<Target>,
+    options: PublishOptions,
+    lifecycle: Lifecycle,
+) {
+    let stdout = match tokio::process::ChildStdout::from_std(stdout) {
+        Ok(stdout) => stdout,
+        Err(e) => {
+            tracing::error!("cannot read ffmpeg's output: {e}");
+            return;
+        }
+    };
+    let mut reader = FlvReader::new(stdout);
+    let mut fanout = Fanout::start(&stream, &ingests, &options, &lifecycle);
+    loop {
+        match reader.next_tag().await {
+            Ok(Some(tag)) => fanout.push(&tag),
+            Ok(None) => return,
+            Err(e) => {
+                tracing::error!(stream = %stream.label, "ffmpeg's output: {e}; ending this encode");
+                return;
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #[test]
@@ -404,15 +463,5 @@ mod tests {
         assert_eq!(super::parse_media_time_ms("-00:00:00.04"), Some(-40));
         assert_eq!(super::parse_media_time_ms("N/A"), None);
         assert_eq!(super::parse_media_time_ms("1:2:3:4"), None);
-    }
-
-    #[test]
-    fn stream_keys_are_redacted() {
-        assert_eq!(
-            super::redact_key("Error opening rtmp://a/live/test?key=s3cret&source=s1: refused"),
-            "Error opening rtmp://a/live/test?key=<redacted>&source=s1: refused"
-        );
-        assert_eq!(super::redact_key("key=abc"), "key=<redacted>");
-        assert_eq!(super::redact_key("no secrets"), "no secrets");
     }
 }

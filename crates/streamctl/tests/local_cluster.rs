@@ -1,7 +1,8 @@
 //! End to end through the real binaries: `streamctl up` starts every host of cluster.nix on
 //! loopback, a viewer watches through an LB, ffprobe reads the ladder, a wrong stream key is
-//! refused while the stream plays on, a transcoder crash does not break the playlist, and
-//! `streamctl down` leaves no process behind.
+//! refused while the stream plays on, the stream key is on no command line and in no log while
+//! sources and the relay publish over RTMPS only, a transcoder crash does not break the playlist,
+//! and `streamctl down` leaves no process behind.
 //!
 //! Needs ffmpeg, ffprobe and nix-instantiate (scripts/setup-debian.sh installs them) and the
 //! workspace binaries built next to streamctl (`cargo build --workspace`), so it is `#[ignore]`d
@@ -20,29 +21,161 @@ const PREFIX: &str = "127.76";
 mod common;
 use common::{Cluster, json_of, run, streamctl};
 
-/// Processes whose command line mentions the state dir (every host, the ingests' ffmpeg) or
-/// this cluster's RTMP addresses (the sources' ffmpeg).
-fn processes_left(dir: &Path) -> Vec<String> {
-    let needles = [
-        dir.to_string_lossy().to_string(),
-        format!("rtmp://{PREFIX}."),
-    ];
+/// Every process's pid and command line (arguments joined by spaces).
+fn command_lines() -> Vec<(u32, String)> {
     let mut found = Vec::new();
     for entry in std::fs::read_dir("/proc").unwrap().flatten() {
         let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
             continue;
         };
-        if pid == std::process::id() {
-            continue;
-        }
         if let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) {
-            let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
-            if needles.iter().any(|n| cmdline.contains(n.as_str())) {
-                found.push(format!("{pid}: {cmdline}"));
-            }
+            found.push((pid, String::from_utf8_lossy(&cmdline).replace('\0', " ")));
         }
     }
     found
+}
+
+/// The parent pid from `/proc/<pid>/stat` (the field after the parenthesised command name).
+fn parent_of(pid: u32) -> Option<u32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat[stat.rfind(')')? + 1..]
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
+/// The cluster's processes: every host (its command line names the state dir) and their
+/// children (the ingests' and sources' ffmpeg).
+fn cluster_processes(dir: &Path) -> Vec<(u32, String)> {
+    let dir = dir.to_string_lossy().to_string();
+    let all = command_lines();
+    let hosts: Vec<u32> = all
+        .iter()
+        .filter(|(pid, cmdline)| *pid != std::process::id() && cmdline.contains(dir.as_str()))
+        .map(|(pid, _)| *pid)
+        .collect();
+    all.into_iter()
+        .filter(|(pid, _)| {
+            hosts.contains(pid) || parent_of(*pid).is_some_and(|p| hosts.contains(&p))
+        })
+        .collect()
+}
+
+/// Of `pids`, and of processes naming the state dir, those still alive (not zombies).
+fn still_alive(dir: &Path, pids: &[u32]) -> Vec<String> {
+    let mut pids = pids.to_vec();
+    pids.extend(cluster_processes(dir).into_iter().map(|(pid, _)| pid));
+    pids.iter()
+        .filter_map(|pid| {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+            let state = stat[stat.rfind(')')? + 1..]
+                .split_whitespace()
+                .next()?
+                .to_owned();
+            (state != "Z").then(|| format!("{pid} ({state})"))
+        })
+        .collect()
+}
+
+/// `a.b.c.d` as `/proc/net/tcp` prints it: the address bytes as a little-endian hex number.
+fn proc_net_ip(ip: &str) -> String {
+    let octets: Vec<u8> = ip.split('.').map(|o| o.parse().unwrap()).collect();
+    format!(
+        "{:02X}{:02X}{:02X}{:02X}",
+        octets[3], octets[2], octets[1], octets[0]
+    )
+}
+
+/// Established TCP connections from address `from` to `to:port`.
+fn established(from: &str, to: &str, port: u16) -> usize {
+    let table = std::fs::read_to_string("/proc/net/tcp").unwrap();
+    let (from, remote) = (proc_net_ip(from), format!("{}:{port:04X}", proc_net_ip(to)));
+    table
+        .lines()
+        .skip(1)
+        .filter(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            fields.len() > 3
+                && fields[1].starts_with(&format!("{from}:"))
+                && fields[2] == remote
+                && fields[3] == "01"
+        })
+        .count()
+}
+
+fn host_log(state: &Path, host: &str) -> String {
+    std::fs::read_to_string(state.join(format!("logs/{host}.log"))).unwrap_or_default()
+        + &std::fs::read_to_string(state.join(format!("logs/{host}.out"))).unwrap_or_default()
+}
+
+/// Waits (up to `limit`) for a line of `host`'s log that contains every one of `parts`.
+fn wait_for_log_line(state: &Path, host: &str, parts: &[&str], limit: Duration) -> bool {
+    let deadline = Instant::now() + limit;
+    loop {
+        if host_log(state, host)
+            .lines()
+            .any(|line| parts.iter().all(|p| line.contains(p)))
+        {
+            return true;
+        }
+        if Instant::now() > deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
+/// The stream key is on no command line of this machine, in no log of the cluster and in no
+/// status answer; each source holds an RTMPS connection to each ingest and none over plain
+/// RTMP, and the ingests accepted their publishes.
+fn assert_key_stays_secret_and_sources_use_rtmps(state: &Path, key: &str) {
+    let on_command_line: Vec<u32> = command_lines()
+        .into_iter()
+        .filter(|(_, cmdline)| cmdline.contains(key))
+        .map(|(pid, _)| pid)
+        .collect();
+    assert!(
+        on_command_line.is_empty(),
+        "the stream key is on the command line of pids {on_command_line:?}"
+    );
+    for log in std::fs::read_dir(state.join("logs")).unwrap().flatten() {
+        let text = String::from_utf8_lossy(&std::fs::read(log.path()).unwrap()).into_owned();
+        assert!(
+            !text.contains(key),
+            "the stream key is in {}",
+            log.path().display()
+        );
+    }
+    let status = run(streamctl().args(["status", "--json", "--state"]).arg(state));
+    assert!(
+        !String::from_utf8_lossy(&status.stdout).contains(key),
+        "the stream key is in `streamctl status`"
+    );
+    for source in ["5.1", "5.2"] {
+        let from = format!("{PREFIX}.{source}");
+        for ingest in ["4.1", "4.2"] {
+            let to = format!("{PREFIX}.{ingest}");
+            assert_eq!(
+                established(&from, &to, 1936),
+                1,
+                "{from} publishes to {to} over RTMPS"
+            );
+            assert_eq!(
+                established(&from, &to, 1935),
+                0,
+                "{from} uses no plain RTMP towards {to}"
+            );
+        }
+    }
+    for ingest in ["ingest1", "ingest2"] {
+        for source in ["source1", "source2"] {
+            assert!(
+                wait_for_log_line(state, ingest, &["publish accepted", source], Duration::ZERO),
+                "{ingest} logs the publish of {source}"
+            );
+        }
+    }
 }
 
 fn watch(state: &Path, seconds: u64, viewers: usize) -> Value {
@@ -123,6 +256,11 @@ fn local_cluster_streams_end_to_end() {
     );
     let latency = report["latency_s"].as_f64().unwrap();
     assert!(latency > 0.0, "latency is measured: {latency}");
+
+    let key = std::fs::read_to_string(state.join("secrets/stream-keys/test.key")).unwrap();
+    let key = key.trim();
+    assert!(key.len() >= 32, "a real stream key");
+    assert_key_stays_secret_and_sources_use_rtmps(&state, key);
 
     // ffprobe through the LB URL (follows the redirect, token in every URI): the whole ladder.
     let probe = run(Command::new("ffprobe")
@@ -214,13 +352,75 @@ fn local_cluster_streams_end_to_end() {
         "ingest1 lists a gap-free window: {before:?} -> {after:?}"
     );
 
+    // An OBS-like publisher that reaches ingest1 only (plain RTMP, as OBS users may) is relayed
+    // to ingest2 over RTMPS. Its command line carries the key, as OBS's would not: it runs only
+    // after the check above.
+    let mut obs = Command::new("ffmpeg")
+        .args([
+            "-hide_banner",
+            "-loglevel",
+            "error",
+            "-re",
+            "-f",
+            "lavfi",
+            "-i",
+        ])
+        .arg("testsrc2=size=320x180:rate=25")
+        .args([
+            "-t",
+            "8",
+            "-g",
+            "25",
+            "-c:v",
+            "libx264",
+            "-preset",
+            "ultrafast",
+            "-f",
+            "flv",
+        ])
+        .arg(format!(
+            "rtmp://{ingest1}:1935/live/test?key={key}&source=relay-check"
+        ))
+        .spawn()
+        .unwrap();
+    let relayed = wait_for_log_line(
+        &state,
+        "ingest2",
+        &["publish accepted", "relay-check", "relayed"],
+        Duration::from_secs(10),
+    );
+    let relay_log = wait_for_log_line(
+        &state,
+        "ingest1",
+        &["publishing over RTMPS", "relay-check", "ingest2"],
+        Duration::ZERO,
+    );
+    let _ = obs.wait();
+    assert!(relayed, "ingest2 accepts ingest1's relay");
+    assert!(relay_log, "ingest1 relays to ingest2 over RTMPS");
+    assert!(
+        host_log(&state, "ingest2")
+            .lines()
+            .filter(|l| l.contains("publish accepted") && l.contains("relay-check"))
+            .all(|l| l.contains("relayed=true") || l.contains("\"relayed\":true")),
+        "the relayed publish is marked as relayed"
+    );
+
     // Down leaves nothing behind: hosts and ffmpeg children.
+    let processes: Vec<u32> = cluster_processes(&state)
+        .into_iter()
+        .map(|(pid, _)| pid)
+        .collect();
+    assert!(
+        processes.len() >= 12,
+        "hosts and ffmpeg children found: {processes:?}"
+    );
     run(streamctl().arg("down").arg("--state").arg(&state));
     let deadline = Instant::now() + Duration::from_secs(5);
-    let mut left = processes_left(&state);
+    let mut left = still_alive(&state, &processes);
     while !left.is_empty() && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(200));
-        left = processes_left(&state);
+        left = still_alive(&state, &processes);
     }
     assert!(left.is_empty(), "processes left after down: {left:#?}");
 }
