@@ -253,7 +253,7 @@ async fn login(
             if let Err(e) = chat
                 .retry(|pool| {
                     let keys = keys.clone();
-                    async move { throttle::succeeded(&pool, &keys).await }
+                    async move { throttle::succeeded(&pool, &keys, &throttle::RULE).await }
                 })
                 .await
             {

@@ -320,7 +320,14 @@ async fn prepare_each_primary(
                     prepared.send_replace(generation);
                     loop {
                         admin_check.borrow_and_update();
-                        if let Err(e) = sync_admin(&db, &admin_secret).await {
+                        // A hung primary must not hang this task: the next one needs it.
+                        let synced =
+                            tokio::time::timeout(PREPARE_TIMEOUT, sync_admin(&db, &admin_secret))
+                                .await
+                                .unwrap_or_else(|_| {
+                                    Err(StoreError::Db(DbError::Timeout(PREPARE_TIMEOUT)).into())
+                                });
+                        if let Err(e) = synced {
                             tracing::error!("checking the admin password failed, retrying: {e}");
                             tokio::select! {
                                 () = tokio::time::sleep(Duration::from_secs(1)) => {}
@@ -331,10 +338,15 @@ async fn prepare_each_primary(
                             }
                             continue;
                         }
-                        if let Ok(pool) = db.pool()
-                            && let Err(e) = throttle::forget_old(&pool, &throttle::RULE).await
-                        {
-                            tracing::warn!("cleaning old login attempts failed: {e}");
+                        if let Ok(pool) = db.pool() {
+                            let forget = throttle::forget_old(&pool, &throttle::RULE);
+                            match tokio::time::timeout(PREPARE_TIMEOUT, forget).await {
+                                Ok(Ok(_)) => {}
+                                Ok(Err(e)) => {
+                                    tracing::warn!("dropping old login attempts failed: {e}")
+                                }
+                                Err(_) => tracing::warn!("dropping old login attempts timed out"),
+                            }
                         }
                         tokio::select! {
                             r = generations.changed() => if r.is_err() { return } else { break },

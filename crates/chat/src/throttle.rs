@@ -248,16 +248,23 @@ pub async fn attempt(pool: &PgPool, keys: &Keys, rule: &Rule) -> Result<Verdict,
 }
 
 /// The password was right: the pair starts over and becomes trusted; the name and address
-/// get this attempt back.
-pub async fn succeeded(pool: &PgPool, keys: &Keys) -> Result<(), StoreError> {
+/// get this attempt back, and if that takes them under their free attempts, any wait ends (many
+/// people behind one address logging in at once must not hold each other up).
+pub async fn succeeded(pool: &PgPool, keys: &Keys, rule: &Rule) -> Result<(), StoreError> {
     let mut tx = pool.begin().await?;
-    sqlx::query(
-        "UPDATE login_throttle SET failures = greatest(failures - 1, 0) \
-         WHERE key = ANY($1)",
-    )
-    .bind([keys.address.as_str(), keys.name.as_str()].as_slice())
-    .execute(&mut *tx)
-    .await?;
+    for (key, free) in [
+        (&keys.address, rule.address.free),
+        (&keys.name, rule.name.free),
+    ] {
+        sqlx::query(
+            "UPDATE login_throttle SET failures = greatest(failures - 1, 0), \
+             next_at = CASE WHEN failures - 1 < $2 THEN now() ELSE next_at END WHERE key = $1",
+        )
+        .bind(key)
+        .bind(free)
+        .execute(&mut *tx)
+        .await?;
+    }
     sqlx::query(
         "UPDATE login_throttle SET failures = 0, next_at = now(), trusted = true, \
          last_at = now() WHERE key = $1",

@@ -149,6 +149,15 @@ enum ClientMessage {
     Ping,
 }
 
+/// Where a client's replay starts when the server chooses: the last `HISTORY` events for a
+/// fresh client, and for an anonymous one asking for more, at most `ANONYMOUS_REPLAY`.
+fn replay_from(since: Option<i64>, last: i64) -> i64 {
+    match since {
+        Some(seq) => seq.max(last - ANONYMOUS_REPLAY),
+        None => (last - HISTORY).max(0),
+    }
+}
+
 /// A write the worker performs in order, off the connection's loop.
 struct Op {
     id: String,
@@ -286,11 +295,7 @@ impl Connection {
                 {
                     return Err(self.history_unavailable().await);
                 }
-                let last = self.chat.hub.last_seq(&self.channel).unwrap_or(0);
-                match since {
-                    Some(seq) => seq.max(last - ANONYMOUS_REPLAY),
-                    None => (last - HISTORY).max(0),
-                }
+                replay_from(since, self.chat.hub.last_seq(&self.channel).unwrap_or(0))
             }
         };
         self.last_sent = after;
@@ -585,6 +590,15 @@ mod tests {
         ] {
             assert!(serde_json::from_str::<ClientMessage>(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn anonymous_replays_are_a_short_page() {
+        assert_eq!(replay_from(Some(0), 10_000), 10_000 - ANONYMOUS_REPLAY);
+        assert_eq!(replay_from(Some(9_990), 10_000), 9_990);
+        assert_eq!(replay_from(Some(0), 30), 0);
+        assert_eq!(replay_from(None, 10_000), 10_000 - HISTORY);
+        assert_eq!(replay_from(None, 10), 0);
     }
 
     #[test]

@@ -697,7 +697,7 @@ async fn delays_grow(pool: &PgPool) {
 async fn the_owner_is_not_locked_out(pool: &PgPool) {
     let home = keys("owner", "203.0.113.1");
     assert_eq!(verdict(pool, &home, &RULE).await, Verdict::Allowed);
-    throttle::succeeded(pool, &home).await.unwrap();
+    throttle::succeeded(pool, &home, &RULE).await.unwrap();
 
     for i in 0..RULE.name.free {
         let attacker = keys("owner", &format!("192.0.2.{}", i + 1));
@@ -715,7 +715,7 @@ async fn the_owner_is_not_locked_out(pool: &PgPool) {
         Verdict::Allowed,
         "the owner's address is not held up by the name-wide delay"
     );
-    throttle::succeeded(pool, &home).await.unwrap();
+    throttle::succeeded(pool, &home, &RULE).await.unwrap();
     let counts: i32 = sqlx::query_scalar(
         "SELECT failures FROM login_throttle WHERE key = 'pair:owner|203.0.113.1'",
     )
