@@ -5,8 +5,10 @@
 //! included) and the other db host takes over within ttl + 10 s with the committed rows; the old
 //! primary comes back as a replica; accounts and chat refuse bad input (wrong or guessed
 //! passwords, taken names, forged sessions, empty/oversized/flooding messages) with clear
-//! errors while HTML and SQL metacharacters travel as plain text; `down` leaves no etcd,
-//! Patroni or PostgreSQL behind.
+//! errors while HTML and SQL metacharacters travel as plain text; parallel password guessing
+//! over two broadcasts gets the free attempts only while the owner still logs in, moderators
+//! cannot act on moderators, a rotated admin secret takes effect on SIGHUP; `down` leaves no
+//! etcd, Patroni or PostgreSQL behind.
 //!
 //! Needs postgresql-15, patroni, etcd-server, python3-psycopg2 (scripts/setup-debian.sh), root
 //! (Patroni runs as the postgres user), and the workspace binaries: `#[ignore]`d in a bare
@@ -291,18 +293,7 @@ fn database_primary_fails_over_and_rejoins() {
 }
 
 async fn post(net: &Net, url: url::Url, body: Value, session: Option<&str>) -> (u16, Value) {
-    let mut request = net.http().post(url).json(&body);
-    if let Some(session) = session {
-        request = request.bearer_auth(session);
-    }
-    let response = request.send().await.expect("request");
-    let status = response.status().as_u16();
-    let retry_after = response.headers().get("retry-after").is_some();
-    let mut body: Value = response.json().await.unwrap_or(Value::Null);
-    if retry_after {
-        body["retry_after_header"] = json!(true);
-    }
-    (status, body)
+    post_from(net.http(), url, body, session).await
 }
 
 /// The next JSON frame that is not an event (welcome, ack, error, pong), within 20 s; `None`
