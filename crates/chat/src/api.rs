@@ -4,7 +4,6 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Instant;
 
 use axum::Json;
 use axum::extract::{ConnectInfo, DefaultBodyLimit, State};
@@ -17,7 +16,7 @@ use time::OffsetDateTime;
 
 use crate::session::{SESSION_TTL_SECS, SessionClaims, bearer};
 use crate::store::{self, StoreError, User, UserRole};
-use crate::{AuthError, Chat, limits, password};
+use crate::{AuthError, Chat, limits, password, throttle};
 
 /// Account requests are a name and a password: anything bigger is not one.
 const MAX_BODY: usize = 4096;
@@ -122,6 +121,30 @@ async fn open_session(chat: &Chat, user: User, status: StatusCode) -> Response {
         .into_response()
 }
 
+fn busy() -> Response {
+    let mut r = error(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "busy checking passwords, retry in a moment",
+    );
+    r.headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+    r
+}
+
+fn hash_error(e: password::HashError) -> Response {
+    match e {
+        password::HashError::Busy => busy(),
+        password::HashError::Failed(e) => {
+            tracing::error!("password hashing failed: {e}");
+            error(StatusCode::INTERNAL_SERVER_ERROR, "password hashing failed")
+        }
+    }
+}
+
+/// Creates an account and logs it in. A taken name is a 409 and nothing else: the password
+/// is not checked against the existing account, so register is no way around the login
+/// throttle. Both answers cost one hash (it is made before the insert), so timing does not
+/// tell them apart either.
 async fn register(State(chat): State<Arc<Chat>>, body: axum::body::Bytes) -> Response {
     let creds = match credentials(&body) {
         Ok(c) => c,
@@ -133,11 +156,11 @@ async fn register(State(chat): State<Arc<Chat>>, body: axum::body::Bytes) -> Res
     if let Err(reason) = limits::check_password(&creds.password) {
         return error(StatusCode::BAD_REQUEST, reason);
     }
-    let hash = match password::hash(creds.password.clone()).await {
+    let hash = match password::hash(creds.password).await {
         Ok(h) => h,
-        Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+        Err(e) => return hash_error(e),
     };
-    let name = creds.name.clone();
+    let name = creds.name;
     match chat
         .retry(|pool| {
             let (name, hash) = (name.clone(), hash.clone());
@@ -149,19 +172,6 @@ async fn register(State(chat): State<Arc<Chat>>, body: axum::body::Bytes) -> Res
             tracing::info!(user = %user.name, "account registered");
             open_session(&chat, user, StatusCode::CREATED).await
         }
-        // A retry whose first attempt committed finds its own account: same password, same
-        // person, so it logs in. Anyone else gets the conflict.
-        Err(StoreError::NameTaken) => match find(&chat, &creds.name).await {
-            Ok(Some((user, hash))) => {
-                if password::verify(Some(hash), creds.password).await {
-                    open_session(&chat, user, StatusCode::OK).await
-                } else {
-                    error(StatusCode::CONFLICT, "that name is taken")
-                }
-            }
-            Ok(None) => error(StatusCode::CONFLICT, "that name is taken"),
-            Err(e) => store_error(e),
-        },
         Err(e) => store_error(e),
     }
 }
@@ -174,6 +184,8 @@ async fn find(chat: &Chat, name: &str) -> Result<Option<(User, String)>, StoreEr
     .await
 }
 
+/// Logs in, throttled by `throttle` (one count for every broadcast, taken before the password
+/// is checked). While the database cannot count, nobody logs in.
 async fn login(
     State(chat): State<Arc<Chat>>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
@@ -183,22 +195,29 @@ async fn login(
         Ok(c) => c,
         Err(e) => return e.into_response(),
     };
-    let name_key = format!("name:{}", creds.name.to_lowercase());
-    let ip_key = format!("ip:{}", peer.ip());
-    let now = Instant::now();
-    if let Some(wait) = chat
-        .login_failures
-        .locked_for(&name_key, now)
-        .or_else(|| chat.login_failures.locked_for(&ip_key, now))
-    {
-        let mut r = error(
-            StatusCode::TOO_MANY_REQUESTS,
-            format!("too many failed logins, retry in {wait} s"),
-        );
-        if let Ok(v) = HeaderValue::from_str(&wait.to_string()) {
-            r.headers_mut().insert(header::RETRY_AFTER, v);
+    let keys = throttle::Keys::new(&creds.name, peer.ip());
+    let verdict = chat
+        .retry(|pool| {
+            let keys = keys.clone();
+            async move { throttle::attempt(&pool, &keys, &throttle::RULE).await }
+        })
+        .await;
+    match verdict {
+        Ok(throttle::Verdict::Allowed) => {}
+        Ok(throttle::Verdict::Refused { wait_secs, by }) => {
+            metrics::counter!("chat_logins_refused_total", "reason" => by.as_str()).increment(1);
+            let mut r = error(
+                StatusCode::TOO_MANY_REQUESTS,
+                format!("too many failed logins, retry in {wait_secs} s"),
+            );
+            r.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(wait_secs));
+            return r;
         }
-        return r;
+        Err(e) => {
+            metrics::counter!("chat_logins_refused_total", "reason" => "database").increment(1);
+            return store_error(e);
+        }
     }
     // Oversized input is still checked (against the decoy) so timing says nothing.
     let found = if creds.name.len() <= 64 {
@@ -213,15 +232,36 @@ async fn login(
         Some((user, hash)) => (Some(user), Some(hash)),
         None => (None, None),
     };
-    let ok = password::verify(hash, creds.password).await;
+    let ok = match password::verify(hash, creds.password).await {
+        Ok(ok) => ok,
+        Err(e) => {
+            // Not checked, so not a failure: the count is given back.
+            if let Err(e) = chat
+                .retry(|pool| {
+                    let keys = keys.clone();
+                    async move { throttle::withdrawn(&pool, &keys).await }
+                })
+                .await
+            {
+                tracing::warn!("could not give back an unchecked login attempt: {e}");
+            }
+            return hash_error(e);
+        }
+    };
     match user {
         Some(user) if ok => {
-            chat.login_failures.clear(&name_key);
+            if let Err(e) = chat
+                .retry(|pool| {
+                    let keys = keys.clone();
+                    async move { throttle::succeeded(&pool, &keys, &throttle::RULE).await }
+                })
+                .await
+            {
+                return store_error(e);
+            }
             open_session(&chat, user, StatusCode::OK).await
         }
         _ => {
-            chat.login_failures.record(&name_key, now);
-            chat.login_failures.record(&ip_key, now);
             metrics::counter!("chat_login_failures_total").increment(1);
             error(StatusCode::UNAUTHORIZED, "wrong name or password")
         }
@@ -302,8 +342,8 @@ async fn set_role(
     };
     match chat
         .retry(|pool| {
-            let name = change.name.clone();
-            async move { store::set_role(&pool, &name, change.role).await }
+            let (admin, name) = (admin.clone(), change.name.clone());
+            async move { store::set_role(&pool, &admin, &name, change.role).await }
         })
         .await
     {
@@ -312,6 +352,10 @@ async fn set_role(
             Json(serde_json::json!({ "user": user })).into_response()
         }
         Ok(None) => error(StatusCode::NOT_FOUND, "no such user"),
+        Err(StoreError::Forbidden) => error(
+            StatusCode::FORBIDDEN,
+            "an admin's role is changed only by that admin",
+        ),
         Err(e) => store_error(e),
     }
 }

@@ -5,6 +5,7 @@
 //! - hub: LISTEN/NOTIFY fan-out to this broadcast's clients, with replay from a last seq.
 //! - ws: the WebSocket protocol; api: register/login/logout/me/role over HTTPS.
 //! - session, password, limits: bearer session tokens, argon2, rate and size limits.
+//! - throttle: failed logins, counted in the database for every broadcast at once.
 
 pub mod api;
 pub mod db;
@@ -13,9 +14,12 @@ pub mod limits;
 pub mod password;
 pub mod session;
 pub mod store;
+pub mod throttle;
 pub mod ws;
 
 use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
@@ -24,11 +28,11 @@ use streaming_core::config::HostConfig;
 use streaming_core::lifecycle::Lifecycle;
 use streaming_core::secrets::read_secret;
 use streaming_core::token::unix_now;
-use tokio::sync::watch;
+use tokio::sync::{Semaphore, watch};
 
 use crate::db::{Database, DbError, with_retry};
 use crate::hub::Hub;
-use crate::limits::{ConnectionCounter, LoginFailures, RateLimiter};
+use crate::limits::{ConnectionCounter, RateLimiter};
 use crate::session::{SessionError, SessionSigner};
 use crate::store::{StoreError, User, UserRole};
 
@@ -49,7 +53,12 @@ pub struct Chat {
     lifecycle: Lifecycle,
     rates: RateLimiter<i64>,
     connections: ConnectionCounter,
-    login_failures: LoginFailures,
+    /// Chat sockets this broadcast holds at most (`limits.chat_sockets`).
+    max_sockets: AtomicUsize,
+    /// Database reads for replays at once: a reconnect storm queues here, not on the pool.
+    replay_reads: Semaphore,
+    /// Tells the preparing task to check the admin password again (SIGHUP).
+    admin_check: watch::Sender<()>,
     sessions: Mutex<HashMap<uuid::Uuid, (User, Instant)>>,
 }
 
@@ -70,7 +79,9 @@ impl Chat {
         lifecycle: Lifecycle,
     ) -> anyhow::Result<Arc<Chat>> {
         let password = read_secret(&config.paths.db_password).context("database password")?;
-        let admin_password = read_secret(&config.paths.admin_password).context("admin password")?;
+        // Read now so a missing file stops the start; read again at each check, so a rotated
+        // secret is what every broadcast stores after a restart, a failover or a SIGHUP.
+        read_secret(&config.paths.admin_password).context("admin password")?;
         let token_key = read_secret(&config.paths.token_key).context("token key")?;
         let channels: Vec<String> = config
             .cluster
@@ -95,7 +106,9 @@ impl Chat {
             lifecycle: lifecycle.clone(),
             rates: RateLimiter::new(limits::MESSAGE_BURST, limits::MESSAGES_PER_SECOND),
             connections: ConnectionCounter::default(),
-            login_failures: LoginFailures::default(),
+            max_sockets: AtomicUsize::new(config.cluster.limits.chat_sockets as usize),
+            replay_reads: Semaphore::new(REPLAY_READS),
+            admin_check: watch::channel(()).0,
             sessions: Mutex::new(HashMap::new()),
         });
 
@@ -103,7 +116,8 @@ impl Chat {
         tokio::spawn(prepare_each_primary(
             db.clone(),
             channels,
-            admin_password,
+            config.paths.admin_password.clone(),
+            chat.admin_check.subscribe(),
             prepared_tx,
             lifecycle.clone(),
         ));
@@ -117,9 +131,14 @@ impl Chat {
         Ok(chat)
     }
 
-    /// SIGHUP: a new token key or a changed host list.
+    /// SIGHUP: a new token key, a changed host list or limit, a rotated admin password.
     pub fn reload(&self, config: &HostConfig, allowed_origins: Vec<String>) -> anyhow::Result<()> {
         let token_key = read_secret(&config.paths.token_key).context("token key")?;
+        self.max_sockets.store(
+            config.cluster.limits.chat_sockets as usize,
+            Ordering::Relaxed,
+        );
+        self.admin_check.send_replace(());
         if let Ok(mut signer) = self.signer.write() {
             *signer = SessionSigner::new(token_key.as_bytes());
         }
@@ -219,18 +238,20 @@ where
     }
 }
 
+/// How often the admin password is checked again and old login attempts are dropped, besides
+/// on each new primary and on SIGHUP.
+const HOUSEKEEPING: Duration = Duration::from_secs(3600);
+
+/// Database reads for chat replays that run at once on one broadcast.
+const REPLAY_READS: usize = 4;
+
 /// Migrations can wait on another starter's lock: give them time, and on timeout drop the
 /// connection, which ends the session and any lock it holds.
 const PREPARE_TIMEOUT: Duration = Duration::from_secs(60);
 
-async fn prepare_once(
-    db: &Database,
-    channels: &[String],
-    admin_hash: &str,
-) -> Result<(), StoreError> {
+async fn prepare_once(db: &Database, channels: &[String]) -> Result<(), StoreError> {
     let pool = db.dedicated()?;
-    let result =
-        tokio::time::timeout(PREPARE_TIMEOUT, store::prepare(&pool, channels, admin_hash)).await;
+    let result = tokio::time::timeout(PREPARE_TIMEOUT, store::prepare(&pool, channels)).await;
     // In the background: closing waits for the (possibly hung) connection to be released.
     tokio::spawn(async move { pool.close().await });
     match result {
@@ -239,27 +260,57 @@ async fn prepare_once(
     }
 }
 
+#[derive(Debug, thiserror::Error)]
+enum AdminError {
+    #[error("cannot read the admin password: {0}")]
+    Secret(#[from] streaming_core::secrets::SecretError),
+    #[error(transparent)]
+    Hash(#[from] password::HashError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// Makes the `admin` account's password the secret file's: creates the account, or, when the
+/// stored hash no longer verifies (the secret was rotated), stores the new hash and ends every
+/// admin session. The password itself is never logged.
+async fn sync_admin(db: &Database, secret: &std::path::Path) -> Result<(), AdminError> {
+    let secret = read_secret(secret)?;
+    let pool = db.pool().map_err(StoreError::from)?;
+    let stored = store::admin_hash(&pool).await?;
+    if let Some(stored) = &stored
+        && password::verify(Some(stored.clone()), secret.clone()).await?
+    {
+        return Ok(());
+    }
+    let new_hash = password::hash(secret).await?;
+    let changed = store::set_admin_password(&pool, stored.as_deref(), &new_hash).await?;
+    match (stored.is_some(), changed) {
+        (false, true) => tracing::info!("admin account created from the admin-password secret"),
+        (true, true) => tracing::warn!(
+            "admin password changed to the admin-password secret's; admin sessions revoked"
+        ),
+        // Another broadcast stored it first: checked again on the next round.
+        (_, false) => {}
+    }
+    Ok(())
+}
+
 /// Each new primary gets the schema (migrations are advisory-locked, so broadcasts racing here
-/// apply them once), the channels and the admin account; the fan-out waits for this.
+/// apply them once), the channels and the admin account; the fan-out waits for this. The
+/// admin password is checked again on each new primary and on request (SIGHUP).
 async fn prepare_each_primary(
     db: Database,
     channels: Vec<String>,
-    admin_password: String,
+    admin_secret: PathBuf,
+    mut admin_check: watch::Receiver<()>,
     prepared: watch::Sender<u64>,
     lifecycle: Lifecycle,
 ) {
-    let admin_hash = match password::hash(admin_password).await {
-        Ok(h) => h,
-        Err(e) => {
-            tracing::error!("cannot hash the admin password: {e}");
-            return;
-        }
-    };
     let mut generations = db.generations();
     loop {
         let generation = *generations.borrow_and_update();
         if db.pool().is_ok() {
-            let result = prepare_once(&db, &channels, &admin_hash).await;
+            let result = prepare_once(&db, &channels).await;
             match result {
                 Ok(()) => {
                     tracing::info!(
@@ -267,9 +318,42 @@ async fn prepare_each_primary(
                         "chat schema ready"
                     );
                     prepared.send_replace(generation);
-                    tokio::select! {
-                        r = generations.changed() => if r.is_err() { return },
-                        () = lifecycle.shutdown() => return,
+                    loop {
+                        admin_check.borrow_and_update();
+                        // A hung primary must not hang this task: the next one needs it.
+                        let synced =
+                            tokio::time::timeout(PREPARE_TIMEOUT, sync_admin(&db, &admin_secret))
+                                .await
+                                .unwrap_or_else(|_| {
+                                    Err(StoreError::Db(DbError::Timeout(PREPARE_TIMEOUT)).into())
+                                });
+                        if let Err(e) = synced {
+                            tracing::error!("checking the admin password failed, retrying: {e}");
+                            tokio::select! {
+                                () = tokio::time::sleep(Duration::from_secs(1)) => {}
+                                () = lifecycle.shutdown() => return,
+                            }
+                            if generations.has_changed().unwrap_or(true) {
+                                break;
+                            }
+                            continue;
+                        }
+                        if let Ok(pool) = db.pool() {
+                            let forget = throttle::forget_old(&pool, &throttle::RULE);
+                            match tokio::time::timeout(PREPARE_TIMEOUT, forget).await {
+                                Ok(Ok(_)) => {}
+                                Ok(Err(e)) => {
+                                    tracing::warn!("dropping old login attempts failed: {e}")
+                                }
+                                Err(_) => tracing::warn!("dropping old login attempts timed out"),
+                            }
+                        }
+                        tokio::select! {
+                            r = generations.changed() => if r.is_err() { return } else { break },
+                            r = admin_check.changed() => if r.is_err() { return },
+                            () = tokio::time::sleep(HOUSEKEEPING) => {}
+                            () = lifecycle.shutdown() => return,
+                        }
                     }
                     continue;
                 }

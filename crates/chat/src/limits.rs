@@ -1,6 +1,7 @@
-//! In-memory limits of one broadcast: message rate per user, WebSocket connections per IP,
-//! failed logins per name and per IP. They protect this process and the database; a determined
-//! abuser spreading over every broadcast gets at most one broadcast's allowance on each.
+//! In-memory limits of one broadcast: message rate per user, WebSocket connections per IP and
+//! in all. They protect this process and the database; a determined abuser spreading over
+//! every broadcast gets at most one broadcast's allowance on each. Failed logins are counted
+//! for the whole cluster, in the database (see `throttle`).
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -17,9 +18,6 @@ pub const MESSAGES_PER_SECOND: f64 = 3.0;
 /// Frames of any kind per connection per second before it is closed as a flood.
 pub const FRAMES_PER_SECOND: u32 = 30;
 pub const CONNECTIONS_PER_IP: usize = 32;
-/// Failed logins per name or per IP within `LOGIN_WINDOW` before further tries are refused.
-pub const LOGIN_FAILURES: usize = 5;
-pub const LOGIN_WINDOW: Duration = Duration::from_secs(60);
 
 /// A token bucket per key.
 #[derive(Debug)]
@@ -61,26 +59,48 @@ impl<K: std::hash::Hash + Eq + Clone> RateLimiter<K> {
     }
 }
 
-/// Counts open connections per IP; the guard gives its slot back when dropped.
+/// Counts open connections per IP and in all; the guard gives its slot back when dropped.
 #[derive(Debug, Default, Clone)]
 pub struct ConnectionCounter {
-    open: Arc<Mutex<HashMap<IpAddr, usize>>>,
+    open: Arc<Mutex<Open>>,
+}
+
+#[derive(Debug, Default)]
+struct Open {
+    per_ip: HashMap<IpAddr, usize>,
+    total: usize,
 }
 
 pub struct ConnectionGuard {
-    open: Arc<Mutex<HashMap<IpAddr, usize>>>,
+    open: Arc<Mutex<Open>>,
     ip: IpAddr,
 }
 
+/// Why a connection was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Full {
+    Address,
+    Total,
+}
+
 impl ConnectionCounter {
-    pub fn try_open(&self, ip: IpAddr, max: usize) -> Option<ConnectionGuard> {
-        let mut open = self.open.lock().ok()?;
-        let n = open.entry(ip).or_default();
-        if *n >= max {
-            return None;
+    pub fn try_open(
+        &self,
+        ip: IpAddr,
+        per_ip: usize,
+        total: usize,
+    ) -> Result<ConnectionGuard, Full> {
+        let mut open = self.open.lock().map_err(|_| Full::Total)?;
+        if open.total >= total {
+            return Err(Full::Total);
+        }
+        let n = open.per_ip.entry(ip).or_default();
+        if *n >= per_ip {
+            return Err(Full::Address);
         }
         *n += 1;
-        Some(ConnectionGuard {
+        open.total += 1;
+        Ok(ConnectionGuard {
             open: self.open.clone(),
             ip,
         })
@@ -89,55 +109,14 @@ impl ConnectionCounter {
 
 impl Drop for ConnectionGuard {
     fn drop(&mut self) {
-        if let Ok(mut open) = self.open.lock()
-            && let Some(n) = open.get_mut(&self.ip)
-        {
-            *n -= 1;
-            if *n == 0 {
-                open.remove(&self.ip);
+        if let Ok(mut open) = self.open.lock() {
+            open.total = open.total.saturating_sub(1);
+            if let Some(n) = open.per_ip.get_mut(&self.ip) {
+                *n -= 1;
+                if *n == 0 {
+                    open.per_ip.remove(&self.ip);
+                }
             }
-        }
-    }
-}
-
-/// Recent failed logins per key (lower-cased name, or IP).
-#[derive(Debug, Default)]
-pub struct LoginFailures {
-    failures: Mutex<HashMap<String, Vec<Instant>>>,
-}
-
-impl LoginFailures {
-    /// Seconds until `key` may try again, if it is locked out.
-    pub fn locked_for(&self, key: &str, now: Instant) -> Option<u64> {
-        let mut failures = self.failures.lock().ok()?;
-        let list = failures.get_mut(key)?;
-        list.retain(|at| now.duration_since(*at) < LOGIN_WINDOW);
-        if list.len() < LOGIN_FAILURES {
-            return None;
-        }
-        let oldest = list.first()?;
-        Some(
-            (LOGIN_WINDOW - now.duration_since(*oldest))
-                .as_secs()
-                .max(1),
-        )
-    }
-
-    pub fn record(&self, key: &str, now: Instant) {
-        if let Ok(mut failures) = self.failures.lock() {
-            if failures.len() > 100_000 {
-                failures.retain(|_, l| {
-                    l.last()
-                        .is_some_and(|at| now.duration_since(*at) < LOGIN_WINDOW)
-                });
-            }
-            failures.entry(key.to_owned()).or_default().push(now);
-        }
-    }
-
-    pub fn clear(&self, key: &str) {
-        if let Ok(mut failures) = self.failures.lock() {
-            failures.remove(key);
         }
     }
 }
@@ -210,26 +189,14 @@ mod tests {
     fn connection_slots_come_back() {
         let counter = ConnectionCounter::default();
         let ip: IpAddr = "127.0.0.1".parse().unwrap();
-        let a = counter.try_open(ip, 2).unwrap();
-        let _b = counter.try_open(ip, 2).unwrap();
-        assert!(counter.try_open(ip, 2).is_none());
+        let other: IpAddr = "127.0.0.2".parse().unwrap();
+        let a = counter.try_open(ip, 2, 3).unwrap();
+        let _b = counter.try_open(ip, 2, 3).unwrap();
+        assert_eq!(counter.try_open(ip, 2, 3).err(), Some(Full::Address));
+        let _c = counter.try_open(other, 2, 3).unwrap();
+        assert_eq!(counter.try_open(other, 2, 3).err(), Some(Full::Total));
         drop(a);
-        assert!(counter.try_open(ip, 2).is_some());
-    }
-
-    #[test]
-    fn login_lockout_after_failures() {
-        let f = LoginFailures::default();
-        let t0 = Instant::now();
-        for _ in 0..LOGIN_FAILURES {
-            assert_eq!(f.locked_for("bob", t0), None);
-            f.record("bob", t0);
-        }
-        assert!(f.locked_for("bob", t0).is_some_and(|s| s >= 59));
-        assert_eq!(f.locked_for("bob", t0 + LOGIN_WINDOW), None);
-        f.record("carol", t0);
-        f.clear("carol");
-        assert_eq!(f.locked_for("carol", t0), None);
+        assert!(counter.try_open(ip, 2, 3).is_ok());
     }
 
     #[test]

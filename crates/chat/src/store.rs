@@ -46,6 +46,22 @@ impl UserRole {
     pub fn moderates(self) -> bool {
         matches!(self, UserRole::Moderator | UserRole::Admin)
     }
+
+    fn rank(self) -> u8 {
+        match self {
+            UserRole::Viewer => 0,
+            UserRole::Moderator => 1,
+            UserRole::Admin => 2,
+        }
+    }
+
+    /// Moderation goes down the ranks only: moderators act on viewers, admins on viewers and
+    /// moderators, and nobody on an admin (an admin account is the operator's, managed through
+    /// its secret or the database). Otherwise one rogue or stolen moderator account could
+    /// silence every other moderator, and the admins.
+    pub fn may_moderate(self, target: UserRole) -> bool {
+        self.moderates() && target.rank() < self.rank()
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -133,7 +149,7 @@ pub enum StoreError {
     Banned,
     #[error("you are muted until {0}")]
     Muted(String),
-    #[error("only moderators may do that (and nobody moderates an admin)")]
+    #[error("only moderators may do that, and only to viewers (admins also to moderators)")]
     Forbidden,
     #[error("{0} not found")]
     NotFound(&'static str),
@@ -152,13 +168,9 @@ fn rfc3339(t: OffsetDateTime) -> String {
 }
 
 /// Runs the migrations (sqlx holds a session-level advisory lock: concurrent starters wait for
-/// the first), creates the configured channels and the admin account if missing. Give it a
-/// pool of its own (`Database::dedicated`) and close that pool after.
-pub async fn prepare(
-    pool: &PgPool,
-    channels: &[String],
-    admin_hash: &str,
-) -> Result<(), StoreError> {
+/// the first) and creates the configured channels if missing. Give it a pool of its own
+/// (`Database::dedicated`) and close that pool after.
+pub async fn prepare(pool: &PgPool, channels: &[String]) -> Result<(), StoreError> {
     MIGRATOR
         .run(pool)
         .await
@@ -169,14 +181,55 @@ pub async fn prepare(
             .execute(pool)
             .await?;
     }
-    sqlx::query(
-        "INSERT INTO users (name, name_key, password_hash, role) VALUES ('admin', 'admin', $1, 'admin') \
-         ON CONFLICT (name_key) DO NOTHING",
-    )
-    .bind(admin_hash)
-    .execute(pool)
-    .await?;
     Ok(())
+}
+
+/// The `admin` account's password hash, if the account exists.
+pub async fn admin_hash(pool: &PgPool) -> Result<Option<String>, StoreError> {
+    Ok(
+        sqlx::query_scalar("SELECT password_hash FROM users WHERE name_key = 'admin'")
+            .fetch_optional(pool)
+            .await?,
+    )
+}
+
+/// Gives the `admin` account `new_hash`: creates it when `old_hash` is `None`, else replaces
+/// `old_hash` and ends every admin session. Compare-and-set, so broadcasts reading the same
+/// new secret at once store it once; false when another got there first.
+pub async fn set_admin_password(
+    pool: &PgPool,
+    old_hash: Option<&str>,
+    new_hash: &str,
+) -> Result<bool, StoreError> {
+    let Some(old_hash) = old_hash else {
+        let done = sqlx::query(
+            "INSERT INTO users (name, name_key, password_hash, role) \
+             VALUES ('admin', 'admin', $1, 'admin') ON CONFLICT (name_key) DO NOTHING",
+        )
+        .bind(new_hash)
+        .execute(pool)
+        .await?;
+        return Ok(done.rows_affected() == 1);
+    };
+    let mut tx = pool.begin().await?;
+    let id: Option<i64> = sqlx::query_scalar(
+        "UPDATE users SET password_hash = $2, role = 'admin' \
+         WHERE name_key = 'admin' AND password_hash = $1 RETURNING id",
+    )
+    .bind(old_hash)
+    .bind(new_hash)
+    .fetch_optional(&mut *tx)
+    .await?;
+    let Some(id) = id else {
+        tx.rollback().await?;
+        return Ok(false);
+    };
+    sqlx::query("DELETE FROM sessions WHERE user_id = $1")
+        .bind(id)
+        .execute(&mut *tx)
+        .await?;
+    tx.commit().await?;
+    Ok(true)
 }
 
 fn user_from(row: &sqlx::postgres::PgRow) -> Result<User, sqlx::Error> {
@@ -187,6 +240,9 @@ fn user_from(row: &sqlx::postgres::PgRow) -> Result<User, sqlx::Error> {
     })
 }
 
+/// Creates an account. A name that is taken is `NameTaken`, except when the row holds this
+/// very hash: a salted hash is never made twice, so that row is this call's own earlier
+/// attempt (committed, but its answer lost in a failover) and the retry answers with it.
 pub async fn create_user(
     pool: &PgPool,
     name: &str,
@@ -200,7 +256,17 @@ pub async fn create_user(
     .bind(password_hash)
     .fetch_optional(pool)
     .await?;
-    match row {
+    if let Some(row) = row {
+        return Ok(user_from(&row)?);
+    }
+    let own = sqlx::query(
+        "SELECT id, name, role FROM users WHERE name_key = lower($1) AND password_hash = $2",
+    )
+    .bind(name)
+    .bind(password_hash)
+    .fetch_optional(pool)
+    .await?;
+    match own {
         Some(row) => Ok(user_from(&row)?),
         None => Err(StoreError::NameTaken),
     }
@@ -259,22 +325,34 @@ pub async fn delete_session(pool: &PgPool, session: uuid::Uuid) -> Result<(), St
     Ok(())
 }
 
+/// Changes a role on behalf of `by` (an admin: the caller checks). An admin's own role may
+/// only be changed by that admin: `Forbidden` otherwise; `None` when there is no such user.
 pub async fn set_role(
     pool: &PgPool,
+    by: &User,
     name: &str,
     role: UserRole,
 ) -> Result<Option<User>, StoreError> {
     let row = sqlx::query(
-        "UPDATE users SET role = $2 WHERE name_key = lower($1) RETURNING id, name, role",
+        "UPDATE users SET role = $2 WHERE name_key = lower($1) AND (role <> 'admin' OR id = $3) \
+         RETURNING id, name, role",
     )
     .bind(name)
     .bind(role.as_str())
+    .bind(by.id)
     .fetch_optional(pool)
     .await?;
-    Ok(match row {
-        Some(row) => Some(user_from(&row)?),
-        None => None,
-    })
+    if let Some(row) = row {
+        return Ok(Some(user_from(&row)?));
+    }
+    let exists: Option<i64> = sqlx::query_scalar("SELECT id FROM users WHERE name_key = lower($1)")
+        .bind(name)
+        .fetch_optional(pool)
+        .await?;
+    match exists {
+        Some(_) => Err(StoreError::Forbidden),
+        None => Ok(None),
+    }
 }
 
 /// Outcome of `append`: the event's sequence number, and whether it was already stored.
@@ -337,14 +415,22 @@ pub async fn append(
             if !role.moderates() {
                 return Err(StoreError::Forbidden);
             }
-            let found: Option<i64> = sqlx::query_scalar(
-                "SELECT seq FROM chat_events WHERE channel = $1 AND seq = $2 AND kind = 'message'",
+            let found = sqlx::query(
+                "SELECT e.seq, e.user_id, u.role FROM chat_events e JOIN users u ON u.id = e.user_id \
+                 WHERE e.channel = $1 AND e.seq = $2 AND e.kind = 'message'",
             )
             .bind(channel)
             .bind(target)
             .fetch_optional(&mut *tx)
-            .await?;
-            target_seq = Some(found.ok_or(StoreError::NotFound("message"))?);
+            .await?
+            .ok_or(StoreError::NotFound("message"))?;
+            let author: i64 = found.try_get("user_id")?;
+            let author_role = UserRole::parse(found.try_get::<&str, _>("role")?);
+            // Anyone who moderates may take back their own message.
+            if author != actor.id && !role.may_moderate(author_role) {
+                return Err(StoreError::Forbidden);
+            }
+            target_seq = Some(found.try_get::<i64, _>("seq")?);
         }
         Action::Mute { user, .. } | Action::Ban { user } | Action::Unban { user } => {
             if !role.moderates() {
@@ -356,7 +442,7 @@ pub async fn append(
                 .await?
                 .ok_or(StoreError::NotFound("user"))?;
             let target = user_from(&row)?;
-            if target.role == UserRole::Admin {
+            if !role.may_moderate(target.role) {
                 return Err(StoreError::Forbidden);
             }
             target_user = Some(target.id);

@@ -38,8 +38,14 @@ const SEND_TIMEOUT: Duration = Duration::from_secs(5);
 const CLOSE_LINGER: Duration = Duration::from_secs(2);
 /// Events sent to a fresh client (no `since`).
 const HISTORY: i64 = 50;
-/// Largest gap replayed from the database in one go; older history is not chat any more.
+/// Largest gap replayed to a logged-in client; older history is not chat any more.
 const MAX_REPLAY: i64 = 5000;
+/// Largest gap replayed to an anonymous client: a viewer needs the recent conversation, and
+/// the hub's ring always holds this much, so a crowd of anonymous sockets replays from shared
+/// memory rather than from the database.
+const ANONYMOUS_REPLAY: i64 = 200;
+/// A replay waiting this long for its turn to read the database is told to come back later.
+const REPLAY_WAIT: Duration = Duration::from_secs(10);
 /// Writes queued per connection while the database is slow.
 const PENDING_OPS: usize = 16;
 /// Tungstenite's own ceiling; our limit (limits::MAX_FRAME_BYTES) is checked with a clear error.
@@ -79,14 +85,29 @@ async fn upgrade(
             "chat is only open to the cluster's own pages",
         );
     }
-    let Some(guard) = chat
+    let max = chat.max_sockets.load(std::sync::atomic::Ordering::Relaxed);
+    let guard = match chat
         .connections
-        .try_open(peer.ip(), limits::CONNECTIONS_PER_IP)
-    else {
-        return refuse(
-            StatusCode::TOO_MANY_REQUESTS,
-            "too many chat connections from your address",
-        );
+        .try_open(peer.ip(), limits::CONNECTIONS_PER_IP, max)
+    {
+        Ok(guard) => guard,
+        Err(limits::Full::Address) => {
+            metrics::counter!("chat_sockets_refused_total", "reason" => "per_address").increment(1);
+            return refuse(
+                StatusCode::TOO_MANY_REQUESTS,
+                "too many chat connections from your address",
+            );
+        }
+        Err(limits::Full::Total) => {
+            metrics::counter!("chat_sockets_refused_total", "reason" => "total").increment(1);
+            let mut r = refuse(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "this broadcast's chat is full, retry shortly",
+            );
+            r.headers_mut()
+                .insert(header::RETRY_AFTER, header::HeaderValue::from_static("5"));
+            return r;
+        }
     };
     ws.max_message_size(TRANSPORT_LIMIT)
         .max_frame_size(TRANSPORT_LIMIT)
@@ -126,6 +147,15 @@ enum ClientMessage {
         user: String,
     },
     Ping,
+}
+
+/// Where a client's replay starts when the server chooses: the last `HISTORY` events for a
+/// fresh client, and for an anonymous one asking for more, at most `ANONYMOUS_REPLAY`.
+fn replay_from(since: Option<i64>, last: i64) -> i64 {
+    match since {
+        Some(seq) => seq.max(last - ANONYMOUS_REPLAY),
+        None => (last - HISTORY).max(0),
+    }
 }
 
 /// A write the worker performs in order, off the connection's loop.
@@ -254,8 +284,9 @@ impl Connection {
                 }
             }
         }
+        let since = since.filter(|seq| *seq >= 0);
         let after = match since {
-            Some(seq) if seq >= 0 => seq,
+            Some(seq) if self.user.is_some() => seq,
             _ => {
                 let ready = self.chat.hub.ready();
                 if tokio::time::timeout(self.chat.retry_window, ready)
@@ -264,7 +295,7 @@ impl Connection {
                 {
                     return Err(self.history_unavailable().await);
                 }
-                (self.chat.hub.last_seq(&self.channel).unwrap_or(0) - HISTORY).max(0)
+                replay_from(since, self.chat.hub.last_seq(&self.channel).unwrap_or(0))
             }
         };
         self.last_sent = after;
@@ -282,14 +313,31 @@ impl Connection {
     /// Follows the hub from `last_sent`: replays the ring, or the database when the ring does
     /// not reach back that far, and returns the live feed.
     async fn catch_up(&mut self) -> Result<Follow, Closing> {
+        // An anonymous socket that fell behind (or asked for old history) skips ahead: it gets
+        // what the ring holds, not database reads.
+        let reach = if self.user.is_some() {
+            MAX_REPLAY
+        } else {
+            if let Some(last) = self.chat.hub.last_seq(&self.channel) {
+                self.last_sent = self.last_sent.max(last - ANONYMOUS_REPLAY);
+            }
+            ANONYMOUS_REPLAY
+        };
         let follow = self
             .chat
             .hub
             .follow(&self.channel, self.last_sent)
             .ok_or(Closing(1011, "channel vanished"))?;
         if follow.incomplete {
-            let stop = self.last_sent + MAX_REPLAY;
+            let stop = self.last_sent + reach;
             loop {
+                let chat = self.chat.clone();
+                let Ok(Ok(turn)) =
+                    tokio::time::timeout(REPLAY_WAIT, chat.replay_reads.acquire()).await
+                else {
+                    metrics::counter!("chat_replays_refused_total").increment(1);
+                    return Err(self.history_unavailable().await);
+                };
                 let (channel, after) = (self.channel.clone(), self.last_sent);
                 let batch = self
                     .chat
@@ -298,6 +346,7 @@ impl Connection {
                         async move { store::events_after(&pool, &channel, after, 500).await }
                     })
                     .await;
+                drop(turn);
                 let batch = match batch {
                     Ok(b) => b,
                     Err(e) => {
@@ -541,6 +590,15 @@ mod tests {
         ] {
             assert!(serde_json::from_str::<ClientMessage>(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn anonymous_replays_are_a_short_page() {
+        assert_eq!(replay_from(Some(0), 10_000), 10_000 - ANONYMOUS_REPLAY);
+        assert_eq!(replay_from(Some(9_990), 10_000), 9_990);
+        assert_eq!(replay_from(Some(0), 30), 0);
+        assert_eq!(replay_from(None, 10_000), 10_000 - HISTORY);
+        assert_eq!(replay_from(None, 10), 0);
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! The chat store against a real PostgreSQL 15 (Debian's package, started here as a throwaway
 //! server on 127.81.0.1): idempotent appends, gap-free ordering under concurrent writers,
-//! sanctions, accounts. Failover itself is covered by streamctl's end-to-end tests.
+//! sanctions and who may impose them, accounts, admin password rotation, the login throttle.
+//! Failover itself is covered by streamctl's end-to-end tests.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -9,6 +10,7 @@ use std::time::{Duration, Instant};
 use sqlx::PgPool;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use streaming_chat::store::{self, Action, Event, StoreError, User, UserRole};
+use streaming_chat::throttle::{self, KeyKind, Keys, RULE, Verdict};
 
 const BIN: &str = "/usr/lib/postgresql/15/bin";
 const ADDR: &str = "127.81.0.1";
@@ -144,7 +146,7 @@ async fn chat_store_on_real_postgres() {
     for _ in 0..4 {
         let pool = app_pool(55432).await;
         starters.push(tokio::spawn(async move {
-            store::prepare(&pool, &["test".into()], "$argon2id$admin").await
+            store::prepare(&pool, &["test".into()]).await
         }));
     }
     for s in starters {
@@ -155,11 +157,28 @@ async fn chat_store_on_real_postgres() {
         .await
         .unwrap();
     assert_eq!(applied, store::MIGRATOR.iter().count() as i64);
+    assert!(
+        store::set_admin_password(&pool, None, "$argon2id$admin")
+            .await
+            .unwrap()
+    );
+    assert!(
+        !store::set_admin_password(&pool, None, "$argon2id$other")
+            .await
+            .unwrap(),
+        "an existing admin is not created again"
+    );
 
     accounts(&pool).await;
+    admin_rotation(&pool).await;
     idempotent_appends(&pool).await;
     ordered_under_concurrency(&pool).await;
     moderation(&pool).await;
+    let other_broadcast = app_pool(55432).await;
+    parallel_guesses_take_one_slot_each(&pool, &other_broadcast).await;
+    delays_grow(&pool).await;
+    the_owner_is_not_locked_out(&pool).await;
+    old_attempts_are_forgotten(&pool).await;
 }
 
 async fn accounts(pool: &PgPool) {
@@ -169,6 +188,12 @@ async fn accounts(pool: &PgPool) {
         store::create_user(pool, "aLiCe", "h").await,
         Err(StoreError::NameTaken)
     ));
+    // The very same (salted, so never repeated) hash is a retry of the insert that made the
+    // row: it answers with the account instead of a conflict.
+    assert_eq!(
+        store::create_user(pool, "alice", "hash").await.unwrap().id,
+        alice.id
+    );
     let (found, hash) = store::find_user(pool, "ALICE").await.unwrap().unwrap();
     assert_eq!((found.id, hash.as_str()), (alice.id, "hash"));
     assert!(store::find_user(pool, "nobody").await.unwrap().is_none());
@@ -208,14 +233,71 @@ async fn accounts(pool: &PgPool) {
 
     let (admin, _) = store::find_user(pool, "admin").await.unwrap().unwrap();
     assert_eq!(admin.role, UserRole::Admin, "created by prepare");
-    let promoted = store::set_role(pool, "alice", UserRole::Moderator)
+    let promoted = store::set_role(pool, &admin, "alice", UserRole::Moderator)
         .await
         .unwrap()
         .unwrap();
     assert_eq!(promoted.role, UserRole::Moderator);
-    store::set_role(pool, "alice", UserRole::Viewer)
+    store::set_role(pool, &admin, "alice", UserRole::Viewer)
         .await
         .unwrap();
+    assert!(
+        store::set_role(pool, &admin, "nobody", UserRole::Viewer)
+            .await
+            .unwrap()
+            .is_none()
+    );
+    // A second admin: the first cannot demote it, it can step down itself.
+    let boss = user(pool, "boss").await;
+    store::set_role(pool, &admin, "boss", UserRole::Admin)
+        .await
+        .unwrap();
+    assert!(matches!(
+        store::set_role(pool, &admin, "boss", UserRole::Viewer).await,
+        Err(StoreError::Forbidden)
+    ));
+    let boss = User {
+        role: UserRole::Admin,
+        ..boss
+    };
+    let stepped = store::set_role(pool, &boss, "boss", UserRole::Viewer)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(stepped.role, UserRole::Viewer);
+}
+
+/// A rotated secret replaces the stored hash once (compare-and-set) and ends admin sessions.
+async fn admin_rotation(pool: &PgPool) {
+    let (admin, old) = store::find_user(pool, "admin").await.unwrap().unwrap();
+    let session = uuid::Uuid::new_v4();
+    let later = time::OffsetDateTime::now_utc() + time::Duration::hours(1);
+    store::create_session(pool, session, admin.id, later)
+        .await
+        .unwrap();
+    assert!(
+        store::set_admin_password(pool, Some(&old), "$argon2id$new")
+            .await
+            .unwrap()
+    );
+    assert_eq!(
+        store::admin_hash(pool).await.unwrap().as_deref(),
+        Some("$argon2id$new")
+    );
+    assert!(
+        store::session_user(pool, session).await.unwrap().is_none(),
+        "admin sessions end with the old password"
+    );
+    // A second broadcast that read the same new secret finds the hash already replaced.
+    assert!(
+        !store::set_admin_password(pool, Some(&old), "$argon2id$new-too")
+            .await
+            .unwrap()
+    );
+    assert_eq!(
+        store::admin_hash(pool).await.unwrap().as_deref(),
+        Some("$argon2id$new")
+    );
 }
 
 async fn idempotent_appends(pool: &PgPool) {
@@ -302,7 +384,7 @@ async fn ordered_under_concurrency(pool: &PgPool) {
 async fn moderation(pool: &PgPool) {
     let (admin, _) = store::find_user(pool, "admin").await.unwrap().unwrap();
     let moderator = user(pool, "mod").await;
-    store::set_role(pool, "mod", UserRole::Moderator)
+    store::set_role(pool, &admin, "mod", UserRole::Moderator)
         .await
         .unwrap();
     let troll = user(pool, "troll").await;
@@ -418,4 +500,279 @@ async fn moderation(pool: &PgPool) {
         .await,
         Err(StoreError::NotFound("message"))
     ));
+
+    // Down the ranks only: a moderator neither bans, mutes nor unbans another moderator, nor
+    // deletes a moderator's or an admin's message; an admin acts on a moderator.
+    let other_mod = user(pool, "mod2").await;
+    store::set_role(pool, &admin, "mod2", UserRole::Moderator)
+        .await
+        .unwrap();
+    let other_mod = User {
+        role: UserRole::Moderator,
+        ..other_mod
+    };
+    for (id, action) in [
+        (
+            "m5",
+            Action::Ban {
+                user: "mod2".into(),
+            },
+        ),
+        (
+            "m6",
+            Action::Mute {
+                user: "MOD2".into(),
+                seconds: 60,
+            },
+        ),
+        (
+            "m7",
+            Action::Unban {
+                user: "mod2".into(),
+            },
+        ),
+    ] {
+        assert!(
+            matches!(
+                store::append(pool, "test", &moderator, id, &action).await,
+                Err(StoreError::Forbidden)
+            ),
+            "{action:?}"
+        );
+    }
+    let said = store::append(pool, "test", &other_mod, "o1", &message("mod talk"))
+        .await
+        .unwrap();
+    let decreed = store::append(pool, "test", &admin, "a2", &message("admin talk"))
+        .await
+        .unwrap();
+    for (id, target) in [("m8", said.seq), ("m9", decreed.seq)] {
+        assert!(matches!(
+            store::append(pool, "test", &moderator, id, &Action::Delete { target }).await,
+            Err(StoreError::Forbidden)
+        ));
+    }
+    let own = store::append(pool, "test", &moderator, "m10", &message("oops"))
+        .await
+        .unwrap();
+    store::append(
+        pool,
+        "test",
+        &moderator,
+        "m11",
+        &Action::Delete { target: own.seq },
+    )
+    .await
+    .expect("a moderator takes back their own message");
+    store::append(
+        pool,
+        "test",
+        &admin,
+        "a3",
+        &Action::Delete { target: said.seq },
+    )
+    .await
+    .expect("an admin deletes a moderator's message");
+    store::append(
+        pool,
+        "test",
+        &admin,
+        "a4",
+        &Action::Ban {
+            user: "mod2".into(),
+        },
+    )
+    .await
+    .expect("an admin bans a moderator");
+    assert!(matches!(
+        store::append(pool, "test", &other_mod, "o2", &message("x")).await,
+        Err(StoreError::Banned)
+    ));
+    let boss = store::find_user(pool, "boss").await.unwrap().unwrap().0;
+    store::set_role(pool, &admin, "boss", UserRole::Admin)
+        .await
+        .unwrap();
+    assert!(
+        matches!(
+            store::append(pool, "test", &admin, "a5", &Action::Ban { user: boss.name }).await,
+            Err(StoreError::Forbidden)
+        ),
+        "nobody acts on an admin, not even another admin"
+    );
+}
+
+async fn verdict(pool: &PgPool, keys: &Keys, rule: &throttle::Rule) -> Verdict {
+    throttle::attempt(pool, keys, rule).await.unwrap()
+}
+
+fn keys(name: &str, address: &str) -> Keys {
+    Keys::new(name, address.parse().unwrap())
+}
+
+/// Lets a waiting key's time run out, as if its wait had passed.
+async fn wait_passes(pool: &PgPool, key: &str) {
+    sqlx::query("UPDATE login_throttle SET next_at = now() WHERE key = $1")
+        .bind(key)
+        .execute(pool)
+        .await
+        .unwrap();
+}
+
+/// 50 guesses at once on one name from one address, through two pools (two broadcasts): the
+/// five free attempts are let through and all the others refused, never more. The first wait
+/// is long here so the outcome cannot depend on how fast the guesses run.
+async fn parallel_guesses_take_one_slot_each(a: &PgPool, b: &PgPool) {
+    let rule = throttle::Rule {
+        pair: throttle::Allowance {
+            first_wait: Duration::from_secs(600),
+            ..RULE.pair
+        },
+        ..RULE
+    };
+    let guess = keys("victim", "198.51.100.1");
+    let started = Instant::now();
+    let tasks: Vec<_> = (0..50)
+        .map(|i| {
+            let pool = if i % 2 == 0 { a.clone() } else { b.clone() };
+            let guess = guess.clone();
+            tokio::spawn(async move { throttle::attempt(&pool, &guess, &rule).await.unwrap() })
+        })
+        .collect();
+    let mut allowed = 0;
+    for t in tasks {
+        match t.await.unwrap() {
+            Verdict::Allowed => allowed += 1,
+            Verdict::Refused { wait_secs, by } => {
+                assert_eq!(by, KeyKind::Pair);
+                assert!((1..=600).contains(&wait_secs), "{wait_secs}");
+            }
+        }
+    }
+    eprintln!(
+        "50 parallel guesses over two pools: {allowed} checked, {} refused, in {:.0} ms",
+        50 - allowed,
+        started.elapsed().as_secs_f64() * 1000.0
+    );
+    assert_eq!(allowed, RULE.pair.free);
+}
+
+/// After the free attempts each wait doubles: 1 s, 2 s, 4 s.
+async fn delays_grow(pool: &PgPool) {
+    let guess = keys("grow", "198.51.100.2");
+    for _ in 0..RULE.pair.free {
+        assert_eq!(verdict(pool, &guess, &RULE).await, Verdict::Allowed);
+    }
+    for expected in [1, 2, 4] {
+        assert_eq!(
+            verdict(pool, &guess, &RULE).await,
+            Verdict::Refused {
+                wait_secs: expected,
+                by: KeyKind::Pair
+            }
+        );
+        wait_passes(pool, "pair:grow|198.51.100.2").await;
+        assert_eq!(verdict(pool, &guess, &RULE).await, Verdict::Allowed);
+    }
+    assert_eq!(
+        verdict(pool, &guess, &RULE).await,
+        Verdict::Refused {
+            wait_secs: 8,
+            by: KeyKind::Pair
+        }
+    );
+    // Refused attempts were not counted: the wait did not grow while it was hammered.
+    for _ in 0..20 {
+        assert!(matches!(
+            verdict(pool, &guess, &RULE).await,
+            Verdict::Refused {
+                wait_secs: 1..=8,
+                ..
+            }
+        ));
+    }
+}
+
+/// Failures from many addresses slow the name down for new addresses, never for an address
+/// the owner has logged in from; one address spraying names is slowed down by its own key.
+async fn the_owner_is_not_locked_out(pool: &PgPool) {
+    let home = keys("owner", "203.0.113.1");
+    assert_eq!(verdict(pool, &home, &RULE).await, Verdict::Allowed);
+    throttle::succeeded(pool, &home, &RULE).await.unwrap();
+
+    for i in 0..RULE.name.free {
+        let attacker = keys("owner", &format!("192.0.2.{}", i + 1));
+        assert_eq!(verdict(pool, &attacker, &RULE).await, Verdict::Allowed);
+    }
+    assert!(matches!(
+        verdict(pool, &keys("owner", "192.0.2.200"), &RULE).await,
+        Verdict::Refused {
+            by: KeyKind::Name,
+            ..
+        }
+    ));
+    assert_eq!(
+        verdict(pool, &home, &RULE).await,
+        Verdict::Allowed,
+        "the owner's address is not held up by the name-wide delay"
+    );
+    throttle::succeeded(pool, &home, &RULE).await.unwrap();
+    let counts: i32 = sqlx::query_scalar(
+        "SELECT failures FROM login_throttle WHERE key = 'pair:owner|203.0.113.1'",
+    )
+    .fetch_one(pool)
+    .await
+    .unwrap();
+    assert_eq!(counts, 0);
+
+    // One address, many names: its own key stops it, other addresses are unaffected.
+    for i in 0..RULE.address.free {
+        assert_eq!(
+            verdict(pool, &keys(&format!("name{i}"), "198.51.100.9"), &RULE).await,
+            Verdict::Allowed
+        );
+    }
+    assert!(matches!(
+        verdict(pool, &keys("another", "198.51.100.9"), &RULE).await,
+        Verdict::Refused {
+            by: KeyKind::Address,
+            ..
+        }
+    ));
+    assert_eq!(
+        verdict(pool, &keys("another", "198.51.100.10"), &RULE).await,
+        Verdict::Allowed
+    );
+
+    // An attempt whose password could not be checked gives its count back.
+    let busy = keys("busy", "198.51.100.11");
+    assert_eq!(verdict(pool, &busy, &RULE).await, Verdict::Allowed);
+    throttle::withdrawn(pool, &busy).await.unwrap();
+    let counts: Vec<i32> = sqlx::query_scalar(
+        "SELECT failures FROM login_throttle WHERE key IN          ('pair:busy|198.51.100.11', 'name:busy', 'addr:198.51.100.11')",
+    )
+    .fetch_all(pool)
+    .await
+    .unwrap();
+    assert_eq!(counts, [0, 0, 0]);
+}
+
+/// Keys quiet for an hour are dropped (trusted pairs are kept); a dropped key starts over.
+async fn old_attempts_are_forgotten(pool: &PgPool) {
+    sqlx::query(
+        "UPDATE login_throttle SET last_at = now() - interval '2 hours',          next_at = now() - interval '1 hour'",
+    )
+    .execute(pool)
+    .await
+    .unwrap();
+    let dropped = throttle::forget_old(pool, &RULE).await.unwrap();
+    let left: Vec<String> = sqlx::query_scalar("SELECT key FROM login_throttle")
+        .fetch_all(pool)
+        .await
+        .unwrap();
+    assert!(dropped > 100, "{dropped}");
+    assert_eq!(left, ["pair:owner|203.0.113.1"], "trusted pairs stay");
+    assert_eq!(
+        verdict(pool, &keys("grow", "198.51.100.2"), &RULE).await,
+        Verdict::Allowed
+    );
 }
