@@ -182,6 +182,7 @@ pub async fn run(ctx: ServiceContext) -> anyhow::Result<()> {
         me.socket(me.ports.https),
         config.paths.tls_cert.clone(),
         config.paths.tls_key.clone(),
+        (&config.cluster.limits).into(),
         ctx.lifecycle.clone(),
     );
     let result = tokio::try_join!(rtmp_task, rtmps_task, https);
