@@ -84,6 +84,11 @@ pub async fn run(ctx: ServiceContext) -> anyhow::Result<()> {
         current,
         health,
         metrics: ctx.metrics.clone(),
+        ops: streaming_core::ops_auth::for_service(&ctx)?,
+        assign_rate: Arc::new(streaming_core::rate_limit::RateLimiter::new(
+            "assign",
+            ctx.config.cluster.limits.assign_rate,
+        )),
     });
     // Give the first poll a moment so the first viewers are not told the cluster is empty.
     tokio::time::sleep(Duration::from_millis(200)).await;
