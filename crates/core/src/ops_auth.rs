@@ -61,6 +61,37 @@ impl OpsGuard {
     }
 }
 
+/// The guard of a running service, re-read from its config file on every SIGHUP (new hosts,
+/// rotated token) without touching the service's own reload.
+pub fn for_service(ctx: &crate::service::ServiceContext) -> Result<Arc<OpsGuard>, SecretError> {
+    let guard = Arc::new(OpsGuard::from_config(&ctx.config)?);
+    let (watched, path, lifecycle) = (
+        guard.clone(),
+        ctx.config_path.clone(),
+        ctx.lifecycle.clone(),
+    );
+    let mut reloads = lifecycle.reloads();
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                () = lifecycle.shutdown() => break,
+                changed = reloads.changed() => {
+                    if changed.is_err() {
+                        break;
+                    }
+                    let updated = HostConfig::load(&path)
+                        .map_err(|e| e.to_string())
+                        .and_then(|config| watched.update(&config).map_err(|e| e.to_string()));
+                    if let Err(e) = updated {
+                        tracing::error!("/status and /metrics access: reload failed, keeping the previous one: {e}");
+                    }
+                }
+            }
+        }
+    });
+    Ok(guard)
+}
+
 /// Middleware: `axum::middleware::from_fn_with_state(guard, ops_auth::require)`. Others get a
 /// bare 403: what is behind it is nobody else's business.
 pub async fn require(State(guard): State<Arc<OpsGuard>>, request: Request, next: Next) -> Response {

@@ -119,6 +119,7 @@ pub async fn run(ctx: ServiceContext) -> anyhow::Result<()> {
         segment_seconds: timeline.segment_seconds,
         playlist_segments: timeline.playlist_segments,
         host: config.name.clone(),
+        ops: streaming_core::ops_auth::for_service(&ctx)?,
     };
 
     // SIGHUP: stream keys, cluster key, config (source ranks, channel settings), RTMPS cert.

@@ -20,8 +20,12 @@ use crate::routes::{App, Current};
 
 fn load(config: HostConfig) -> anyhow::Result<Current> {
     let key = read_secret(&config.paths.token_key)?;
-    let client = streaming_core::tls::peer_client(&config.paths.ca_cert, POLL_TIMEOUT)
-        .with_context(|| format!("cluster CA {}", config.paths.ca_cert.display()))?;
+    let client = streaming_core::tls::peer_client_from(
+        &config.paths.ca_cert,
+        POLL_TIMEOUT,
+        Some(config.me().address),
+    )
+    .with_context(|| format!("cluster CA {}", config.paths.ca_cert.display()))?;
     Ok(Current {
         config: Arc::new(config),
         signer: TokenSigner::new(key.as_bytes()),
