@@ -140,6 +140,7 @@ let
       db_superuser_password = "${stateDir}/secrets/db-superuser-password";
       db_replication_password = "${stateDir}/secrets/db-replication-password";
       admin_password = "${stateDir}/secrets/admin-password";
+      metrics_token = "${stateDir}/secrets/metrics-token";
     } else {
       state_dir = stateDir;
       log_dir = null;
@@ -153,6 +154,7 @@ let
       db_superuser_password = "/run/agenix/db-superuser-password";
       db_replication_password = "/run/agenix/db-replication-password";
       admin_password = "/run/agenix/admin-password";
+      metrics_token = "/run/agenix/metrics-token";
     };
 
   # etcd member flags (the witness on lb1 included). Plain HTTP between members: locally it is

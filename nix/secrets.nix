@@ -26,18 +26,29 @@ let
   forHost =
     host:
     if host.role == "lb" then
-      [ (secret "token-key") ]
+      map secret [
+        "token-key"
+        "metrics-token"
+      ]
     else if host.role == "broadcast" then
       map secret [
         "token-key"
         "cluster-key"
         "db-password"
         "admin-password"
+        "metrics-token"
       ]
     else if host.role == "ingest" then
-      [ (secret "cluster-key") ] ++ map streamKey channels
+      map secret [
+        "cluster-key"
+        "metrics-token"
+      ]
+      ++ map streamKey channels
     else if host.role == "source" then
-      [ (streamKey host.channel) ]
+      [
+        (streamKey host.channel)
+        (secret "metrics-token")
+      ]
     else if host.role == "db" then
       map secret [
         "db-password"

@@ -166,7 +166,8 @@ in
         description = ''
           Directory of the agenix files (`token-key.age`, `cluster-key.age`,
           `stream-key-<channel>.age`, `db-password.age`, `db-superuser-password.age`,
-          `db-replication-password.age`, `admin-password.age`); see secrets/README.md.
+          `db-replication-password.age`, `admin-password.age`, `metrics-token.age`); see
+          secrets/README.md.
         '';
       };
     };

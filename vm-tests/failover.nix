@@ -109,6 +109,10 @@ in
       client = {
         virtualisation.memorySize = 768;
         virtualisation.cores = 2;
+        # The client is no cluster host: it reads /status with the metrics token, as Prometheus
+        # would. TEST ONLY identity, as on the hosts.
+        age.secrets.metrics-token.file = "${testSecrets}/metrics-token.age";
+        age.identityPaths = [ "${testSecrets}/test-host.agekey" ];
         environment.systemPackages = [
           streamctl
           pkgs.curl

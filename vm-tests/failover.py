@@ -12,6 +12,10 @@ import time
 LB = LB_URLS[0]
 ENTRY = f"{LB}/live/{CHANNEL}/master.m3u8"
 CURL = f"curl --silent --show-error --fail --max-time 5 --cacert {CA}"
+# /status answers cluster hosts or the metrics token; the header goes through stdin, never argv.
+STATUS_CURL = (
+    "printf 'Authorization: Bearer %s' \"$(cat /run/agenix/metrics-token)\" | " + CURL + " -H @-"
+)
 LOAD_SECONDS = 60
 FAULT_AFTER = 15
 FAULT_FOR = 20
@@ -134,7 +138,7 @@ with subtest("the cluster comes up from nothing"):
             wait_healthy(h["name"], timeout=600)
     for ingest in names("ingest"):
         client.wait_until_succeeds(
-            f"{CURL} {url_of(ingest)}/status | jq -e '.channels[\"{CHANNEL}\"].live == true'",
+            f"{STATUS_CURL} {url_of(ingest)}/status | jq -e '.channels[\"{CHANNEL}\"].live == true'",
             timeout=600,
         )
     # Through the LB, as a viewer: playlists, segments, tokens, certificates.
@@ -155,7 +159,7 @@ with subtest("lb1 crashes (entry LB and etcd witness): viewers and chat carry on
 with subtest("the viewers' broadcast is cut off: they move to another one"):
     with_fault("broadcast1", broadcast1.block, broadcast1.unblock, pin="broadcast1")
     client.wait_until_succeeds(
-        f"{CURL} {LB}/status | jq -e '.broadcasts[] | select(.name == \"broadcast1\") | .eligible'",
+        f"{STATUS_CURL} {LB}/status | jq -e '.broadcasts[] | select(.name == \"broadcast1\") | .eligible'",
         timeout=60,
     )
     w = short_watch(pin="broadcast1")
@@ -166,18 +170,18 @@ with subtest("an ingest crashes: the broadcasts pull from the other one"):
     ingest1.wait_for_unit("streaming-ingest.service")
     wait_healthy("ingest1")
     client.wait_until_succeeds(
-        f"{CURL} {url_of('ingest1')}/status | jq -e '.channels[\"{CHANNEL}\"].live == true'", timeout=120
+        f"{STATUS_CURL} {url_of('ingest1')}/status | jq -e '.channels[\"{CHANNEL}\"].live == true'", timeout=120
     )
     # broadcast1 prefers ingest1 (generator): it goes back once ingest1 keeps up.
     client.wait_until_succeeds(
-        f"{CURL} {url_of('broadcast1')}/status | jq -e '.origins[\"{CHANNEL}\"] == \"ingest1\"'", timeout=120
+        f"{STATUS_CURL} {url_of('broadcast1')}/status | jq -e '.origins[\"{CHANNEL}\"] == \"ingest1\"'", timeout=120
     )
 
 with subtest("source1 is cut off: the ingests switch to source2, then back"):
     with_fault("source1", source1.block, source1.unblock)
     for ingest in names("ingest"):
         client.wait_until_succeeds(
-            f"{CURL} {url_of(ingest)}/status"
+            f"{STATUS_CURL} {url_of(ingest)}/status"
             f" | jq -e '.channels[\"{CHANNEL}\"].active_source == \"source1\"'",
             timeout=120,
         )

@@ -98,6 +98,7 @@ pub async fn run(ctx: ServiceContext) -> anyhow::Result<()> {
         routes::App {
             bc,
             metrics: ctx.metrics.clone(),
+            ops: streaming_core::ops_auth::for_service(&ctx)?,
         },
         Some(chat),
     );

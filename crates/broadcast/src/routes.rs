@@ -11,7 +11,9 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use metrics_exporter_prometheus::PrometheusHandle;
 use streaming_core::config::{ChannelConfig, HostConfig, Rendition, Role, is_safe_name};
-use streaming_core::http::text_error;
+use streaming_core::http::{hsts_layer, text_error};
+use streaming_core::ops_auth::{self, OpsGuard};
+use streaming_core::rate_limit::RateLimiter;
 use streaming_core::token::{TOKEN_TTL_SECS, TokenError, TokenSigner, ViewerClaims, unix_now};
 use streaming_hls::{SegmentWindow, Variant, render_master};
 use tower_http::cors::{AllowOrigin, CorsLayer};
@@ -26,6 +28,8 @@ pub const SEGMENT_TYPE: &str = "video/mp2t";
 pub struct App {
     pub bc: Arc<Broadcast>,
     pub metrics: PrometheusHandle,
+    /// Who may read `/status` and `/metrics` (the LBs poll `/status`).
+    pub ops: Arc<OpsGuard>,
 }
 
 /// `chat` is `None` only in tests of the media routes.
@@ -47,15 +51,20 @@ pub fn router(app: App, chat: Option<Arc<streaming_chat::Chat>>) -> Router {
         .with_state(app.clone());
     // Accounts and chat: a page that failed over to us keeps its account session.
     if let Some(chat) = chat {
+        let account_rate = Arc::new(RateLimiter::new(
+            "account",
+            app.bc.config().cluster.limits.account_rate,
+        ));
         cross_origin = cross_origin
-            .merge(streaming_chat::api::router(chat.clone()))
+            .merge(streaming_chat::api::router(chat.clone(), account_rate))
             .merge(streaming_chat::ws::router(chat));
     }
     let cross_origin = cross_origin.layer(cors);
+    let ops = axum::middleware::from_fn_with_state(app.ops.clone(), ops_auth::require);
     Router::new()
         .route("/healthz", get(healthz))
-        .route("/status", get(status))
-        .route("/metrics", get(metrics))
+        .route("/status", get(status).layer(ops.clone()))
+        .route("/metrics", get(metrics).layer(ops))
         .fallback(page)
         .with_state(app)
         .merge(cross_origin)
@@ -63,6 +72,7 @@ pub fn router(app: App, chat: Option<Arc<streaming_chat::Chat>>) -> Router {
             header::X_CONTENT_TYPE_OPTIONS,
             HeaderValue::from_static("nosniff"),
         ))
+        .layer(hsts_layer())
 }
 
 /// Why a request for media is refused, as the 403 body says it.
@@ -490,11 +500,16 @@ mod tests {
             reqwest::Client::new(),
         ));
         let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
+        let ops = Arc::new(OpsGuard::from_config(&bc.config()).unwrap());
         App {
             bc,
             metrics: recorder.handle(),
+            ops,
         }
     }
+
+    /// A viewer's address, not one of the cluster's.
+    const VIEWER: &str = "203.0.113.7:40000";
 
     fn fill(app: &App, seqs: std::ops::Range<u64>) {
         fill_with(app, seqs, |seq| Bytes::from(format!("ts-{seq}")));
@@ -542,14 +557,25 @@ mod tests {
         uri: &str,
         origin: Option<&str>,
     ) -> (StatusCode, axum::http::HeaderMap, String) {
+        get_from(app, uri, origin, VIEWER).await
+    }
+
+    async fn get_from(
+        app: &App,
+        uri: &str,
+        origin: Option<&str>,
+        peer: &str,
+    ) -> (StatusCode, axum::http::HeaderMap, String) {
         let mut req = Request::get(uri);
         if let Some(o) = origin {
             req = req.header(header::ORIGIN, o);
         }
-        let resp = router(app.clone(), None)
-            .oneshot(req.body(Body::empty()).unwrap())
-            .await
-            .unwrap();
+        let mut req = req.body(Body::empty()).unwrap();
+        req.extensions_mut()
+            .insert(axum::extract::ConnectInfo::<std::net::SocketAddr>(
+                peer.parse().unwrap(),
+            ));
+        let resp = router(app.clone(), None).oneshot(req).await.unwrap();
         let (parts, body) = resp.into_parts();
         let body = axum::body::to_bytes(body, 1 << 20).await.unwrap();
         (
@@ -842,7 +868,20 @@ mod tests {
         fill(&app, 1..5);
         let (status, _, _) = get(&app, "/healthz", None).await;
         assert_eq!(status, StatusCode::OK);
-        let (_, _, body) = get(&app, "/status", None).await;
+        // Viewers see neither status nor metrics (ingest URLs, errors); the LBs poll it.
+        for uri in ["/status", "/metrics"] {
+            let (status, headers, body) = get(&app, uri, None).await;
+            assert_eq!(
+                (status, body.as_str()),
+                (StatusCode::FORBIDDEN, "forbidden\n")
+            );
+            assert_eq!(
+                headers[header::STRICT_TRANSPORT_SECURITY],
+                "max-age=31536000"
+            );
+        }
+        let (status, _, body) = get_from(&app, "/status", None, "127.79.1.1:40000").await;
+        assert_eq!(status, StatusCode::OK);
         let s: streaming_core::status::BroadcastStatus = serde_json::from_str(&body).unwrap();
         assert!(s.live && !s.draining);
         assert_eq!(s.uplink_mbps, 100);

@@ -21,10 +21,19 @@ use crate::{AuthError, Chat, limits, password, throttle};
 /// Account requests are a name and a password: anything bigger is not one.
 const MAX_BODY: usize = 4096;
 
-pub fn router(chat: Arc<Chat>) -> axum::Router {
+/// `account_rate` limits register and login per client address (password guessing).
+pub fn router(
+    chat: Arc<Chat>,
+    account_rate: Arc<streaming_core::rate_limit::RateLimiter>,
+) -> axum::Router {
+    let limited =
+        axum::middleware::from_fn_with_state(account_rate, streaming_core::rate_limit::enforce);
     axum::Router::new()
-        .route("/api/account/register", post(register))
-        .route("/api/account/login", post(login))
+        .route(
+            "/api/account/register",
+            post(register).layer(limited.clone()),
+        )
+        .route("/api/account/login", post(login).layer(limited))
         .route("/api/account/logout", post(logout))
         .route("/api/account/me", get(me))
         .route("/api/account/role", post(set_role))

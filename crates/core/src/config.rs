@@ -125,6 +125,10 @@ pub struct HostPaths {
     pub db_replication_password: PathBuf,
     /// Password of the `admin` account created at first start.
     pub admin_password: PathBuf,
+    /// Bearer token that opens `/status` and `/metrics` to callers outside the cluster's host
+    /// addresses (Prometheus, `streamctl status`). Without it only cluster hosts may read them.
+    #[serde(default)]
+    pub metrics_token: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]

@@ -1,4 +1,5 @@
-//! Small HTTP pieces every service uses: `/metrics`, and a bearer-token check.
+//! Small HTTP pieces every service uses: `/metrics`, a bearer-token check, HSTS, the cluster's
+//! own web origins.
 
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -30,4 +31,33 @@ pub fn text_error(status: StatusCode, message: impl Into<String>) -> Response {
         message.into() + "\n",
     )
         .into_response()
+}
+
+/// `Strict-Transport-Security` for every response of the public site: a year, and not
+/// `includeSubDomains`, as the operator may run other hosts under the same domain.
+pub fn hsts_layer() -> tower_http::set_header::SetResponseHeaderLayer<header::HeaderValue> {
+    tower_http::set_header::SetResponseHeaderLayer::overriding(
+        header::STRICT_TRANSPORT_SECURITY,
+        header::HeaderValue::from_static("max-age=31536000"),
+    )
+}
+
+/// The web origins of the cluster's own pages (LB sites and broadcasts), the only ones allowed
+/// to call its APIs from a browser.
+pub fn cluster_origins(config: &crate::config::HostConfig) -> Vec<String> {
+    use crate::config::Role;
+    let mut origins: Vec<String> = config
+        .cluster
+        .hosts
+        .iter()
+        .filter(|h| matches!(h.role, Role::Lb | Role::Broadcast))
+        .map(|h| h.url.as_str())
+        .chain(config.cluster.site_urls.iter().map(String::as_str))
+        .filter_map(|u| url::Url::parse(u).ok())
+        .map(|u| u.origin().ascii_serialization())
+        .filter(|o| o != "null")
+        .collect();
+    origins.sort();
+    origins.dedup();
+    origins
 }

@@ -2,9 +2,12 @@
 //! tokens, TLS, secrets, telemetry, HTTPS serving and the signals that drive shutdown and reload.
 
 pub mod config;
+pub mod conn_limit;
 pub mod http;
 pub mod lifecycle;
+pub mod ops_auth;
 pub mod process;
+pub mod rate_limit;
 pub mod secrets;
 pub mod serve;
 pub mod service;

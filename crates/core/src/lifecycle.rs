@@ -44,6 +44,18 @@ impl Lifecycle {
         })
     }
 
+    /// Driven only by [`Lifecycle::request_shutdown`], for a server embedded in a test; it
+    /// never reloads.
+    pub fn manual() -> Self {
+        let (shutdown_tx, shutdown_rx) = watch::channel(false);
+        let (_, reload_rx) = watch::channel(0u64);
+        Self {
+            shutdown: shutdown_rx,
+            reload: reload_rx,
+            trigger: std::sync::Arc::new(shutdown_tx),
+        }
+    }
+
     /// Resolves once shutdown was asked for (immediately if it already was).
     pub async fn shutdown(&self) {
         let mut rx = self.shutdown.clone();

@@ -42,6 +42,7 @@ impl ServiceContext {
             me.socket(me.ports.https),
             self.config.paths.tls_cert.clone(),
             self.config.paths.tls_key.clone(),
+            (&self.config.cluster.limits).into(),
             self.lifecycle.clone(),
         )
     }

@@ -69,7 +69,19 @@ pub fn peer_client(
     ca_cert: &Path,
     timeout: std::time::Duration,
 ) -> Result<reqwest::Client, TlsError> {
+    peer_client_from(ca_cert, timeout, None)
+}
+
+/// [`peer_client`] whose connections leave from `local`, the host's cluster address: peers
+/// that open `/status` to cluster hosts only recognise it (on loopback the kernel would
+/// otherwise pick 127.0.0.1 for every host).
+pub fn peer_client_from(
+    ca_cert: &Path,
+    timeout: std::time::Duration,
+    local: Option<std::net::IpAddr>,
+) -> Result<reqwest::Client, TlsError> {
     let mut builder = reqwest::Client::builder()
+        .local_address(local)
         .use_rustls_tls()
         .connect_timeout(timeout)
         .timeout(timeout)

@@ -121,6 +121,7 @@ pub async fn run(ctx: ServiceContext) -> anyhow::Result<()> {
         segment_seconds: timeline.segment_seconds,
         playlist_segments: timeline.playlist_segments,
         host: config.name.clone(),
+        ops: streaming_core::ops_auth::for_service(&ctx)?,
     };
 
     // SIGHUP: stream keys, cluster key, config (source ranks, channel settings, RTMP limits),
@@ -189,6 +190,7 @@ pub async fn run(ctx: ServiceContext) -> anyhow::Result<()> {
         me.socket(me.ports.https),
         config.paths.tls_cert.clone(),
         config.paths.tls_key.clone(),
+        (&config.cluster.limits).into(),
         ctx.lifecycle.clone(),
     );
     let result = tokio::try_join!(rtmp_task, rtmps_task, https);

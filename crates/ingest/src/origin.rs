@@ -29,6 +29,8 @@ pub struct OriginState {
     pub segment_seconds: u32,
     pub playlist_segments: u32,
     pub host: String,
+    /// Who may read `/status` and `/metrics`.
+    pub ops: Arc<streaming_core::ops_auth::OpsGuard>,
 }
 
 impl OriginState {
@@ -52,6 +54,8 @@ impl OriginState {
 }
 
 pub fn router(state: OriginState) -> Router {
+    let ops =
+        axum::middleware::from_fn_with_state(state.ops.clone(), streaming_core::ops_auth::require);
     Router::new()
         .route("/origin/{channel}/master.m3u8", get(master))
         .route(
@@ -59,10 +63,11 @@ pub fn router(state: OriginState) -> Router {
             get(media_or_segment),
         )
         .route("/healthz", get(|| async { "ok" }))
-        .route("/status", get(status))
+        .route("/status", get(status).layer(ops.clone()))
         .route(
             "/metrics",
-            get(|State(s): State<OriginState>| async move { metrics_response(&s.metrics) }),
+            get(|State(s): State<OriginState>| async move { metrics_response(&s.metrics) })
+                .layer(ops),
         )
         .with_state(state)
 }

@@ -20,8 +20,12 @@ use crate::routes::{App, Current};
 
 fn load(config: HostConfig) -> anyhow::Result<Current> {
     let key = read_secret(&config.paths.token_key)?;
-    let client = streaming_core::tls::peer_client(&config.paths.ca_cert, POLL_TIMEOUT)
-        .with_context(|| format!("cluster CA {}", config.paths.ca_cert.display()))?;
+    let client = streaming_core::tls::peer_client_from(
+        &config.paths.ca_cert,
+        POLL_TIMEOUT,
+        Some(config.me().address),
+    )
+    .with_context(|| format!("cluster CA {}", config.paths.ca_cert.display()))?;
     Ok(Current {
         config: Arc::new(config),
         signer: TokenSigner::new(key.as_bytes()),
@@ -84,6 +88,11 @@ pub async fn run(ctx: ServiceContext) -> anyhow::Result<()> {
         current,
         health,
         metrics: ctx.metrics.clone(),
+        ops: streaming_core::ops_auth::for_service(&ctx)?,
+        assign_rate: Arc::new(streaming_core::rate_limit::RateLimiter::new(
+            "assign",
+            ctx.config.cluster.limits.assign_rate,
+        )),
     });
     // Give the first poll a moment so the first viewers are not told the cluster is empty.
     tokio::time::sleep(Duration::from_millis(200)).await;

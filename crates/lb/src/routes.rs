@@ -2,6 +2,7 @@
 //! players that lost their broadcast, and the operator endpoints.
 
 use std::collections::HashMap;
+use std::convert::Infallible;
 use std::sync::{Arc, RwLock};
 use std::time::Instant;
 
@@ -12,8 +13,11 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use metrics_exporter_prometheus::PrometheusHandle;
 use streaming_core::config::{HostConfig, is_safe_name};
-use streaming_core::http::text_error;
+use streaming_core::http::{cluster_origins, hsts_layer, text_error};
+use streaming_core::ops_auth::{self, OpsGuard};
+use streaming_core::rate_limit::{self, RateLimiter};
 use streaming_core::token::{TOKEN_TTL_SECS, TokenSigner, ViewerClaims, new_viewer_id, unix_now};
+use tower_http::cors::{AllowOrigin, CorsLayer};
 use tower_http::set_header::SetResponseHeaderLayer;
 
 use crate::assign::{Candidate, choose, parse_exclude};
@@ -34,6 +38,10 @@ pub struct App {
     pub current: Arc<RwLock<Current>>,
     pub health: Arc<Health>,
     pub metrics: PrometheusHandle,
+    /// Who may read `/status` and `/metrics`.
+    pub ops: Arc<OpsGuard>,
+    /// Per-address limit on everything that hands out a viewer token.
+    pub assign_rate: Arc<RateLimiter>,
 }
 
 impl App {
@@ -172,19 +180,41 @@ pub fn steering_manifest(cands: &[Candidate], current: Option<&str>) -> serde_js
 }
 
 pub fn router(app: App) -> Router {
+    let current = app.current.clone();
+    // Only the cluster's own pages may ask for an assignment from a browser; anyone else's page
+    // could otherwise mint viewers from every visitor it has.
+    let cors = CorsLayer::new()
+        .allow_origin(AllowOrigin::predicate(move |origin: &HeaderValue, _| {
+            let config = current
+                .read()
+                .unwrap_or_else(|e| e.into_inner())
+                .config
+                .clone();
+            origin
+                .to_str()
+                .is_ok_and(|o| cluster_origins(&config).iter().any(|a| a == o))
+        }))
+        .allow_methods([axum::http::Method::GET]);
+    let limited =
+        axum::middleware::from_fn_with_state(app.assign_rate.clone(), rate_limit::enforce);
+    let ops = axum::middleware::from_fn_with_state(app.ops.clone(), ops_auth::require);
     Router::new()
-        .route("/", get(page))
+        .route("/", get(page).layer(limited.clone()))
         .route("/steering", get(steering))
-        .route("/live/{channel}/{file}", get(hls))
-        .route("/api/assign", get(api_assign))
+        .route("/live/{channel}/{file}", get(hls).layer(limited.clone()))
+        .route(
+            "/api/assign",
+            get(api_assign).layer::<_, Infallible>(limited).layer(cors),
+        )
         .route("/api/stats", get(api_stats))
         .route("/healthz", get(healthz))
-        .route("/status", get(status))
-        .route("/metrics", get(metrics))
+        .route("/status", get(status).layer(ops.clone()))
+        .route("/metrics", get(metrics).layer(ops))
         .layer(SetResponseHeaderLayer::overriding(
             header::X_CONTENT_TYPE_OPTIONS,
             HeaderValue::from_static("nosniff"),
         ))
+        .layer(hsts_layer())
         .with_state(app)
 }
 
@@ -287,10 +317,7 @@ async fn api_assign(
     };
     let mut response = (
         status,
-        [
-            (header::ACCESS_CONTROL_ALLOW_ORIGIN, "*"),
-            (header::CACHE_CONTROL, "no-store"),
-        ],
+        [(header::CACHE_CONTROL, "no-store")],
         axum::Json(body),
     )
         .into_response();
@@ -455,14 +482,41 @@ mod tests {
             metrics: metrics_exporter_prometheus::PrometheusBuilder::new()
                 .build_recorder()
                 .handle(),
+            ops: Arc::new(OpsGuard::from_config(&config()).unwrap()),
+            assign_rate: Arc::new(RateLimiter::new(
+                "assign",
+                streaming_core::config::RateLimit {
+                    burst: 20,
+                    per_minute: 1,
+                },
+            )),
         }
     }
 
+    /// A viewer's address, not one of the cluster's.
+    const VIEWER: &str = "203.0.113.7:40000";
+
     async fn get(app: &App, uri: &str) -> (StatusCode, axum::http::HeaderMap, String) {
-        let resp = router(app.clone())
-            .oneshot(Request::get(uri).body(Body::empty()).unwrap())
-            .await
-            .unwrap();
+        get_from(app, uri, VIEWER, &[]).await
+    }
+
+    async fn get_from(
+        app: &App,
+        uri: &str,
+        peer: &str,
+        headers: &[(header::HeaderName, &str)],
+    ) -> (StatusCode, axum::http::HeaderMap, String) {
+        let mut request = Request::get(uri);
+        for (name, value) in headers {
+            request = request.header(name, *value);
+        }
+        let mut request = request.body(Body::empty()).unwrap();
+        request
+            .extensions_mut()
+            .insert(axum::extract::ConnectInfo::<std::net::SocketAddr>(
+                peer.parse().unwrap(),
+            ));
+        let resp = router(app.clone()).oneshot(request).await.unwrap();
         let (parts, body) = resp.into_parts();
         let body = axum::body::to_bytes(body, 1 << 20).await.unwrap();
         (
@@ -545,13 +599,23 @@ mod tests {
             ("broadcast1", "me")
         );
         // Excluding it (player failover) moves the same viewer elsewhere.
-        let (status, headers, body) = get(
+        let (status, headers, body) = get_from(
             &app,
             &format!("/api/assign?channel=test&exclude=broadcast1&t={t}"),
+            VIEWER,
+            &[(header::ORIGIN, "https://127.79.2.1:8443")],
         )
         .await;
         assert_eq!(status, StatusCode::OK);
-        assert_eq!(headers[header::ACCESS_CONTROL_ALLOW_ORIGIN], "*");
+        // The broadcast's page (after a failover) may ask; nobody else's.
+        assert_eq!(
+            headers[header::ACCESS_CONTROL_ALLOW_ORIGIN],
+            "https://127.79.2.1:8443"
+        );
+        assert_eq!(
+            headers[header::STRICT_TRANSPORT_SECURITY],
+            "max-age=31536000"
+        );
         assert_eq!(headers[header::CACHE_CONTROL], "no-store");
         let a: serde_json::Value = serde_json::from_str(&body).unwrap();
         assert_eq!(a["broadcast"], "broadcast2");
@@ -716,9 +780,80 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn assign_answers_only_cluster_origins() {
+        let app = app(&[("broadcast1", 50)]);
+        for origin in ["https://evil.example", "null", "https://127.79.3.1:8443"] {
+            let (status, headers, _) = get_from(
+                &app,
+                "/api/assign?channel=test",
+                VIEWER,
+                &[(header::ORIGIN, origin)],
+            )
+            .await;
+            assert_eq!(status, StatusCode::OK);
+            assert!(
+                headers.get(header::ACCESS_CONTROL_ALLOW_ORIGIN).is_none(),
+                "{origin}"
+            );
+        }
+        let (_, headers, _) = get_from(
+            &app,
+            "/api/assign",
+            VIEWER,
+            &[(header::ORIGIN, "https://127.79.1.1:8443")],
+        )
+        .await;
+        assert_eq!(
+            headers[header::ACCESS_CONTROL_ALLOW_ORIGIN],
+            "https://127.79.1.1:8443"
+        );
+    }
+
+    #[tokio::test]
+    async fn one_address_cannot_mint_viewers_without_limit() {
+        let app = app(&[("broadcast1", 10_000)]);
+        let mut statuses = Vec::new();
+        for uri in ["/api/assign", "/", "/live/test/master.m3u8"]
+            .iter()
+            .cycle()
+            .take(21)
+        {
+            statuses.push(get(&app, uri).await.0);
+        }
+        assert!(
+            statuses[..20]
+                .iter()
+                .all(|s| *s != StatusCode::TOO_MANY_REQUESTS)
+        );
+        let (status, headers, _) = get(&app, "/api/assign").await;
+        assert_eq!(status, StatusCode::TOO_MANY_REQUESTS);
+        assert!(headers.contains_key(header::RETRY_AFTER));
+        assert_eq!(statuses[20], StatusCode::TOO_MANY_REQUESTS);
+        // Another address is not affected; the steering manifest is not limited.
+        let (status, _, _) = get_from(&app, "/api/assign", "198.51.100.1:1", &[]).await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(get(&app, "/steering?channel=test").await.0, StatusCode::OK);
+    }
+
+    #[tokio::test]
+    async fn status_and_metrics_only_for_cluster_hosts_or_the_token() {
+        let app = app(&[("broadcast1", 5)]);
+        for uri in ["/status", "/metrics"] {
+            let (status, _, body) = get(&app, uri).await;
+            assert_eq!(status, StatusCode::FORBIDDEN, "{uri}");
+            assert_eq!(body, "forbidden\n");
+            let (status, _, _) = get_from(&app, uri, "127.79.2.1:5000", &[]).await;
+            assert_eq!(status, StatusCode::OK, "{uri} from broadcast1");
+        }
+        let (status, _, body) = get(&app, "/healthz").await;
+        assert_eq!(status, StatusCode::OK);
+        assert!(!body.contains("127.79"), "{body}");
+    }
+
+    #[tokio::test]
     async fn status_lists_every_broadcast() {
         let app = app(&[("broadcast1", 5)]);
-        let (status, _, body) = get(&app, "/status").await;
+        let (status, _, body) = get_from(&app, "/status", "127.79.1.1:5000", &[]).await;
         assert_eq!(status, StatusCode::OK);
         let v: serde_json::Value = serde_json::from_str(&body).unwrap();
         assert_eq!(v["broadcasts"][0]["eligible"], true);

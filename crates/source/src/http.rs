@@ -17,6 +17,8 @@ pub struct AppState {
     pub name: String,
     pub supervisor: Arc<Supervisor>,
     pub metrics: PrometheusHandle,
+    /// Who may read `/status` and `/metrics`.
+    pub ops: Arc<streaming_core::ops_auth::OpsGuard>,
 }
 
 /// `/status` body.
@@ -29,10 +31,12 @@ pub struct SourceStatus {
 }
 
 pub fn router(state: AppState) -> axum::Router {
+    let ops =
+        axum::middleware::from_fn_with_state(state.ops.clone(), streaming_core::ops_auth::require);
     axum::Router::new()
         .route("/healthz", get(healthz))
-        .route("/status", get(status))
-        .route("/metrics", get(metrics))
+        .route("/status", get(status).layer(ops.clone()))
+        .route("/metrics", get(metrics).layer(ops))
         .with_state(state)
 }
 

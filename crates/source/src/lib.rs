@@ -37,6 +37,7 @@ pub async fn run(ctx: ServiceContext) -> anyhow::Result<()> {
         name: me.name.clone(),
         supervisor: supervisor.clone(),
         metrics: ctx.metrics.clone(),
+        ops: streaming_core::ops_auth::for_service(&ctx)?,
     });
     let served = ctx.serve_https(app).await;
     // Whatever ended the server (shutdown or a bind error), the encode stops with it.

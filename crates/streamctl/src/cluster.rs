@@ -334,7 +334,8 @@ pub fn materialise(layout: &Layout, configs: &BTreeMap<String, HostConfig>) -> a
 }
 
 /// Random secrets shared by the hosts: token key, cluster key, one stream key per channel, the
-/// database passwords (services' role, superuser, replication) and the `admin` account's.
+/// database passwords (services' role, superuser, replication), the `admin` account's and the
+/// metrics token.
 /// Existing files are kept (a running publisher keeps its key across `up`s, and PostgreSQL
 /// keeps the passwords it was bootstrapped with).
 pub fn ensure_secrets(configs: &BTreeMap<String, HostConfig>) -> anyhow::Result<()> {
@@ -346,6 +347,7 @@ pub fn ensure_secrets(configs: &BTreeMap<String, HostConfig>) -> anyhow::Result<
         files.insert(config.paths.db_superuser_password.clone());
         files.insert(config.paths.db_replication_password.clone());
         files.insert(config.paths.admin_password.clone());
+        files.extend(config.paths.metrics_token.clone());
         for channel in &config.cluster.channels {
             files.insert(
                 config

@@ -460,9 +460,14 @@ pub async fn status(args: StatusArgs) -> anyhow::Result<()> {
     let layout = Layout::new(&args.state.dir)?;
     let configs = layout.load_configs()?;
     let client = probe::client(&layout.ca().cert, PROBE_TIMEOUT)?;
+    // Every host reads the same token file; a cluster from before it existed has none yet.
+    let token = configs
+        .first()
+        .and_then(|c| c.paths.metrics_token.as_deref())
+        .and_then(|path| streaming_core::secrets::read_secret(path).ok());
     let checks = configs
         .iter()
-        .map(|config| host_status(&layout, &client, config));
+        .map(|config| host_status(&layout, &client, config, token.as_deref()));
     let statuses: Vec<HostStatus> = futures::future::join_all(checks).await;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&statuses)?);
@@ -520,7 +525,12 @@ pub async fn status(args: StatusArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn host_status(layout: &Layout, client: &reqwest::Client, config: &HostConfig) -> HostStatus {
+async fn host_status(
+    layout: &Layout,
+    client: &reqwest::Client,
+    config: &HostConfig,
+    token: Option<&str>,
+) -> HostStatus {
     let me = config.me();
     let pid = procs::live_pid(&layout.pid_file(&me.name), &layout.config_file(&me.name));
     let process = pid.map(procs::liveness).unwrap_or(Liveness::Dead);
@@ -575,7 +585,7 @@ async fn host_status(layout: &Layout, client: &reqwest::Client, config: &HostCon
     if !matches!(me.role, Role::Broadcast | Role::Ingest) || process != Liveness::Running {
         return status;
     }
-    let Some(json) = probe::status_json(client, &me.url).await else {
+    let Some(json) = probe::status_json(client, &me.url, token).await else {
         return status;
     };
     match me.role {

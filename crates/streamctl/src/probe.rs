@@ -84,11 +84,25 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
     text
 }
 
-/// `GET /status` as JSON.
-pub async fn status_json(client: &reqwest::Client, base_url: &str) -> Option<serde_json::Value> {
-    let (_, body) = get_limited(client, &format!("{base_url}/status"), MAX_PLAYLIST_BYTES)
-        .await
-        .ok()?;
+/// `GET /status` as JSON, with the metrics token (`/status` answers cluster hosts only,
+/// and we call from elsewhere).
+pub async fn status_json(
+    client: &reqwest::Client,
+    base_url: &str,
+    token: Option<&str>,
+) -> Option<serde_json::Value> {
+    let mut request = client.get(format!("{base_url}/status"));
+    if let Some(token) = token {
+        request = request.bearer_auth(token);
+    }
+    let mut response = request.send().await.ok()?.error_for_status().ok()?;
+    let mut body = Vec::new();
+    while let Some(chunk) = response.chunk().await.ok()? {
+        if body.len() + chunk.len() > MAX_PLAYLIST_BYTES {
+            return None;
+        }
+        body.extend_from_slice(&chunk);
+    }
     serde_json::from_slice(&body).ok()
 }
 

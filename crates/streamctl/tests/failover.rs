@@ -29,6 +29,17 @@ fn curl(state: &Path, url: &str, bearer: Option<&str>) -> Vec<u8> {
     run(command.arg(url)).stdout
 }
 
+/// `/status` of a host, asked from lb1's address: status pages answer cluster hosts only.
+fn status_of(state: &Path, url: &str) -> Value {
+    let mut command = Command::new("curl");
+    command
+        .args(["-sS", "--fail", "--max-time", "10", "--interface"])
+        .arg(format!("{PREFIX}.1.1"))
+        .arg("--cacert")
+        .arg(state.join("tls/ca.crt"));
+    serde_json::from_slice(&run(command.arg(url)).stdout).unwrap()
+}
+
 /// First video PTS of a segment, in seconds (ffprobe on the bytes).
 fn first_video_pts(bytes: &[u8], scratch: &Path) -> f64 {
     std::fs::write(scratch, bytes).unwrap();
@@ -72,12 +83,7 @@ fn watch(state: &Path, seconds: u64, pin: Option<&str>) -> Value {
 }
 
 fn lb_broadcasts(state: &Path) -> Vec<(String, bool)> {
-    let status: Value = serde_json::from_slice(&curl(
-        state,
-        &format!("https://{PREFIX}.1.1:8443/status"),
-        None,
-    ))
-    .unwrap();
+    let status = status_of(state, &format!("https://{PREFIX}.1.1:8443/status"));
     status["broadcasts"]
         .as_array()
         .unwrap()
@@ -233,12 +239,7 @@ fn any_one_host_may_fail_and_the_topology_may_change() {
             .any(|b| b == "broadcast5"),
         "{on_new:#}"
     );
-    let ingest3: Value = serde_json::from_slice(&curl(
-        &state,
-        &format!("https://{PREFIX}.4.3:8443/status"),
-        None,
-    ))
-    .unwrap();
+    let ingest3 = status_of(&state, &format!("https://{PREFIX}.4.3:8443/status"));
     assert!(
         ingest3["channels"]["test"]["last_slot"].is_number(),
         "ingest3 emits the timeline: {ingest3:#}"
