@@ -189,6 +189,7 @@ fn any_one_host_may_fail_and_the_topology_may_change() {
         .iter()
         .find(|r| r["fault"]["mode"] == "crash")
         .expect("the crash row");
+    eprintln!("crash row: {crash}");
     assert!(
         crash["restarted_s"].is_number(),
         "the runner restarted the crashed ingest: {crash:#}"
