@@ -73,6 +73,9 @@ pub enum Mode {
     Ffmpeg,
     /// SIGSTOP of one ffmpeg child only: the host must notice by itself.
     FfmpegHang,
+    /// SIGABRT of the host's service only (a stack overflow, any abort): the local runner
+    /// restarts it, as systemd would.
+    Crash,
 }
 
 /// A fault of the matrix: one or more hosts failing together.
@@ -106,6 +109,7 @@ pub fn matrix() -> Vec<Fault> {
         fault("source1-hang", &["source1"], Mode::Hang),
         fault("ingest-ffmpeg-kill", &["ingest1"], Mode::Ffmpeg),
         fault("ingest-ffmpeg-hang", &["ingest1"], Mode::FfmpegHang),
+        fault("ingest-crash", &["ingest1"], Mode::Crash),
         fault(
             "broadcast+ingest-kill",
             &["broadcast1", "ingest1"],
@@ -126,8 +130,11 @@ pub struct Row {
     pub request_failures: u64,
     pub discontinuities: u64,
     pub latency_max_s: f64,
-    /// Seconds from the restore until every host answered its health check again.
+    /// Seconds from the restore until every host answered its health check again (for a
+    /// crash, which nobody restores: from the crash).
     pub whole_again_s: Option<f64>,
+    /// Crash: seconds from the crash until the runner had started the service again.
+    pub restarted_s: Option<f64>,
 }
 
 impl Row {
@@ -136,25 +143,10 @@ impl Row {
     }
 }
 
-/// Runs `streamctl <args>` (this very binary) against the cluster's state.
-/// This very binary, also when a rebuild replaced it while a bench runs (the kernel then names
-/// the running one "<path> (deleted)"; the new file at the path is the same program).
-fn own_binary() -> anyhow::Result<std::path::PathBuf> {
-    let exe = std::env::current_exe().context("locating streamctl")?;
-    if exe.exists() {
-        return Ok(exe);
-    }
-    let text = exe.to_string_lossy();
-    match text.strip_suffix(" (deleted)") {
-        Some(path) if std::path::Path::new(path).exists() => Ok(path.into()),
-        _ => bail!("streamctl binary {} is gone", exe.display()),
-    }
-}
-
 /// Runs `streamctl <args> --state <state>`: faults and restores go through the operator's
 /// commands, as a person would type them.
 pub(crate) fn streamctl(state: &std::path::Path, args: &[&str]) -> anyhow::Result<String> {
-    let exe = own_binary()?;
+    let exe = crate::procs::own_binary()?;
     let output = Command::new(exe)
         .args(args)
         .arg("--state")
@@ -204,14 +196,17 @@ fn inject(state: &std::path::Path, fault: &Fault) -> anyhow::Result<()> {
             Mode::Hang => streamctl(state, &["kill", host, "--hang"])?,
             Mode::Ffmpeg => streamctl(state, &["kill", host, "--ffmpeg"])?,
             Mode::FfmpegHang => streamctl(state, &["kill", host, "--ffmpeg", "--hang"])?,
+            Mode::Crash => streamctl(state, &["kill", host, "--crash"])?,
         };
     }
     Ok(())
 }
 
 fn restore(state: &std::path::Path, fault: &Fault) -> anyhow::Result<()> {
-    if matches!(fault.mode, Mode::Ffmpeg | Mode::FfmpegHang) {
-        return Ok(()); // the ingest restarts its own transcoder (killing a hung one first)
+    if matches!(fault.mode, Mode::Ffmpeg | Mode::FfmpegHang | Mode::Crash) {
+        // The ingest restarts its own transcoder (killing a hung one first); the runner
+        // restarts a crashed service.
+        return Ok(());
     }
     for host in &fault.hosts {
         streamctl(state, &["start", host])?;
@@ -265,11 +260,26 @@ pub async fn run_fault(args: &FailoverArgs, fault: &Fault) -> anyhow::Result<Row
     let viewers_task = tokio::spawn(async move { watch(&watch_args).await });
     tokio::time::sleep(Duration::from_secs(args.fault_after)).await;
     tracing::info!(fault = %fault.name, "injecting");
+    let before = service_pids(&state, &fault.hosts)?;
+    let injected = Instant::now();
     inject(&state, fault)?;
-    tokio::time::sleep(Duration::from_secs(args.fault_for)).await;
+    let mut restarted_s = None;
+    let mut whole_again_s = None;
+    if fault.mode == Mode::Crash {
+        restarted_s = wait_restarted(&state, &before, Duration::from_secs(60)).await;
+        if restarted_s.is_some() {
+            whole_again_s = wait_whole(&state, Duration::from_secs(60))
+                .await
+                .map(|_| injected.elapsed().as_secs_f64());
+        }
+    }
+    tokio::time::sleep(Duration::from_secs(args.fault_for).saturating_sub(injected.elapsed()))
+        .await;
     tracing::info!(fault = %fault.name, "restoring");
     restore(&state, fault)?;
-    let whole_again_s = wait_whole(&state, Duration::from_secs(60)).await;
+    if fault.mode != Mode::Crash {
+        whole_again_s = wait_whole(&state, Duration::from_secs(60)).await;
+    }
     let report: WatchReport = viewers_task.await.context("viewer task")??;
     Ok(Row {
         fault: fault.clone(),
@@ -282,7 +292,54 @@ pub async fn run_fault(args: &FailoverArgs, fault: &Fault) -> anyhow::Result<Row
         discontinuities: report.discontinuities,
         latency_max_s: report.latency_max_s,
         whole_again_s,
+        restarted_s,
     })
+}
+
+/// The service pid of each host (`streamctl status`), to see when a crashed one was replaced.
+fn service_pids(
+    state: &std::path::Path,
+    hosts: &[String],
+) -> anyhow::Result<Vec<(String, Option<i64>)>> {
+    let text = streamctl(state, &["status", "--json"])?;
+    let all: Vec<serde_json::Value> = serde_json::from_str(&text)?;
+    Ok(hosts
+        .iter()
+        .map(|name| {
+            let pid = all
+                .iter()
+                .find(|h| h["name"] == name.as_str())
+                .and_then(|h| h["service_pid"].as_i64());
+            (name.clone(), pid)
+        })
+        .collect())
+}
+
+/// Seconds until every host of `before` runs a service with another pid than before.
+async fn wait_restarted(
+    state: &std::path::Path,
+    before: &[(String, Option<i64>)],
+    limit: Duration,
+) -> Option<f64> {
+    let start = Instant::now();
+    let hosts: Vec<String> = before.iter().map(|(h, _)| h.clone()).collect();
+    while start.elapsed() < limit {
+        let (state, hosts) = (state.to_owned(), hosts.clone());
+        let now = tokio::task::spawn_blocking(move || service_pids(&state, &hosts))
+            .await
+            .ok()
+            .and_then(Result::ok);
+        if let Some(now) = now
+            && now
+                .iter()
+                .zip(before)
+                .all(|((_, new), (_, old))| new.is_some() && new != old)
+        {
+            return Some(start.elapsed().as_secs_f64());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    None
 }
 
 /// The Markdown table, with the command that made it.
@@ -293,7 +350,9 @@ pub fn markdown(args: &FailoverArgs, rows: &[Row]) -> String {
         "Made by `streamctl bench failover --viewers {} --seconds {} --fault-after {} --fault-for {}` \
          against a local cluster started with `streamctl up` (2-core machine). Each row: viewers \
          spread over every broadcast plus one pinned to the faulty host's path watch for {} s; the \
-         fault starts after {} s and the host is restored (`streamctl start`) {} s later.\n",
+         fault starts after {} s and the host is restored (`streamctl start`) {} s later; a \
+         crashed service is restarted by the runner (1 s backoff), and its \"whole again\" counts \
+         from the crash.\n",
         args.viewers,
         args.seconds,
         args.fault_after,
@@ -302,12 +361,12 @@ pub fn markdown(args: &FailoverArgs, rows: &[Row]) -> String {
         args.fault_after,
         args.fault_for
     );
-    out.push_str("| fault | hosts | viewers | stalls | stall s | errors | failovers | request failures | discontinuities seen | max latency s | whole again after restore |\n");
-    out.push_str("|---|---|---|---|---|---|---|---|---|---|---|\n");
+    out.push_str("| fault | hosts | viewers | stalls | stall s | errors | failovers | request failures | discontinuities seen | max latency s | restarted by the runner after | whole again after restore |\n");
+    out.push_str("|---|---|---|---|---|---|---|---|---|---|---|---|\n");
     for r in rows {
         let _ = writeln!(
             out,
-            "| {} | {} | {} | {} | {:.2} | {} | {} | {} | {} | {:.1} | {} |",
+            "| {} | {} | {} | {} | {:.2} | {} | {} | {} | {} | {:.1} | {} | {} |",
             r.fault.name,
             r.fault.hosts.join(" + "),
             r.viewers,
@@ -318,6 +377,8 @@ pub fn markdown(args: &FailoverArgs, rows: &[Row]) -> String {
             r.request_failures,
             r.discontinuities,
             r.latency_max_s,
+            r.restarted_s
+                .map_or("-".to_owned(), |s| format!("{s:.1} s")),
             r.whole_again_s
                 .map_or("not within 60 s".to_owned(), |s| format!("{s:.1} s"))
         );

@@ -25,8 +25,9 @@ pub enum Command {
     Down(DownArgs),
     /// Every host: process up/hung/down, health, and viewers/load.
     Status(StatusArgs),
-    /// Kill one host (SIGKILL its process group), hang it (--hang: SIGSTOP), or kill one of its
-    /// ffmpeg children (--ffmpeg).
+    /// Kill one host (SIGKILL its process group), hang it (--hang: SIGSTOP), kill one of its
+    /// ffmpeg children (--ffmpeg), or crash its service alone (--crash: SIGABRT; the runner
+    /// restarts it).
     Kill(KillArgs),
     /// Resume a hung host (SIGCONT) or start a dead one again.
     Start(StartArgs),
@@ -55,6 +56,11 @@ pub enum Command {
     /// the leader of the host's process group.
     #[command(hide = true)]
     DbHost(DbHostArgs),
+    /// Internal: runs one host's service and restarts it when it fails, as systemd's
+    /// `Restart=on-failure` would; started by `up`/`start`/`add` as the leader of the host's
+    /// process group.
+    #[command(hide = true)]
+    Supervise(crate::supervise::SuperviseArgs),
 }
 
 #[derive(Debug, Args)]
@@ -166,6 +172,10 @@ pub struct KillArgs {
     /// its etcd member stay up). `start` runs Patroni again.
     #[arg(long, conflicts_with = "ffmpeg")]
     pub postgres: bool,
+    /// SIGABRT to the host's service process only (not its group), as a stack overflow or any
+    /// abort would end it: the runner restarts it after a backoff, as systemd would.
+    #[arg(long, conflicts_with_all = ["ffmpeg", "postgres", "hang"])]
+    pub crash: bool,
 }
 
 #[derive(Debug, Args)]

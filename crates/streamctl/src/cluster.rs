@@ -40,6 +40,10 @@ impl Layout {
     pub fn pid_file(&self, host: &str) -> PathBuf {
         self.run_dir().join(format!("{host}.pid"))
     }
+    /// The supervised service's pid and restart count (not `.pid`: `down` reads those).
+    pub fn service_file(&self, host: &str) -> PathBuf {
+        self.run_dir().join(format!("{host}.service.json"))
+    }
     pub fn log_dir(&self) -> PathBuf {
         self.root.join("logs")
     }

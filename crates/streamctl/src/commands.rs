@@ -15,6 +15,7 @@ use crate::cluster::{self, Layout};
 use crate::db;
 use crate::probe;
 use crate::procs::{self, Liveness};
+use crate::supervise;
 
 /// How long `down` lets a host shut down gracefully before SIGKILL.
 pub const STOP_GRACE: Duration = Duration::from_secs(5);
@@ -216,10 +217,11 @@ async fn report_unhealthy(layout: &Layout, configs: &[HostConfig]) {
             continue;
         }
         let pid = procs::live_pid(&layout.pid_file(&me.name), &layout.config_file(&me.name));
-        let problem = match pid.map(procs::liveness) {
-            None | Some(Liveness::Dead) => Some("process not running".to_owned()),
-            Some(Liveness::Hung) => Some("process stopped (hung)".to_owned()),
-            Some(Liveness::Running) => match &client {
+        let problem = match host_liveness(layout, &me.name, pid).0 {
+            Liveness::Dead => Some("process not running".to_owned()),
+            Liveness::Hung => Some("process stopped (hung)".to_owned()),
+            Liveness::Restarting => Some("service failed, restarting".to_owned()),
+            Liveness::Running => match &client {
                 Some(client) => probe::healthy(client, &me.url)
                     .await
                     .err()
@@ -266,12 +268,32 @@ fn start_host(layout: &Layout, config: &HostConfig) -> anyhow::Result<Started> {
     if !binary.exists() {
         bail!("no binary {} (cargo build --workspace)", binary.display());
     }
-    let pid = procs::spawn(&procs::HostProcess {
-        binary: &binary,
-        config: &config_file,
-        out_file: &layout.out_file(&me.name),
-        pid_file: &pid_file,
-    })?;
+    // The supervisor leads the host's group and restarts the service when it fails, as systemd
+    // does on a real host; the pid file names the supervisor (the group), the service file the
+    // service.
+    let service_file = layout.service_file(&me.name);
+    let _ = std::fs::remove_file(&service_file);
+    let binary = binary
+        .to_str()
+        .with_context(|| format!("{} is not UTF-8", binary.display()))?;
+    let service_arg = service_file
+        .to_str()
+        .with_context(|| format!("{} is not UTF-8", service_file.display()))?;
+    let pid = procs::spawn_with_args(
+        &procs::HostProcess {
+            binary: &procs::own_binary()?,
+            config: &config_file,
+            out_file: &layout.out_file(&me.name),
+            pid_file: &pid_file,
+        },
+        &[
+            "supervise",
+            "--binary",
+            binary,
+            "--service-file",
+            service_arg,
+        ],
+    )?;
     // The etcd witness (lb1) runs in the host's process group: it lives and dies with it.
     if config.etcd.is_some() {
         db::spawn_etcd(config, Some(pid)).with_context(|| format!("{}: etcd witness", me.name))?;
@@ -324,6 +346,7 @@ fn stop_one(
         (format!("{host}: was not running"), true)
     };
     let _ = std::fs::remove_file(pid_file);
+    let _ = std::fs::remove_file(layout.service_file(&host));
     outcome
 }
 
@@ -424,7 +447,17 @@ pub struct HostStatus {
     pub name: String,
     pub role: Role,
     pub url: String,
+    /// The host's process group: its supervisor (or a db host's `streamctl db-host`).
     pub pid: Option<i32>,
+    /// The role's service process under the supervisor (not for db hosts).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub service_pid: Option<i32>,
+    /// Times the supervisor restarted the service after a failure.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub restarts: Option<u64>,
+    /// How the previous service process ended.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_exit: Option<String>,
     /// Process alive and not stopped.
     pub up: bool,
     pub process: Liveness,
@@ -501,6 +534,10 @@ pub async fn status(args: StatusArgs) -> anyhow::Result<()> {
         if let Some(etcd) = &s.etcd {
             details.push(format!("etcd {etcd}"));
         }
+        if let Some(restarts) = s.restarts.filter(|r| *r > 0) {
+            let last = s.last_exit.as_deref().unwrap_or("?");
+            details.push(format!("restarted {restarts}x (last: {last})"));
+        }
         let health: String = s
             .health
             .clone()
@@ -512,10 +549,14 @@ pub async fn status(args: StatusArgs) -> anyhow::Result<()> {
             "{:<12} {:<10} {:>8} {:<6} {:<24} {}",
             s.name,
             s.role.as_str(),
-            s.pid.map(|p| p.to_string()).unwrap_or_else(|| "-".into()),
+            s.service_pid
+                .or(s.pid)
+                .map(|p| p.to_string())
+                .unwrap_or_else(|| "-".into()),
             match s.process {
                 Liveness::Running => "up",
                 Liveness::Hung => "HUNG",
+                Liveness::Restarting => "restart",
                 Liveness::Dead => "down",
             },
             health,
@@ -523,6 +564,31 @@ pub async fn status(args: StatusArgs) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+/// How a host is doing: its group leader's state, refined by its supervised service (a failed
+/// service waiting for its restart, or a service stopped alone).
+pub fn host_liveness(
+    layout: &Layout,
+    name: &str,
+    pid: Option<i32>,
+) -> (Liveness, Option<supervise::ServiceState>) {
+    let Some(pid) = pid else {
+        return (Liveness::Dead, None);
+    };
+    let leader = procs::liveness(pid);
+    let Some(service) = supervise::ServiceState::read(&layout.service_file(name)) else {
+        return (leader, None);
+    };
+    let process = match leader {
+        Liveness::Running if service.pid <= 0 => Liveness::Restarting,
+        Liveness::Running => match procs::liveness(service.pid) {
+            Liveness::Dead => Liveness::Restarting,
+            other => other,
+        },
+        other => other,
+    };
+    (process, Some(service))
 }
 
 async fn host_status(
@@ -533,12 +599,15 @@ async fn host_status(
 ) -> HostStatus {
     let me = config.me();
     let pid = procs::live_pid(&layout.pid_file(&me.name), &layout.config_file(&me.name));
-    let process = pid.map(procs::liveness).unwrap_or(Liveness::Dead);
+    let (process, service) = host_liveness(layout, &me.name, pid);
     let mut status = HostStatus {
         name: me.name.clone(),
         role: me.role,
         url: me.url.clone(),
         pid,
+        service_pid: service.as_ref().map(|s| s.pid).filter(|p| *p > 0),
+        restarts: service.as_ref().map(|s| s.restarts),
+        last_exit: service.and_then(|s| s.last_exit),
         up: process == Liveness::Running,
         process,
         health: None,
@@ -625,7 +694,22 @@ pub fn kill(args: KillArgs) -> anyhow::Result<()> {
         &layout.config_file(&args.name),
     )
     .with_context(|| format!("{} is not running", args.name))?;
-    if args.ffmpeg {
+    if args.crash {
+        let service = supervise::ServiceState::read(&layout.service_file(&args.name))
+            .filter(|s| s.pid > 0 && procs::liveness(s.pid) != Liveness::Dead)
+            .with_context(|| {
+                format!(
+                    "{}: no supervised service running (db hosts: use --postgres; a host \
+                     restarting now: wait)",
+                    args.name
+                )
+            })?;
+        procs::signal_pid(service.pid, libc::SIGABRT);
+        println!(
+            "{}: crashed its service (SIGABRT to pid {}); the runner restarts it",
+            args.name, service.pid
+        );
+    } else if args.ffmpeg {
         let children = procs::ffmpeg_children(pid);
         let (child, cmdline) = children.first().with_context(|| {
             format!(
@@ -812,6 +896,7 @@ fn stop_removed(layout: &Layout, removed: &[String], report: &mut TopologyReport
         }
         let _ = std::fs::remove_file(layout.config_file(name));
         let _ = std::fs::remove_file(layout.pid_file(name));
+        let _ = std::fs::remove_file(layout.service_file(name));
         report.removed.push(name.clone());
     }
 }

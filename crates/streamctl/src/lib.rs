@@ -3,6 +3,7 @@
 //! - [`cluster`]: cluster.nix -> per-host configs, secrets, state directory layout.
 //! - [`pki`]: the local CA and host certificates.
 //! - [`procs`]: host processes (process groups, pid files, signals, /proc).
+//! - [`supervise`]: restarts a failed host service, as systemd would.
 //! - [`probe`]: health, status and playback checks over HTTPS.
 //! - [`commands`]: one function per subcommand.
 //! - [`db`]: the database role (etcd, Patroni, PostgreSQL) and who is primary.
@@ -21,6 +22,7 @@ pub mod db;
 pub mod pki;
 pub mod probe;
 pub mod procs;
+pub mod supervise;
 pub mod watch;
 
 pub use cli::{Cli, Command};
@@ -41,5 +43,6 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Bench(args) => bench::run(args).await,
         Command::Chat(args) => chat::run(args).await,
         Command::DbHost(args) => db::run_host(&args.config),
+        Command::Supervise(args) => supervise::run(&args),
     }
 }

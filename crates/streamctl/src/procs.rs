@@ -72,6 +72,8 @@ pub enum Liveness {
     Running,
     /// SIGSTOPped (`kill --hang`): alive but answering nothing.
     Hung,
+    /// The host's supervisor runs but its service failed and waits for its restart (backoff).
+    Restarting,
     Dead,
 }
 
@@ -217,6 +219,20 @@ pub fn tail(path: &Path, lines: usize) -> String {
     let text = String::from_utf8_lossy(&text[start..]);
     let all: Vec<&str> = text.lines().collect();
     all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+/// This very binary, also when a rebuild replaced it while it runs (the kernel then names the
+/// running one "<path> (deleted)"; the new file at the path is the same program).
+pub fn own_binary() -> anyhow::Result<PathBuf> {
+    let exe = std::env::current_exe().context("locating streamctl")?;
+    if exe.exists() {
+        return Ok(exe);
+    }
+    let text = exe.to_string_lossy();
+    match text.strip_suffix(" (deleted)") {
+        Some(path) if Path::new(path).exists() => Ok(path.into()),
+        _ => anyhow::bail!("streamctl binary {} is gone", exe.display()),
+    }
 }
 
 /// The role binary next to streamctl's own executable (`target/debug/ingest` etc.).

@@ -181,7 +181,7 @@ fn any_one_host_may_fail_and_the_topology_may_change() {
         ])
         .arg(&state)));
     let rows = rows.as_array().unwrap();
-    assert_eq!(rows.len(), 11, "every fault of the matrix ran");
+    assert_eq!(rows.len(), 12, "every fault of the matrix ran");
     for row in rows {
         let name = &row["fault"]["name"];
         assert_eq!(row["stalls"], 0, "{name}: {row:#}");
@@ -191,6 +191,15 @@ fn any_one_host_may_fail_and_the_topology_may_change() {
             "{name}: the cluster became whole again: {row:#}"
         );
     }
+    let crash = rows
+        .iter()
+        .find(|r| r["fault"]["mode"] == "crash")
+        .expect("the crash row");
+    eprintln!("crash row: {crash}");
+    assert!(
+        crash["restarted_s"].is_number(),
+        "the runner restarted the crashed ingest: {crash:#}"
+    );
     let moved: u64 = rows.iter().map(|r| r["failovers"].as_u64().unwrap()).sum();
     assert!(
         moved > 0,

@@ -1,0 +1,1266 @@
+//! Hostile clients end to end: while viewers watch through an LB and the sources publish, each
+//! attack runs from its own attacker address (127.66.0.x, so per-address limits hit the
+//! attacker, not the viewers) against a local cluster: a deeply nested AMF `connect`, idle and
+//! trickling RTMP sockets, slowloris on a broadcast and an LB, `/api/assign` and master-playlist
+//! spam, parallel password guessing on a taken name, unauthenticated etcd and Patroni requests,
+//! and a flood of anonymous chat replays. For each: the attacked process keeps its pid (or was
+//! restarted by the runner without the viewers noticing), the attack gets a clear refusal, a
+//! legitimate client still works, and a line of figures is printed (`figures: ...`) for
+//! docs/security.md. At the end the viewers report 0 stalls and 0 errors, and a legitimate
+//! publish is accepted.
+//!
+//! Every attack runs even when an earlier one failed; the test fails at the end with the list
+//! of what did not hold. Needs what the other end-to-end tests need (ffmpeg, nix-instantiate,
+//! PostgreSQL, Patroni, etcd, the workspace binaries), so it is `#[ignore]`d in a bare
+//! `cargo test`; scripts/test.sh runs it with `--include-ignored`, one cluster at a time.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures::{SinkExt, StreamExt};
+use serde_json::{Value, json};
+use streaming_core::config::{HostConfig, LimitsConfig};
+use streaming_streamctl::cluster::Layout;
+use streaming_streamctl::procs;
+use streaming_streamctl::supervise::ServiceState;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::{TcpSocket, TcpStream};
+use tokio_tungstenite::tungstenite::Message;
+
+/// Loopback prefix of this test's cluster (the other end-to-end tests use 127.73, .76, .78).
+const PREFIX: &str = "127.74";
+/// The chat's per-address WebSocket cap.
+const CHAT_SOCKETS_PER_ADDRESS: usize = 32;
+/// Login failures a name may collect before its lockout starts.
+const ALLOWED_LOGIN_FAILURES: usize = 5;
+/// Viewers watching through an LB during the whole test.
+const VIEWERS: u64 = 4;
+/// How long they watch: every attack runs inside this window.
+const WATCH_SECONDS: u64 = 130;
+
+mod common;
+use common::{Cluster, run, streamctl};
+
+fn addr(role: u8, n: u8, port: u16) -> SocketAddr {
+    format!("{PREFIX}.{role}.{n}:{port}").parse().unwrap()
+}
+
+fn attacker(n: u8) -> Ipv4Addr {
+    Ipv4Addr::new(127, 66, 0, n)
+}
+
+/// A TCP connection from `src` (any free port).
+async fn tcp_from(src: Ipv4Addr, dst: SocketAddr) -> std::io::Result<TcpStream> {
+    let socket = TcpSocket::new_v4()?;
+    socket.bind(SocketAddr::new(IpAddr::V4(src), 0))?;
+    socket.connect(dst).await
+}
+
+/// Reads (and drops) whatever comes until the peer closes; with `trickle`, writes one of its
+/// bytes every `every` meanwhile. How long the peer took to close, or `None` if it held the
+/// connection for all of `limit`.
+async fn held<S: AsyncRead + AsyncWrite + Unpin>(
+    mut stream: S,
+    trickle: Option<(&[u8], Duration)>,
+    limit: Duration,
+) -> Option<Duration> {
+    let start = Instant::now();
+    let deadline = tokio::time::Instant::now() + limit;
+    let mut buf = [0u8; 4096];
+    let mut sent = 0;
+    let mut next_byte = tokio::time::Instant::now();
+    loop {
+        let write_due = trickle.is_some_and(|(bytes, _)| sent < bytes.len());
+        tokio::select! {
+            read = stream.read(&mut buf) => match read {
+                Ok(0) | Err(_) => return Some(start.elapsed()),
+                Ok(_) => {}
+            },
+            _ = tokio::time::sleep_until(next_byte), if write_due => {
+                let (bytes, every) = trickle.unwrap_or((&[], Duration::ZERO));
+                if stream.write_all(&bytes[sent..sent + 1]).await.is_err()
+                    || stream.flush().await.is_err()
+                {
+                    return Some(start.elapsed());
+                }
+                sent += 1;
+                next_byte += every;
+            }
+            _ = tokio::time::sleep_until(deadline) => return None,
+        }
+    }
+}
+
+/// Resident memory of a process in KiB (`VmRSS` of /proc/<pid>/status).
+fn rss_kib(pid: i32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}
+
+fn mib(kib: Option<u64>) -> String {
+    kib.map_or("?".into(), |k| format!("{:.1} MiB", k as f64 / 1024.0))
+}
+
+/// Counters that count refusals, by name (label sets summed).
+fn refusal_counters(metrics: &str) -> std::collections::BTreeMap<String, f64> {
+    let mut out = std::collections::BTreeMap::new();
+    for line in metrics.lines().filter(|l| !l.starts_with('#')) {
+        let Some((series, value)) = line.rsplit_once(' ') else {
+            continue;
+        };
+        let name = series.split('{').next().unwrap_or_default();
+        let refusal = [
+            "refus",
+            "reject",
+            "limited",
+            "denied",
+            "timed_out",
+            "timeout",
+        ]
+        .iter()
+        .any(|w| name.contains(w));
+        if refusal && let Ok(v) = value.parse::<f64>() {
+            *out.entry(name.to_owned()).or_insert(0.0) += v;
+        }
+    }
+    out
+}
+
+/// What changed between two readings of [`refusal_counters`], as `name +N` items.
+fn refusal_delta(
+    before: &std::collections::BTreeMap<String, f64>,
+    after: &std::collections::BTreeMap<String, f64>,
+) -> String {
+    let items: Vec<String> = after
+        .iter()
+        .filter_map(|(name, v)| {
+            let d = v - before.get(name).copied().unwrap_or(0.0);
+            (d > 0.0).then(|| format!("{name} +{d}"))
+        })
+        .collect();
+    if items.is_empty() {
+        "none".into()
+    } else {
+        items.join(", ")
+    }
+}
+
+/// The shared pieces of the attacks.
+struct Ctx {
+    state: PathBuf,
+    layout: Layout,
+    limits: LimitsConfig,
+    ca: PathBuf,
+    tls: tokio_rustls::TlsConnector,
+    /// HTTPS from the LB's own address (a cluster address) with the metrics token if there is
+    /// one: `/status` and `/metrics` answer either.
+    inside: reqwest::Client,
+    metrics_token: Option<String>,
+    stream_key: String,
+    failures: Mutex<Vec<String>>,
+    figures: Mutex<Vec<String>>,
+}
+
+impl Ctx {
+    fn new(state: &Path) -> Self {
+        let layout = Layout::new(state).unwrap();
+        let config: HostConfig = layout.load_config("lb1").unwrap();
+        let ca = state.join("tls/ca.crt");
+        let mut roots = rustls::RootCertStore::empty();
+        for cert in streaming_core::tls::load_certs(&ca).unwrap() {
+            roots.add(cert).unwrap();
+        }
+        let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+        // The metrics token's file, wherever the final config names it.
+        let metrics_token = serde_json::to_value(&config.paths)
+            .ok()
+            .and_then(|p| {
+                p.get("metrics_token")
+                    .and_then(|v| v.as_str())
+                    .map(PathBuf::from)
+            })
+            .and_then(|p| std::fs::read_to_string(p).ok())
+            .map(|t| t.trim().to_owned());
+        let stream_key = std::fs::read_to_string(state.join("secrets/stream-keys/test.key"))
+            .unwrap()
+            .trim()
+            .to_owned();
+        Self {
+            state: state.to_owned(),
+            limits: config.cluster.limits.clone(),
+            layout,
+            inside: Self::client_from(&ca, Some(addr(1, 1, 0).ip())),
+            ca,
+            tls: tokio_rustls::TlsConnector::from(Arc::new(tls)),
+            metrics_token,
+            stream_key,
+            failures: Mutex::new(Vec::new()),
+            figures: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// An HTTPS client trusting the cluster CA, its sockets bound to `from`.
+    fn client_from(ca: &Path, from: Option<IpAddr>) -> reqwest::Client {
+        let pem = std::fs::read(ca).unwrap();
+        reqwest::Client::builder()
+            .add_root_certificate(reqwest::Certificate::from_pem(&pem).unwrap())
+            .local_address(from)
+            .timeout(Duration::from_secs(10))
+            .redirect(reqwest::redirect::Policy::none())
+            .build()
+            .unwrap()
+    }
+
+    fn check(&self, attack: &str, ok: bool, what: String) {
+        if ok {
+            eprintln!("hostile: {attack}: ok: {what}");
+        } else {
+            eprintln!("hostile: {attack}: FAILED: {what}");
+            self.failures
+                .lock()
+                .unwrap()
+                .push(format!("{attack}: {what}"));
+        }
+    }
+
+    fn figures(&self, attack: &str, line: String) {
+        let line = format!("figures: {attack}: {line}");
+        eprintln!("{line}");
+        self.figures.lock().unwrap().push(line);
+    }
+
+    /// The host's service pid while that process lives (a crashed one may still be named in
+    /// the service file until its supervisor notices).
+    fn service_pid(&self, host: &str) -> Option<i32> {
+        ServiceState::read(&self.layout.service_file(host))
+            .map(|s| s.pid)
+            .filter(|p| *p > 0 && procs::liveness(*p) == procs::Liveness::Running)
+    }
+
+    /// Waits (up to 30 s) until the host's service runs and answers `/healthz`: after a crash
+    /// the runner restarts it, and the next attack needs a target.
+    async fn serving(&self, host: &str, url: &str) -> bool {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let client = Self::client_from(&self.ca, None);
+        while Instant::now() < deadline {
+            if self.service_pid(host).is_some()
+                && client
+                    .get(format!("{url}/healthz"))
+                    .send()
+                    .await
+                    .is_ok_and(|r| r.status().is_success())
+            {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        false
+    }
+
+    fn restarts(&self, host: &str) -> u64 {
+        ServiceState::read(&self.layout.service_file(host)).map_or(0, |s| s.restarts)
+    }
+
+    fn with_token(&self, request: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
+        match &self.metrics_token {
+            Some(token) => request.bearer_auth(token),
+            None => request,
+        }
+    }
+
+    async fn metrics(&self, target: SocketAddr) -> std::collections::BTreeMap<String, f64> {
+        let request = self.with_token(self.inside.get(format!("https://{target}/metrics")));
+        match request.send().await {
+            Ok(r) => refusal_counters(&r.text().await.unwrap_or_default()),
+            Err(_) => Default::default(),
+        }
+    }
+
+    async fn status(&self, target: SocketAddr) -> Value {
+        let request = self.with_token(self.inside.get(format!("https://{target}/status")));
+        match request.send().await {
+            Ok(r) => r.json().await.unwrap_or(Value::Null),
+            Err(_) => Value::Null,
+        }
+    }
+
+    /// TCP from `src` and TLS (cluster CA) to `dst`.
+    async fn tls_from(
+        &self,
+        src: Ipv4Addr,
+        dst: SocketAddr,
+    ) -> std::io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
+        let tcp = tcp_from(src, dst).await?;
+        let name = rustls_pki_types::ServerName::IpAddress(dst.ip().into());
+        tokio::time::timeout(Duration::from_secs(15), self.tls.connect(name, tcp))
+            .await
+            .map_err(|_| std::io::Error::other("TLS handshake timed out"))?
+    }
+
+    /// The attacked service: its pid before, and a check afterwards that it is the same or
+    /// was restarted by the runner (then the viewers' report decides).
+    fn same_or_restarted(&self, attack: &str, host: &str, pid_before: Option<i32>, restarts: u64) {
+        let pid_after = self.service_pid(host);
+        let restarted = self.restarts(host).saturating_sub(restarts);
+        self.check(
+            attack,
+            pid_before.is_some() && (pid_after == pid_before || restarted > 0),
+            format!(
+                "{host} pid {pid_before:?} -> {pid_after:?}, restarted {restarted} times by \
+                 the runner"
+            ),
+        );
+    }
+
+    /// A legitimate publish of a few seconds with the right key, from the default address:
+    /// accepted (ffmpeg ends cleanly).
+    async fn legit_publish(&self, seconds: u32) -> (bool, String) {
+        let url = format!(
+            "rtmp://{}/live/test?key={}&source=hostile-legit",
+            addr(4, 1, 1935),
+            self.stream_key
+        );
+        let output = tokio::process::Command::new("ffmpeg")
+            .args([
+                "-hide_banner",
+                "-loglevel",
+                "error",
+                "-re",
+                "-f",
+                "lavfi",
+                "-i",
+            ])
+            .arg("testsrc2=size=320x180:rate=25")
+            .args(["-t", &seconds.to_string()])
+            .args([
+                "-c:v",
+                "libx264",
+                "-preset",
+                "ultrafast",
+                "-g",
+                "50",
+                "-f",
+                "flv",
+            ])
+            .arg(&url)
+            .output()
+            .await
+            .expect("ffmpeg starts");
+        let why = String::from_utf8_lossy(&output.stderr)
+            .replace(&self.stream_key, "<key>")
+            .trim()
+            .chars()
+            .take(300)
+            .collect();
+        (output.status.success(), why)
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// 1. Deep AMF
+
+/// A `connect` command whose AMF0 command object nests `depth` objects, in 128-byte chunks on
+/// chunk stream 3 (the default chunk size).
+fn deep_amf_connect(depth: usize) -> Vec<u8> {
+    let mut payload = vec![0x02, 0x00, 0x07];
+    payload.extend_from_slice(b"connect");
+    payload.push(0x00);
+    payload.extend_from_slice(&1.0f64.to_be_bytes());
+    payload.push(0x03);
+    for _ in 0..depth {
+        payload.extend_from_slice(&[0x00, 0x01, b'a', 0x03]);
+    }
+    for _ in 0..=depth {
+        payload.extend_from_slice(&[0x00, 0x00, 0x09]);
+    }
+    let len = payload.len() as u32;
+    let mut message = vec![0x03, 0, 0, 0];
+    message.extend_from_slice(&len.to_be_bytes()[1..]);
+    message.push(20);
+    message.extend_from_slice(&0u32.to_le_bytes());
+    for (i, chunk) in payload.chunks(128).enumerate() {
+        if i > 0 {
+            message.push(0xC3);
+        }
+        message.extend_from_slice(chunk);
+    }
+    message
+}
+
+/// The client side of the RTMP handshake (rml_rtmp), then the bytes the server sent after it.
+async fn rtmp_handshake(stream: &mut TcpStream) -> anyhow::Result<()> {
+    use rml_rtmp::handshake::{Handshake, HandshakeProcessResult, PeerType};
+    let mut handshake = Handshake::new(PeerType::Client);
+    let c0c1 = handshake.generate_outbound_p0_and_p1()?;
+    stream.write_all(&c0c1).await?;
+    let mut buf = [0u8; 4096];
+    loop {
+        let n = tokio::time::timeout(Duration::from_secs(10), stream.read(&mut buf)).await??;
+        anyhow::ensure!(n > 0, "closed during the handshake");
+        match handshake.process_bytes(&buf[..n])? {
+            HandshakeProcessResult::InProgress { response_bytes } => {
+                stream.write_all(&response_bytes).await?;
+            }
+            HandshakeProcessResult::Completed { response_bytes, .. } => {
+                stream.write_all(&response_bytes).await?;
+                return Ok(());
+            }
+        }
+    }
+}
+
+async fn deep_amf(ctx: &Ctx) {
+    const ATTACK: &str = "deep-amf";
+    let target = addr(4, 1, 1935);
+    let pid = ctx.service_pid("ingest1");
+    let restarts = ctx.restarts("ingest1");
+    let rss_before = pid.and_then(rss_kib);
+    let metrics_before = ctx.metrics(addr(4, 1, 8443)).await;
+    let mut stream = tcp_from(attacker(1), target)
+        .await
+        .expect("connect ingest1");
+    let handshake = rtmp_handshake(&mut stream).await;
+    ctx.check(
+        ATTACK,
+        handshake.is_ok(),
+        format!("handshake: {handshake:?}"),
+    );
+    let message = deep_amf_connect(5000);
+    let started = Instant::now();
+    let _ = stream.write_all(&message).await;
+    let closed = held(&mut stream, None, Duration::from_secs(15)).await;
+    ctx.check(
+        ATTACK,
+        closed.is_some(),
+        format!(
+            "{} byte connect: connection closed after {closed:?}",
+            message.len()
+        ),
+    );
+    // A crash (stack overflow) takes a moment to be noticed; then, restarted or not, the
+    // ingest must serve again.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let serving = ctx
+        .serving("ingest1", &format!("https://{}", addr(4, 1, 8443)))
+        .await;
+    ctx.check(
+        ATTACK,
+        serving,
+        format!("ingest1 serves afterwards: {serving}"),
+    );
+    ctx.same_or_restarted(ATTACK, "ingest1", pid, restarts);
+    let metrics_after = ctx.metrics(addr(4, 1, 8443)).await;
+    let pid_after = ctx.service_pid("ingest1");
+    ctx.figures(
+        ATTACK,
+        format!(
+            "message {} bytes, closed after {:.2} s, held at end {}/1, ingest1 pid {pid:?} -> \
+             {pid_after:?} (restarts +{}), refusals: {}, RSS {} -> {}, took {:.1} s",
+            message.len(),
+            closed.map_or(f64::NAN, |d| d.as_secs_f64()),
+            u8::from(closed.is_none()),
+            ctx.restarts("ingest1").saturating_sub(restarts),
+            refusal_delta(&metrics_before, &metrics_after),
+            mib(rss_before),
+            mib(pid_after.and_then(rss_kib)),
+            started.elapsed().as_secs_f64()
+        ),
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// 2. Idle RTMP sockets
+
+/// What a trickling client sends, a byte a second: the start of a handshake.
+const TRICKLE: &[u8] = &[0x03; 64];
+
+async fn idle_rtmp(ctx: &Ctx) {
+    const ATTACK: &str = "idle-rtmp";
+    let target = addr(4, 1, 1935);
+    let pid = ctx.service_pid("ingest1");
+    let restarts = ctx.restarts("ingest1");
+    let rss_before = pid.and_then(rss_kib);
+    let metrics_before = ctx.metrics(addr(4, 1, 8443)).await;
+    let limit = Duration::from_secs(u64::from(ctx.limits.rtmp_publish_seconds) + 15);
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for i in 0..120 {
+        let trickle: Option<(&'static [u8], Duration)> =
+            (i >= 100).then_some((TRICKLE, Duration::from_secs(1)));
+        tasks.push(tokio::spawn(async move {
+            match tcp_from(attacker(2), target).await {
+                Ok(stream) => Ok(held(stream, trickle, limit).await),
+                Err(e) => Err(e.to_string()),
+            }
+        }));
+    }
+    // A legitimate publisher during the attack, from another address.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let (published, why) = ctx.legit_publish(3).await;
+    let mut closed_at_once = 0;
+    let mut refused_connect = 0;
+    let mut held_at_end = 0;
+    let mut longest = Duration::ZERO;
+    let mut held_longer = 0;
+    for task in tasks {
+        match task.await.unwrap() {
+            Err(_) => refused_connect += 1,
+            Ok(None) => held_at_end += 1,
+            Ok(Some(d)) => {
+                longest = longest.max(d);
+                if d < Duration::from_secs(1) {
+                    closed_at_once += 1;
+                } else {
+                    held_longer += 1;
+                }
+            }
+        }
+    }
+    let per_address = ctx.limits.rtmp_connections_per_address as usize;
+    ctx.check(
+        ATTACK,
+        refused_connect == 0,
+        format!("ingest1 accepted the TCP connections: {refused_connect} refused at connect"),
+    );
+    ctx.check(
+        ATTACK,
+        held_longer + held_at_end <= per_address,
+        format!(
+            "{} of 120 held over 1 s (cap {per_address} per address)",
+            held_longer + held_at_end
+        ),
+    );
+    let deadline = Duration::from_secs(u64::from(ctx.limits.rtmp_publish_seconds) + 3);
+    ctx.check(
+        ATTACK,
+        held_at_end == 0 && longest <= deadline,
+        format!(
+            "every one closed within {deadline:?}: longest {longest:?}, {held_at_end} still open"
+        ),
+    );
+    ctx.check(
+        ATTACK,
+        published,
+        format!("a legitimate publish during the attack is accepted: {why}"),
+    );
+    ctx.same_or_restarted(ATTACK, "ingest1", pid, restarts);
+    let metrics_after = ctx.metrics(addr(4, 1, 8443)).await;
+    ctx.figures(
+        ATTACK,
+        format!(
+            "120 connections (20 trickling 1 byte/s): {closed_at_once} closed at once, \
+             {held_longer} held then closed (longest {:.1} s), {held_at_end} held at end, \
+             {refused_connect} refused at connect; refusals: {}; RSS {} -> {}; took {:.1} s",
+            longest.as_secs_f64(),
+            refusal_delta(&metrics_before, &metrics_after),
+            mib(rss_before),
+            mib(ctx.service_pid("ingest1").and_then(rss_kib)),
+            started.elapsed().as_secs_f64()
+        ),
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// 3. Slowloris
+
+async fn slowloris_one(ctx: Arc<Ctx>, host: &'static str, target: SocketAddr) {
+    let attack = format!("slowloris-{host}");
+    let pid = ctx.service_pid(host);
+    let restarts = ctx.restarts(host);
+    let rss_before = pid.and_then(rss_kib);
+    let metrics_before = ctx.metrics(target).await;
+    let limit = Duration::from_secs(u64::from(ctx.limits.http_header_seconds) + 20);
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..300 {
+        let ctx = ctx.clone();
+        tasks.push(tokio::spawn(async move {
+            let t0 = Instant::now();
+            let mut stream = match ctx.tls_from(attacker(3), target).await {
+                Ok(s) => s,
+                Err(e) => return Err(e.to_string()),
+            };
+            if stream.write_all(b"GET / HTTP/1.1\r\nHo").await.is_err() {
+                return Ok(Some(t0.elapsed()));
+            }
+            let _ = stream.flush().await;
+            let rest: &[u8] = b"st: streaming-cluster.test\r\nUser-Agent: slow\r\n";
+            Ok(held(stream, Some((rest, Duration::from_secs(3))), limit)
+                .await
+                .map(|_| t0.elapsed()))
+        }));
+    }
+    let mut refused = 0;
+    let mut closed = Vec::new();
+    let mut held_at_end = 0;
+    for task in tasks {
+        match task.await.unwrap() {
+            Err(_) => refused += 1,
+            Ok(None) => held_at_end += 1,
+            Ok(Some(d)) => closed.push(d),
+        }
+    }
+    closed.sort();
+    let at_once = closed
+        .iter()
+        .filter(|d| **d < Duration::from_secs(2))
+        .count();
+    let longest = closed.last().copied().unwrap_or_default();
+    let per_address = ctx.limits.http_connections_per_address as usize;
+    ctx.check(
+        &attack,
+        refused + at_once >= 300usize.saturating_sub(per_address),
+        format!(
+            "beyond {per_address} per address refused: {refused} refused at connect/TLS, \
+             {at_once} closed within 2 s"
+        ),
+    );
+    let header = Duration::from_secs(u64::from(ctx.limits.http_header_seconds) + 5);
+    ctx.check(
+        &attack,
+        held_at_end == 0 && longest <= header,
+        format!(
+            "every one closed within {header:?}: longest {longest:?}, {held_at_end} still open"
+        ),
+    );
+    // A legitimate request still works from another address.
+    let ok = Ctx::client_from(&ctx.ca, None)
+        .get(format!("https://{target}/healthz"))
+        .send()
+        .await
+        .map(|r| r.status().is_success());
+    ctx.check(
+        &attack,
+        matches!(ok, Ok(true)),
+        format!("legitimate /healthz: {ok:?}"),
+    );
+    ctx.same_or_restarted(&attack, host, pid, restarts);
+    let metrics_after = ctx.metrics(target).await;
+    ctx.figures(
+        &attack,
+        format!(
+            "300 TLS connections with half a request: {refused} refused at connect/TLS, \
+             {at_once} closed within 2 s, {} closed later (longest {:.1} s), {held_at_end} held \
+             at end; refusals: {}; RSS {} -> {}; took {:.1} s",
+            closed.len() - at_once,
+            longest.as_secs_f64(),
+            refusal_delta(&metrics_before, &metrics_after),
+            mib(rss_before),
+            mib(ctx.service_pid(host).and_then(rss_kib)),
+            started.elapsed().as_secs_f64()
+        ),
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// 4. Assign and master spam
+
+async fn viewers_counted(ctx: &Ctx) -> (u64, u64) {
+    let mut viewers = 0;
+    let mut free = 0;
+    for n in 1..=4 {
+        let status = ctx.status(addr(2, n, 8443)).await;
+        viewers += status["viewers"].as_u64().unwrap_or(0);
+        free += status["free_viewers"].as_u64().unwrap_or(0);
+    }
+    (viewers, free)
+}
+
+async fn assign_spam(ctx: &Ctx) {
+    const ATTACK: &str = "assign-spam";
+    let lb = addr(1, 1, 8443);
+    let pid = ctx.service_pid("lb1");
+    let restarts = ctx.restarts("lb1");
+    let rss_before = pid.and_then(rss_kib);
+    let metrics_before = ctx.metrics(lb).await;
+    let (viewers_before, free_before) = viewers_counted(ctx).await;
+    let spammer = Ctx::client_from(&ctx.ca, Some(IpAddr::V4(attacker(4))));
+    let started = Instant::now();
+    let mut tokens: Vec<(String, String)> = Vec::new();
+    let (mut refused, mut refused_with_retry, mut other) = (0, 0, 0);
+    for _ in 0..100 {
+        match spammer
+            .get(format!("https://{lb}/api/assign?channel=test"))
+            .send()
+            .await
+        {
+            Ok(r) if r.status().is_success() => {
+                let body: Value = r.json().await.unwrap_or(Value::Null);
+                if let (Some(base), Some(token)) =
+                    (body["base_url"].as_str(), body["token"].as_str())
+                {
+                    tokens.push((base.to_owned(), token.to_owned()));
+                }
+            }
+            Ok(r) if r.status().as_u16() == 429 => {
+                refused += 1;
+                if r.headers().contains_key("retry-after") {
+                    refused_with_retry += 1;
+                }
+            }
+            _ => other += 1,
+        }
+    }
+    let burst = ctx.limits.assign_rate.burst as usize;
+    // The bucket refills while the loop runs (per_minute), hence a little slack.
+    ctx.check(
+        ATTACK,
+        tokens.len() <= burst + 5 && refused > 0 && refused_with_retry == refused,
+        format!(
+            "100 assigns: {} answered, {refused} refused with 429 ({refused_with_retry} with \
+             Retry-After), {other} other (burst {burst})",
+            tokens.len()
+        ),
+    );
+    // Every token asks every broadcast for the master playlist every 2 s.
+    let bases: Vec<String> = (1..=4)
+        .map(|n| format!("https://{}", addr(2, n, 8443)))
+        .collect();
+    let mut masters = (0, 0);
+    for _ in 0..5 {
+        for (_, token) in &tokens {
+            for base in &bases {
+                let answer = spammer
+                    .get(format!("{base}/live/test/master.m3u8?t={token}"))
+                    .send()
+                    .await;
+                match answer {
+                    Ok(r) if r.status().is_success() => masters.0 += 1,
+                    _ => masters.1 += 1,
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
+    let (viewers_after, free_after) = viewers_counted(ctx).await;
+    ctx.check(
+        ATTACK,
+        viewers_after <= VIEWERS + 2 && free_before.saturating_sub(free_after) <= VIEWERS + 2,
+        format!(
+            "broadcasts count viewers {viewers_before} -> {viewers_after} (real watchers \
+             {VIEWERS}), free {free_before} -> {free_after}"
+        ),
+    );
+    let legit = Ctx::client_from(&ctx.ca, None)
+        .get(format!("https://{lb}/api/assign?channel=test"))
+        .send()
+        .await
+        .map(|r| r.status().as_u16());
+    ctx.check(
+        ATTACK,
+        matches!(legit, Ok(200)),
+        format!("a viewer's assign: {legit:?}"),
+    );
+    ctx.same_or_restarted(ATTACK, "lb1", pid, restarts);
+    let metrics_after = ctx.metrics(lb).await;
+    ctx.figures(
+        ATTACK,
+        format!(
+            "100 assigns from one address: {} tokens, {refused} x 429; {} master requests \
+             answered, {} refused; viewers counted {viewers_before} -> {viewers_after}, free \
+             {free_before} -> {free_after}; lb1 refusals: {}; lb1 RSS {} -> {}; took {:.1} s",
+            tokens.len(),
+            masters.0,
+            masters.1,
+            refusal_delta(&metrics_before, &metrics_after),
+            mib(rss_before),
+            mib(ctx.service_pid("lb1").and_then(rss_kib)),
+            started.elapsed().as_secs_f64()
+        ),
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// 5. Parallel password guessing
+
+async fn account(
+    client: &reqwest::Client,
+    url: String,
+    name: &str,
+    password: &str,
+) -> (u16, Value, bool) {
+    match client
+        .post(url)
+        .json(&json!({"name": name, "password": password}))
+        .send()
+        .await
+    {
+        Ok(r) => {
+            let status = r.status().as_u16();
+            let retry_after = r.headers().contains_key("retry-after");
+            (status, r.json().await.unwrap_or(Value::Null), retry_after)
+        }
+        Err(e) => (0, json!({"error": e.to_string()}), false),
+    }
+}
+
+/// Returns the owner's name, password and session for the chat attack.
+async fn password_guessing(ctx: &Ctx) -> Option<(String, String)> {
+    const ATTACK: &str = "password-guessing";
+    let b1 = format!("https://{}", addr(2, 1, 8443));
+    let b2 = format!("https://{}", addr(2, 2, 8443));
+    let pid = ctx.service_pid("broadcast1");
+    let restarts = ctx.restarts("broadcast1");
+    let rss_before = pid.and_then(rss_kib);
+    let metrics_before = ctx.metrics(addr(2, 1, 8443)).await;
+    let name = format!("Owner_{}", std::process::id());
+    let password = "correct horse battery";
+    let owner = Ctx::client_from(&ctx.ca, None);
+    let (status, body, _) = account(
+        &owner,
+        format!("{b1}/api/account/register"),
+        &name,
+        password,
+    )
+    .await;
+    ctx.check(
+        ATTACK,
+        status == 201,
+        format!("the owner registers: {status}"),
+    );
+    let registered = body["session"].as_str().map(str::to_owned);
+    let started = Instant::now();
+    let guesser = Ctx::client_from(&ctx.ca, Some(IpAddr::V4(attacker(5))));
+    let guesses = (0..50).map(|i| {
+        let base = if i % 2 == 0 { &b1 } else { &b2 };
+        account(
+            &guesser,
+            format!("{base}/api/account/login"),
+            &name,
+            "wrong password",
+        )
+    });
+    let answers = futures::future::join_all(guesses).await;
+    let took = started.elapsed();
+    let count = |code: u16| answers.iter().filter(|(s, _, _)| *s == code).count();
+    let (unauthorized, limited) = (count(401), count(429));
+    let limited_with_retry = answers.iter().filter(|(s, _, r)| *s == 429 && *r).count();
+    ctx.check(
+        ATTACK,
+        unauthorized <= ALLOWED_LOGIN_FAILURES && limited + unauthorized == 50,
+        format!(
+            "50 parallel wrong logins: {unauthorized} x 401 (passwords checked, at most \
+             {ALLOWED_LOGIN_FAILURES}), {limited} x 429"
+        ),
+    );
+    ctx.check(
+        ATTACK,
+        limited_with_retry == limited,
+        format!("{limited_with_retry} of {limited} refusals carry Retry-After"),
+    );
+    let (status, body, _) =
+        account(&owner, format!("{b2}/api/account/login"), &name, password).await;
+    let session = body["session"].as_str().map(str::to_owned);
+    ctx.check(
+        ATTACK,
+        status == 200 && session.is_some(),
+        format!("the owner logs in from their own address right after: {status}"),
+    );
+    let (status, body, _) = account(
+        &owner,
+        format!("{b1}/api/account/register"),
+        &name,
+        password,
+    )
+    .await;
+    ctx.check(
+        ATTACK,
+        status == 409 && body.get("session").is_none(),
+        format!(
+            "register of the taken name (right password): {status}, error {}, session {}",
+            body["error"],
+            if body.get("session").is_some() {
+                "given"
+            } else {
+                "none"
+            }
+        ),
+    );
+    ctx.same_or_restarted(ATTACK, "broadcast1", pid, restarts);
+    let metrics_after = ctx.metrics(addr(2, 1, 8443)).await;
+    ctx.figures(
+        ATTACK,
+        format!(
+            "50 parallel wrong logins on two broadcasts: {unauthorized} x 401, {limited} x 429, \
+             {} other, in {:.2} s; broadcast1 refusals: {}; RSS {} -> {}",
+            50 - unauthorized - limited,
+            took.as_secs_f64(),
+            refusal_delta(&metrics_before, &metrics_after),
+            mib(rss_before),
+            mib(ctx.service_pid("broadcast1").and_then(rss_kib)),
+        ),
+    );
+    // The chat attack needs a logged-in user even where this attack failed.
+    session.or(registered).map(|s| (name, s))
+}
+
+// ---------------------------------------------------------------------------------------------
+// 6. Unauthenticated etcd and Patroni
+
+fn db_primary(state: &Path) -> Option<String> {
+    let status = common::json_of(&run(streamctl()
+        .args(["status", "--json", "--state"])
+        .arg(state)));
+    status
+        .as_array()?
+        .iter()
+        .find(|h| h["db_role"] == "primary")
+        .and_then(|h| h["name"].as_str().map(str::to_owned))
+}
+
+async fn etcd_patroni(ctx: &Ctx) {
+    const ATTACK: &str = "etcd-patroni";
+    let attacker_client = Ctx::client_from(&ctx.ca, Some(IpAddr::V4(attacker(7))));
+    let etcd = addr(3, 1, 2379);
+    let body = json!({"key": "Lw==", "range_end": "AA=="});
+    let mut answers = Vec::new();
+    for scheme in ["http", "https"] {
+        let answer = attacker_client
+            .post(format!("{scheme}://{etcd}/v3/kv/range"))
+            .json(&body)
+            .send()
+            .await;
+        let refused = !matches!(&answer, Ok(r) if r.status().is_success());
+        let shown = match answer {
+            Ok(r) => format!("{scheme}: {}", r.status()),
+            Err(e) => format!("{scheme}: refused ({})", error_chain(&e)),
+        };
+        ctx.check(
+            ATTACK,
+            refused,
+            format!("etcd range without a client certificate: {shown}"),
+        );
+        answers.push(shown);
+    }
+    let primary = db_primary(&ctx.state);
+    let candidate = if primary.as_deref() == Some("db1") {
+        "db2"
+    } else {
+        "db1"
+    };
+    let mut patroni = Vec::new();
+    let mut refused_all = true;
+    for scheme in ["https", "http"] {
+        let answer = attacker_client
+            .post(format!("{scheme}://{}/failover", addr(3, 1, 8008)))
+            .json(&json!({"leader": primary, "candidate": candidate}))
+            .send()
+            .await;
+        match answer {
+            Ok(r) => {
+                let status = r.status().as_u16();
+                refused_all &= matches!(status, 401 | 403);
+                patroni.push(format!("{scheme}: {status}"));
+            }
+            Err(e) => patroni.push(format!("{scheme}: refused ({})", error_chain(&e))),
+        }
+    }
+    ctx.check(
+        ATTACK,
+        refused_all,
+        format!(
+            "Patroni POST /failover without credentials: {}",
+            patroni.join(", ")
+        ),
+    );
+    // Patroni would act within a loop_wait or two.
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    let after = db_primary(&ctx.state);
+    ctx.check(
+        ATTACK,
+        primary.is_some() && after == primary,
+        format!("the primary stays {primary:?}: now {after:?}"),
+    );
+    ctx.figures(
+        ATTACK,
+        format!(
+            "etcd /v3/kv/range without client certificate: {}; Patroni POST /failover: {}; \
+             primary {primary:?} -> {after:?}",
+            answers.join(", "),
+            patroni.join(", ")
+        ),
+    );
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text.chars().take(160).collect()
+}
+
+// ---------------------------------------------------------------------------------------------
+// 7. Anonymous chat replay flood
+
+type Ws = tokio_tungstenite::WebSocketStream<tokio_rustls::client::TlsStream<TcpStream>>;
+
+/// TCP from `src`, TLS and the WebSocket handshake to `broadcast`'s chat.
+async fn chat_socket(ctx: &Ctx, src: Ipv4Addr, broadcast: SocketAddr) -> Result<Ws, String> {
+    let tls = ctx
+        .tls_from(src, broadcast)
+        .await
+        .map_err(|e| format!("tls: {e}"))?;
+    let url = format!("wss://{broadcast}/api/chat/test");
+    match tokio::time::timeout(
+        Duration::from_secs(10),
+        tokio_tungstenite::client_async(url, tls),
+    )
+    .await
+    {
+        Ok(Ok((ws, _))) => Ok(ws),
+        Ok(Err(tokio_tungstenite::tungstenite::Error::Http(r))) => {
+            Err(format!("HTTP {}", r.status().as_u16()))
+        }
+        Ok(Err(e)) => Err(format!("handshake: {e}")),
+        Err(_) => Err("handshake timed out".into()),
+    }
+}
+
+/// After `hello`: the welcome (or why not), then the events replayed until 1 s of quiet.
+async fn hello_and_replay(
+    ws: &mut Ws,
+    session: Option<&str>,
+    since: Option<u64>,
+) -> Result<usize, String> {
+    let hello = json!({"type": "hello", "session": session, "since": since});
+    ws.send(Message::text(hello.to_string()))
+        .await
+        .map_err(|e| format!("send: {e}"))?;
+    let mut welcomed = false;
+    let mut events = 0;
+    loop {
+        let wait = if welcomed { 1 } else { 10 };
+        match tokio::time::timeout(Duration::from_secs(wait), ws.next()).await {
+            Err(_) if welcomed => return Ok(events),
+            Err(_) => return Err("no welcome".into()),
+            Ok(Some(Ok(Message::Text(t)))) => {
+                let v: Value = serde_json::from_str(&t).unwrap_or(Value::Null);
+                match v["type"].as_str() {
+                    Some("welcome") => welcomed = true,
+                    Some("error") => return Err(format!("error {}", v["code"])),
+                    _ if welcomed => events += 1,
+                    _ => {}
+                }
+            }
+            Ok(Some(Ok(Message::Close(frame)))) => {
+                return Err(format!("close {:?}", frame.map(|f| u16::from(f.code))));
+            }
+            Ok(Some(Ok(_))) => {}
+            Ok(Some(Err(e))) => return Err(format!("{e}")),
+            Ok(None) => return Err("closed".into()),
+        }
+    }
+}
+
+async fn chat_flood(ctx: Arc<Ctx>, owner: Option<(String, String)>) {
+    const ATTACK: &str = "chat-flood";
+    let target = addr(2, 1, 8443);
+    let pid = ctx.service_pid("broadcast1");
+    let restarts = ctx.restarts("broadcast1");
+    let rss_before = pid.and_then(rss_kib);
+    let metrics_before = ctx.metrics(target).await;
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..200 {
+        let ctx = ctx.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut ws = chat_socket(&ctx, attacker(6), target).await?;
+            let replayed = hello_and_replay(&mut ws, None, Some(0)).await?;
+            Ok::<_, String>((ws, replayed))
+        }));
+    }
+    let mut open = Vec::new();
+    let mut refusals: std::collections::BTreeMap<String, usize> = Default::default();
+    for task in tasks {
+        match task.await.unwrap() {
+            Ok((ws, replayed)) => open.push((ws, replayed)),
+            Err(why) => *refusals.entry(why).or_insert(0) += 1,
+        }
+    }
+    let accepted = open.len();
+    let most_replayed = open.iter().map(|(_, r)| *r).max().unwrap_or(0);
+    let rss_during = ctx.service_pid("broadcast1").and_then(rss_kib);
+    ctx.check(
+        ATTACK,
+        accepted <= CHAT_SOCKETS_PER_ADDRESS,
+        format!("{accepted} of 200 accepted from one address (cap {CHAT_SOCKETS_PER_ADDRESS}); refusals {refusals:?}"),
+    );
+    // A logged-in user's message is acked and delivered while the flood holds its sockets.
+    match &owner {
+        Some((name, session)) => {
+            let delivered = async {
+                let mut watcher = chat_socket(&ctx, Ipv4Addr::LOCALHOST, addr(2, 2, 8443)).await?;
+                hello_and_replay(&mut watcher, None, None).await?;
+                let mut ws = chat_socket(&ctx, Ipv4Addr::LOCALHOST, target).await?;
+                hello_and_replay(&mut ws, Some(session), None).await?;
+                let text = format!("still here {}", std::process::id());
+                let send = json!({"type": "send", "id": "hostile-1", "text": text});
+                ws.send(Message::text(send.to_string()))
+                    .await
+                    .map_err(|e| e.to_string())?;
+                let acked = wait_for(&mut ws, |v| v["type"] == "ack").await;
+                let seen = wait_for(&mut watcher, |v| {
+                    v["type"] == "message" && v["text"] == text.as_str()
+                })
+                .await;
+                Ok::<_, String>((acked, seen))
+            }
+            .await;
+            ctx.check(
+                ATTACK,
+                matches!(delivered, Ok((true, true))),
+                format!("{name}'s message acked and delivered on broadcast2 (acked, seen): {delivered:?}"),
+            );
+        }
+        None => ctx.check(
+            ATTACK,
+            false,
+            "no logged-in user (password attack failed)".into(),
+        ),
+    }
+    let rss_after = ctx.service_pid("broadcast1").and_then(rss_kib);
+    ctx.check(
+        ATTACK,
+        matches!((rss_before, rss_during), (Some(b), Some(d)) if d <= b + 256 * 1024),
+        format!(
+            "broadcast1 RSS bounded: {} -> {}",
+            mib(rss_before),
+            mib(rss_during)
+        ),
+    );
+    drop(open);
+    ctx.same_or_restarted(ATTACK, "broadcast1", pid, restarts);
+    let metrics_after = ctx.metrics(target).await;
+    ctx.figures(
+        ATTACK,
+        format!(
+            "200 anonymous sockets with since 0 from one address: {accepted} accepted (most \
+             events replayed to one: {most_replayed}), refused {refusals:?}; refusals: {}; \
+             RSS {} -> {} (during) -> {}; took {:.1} s",
+            refusal_delta(&metrics_before, &metrics_after),
+            mib(rss_before),
+            mib(rss_during),
+            mib(rss_after),
+            started.elapsed().as_secs_f64()
+        ),
+    );
+}
+
+/// True once a frame matching `wanted` arrives within 20 s.
+async fn wait_for(ws: &mut Ws, wanted: impl Fn(&Value) -> bool) -> bool {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        match tokio::time::timeout_at(deadline, ws.next()).await {
+            Ok(Some(Ok(Message::Text(t)))) => {
+                if wanted(&serde_json::from_str(&t).unwrap_or(Value::Null)) {
+                    return true;
+                }
+            }
+            Ok(Some(Ok(_))) => {}
+            _ => return false,
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+#[ignore = "end to end: needs ffmpeg, nix-instantiate, PostgreSQL, Patroni, etcd and the workspace binaries (scripts/test.sh)"]
+fn hostile_clients_cost_viewers_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let state = tmp.path().join("state");
+    let _cluster = Cluster {
+        state: state.clone(),
+    };
+    common::up(&state, PREFIX, None);
+    let started = Instant::now();
+    let viewers = streamctl()
+        .args(["watch", "--json", "--viewers"])
+        .arg(VIEWERS.to_string())
+        .arg("--seconds")
+        .arg(WATCH_SECONDS.to_string())
+        .arg("--state")
+        .arg(&state)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("streamctl watch starts");
+    let ctx = Arc::new(Ctx::new(&state));
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        // Let the viewers start before the first attack.
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        deep_amf(&ctx).await;
+        idle_rtmp(&ctx).await;
+        futures::join!(
+            slowloris_one(ctx.clone(), "broadcast1", addr(2, 1, 8443)),
+            slowloris_one(ctx.clone(), "lb1", addr(1, 1, 8443)),
+        );
+        assign_spam(&ctx).await;
+        let owner = password_guessing(&ctx).await;
+        chat_flood(ctx.clone(), owner).await;
+        etcd_patroni(&ctx).await;
+        let (published, why) = ctx.legit_publish(4).await;
+        ctx.check(
+            "end",
+            published,
+            format!("a legitimate publish is accepted: {why}"),
+        );
+    });
+    let attacks_s = started.elapsed().as_secs_f64();
+    ctx.check(
+        "end",
+        attacks_s < WATCH_SECONDS as f64,
+        format!(
+            "every attack ran while the viewers watched: {attacks_s:.0} s of {WATCH_SECONDS} s"
+        ),
+    );
+    let output = viewers.wait_with_output().unwrap();
+    let report: Value = serde_json::from_slice(&output.stdout).unwrap_or(Value::Null);
+    ctx.check(
+        "viewers",
+        report["stalls"] == 0 && report["errors"] == 0 && report["segments"].as_u64() > Some(0),
+        format!(
+            "{VIEWERS} viewers for {WATCH_SECONDS} s: stalls {}, stall s {}, errors {}, \
+             failovers {}, segments {}{}",
+            report["stalls"],
+            report["stall_s"],
+            report["errors"],
+            report["failovers"],
+            report["segments"],
+            if report.is_null() {
+                format!(" ({})", String::from_utf8_lossy(&output.stderr))
+            } else {
+                String::new()
+            }
+        ),
+    );
+    eprintln!("hostile: figures for docs/security.md:");
+    for line in ctx.figures.lock().unwrap().iter() {
+        eprintln!("  {line}");
+    }
+    let failures = ctx.failures.lock().unwrap();
+    assert!(
+        failures.is_empty(),
+        "{} checks failed:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
+}
