@@ -85,7 +85,9 @@ pub fn peer_client_from(
         .use_rustls_tls()
         .connect_timeout(timeout)
         .timeout(timeout)
-        .pool_idle_timeout(std::time::Duration::from_secs(30))
+        // Servers close a keep-alive connection that asks nothing for `http_header_seconds`
+        // (10 s by default): give it up first rather than race the server's close.
+        .pool_idle_timeout(std::time::Duration::from_secs(5))
         .redirect(reqwest::redirect::Policy::none());
     for cert in load_certs(ca_cert)? {
         builder = builder.add_root_certificate(reqwest::Certificate::from_der(&cert)?);

@@ -51,34 +51,50 @@ pub struct ParsedVariant {
     pub resolution: Option<(u32, u32)>,
 }
 
+/// hls_m3u8 panics on some malformed input (found by fuzzing: `#EXTINF:1e20,`, a lone `"` in
+/// an attribute list). Playlists come from other hosts, so such a panic must be a parse error.
+fn without_panic<T>(parse: impl FnOnce() -> Result<T, ParseError>) -> Result<T, ParseError> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(parse))
+        .unwrap_or_else(|_| Err(ParseError::Invalid("the playlist parser gave up".into())))
+}
+
 pub fn parse_media(text: &str) -> Result<ParsedMedia, ParseError> {
     if text.len() > MAX_PLAYLIST_BYTES {
         return Err(ParseError::TooLarge);
     }
+    without_panic(|| media_of(text))
+}
+
+fn media_of(text: &str) -> Result<ParsedMedia, ParseError> {
     let playlist = MediaPlaylist::try_from(text).map_err(|e| ParseError::Invalid(e.to_string()))?;
     let media_sequence = playlist.media_sequence as u64;
     let mut discontinuity_sequence = playlist.discontinuity_sequence as u64;
+    let out_of_range = || ParseError::Invalid("sequence number out of range".into());
     let segments = playlist
         .segments
         .iter()
         .enumerate()
-        .map(|(index, (_, segment))| ParsedSegment {
-            seq: media_sequence + index as u64,
-            duration_s: segment.duration.duration().as_secs_f64(),
-            discontinuity: segment.has_discontinuity,
-            discontinuity_sequence: {
-                if index > 0 && segment.has_discontinuity {
-                    discontinuity_sequence += 1;
-                }
-                discontinuity_sequence
-            },
-            program_date_time_ms: segment
-                .program_date_time
-                .as_ref()
-                .and_then(|p| parse_program_date_time(&p.date_time)),
-            uri: segment.uri().to_string(),
+        .map(|(index, (_, segment))| {
+            if index > 0 && segment.has_discontinuity {
+                discontinuity_sequence = discontinuity_sequence
+                    .checked_add(1)
+                    .ok_or_else(out_of_range)?;
+            }
+            Ok(ParsedSegment {
+                seq: media_sequence
+                    .checked_add(index as u64)
+                    .ok_or_else(out_of_range)?,
+                duration_s: segment.duration.duration().as_secs_f64(),
+                discontinuity: segment.has_discontinuity,
+                discontinuity_sequence,
+                program_date_time_ms: segment
+                    .program_date_time
+                    .as_ref()
+                    .and_then(|p| parse_program_date_time(&p.date_time)),
+                uri: segment.uri().to_string(),
+            })
         })
-        .collect();
+        .collect::<Result<_, ParseError>>()?;
     Ok(ParsedMedia {
         target_duration_s: playlist.target_duration.as_secs_f64(),
         media_sequence,
@@ -92,6 +108,10 @@ pub fn parse_master(text: &str) -> Result<Vec<ParsedVariant>, ParseError> {
     if text.len() > MAX_PLAYLIST_BYTES {
         return Err(ParseError::TooLarge);
     }
+    without_panic(|| variants_of(text))
+}
+
+fn variants_of(text: &str) -> Result<Vec<ParsedVariant>, ParseError> {
     let playlist =
         MasterPlaylist::try_from(text).map_err(|e| ParseError::Invalid(e.to_string()))?;
     Ok(playlist
@@ -110,4 +130,33 @@ pub fn parse_master(text: &str) -> Result<Vec<ParsedVariant>, ParseError> {
             VariantStream::ExtXIFrame { .. } => None,
         })
         .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Inputs on which hls_m3u8 0.7 panics (found by the fuzz targets `m3u8_media` and
+    /// `m3u8_master`): each must be a clean error.
+    #[test]
+    fn parser_panics_become_errors() {
+        let media = "#EXTM3U\n#EXT-X-TARGETDURATION:2\n#EXTINF:1e20,\nseg.ts\n";
+        assert!(matches!(parse_media(media), Err(ParseError::Invalid(_))));
+        let master = "#EXTM3U\n#EXT-X-MEDIA:TYPE=AUDIO,GROUP-ID=\"\n";
+        assert!(matches!(parse_master(master), Err(ParseError::Invalid(_))));
+    }
+
+    #[test]
+    fn sequence_numbers_past_u64_are_refused() {
+        let media = format!(
+            "#EXTM3U\n#EXT-X-TARGETDURATION:2\n#EXT-X-MEDIA-SEQUENCE:{}\n#EXTINF:2,\na.ts\n#EXTINF:2,\nb.ts\n",
+            u64::MAX
+        );
+        // hls_m3u8 may refuse the number itself; either way no panic and no wrapped sequence.
+        match parse_media(&media) {
+            Ok(parsed) => panic!("wrapped sequence accepted: {:?}", parsed.segments),
+            Err(ParseError::Invalid(_)) => {}
+            Err(e) => panic!("unexpected error {e}"),
+        }
+    }
 }

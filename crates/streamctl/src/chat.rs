@@ -685,11 +685,18 @@ pub struct Net {
     http: reqwest::Client,
     tls: tokio_rustls::TlsConnector,
     target: Target,
+    /// Address the client's sockets leave from (see [`crate::client_address`]).
+    local: Option<std::net::IpAddr>,
 }
 
 impl Net {
     pub fn new(target: Target) -> anyhow::Result<Self> {
-        let http = streaming_core::tls::peer_client(&target.ca, Duration::from_secs(5))
+        Self::from_address(target, None)
+    }
+
+    /// A client whose HTTP requests and chat sockets leave from `local`.
+    pub fn from_address(target: Target, local: Option<std::net::IpAddr>) -> anyhow::Result<Self> {
+        let http = streaming_core::tls::peer_client_from(&target.ca, Duration::from_secs(5), local)
             .with_context(|| format!("loading CA {}", target.ca.display()))?;
         let mut roots = rustls::RootCertStore::empty();
         for cert in streaming_core::tls::load_certs(&target.ca)? {
@@ -704,6 +711,7 @@ impl Net {
             http,
             tls: tokio_rustls::TlsConnector::from(Arc::new(config)),
             target,
+            local,
         })
     }
 
@@ -810,6 +818,25 @@ impl Net {
             .session))
     }
 
+    async fn tcp_connect(&self, addr: &str) -> std::io::Result<tokio::net::TcpStream> {
+        let Some(local) = self.local else {
+            return tokio::net::TcpStream::connect(addr).await;
+        };
+        let remote = tokio::net::lookup_host(addr)
+            .await?
+            .find(|a| a.is_ipv4() == local.is_ipv4())
+            .ok_or_else(|| {
+                std::io::Error::other(format!("{addr}: no address of {local}'s family"))
+            })?;
+        let socket = if local.is_ipv4() {
+            tokio::net::TcpSocket::new_v4()?
+        } else {
+            tokio::net::TcpSocket::new_v6()?
+        };
+        socket.bind(std::net::SocketAddr::new(local, 0))?;
+        socket.connect(remote).await
+    }
+
     /// TCP, TLS (cluster CA) and the WebSocket handshake to a broadcast's chat.
     pub async fn connect(&self, base: &Url) -> anyhow::Result<Ws> {
         let host = base.host().context("base URL without host")?;
@@ -820,13 +847,10 @@ impl Net {
             url::Host::Domain(d) => rustls_pki_types::ServerName::try_from((*d).to_owned())?,
         };
         let addr = format!("{host}:{port}");
-        let tcp = tokio::time::timeout(
-            CONNECT_TIMEOUT,
-            tokio::net::TcpStream::connect(addr.as_str()),
-        )
-        .await
-        .with_context(|| format!("connect {addr}: timeout"))?
-        .with_context(|| format!("connect {addr}"))?;
+        let tcp = tokio::time::timeout(CONNECT_TIMEOUT, self.tcp_connect(&addr))
+            .await
+            .with_context(|| format!("connect {addr}: timeout"))?
+            .with_context(|| format!("connect {addr}"))?;
         let _ = tcp.set_nodelay(true);
         let tls = tokio::time::timeout(CONNECT_TIMEOUT, self.tls.connect(server_name, tcp))
             .await
@@ -1206,6 +1230,7 @@ pub async fn load(mut opts: LoadOptions) -> anyhow::Result<LoadOutcome> {
     }
     let net = Arc::new(Net::new(opts.target.clone())?);
     let broadcasts = net.discover().await?;
+    let first_lb = opts.target.lbs.first().cloned();
     if broadcasts.is_empty() {
         bail!(
             "no LB of {} assigns a broadcast",
@@ -1244,7 +1269,12 @@ pub async fn load(mut opts: LoadOptions) -> anyhow::Result<LoadOutcome> {
             session: None,
             assignment: broadcasts[index % broadcasts.len()].clone(),
             failed: HashMap::new(),
-            net: net.clone(),
+            net: Arc::new(Net::from_address(
+                opts.target.clone(),
+                first_lb
+                    .as_ref()
+                    .and_then(|lb| crate::client_address::simulated(lb, index)),
+            )?),
             epoch: opts.epoch,
             phase: phase_rx.clone(),
             progress: progress.clone(),

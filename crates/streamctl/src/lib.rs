@@ -7,7 +7,8 @@
 //! - [`probe`]: health, status and playback checks over HTTPS.
 //! - [`commands`]: one function per subcommand.
 //! - [`db`]: the database role (etcd, Patroni, PostgreSQL) and who is primary.
-//! - [`watch`]: the HLS viewer simulator.
+//! - [`watch`]: the HLS viewer simulator; [`client_address`]: each simulated client's own
+//!   loopback address.
 //! - [`bench`]: load and failover benchmarks.
 //! - [`chat`]: the chat load client (`streamctl chat`); [`chat_failover`]: its database
 //!   failover bench.
@@ -16,6 +17,7 @@ pub mod bench;
 pub mod chat;
 pub mod chat_failover;
 pub mod cli;
+pub mod client_address;
 pub mod cluster;
 pub mod commands;
 pub mod db;

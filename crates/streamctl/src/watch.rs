@@ -602,9 +602,12 @@ fn latency_at(timeline: &[(f64, f64, Option<u64>)], position_s: f64) -> Option<f
 }
 
 /// Builds the HTTPS client a viewer uses: trusts the cluster CA, no automatic redirects (the
-/// viewer follows them itself to learn its broadcast).
-fn viewer_client(ca: &std::path::Path) -> anyhow::Result<reqwest::Client> {
-    streaming_core::tls::peer_client(ca, Duration::from_secs(10))
+/// viewer follows them itself to learn its broadcast), leaving from `local` if given.
+fn viewer_client(
+    ca: &std::path::Path,
+    local: Option<std::net::IpAddr>,
+) -> anyhow::Result<reqwest::Client> {
+    streaming_core::tls::peer_client_from(ca, Duration::from_secs(10), local)
         .with_context(|| format!("loading CA {}", ca.display()))
 }
 
@@ -690,7 +693,6 @@ pub async fn watch(args: &WatchArgs) -> anyhow::Result<WatchReport> {
         .ca
         .clone()
         .unwrap_or_else(|| args.state.join("tls/ca.crt"));
-    let client = viewer_client(&ca)?;
     let (entry, mut lbs) = match &args.url {
         Some(url) => (url.clone(), Vec::new()),
         None => local_defaults(&args.state)?,
@@ -723,7 +725,7 @@ pub async fn watch(args: &WatchArgs) -> anyhow::Result<WatchReport> {
     for index in 0..args.viewers.max(1) {
         let viewer = Viewer {
             index,
-            client: client.clone(),
+            client: viewer_client(&ca, crate::client_address::simulated(&entry, index))?,
             entry: entry.clone(),
             lbs: lbs.clone(),
             channel: channel.clone(),
