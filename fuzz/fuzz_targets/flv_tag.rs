@@ -23,10 +23,6 @@ fuzz_target!(|data: &[u8]| {
     if cts != 0 {
         assert!(!avc_header && body[0] & 0x0F == 7 && body[1] == 1);
     }
-    assert!(
-        !(avc_header && aac_header),
-        "a body is audio or video, not both"
-    );
     if keyframe || avc_header || aac_header {
         assert!(!body.is_empty());
     }
