@@ -4,7 +4,8 @@
 #   scripts/fuzz.sh [--seconds N] [target...]     default: every target, 20 s each
 #
 # Builds the targets with cargo-fuzz under AddressSanitizer, then runs each for N seconds from
-# its committed seeds (fuzz/seeds/<target>/) plus what earlier runs found (fuzz/corpus/<target>/).
+# its committed seeds (fuzz/seeds/<target>/), past findings (fuzz/regressions/<target>/) and what
+# earlier runs found (fuzz/corpus/<target>/).
 # Exits non-zero if any target finds a crash, a panic, a timeout or an out-of-memory input, and
 # prints where the reproducer was written.
 set -euo pipefail
@@ -69,15 +70,18 @@ for t in "${targets[@]}"; do
   log="fuzz/artifacts/$t/last-run.log"
   echo "fuzz: $t for $seconds s${stack:+ (stack $stack KiB)}"
   rc=0
-  # The first directory is where libFuzzer saves new inputs; the seeds stay as committed.
-  (if [ -n "$stack" ]; then ulimit -s "$stack"; fi; exec "$bin_dir/$t" "${args[@]}" "fuzz/corpus/$t" "fuzz/seeds/$t") \
+  # The first directory is where libFuzzer saves new inputs; the seeds stay as committed, and
+  # every input that once crashed a target (fuzz/regressions/) is replayed first.
+  dirs=("fuzz/corpus/$t" "fuzz/seeds/$t")
+  [ -d "fuzz/regressions/$t" ] && dirs+=("fuzz/regressions/$t")
+  (if [ -n "$stack" ]; then ulimit -s "$stack"; fi; exec "$bin_dir/$t" "${args[@]}" "${dirs[@]}") \
     >"$log" 2>&1 || rc=$?
   grep -E '^(stat::number_of_executed_units|stat::average_exec_per_sec|stat::peak_rss_mb)' "$log" \
     | tr '\n' ' ' | sed 's/stat:://g; s/^/      /'
   echo
   if [ "$rc" -ne 0 ]; then
     failed+=("$t")
-    echo "fuzz: $t FAILED (exit $rc); last lines of $log:" >&2
+    echo "fuzz: $t FAILED (exit $rc); from $log:" >&2
     grep -E 'ERROR|panicked|deadly signal|out-of-memory|timeout|SUMMARY' "$log" | head -5 >&2 || true
     grep -E 'Test unit written to|written to' "$log" >&2 || true
     echo "      replay: (${stack:+ulimit -s $stack; }$bin_dir/$t <reproducer>)" >&2
