@@ -49,6 +49,12 @@ if ! command -v cargo >/dev/null; then
   fi
 fi
 
+# cargo-fuzz for the short fuzzing run (scripts/fuzz.sh); it builds libFuzzer with g++.
+if ! command -v cargo-fuzz >/dev/null; then
+  echo "setup: cargo install cargo-fuzz"
+  cargo install cargo-fuzz --locked --quiet
+fi
+
 # playwright-core for the browser test (tests/browser/), pinned by package-lock.json.
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 if [ ! "$root/node_modules/.package-lock.json" -nt "$root/package-lock.json" ]; then

@@ -2,7 +2,8 @@
 # One command for a newcomer and for CI: install what is missing, then run every test:
 # static checks, unit tests, the Nix static checks, the vendored hls.js check, the store test on
 # a throwaway PostgreSQL, and the end-to-end tests through the real binaries (streaming, failover,
-# database, chat durability, the page in chromium), one local cluster at a time: 2 cores.
+# database, chat durability, the page in chromium), one local cluster at a time: 2 cores; then a
+# short coverage-guided fuzzing run of every parser of outside data.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/setup-debian.sh
@@ -23,5 +24,8 @@ scripts/check-vendored.sh
 
 echo "== unit and end-to-end tests (end-to-end ones run one at a time)"
 cargo test --workspace --locked -- --include-ignored --test-threads=1
+
+echo "== fuzzing (short run)"
+scripts/fuzz.sh
 
 echo "== all tests passed in $(( $(date +%s) - start )) s"
