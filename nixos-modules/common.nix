@@ -27,8 +27,9 @@ let
   certName = me.fqdn;
   isLb = entry.role == "lb";
   acme = cfg.tls.source == "acme";
-  # db hosts serve no HTTPS (Patroni and etcd speak plain HTTP on the cluster network).
-  needsTls = entry.role != "db";
+  # The database layer (PostgreSQL, Patroni, etcd on db hosts and the witness) checks every
+  # peer against the cluster CA by address: it needs certificates from that CA.
+  internalCaOnly = entry.role == "db" || (entry.etcdWitness or false);
 
   # Secrets this host reads (nix/secrets.nix: the same mapping secrets/secrets.nix encrypts by).
   wanted = (import ../nix/secrets.nix { inherit (cfg) cluster; }).forHost entry;
@@ -225,6 +226,10 @@ in
               acme || (cfg.tls.certFile != null && cfg.tls.keyFile != null && cfg.tls.caFile != null);
             message = "services.streaming-cluster.tls.source = files needs certFile, keyFile and caFile";
           }
+          {
+            assertion = !(acme && internalCaOnly);
+            message = "${cfg.hostName}: the database layer (db hosts and the etcd witness) authenticates with certificates from the cluster's own CA, checked by address: set services.streaming-cluster.tls.source = files there";
+          }
         ];
 
         warnings = map (
@@ -256,7 +261,7 @@ in
         # The binaries read their certificate, key and CA at the generator's fixed paths; these
         # symlinks point them at ACME's files or at the configured ones. Re-created at boot and
         # on every switch.
-        systemd.tmpfiles.rules = lib.mkIf needsTls (
+        systemd.tmpfiles.rules = (
           let
             link = name: target: "L+ /run/streaming-cluster/tls/${name} - - - - ${target}";
           in
@@ -297,7 +302,7 @@ in
         };
       })
 
-      (lib.mkIf (acme && needsTls) {
+      (lib.mkIf acme {
         security.acme = {
           acceptTerms = true;
           defaults.email = lib.mkIf (cfg.tls.acme.email != null) cfg.tls.acme.email;
