@@ -157,9 +157,10 @@ let
       metrics_token = "/run/agenix/metrics-token";
     };
 
-  # etcd member flags (the witness on lb1 included). Plain HTTP between members: locally it is
-  # loopback, on deployed hosts the NixOS db module may add TLS.
-  etcdUrl = host: port: "http://${address host}:${toString port}";
+  # etcd member flags (the witness on lb1 included). Clients and peers alike speak TLS and must
+  # show a certificate from the cluster CA: the host's own (paths.tls_cert), so a stranger who
+  # reaches the port can neither read nor rewrite Patroni's leader key.
+  etcdUrl = host: port: "https://${address host}:${toString port}";
   etcdConfig = host: {
     inherit (host) name;
     data_dir = "${(paths host).state_dir}/etcd";
@@ -169,13 +170,27 @@ let
     cluster_token = "${cluster.site}-etcd";
   };
 
+  # Patroni and PostgreSQL run as their own OS user, which may not read the host's key where the
+  # services find it: each db host gets private copies here (the runner, or the db module,
+  # installs them before Patroni starts).
+  dbTlsDir = host: if profile == "local" then "${(paths host).state_dir}/tls" else "/run/patroni/tls";
+  dbTls = host: {
+    cert = "${dbTlsDir host}/cert.pem";
+    key = "${dbTlsDir host}/key.pem";
+    ca = "${dbTlsDir host}/ca.pem";
+  };
+  # Every connection Patroni makes to a PostgreSQL (its own, a replica's stream, pg_rewind)
+  # checks the server's certificate and name against the cluster CA.
+  pgClientTls = host: { sslmode = "verify-full"; sslrootcert = (dbTls host).ca; };
+
   # Who may connect to PostgreSQL: locally every loopback connection arrives from 127.0.0.1.
+  # Only over TLS (hostssl): a plaintext attempt matches no line and is refused.
   clientCidrs =
     if profile == "local" then [ "127.0.0.0/8" ]
     else map (h: "${address h}/32") cluster.hosts;
   hbaLines = [ "local all all peer" ]
-    ++ map (cidr: "host replication replicator ${cidr} scram-sha-256") clientCidrs
-    ++ map (cidr: "host all all ${cidr} scram-sha-256") clientCidrs;
+    ++ map (cidr: "hostssl replication replicator ${cidr} scram-sha-256") clientCidrs
+    ++ map (cidr: "hostssl all all ${cidr} scram-sha-256") clientCidrs;
 
   # Patroni's own settings for a db host (its YAML is a superset of JSON, so this is written as
   # is). Passwords are not here: Patroni reads PATRONI_SUPERUSER_PASSWORD and
@@ -184,11 +199,25 @@ let
   patroniConfig = host: {
     scope = "${cluster.site}-db";
     inherit (host) name;
+    # HTTPS only. Reads (GET /primary, /patroni) stay open to anyone who trusts the CA; a request
+    # that changes state (failover, switchover, restart, config) needs a client certificate from
+    # the cluster CA (verify_client optional) and the REST credentials (authentication, filled
+    # from PATRONI_RESTAPI_USERNAME/PASSWORD). Patroni asks its peers with the same certificate.
     restapi = {
       listen = "${address host}:${toString ports.patroni}";
       connect_address = "${address host}:${toString ports.patroni}";
+      certfile = (dbTls host).cert;
+      keyfile = (dbTls host).key;
+      cafile = (dbTls host).ca;
+      verify_client = "optional";
     };
-    etcd3.hosts = map (h: "${address h}:${toString ports.etcd_client}") etcdHosts;
+    etcd3 = {
+      hosts = map (h: "${address h}:${toString ports.etcd_client}") etcdHosts;
+      protocol = "https";
+      cacert = (dbTls host).ca;
+      cert = (dbTls host).cert;
+      key = (dbTls host).key;
+    };
     bootstrap = {
       dcs = {
         ttl = database.ttl;
@@ -221,11 +250,18 @@ let
       data_dir = "${(paths host).state_dir}/pgdata";
       pgpass = "${(paths host).state_dir}/pgpass";
       authentication = {
-        superuser.username = "postgres";
-        replication.username = "replicator";
-        rewind.username = "postgres";
+        superuser = { username = "postgres"; } // pgClientTls host;
+        replication = { username = "replicator"; } // pgClientTls host;
+        rewind = { username = "postgres"; } // pgClientTls host;
       };
-      parameters.unix_socket_directories = "${(paths host).state_dir}/run";
+      parameters = {
+        unix_socket_directories = "${(paths host).state_dir}/run";
+        ssl = "on";
+        ssl_cert_file = (dbTls host).cert;
+        ssl_key_file = (dbTls host).key;
+        ssl_ca_file = (dbTls host).ca;
+        ssl_min_protocol_version = "TLSv1.2";
+      };
       # pg_basebackup's default spread checkpoint keeps a new replica waiting for minutes.
       basebackup = [ { checkpoint = "fast"; } ];
       pg_hba = hbaLines;

@@ -1,4 +1,9 @@
 # A db host: PostgreSQL 15 under nixpkgs' services.patroni, its leader lease in etcd (etcd.nix).
+# Everything is TLS with the cluster CA (the generator's settings): PostgreSQL takes TCP only
+# over TLS (hostssl), replication and Patroni's own connections check the server's name,
+# Patroni talks to etcd with the host's client certificate, and its REST API wants a client
+# certificate plus credentials for anything that changes state. Patroni reads private copies of
+# the host's certificate and key in /run/patroni/tls (PostgreSQL refuses a key others can read).
 # Patroni's settings are the generator's `patroni` section for this host, minus what the nixpkgs
 # module sets itself (scope, name, REST and PostgreSQL addresses, data directory, pgpass) and
 # plus what the local runner adds too (post_bootstrap) and the socket
@@ -21,6 +26,28 @@ let
   otherDbs = lib.filter (h: h.role == "db" && h.name != me.name) hosts;
   database = hostConfig.cluster.database;
   paths = hostConfig.paths;
+  patroniUser = config.services.patroni.user;
+  patroniGroup = config.services.patroni.group;
+  tlsCopies = pkgs.writeShellScript "streaming-cluster-patroni-tls" ''
+    set -euo pipefail
+    install -d -m 0700 -o ${patroniUser} -g ${patroniGroup} /run/patroni/tls
+    install -m 0600 -o ${patroniUser} -g ${patroniGroup} ${paths.tls_cert} ${patroni.restapi.certfile}
+    install -m 0600 -o ${patroniUser} -g ${patroniGroup} ${paths.tls_key} ${patroni.restapi.keyfile}
+    install -m 0644 -o ${patroniUser} -g ${patroniGroup} ${paths.ca_cert} ${patroni.restapi.cafile}
+  '';
+  # Who may reach this host's PostgreSQL (broadcasts, the other db hosts' replication) and
+  # Patroni (the other db hosts, broadcasts asking GET /primary).
+  clients = map (h: h.address) (lib.filter (h: h.role == "db" || h.role == "broadcast") hosts);
+  firewall = import ./internal-ports.nix lib [
+    {
+      port = me.ports.postgres;
+      from = lib.remove me.address clients;
+    }
+    {
+      port = me.ports.patroni;
+      from = lib.remove me.address clients;
+    }
+  ];
 
   # Run once by Patroni on the node that initialises the cluster, with a superuser connection
   # URL as $1 (PGPASSFILE set by Patroni): the services' login role and their database. The
@@ -40,6 +67,11 @@ let
     "name"
     "restapi"
   ]) // {
+    # The module sets the addresses; TLS and verify_client are the generator's.
+    restapi = builtins.removeAttrs patroni.restapi [
+      "listen"
+      "connect_address"
+    ];
     bootstrap = patroni.bootstrap // {
       post_bootstrap = "${postBootstrap}";
     };
@@ -89,22 +121,27 @@ in
         PATRONI_SUPERUSER_PASSWORD = paths.db_superuser_password;
         PATRONI_REPLICATION_PASSWORD = paths.db_replication_password;
         PATRONI_REWIND_PASSWORD = paths.db_superuser_password;
+        # The REST API's credentials for requests that change state: the superuser's password
+        # (its holders already control the database), user PATRONI_RESTAPI_USERNAME below.
+        PATRONI_RESTAPI_PASSWORD = paths.db_superuser_password;
       };
     };
 
     systemd.services.patroni = {
       # Patroni retries its DCS itself; the unit must never give up while etcd peers boot.
       startLimitIntervalSec = 0;
+      environment.PATRONI_RESTAPI_USERNAME = "patroni";
       serviceConfig = {
         RestartSec = 2;
         RuntimeDirectory = "patroni";
         RuntimeDirectoryMode = "0750";
+        # As root ("+"): the host's key is not the patroni user's to read. A renewed
+        # certificate is copied at the next start.
+        ExecStartPre = [ "+${tlsCopies}" ];
       };
     };
 
-    networking.firewall.allowedTCPPorts = lib.mkIf top.openFirewall [
-      me.ports.postgres
-      me.ports.patroni
-    ];
+    # Open to the cluster hosts that use them, never to everyone.
+    networking.firewall = lib.mkIf top.openFirewall firewall;
   };
 }

@@ -18,6 +18,8 @@ command -v pgrep >/dev/null || need+=(procps)
 dpkg -s python3-venv >/dev/null 2>&1 || need+=(python3-venv)
 command -v etcd >/dev/null || need+=(etcd-server)
 /usr/bin/python3 -c 'import psycopg2' 2>/dev/null || need+=(python3-psycopg2)
+# Patroni's HTTPS clients (etcd, its peers' REST API) go through urllib3, which needs idna.
+/usr/bin/python3 -c 'import idna' 2>/dev/null || need+=(python3-idna)
 # The browser test drives Debian's chromium with playwright-core.
 [ -x /usr/bin/chromium ] || need+=(chromium)
 

@@ -16,6 +16,9 @@ CURL = f"curl --silent --show-error --fail --max-time 5 --cacert {CA}"
 STATUS_CURL = (
     "printf 'Authorization: Bearer %s' \"$(cat /run/agenix/metrics-token)\" | " + CURL + " -H @-"
 )
+# The database layer answers cluster hosts only (firewall) and speaks TLS with the cluster CA:
+# its REST checks run on a broadcast, which reads Patroni as the chat does.
+HOST_TLS = "/run/streaming-cluster/tls"
 LOAD_SECONDS = 60
 FAULT_AFTER = 15
 FAULT_FOR = 20
@@ -41,19 +44,35 @@ def wait_healthy(name, timeout=300):
     client.wait_until_succeeds(f"{CURL} {url_of(name)}/healthz", timeout=timeout)
 
 
+def patroni_cmd(db, path):
+    return f"curl -sf --max-time 3 --cacert {HOST_TLS}/ca.pem https://{db}:8008/{path}"
+
+
+def db_client():
+    return vm(names("broadcast")[-1])
+
+
 def wait_primary(timeout=300):
-    probes = " || ".join(
-        f"curl -sf --max-time 3 -o /dev/null http://{db}:8008/primary" for db in names("db")
-    )
-    client.wait_until_succeeds(probes, timeout=timeout)
+    probes = " || ".join(f"{patroni_cmd(db, 'primary')} -o /dev/null" for db in names("db"))
+    db_client().wait_until_succeeds(probes, timeout=timeout)
 
 
 def db_primary():
     for db in names("db"):
-        status, _ = client.execute(f"curl -sf --max-time 3 -o /dev/null http://{db}:8008/primary")
+        status, _ = db_client().execute(f"{patroni_cmd(db, 'primary')} -o /dev/null")
         if status == 0:
             return db
     raise Exception("no db host answers 200 on :8008/primary")
+
+
+def connects(host, port):
+    """A shell command that succeeds when a TCP connection to host:port opens within 3 s."""
+    return f"timeout 3 bash -c '</dev/tcp/{host}/{port}'"
+
+
+def etcdctl(args):
+    tls = "--cacert=/run/etcd-tls/ca.pem --cert=/run/etcd-tls/cert.pem --key=/run/etcd-tls/key.pem"
+    return f"etcdctl --endpoints=https://lb1:2379 {tls} {args}"
 
 
 def watch_cmd(seconds, viewers, pin=None):
@@ -148,12 +167,30 @@ with subtest("the cluster comes up from nothing"):
         f"{chat_cmd(5)} | jq -e '.acked > 0 and .missing == 0 and .duplicates == 0'", timeout=300
     )
 
+with subtest("the database layer refuses strangers"):
+    db = names("db")[0]
+    # Not a cluster host: the firewall drops PostgreSQL, Patroni and etcd.
+    for port in (5432, 8008, 2379, 2380):
+        client.fail(connects(db, port))
+    # A cluster host that is no client of etcd (lb2): dropped too; a db host gets through.
+    vm(names("lb")[-1]).fail(connects(db, 2379))
+    vm(names("db")[-1]).succeed(connects(db, 2379))
+    db_client().succeed(connects(db, 5432))
+    # A broadcast reaches Patroni; a failover needs a client certificate and the credentials.
+    post = f"curl -s -o /dev/null -w '%{{http_code}}' --max-time 5 --cacert {HOST_TLS}/ca.pem -X POST https://{db}:8008/failover -d '{{\"candidate\": \"{db}\"}}'"
+    assert db_client().succeed(post).strip() == "403"
+    with_cert = f"{post} --cert {HOST_TLS}/cert.pem --key {HOST_TLS}/key.pem"
+    assert db_client().succeed(with_cert).strip() == "401"
+    assert db_client().succeed(f"{with_cert} -u patroni:guess").strip() == "401"
+    # etcd without a client certificate: the TLS handshake fails.
+    vm(db).fail(f"curl -s --max-time 3 --cacert /run/etcd-tls/ca.pem https://{db}:2379/health")
+
 with subtest("lb1 crashes (entry LB and etcd witness): viewers and chat carry on"):
     with_fault("lb1", lb1.crash, lb1.start)
     lb1.wait_for_unit("streaming-lb.service")
     wait_healthy("lb1")
-    lb1.wait_until_succeeds("etcdctl --endpoints=http://127.0.0.1:2379 endpoint health", timeout=120)
-    assert len(lb1.succeed("etcdctl --endpoints=http://127.0.0.1:2379 member list").strip().splitlines()) == 3
+    lb1.wait_until_succeeds(etcdctl("endpoint health"), timeout=120)
+    assert len(lb1.succeed(etcdctl("member list")).strip().splitlines()) == 3
     assert get_json(f"{LB}/api/assign?channel={CHANNEL}")["broadcast"]
 
 with subtest("the viewers' broadcast is cut off: they move to another one"):
@@ -193,9 +230,9 @@ with subtest("the database primary crashes: Patroni fails over, no acked chat me
     wait_primary()
     new_primary = db_primary()
     assert new_primary != primary, f"{primary} is primary again right after its crash"
-    client.wait_until_succeeds(f"curl -sf --max-time 3 http://{primary}:8008/replica", timeout=300)
-    client.wait_until_succeeds(
-        f"curl -sf --max-time 3 http://{new_primary}:8008/cluster | jq -e '.members | length == 2'",
+    db_client().wait_until_succeeds(patroni_cmd(primary, "replica"), timeout=300)
+    db_client().wait_until_succeeds(
+        f"{patroni_cmd(new_primary, 'cluster')} | grep -o '\"name\"' | wc -l | grep -qx 2",
         timeout=120,
     )
 

@@ -7,12 +7,18 @@
 //! already sent there cannot be acknowledged by it either: with `synchronous_mode` an orphan's
 //! commit waits for a standby that is gone, and our callers give up after a timeout and retry,
 //! idempotently, on the new primary.
+//!
+//! Both paths are TLS checked against the cluster CA: Patroni's REST API over HTTPS, and
+//! PostgreSQL with `verify-full` (the db host's certificate must name the address we dial), so
+//! neither the primary's identity nor the passwords and chat rows can be forged or read on the
+//! way.
 
+use std::path::PathBuf;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use sqlx::PgPool;
-use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions, PgSslMode};
 use streaming_core::config::{HostConfig, HostEntry, Role};
 use tokio::sync::{Notify, watch};
 
@@ -72,7 +78,7 @@ impl DbHost {
     fn from_entry(h: &HostEntry) -> Self {
         DbHost {
             name: h.name.clone(),
-            patroni: format!("http://{}/primary", h.socket(h.ports.patroni)),
+            patroni: format!("https://{}/primary", h.socket(h.ports.patroni)),
             address: h.address,
             port: h.ports.postgres,
         }
@@ -102,6 +108,8 @@ struct Inner {
     user: String,
     database: String,
     password: String,
+    /// The cluster CA: the only root trusted for Patroni and PostgreSQL.
+    ca_cert: PathBuf,
 }
 
 impl Database {
@@ -125,6 +133,7 @@ impl Database {
                 user: config.cluster.database.user.clone(),
                 database: config.cluster.database.name.clone(),
                 password,
+                ca_cert: config.paths.ca_cert.clone(),
             }),
         };
         let watcher = db.clone();
@@ -169,14 +178,13 @@ impl Database {
     }
 
     async fn watch(&self, hosts: Vec<DbHost>) {
-        let http = match reqwest::Client::builder()
-            .timeout(CHECK_TIMEOUT)
-            .connect_timeout(CHECK_TIMEOUT)
-            .build()
-        {
+        let http = match self.patroni_client() {
             Ok(c) => c,
             Err(e) => {
-                tracing::error!("cannot build the Patroni client: {e}");
+                tracing::error!(
+                    "cannot build the Patroni client, chat has no database: {e} (CA {})",
+                    self.inner.ca_cert.display()
+                );
                 return;
             }
         };
@@ -209,6 +217,20 @@ impl Database {
         }
     }
 
+    fn patroni_client(&self) -> Result<reqwest::Client, String> {
+        let pem = std::fs::read(&self.inner.ca_cert).map_err(|e| e.to_string())?;
+        let ca = reqwest::Certificate::from_pem(&pem).map_err(|e| e.to_string())?;
+        reqwest::Client::builder()
+            .timeout(CHECK_TIMEOUT)
+            .connect_timeout(CHECK_TIMEOUT)
+            .https_only(true)
+            .tls_built_in_root_certs(false)
+            .add_root_certificate(ca)
+            .no_proxy()
+            .build()
+            .map_err(|e| e.to_string())
+    }
+
     /// A one-connection pool of its own to the current primary: migrations hold a
     /// session-level advisory lock, so a connection abandoned mid-migration must be closed
     /// (releasing the lock) with this pool, never returned to the shared one.
@@ -227,6 +249,8 @@ impl Database {
             .username(&self.inner.user)
             .password(&self.inner.password)
             .database(&self.inner.database)
+            .ssl_mode(PgSslMode::VerifyFull)
+            .ssl_root_cert(&self.inner.ca_cert)
             .application_name("streaming-cluster")
     }
 

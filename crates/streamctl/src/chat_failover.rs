@@ -136,7 +136,7 @@ pub struct ChatFailoverReport {
     pub passed: bool,
 }
 
-/// `GET http://<addr>:<patroni>/<check>` answered 200 (`replica`, `sync`).
+/// `GET https://<addr>:<patroni>/<check>` answered 200 (`replica`, `sync`).
 async fn patroni_says(http: &reqwest::Client, host: &HostEntry, check: &str) -> bool {
     let url = format!("{}/{check}", crate::db::rest_url(host));
     matches!(http.get(url).send().await, Ok(r) if r.status().is_success())
@@ -144,10 +144,14 @@ async fn patroni_says(http: &reqwest::Client, host: &HostEntry, check: &str) -> 
 
 /// The db host among `dbs` that is primary now (Patroni's `/primary`, through
 /// [`crate::db::primary_in`]).
-async fn find_primary(cluster: &ClusterConfig, dbs: &[HostEntry]) -> Option<String> {
+async fn find_primary(
+    http: &reqwest::Client,
+    cluster: &ClusterConfig,
+    dbs: &[HostEntry],
+) -> Option<String> {
     let mut only = cluster.clone();
     only.hosts.retain(|h| dbs.iter().any(|d| d.name == h.name));
-    crate::db::primary_in(&only).await
+    crate::db::primary_in(http, &only).await
 }
 
 /// Polls `check` every 200 ms until it holds or `limit` passes; the seconds it took.
@@ -241,6 +245,8 @@ async fn check_db(
         .username(&database.user)
         .password(&password)
         .database(&database.name)
+        .ssl_mode(sqlx::postgres::PgSslMode::VerifyFull)
+        .ssl_root_cert(&any.paths.ca_cert)
         .application_name("streamctl-chat-failover");
     let mut conn = tokio::time::timeout(
         Duration::from_secs(10),
@@ -294,7 +300,7 @@ async fn one_fault(
     kind: FaultKind,
     ttl_s: u32,
 ) -> anyhow::Result<FaultRow> {
-    let host = wait_for_primary(cluster, dbs, Duration::from_secs(30))
+    let host = wait_for_primary(http, cluster, dbs, Duration::from_secs(30))
         .await
         .context("no primary before the fault")?;
     let name = match kind {
@@ -319,7 +325,7 @@ async fn one_fault(
     streamctl(&args.state, &kill).await?;
     let result = async {
         let others: Vec<HostEntry> = dbs.iter().filter(|h| h.name != host).cloned().collect();
-        let new_primary = wait_for_primary(cluster, &others, Duration::from_secs(60)).await;
+        let new_primary = wait_for_primary(http, cluster, &others, Duration::from_secs(60)).await;
         let new_primary_after_s = new_primary
             .as_ref()
             .map(|_| fault_at.elapsed().as_secs_f64());
@@ -365,10 +371,10 @@ async fn one_fault(
         }
         if patroni_says(http, &entry, "sync").await {
             sync_after_restore_s = Some(restored.elapsed().as_secs_f64());
-            leader_after_restore = find_primary(cluster, dbs).await;
+            leader_after_restore = find_primary(http, cluster, dbs).await;
             break;
         }
-        if let Some(primary) = find_primary(cluster, dbs).await
+        if let Some(primary) = find_primary(http, cluster, dbs).await
             && primary == host
         {
             let mut has_sync = false;
@@ -416,13 +422,14 @@ async fn one_fault(
 }
 
 async fn wait_for_primary(
+    http: &reqwest::Client,
     cluster: &ClusterConfig,
     dbs: &[HostEntry],
     limit: Duration,
 ) -> Option<String> {
     let start = Instant::now();
     loop {
-        if let Some(p) = find_primary(cluster, dbs).await {
+        if let Some(p) = find_primary(http, cluster, dbs).await {
             return Some(p);
         }
         if start.elapsed() >= limit {
@@ -445,11 +452,11 @@ pub async fn bench(args: &ChatFailoverArgs) -> anyhow::Result<ChatFailoverReport
             dbs.len()
         );
     }
-    let http = crate::db::rest_client();
+    let http = crate::db::rest_client(any)?;
     let cluster = &any.cluster;
     // A primary with a synchronous standby, or the first kill has nobody to promote.
     let whole = wait_until(Duration::from_secs(90), || async {
-        match find_primary(cluster, &dbs).await {
+        match find_primary(&http, cluster, &dbs).await {
             Some(p) => {
                 let others = dbs.iter().filter(|h| h.name != p);
                 for h in others {
@@ -527,7 +534,7 @@ pub async fn bench(args: &ChatFailoverArgs) -> anyhow::Result<ChatFailoverReport
     }
     let _ = stop_tx.send(true);
     let outcome = load.await.context("chat load task")??;
-    let primary = wait_for_primary(cluster, &dbs, Duration::from_secs(30))
+    let primary = wait_for_primary(&http, cluster, &dbs, Duration::from_secs(30))
         .await
         .context("no primary to check the stored messages on")?;
     let (db, stored) = check_db(

@@ -135,6 +135,7 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
     let mut played: Option<(String, f64)> = None;
     let mut last_error = String::new();
     let mut database = db::Readiness::default();
+    let patroni = db::rest_client(any)?;
     loop {
         if played.is_none() {
             match probe::plays(&client, &lb_url, &channel).await {
@@ -144,7 +145,7 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
         }
         if has_db && !database.settled(&any.cluster, started) {
             let had_primary = database.primary.is_some();
-            database.poll(&any.cluster, started).await;
+            database.poll(&patroni, &any.cluster, started).await;
             if let (false, Some(primary), Some(s)) =
                 (had_primary, &database.primary, database.primary_s)
             {
@@ -621,14 +622,21 @@ async fn host_status(
         etcd: None,
     };
     if let Some(etcd) = &config.etcd {
-        status.etcd = Some(match db::etcd_health(&db::rest_client(), etcd).await {
-            Ok(()) => "ok".into(),
-            Err(e) => e,
+        status.etcd = Some(match db::etcd_client(config) {
+            Ok(client) => match db::etcd_health(&client, etcd).await {
+                Ok(()) => "ok".into(),
+                Err(e) => e,
+            },
+            Err(e) => format!("{e:#}"),
         });
     }
     if me.role == Role::Db {
         // No HTTPS service here: health is Patroni's view of its PostgreSQL.
-        status.health = Some(match db::member(&db::rest_client(), me).await {
+        let answer = match db::rest_client(config) {
+            Ok(client) => db::member(&client, me).await,
+            Err(e) => Err(format!("{e:#}")),
+        };
+        status.health = Some(match answer {
             Ok(member) => {
                 let member = member.only_members(&config.cluster);
                 let health = if member.state == "running" {

@@ -15,6 +15,12 @@
 //! (`PATRONI_*_PASSWORD`, which Patroni removes from its environment at start), and the
 //! post-bootstrap script reads the services' password from a postgres-owned copy in the host's
 //! state directory.
+//!
+//! Everything between hosts is TLS with the cluster CA: etcd requires a client certificate from
+//! clients and peers, Patroni's REST API is HTTPS and wants a client certificate plus its
+//! credentials for anything that changes state, and PostgreSQL accepts TCP connections only
+//! over TLS. Patroni and PostgreSQL read postgres-owned copies of the host's certificate and key
+//! (see [`db_tls_files`]); etcd runs as the runner and reads the host's files directly.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::ffi::CString;
@@ -30,7 +36,7 @@ use serde::Serialize;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use serde_json::{Value, json};
-use streaming_core::config::{ClusterConfig, EtcdConfig, HostConfig, HostEntry, Role};
+use streaming_core::config::{ClusterConfig, EtcdConfig, HostConfig, HostEntry, HostPaths, Role};
 use streaming_core::secrets::read_secret;
 
 use crate::cluster::{Layout, write_file};
@@ -57,6 +63,10 @@ const MAX_SOCKET_PATH: usize = 107;
 const ETCD_STOP_GRACE: Duration = Duration::from_secs(2);
 /// How long `up` waits for a streaming replica once the primary is there.
 pub const REPLICA_GRACE: Duration = Duration::from_secs(20);
+/// Patroni's REST API user for requests that change state. Its password is the PostgreSQL
+/// superuser's: whoever holds that already controls the database entirely, so the API gains no
+/// new holder and the cluster no new secret to hand out.
+pub const RESTAPI_USER: &str = "patroni";
 /// Processes that may belong to a db host although they are not in its group (the postmaster
 /// and its helpers); an operator's `less <state>/hosts/db1/...` is not one of them.
 const HOST_COMMANDS: &[&str] = &[
@@ -88,6 +98,29 @@ pub fn post_bootstrap_file(config: &HostConfig) -> PathBuf {
 /// The postgres-owned copy of the services' password that the post-bootstrap script reads.
 pub fn app_password_copy(config: &HostConfig) -> PathBuf {
     config.paths.state_dir.join("app-password")
+}
+
+/// The host's certificate, key and CA as Patroni and PostgreSQL must read them (postgres-owned
+/// copies named in the generator's patroni section): (source, copy) pairs.
+pub fn db_tls_files(config: &HostConfig) -> anyhow::Result<Vec<(PathBuf, PathBuf)>> {
+    let patroni = config
+        .patroni
+        .as_ref()
+        .with_context(|| format!("{} has no patroni section", config.name))?;
+    let restapi = &patroni["restapi"];
+    [
+        (&config.paths.tls_cert, "certfile"),
+        (&config.paths.tls_key, "keyfile"),
+        (&config.paths.ca_cert, "cafile"),
+    ]
+    .into_iter()
+    .map(|(source, key)| {
+        let copy = restapi[key]
+            .as_str()
+            .with_context(|| format!("{}: patroni.restapi.{key} is missing", config.name))?;
+        Ok((source.clone(), PathBuf::from(copy)))
+    })
+    .collect()
 }
 
 /// etcd's own output (verbose JSON lines), beside the host's `.out` file.
@@ -226,10 +259,14 @@ pub fn sh_quote(word: &str) -> String {
 }
 
 /// etcd's flags for one member. With an existing data dir etcd ignores the `--initial-*`
-/// flags and simply restarts as the member it was.
-pub fn etcd_args(etcd: &EtcdConfig) -> Vec<String> {
+/// flags and simply restarts as the member it was. Clients and peers must show a certificate
+/// from the cluster CA; the member shows the host's own to both.
+pub fn etcd_args(etcd: &EtcdConfig, paths: &HostPaths) -> Vec<String> {
     let data_dir = etcd.data_dir.to_string_lossy().into_owned();
-    [
+    let cert = paths.tls_cert.to_string_lossy().into_owned();
+    let key = paths.tls_key.to_string_lossy().into_owned();
+    let ca = paths.ca_cert.to_string_lossy().into_owned();
+    let flags = [
         ("--name", etcd.name.as_str()),
         ("--data-dir", &data_dir),
         ("--listen-client-urls", &etcd.client_url),
@@ -243,10 +280,21 @@ pub fn etcd_args(etcd: &EtcdConfig) -> Vec<String> {
         ("--election-timeout", "1000"),
         ("--logger", "zap"),
         ("--log-outputs", "stderr"),
+        ("--cert-file", &cert),
+        ("--key-file", &key),
+        ("--trusted-ca-file", &ca),
+        ("--peer-cert-file", &cert),
+        ("--peer-key-file", &key),
+        ("--peer-trusted-ca-file", &ca),
     ]
     .into_iter()
-    .flat_map(|(flag, value)| [flag.to_owned(), value.to_owned()])
-    .collect()
+    .flat_map(|(flag, value)| [flag.to_owned(), value.to_owned()]);
+    flags
+        .chain([
+            "--client-cert-auth".to_owned(),
+            "--peer-client-cert-auth".to_owned(),
+        ])
+        .collect()
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -361,6 +409,15 @@ pub fn prepare_host(config: &HostConfig) -> anyhow::Result<Vec<PathBuf>> {
     if let Some(etcd) = &config.etcd {
         prepare_etcd_dir(etcd)?;
     }
+    // PostgreSQL refuses a key that others could read; a renewed certificate is copied again at
+    // the next start.
+    for (source, copy) in db_tls_files(config)? {
+        let bytes = std::fs::read(&source).with_context(|| format!("read {}", source.display()))?;
+        if let Some(dir) = copy.parent() {
+            own_dir(dir, Some(user), 0o700)?;
+        }
+        write_owned(&copy, &bytes, user, 0o600)?;
+    }
     let password = read_secret(&config.paths.db_password)?;
     write_owned(&app_password_copy(config), password.as_bytes(), user, 0o600)?;
     let database = &config.cluster.database;
@@ -423,7 +480,7 @@ pub fn spawn_etcd(config: &HostConfig, group: Option<i32>) -> anyhow::Result<i32
         .with_context(|| format!("open {}", log_path.display()))?;
     let mut command = Command::new(etcd_binary());
     command
-        .args(etcd_args(etcd))
+        .args(etcd_args(etcd, &config.paths))
         .env_clear()
         .env("PATH", "/usr/local/bin:/usr/bin:/bin")
         .stdin(Stdio::null())
@@ -460,6 +517,8 @@ fn patroni_command(config: &HostConfig) -> anyhow::Result<Command> {
         .env("PATRONI_SUPERUSER_PASSWORD", &superuser)
         .env("PATRONI_REPLICATION_PASSWORD", &replication)
         .env("PATRONI_REWIND_PASSWORD", &superuser)
+        .env("PATRONI_RESTAPI_USERNAME", RESTAPI_USER)
+        .env("PATRONI_RESTAPI_PASSWORD", &superuser)
         .current_dir(state)
         .stdin(Stdio::null());
     Ok(command)
@@ -807,19 +866,50 @@ pub fn parse_member(json: &Value) -> Option<Member> {
     })
 }
 
-/// A plain-HTTP client for Patroni's and etcd's REST APIs (never through a proxy).
-pub fn rest_client() -> reqwest::Client {
-    reqwest::Client::builder()
+fn https_client(
+    ca_cert: &Path,
+    identity: Option<(&Path, &Path)>,
+) -> anyhow::Result<reqwest::Client> {
+    let ca = std::fs::read(ca_cert).with_context(|| format!("read {}", ca_cert.display()))?;
+    let mut builder = reqwest::Client::builder()
         .connect_timeout(REST_TIMEOUT)
         .timeout(REST_TIMEOUT)
         .no_proxy()
-        .build()
-        .unwrap_or_default()
+        .https_only(true)
+        .tls_built_in_root_certs(false)
+        .add_root_certificate(
+            reqwest::Certificate::from_pem(&ca)
+                .with_context(|| format!("{} is no PEM certificate", ca_cert.display()))?,
+        );
+    if let Some((cert, key)) = identity {
+        let mut pem = std::fs::read(cert).with_context(|| format!("read {}", cert.display()))?;
+        pem.extend(std::fs::read(key).with_context(|| format!("read {}", key.display()))?);
+        builder = builder.identity(
+            reqwest::Identity::from_pem(&pem)
+                .with_context(|| format!("{} + {}", cert.display(), key.display()))?,
+        );
+    }
+    builder.build().context("build the HTTPS client")
+}
+
+/// An HTTPS client for Patroni's REST API (never through a proxy), trusting only the cluster CA.
+/// It shows no client certificate: reads need none.
+pub fn rest_client(config: &HostConfig) -> anyhow::Result<reqwest::Client> {
+    https_client(&config.paths.ca_cert, None)
+}
+
+/// An HTTPS client for etcd, which refuses clients without a certificate from the cluster CA:
+/// it shows the host's own.
+pub fn etcd_client(config: &HostConfig) -> anyhow::Result<reqwest::Client> {
+    https_client(
+        &config.paths.ca_cert,
+        Some((&config.paths.tls_cert, &config.paths.tls_key)),
+    )
 }
 
 /// Patroni's REST base URL of a db host.
 pub fn rest_url(host: &HostEntry) -> String {
-    format!("http://{}", host.socket(host.ports.patroni))
+    format!("https://{}", host.socket(host.ports.patroni))
 }
 
 async fn get_small(client: &reqwest::Client, url: &str) -> Result<(u16, Vec<u8>), String> {
@@ -852,10 +942,12 @@ pub async fn member(client: &reqwest::Client, host: &HostEntry) -> Result<Member
 }
 
 /// Every db host of the cluster with its Patroni state (asked concurrently).
-pub async fn members(cluster: &ClusterConfig) -> Vec<(String, Result<Member, String>)> {
-    let client = rest_client();
+pub async fn members(
+    client: &reqwest::Client,
+    cluster: &ClusterConfig,
+) -> Vec<(String, Result<Member, String>)> {
     let hosts: Vec<&HostEntry> = cluster.hosts_with_role(Role::Db).collect();
-    let answers = futures::future::join_all(hosts.iter().map(|h| member(&client, h))).await;
+    let answers = futures::future::join_all(hosts.iter().map(|h| member(client, h))).await;
     hosts
         .iter()
         .map(|h| h.name.clone())
@@ -868,14 +960,13 @@ pub async fn members(cluster: &ClusterConfig) -> Vec<(String, Result<Member, Str
 }
 
 /// The db host whose Patroni answers 200 on `GET /primary` (it holds the leader lock).
-pub async fn primary_in(cluster: &ClusterConfig) -> Option<String> {
-    let client = rest_client();
+pub async fn primary_in(client: &reqwest::Client, cluster: &ClusterConfig) -> Option<String> {
     let hosts: Vec<&HostEntry> = cluster.hosts_with_role(Role::Db).collect();
     let urls: Vec<String> = hosts
         .iter()
         .map(|h| format!("{}/primary", rest_url(h)))
         .collect();
-    let answers = futures::future::join_all(urls.iter().map(|url| get_small(&client, url))).await;
+    let answers = futures::future::join_all(urls.iter().map(|url| get_small(client, url))).await;
     hosts
         .iter()
         .zip(answers)
@@ -886,7 +977,8 @@ pub async fn primary_in(cluster: &ClusterConfig) -> Option<String> {
 /// The name of the db host that is the primary now, from any host configs of the cluster
 /// (each holds the whole cluster view), e.g. `Layout::load_configs()`'s.
 pub async fn primary(configs: &[HostConfig]) -> Option<String> {
-    primary_in(&configs.first()?.cluster).await
+    let any = configs.first()?;
+    primary_in(&rest_client(any).ok()?, &any.cluster).await
 }
 
 /// `GET <client_url>/health` of an etcd member: `Ok` when it answers `"health":"true"`.
@@ -919,18 +1011,20 @@ fn database_host<'a>(
     Ok((any, entry))
 }
 
-/// `postgres://streaming:<password>@<addr>:5432/streaming` for a db host: the services' role,
-/// password read from the state's secret file.
+/// `postgres://streaming:<password>@<addr>:5432/streaming?sslmode=verify-full&sslrootcert=<CA>`
+/// for a db host: the services' role, password read from the state's secret file, TLS checked
+/// against the cluster CA.
 pub fn app_database_url(configs: &[HostConfig], host: &str) -> anyhow::Result<String> {
     let (any, entry) = database_host(configs, host)?;
     let password = read_secret(&any.paths.db_password)?;
     let database = &any.cluster.database;
     Ok(format!(
-        "postgres://{}:{}@{}/{}",
+        "postgres://{}:{}@{}/{}?sslmode=verify-full&sslrootcert={}",
         percent_encode(&database.user),
         percent_encode(&password),
         entry.socket(entry.ports.postgres),
-        percent_encode(&database.name)
+        percent_encode(&database.name),
+        percent_encode(&any.paths.ca_cert.to_string_lossy())
     ))
 }
 
@@ -955,13 +1049,25 @@ fn percent_encode(text: &str) -> String {
 }
 
 /// Runs SQL with psql as the services' role on a db host and returns its unaligned, tuples-only
-/// output. The password travels in psql's environment, not its command line. Blocking; a psql
-/// that has not finished within `timeout` (a hung server) is killed.
+/// output, over TLS checked against the cluster CA (`sslmode` overrides that, e.g. `disable` to
+/// show that a plaintext connection is refused). The password travels in psql's environment,
+/// not its command line. Blocking; a psql that has not finished within `timeout` (a hung
+/// server) is killed.
 pub fn psql_app(
     configs: &[HostConfig],
     host: &str,
     sql: &str,
     timeout: Duration,
+) -> anyhow::Result<String> {
+    psql_app_with(configs, host, sql, timeout, "verify-full")
+}
+
+pub fn psql_app_with(
+    configs: &[HostConfig],
+    host: &str,
+    sql: &str,
+    timeout: Duration,
+    sslmode: &str,
 ) -> anyhow::Result<String> {
     let (any, entry) = database_host(configs, host)?;
     let password = read_secret(&any.paths.db_password)?;
@@ -976,6 +1082,8 @@ pub fn psql_app(
         .env("PGPASSWORD", password)
         .env("PGCONNECT_TIMEOUT", connect_timeout.to_string())
         .env("PGAPPNAME", "streamctl")
+        .env("PGSSLMODE", sslmode)
+        .env("PGSSLROOTCERT", &any.paths.ca_cert)
         .env_remove("PGPASSFILE")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -1019,9 +1127,14 @@ pub struct Readiness {
 
 impl Readiness {
     /// One round of checks (each request bounded by [`REST_TIMEOUT`]).
-    pub async fn poll(&mut self, cluster: &ClusterConfig, started: Instant) {
+    pub async fn poll(
+        &mut self,
+        client: &reqwest::Client,
+        cluster: &ClusterConfig,
+        started: Instant,
+    ) {
         if self.primary.is_none() {
-            self.primary = primary_in(cluster).await;
+            self.primary = primary_in(client, cluster).await;
             if self.primary.is_some() {
                 self.primary_s = Some(started.elapsed().as_secs_f64());
             }
@@ -1029,7 +1142,7 @@ impl Readiness {
         if let Some(primary) = &self.primary
             && self.streaming.is_empty()
             && let Some(entry) = cluster.host(primary)
-            && let Ok(member) = member(&rest_client(), entry).await
+            && let Ok(member) = member(client, entry).await
         {
             self.streaming = member.only_members(cluster).streaming;
             if !self.streaming.is_empty() {
@@ -1055,8 +1168,12 @@ pub async fn explain_no_primary(layout: &Layout, configs: &[HostConfig]) -> Stri
     let Some(any) = configs.first() else {
         return "no host config".into();
     };
+    let client = match rest_client(any) {
+        Ok(c) => c,
+        Err(e) => return format!("{e:#}"),
+    };
     let mut lines = Vec::new();
-    for (name, answer) in members(&any.cluster).await {
+    for (name, answer) in members(&client, &any.cluster).await {
         let state = match answer {
             Ok(m) => format!("Patroni says {} ({})", m.role, m.state),
             Err(e) => format!("Patroni REST: {e}"),
@@ -1112,26 +1229,48 @@ mod tests {
         let etcd = EtcdConfig {
             name: "db1".into(),
             data_dir: "/s/hosts/db1/etcd".into(),
-            client_url: "http://127.78.3.1:2379".into(),
-            peer_url: "http://127.78.3.1:2380".into(),
-            initial_cluster: "db1=http://127.78.3.1:2380,lb1=http://127.78.1.1:2380".into(),
+            client_url: "https://127.78.3.1:2379".into(),
+            peer_url: "https://127.78.3.1:2380".into(),
+            initial_cluster: "db1=https://127.78.3.1:2380,lb1=https://127.78.1.1:2380".into(),
             cluster_token: "t".into(),
         };
-        let args = etcd_args(&etcd);
+        let paths = HostPaths {
+            state_dir: "/s/hosts/db1".into(),
+            log_dir: None,
+            tls_cert: "/s/tls/db1.crt".into(),
+            tls_key: "/s/tls/db1.key".into(),
+            ca_cert: "/s/tls/ca.crt".into(),
+            token_key: "/s/k".into(),
+            cluster_key: "/s/c".into(),
+            stream_keys_dir: "/s/sk".into(),
+            db_password: "/s/p".into(),
+            db_superuser_password: "/s/su".into(),
+            db_replication_password: "/s/r".into(),
+            admin_password: "/s/a".into(),
+            metrics_token: None,
+        };
+        let args = etcd_args(&etcd, &paths);
         let flag = |name: &str| {
             let at = args.iter().position(|a| a == name).unwrap();
             args[at + 1].clone()
         };
         assert_eq!(flag("--data-dir"), "/s/hosts/db1/etcd");
-        assert_eq!(flag("--listen-client-urls"), "http://127.78.3.1:2379");
+        assert_eq!(flag("--listen-client-urls"), "https://127.78.3.1:2379");
         assert_eq!(
             flag("--initial-advertise-peer-urls"),
-            "http://127.78.3.1:2380"
+            "https://127.78.3.1:2380"
         );
+        // Client and peer TLS, both requiring a certificate from the cluster CA.
+        assert_eq!(flag("--cert-file"), "/s/tls/db1.crt");
+        assert_eq!(flag("--peer-key-file"), "/s/tls/db1.key");
+        assert_eq!(flag("--trusted-ca-file"), "/s/tls/ca.crt");
+        assert_eq!(flag("--peer-trusted-ca-file"), "/s/tls/ca.crt");
+        assert!(args.contains(&"--client-cert-auth".to_owned()));
+        assert!(args.contains(&"--peer-client-cert-auth".to_owned()));
         assert_eq!(flag("--initial-cluster-state"), "new");
         assert_eq!(flag("--heartbeat-interval"), "100");
         assert_eq!(flag("--election-timeout"), "1000");
-        assert_eq!(args.len() % 2, 0);
+        assert!(!args.iter().any(|a| a.starts_with("http://")), "{args:?}");
     }
 
     #[test]
@@ -1174,6 +1313,46 @@ mod tests {
         );
         assert_eq!(settings["name"], "db1");
         assert_eq!(settings["restapi"]["listen"], "127.80.3.1:8008");
+        // TLS everywhere, with postgres-owned copies of the host's files.
+        let tls = db1.paths.state_dir.join("tls");
+        let copies: Vec<PathBuf> = db_tls_files(db1)
+            .unwrap()
+            .into_iter()
+            .map(|(_, c)| c)
+            .collect();
+        assert_eq!(
+            copies,
+            ["cert.pem", "key.pem", "ca.pem"].map(|f| tls.join(f))
+        );
+        assert_eq!(settings["restapi"]["verify_client"], "optional");
+        assert_eq!(settings["etcd3"]["protocol"], "https");
+        assert_eq!(settings["etcd3"]["cert"], settings["restapi"]["certfile"]);
+        let pg = &settings["postgresql"];
+        assert_eq!(pg["parameters"]["ssl"], "on");
+        assert_eq!(
+            pg["parameters"]["ssl_key_file"],
+            settings["restapi"]["keyfile"]
+        );
+        for user in ["superuser", "replication", "rewind"] {
+            assert_eq!(
+                pg["authentication"][user]["sslmode"], "verify-full",
+                "{user}"
+            );
+        }
+        for hba in [&pg["pg_hba"], &settings["bootstrap"]["pg_hba"]] {
+            let lines: Vec<&str> = hba
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter_map(Value::as_str)
+                .collect();
+            assert!(
+                lines
+                    .iter()
+                    .all(|l| l.starts_with("local ") || l.starts_with("hostssl ")),
+                "{lines:?}"
+            );
+        }
         assert!(!settings.to_string().contains("password"), "{settings}");
         let dirs = pg_dirs(db1).unwrap();
         assert_eq!(dirs.data_dir, db1.paths.state_dir.join("pgdata"));

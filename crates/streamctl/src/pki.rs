@@ -96,6 +96,18 @@ pub fn ensure(ca: &CaFiles, leaves: &[LeafSpec]) -> Result<Vec<String>, PkiError
     Ok(issued)
 }
 
+/// The IP addresses a leaf names: the host's, and for a loopback host also 127.0.0.1, the
+/// source address of every connection between loopback addresses. etcd checks a client's or
+/// peer's certificate against the address the connection comes from.
+fn leaf_addresses(spec: &LeafSpec) -> Vec<IpAddr> {
+    let mut addresses = vec![spec.address];
+    let loopback = IpAddr::from([127, 0, 0, 1]);
+    if spec.address.is_loopback() && spec.address != loopback {
+        addresses.push(loopback);
+    }
+    addresses
+}
+
 /// A leaf for `spec`, signed by `issuer`: (certificate PEM, key PEM).
 pub fn issue_leaf(
     issuer: &Issuer<'_, KeyPair>,
@@ -104,7 +116,7 @@ pub fn issue_leaf(
     let mut params = CertificateParams::new(spec.dns_names.clone())?;
     params
         .subject_alt_names
-        .push(SanType::IpAddress(spec.address));
+        .extend(leaf_addresses(spec).into_iter().map(SanType::IpAddress));
     let mut dn = DistinguishedName::new();
     dn.push(DnType::CommonName, spec.host.as_str());
     params.distinguished_name = dn;
@@ -123,13 +135,16 @@ pub fn issue_leaf(
     Ok((cert.pem(), key.serialize_pem()))
 }
 
-/// True when the leaf verifies against the CA for its address and every DNS name, now and a
+/// True when the leaf verifies against the CA for its addresses and every DNS name, now and a
 /// week from now.
 pub fn leaf_is_valid(ca_cert_pem: &str, spec: &LeafSpec) -> bool {
     let Ok(leaf_pem) = std::fs::read_to_string(&spec.cert_path) else {
         return false;
     };
-    let mut names = vec![ServerName::IpAddress(spec.address.into())];
+    let mut names: Vec<ServerName<'static>> = leaf_addresses(spec)
+        .into_iter()
+        .map(|a| ServerName::IpAddress(a.into()))
+        .collect();
     for name in &spec.dns_names {
         match ServerName::try_from(name.clone()) {
             Ok(n) => names.push(n),
@@ -224,6 +239,10 @@ mod tests {
         assert!(!verifies(&ca_pem, &leaf_pem, &[other]));
         let other_ip = ServerName::IpAddress("127.80.1.2".parse::<IpAddr>().unwrap().into());
         assert!(!verifies(&ca_pem, &leaf_pem, &[other_ip]));
+        // Loopback connections arrive from 127.0.0.1, which etcd checks client certificates
+        // against.
+        let source = ServerName::IpAddress("127.0.0.1".parse::<IpAddr>().unwrap().into());
+        assert!(verifies(&ca_pem, &leaf_pem, &[source]));
         // Private keys are 0600.
         use std::os::unix::fs::PermissionsExt;
         let mode = std::fs::metadata(&leaf.key_path)

@@ -8,7 +8,10 @@
 //! errors while HTML and SQL metacharacters travel as plain text; parallel password guessing
 //! over two broadcasts gets the free attempts only while the owner still logs in, moderators
 //! cannot act on moderators, a rotated admin secret takes effect on SIGHUP; `down` leaves no
-//! etcd, Patroni or PostgreSQL behind.
+//! etcd, Patroni or PostgreSQL behind. The database layer is closed to strangers: etcd refuses a
+//! client without a certificate from the cluster CA, Patroni refuses a failover without a
+//! client certificate and credentials (and does not fail over), PostgreSQL refuses a
+//! plaintext connection, and no password of the layer shows on any command line.
 //!
 //! Needs postgresql-15, patroni, etcd-server, python3-psycopg2 (scripts/setup-debian.sh), root
 //! (Patroni runs as the postgres user), and the workspace binaries: `#[ignore]`d in a bare
@@ -58,8 +61,9 @@ fn wait_replica(configs: &[HostConfig], primary: &str, host: &str, timeout: Dura
     let rt = runtime();
     let started = Instant::now();
     let cluster = &configs[0].cluster;
+    let client = db::rest_client(&configs[0]).unwrap();
     loop {
-        let members: Vec<_> = rt.block_on(db::members(cluster));
+        let members: Vec<_> = rt.block_on(db::members(&client, cluster));
         let role = |name: &str| {
             members
                 .iter()
@@ -151,6 +155,20 @@ fn database_primary_fails_over_and_rejoins() {
     );
     let rejoin_s = wait_replica(&configs, &primary, &replica, Duration::from_secs(30));
     eprintln!("{replica} streaming {rejoin_s:.1} s after up returned");
+
+    // The same SQL without TLS finds no pg_hba line: refused before any password is sent.
+    let plain = db::psql_app_with(
+        &configs,
+        &primary,
+        "SELECT 1",
+        Duration::from_secs(10),
+        "disable",
+    )
+    .expect_err("a plaintext connection is refused");
+    eprintln!("plaintext PostgreSQL: {plain:#}");
+    assert!(format!("{plain:#}").contains("no encryption"), "{plain:#}");
+    rt.block_on(strangers_are_refused(&configs, &primary));
+    no_secret_on_a_command_line(&configs);
     let s = db_status(&state, &primary);
     assert_eq!(
         (s["db_role"].as_str(), s["health"].as_str()),
@@ -290,6 +308,140 @@ fn database_primary_fails_over_and_rejoins() {
             c.name
         );
     }
+}
+
+/// etcd and Patroni's REST API as seen by someone who reaches their ports without the cluster's
+/// certificates and credentials (a real host's certificate, then a wrong password, too).
+async fn strangers_are_refused(configs: &[HostConfig], primary: &str) {
+    let config = |name: &str| configs.iter().find(|c| c.name == name).unwrap();
+    let db1 = config("db1");
+    let etcd = db1.etcd.as_ref().unwrap();
+    let ca = reqwest::Certificate::from_pem(&std::fs::read(&db1.paths.ca_cert).unwrap()).unwrap();
+    let builder = || {
+        reqwest::Client::builder()
+            .timeout(Duration::from_secs(5))
+            .no_proxy()
+            .tls_built_in_root_certs(false)
+            .add_root_certificate(ca.clone())
+    };
+    let anonymous = builder().build().unwrap();
+    let identity = |host: &HostConfig| {
+        let mut pem = std::fs::read(&host.paths.tls_cert).unwrap();
+        pem.extend(std::fs::read(&host.paths.tls_key).unwrap());
+        reqwest::Identity::from_pem(&pem).unwrap()
+    };
+    // A broadcast's certificate: from the cluster CA, but no db host's.
+    let with_cert = builder()
+        .identity(identity(config("broadcast1")))
+        .build()
+        .unwrap();
+
+    // etcd: TLS required, and a client certificate with it; the host's own passes.
+    let plain_url = etcd.client_url.replace("https://", "http://");
+    let refused = anonymous
+        .get(format!("{plain_url}/v3/kv/range"))
+        .send()
+        .await;
+    // Go's TLS server answers a plaintext request with a 400 at most.
+    assert!(
+        !refused
+            .as_ref()
+            .is_ok_and(|r| r.status() != reqwest::StatusCode::BAD_REQUEST),
+        "plain HTTP to etcd: {refused:?}"
+    );
+    let refused = anonymous
+        .post(format!("{}/v3/kv/put", etcd.client_url))
+        .json(&json!({"key": "eA==", "value": "eQ=="}))
+        .send()
+        .await;
+    eprintln!("etcd without a client certificate: {refused:?}");
+    assert!(
+        refused.is_err(),
+        "etcd accepted a client without a certificate"
+    );
+    let own = db::etcd_client(db1).unwrap();
+    assert!(db::etcd_health(&own, etcd).await.is_ok());
+
+    // Patroni: reads stay open over HTTPS, plain HTTP gets no answer.
+    let entry = db1.cluster.host(primary).unwrap();
+    let base = db::rest_url(entry);
+    let primary_answer = anonymous
+        .get(format!("{base}/primary"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(primary_answer.status(), 200);
+    let plain_base = base.replace("https://", "http://");
+    let plain = anonymous.get(format!("{plain_base}/primary")).send().await;
+    assert!(
+        plain.is_err() || plain.as_ref().is_ok_and(|r| r.status() != 200),
+        "{plain:?}"
+    );
+    // A failover without certificate, without credentials, with wrong ones: all refused.
+    let failover = json!({"candidate": if primary == "db1" { "db2" } else { "db1" }});
+    let password = streaming_core::secrets::read_secret(&db1.paths.db_superuser_password).unwrap();
+    let attempts = [
+        (&anonymous, None, 403),
+        (&with_cert, None, 401),
+        (&with_cert, Some("wrong password"), 401),
+        (&anonymous, Some(password.as_str()), 403),
+    ];
+    for (client, pass, expected) in attempts {
+        let mut request = client.post(format!("{base}/failover")).json(&failover);
+        if let Some(pass) = pass {
+            request = request.basic_auth(db::RESTAPI_USER, Some(pass));
+        }
+        let response = request.send().await.unwrap();
+        let status = response.status().as_u16();
+        let body = response.text().await.unwrap_or_default();
+        eprintln!(
+            "POST /failover (certificate: {}, password: {}): {status} {body}",
+            std::ptr::eq(client, &with_cert),
+            pass.is_some()
+        );
+        assert_eq!(status, expected, "{body}");
+    }
+    // The credentials themselves work (a harmless request: reload the configuration).
+    let reload = with_cert
+        .post(format!("{base}/reload"))
+        .basic_auth(db::RESTAPI_USER, Some(&password))
+        .send()
+        .await
+        .unwrap();
+    assert!(reload.status().is_success(), "{:?}", reload.text().await);
+    // Nothing moved.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(db::primary(configs).await.as_deref(), Some(primary));
+}
+
+/// No process of the cluster carries a database password (or the REST API's) in its command
+/// line.
+fn no_secret_on_a_command_line(configs: &[HostConfig]) {
+    let paths = &configs[0].paths;
+    let secrets: Vec<String> = [
+        &paths.db_password,
+        &paths.db_superuser_password,
+        &paths.db_replication_password,
+    ]
+    .into_iter()
+    .map(|p| streaming_core::secrets::read_secret(p).unwrap())
+    .collect();
+    let mut seen = 0;
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
+            continue;
+        };
+        seen += 1;
+        let cmdline = String::from_utf8_lossy(&cmdline);
+        for secret in &secrets {
+            assert!(
+                !cmdline.contains(secret.as_str()),
+                "a password on a command line: pid {}",
+                entry.file_name().to_string_lossy()
+            );
+        }
+    }
+    assert!(seen > 20, "{seen} processes read");
 }
 
 async fn post(net: &Net, url: url::Url, body: Value, session: Option<&str>) -> (u16, Value) {
