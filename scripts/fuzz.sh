@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Coverage-guided fuzzing of every parser of outside data (fuzz/, docs/fuzzing.md).
 #
-#   scripts/fuzz.sh [--seconds N] [target...]     default: every target, 20 s each
+#   scripts/fuzz.sh [--seconds N] [--sanitizer address|none] [target...]
+#                                     default: every target, 20 s each, AddressSanitizer
 #
-# Builds the targets with cargo-fuzz under AddressSanitizer, then runs each for N seconds from
+# Builds the targets with cargo-fuzz (under AddressSanitizer unless told otherwise), then runs each for N seconds from
 # its committed seeds (fuzz/seeds/<target>/), past findings (fuzz/regressions/<target>/) and what
 # earlier runs found (fuzz/corpus/<target>/).
 # Exits non-zero if any target finds a crash, a panic, a timeout or an out-of-memory input, and
@@ -13,11 +14,13 @@ cd "$(dirname "$0")/.."
 
 all_targets=(rtmp_session flv_tag m3u8_media m3u8_master viewer_token session_token chat_frame)
 seconds=20
+sanitizer=address
 targets=()
 while [ $# -gt 0 ]; do
   case "$1" in
     --seconds) seconds="$2"; shift 2 ;;
-    -h|--help) sed -n '2,9p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    --sanitizer) sanitizer="$2"; shift 2 ;;
+    -h|--help) sed -n '2,10p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     -*) echo "fuzz: unknown option $1 (see --help)" >&2; exit 2 ;;
     *)
       if [[ ! " ${all_targets[*]} " == *" $1 "* ]]; then
@@ -42,9 +45,9 @@ cargo fmt --manifest-path fuzz/Cargo.toml --check
 export RUSTC_BOOTSTRAP=1
 build_start=$(date +%s)
 if [ ${#targets[@]} -eq ${#all_targets[@]} ]; then
-  cargo fuzz build --fuzz-dir fuzz
+  cargo fuzz build --fuzz-dir fuzz -s "$sanitizer"
 else
-  for t in "${targets[@]}"; do cargo fuzz build --fuzz-dir fuzz "$t"; done
+  for t in "${targets[@]}"; do cargo fuzz build --fuzz-dir fuzz -s "$sanitizer" "$t"; done
 fi
 echo "fuzz: built in $(( $(date +%s) - build_start )) s"
 

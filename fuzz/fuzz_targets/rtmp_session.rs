@@ -20,11 +20,9 @@ fn plain_handshake() -> Vec<u8> {
 }
 
 fuzz_target!(|data: &[u8]| {
-    // `feed` turns a panic inside rml_rtmp into an error that drops only this connection, but
-    // libFuzzer's panic hook aborts before that can happen. Keep the product's semantics: a
-    // caught panic is a refused connection; a panic in this target's own checks still unwinds
-    // to libFuzzer and counts as a crash. (Found this way: rml_rtmp 0.8's chunk deserializer
-    // subtracts with overflow when a type-1 header shortens a message already being read.)
+    // libfuzzer-sys installs a panic hook that aborts, even for a panic the product catches
+    // itself. `feed` catches none (a panic here is a bug), but keep the rule of every target: the
+    // hook stays quiet, and a panic that reaches libFuzzer's own wrapper is a crash.
     static QUIET: std::sync::Once = std::sync::Once::new();
     QUIET.call_once(|| std::panic::set_hook(Box::new(|_| {})));
     let Some((&mode, rest)) = data.split_first() else {
