@@ -650,12 +650,15 @@ mod tests {
         let mut expected = vec!["broadcast2"; 6];
         expected.extend(["broadcast1", "broadcast2"]);
         assert_eq!(got, expected);
-        // Assignments nobody uses (fake viewers) take at most half the reported room: the
-        // cluster stays open until the broadcasts themselves report it full.
-        for _ in 0..1000 {
-            assert_eq!(get(&app, "/api/assign").await.0, StatusCode::OK);
+        // Assignments nobody uses (fake viewers, here from a thousand addresses, past the
+        // per-address rate limit) take at most half the reported room: the cluster stays open
+        // until the broadcasts themselves report it full.
+        for n in 0..1000 {
+            let peer = format!("198.51.{}.{}:40000", 100 + n / 250, n % 250 + 1);
+            let status = get_from(&app, "/api/assign", &peer, &[]).await.0;
+            assert_eq!(status, StatusCode::OK);
         }
-        let (_, _, body) = get(&app, "/status").await;
+        let (_, _, body) = get_from(&app, "/status", "127.79.1.1:5000", &[]).await;
         let v: serde_json::Value = serde_json::from_str(&body).unwrap();
         let free: Vec<_> = v["broadcasts"]
             .as_array()
