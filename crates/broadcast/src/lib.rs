@@ -68,7 +68,9 @@ pub async fn run(ctx: ServiceContext) -> anyhow::Result<()> {
                 match reloaded {
                     Ok((config, signer, key, client)) => {
                         let drain = config.me().drain;
-                        if let Err(e) = chat.reload(&config, state::allowed_origins(&config)) {
+                        if let Err(e) =
+                            chat.reload(&config, streaming_core::http::cluster_origins(&config))
+                        {
                             tracing::error!("chat reload failed, keeping its previous keys: {e:#}");
                         }
                         bc.replace(config, signer, key, client);

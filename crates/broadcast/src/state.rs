@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use streaming_core::config::{HostConfig, Rendition, Role};
+use streaming_core::config::{HostConfig, Rendition};
 use streaming_core::status::{BroadcastStatus, free_viewers, viewer_capacity};
 use streaming_core::token::TokenSigner;
 use streaming_hls::SegmentWindow;
@@ -230,7 +230,7 @@ impl Broadcast {
     /// Browser origins allowed to call us (CORS) and to be called by our page (CSP connect-src):
     /// every cluster host URL and every site URL.
     pub fn allowed_origins(&self) -> Vec<String> {
-        allowed_origins(&self.config())
+        streaming_core::http::cluster_origins(&self.config())
     }
 }
 
@@ -262,23 +262,6 @@ fn tracked_viewers_cap(config: &HostConfig) -> usize {
         .saturating_mul(2)
         .max(MIN_TRACKED_VIEWERS);
     usize::try_from(cap).unwrap_or(usize::MAX)
-}
-
-pub fn allowed_origins(config: &HostConfig) -> Vec<String> {
-    let mut origins: Vec<String> = config
-        .cluster
-        .hosts
-        .iter()
-        .filter(|h| matches!(h.role, Role::Lb | Role::Broadcast))
-        .map(|h| h.url.as_str())
-        .chain(config.cluster.site_urls.iter().map(String::as_str))
-        .filter_map(|u| url::Url::parse(u).ok())
-        .map(|u| u.origin().ascii_serialization())
-        .filter(|o| o != "null")
-        .collect();
-    origins.sort();
-    origins.dedup();
-    origins
 }
 
 #[cfg(test)]

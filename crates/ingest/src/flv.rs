@@ -30,20 +30,10 @@ pub fn tag(kind: TagKind, timestamp_ms: u32, body: &[u8]) -> Bytes {
     out.freeze()
 }
 
-/// Video tag body with FrameType 1 (keyframe) and codec AVC.
-pub fn is_video_keyframe(body: &[u8]) -> bool {
-    body.first().is_some_and(|b| b >> 4 == 1)
-}
-
-/// AVC sequence header (AVCDecoderConfigurationRecord): codec 7, AVCPacketType 0.
-pub fn is_avc_sequence_header(body: &[u8]) -> bool {
-    body.len() >= 2 && body[0] & 0x0F == 7 && body[1] == 0
-}
-
-/// AAC sequence header (AudioSpecificConfig): SoundFormat 10, AACPacketType 0.
-pub fn is_aac_sequence_header(body: &[u8]) -> bool {
-    body.len() >= 2 && body[0] >> 4 == 10 && body[1] == 0
-}
+// The payload checks are the publisher's (the relay resumes at a keyframe with them too).
+pub use streaming_rtmp_publish::flv::{
+    is_aac_sequence_header, is_avc_sequence_header, is_video_keyframe,
+};
 
 /// CompositionTime (pts - dts, signed 24-bit ms) of an AVC NALU tag; 0 for anything else.
 pub fn composition_time_ms(body: &[u8]) -> i32 {
@@ -70,18 +60,6 @@ mod tests {
         assert_eq!(&t[11..17], &[0x17, 1, 0, 0, 0x28, 0xAA]);
         assert_eq!(&t[17..21], &17u32.to_be_bytes()); // PreviousTagSize = 11 + 6
         assert_eq!(t.len(), 21);
-    }
-
-    #[test]
-    fn recognises_payload_kinds() {
-        assert!(is_video_keyframe(&[0x17, 1]));
-        assert!(!is_video_keyframe(&[0x27, 1]));
-        assert!(!is_video_keyframe(&[]));
-        assert!(is_avc_sequence_header(&[0x17, 0, 0, 0, 0]));
-        assert!(!is_avc_sequence_header(&[0x17, 1]));
-        assert!(is_aac_sequence_header(&[0xAF, 0, 0x11, 0x90]));
-        assert!(!is_aac_sequence_header(&[0xAF, 1, 0x21]));
-        assert!(!is_aac_sequence_header(&[0x2F, 0]));
     }
 
     #[test]
