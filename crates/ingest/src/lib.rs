@@ -43,13 +43,9 @@ fn ranked_sources(config: &HostConfig, channel: &str) -> Vec<String> {
         .collect()
 }
 
-/// RTMPS endpoints of the other ingests (relay targets): set for the relays, returns their
-/// addresses for the connection handlers.
-fn configure_relay_peers(config: &HostConfig) -> anyhow::Result<Vec<std::net::SocketAddr>> {
-    let peers = relay::RelayPeers::from_config(config)?;
-    let addresses = peers.addresses();
-    relay::set_peers(peers);
-    Ok(addresses)
+/// The other ingests as relay targets (their RTMPS endpoints, verified with the cluster CA).
+fn relay_peers(config: &HostConfig) -> anyhow::Result<Arc<relay::RelayPeers>> {
+    Ok(Arc::new(relay::RelayPeers::from_config(config)?))
 }
 
 fn load_keys(config: &HostConfig) -> StreamKeys {
@@ -73,7 +69,7 @@ pub async fn run(ctx: ServiceContext) -> anyhow::Result<()> {
     let cluster_key = read_secret(&config.paths.cluster_key).context("cluster key")?;
     let rtmp = RtmpContext::new(load_keys(&config), &config.cluster.limits);
     *rtmp.peers.write().unwrap_or_else(|e| e.into_inner()) =
-        configure_relay_peers(&config).context("relay peers")?;
+        Some(relay_peers(&config).context("relay peers")?);
     let tls = tls_acceptor(&config).context("RTMPS certificate")?;
     let (tls_tx, tls_rx) = watch::channel(tls);
 
@@ -143,8 +139,8 @@ pub async fn run(ctx: ServiceContext) -> anyhow::Result<()> {
                 }
                 *rtmp.keys.write().unwrap_or_else(|e| e.into_inner()) = load_keys(&current);
                 rtmp.set_limits(&current.cluster.limits);
-                match configure_relay_peers(&current) {
-                    Ok(peers) => *rtmp.peers.write().unwrap_or_else(|e| e.into_inner()) = peers,
+                match relay_peers(&current) {
+                    Ok(peers) => *rtmp.peers.write().unwrap_or_else(|e| e.into_inner()) = Some(peers),
                     Err(e) => tracing::error!("relay peers reload failed, keeping the old ones: {e:#}"),
                 }
                 match read_secret(&current.paths.cluster_key) {

@@ -22,7 +22,7 @@ use tokio::time::Instant;
 use crate::channel::ChannelMsg;
 use crate::flv::TagKind;
 use crate::publish::{PLAIN_SOURCE, PublishRequest, StreamKeys, relay_publish_name};
-use crate::relay::{RelayStream, Relays};
+use crate::relay::{RelayPeers, RelayStream, Relays};
 use crate::rtmp::{RtmpSession, SessionEvent};
 use streaming_hls::unix_now_ms;
 
@@ -69,7 +69,7 @@ pub struct RtmpContext {
     pub keys: RwLock<StreamKeys>,
     pub channels: RwLock<HashMap<String, mpsc::Sender<ChannelMsg>>>,
     /// RTMP addresses of the other ingests: publishers that reach only us are relayed there.
-    pub peers: RwLock<Vec<SocketAddr>>,
+    pub peers: RwLock<Option<Arc<RelayPeers>>>,
     limits: RwLock<RtmpLimits>,
     open: Mutex<OpenConnections>,
     refusals: Mutex<RefusalLog>,
@@ -100,7 +100,7 @@ impl RtmpContext {
         Arc::new(Self {
             keys: RwLock::new(keys),
             channels: RwLock::new(HashMap::new()),
-            peers: RwLock::new(Vec::new()),
+            peers: RwLock::new(None),
             limits: RwLock::new(limits.into()),
             open: Mutex::default(),
             refusals: Mutex::default(),
@@ -353,7 +353,7 @@ async fn handle_connection<S: AsyncRead + AsyncWrite + Unpin>(
                 let source = request.source.clone().unwrap_or_default();
                 if !request.relayed {
                     let peers = ctx.peers.read().unwrap_or_else(|e| e.into_inner()).clone();
-                    if !peers.is_empty() {
+                    if let Some(peers) = peers.filter(|p| !p.is_empty()) {
                         let stream = RelayStream {
                             channel: request.channel.clone(),
                             publish_name: relay_publish_name(

@@ -7,8 +7,6 @@
 //! wall clock; `relayed=1` keeps the peer from relaying it back. Queues, reconnects, codec headers
 //! and keyframe resumption are `streaming_rtmp_publish`'s.
 
-use std::net::SocketAddr;
-use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -64,19 +62,10 @@ impl RelayPeers {
         })
     }
 
-    /// The addresses a publisher is relayed to.
-    pub fn addresses(&self) -> Vec<SocketAddr> {
-        self.targets.iter().map(|t| t.addr).collect()
+    /// No other ingest to relay to.
+    pub fn is_empty(&self) -> bool {
+        self.targets.is_empty()
     }
-}
-
-/// The peers relays start with, replaced on SIGHUP; kept here so the connection handlers need
-/// only the peers' addresses.
-static PEERS: RwLock<Option<Arc<RelayPeers>>> = RwLock::new(None);
-
-/// Makes `peers` the relay targets from now on (running relays keep theirs).
-pub fn set_peers(peers: RelayPeers) {
-    *PEERS.write().unwrap_or_else(|e| e.into_inner()) = Some(Arc::new(peers));
 }
 
 /// The publisher side's handle: one queue per peer. Dropping it ends the relays.
@@ -85,19 +74,8 @@ pub struct Relays {
 }
 
 impl Relays {
-    /// Starts one relay task per peer address (addresses from [`RelayPeers::addresses`]).
-    pub fn start(stream: &RelayStream, peers: &[SocketAddr], lifecycle: &Lifecycle) -> Self {
-        let current = PEERS.read().unwrap_or_else(|e| e.into_inner()).clone();
-        let Some(current) = current else {
-            tracing::error!(channel = %stream.channel, "no relay peers configured: not relaying");
-            return Self { fanout: None };
-        };
-        let targets: Vec<Target> = current
-            .targets
-            .iter()
-            .filter(|t| peers.contains(&t.addr))
-            .cloned()
-            .collect();
+    /// Starts one relay task per peer.
+    pub fn start(stream: &RelayStream, peers: &RelayPeers, lifecycle: &Lifecycle) -> Self {
         let label = format!(
             "{} from {} (anchor {}, relayed)",
             stream.channel, stream.source, stream.anchor_ms
@@ -109,8 +87,8 @@ impl Relays {
         Self {
             fanout: Some(Fanout::start(
                 &publish,
-                &targets,
-                &current.options,
+                &peers.targets,
+                &peers.options,
                 lifecycle,
             )),
         }
