@@ -329,29 +329,7 @@ impl Ctx {
             addr(4, 1, 1935),
             self.stream_key
         );
-        let output = tokio::process::Command::new("ffmpeg")
-            .args([
-                "-hide_banner",
-                "-loglevel",
-                "error",
-                "-re",
-                "-f",
-                "lavfi",
-                "-i",
-            ])
-            .arg("testsrc2=size=320x180:rate=25")
-            .args(["-t", &seconds.to_string()])
-            .args([
-                "-c:v",
-                "libx264",
-                "-preset",
-                "ultrafast",
-                "-g",
-                "50",
-                "-f",
-                "flv",
-            ])
-            .arg(&url)
+        let output = tokio::process::Command::from(common::test_publisher(&url, seconds, 50))
             .output()
             .await
             .expect("ffmpeg starts");

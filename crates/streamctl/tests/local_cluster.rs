@@ -291,32 +291,13 @@ fn local_cluster_streams_end_to_end() {
 
     // A publish with a wrong key is refused and logged, and the real stream plays on.
     let ingest1 = format!("{PREFIX}.4.1");
-    let wrong = Command::new("ffmpeg")
-        .args([
-            "-hide_banner",
-            "-loglevel",
-            "error",
-            "-re",
-            "-f",
-            "lavfi",
-            "-i",
-        ])
-        .arg("testsrc2=size=320x180:rate=25")
-        .args([
-            "-t",
-            "5",
-            "-c:v",
-            "libx264",
-            "-preset",
-            "ultrafast",
-            "-f",
-            "flv",
-        ])
-        .arg(format!(
-            "rtmp://{ingest1}:1935/live/test?key=not-the-key&source=intruder"
-        ))
-        .output()
-        .unwrap();
+    let wrong = common::test_publisher(
+        &format!("rtmp://{ingest1}:1935/live/test?key=not-the-key&source=intruder"),
+        5,
+        25,
+    )
+    .output()
+    .unwrap();
     assert!(
         !wrong.status.success(),
         "a publish with a wrong key must fail"
@@ -355,34 +336,13 @@ fn local_cluster_streams_end_to_end() {
     // An OBS-like publisher that reaches ingest1 only (plain RTMP, as OBS users may) is relayed
     // to ingest2 over RTMPS. Its command line carries the key, as OBS's would not: it runs only
     // after the check above.
-    let mut obs = Command::new("ffmpeg")
-        .args([
-            "-hide_banner",
-            "-loglevel",
-            "error",
-            "-re",
-            "-f",
-            "lavfi",
-            "-i",
-        ])
-        .arg("testsrc2=size=320x180:rate=25")
-        .args([
-            "-t",
-            "8",
-            "-g",
-            "25",
-            "-c:v",
-            "libx264",
-            "-preset",
-            "ultrafast",
-            "-f",
-            "flv",
-        ])
-        .arg(format!(
-            "rtmp://{ingest1}:1935/live/test?key={key}&source=relay-check"
-        ))
-        .spawn()
-        .unwrap();
+    let mut obs = common::test_publisher(
+        &format!("rtmp://{ingest1}:1935/live/test?key={key}&source=relay-check"),
+        8,
+        25,
+    )
+    .spawn()
+    .unwrap();
     let relayed = wait_for_log_line(
         &state,
         "ingest2",

@@ -39,6 +39,28 @@ pub fn json_of(output: &Output) -> Value {
     })
 }
 
+/// ffmpeg publishing a 320x180 test pattern (H.264, no audio, a keyframe every `gop` frames)
+/// to `url` for `seconds`, as an outside publisher would. Not every test binary publishes.
+#[allow(dead_code)]
+pub fn test_publisher(url: &str, seconds: u32, gop: u32) -> Command {
+    let mut ffmpeg = Command::new("ffmpeg");
+    ffmpeg
+        .args([
+            "-hide_banner",
+            "-loglevel",
+            "error",
+            "-re",
+            "-f",
+            "lavfi",
+            "-i",
+        ])
+        .arg("testsrc2=size=320x180:rate=25")
+        .args(["-t", &seconds.to_string(), "-g", &gop.to_string()])
+        .args(["-c:v", "libx264", "-preset", "ultrafast", "-f", "flv"])
+        .arg(url);
+    ffmpeg
+}
+
 /// `streamctl up --json` of a host list (`cluster.nix` of the repository by default) on the
 /// loopback addresses `prefix`.*: its report.
 pub fn up(state: &Path, prefix: &str, cluster: Option<&Path>) -> Value {
