@@ -102,7 +102,9 @@ pub async fn run(ctx: ServiceContext) -> anyhow::Result<()> {
             metrics: ctx.metrics.clone(),
             ops: streaming_core::ops_auth::for_service(&ctx)?,
         },
-        Some(chat),
+        Some(chat.clone()),
     );
-    ctx.serve_https(app).await
+    // Chat sockets outlive their HTTP connection (upgraded): they get their Close (1001) too.
+    let (served, ()) = tokio::join!(ctx.serve_https(app), chat.closed());
+    served
 }

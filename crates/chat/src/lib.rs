@@ -3,7 +3,8 @@
 //! - db: which db host is primary (Patroni REST), one pool to it, retries across failovers.
 //! - store: every SQL statement; the chat is an append-only, per-channel numbered event log.
 //! - hub: LISTEN/NOTIFY fan-out to this broadcast's clients, with replay from a last seq.
-//! - ws: the WebSocket protocol; api: register/login/logout/me/role over HTTPS.
+//! - ws: the WebSocket protocol; socket: reading it at every wait and its close handshake;
+//!   api: register/login/logout/me/role over HTTPS.
 //! - session, password, limits: bearer session tokens, argon2, rate and size limits.
 //! - throttle: failed logins, counted in the database for every broadcast at once.
 
@@ -13,6 +14,7 @@ pub mod hub;
 pub mod limits;
 pub mod password;
 pub mod session;
+mod socket;
 pub mod store;
 pub mod throttle;
 pub mod ws;
@@ -35,6 +37,11 @@ use crate::hub::Hub;
 use crate::limits::{ConnectionCounter, RateLimiter};
 use crate::session::{SessionError, SessionSigner};
 use crate::store::{StoreError, User, UserRole};
+
+/// After SIGTERM, how long the service waits for its chat sockets to close: each sends its
+/// acks under way (1 s at most), then 1001, and waits up to 2 s for the client's Close. Within
+/// the 5 s that `streamctl down` allows before SIGKILL.
+const SHUTDOWN_CLOSE: Duration = Duration::from_secs(4);
 
 /// A session checked against the database recently is trusted for this long, so a reconnect
 /// storm does not become a query storm; a logout reaches every broadcast within it.
@@ -153,6 +160,19 @@ impl Chat {
             .read()
             .map(|s| s.clone())
             .unwrap_or_else(|p| p.into_inner().clone())
+    }
+
+    /// Resolves after a shutdown once every chat socket has closed (or after a few seconds):
+    /// awaited beside the HTTP drain, so clients get their 1001 before the process exits.
+    pub async fn closed(&self) {
+        self.lifecycle.shutdown().await;
+        let closing = self.connections.until_empty();
+        if tokio::time::timeout(SHUTDOWN_CLOSE, closing).await.is_err() {
+            tracing::warn!(
+                open = self.connections.open(),
+                "chat sockets still open after {SHUTDOWN_CLOSE:?}: dropping them"
+            );
+        }
     }
 
     /// Browser pages from these origins may open the chat socket.

@@ -8,6 +8,8 @@ use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use tokio::sync::Notify;
+
 /// Longest chat message in characters.
 pub const MAX_MESSAGE_CHARS: usize = 500;
 /// Largest WebSocket frame accepted (a full-length message of 4-byte characters fits).
@@ -63,6 +65,7 @@ impl<K: std::hash::Hash + Eq + Clone> RateLimiter<K> {
 #[derive(Debug, Default, Clone)]
 pub struct ConnectionCounter {
     open: Arc<Mutex<Open>>,
+    closed: Arc<Notify>,
 }
 
 #[derive(Debug, Default)]
@@ -73,6 +76,7 @@ struct Open {
 
 pub struct ConnectionGuard {
     open: Arc<Mutex<Open>>,
+    closed: Arc<Notify>,
     ip: IpAddr,
 }
 
@@ -102,8 +106,28 @@ impl ConnectionCounter {
         open.total += 1;
         Ok(ConnectionGuard {
             open: self.open.clone(),
+            closed: self.closed.clone(),
             ip,
         })
+    }
+
+    /// Connections open now.
+    pub fn open(&self) -> usize {
+        self.open.lock().map_or(0, |o| o.total)
+    }
+
+    /// Resolves once no connection is open.
+    pub async fn until_empty(&self) {
+        loop {
+            let notified = self.closed.notified();
+            let mut notified = std::pin::pin!(notified);
+            // Registered before the check, so a close between the two is not missed.
+            notified.as_mut().enable();
+            if self.open() == 0 {
+                return;
+            }
+            notified.await;
+        }
     }
 }
 
@@ -118,6 +142,7 @@ impl Drop for ConnectionGuard {
                 }
             }
         }
+        self.closed.notify_waiters();
     }
 }
 
@@ -197,6 +222,29 @@ mod tests {
         assert_eq!(counter.try_open(other, 2, 3).err(), Some(Full::Total));
         drop(a);
         assert!(counter.try_open(ip, 2, 3).is_ok());
+    }
+
+    #[tokio::test]
+    async fn until_empty_waits_for_the_last_guard() {
+        let counter = ConnectionCounter::default();
+        counter.until_empty().await;
+        let ip: IpAddr = "127.0.0.1".parse().unwrap();
+        let guards = vec![
+            counter.try_open(ip, 2, 3).unwrap(),
+            counter.try_open(ip, 2, 3).unwrap(),
+        ];
+        let waiter = tokio::spawn({
+            let counter = counter.clone();
+            async move { counter.until_empty().await }
+        });
+        tokio::task::yield_now().await;
+        assert!(!waiter.is_finished(), "two connections are open");
+        drop(guards);
+        tokio::time::timeout(Duration::from_secs(5), waiter)
+            .await
+            .expect("until_empty returns once the guards are gone")
+            .unwrap();
+        assert_eq!(counter.open(), 0);
     }
 
     #[test]

@@ -15,11 +15,11 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
+use axum::extract::ws::{Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
 use axum::extract::{ConnectInfo, Path, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use futures::stream::{SplitSink, SplitStream};
+use futures::stream::SplitSink;
 use futures::{SinkExt, StreamExt};
 use serde::Deserialize;
 use tokio::sync::{broadcast, mpsc};
@@ -27,15 +27,16 @@ use tokio::sync::{broadcast, mpsc};
 use crate::Chat;
 use crate::hub::Follow;
 use crate::limits::{self, ConnectionGuard};
+use crate::socket::{End, Inbox, SEND_TIMEOUT, finish, shutting_down};
 use crate::store::{self, Action, Event, StoreError, User};
 
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 const PING_EVERY: Duration = Duration::from_secs(10);
 /// A client silent (not even a pong) for this long is gone.
 const IDLE_LIMIT: Duration = Duration::from_secs(35);
-const SEND_TIMEOUT: Duration = Duration::from_secs(5);
-/// How long a closed connection waits for the client's Close before dropping the socket.
-const CLOSE_LINGER: Duration = Duration::from_secs(2);
+/// After SIGTERM, how long acks of writes already under way may still reach their client
+/// before the socket closes (1001); a write that misses it is resent and stored once.
+const ACK_DRAIN: Duration = Duration::from_secs(1);
 /// Events sent to a fresh client (no `since`).
 const HISTORY: i64 = 50;
 /// Largest gap replayed to a logged-in client; older history is not chat any more.
@@ -172,13 +173,11 @@ fn text(s: String) -> Message {
     Message::Text(Utf8Bytes::from(s))
 }
 
-/// Why the loop ended, if the client should be told.
-struct Closing(u16, &'static str);
-
 struct Connection {
     chat: Arc<Chat>,
     channel: String,
     sink: SplitSink<WebSocket, Message>,
+    inbox: Inbox,
     user: Option<User>,
     /// Highest seq sent on this connection.
     last_sent: i64,
@@ -186,66 +185,42 @@ struct Connection {
 
 impl Connection {
     async fn serve(chat: Arc<Chat>, channel: String, socket: WebSocket, _guard: ConnectionGuard) {
-        let (sink, mut stream) = socket.split();
+        let (sink, stream) = socket.split();
+        let inbox = Inbox::new(stream, chat.lifecycle.clone());
         let mut conn = Connection {
             chat,
             channel,
             sink,
+            inbox,
             user: None,
             last_sent: 0,
         };
-        let closing = match conn.open(&mut stream).await {
-            Ok(follow) => conn.run(&mut stream, follow).await,
-            Err(closing) => closing,
+        let (end, during) = match conn.open().await {
+            Ok(follow) => (conn.run(follow).await, "live"),
+            Err(end) => (end, "open"),
         };
-        let sent = tokio::time::timeout(
-            SEND_TIMEOUT,
-            conn.sink.send(Message::Close(Some(CloseFrame {
-                code: closing.0,
-                reason: Utf8Bytes::from_static(closing.1),
-            }))),
-        )
-        .await;
-        // The closing handshake: read (and drop) what the client still sends until its Close or
-        // EOF, briefly. Dropping the socket at once would reset a client that is still sending,
-        // and a reset can destroy the close frame (and its reason) before the client reads it.
-        if matches!(sent, Ok(Ok(()))) {
-            let _ = tokio::time::timeout(CLOSE_LINGER, async {
-                while let Some(Ok(frame)) = stream.next().await {
-                    if matches!(frame, Message::Close(_)) {
-                        break;
-                    }
-                }
-            })
-            .await;
-        }
+        finish(conn.sink, conn.inbox, end, during).await;
     }
 
-    async fn send(&mut self, message: Message) -> Result<(), Closing> {
-        match tokio::time::timeout(SEND_TIMEOUT, self.sink.send(message)).await {
+    /// Sends one frame while still reading the client (see [`Inbox::watch`]).
+    async fn send(&mut self, message: Message) -> Result<(), End> {
+        let sending = tokio::time::timeout(SEND_TIMEOUT, self.sink.send(message));
+        match self.inbox.watch(sending).await? {
             Ok(Ok(())) => Ok(()),
-            _ => Err(Closing(1001, "send failed or too slow")),
+            _ => Err(End::server(1001, "send failed or too slow")),
         }
     }
 
-    /// Tells the client why, then ends the connection with `closing`.
-    async fn refuse(&mut self, code: &str, message: &str, closing: Closing) -> Closing {
-        match self.send(text(error_json(None, code, message))).await {
-            Ok(()) => closing,
-            Err(failed) => failed,
-        }
-    }
-
-    async fn history_unavailable(&mut self) -> Closing {
-        self.refuse(
+    fn history_unavailable() -> End {
+        End::refuse(
+            1013,
+            "try again later",
             "unavailable",
             "chat history is unavailable (database failover), reconnect shortly",
-            Closing(1013, "try again later"),
         )
-        .await
     }
 
-    async fn send_event(&mut self, event: &Event) -> Result<(), Closing> {
+    async fn send_event(&mut self, event: &Event) -> Result<(), End> {
         if event.seq() <= self.last_sent {
             return Ok(());
         }
@@ -256,27 +231,31 @@ impl Connection {
     }
 
     /// Hello, authentication, welcome and the replay of what the client missed.
-    async fn open(&mut self, stream: &mut SplitStream<WebSocket>) -> Result<Follow, Closing> {
-        let hello = match tokio::time::timeout(HELLO_TIMEOUT, stream.next()).await {
-            Ok(Some(Ok(Message::Text(t)))) if t.len() <= limits::MAX_FRAME_BYTES => {
+    async fn open(&mut self) -> Result<Follow, End> {
+        let expected_hello = End::refuse(
+            1008,
+            "expected hello",
+            "bad_request",
+            "the first message must be {\"type\":\"hello\",\"session\":...,\"since\":...} within 10 s",
+        );
+        let lifecycle = self.chat.lifecycle.clone();
+        let hello = tokio::select! {
+            hello = tokio::time::timeout(HELLO_TIMEOUT, self.inbox.next()) => hello,
+            () = lifecycle.shutdown() => return Err(shutting_down()),
+        };
+        let hello = match hello {
+            Ok(Ok(Message::Text(t))) if t.len() <= limits::MAX_FRAME_BYTES => {
                 serde_json::from_str::<ClientMessage>(&t).ok()
             }
-            Ok(None | Some(Err(_)) | Some(Ok(Message::Close(_)))) => {
-                return Err(Closing(1000, "bye"));
-            }
+            Ok(Err(end)) => return Err(end),
             _ => None,
         };
         let Some(ClientMessage::Hello { session, since }) = hello else {
-            return Err(self
-                .refuse(
-                    "bad_request",
-                    "the first message must be {\"type\":\"hello\",\"session\":...,\"since\":...} within 10 s",
-                    Closing(1008, "expected hello"),
-                )
-                .await);
+            return Err(expected_hello);
         };
         if let Some(token) = session.filter(|t| !t.is_empty()) {
-            match self.chat.authenticate(&token).await {
+            let chat = self.chat.clone();
+            match self.inbox.watch(chat.authenticate(&token)).await? {
                 Ok(user) => self.user = Some(user),
                 Err(e) => {
                     self.send(text(error_json(None, "bad_session", &e.to_string())))
@@ -288,12 +267,9 @@ impl Connection {
         let after = match since {
             Some(seq) if self.user.is_some() => seq,
             _ => {
-                let ready = self.chat.hub.ready();
-                if tokio::time::timeout(self.chat.retry_window, ready)
-                    .await
-                    .is_err()
-                {
-                    return Err(self.history_unavailable().await);
+                let ready = tokio::time::timeout(self.chat.retry_window, self.chat.hub.ready());
+                if self.inbox.watch(ready).await?.is_err() {
+                    return Err(Self::history_unavailable());
                 }
                 replay_from(since, self.chat.hub.last_seq(&self.channel).unwrap_or(0))
             }
@@ -312,7 +288,7 @@ impl Connection {
 
     /// Follows the hub from `last_sent`: replays the ring, or the database when the ring does
     /// not reach back that far, and returns the live feed.
-    async fn catch_up(&mut self) -> Result<Follow, Closing> {
+    async fn catch_up(&mut self) -> Result<Follow, End> {
         // An anonymous socket that fell behind (or asked for old history) skips ahead: it gets
         // what the ring holds, not database reads.
         let reach = if self.user.is_some() {
@@ -327,31 +303,28 @@ impl Connection {
             .chat
             .hub
             .follow(&self.channel, self.last_sent)
-            .ok_or(Closing(1011, "channel vanished"))?;
+            .ok_or(End::server(1011, "channel vanished"))?;
         if follow.incomplete {
             let stop = self.last_sent + reach;
             loop {
                 let chat = self.chat.clone();
-                let Ok(Ok(turn)) =
-                    tokio::time::timeout(REPLAY_WAIT, chat.replay_reads.acquire()).await
-                else {
+                let waiting = tokio::time::timeout(REPLAY_WAIT, chat.replay_reads.acquire());
+                let Ok(Ok(turn)) = self.inbox.watch(waiting).await? else {
                     metrics::counter!("chat_replays_refused_total").increment(1);
-                    return Err(self.history_unavailable().await);
+                    return Err(Self::history_unavailable());
                 };
                 let (channel, after) = (self.channel.clone(), self.last_sent);
-                let batch = self
-                    .chat
-                    .retry(|pool| {
-                        let channel = channel.clone();
-                        async move { store::events_after(&pool, &channel, after, 500).await }
-                    })
-                    .await;
+                let reading = chat.retry(|pool| {
+                    let channel = channel.clone();
+                    async move { store::events_after(&pool, &channel, after, 500).await }
+                });
+                let batch = self.inbox.watch(reading).await?;
                 drop(turn);
                 let batch = match batch {
                     Ok(b) => b,
                     Err(e) => {
                         tracing::warn!("chat replay failed: {e}");
-                        return Err(self.history_unavailable().await);
+                        return Err(Self::history_unavailable());
                     }
                 };
                 let done = batch.len() < 500 || self.last_sent >= stop;
@@ -369,7 +342,7 @@ impl Connection {
         Ok(follow)
     }
 
-    async fn run(&mut self, stream: &mut SplitStream<WebSocket>, mut follow: Follow) -> Closing {
+    async fn run(&mut self, mut follow: Follow) -> End {
         let (ops, op_rx) = mpsc::channel::<Op>(PENDING_OPS);
         let (replies, mut reply_rx) = mpsc::channel::<String>(PENDING_OPS * 2);
         if let Some(user) = self.user.clone() {
@@ -382,28 +355,14 @@ impl Connection {
             ));
         }
         let mut ping = tokio::time::interval(PING_EVERY);
-        let mut last_heard = Instant::now();
-        let (mut window_start, mut frames) = (Instant::now(), 0u32);
         let lifecycle = self.chat.lifecycle.clone();
         loop {
             let step = tokio::select! {
-                frame = stream.next() => {
-                    let Some(Ok(frame)) = frame else { return Closing(1000, "bye") };
-                    last_heard = Instant::now();
-                    if window_start.elapsed() >= Duration::from_secs(1) {
-                        (window_start, frames) = (Instant::now(), 0);
-                    }
-                    frames += 1;
-                    if frames > limits::FRAMES_PER_SECOND {
-                        return self.refuse("rate_limited", "too many frames per second: closing", Closing(1008, "flood")).await;
-                    }
-                    match frame {
-                        Message::Text(t) => self.handle(&t, &ops).await,
-                        Message::Binary(_) => self.send(text(error_json(None, "bad_request", "text frames only"))).await,
-                        Message::Close(_) => return Closing(1000, "bye"),
-                        Message::Ping(_) | Message::Pong(_) => Ok(()),
-                    }
-                }
+                frame = self.inbox.next() => match frame {
+                    Ok(Message::Text(t)) => self.handle(&t, &ops).await,
+                    Ok(_) => self.send(text(error_json(None, "bad_request", "text frames only"))).await,
+                    Err(end) => return end,
+                },
                 event = follow.live.recv() => match event {
                     Ok(event) => self.send_event(&event).await,
                     // Too slow to follow live: catch up from the ring or the database.
@@ -411,33 +370,51 @@ impl Connection {
                         Ok(f) => { follow = f; Ok(()) }
                         Err(c) => Err(c),
                     },
-                    Err(broadcast::error::RecvError::Closed) => Err(Closing(1011, "channel closed")),
+                    Err(broadcast::error::RecvError::Closed) => Err(End::server(1011, "channel closed")),
                 },
                 Some(reply) = reply_rx.recv() => self.send(text(reply)).await,
                 _ = ping.tick() => {
-                    if last_heard.elapsed() > IDLE_LIMIT {
-                        return Closing(1001, "idle");
+                    if self.inbox.last_heard.elapsed() > IDLE_LIMIT {
+                        return End::server(1001, "idle");
                     }
                     self.send(Message::Ping(Default::default())).await
                 }
-                () = lifecycle.shutdown() => return Closing(1001, "broadcast shutting down"),
+                () = lifecycle.shutdown() => {
+                    // No new writes; the acks of those under way still go out, briefly.
+                    drop(ops);
+                    return self.deliver_acks(reply_rx).await.err().unwrap_or_else(shutting_down);
+                }
             };
-            if let Err(closing) = step {
-                return closing;
+            if let Err(end) = step {
+                return end;
             }
         }
     }
 
+    /// Sends the worker's answers until it is done, for at most [`ACK_DRAIN`] (the shutdown
+    /// has come: not watched for again).
+    async fn deliver_acks(&mut self, mut replies: mpsc::Receiver<String>) -> Result<(), End> {
+        let sending = async {
+            while let Some(reply) = replies.recv().await {
+                self.sink.send(text(reply)).await?;
+            }
+            Ok::<(), axum::Error>(())
+        };
+        match tokio::time::timeout(ACK_DRAIN, sending).await {
+            Ok(Err(_)) => Err(End::Gone),
+            Ok(Ok(())) | Err(_) => Ok(()),
+        }
+    }
+
     /// One client frame: validated here, writes queued for the worker.
-    async fn handle(&mut self, raw: &str, ops: &mpsc::Sender<Op>) -> Result<(), Closing> {
+    async fn handle(&mut self, raw: &str, ops: &mpsc::Sender<Op>) -> Result<(), End> {
         if raw.len() > limits::MAX_FRAME_BYTES {
-            return Err(self
-                .refuse(
-                    "too_long",
-                    "frames are limited to 4 KiB",
-                    Closing(1009, "frame too big"),
-                )
-                .await);
+            return Err(End::refuse(
+                1009,
+                "frame too big",
+                "too_long",
+                "frames are limited to 4 KiB",
+            ));
         }
         let message = match serde_json::from_str::<ClientMessage>(raw) {
             Ok(m) => m,
