@@ -38,6 +38,7 @@
     reconnects: 0,
     connects: 0,
     lastError: null,
+    lastClose: null, // {code, reason, clean} of the last socket the server ended
   };
   window.scChat = chat;
 
@@ -461,7 +462,7 @@
     }
     ws = sock;
     // No welcome within 8 s (hung server): give up on this socket.
-    const welcomeTimer = setTimeout(() => { if (my === gen && chat.state !== 'connected') sock.close(); }, 8000);
+    const welcomeTimer = setTimeout(() => { if (my === gen && chat.state !== 'connected') sock.close(1000, 'no welcome'); }, 8000);
     sock.onopen = () => {
       if (my !== gen) return;
       sock.send(JSON.stringify({ type: 'hello', session: session || null, since: chat.lastSeq }));
@@ -473,16 +474,39 @@
       if (ev && typeof ev === 'object') onEvent(ev);
     };
     sock.onerror = () => { /* a close follows */ };
-    sock.onclose = () => {
+    sock.onclose = (ev) => {
       clearTimeout(welcomeTimer);
       if (my !== gen) return;
       ws = null;
+      chat.lastClose = { code: ev.code, reason: ev.reason, clean: ev.wasClean };
       for (const p of chat.pending.values()) clearTimeout(p.timer);
       chat.state = 'reconnecting';
       renderChatState();
+      // 1001: the broadcast is going away (shutting down). Playback would fail there next: move
+      // the player now; the chat follows it (the 'broadcast' event cuts the backoff short).
+      // Every code retries with backoff (1006 without a handshake, 1008 policy, 1009 too big,
+      // 1011, 1013 try again later); unacked messages are resent after the next welcome.
+      if (ev.code === 1001 && chat.baseUrl === player.baseUrl && typeof player.failover === 'function') {
+        player.failover('chat: broadcast going away');
+      }
       scheduleReconnect();
     };
   }
+
+  // Leaving the page closes the socket with a handshake (1000) instead of a dropped connection;
+  // a page restored from the back/forward cache connects again.
+  window.addEventListener('pagehide', () => {
+    if (!ws) return;
+    const old = ws;
+    ws = null;
+    gen++;
+    clearTimeout(retryTimer);
+    retryTimer = null;
+    old.onopen = old.onmessage = old.onclose = old.onerror = null;
+    try { old.close(1000, 'page closed'); } catch (_) { /* already closed */ }
+    chat.state = 'offline';
+  });
+  window.addEventListener('pageshow', (ev) => { if (ev.persisted) reconnectNow(); });
 
   // Backoff 0.3, 0.6, 1.2 … 8 s with jitter; if the player moved meanwhile, go there at once.
   function scheduleReconnect() {

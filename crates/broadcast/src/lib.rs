@@ -105,6 +105,14 @@ pub async fn run(ctx: ServiceContext) -> anyhow::Result<()> {
         Some(chat.clone()),
     );
     // Chat sockets outlive their HTTP connection (upgraded): they get their Close (1001) too.
-    let (served, ()) = tokio::join!(ctx.serve_https(app), chat.closed());
+    let serving = async {
+        let served = ctx.serve_https(app).await;
+        if served.is_err() {
+            // Nothing else would end the wait for the chat sockets.
+            ctx.lifecycle.request_shutdown();
+        }
+        served
+    };
+    let (served, ()) = tokio::join!(serving, chat.closed());
     served
 }

@@ -345,14 +345,18 @@ impl Connection {
     async fn run(&mut self, mut follow: Follow) -> End {
         let (ops, op_rx) = mpsc::channel::<Op>(PENDING_OPS);
         let (replies, mut reply_rx) = mpsc::channel::<String>(PENDING_OPS * 2);
-        if let Some(user) = self.user.clone() {
-            tokio::spawn(write_worker(
-                self.chat.clone(),
-                self.channel.clone(),
-                user,
-                op_rx,
-                replies,
-            ));
+        match self.user.clone() {
+            Some(user) => {
+                tokio::spawn(write_worker(
+                    self.chat.clone(),
+                    self.channel.clone(),
+                    user,
+                    op_rx,
+                    replies,
+                ));
+            }
+            // Nothing will answer: the shutdown's wait for acks ends at once.
+            None => drop(replies),
         }
         let mut ping = tokio::time::interval(PING_EVERY);
         let lifecycle = self.chat.lifecycle.clone();

@@ -24,7 +24,9 @@ use futures::{SinkExt, StreamExt};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use url::Url;
 
 /// An interval of more than this without any ack while something was pending is an outage.
@@ -871,6 +873,29 @@ impl Net {
     }
 }
 
+/// How long a client waits for the server's side of the close handshake.
+const CLOSE_WAIT: Duration = Duration::from_secs(2);
+
+/// Ends a chat socket as RFC 6455 asks: our Close (1000), unless the server's came first
+/// (tungstenite then answers it), then reads until the server's Close and the end of the
+/// connection, for at most `within`. The server's close code, if it came in time.
+pub async fn close_socket(ws: &mut Ws, within: Duration) -> Option<u16> {
+    let deadline = tokio::time::Instant::now() + within;
+    let bye = Message::Close(Some(CloseFrame {
+        code: CloseCode::Normal,
+        reason: "done".into(),
+    }));
+    // Refused when the server closed first: the next read sends the answer.
+    let _ = tokio::time::timeout_at(deadline, ws.send(bye)).await;
+    let mut code = None;
+    while let Ok(Some(Ok(frame))) = tokio::time::timeout_at(deadline, ws.next()).await {
+        if let Message::Close(frame) = frame {
+            code = frame.map(|f| u16::from(f.code));
+        }
+    }
+    code
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Phase {
     Setup,
@@ -1063,7 +1088,10 @@ impl Client {
                     last_frame = Instant::now();
                     match frame {
                         Message::Text(text) => self.on_frame(text.as_str(), &mut outbox)?,
-                        Message::Close(close) => bail!("closed by the server: {close:?}"),
+                        Message::Close(close) => {
+                            let _ = close_socket(&mut ws, CLOSE_WAIT).await;
+                            bail!("closed by the server: {close:?}");
+                        }
                         _ => {}
                     }
                     self.publish_progress();
@@ -1072,7 +1100,9 @@ impl Client {
                     let now = self.now_s();
                     let phase = self.phase();
                     if phase == Phase::Done {
-                        let _ = tokio::time::timeout(Duration::from_secs(1), ws.close(None)).await;
+                        if close_socket(&mut ws, CLOSE_WAIT).await.is_none() {
+                            tracing::info!(client = self.index, "no answer to our Close within {CLOSE_WAIT:?}");
+                        }
                         return Ok(SessionEnd::Done);
                     }
                     if phase == Phase::Sending {

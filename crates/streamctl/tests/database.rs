@@ -7,8 +7,9 @@
 //! passwords, taken names, forged sessions, empty/oversized/flooding messages) with clear
 //! errors while HTML and SQL metacharacters travel as plain text; parallel password guessing
 //! over two broadcasts gets the free attempts only while the owner still logs in, moderators
-//! cannot act on moderators, a rotated admin secret takes effect on SIGHUP; `down` leaves no
-//! etcd, Patroni or PostgreSQL behind. The database layer is closed to strangers: etcd refuses a
+//! cannot act on moderators, a rotated admin secret takes effect on SIGHUP; the chat socket's
+//! close handshake ends promptly with the client's code, mid-replay and mid-write too
+//! (`chat_close`), and with 1001 on `down`; `down` leaves no etcd, Patroni or PostgreSQL behind. The database layer is closed to strangers: etcd refuses a
 //! client without a certificate from the cluster CA, Patroni refuses a failover without a
 //! client certificate and credentials (and does not fail over), PostgreSQL refuses a
 //! plaintext connection, and no password of the layer shows on any command line.
@@ -32,6 +33,7 @@ use tokio_tungstenite::tungstenite::Message;
 /// Loopback prefix of this test's cluster (127.76 and 127.73 are the other tests').
 const PREFIX: &str = "127.78";
 
+mod chat_close;
 mod common;
 use common::{Cluster, json_of, run, streamctl};
 
@@ -287,6 +289,8 @@ fn database_primary_fails_over_and_rejoins() {
     // nothing that was accepted.
     rt.block_on(chat_refuses_bad_input(&state));
     rt.block_on(accounts_resist_guessing(&state, &configs));
+    rt.block_on(chat_close::chat_closes_cleanly(&state, &configs));
+    let mut socket = rt.block_on(chat_close::open_socket(&state));
 
     // Down: no etcd, Patroni or PostgreSQL process of this cluster is left.
     let mut everything: Vec<i32> = configs
@@ -297,7 +301,20 @@ fn database_primary_fails_over_and_rejoins() {
     everything.sort();
     assert!(everything.len() >= 10, "{everything:?}");
     let stopping = Instant::now();
-    run(streamctl().arg("down").arg("--state").arg(&state));
+    let down = {
+        let state = state.clone();
+        std::thread::spawn(move || run(streamctl().arg("down").arg("--state").arg(&state)))
+    };
+    // SIGTERM: every chat socket is told (1001) and closed before the broadcast exits.
+    let ended = rt.block_on(chat_close::read_to_end(&mut socket));
+    eprintln!(
+        "chat close: down: Close {:?} after {:.1} ms, EOF after {:.1} ms",
+        ended.code,
+        ended.close_s * 1e3,
+        ended.eof_s * 1e3
+    );
+    assert_eq!(ended.code, Some(1001), "a broadcast going down says so");
+    down.join().unwrap();
     eprintln!("down took {:.1} s", stopping.elapsed().as_secs_f64());
     let left: Vec<i32> = everything.into_iter().filter(|p| alive(*p)).collect();
     assert!(left.is_empty(), "left after down: {left:?}");
