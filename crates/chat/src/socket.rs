@@ -117,8 +117,7 @@ impl Inbox {
     /// broadcast's shutdown end the wait at once instead of after it. Other frames are kept
     /// for [`Inbox::next`].
     pub(crate) async fn watch<T>(&mut self, work: impl Future<Output = T>) -> Result<T, End> {
-        let work = std::pin::pin!(work);
-        let mut work = work;
+        let mut work = std::pin::pin!(work);
         let lifecycle = self.lifecycle.clone();
         let shutdown = lifecycle.shutdown();
         let mut shutdown = std::pin::pin!(shutdown);
