@@ -431,6 +431,9 @@ mod tests {
         };
         assert_eq!(code, Some(1008));
         assert!(error.is_some_and(|e| e.contains("rate_limited")));
+        // Our answer goes out with this read; the server then ends the connection.
+        let eof = tokio::time::timeout(2 * CLOSE_LINGER, ws.next()).await;
+        assert!(matches!(eof, Ok(None)), "EOF after the handshake: {eof:?}");
         assert!(matches!(
             server.ends.recv().await.unwrap().0,
             End::Server { code: 1008, .. }
