@@ -22,7 +22,7 @@
     hls: null,
     video,
     failovers: 0,
-    lbFailures: 0, // LBs that did not give an assignment within LB_ATTEMPT_MS
+    lbFailures: 0, // LBs that failed, or had not answered /api/assign within LB_HEDGE_MS
     broadcast: location.host, // replaced by /api/cluster's "broadcast"
     baseUrl: location.origin,
     token,
@@ -106,32 +106,68 @@
     return [...failedAt.keys()].join(',');
   }
 
+  // One LB's answer to /api/assign within LB_ATTEMPT_MS, or an error.
+  async function askLb(lb, exclude, ctl) {
+    const url = `${lb}/api/assign?channel=${encodeURIComponent(channel)}` +
+      `&exclude=${encodeURIComponent(exclude)}`;
+    const timer = setTimeout(() => ctl.abort(), LB_ATTEMPT_MS);
+    try {
+      const r = await fetch(url, { cache: 'no-store', signal: ctl.signal });
+      if (!r.ok) throw new Error(`HTTP ${r.status}`);
+      const a = await r.json();
+      if (!a || typeof a.base_url !== 'string' || typeof a.token !== 'string') throw new Error('bad assign answer');
+      return a;
+    } finally {
+      clearTimeout(timer);
+    }
+  }
+
+  // The LBs in turn, the last one that answered first. A healthy LB answers in milliseconds:
+  // one that has not after LB_HEDGE_MS (hung, or far away) keeps its chance while the next one
+  // is asked too, so a hung LB costs the player LB_HEDGE_MS of its buffer, not LB_ATTEMPT_MS.
+  const LB_HEDGE_MS = 500;
   async function assign() {
     const lbs = await lbList();
     const exclude = excluded();
-    const start = firstLb;
-    for (let i = 0; i < lbs.length; i++) {
-      const index = (start + i) % lbs.length;
-      const lb = lbs[index];
-      const url = `${lb}/api/assign?channel=${encodeURIComponent(channel)}` +
-        `&exclude=${encodeURIComponent(exclude)}`;
-      const ctl = new AbortController();
-      const timer = setTimeout(() => ctl.abort(), LB_ATTEMPT_MS);
-      try {
-        const r = await fetch(url, { cache: 'no-store', signal: ctl.signal });
-        if (!r.ok) throw new Error(`HTTP ${r.status}`);
-        const a = await r.json();
-        if (!a || typeof a.base_url !== 'string' || typeof a.token !== 'string') throw new Error('bad assign answer');
-        firstLb = index;
-        return a;
-      } catch (e) {
-        console.warn('assign via', lb, 'failed:', e);
-        state.lbFailures++;
-      } finally {
-        clearTimeout(timer);
-      }
-    }
-    return null;
+    const order = lbs.map((_, i) => (firstLb + i) % lbs.length);
+    return new Promise((resolve) => {
+      let next = 0;
+      let pending = 0;
+      let done = false;
+      let hedge = null;
+      const asks = [];
+      const finish = (answer) => {
+        done = true;
+        clearTimeout(hedge);
+        for (const x of asks) x.ctl.abort();
+        resolve(answer);
+      };
+      const launch = () => {
+        if (done || next >= order.length) return;
+        const index = order[next++];
+        const ask = { ctl: new AbortController(), slow: false };
+        asks.push(ask);
+        pending++;
+        clearTimeout(hedge);
+        if (next < order.length) {
+          hedge = setTimeout(() => { ask.slow = true; state.lbFailures++; launch(); }, LB_HEDGE_MS);
+        }
+        askLb(lbs[index], exclude, ask.ctl).then((a) => {
+          if (done) return;
+          firstLb = index;
+          finish(a);
+        }, (e) => {
+          pending--;
+          if (done) return;
+          console.warn('assign via', lbs[index], 'failed:', e);
+          if (!ask.slow) state.lbFailures++;
+          if (next < order.length) launch();
+          else if (pending === 0) finish(null);
+        });
+      };
+      if (order.length) launch();
+      else resolve(null);
+    });
   }
 
   let failing = null;
