@@ -36,7 +36,8 @@ const MAX_BACKOFF: Duration = Duration::from_secs(4);
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct WatchArgs {
-    /// Entry URL (the LB's `/live/<channel>/master.m3u8`); defaults to the local cluster's.
+    /// Entry URL (the LB's `/live/<channel>/master.m3u8`) where every viewer enters; by
+    /// default the local cluster's, through each of its LBs in turn (viewer i through LB i mod n).
     pub url: Option<String>,
     /// Another LB to enter and fail over through (base URL, repeatable); the broadcast a viewer
     /// lands on names the others (`/api/cluster`). Defaults to the local cluster's LBs.
@@ -815,7 +816,13 @@ pub async fn watch(args: &WatchArgs) -> anyhow::Result<WatchReport> {
             client: viewer_client(&ca, crate::client_address::simulated(&entry, index))?,
             entry: entry.clone(),
             lbs: lbs.clone(),
-            next_lb: 0,
+            // A given URL is where every viewer enters; without one, viewers spread over the
+            // LBs as browsers do over the addresses of the site's name.
+            next_lb: if args.url.is_some() {
+                0
+            } else {
+                index % lbs.len()
+            },
             channel: channel.clone(),
             rendition_mode: args.renditions.clone(),
             pin: (!pins.is_empty()).then(|| pins[index % pins.len()].clone()),
