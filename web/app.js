@@ -22,6 +22,7 @@
     hls: null,
     video,
     failovers: 0,
+    lbFailures: 0, // LBs that failed, or had not answered /api/assign within LB_HEDGE_MS
     broadcast: location.host, // replaced by /api/cluster's "broadcast"
     baseUrl: location.origin,
     token,
@@ -33,7 +34,9 @@
     // the chat follows the player.
     events: new EventTarget(),
     failover: (reason) => failover(reason),
-    lbs: () => clusterInfo.then((c) => c.lbs),
+    lbs: () => lbList(),
+    // The LBs in the order the next failover asks them.
+    lbOrder: () => lbList().then(rotated),
   };
   window.scPlayer = state;
 
@@ -58,14 +61,39 @@
   function setPlayback(p) { state.playback = p; render(); }
 
   // ---- cluster info & failover ------------------------------------------
-  const clusterInfo = fetch('/api/cluster', { cache: 'no-store' })
-    .then((r) => (r.ok ? r.json() : Promise.reject(new Error(`HTTP ${r.status}`))))
-    .then((c) => {
+  // /api/cluster names every LB by its own URL. The browser's own fallback between the
+  // addresses of one name does not skip an LB that accepts the connection and never answers
+  // (hung), so the page tries them itself, each within LB_ATTEMPT_MS.
+  const LB_ATTEMPT_MS = 1500;
+  async function fetchClusterInfo(base) {
+    const ctl = new AbortController();
+    const timer = setTimeout(() => ctl.abort(), LB_ATTEMPT_MS);
+    try {
+      const r = await fetch(`${base}/api/cluster`, { cache: 'no-store', signal: ctl.signal });
+      if (!r.ok) throw new Error(`HTTP ${r.status}`);
+      const c = await r.json();
       if (typeof c.broadcast === 'string' && c.broadcast && state.failovers === 0) state.broadcast = c.broadcast;
       render();
-      return { lbs: Array.isArray(c.lbs) ? c.lbs.filter((x) => typeof x === 'string') : [] };
-    })
+      return { lbs: Array.isArray(c.lbs) ? c.lbs.filter((x) => typeof x === 'string').map((x) => x.replace(/\/+$/, '')) : [] };
+    } finally {
+      clearTimeout(timer);
+    }
+  }
+  let clusterInfo = fetchClusterInfo(location.origin)
     .catch((e) => { console.warn('api/cluster failed', e); return { lbs: [] }; });
+  // Without a list (the first answer failed), ask the broadcast we are on now.
+  async function lbList() {
+    let { lbs } = await clusterInfo;
+    if (!lbs.length) {
+      clusterInfo = fetchClusterInfo(state.baseUrl).catch(() => ({ lbs: [] }));
+      ({ lbs } = await clusterInfo);
+    }
+    return lbs;
+  }
+  // The LB asked first: the last one that answered. Pages start on a random one, so a
+  // broadcast's death does not send all its viewers to the same LB.
+  let firstLb = Math.floor(Math.random() * 1024);
+  const rotated = (lbs) => lbs.map((_, i) => lbs[(firstLb + i) % lbs.length]);
 
   // Broadcasts that failed us recently: an LB may not have noticed a death yet (it polls every
   // second), so every one of them is excluded, not just the current one.
@@ -78,25 +106,68 @@
     return [...failedAt.keys()].join(',');
   }
 
-  async function assign() {
-    const { lbs } = await clusterInfo;
-    const exclude = excluded();
-    for (const lb of lbs) {
-      const url = `${lb.replace(/\/+$/, '')}/api/assign?channel=${encodeURIComponent(channel)}` +
-        `&exclude=${encodeURIComponent(exclude)}`;
-      try {
-        const ctl = new AbortController();
-        const timer = setTimeout(() => ctl.abort(), 4000);
-        const r = await fetch(url, { cache: 'no-store', signal: ctl.signal }).finally(() => clearTimeout(timer));
-        if (!r.ok) throw new Error(`HTTP ${r.status}`);
-        const a = await r.json();
-        if (a && typeof a.base_url === 'string' && typeof a.token === 'string') return a;
-        throw new Error('bad assign answer');
-      } catch (e) {
-        console.warn('assign via', lb, 'failed:', e);
-      }
+  // One LB's answer to /api/assign within LB_ATTEMPT_MS, or an error.
+  async function askLb(lb, exclude, ctl) {
+    const url = `${lb}/api/assign?channel=${encodeURIComponent(channel)}` +
+      `&exclude=${encodeURIComponent(exclude)}`;
+    const timer = setTimeout(() => ctl.abort(), LB_ATTEMPT_MS);
+    try {
+      const r = await fetch(url, { cache: 'no-store', signal: ctl.signal });
+      if (!r.ok) throw new Error(`HTTP ${r.status}`);
+      const a = await r.json();
+      if (!a || typeof a.base_url !== 'string' || typeof a.token !== 'string') throw new Error('bad assign answer');
+      return a;
+    } finally {
+      clearTimeout(timer);
     }
-    return null;
+  }
+
+  // The LBs in turn, the last one that answered first. A healthy LB answers in milliseconds:
+  // one that has not after LB_HEDGE_MS (hung, or far away) keeps its chance while the next one
+  // is asked too, so a hung LB costs the player LB_HEDGE_MS of its buffer, not LB_ATTEMPT_MS.
+  const LB_HEDGE_MS = 500;
+  async function assign() {
+    const lbs = await lbList();
+    const exclude = excluded();
+    const order = lbs.map((_, i) => (firstLb + i) % lbs.length);
+    return new Promise((resolve) => {
+      let next = 0;
+      let pending = 0;
+      let done = false;
+      let hedge = null;
+      const asks = [];
+      const finish = (answer) => {
+        done = true;
+        clearTimeout(hedge);
+        for (const x of asks) x.ctl.abort();
+        resolve(answer);
+      };
+      const launch = () => {
+        if (done || next >= order.length) return;
+        const index = order[next++];
+        const ask = { ctl: new AbortController(), slow: false };
+        asks.push(ask);
+        pending++;
+        clearTimeout(hedge);
+        if (next < order.length) {
+          hedge = setTimeout(() => { ask.slow = true; state.lbFailures++; launch(); }, LB_HEDGE_MS);
+        }
+        askLb(lbs[index], exclude, ask.ctl).then((a) => {
+          if (done) return;
+          firstLb = index;
+          finish(a);
+        }, (e) => {
+          pending--;
+          if (done) return;
+          console.warn('assign via', lbs[index], 'failed:', e);
+          if (!ask.slow) state.lbFailures++;
+          if (next < order.length) launch();
+          else if (pending === 0) finish(null);
+        });
+      };
+      if (order.length) launch();
+      else resolve(null);
+    });
   }
 
   let failing = null;
@@ -111,10 +182,11 @@
       for (let attempt = 0; ; attempt++) {
         const a = await assign();
         if (a) { switchTo(a); return; }
-        // Nothing left outside the exclusions: they may have recovered, so forget them.
+        // Nothing left outside the exclusions: they may have recovered, so forget them. Never
+        // give up: a little longer between rounds, each one bounded by LB_ATTEMPT_MS per LB.
         failedAt.clear();
         setPlayback('error: no server available, retrying…');
-        await new Promise((res) => setTimeout(res, Math.min(2000 * (attempt + 1), 10000)));
+        await new Promise((res) => setTimeout(res, Math.min(500 * 2 ** attempt, 4000)));
       }
     })().finally(() => { failing = null; });
     return failing;
@@ -316,12 +388,12 @@
   state.showViewers = showViewers;
   let statsLb = 0;
   async function pollStats() {
-    const { lbs } = await clusterInfo;
+    const lbs = await lbList();
     for (let i = 0; i < lbs.length; i++) {
-      const lb = lbs[(statsLb + i) % lbs.length].replace(/\/+$/, '');
+      const lb = lbs[(statsLb + i) % lbs.length];
       try {
         const ctl = new AbortController();
-        const timer = setTimeout(() => ctl.abort(), 3000);
+        const timer = setTimeout(() => ctl.abort(), LB_ATTEMPT_MS);
         const r = await fetch(`${lb}/api/stats`, { cache: 'no-store', signal: ctl.signal })
           .finally(() => clearTimeout(timer));
         if (!r.ok) throw new Error(`HTTP ${r.status}`);

@@ -12,13 +12,16 @@
 // in as `admin` instead of registering, and deletes a message as a moderator).
 //
 // Talks to its harness over stdio: prints `KILL <broadcast>` alone on a line when the
-// broadcast of context A must die, then waits for one line on stdin (sent once it is dead).
+// broadcast of context A must die, or `LB hang|kill|start <lb url>` for an LB (start: back and
+// healthy), then waits for one line on stdin (sent once it is done).
 // Progress goes to stderr; the last stdout line is one JSON object with the result:
 // ok, errors[], a_broadcast, b_broadcast, a_broadcast_after, startup_s, stall_before_kill_s,
 // stall_s (waiting -> playing after the kill), frozen_s (play head still while not paused),
 // failover_s, chat_reconnect_s, chat_reconnects, chat_roundtrip_ms[], html_inert, latency_s,
 // moderator_delete, logout, csp_violations[], page_errors[], hls_fatal[], screenshot,
-// screenshot_phone.
+// screenshot_phone, lb_phases[] (the LB A asks first hung, then another one dead, each followed
+// by the death of A's broadcast: {lb_fault, lb, victim, broadcast_after, failover_s, stall_s,
+// frozen_s, lb_failures}).
 import { chromium } from 'playwright-core';
 import { createInterface } from 'node:readline';
 import { mkdirSync } from 'node:fs';
@@ -38,7 +41,7 @@ const result = {
   ok: false, errors: [], a_broadcast: null, b_broadcast: null, a_broadcast_after: null,
   startup_s: null, stall_before_kill_s: null, stall_s: null, frozen_s: null, failover_s: null, chat_reconnect_s: null,
   chat_reconnects: null, chat_roundtrip_ms: [], html_inert: null, moderator_delete: null, logout: null, csp_violations: [], page_errors: [], hls_fatal: [],
-  latency_s: null, screenshot: null, screenshot_phone: null,
+  latency_s: null, screenshot: null, screenshot_phone: null, lb_phases: [],
 };
 let printed = false;
 function finish(code) {
@@ -302,6 +305,44 @@ async function main() {
           && !localStorage.getItem('sc.session'), null, { timeout: 10000 });
         result.logout = true;
       });
+    }
+
+    // Every way in: the LB A would ask first is hung (then back), then the next first one is
+    // dead; each time A's broadcast dies right after, and A must move on through another LB.
+    const playAfterLbFault = 6;
+    for (const fault of ['hang', 'kill']) {
+      const ok = await step(`A survives an LB ${fault} and then its broadcast`, async () => {
+        const [lbUrl] = await a.evaluate(() => window.scPlayer.lbOrder());
+        if (!lbUrl) throw new Error('the page knows no LB');
+        const phase = { lb_fault: fault, lb: lbUrl, victim: await a.evaluate(() => window.scPlayer.broadcast) };
+        const lbFailuresBefore = await a.evaluate(() => window.scPlayer.lbFailures);
+        process.stdout.write(`LB ${fault} ${lbUrl}\n`);
+        await nextLine();
+        const failoversBefore = await a.evaluate(() => window.scPlayer.failovers);
+        const ct = await a.evaluate(() => { window.__stall.reset(); return document.querySelector('video').currentTime; });
+        process.stdout.write(`KILL ${phase.victim}\n`);
+        await nextLine();
+        const killedAt = Date.now();
+        await a.waitForFunction(([n, v]) => window.scPlayer.failovers > n && window.scPlayer.broadcast !== v,
+          [failoversBefore, phase.victim], { timeout: 30000, polling: 50 });
+        phase.failover_s = secs(Date.now() - killedAt);
+        phase.broadcast_after = await a.evaluate(() => window.scPlayer.broadcast);
+        await a.waitForFunction((t) => document.querySelector('video').currentTime >= t, ct + playAfterLbFault,
+          { timeout: (playAfterLbFault + 15) * 1000, polling: 200 });
+        const st = await a.evaluate(() => window.__stall.read());
+        phase.stall_s = secs(st.stallMs);
+        phase.frozen_s = secs(st.frozenMs);
+        phase.lb_failures = (await a.evaluate(() => window.scPlayer.lbFailures)) - lbFailuresBefore;
+        result.lb_phases.push(phase);
+        log(`LB ${fault}: ${JSON.stringify(phase)}`);
+        if (phase.lb_failures < 1) throw new Error(`A did not ask ${lbUrl} first: ${JSON.stringify(phase)}`);
+        if (fault === 'hang') {
+          process.stdout.write(`LB start ${lbUrl}\n`);
+          await nextLine();
+        }
+        return true;
+      });
+      if (!ok) break;
     }
   } catch (e) {
     result.errors.push(`unexpected: ${e.message.split('\n')[0]}`);

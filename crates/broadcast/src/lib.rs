@@ -5,6 +5,7 @@
 pub mod pull;
 pub mod routes;
 pub mod state;
+pub mod steering;
 pub mod viewers;
 pub mod web;
 

@@ -49,6 +49,7 @@ pub fn router(app: App, chat: Option<Arc<streaming_chat::Chat>>) -> Router {
         .route("/live/{channel}/{rendition}/{file}", get(media_or_segment))
         .route("/api/cluster", get(cluster))
         .with_state(app.clone());
+    let steering = crate::steering::router(app.bc.clone());
     // Accounts and chat: a page that failed over to us keeps its account session.
     if let Some(chat) = chat {
         let account_rate = Arc::new(RateLimiter::new(
@@ -68,6 +69,7 @@ pub fn router(app: App, chat: Option<Arc<streaming_chat::Chat>>) -> Router {
         .fallback(page)
         .with_state(app)
         .merge(cross_origin)
+        .merge(steering)
         .layer(SetResponseHeaderLayer::overriding(
             header::X_CONTENT_TYPE_OPTIONS,
             HeaderValue::from_static("nosniff"),
@@ -122,13 +124,13 @@ pub fn master_playlist(channel: &ChannelConfig, token: &str) -> String {
 }
 
 /// HLS Content Steering for players that do not run our page: every broadcast is a Pathway,
-/// and an LB's `/steering` tells compliant players (hls.js >= 1.4, Safari, ExoPlayer) which one
-/// to use, so they leave a dead, hung or draining broadcast on their own. Players that ignore
-/// steering see the other pathways as redundant variants (same BANDWIDTH), their classic
-/// backup streams.
+/// and the LBs' steering manifest (through our `/steering`, see [`crate::steering`]) tells
+/// compliant players (hls.js >= 1.4, Safari, ExoPlayer) which one to use, so they leave a dead,
+/// hung or draining broadcast on their own. Players that ignore steering see the other pathways
+/// as redundant variants (same BANDWIDTH), their classic backup streams.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Steering {
-    /// Steering manifest URI (an LB's `/steering`).
+    /// Steering manifest URI (our own `/steering`).
     pub server_uri: String,
     /// Pathway the player starts on (us, unless we are draining).
     pub first: String,
@@ -138,17 +140,12 @@ pub struct Steering {
 
 /// The steering plan of a channel's master as this broadcast serves it: itself first with
 /// relative URIs (unless draining), then every other broadcast not draining, in config order.
-pub fn steering_plan(config: &HostConfig, channel: &str, viewer: &str) -> Option<Steering> {
+/// `None` without LBs: nobody could answer the steering requests.
+pub fn steering_plan(config: &HostConfig, channel: &str) -> Option<Steering> {
     let me = config.me();
-    let lbs = &config.cluster.site_urls;
-    if lbs.is_empty() {
+    if config.cluster.lb_urls().is_empty() {
         return None;
     }
-    // Spread the steering load over the LBs, stable per viewer.
-    let hash = viewer
-        .bytes()
-        .fold(0u64, |h, b| h.wrapping_mul(31).wrapping_add(u64::from(b)));
-    let lb = lbs[(hash % lbs.len() as u64) as usize].trim_end_matches('/');
     let mut pathways: Vec<(String, Option<String>)> = Vec::new();
     if !me.drain {
         pathways.push((me.name.clone(), None));
@@ -165,7 +162,7 @@ pub fn steering_plan(config: &HostConfig, channel: &str, viewer: &str) -> Option
         pathways.push((me.name.clone(), None));
     }
     Some(Steering {
-        server_uri: format!("{lb}/steering?channel={channel}"),
+        server_uri: crate::steering::server_uri(&me.url, channel),
         first: pathways[0].0.clone(),
         pathways,
     })
@@ -307,7 +304,7 @@ async fn master(
     let plan = if query.get("steering").map(String::as_str) == Some("0") {
         None
     } else {
-        steering_plan(&app.bc.config(), &channel, &claims.viewer)
+        steering_plan(&app.bc.config(), &channel)
     };
     let body = match plan {
         Some(plan) => steered_master_playlist(&channel_config, &token, &plan),
@@ -433,7 +430,7 @@ async fn cluster(State(app): State<App>) -> Response {
     let config = app.bc.config();
     let body = serde_json::json!({
         "broadcast": app.bc.name,
-        "lbs": config.cluster.site_urls,
+        "lbs": config.cluster.lb_urls(),
         "channel": config.cluster.channels.first().map(|c| c.name.clone()),
     });
     ([(header::CACHE_CONTROL, "no-store")], axum::Json(body)).into_response()
@@ -491,8 +488,11 @@ mod tests {
     const KEY: &[u8] = b"test-token-key";
 
     fn app() -> App {
+        app_with(crate::state::test_support::config())
+    }
+
+    fn app_with(config: HostConfig) -> App {
         streaming_core::tls::install_crypto_provider();
-        let config = crate::state::test_support::config();
         let bc = Arc::new(Broadcast::new(
             config,
             TokenSigner::new(KEY),
@@ -864,7 +864,11 @@ mod tests {
         let v: serde_json::Value = serde_json::from_str(&body).unwrap();
         assert_eq!(v["broadcast"], "broadcast1");
         assert_eq!(v["channel"], "test");
-        assert_eq!(v["lbs"][1], "https://127.79.1.2:8443");
+        // Each LB by its own URL, not the site name: clients try them in turn.
+        assert_eq!(
+            v["lbs"],
+            serde_json::json!(["https://127.79.1.1:8443", "https://127.79.1.2:8443"])
+        );
         fill(&app, 1..5);
         let (status, _, _) = get(&app, "/healthz", None).await;
         assert_eq!(status, StatusCode::OK);
@@ -897,8 +901,9 @@ mod tests {
         let (status, _, body) = get(&app, &format!("/live/test/master.m3u8?t={t}"), None).await;
         assert_eq!(status, StatusCode::OK, "{body}");
         assert!(
-            body.contains("#EXT-X-CONTENT-STEERING:SERVER-URI=\"https://127.79.1.")
-                && body.contains("/steering?channel=test\",PATHWAY-ID=\"broadcast1\"\n"),
+            body.contains(
+                "#EXT-X-CONTENT-STEERING:SERVER-URI=\"https://127.79.2.1:8443/steering?channel=test\",PATHWAY-ID=\"broadcast1\"\n"
+            ),
             "{body}"
         );
         let infs: Vec<&str> = body
@@ -957,7 +962,7 @@ mod tests {
     #[test]
     fn steering_plan_skips_draining_broadcasts() {
         let mut config = crate::state::test_support::config();
-        let plan = steering_plan(&config, "test", "v").unwrap();
+        let plan = steering_plan(&config, "test").unwrap();
         assert_eq!(plan.first, "broadcast1");
         assert_eq!(
             plan.pathways,
@@ -969,29 +974,25 @@ mod tests {
                 )
             ]
         );
-        // Viewers spread over the LBs, each one stable.
-        let lbs: std::collections::BTreeSet<String> = (0..20)
-            .map(|i| {
-                steering_plan(&config, "test", &format!("viewer-{i}"))
-                    .unwrap()
-                    .server_uri
-            })
-            .collect();
-        assert_eq!(lbs.len(), 2, "{lbs:?}");
+        // The steering server is ours, whichever LB is up: we ask them in turn.
+        assert_eq!(
+            plan.server_uri,
+            "https://127.79.2.1:8443/steering?channel=test"
+        );
         // Draining ourselves: the player starts on (and is steered to) another pathway.
         for h in &mut config.cluster.hosts {
             if h.name == "broadcast1" {
                 h.drain = true;
             }
         }
-        let plan = steering_plan(&config, "test", "v").unwrap();
+        let plan = steering_plan(&config, "test").unwrap();
         assert_eq!(plan.first, "broadcast2");
         assert_eq!(plan.pathways.len(), 1);
         // Everything draining: still a playable master (ours).
         for h in &mut config.cluster.hosts {
             h.drain = true;
         }
-        let plan = steering_plan(&config, "test", "v").unwrap();
+        let plan = steering_plan(&config, "test").unwrap();
         assert_eq!(plan.pathways, [("broadcast1".to_owned(), None)]);
     }
 
@@ -1040,5 +1041,38 @@ mod tests {
         ] {
             assert_eq!(parse_segment_name(bad), None, "{bad}");
         }
+    }
+
+    #[tokio::test]
+    async fn steering_skips_a_hung_lb_and_answers_when_none_is_left() {
+        // lb1 hung (the kernel completes the handshake, nobody answers: SIGSTOP), lb2 dead.
+        let hung = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let dead_port = dead.local_addr().unwrap().port();
+        drop(dead);
+        let mut config = crate::state::test_support::config();
+        for h in &mut config.cluster.hosts {
+            match h.name.as_str() {
+                "lb1" => h.url = format!("http://{}", hung.local_addr().unwrap()),
+                "lb2" => h.url = format!("http://127.0.0.1:{dead_port}"),
+                _ => {}
+            }
+        }
+        let app = app_with(config);
+        let (status, _, _) = get(&app, "/steering?channel=nope", None).await;
+        assert_eq!(status, StatusCode::NOT_FOUND);
+        let t0 = std::time::Instant::now();
+        let (status, headers, body) =
+            get(&app, "/steering?channel=test&_HLS_pathway=broadcast1", None).await;
+        let took = t0.elapsed();
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+        assert_eq!(headers[header::RETRY_AFTER], "2");
+        // The hung LB cost one attempt, the dead one nothing: bounded, whatever the LBs do.
+        eprintln!("no LB answered after {took:?}");
+        assert!(
+            took >= crate::steering::LB_ATTEMPT
+                && took < crate::steering::LB_ATTEMPT * 2 + Duration::from_secs(2),
+            "{took:?}"
+        );
     }
 }

@@ -294,6 +294,7 @@ pub(crate) mod test_support {
                 "timeline": {"segment_seconds": 2, "playlist_segments": 6, "cache_segments": 12, "primary_return_seconds": 6},
                 "hosts": [
                     host("lb1", "lb", "127.79.1.1", serde_json::json!({})),
+                    host("lb2", "lb", "127.79.1.2", serde_json::json!({})),
                     host("broadcast1", "broadcast", "127.79.2.1",
                          serde_json::json!({"uplink_mbps": 100, "preferred_ingest": "ingest2"})),
                     host("broadcast2", "broadcast", "127.79.2.2",

@@ -375,6 +375,22 @@ impl ClusterConfig {
         self.hosts.iter().filter(move |h| h.role == role)
     }
 
+    /// Every way in: each LB's own URL, in config order. In production the site name resolves
+    /// to every LB, but a browser's fallback between a name's addresses does not skip an LB
+    /// that accepts connections and never answers (hung), so clients get each LB by its own
+    /// name and time every attempt out themselves. A host list without LBs keeps `site_urls`.
+    pub fn lb_urls(&self) -> Vec<String> {
+        let lbs: Vec<String> = self
+            .hosts_with_role(Role::Lb)
+            .map(|h| h.url.trim_end_matches('/').to_owned())
+            .collect();
+        if lbs.is_empty() {
+            self.site_urls.clone()
+        } else {
+            lbs
+        }
+    }
+
     pub fn channel(&self, name: &str) -> Option<&ChannelConfig> {
         self.channels.iter().find(|c| c.name == name)
     }

@@ -341,8 +341,8 @@ async fn api_stats(State(app): State<App>) -> Response {
         .into_response()
 }
 
-/// `GET /steering?channel=C&_HLS_pathway=P[&_HLS_throughput=N]`, asked by players every TTL
-/// (the `SERVER-URI` of the masters the broadcasts serve).
+/// `GET /steering?channel=C&_HLS_pathway=P[&_HLS_throughput=N]`: what a steering player asks
+/// every TTL from the broadcast that served its master, which asks us (or the other LB).
 async fn steering(
     State(app): State<App>,
     Query(query): Query<HashMap<String, String>>,

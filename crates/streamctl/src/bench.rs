@@ -238,6 +238,7 @@ pub async fn run_fault(args: &FailoverArgs, fault: &Fault) -> anyhow::Result<Row
     let viewers = args.viewers.max(pins.len());
     let watch_args = WatchArgs {
         url: None,
+        lb: Vec::new(),
         state: state.clone(),
         ca: None,
         seconds: args.seconds,

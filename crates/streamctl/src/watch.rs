@@ -6,6 +6,10 @@
 //! real time. A stall is the play head reaching the end of the buffer. A request without a first
 //! byte within one target duration is a failure: the viewer asks an LB for another broadcast
 //! (`/api/assign?exclude=`) and continues with the same next segment there, as the page does.
+//! Like the page, a viewer knows every LB (from `--lb`, the local cluster's config and the
+//! `/api/cluster` of the broadcast it lands on), gives each one [`LB_ATTEMPT`] to answer (a hung
+//! LB accepts the connection and says nothing), moves on from one that failed, and never gives
+//! up while the run lasts.
 //!
 //! Everything measured here is what a viewer would feel; the figures feed the README and docs/.
 
@@ -24,13 +28,21 @@ pub const START_BEHIND_SEGMENTS: u64 = 3;
 const MAX_BODY_BYTES: usize = 32 * 1024 * 1024;
 /// Redirect hops followed when entering through the LB.
 const MAX_REDIRECTS: usize = 5;
-/// Attempts at getting a working broadcast before a viewer gives up on a segment.
-const MAX_FAILOVERS_PER_SEGMENT: usize = 4;
+/// One LB's time to connect and answer, entry or `/api/assign`: catches a hung LB quickly, and
+/// a healthy one answers in milliseconds.
+pub const LB_ATTEMPT: Duration = Duration::from_millis(1500);
+/// Longest pause between two rounds over every LB when none gave a broadcast.
+const MAX_BACKOFF: Duration = Duration::from_secs(4);
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct WatchArgs {
-    /// Entry URL (the LB's `/live/<channel>/master.m3u8`); defaults to the local cluster's.
+    /// Entry URL (the LB's `/live/<channel>/master.m3u8`) where every viewer enters; by
+    /// default the local cluster's, through each of its LBs in turn (viewer i through LB i mod n).
     pub url: Option<String>,
+    /// Another LB to enter and fail over through (base URL, repeatable); the broadcast a viewer
+    /// lands on names the others (`/api/cluster`). Defaults to the local cluster's LBs.
+    #[arg(long = "lb", value_name = "URL")]
+    pub lb: Vec<String>,
     /// State directory of `streamctl up` (for the default URL and the local CA).
     #[arg(long, default_value = ".streamctl")]
     pub state: PathBuf,
@@ -68,6 +80,10 @@ pub struct ViewerReport {
     /// Requests that failed or timed out (each one triggered a failover).
     pub request_failures: u64,
     pub failovers: u64,
+    /// LBs that failed to answer within [`LB_ATTEMPT`] (entry or `/api/assign`).
+    pub lb_failures: u64,
+    /// Longest time from a failed request to the next broadcast (asking the LBs in turn).
+    pub reassign_max_s: f64,
     /// Rendition changes after the first choice.
     pub switches: u64,
     pub segments: u64,
@@ -94,6 +110,8 @@ pub struct WatchReport {
     pub errors: u64,
     pub request_failures: u64,
     pub failovers: u64,
+    pub lb_failures: u64,
+    pub reassign_max_s: f64,
     pub switches: u64,
     pub segments: u64,
     pub discontinuities: u64,
@@ -121,6 +139,8 @@ impl WatchReport {
             report.errors += v.errors + u64::from(v.fatal.is_some());
             report.request_failures += v.request_failures;
             report.failovers += v.failovers;
+            report.lb_failures += v.lb_failures;
+            report.reassign_max_s = report.reassign_max_s.max(v.reassign_max_s);
             report.switches += v.switches;
             report.segments += v.segments;
             report.discontinuities += v.discontinuities;
@@ -263,8 +283,10 @@ struct Viewer {
     index: usize,
     client: reqwest::Client,
     entry: Url,
-    /// LB base URLs for `/api/assign`.
+    /// LB base URLs, for the entry and `/api/assign`.
     lbs: Vec<Url>,
+    /// Index in `lbs` of the LB asked first: the last one that answered.
+    next_lb: usize,
     channel: String,
     rendition_mode: String,
     pin: Option<Url>,
@@ -273,6 +295,9 @@ struct Viewer {
     failed: std::collections::HashMap<String, Instant>,
     report: ViewerReport,
 }
+
+/// LBs a viewer keeps in its list (what `/api/cluster` says is added to what it knew).
+const MAX_LBS: usize = 16;
 
 /// How long a broadcast that failed a viewer stays excluded from its reassignments.
 const FAILED_MEMORY: Duration = Duration::from_secs(30);
@@ -312,14 +337,48 @@ impl Viewer {
         Ok(body)
     }
 
-    /// Follows the LB's redirect by hand to learn the broadcast and the token.
-    async fn enter(&self) -> anyhow::Result<(Assignment, Url)> {
-        let mut url = self.entry.clone();
-        for _ in 0..MAX_REDIRECTS {
-            let response =
-                tokio::time::timeout(Duration::from_secs(5), self.client.get(url.clone()).send())
-                    .await
-                    .context("LB did not answer within 5 s")??;
+    /// Enters through the LBs in turn (the entry URL's path and query on each), the last one
+    /// that answered first, until one lets us in or `give_up` passes.
+    async fn enter(&mut self, give_up: Instant) -> anyhow::Result<(Assignment, Url)> {
+        let mut pause = Duration::from_millis(250);
+        loop {
+            let mut why = anyhow::anyhow!("no LB to enter through");
+            for i in 0..self.lbs.len() {
+                let index = (self.next_lb + i) % self.lbs.len();
+                let mut url = self.lbs[index].join(self.entry.path())?;
+                url.set_query(self.entry.query());
+                match self.enter_through(url).await {
+                    Ok(found) => {
+                        self.next_lb = index;
+                        return Ok(found);
+                    }
+                    Err(e) => {
+                        self.report.lb_failures += 1;
+                        tracing::warn!(viewer = self.index, lb = %self.lbs[index], "entry failed: {e:#}");
+                        why = e;
+                    }
+                }
+            }
+            if Instant::now() + pause > give_up {
+                return Err(why.context("no LB let us in"));
+            }
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(MAX_BACKOFF);
+        }
+    }
+
+    /// Follows one LB's redirect by hand to learn the broadcast's origin and the token.
+    async fn enter_through(&self, mut url: Url) -> anyhow::Result<(Assignment, Url)> {
+        for hop in 0..MAX_REDIRECTS {
+            // The first answer is the LB's; a hung LB must not hold us longer.
+            let limit = if hop == 0 {
+                LB_ATTEMPT
+            } else {
+                Duration::from_secs(5)
+            };
+            let response = tokio::time::timeout(limit, self.client.get(url.clone()).send())
+                .await
+                .with_context(|| format!("{url}: no answer within {limit:?}"))??;
             if response.status().is_redirection() {
                 let location = response
                     .headers()
@@ -333,34 +392,43 @@ impl Viewer {
                 bail!("{url} answered {}", response.status());
             }
             let token = token_of(&url).context("the LB's redirect carries no token")?;
-            let base = origin_of(&url);
-            let broadcast = self.broadcast_name(&base).await?;
             return Ok((
                 Assignment {
-                    base,
-                    broadcast,
+                    base: origin_of(&url),
+                    broadcast: String::new(),
                     token,
                 },
                 url,
             ));
         }
-        bail!("more than {MAX_REDIRECTS} redirects from {}", self.entry)
+        bail!("more than {MAX_REDIRECTS} redirects from {url}")
     }
 
-    /// A broadcast's host name (what `/api/assign?exclude=` takes), from its `/api/cluster`.
-    async fn broadcast_name(&self, base: &Url) -> anyhow::Result<String> {
+    /// A broadcast's host name (what `/api/assign?exclude=` takes), from its `/api/cluster`,
+    /// which also names every LB: the ones we did not know yet join our list.
+    async fn cluster_info(&mut self, base: &Url) -> anyhow::Result<String> {
         #[derive(serde::Deserialize)]
         struct ClusterInfo {
             broadcast: String,
+            #[serde(default)]
+            lbs: Vec<String>,
         }
         let body = self
             .fetch(&base.join("/api/cluster")?, Duration::from_secs(5))
             .await
             .with_context(|| format!("{base}api/cluster"))?;
-        Ok(serde_json::from_slice::<ClusterInfo>(&body)?.broadcast)
+        let info = serde_json::from_slice::<ClusterInfo>(&body)?;
+        for lb in info.lbs.iter().filter_map(|u| Url::parse(u).ok()) {
+            let lb = origin_of(&lb);
+            if self.lbs.len() < MAX_LBS && !self.lbs.contains(&lb) {
+                self.lbs.push(lb);
+            }
+        }
+        Ok(info.broadcast)
     }
 
-    /// Asks the LBs, in turn, for a broadcast other than the ones that failed recently.
+    /// Asks the LBs in turn, the last one that answered first, for a broadcast other than the
+    /// ones that failed recently.
     async fn reassign(&mut self, current: &Assignment) -> Option<Assignment> {
         let now = Instant::now();
         self.failed.insert(current.broadcast.clone(), now);
@@ -369,34 +437,46 @@ impl Viewer {
         let mut exclude: Vec<&str> = self.failed.keys().map(String::as_str).collect();
         exclude.sort_unstable();
         let exclude = exclude.join(",");
-        for lb in &self.lbs {
-            let Ok(mut url) = lb.join("/api/assign") else {
+        #[derive(serde::Deserialize)]
+        struct Assign {
+            broadcast: String,
+            base_url: String,
+            token: String,
+        }
+        for i in 0..self.lbs.len() {
+            let index = (self.next_lb + i) % self.lbs.len();
+            let Ok(mut url) = self.lbs[index].join("/api/assign") else {
                 continue;
             };
             url.query_pairs_mut()
                 .append_pair("channel", &self.channel)
                 .append_pair("exclude", &exclude)
                 .append_pair("t", &current.token);
-            let Ok(body) = self.fetch(&url, Duration::from_secs(2)).await else {
-                continue;
+            let answer = match tokio::time::timeout(LB_ATTEMPT, self.fetch(&url, LB_ATTEMPT)).await
+            {
+                Ok(Ok(body)) => serde_json::from_slice::<Assign>(&body)
+                    .map_err(|e| e.to_string())
+                    .and_then(|a| {
+                        let base = Url::parse(&a.base_url).map_err(|e| e.to_string())?;
+                        Ok((a, base))
+                    }),
+                Ok(Err(e)) => Err(e.to_string()),
+                Err(_) => Err(format!("no answer within {LB_ATTEMPT:?}")),
             };
-            #[derive(serde::Deserialize)]
-            struct Assign {
-                broadcast: String,
-                base_url: String,
-                token: String,
+            match answer {
+                Ok((answer, base)) => {
+                    self.next_lb = index;
+                    return Some(Assignment {
+                        base: origin_of(&base),
+                        broadcast: answer.broadcast,
+                        token: answer.token,
+                    });
+                }
+                Err(e) => {
+                    self.report.lb_failures += 1;
+                    tracing::warn!(viewer = self.index, lb = %self.lbs[index], "assign failed: {e}");
+                }
             }
-            let Ok(answer) = serde_json::from_slice::<Assign>(&body) else {
-                continue;
-            };
-            let Ok(base) = Url::parse(&answer.base_url) else {
-                continue;
-            };
-            return Some(Assignment {
-                base: origin_of(&base),
-                broadcast: answer.broadcast,
-                token: answer.token,
-            });
         }
         // Nothing left outside the exclusions: they may have recovered, so forget them.
         self.failed.clear();
@@ -434,11 +514,13 @@ impl Viewer {
     }
 
     async fn watch(&mut self, started: Instant, seconds: u64) -> anyhow::Result<()> {
-        let (mut assignment, master_url) = self.enter().await?;
+        let (mut assignment, master_url) = self
+            .enter(started + Duration::from_secs(30 + seconds))
+            .await?;
         if let Some(pin) = self.pin.clone() {
-            assignment.broadcast = self.broadcast_name(&pin).await?;
             assignment.base = pin;
         }
+        assignment.broadcast = self.cluster_info(&assignment.base.clone()).await?;
         let mut master_url = rebase(&master_url, &assignment);
         // Like the page: the plain master (no content-steering pathways); failover goes through
         // the LB instead.
@@ -461,7 +543,7 @@ impl Viewer {
         let mut target = Duration::from_secs(2);
         let mut deadline: Option<Instant> = None;
         let mut playlist: Option<ParsedMedia> = None;
-        let mut failures_this_segment = 0usize;
+        let mut failures_this_segment = 0u32;
 
         loop {
             if let Some(end) = deadline
@@ -510,7 +592,7 @@ impl Viewer {
                         }
                         Err(e) => {
                             self.on_failure(&mut assignment, &e, &mut failures_this_segment)
-                                .await?;
+                                .await;
                         }
                     }
                     continue;
@@ -552,7 +634,7 @@ impl Viewer {
                 }
                 Err(e) => {
                     self.on_failure(&mut assignment, &e, &mut failures_this_segment)
-                        .await?
+                        .await
                 }
             }
         }
@@ -566,28 +648,35 @@ impl Viewer {
         Ok(())
     }
 
+    /// A request failed: ask the LBs for another broadcast. Never gives up: with no answer
+    /// from any LB, waits a little longer each time (at most [`MAX_BACKOFF`]) and the caller
+    /// tries again, until the run ends.
     async fn on_failure(
         &mut self,
         assignment: &mut Assignment,
         error: &FetchError,
-        failures_this_segment: &mut usize,
-    ) -> anyhow::Result<()> {
+        failures_in_a_row: &mut u32,
+    ) {
         self.report.request_failures += 1;
-        *failures_this_segment += 1;
+        *failures_in_a_row += 1;
         tracing::warn!(viewer = self.index, broadcast = %assignment.broadcast, "request failed: {error}");
-        if *failures_this_segment > MAX_FAILOVERS_PER_SEGMENT {
-            self.report.errors += 1;
-            bail!("gave up after {MAX_FAILOVERS_PER_SEGMENT} failovers: {error}");
-        }
+        let asked = Instant::now();
         match self.reassign(assignment).await {
             Some(next) => {
+                self.report.reassign_max_s = self
+                    .report
+                    .reassign_max_s
+                    .max(asked.elapsed().as_secs_f64());
                 self.report.failovers += 1;
                 self.report.broadcasts.insert(next.broadcast.clone());
                 *assignment = next;
             }
-            None => tokio::time::sleep(Duration::from_millis(500)).await,
+            None => {
+                let exponent = failures_in_a_row.saturating_sub(1).min(5);
+                let pause = Duration::from_millis(250) * 2u32.pow(exponent);
+                tokio::time::sleep(pause.min(MAX_BACKOFF)).await;
+            }
         }
-        Ok(())
     }
 }
 
@@ -611,7 +700,8 @@ fn viewer_client(
         .with_context(|| format!("loading CA {}", ca.display()))
 }
 
-/// The local cluster's entry URL and LB list, from the configs `streamctl up` wrote.
+/// The local cluster's entry URL (through its first LB) and every LB, from the configs
+/// `streamctl up` wrote.
 fn local_defaults(state: &std::path::Path) -> anyhow::Result<(String, Vec<String>)> {
     let dir = state.join("config");
     let entry = std::fs::read_dir(&dir)
@@ -625,20 +715,14 @@ fn local_defaults(state: &std::path::Path) -> anyhow::Result<(String, Vec<String
         .find(|e| e.path().extension().is_some_and(|x| x == "json"))
         .context("no host config in the state dir")?;
     let config = streaming_core::config::HostConfig::load(&entry.path())?;
-    let site = config
-        .cluster
-        .site_urls
-        .first()
-        .context("cluster has no site URL")?;
+    let lbs = config.cluster.lb_urls();
+    let first = lbs.first().context("cluster has no LB")?;
     let channel = config
         .cluster
         .channels
         .first()
         .context("cluster has no channel")?;
-    Ok((
-        format!("{site}/live/{}/master.m3u8", channel.name),
-        config.cluster.site_urls.clone(),
-    ))
+    Ok((format!("{first}/live/{}/master.m3u8", channel.name), lbs))
 }
 
 pub async fn run(args: WatchArgs) -> anyhow::Result<()> {
@@ -693,15 +777,19 @@ pub async fn watch(args: &WatchArgs) -> anyhow::Result<WatchReport> {
         .ca
         .clone()
         .unwrap_or_else(|| args.state.join("tls/ca.crt"));
-    let (entry, mut lbs) = match &args.url {
+    let (entry, defaults) = match &args.url {
         Some(url) => (url.clone(), Vec::new()),
         None => local_defaults(&args.state)?,
     };
     let entry = Url::parse(&entry).with_context(|| format!("bad URL {entry}"))?;
-    if lbs.is_empty() {
-        lbs.push(origin_of(&entry).to_string());
+    // The entry's LB first, then the others.
+    let mut lbs = vec![origin_of(&entry)];
+    for lb in args.lb.iter().chain(&defaults) {
+        let lb = origin_of(&Url::parse(lb).with_context(|| format!("bad LB URL {lb}"))?);
+        if !lbs.contains(&lb) {
+            lbs.push(lb);
+        }
     }
-    let lbs: Vec<Url> = lbs.iter().filter_map(|u| Url::parse(u).ok()).collect();
     let channel = entry
         .path_segments()
         .and_then(|mut s| {
@@ -728,6 +816,13 @@ pub async fn watch(args: &WatchArgs) -> anyhow::Result<WatchReport> {
             client: viewer_client(&ca, crate::client_address::simulated(&entry, index))?,
             entry: entry.clone(),
             lbs: lbs.clone(),
+            // A given URL is where every viewer enters; without one, viewers spread over the
+            // LBs as browsers do over the addresses of the site's name.
+            next_lb: if args.url.is_some() {
+                0
+            } else {
+                index % lbs.len()
+            },
             channel: channel.clone(),
             rendition_mode: args.renditions.clone(),
             pin: (!pins.is_empty()).then(|| pins[index % pins.len()].clone()),

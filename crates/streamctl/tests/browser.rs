@@ -2,8 +2,10 @@
 //! playwright-core (tests/browser/page-test.mjs) against a local cluster. Context A enters
 //! through an LB and plays; context B plays on another broadcast; a user registered in each
 //! chats across the two broadcasts; then A's broadcast is killed (`streamctl kill`) and A must
-//! keep playing, fail over, reconnect its chat elsewhere and still reach B. HTML in a message
-//! must stay text, and the page must raise no CSP violation and no script error.
+//! keep playing, fail over, reconnect its chat elsewhere and still reach B. Then the LB A would
+//! ask first is hung (SIGSTOP) and A's broadcast killed, and again with an LB dead: A must
+//! skip that LB and move on with no stall. HTML in a message must stay text, and the page must
+//! raise no CSP violation and no script error.
 //!
 //! Needs what the other end-to-end tests need plus chromium and `npm ci` (node_modules with
 //! playwright-core); scripts/setup-debian.sh installs both. Missing ones fail the test with a
@@ -88,7 +90,19 @@ fn page_plays_chats_and_survives_its_broadcast_in_chromium() {
         .filter(|h| h["role"] == "broadcast")
         .map(|h| (h["name"].as_str().unwrap().to_owned(), h["url"].clone()))
         .collect();
-    assert!(broadcasts.len() >= 3, "need 3 broadcasts: {up:#}");
+    assert!(broadcasts.len() >= 4, "need 4 broadcasts: {up:#}");
+    let lbs: Vec<(String, String)> = up["hosts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|h| h["role"] == "lb")
+        .map(|h| {
+            (
+                h["name"].as_str().unwrap().to_owned(),
+                h["url"].as_str().unwrap().trim_end_matches('/').to_owned(),
+            )
+        })
+        .collect();
 
     let out_dir = std::env::var_os("PAGE_TEST_OUT")
         .map(PathBuf::from)
@@ -147,7 +161,31 @@ fn page_plays_chats_and_survives_its_broadcast_in_chromium() {
                 eprintln!("killed {name}");
                 stdin.write_all(b"killed\n").unwrap();
                 stdin.flush().unwrap();
-                killed = Some(name);
+                // The first kill is the one the chat checks are about; later ones follow LB faults.
+                killed.get_or_insert(name);
+            }
+            Ok(line) if line.starts_with("LB ") => {
+                let mut words = line.split_whitespace().skip(1);
+                let (action, url) = (words.next().unwrap_or(""), words.next().unwrap_or(""));
+                let name = lbs
+                    .iter()
+                    .find(|(_, u)| u == url.trim_end_matches('/'))
+                    .map(|(n, _)| n.clone())
+                    .unwrap_or_else(|| panic!("asked about an unknown LB: {line}"));
+                match action {
+                    "hang" => run(streamctl()
+                        .args(["kill", &name, "--hang", "--state"])
+                        .arg(&state)),
+                    "kill" => run(streamctl().args(["kill", &name, "--state"]).arg(&state)),
+                    "start" => run(streamctl().args(["start", &name, "--state"]).arg(&state)),
+                    _ => panic!("unknown LB action: {line}"),
+                };
+                if action == "start" {
+                    wait_healthy(&state, &name);
+                }
+                eprintln!("{action} {name}");
+                stdin.write_all(b"done\n").unwrap();
+                stdin.flush().unwrap();
             }
             Ok(line) if line.starts_with('{') => {
                 report = Some(
@@ -209,6 +247,26 @@ fn page_plays_chats_and_survives_its_broadcast_in_chromium() {
     assert!(frozen < 2.0, "play head stood still for {frozen} s");
     assert!(f64_of(&report["failover_s"]) < 15.0, "{report:#}");
 
+    // Every way in: with the LB it asked first hung, then dead, A moved on at once.
+    let phases = report["lb_phases"].as_array().cloned().unwrap_or_default();
+    assert_eq!(phases.len(), 2, "an LB hung, then one dead: {report:#}");
+    for p in &phases {
+        eprintln!(
+            "LB {} ({}), then {} killed: moved to {} after {} s, stall {} s, frozen {} s, {} LB attempts failed",
+            p["lb_fault"],
+            p["lb"],
+            p["victim"],
+            p["broadcast_after"],
+            p["failover_s"],
+            p["stall_s"],
+            p["frozen_s"],
+            p["lb_failures"]
+        );
+        assert!(f64_of(&p["stall_s"]) < 1.0, "{p:#}");
+        assert!(f64_of(&p["frozen_s"]) < 1.0, "{p:#}");
+        assert!(p["lb_failures"].as_u64() >= Some(1), "{p:#}");
+    }
+
     // Nothing blocked by the CSP, no script error, and a screenshot to look at.
     assert_eq!(report["csp_violations"], json!([]), "CSP violations");
     assert_eq!(report["page_errors"], json!([]), "page errors");
@@ -217,4 +275,24 @@ fn page_plays_chats_and_survives_its_broadcast_in_chromium() {
         std::fs::metadata(shot).is_ok_and(|m| m.len() > 10_000),
         "screenshot {shot}"
     );
+}
+
+/// Waits until `streamctl status` shows `name` up and healthy (an LB: it sees a broadcast).
+fn wait_healthy(state: &Path, name: &str) {
+    let start = Instant::now();
+    loop {
+        let out = run(streamctl().args(["status", "--json", "--state"]).arg(state));
+        let hosts: Vec<Value> = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        if hosts
+            .iter()
+            .any(|h| h["name"] == name && h["up"] == true && h["health"] == "ok")
+        {
+            return;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "{name} not healthy within 30 s"
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
 }

@@ -1,0 +1,216 @@
+//! `/steering`: the HLS Content Steering server of the masters we serve, answered through
+//! whichever LB answers.
+//!
+//! The LBs know which broadcasts are healthy, so they make the steering manifest. A master
+//! naming one LB's `/steering` would tie every steering player to that LB: dead or hung (SIGSTOP:
+//! the connection opens, no answer comes), the player is never steered again. A steering player
+//! cannot try several servers itself (a master has one `SERVER-URI`), but it is always talking
+//! to the broadcast that served its master, so the master names us and we ask the LBs in turn,
+//! each with a short deadline, starting with the one that answered last. When we die the player
+//! leaves us by pathway (its last `PATHWAY-PRIORITY`, every other healthy broadcast), which is
+//! what steering would have told it.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::extract::{Query, State};
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use streaming_core::config::{Role, is_safe_name};
+use streaming_core::http::text_error;
+
+use crate::state::Broadcast;
+
+/// One LB's time to connect and answer; a hung LB costs this, then the next one is asked.
+pub const LB_ATTEMPT: Duration = Duration::from_secs(1);
+/// How long one LB answer serves every player on the same channel and pathway: the LBs' view
+/// of the broadcasts changes twice a second, players ask every 10 s, so this only caps what
+/// many players (or one client looping) can make us ask the LBs.
+const CACHE_FOR: Duration = Duration::from_secs(1);
+/// Questions to the LBs in flight at once; more are refused (the player asks again after TTL).
+const MAX_IN_FLIGHT: usize = 64;
+/// Largest steering manifest we take from an LB (they are a few hundred bytes).
+const MAX_MANIFEST_BYTES: u64 = 64 * 1024;
+
+/// Why no LB gave us a manifest (one reason per LB, for the log).
+#[derive(Debug, thiserror::Error)]
+enum AskError {
+    #[error("no answer within {0:?}")]
+    Timeout(Duration),
+    #[error("HTTP {0}")]
+    Status(reqwest::StatusCode),
+    #[error("{0}")]
+    Transport(#[from] reqwest::Error),
+    #[error("manifest larger than {MAX_MANIFEST_BYTES} bytes")]
+    TooLarge,
+    #[error("not a steering manifest")]
+    NotAManifest,
+    #[error("bad LB URL {0}")]
+    BadUrl(String),
+}
+
+type Key = (String, Option<String>);
+
+pub struct SteeringProxy {
+    bc: Arc<Broadcast>,
+    /// Index (in the config's LB list) of the LB that answered last: asked first.
+    preferred: AtomicUsize,
+    cache: Mutex<HashMap<Key, (Instant, bytes::Bytes)>>,
+    in_flight: tokio::sync::Semaphore,
+}
+
+pub fn router(bc: Arc<Broadcast>) -> Router {
+    Router::new()
+        .route("/steering", get(steering))
+        .with_state(Arc::new(SteeringProxy {
+            bc,
+            preferred: AtomicUsize::new(0),
+            cache: Mutex::new(HashMap::new()),
+            in_flight: tokio::sync::Semaphore::new(MAX_IN_FLIGHT),
+        }))
+}
+
+/// The master's `SERVER-URI` on this broadcast.
+pub fn server_uri(me_url: &str, channel: &str) -> String {
+    format!(
+        "{}/steering?channel={channel}",
+        me_url.trim_end_matches('/')
+    )
+}
+
+/// `GET /steering?channel=C&_HLS_pathway=P[&_HLS_throughput=N]`, asked by steering players
+/// every TTL.
+async fn steering(
+    State(proxy): State<Arc<SteeringProxy>>,
+    Query(query): Query<HashMap<String, String>>,
+) -> Response {
+    let config = proxy.bc.config();
+    let Some(channel) = query
+        .get("channel")
+        .filter(|c| is_safe_name(c) && config.cluster.channel(c).is_some())
+        .cloned()
+    else {
+        return text_error(StatusCode::NOT_FOUND, "unknown channel");
+    };
+    // Only a pathway we would have offered is passed on, so the cache stays small.
+    let pathway = query
+        .get("_HLS_pathway")
+        .filter(|p| {
+            config
+                .cluster
+                .hosts_with_role(Role::Broadcast)
+                .any(|h| &h.name == *p)
+        })
+        .cloned();
+    let key = (channel, pathway);
+    let cached = proxy
+        .cache
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .get(&key)
+        .filter(|(at, _)| at.elapsed() < CACHE_FOR)
+        .map(|(_, body)| body.clone());
+    let body = match cached {
+        Some(body) => {
+            metrics::counter!("broadcast_steering_total", "result" => "cached").increment(1);
+            body
+        }
+        None => {
+            let Ok(_permit) = proxy.in_flight.try_acquire() else {
+                metrics::counter!("broadcast_steering_total", "result" => "busy").increment(1);
+                return unavailable("too many steering requests in flight");
+            };
+            let lbs = config.cluster.lb_urls();
+            match proxy.ask_lbs(&lbs, &key).await {
+                Some(body) => {
+                    metrics::counter!("broadcast_steering_total", "result" => "ok").increment(1);
+                    let mut cache = proxy.cache.lock().unwrap_or_else(|e| e.into_inner());
+                    cache.retain(|_, (at, _)| at.elapsed() < CACHE_FOR);
+                    cache.insert(key, (Instant::now(), body.clone()));
+                    body
+                }
+                None => {
+                    metrics::counter!("broadcast_steering_total", "result" => "no_lb").increment(1);
+                    return unavailable("no LB answered");
+                }
+            }
+        }
+    };
+    let mut response = (
+        [
+            (header::CONTENT_TYPE, "application/json"),
+            (header::CACHE_CONTROL, "no-store"),
+        ],
+        body,
+    )
+        .into_response();
+    // Public information, as on the LBs: any page's player may steer with it.
+    response.headers_mut().insert(
+        header::ACCESS_CONTROL_ALLOW_ORIGIN,
+        HeaderValue::from_static("*"),
+    );
+    response
+}
+
+fn unavailable(why: &str) -> Response {
+    let mut r = text_error(StatusCode::SERVICE_UNAVAILABLE, why);
+    r.headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from_static("2"));
+    r
+}
+
+impl SteeringProxy {
+    /// Each LB once, the last one that answered first; `None` when none did.
+    async fn ask_lbs(&self, lbs: &[String], key: &Key) -> Option<bytes::Bytes> {
+        let first = self.preferred.load(Ordering::Relaxed);
+        for i in 0..lbs.len() {
+            let index = (first + i) % lbs.len();
+            let lb = &lbs[index];
+            match tokio::time::timeout(LB_ATTEMPT, self.ask(lb, key)).await {
+                Ok(Ok(body)) => {
+                    self.preferred.store(index, Ordering::Relaxed);
+                    return Some(body);
+                }
+                Ok(Err(e)) => self.lb_failed(lb, &e),
+                Err(_) => self.lb_failed(lb, &AskError::Timeout(LB_ATTEMPT)),
+            }
+        }
+        None
+    }
+
+    fn lb_failed(&self, lb: &str, e: &AskError) {
+        metrics::counter!("broadcast_steering_lb_failures_total", "lb" => lb.to_owned())
+            .increment(1);
+        tracing::warn!(lb, "steering: LB failed, asking the next one: {e}");
+    }
+
+    async fn ask(&self, lb: &str, (channel, pathway): &Key) -> Result<bytes::Bytes, AskError> {
+        let mut url = reqwest::Url::parse(&format!("{lb}/steering"))
+            .map_err(|_| AskError::BadUrl(lb.to_owned()))?;
+        url.query_pairs_mut().append_pair("channel", channel);
+        if let Some(p) = pathway {
+            url.query_pairs_mut().append_pair("_HLS_pathway", p);
+        }
+        let response = self.bc.client().get(url).send().await?;
+        if !response.status().is_success() {
+            return Err(AskError::Status(response.status()));
+        }
+        if response.content_length().unwrap_or(0) > MAX_MANIFEST_BYTES {
+            return Err(AskError::TooLarge);
+        }
+        let body = response.bytes().await?;
+        if body.len() as u64 > MAX_MANIFEST_BYTES {
+            return Err(AskError::TooLarge);
+        }
+        let manifest: serde_json::Value =
+            serde_json::from_slice(&body).map_err(|_| AskError::NotAManifest)?;
+        if !manifest["PATHWAY-PRIORITY"].is_array() {
+            return Err(AskError::NotAManifest);
+        }
+        Ok(body)
+    }
+}
