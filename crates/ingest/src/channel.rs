@@ -102,6 +102,10 @@ pub struct ChannelStatus {
     pub last_slot: Option<u64>,
     pub ffmpeg_restarts: u64,
     pub publishers_connected: usize,
+    /// Outside publishers (OBS: not one of the channel's sources, not a peer's relay)
+    /// connected to this ingest itself. The LBs send a new publisher where this is non-zero,
+    /// and `streamctl status` shows where the channel's publisher is.
+    pub outside_publishers: usize,
     pub segments_live: u64,
     pub segments_slate: u64,
 }
@@ -355,6 +359,7 @@ impl ChannelTask {
                     p.rank = rank_of(Some(&p.key.source), &sources);
                 }
                 self.setup.sources = sources; // applied at the next slot decision
+                self.update_status();
                 let same_shape = config.ladder.len() == self.setup.config.ladder.len()
                     && config
                         .ladder
@@ -832,6 +837,12 @@ impl ChannelTask {
         let mut status = self.shared.status.lock().unwrap_or_else(|e| e.into_inner());
         status.active_source = active.map(|p| p.key.source.clone());
         status.publishers_connected = self.publishers.len();
+        let configured = self.setup.sources.len() as u32;
+        status.outside_publishers = self
+            .publishers
+            .values()
+            .filter(|p| !p.relayed && p.rank >= configured)
+            .count();
         metrics::gauge!("ingest_publishers_connected", "channel" => self.setup.config.name.clone())
             .set(self.publishers.len() as f64);
     }
