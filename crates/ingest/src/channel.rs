@@ -584,15 +584,14 @@ impl ChannelTask {
         let prev = slot.saturating_sub(1);
         let mut facts: BTreeMap<SourceKey, SlotFact<SourceKey>> = BTreeMap::new();
         for p in self.publishers.values().filter(|p| p.usable()) {
-            let delivered = p.coverage.covers(clock, prev);
-            facts
-                .entry(p.key.clone())
-                .or_insert_with(|| SlotFact {
-                    key: p.key.clone(),
-                    rank: p.rank,
-                    delivered: false,
-                })
-                .delivered |= delivered;
+            let fact = facts.entry(p.key.clone()).or_insert_with(|| SlotFact {
+                key: p.key.clone(),
+                rank: p.rank,
+                delivered: false,
+                starts: false,
+            });
+            fact.delivered |= p.coverage.covers(clock, prev);
+            fact.starts |= p.coverage.starts(clock, slot);
         }
         let facts: Vec<_> = facts.into_values().collect();
         let chosen = self.selector.decide(&facts);

@@ -157,15 +157,24 @@ fn publisher_ingest(token: &str) -> Option<String> {
 struct Recovery {
     fault: String,
     landed_on: String,
-    /// From the fault to the first live slot decided on the ingest the publisher reached.
+    /// From the fault to the start of the first live slot from the reconnected publisher, on
+    /// the timeline (what viewers see).
     live_after_s: f64,
     /// Slate segments that ingest put on the timeline meanwhile, in seconds.
     slate_s: f64,
 }
 
+fn unix_now_s() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64()
+}
+
 /// Waits until the publisher is back on an ingest other than `excluded` (a new connection: that
-/// ingest was seen without an outside publisher first) and that ingest decides a live slot.
-fn recover(token: &str, fault: &str, excluded: Option<&str>, t0: Instant) -> Recovery {
+/// ingest was seen without an outside publisher first) and that ingest decides a live slot after
+/// it joined. `t0` is the fault's Unix time.
+fn recover(token: &str, fault: &str, excluded: Option<&str>, t0: f64) -> Recovery {
     let candidates: Vec<&str> = INGESTS
         .iter()
         .copied()
@@ -173,16 +182,26 @@ fn recover(token: &str, fault: &str, excluded: Option<&str>, t0: Instant) -> Rec
         .collect();
     let slate_before: Vec<u64> = candidates.iter().map(|i| slate_count(token, i)).collect();
     let mut seen_empty = vec![false; candidates.len()];
-    while t0.elapsed() < Duration::from_secs(40) {
+    let mut joined_at_slot: Vec<Option<u64>> = vec![None; candidates.len()];
+    while unix_now_s() - t0 < 40.0 {
         for (n, ingest) in candidates.iter().enumerate() {
             let Some(s) = channel_status(token, ingest) else {
                 continue;
             };
             let outside = s["outside_publishers"].as_u64().unwrap_or(0);
+            let slot = s["last_slot"].as_u64().unwrap_or(0);
             if outside == 0 {
                 seen_empty[n] = true;
-            } else if seen_empty[n] && s["live"] == true {
-                let live_after_s = t0.elapsed().as_secs_f64();
+                joined_at_slot[n] = None;
+                continue;
+            }
+            if !seen_empty[n] {
+                continue;
+            }
+            // Slots decided by the time it joined cannot carry its media.
+            let joined = *joined_at_slot[n].get_or_insert(slot);
+            if s["live"] == true && slot > joined {
+                let live_after_s = slot as f64 * SEGMENT_SECONDS - t0;
                 // Two more slots: any slate still pending behind the live one is counted.
                 std::thread::sleep(Duration::from_secs(4));
                 let slate = slate_count(token, ingest).saturating_sub(slate_before[n]);
@@ -274,7 +293,7 @@ fn a_publisher_through_the_lbs_survives_its_ingest_and_its_lb() {
             "publisher's ingest {} ({victim})",
             if hang { "hang" } else { "kill" }
         );
-        let t0 = Instant::now();
+        let t0 = unix_now_s();
         let mut args = vec!["kill", victim.as_str()];
         if hang {
             args.push("--hang");
@@ -292,7 +311,7 @@ fn a_publisher_through_the_lbs_survives_its_ingest_and_its_lb() {
 
     let lb = publisher.lb();
     let lb_name = format!("lb{}", lb + 1);
-    let t0 = Instant::now();
+    let t0 = unix_now_s();
     streamctl_on(&state, &["kill", &lb_name]);
     figures.push(recover(
         &token,
