@@ -543,6 +543,17 @@ mod tests {
                 .is_some()
         );
 
+        // An LB forwards many publishers from its one address: the per-address cap spares it.
+        ctx.set_forwarders(vec![IpAddr::from([127, 0, 0, 9])]);
+        let mut lb1 = connect_from([127, 0, 0, 9], addr).await;
+        let mut lb2 = connect_from([127, 0, 0, 9], addr).await;
+        let (h1, h2) = tokio::join!(
+            closed_within(&mut lb1, Duration::from_millis(500), false),
+            closed_within(&mut lb2, Duration::from_millis(500), false),
+        );
+        assert_eq!((h1, h2), (None, None), "both held from a forwarder address");
+        drop((lb1, lb2, again));
+
         let rendered = prometheus.render();
         for reason in ["per_address", "connections", "publish_deadline"] {
             assert!(

@@ -397,3 +397,167 @@ where
         _ = lifecycle.shutdown() => End::Shutdown,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair, SanType};
+    use rustls_pki_types::pem::PemObject;
+
+    /// A CA and a leaf for 127.0.0.1 signed by it, as PEM files in `dir`.
+    fn pki(dir: &std::path::Path) {
+        let mut ca = CertificateParams::default();
+        ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let ca_key = KeyPair::generate().unwrap();
+        std::fs::write(dir.join("ca.crt"), ca.self_signed(&ca_key).unwrap().pem()).unwrap();
+        let issuer = Issuer::new(ca, ca_key);
+        let mut leaf = CertificateParams::new(Vec::<String>::new()).unwrap();
+        leaf.subject_alt_names
+            .push(SanType::IpAddress([127, 0, 0, 1].into()));
+        let leaf_key = KeyPair::generate().unwrap();
+        let leaf_cert = leaf.signed_by(&leaf_key, &issuer).unwrap();
+        std::fs::write(dir.join("host.crt"), leaf_cert.pem()).unwrap();
+        std::fs::write(dir.join("host.key"), leaf_key.serialize_pem()).unwrap();
+    }
+
+    fn config(dir: &std::path::Path, ingest_rtmps: u16, limits: serde_json::Value) -> HostConfig {
+        let host = |name: &str, role: &str, rtmps: u16| {
+            serde_json::json!({
+                "name": name, "role": role, "fqdn": "x", "address": "127.0.0.1",
+                "ports": {"https": 8443, "rtmp": 1935, "rtmps": rtmps, "patroni": 8008,
+                          "postgres": 5432, "etcd_client": 2379, "etcd_peer": 2380},
+                "url": "https://127.0.0.1:8443", "uplink_mbps": null,
+                "preferred_ingest": null, "channel": null, "priority": null,
+                "etcd_witness": false, "drain": false
+            })
+        };
+        let path = |f: &str| dir.join(f).display().to_string();
+        serde_json::from_value(serde_json::json!({
+            "name": "lb1",
+            "cluster": {
+                "site": "s", "profile": "local", "site_urls": ["https://127.0.0.1:8443"],
+                "timeline": {"segment_seconds": 2, "playlist_segments": 6, "cache_segments": 12, "primary_return_seconds": 6},
+                "hosts": [host("lb1", "lb", 1936), host("ingest1", "ingest", ingest_rtmps)],
+                "channels": [{"name": "test", "fps": 25, "preset": "ultrafast", "audio_kbps": 96,
+                              "ladder": [{"name": "360p", "width": 640, "height": 360, "video_kbps": 800}]}],
+                "database": {"name": "streaming", "user": "streaming", "ttl": 10},
+                "limits": limits
+            },
+            "paths": {"state_dir": "/x", "log_dir": null, "tls_cert": path("host.crt"),
+                      "tls_key": path("host.key"), "ca_cert": path("ca.crt"),
+                      "token_key": "/x", "cluster_key": "/x", "stream_keys_dir": "/x", "db_password": "/x",
+                      "db_superuser_password": "/x", "db_replication_password": "/x", "admin_password": "/x"},
+            "telemetry": {"json_logs": false, "otlp_endpoint": null}
+        }))
+        .unwrap()
+    }
+
+    /// An "ingest" that answers every byte it gets over TLS with the same byte plus one.
+    async fn ingest(dir: &std::path::Path) -> u16 {
+        let key = rustls_pki_types::PrivateKeyDer::from_pem_file(dir.join("host.key")).unwrap();
+        let certs = streaming_core::tls::load_certs(&dir.join("host.crt")).unwrap();
+        let server = rustls::ServerConfig::builder()
+            .with_no_client_auth()
+            .with_single_cert(certs, key)
+            .unwrap();
+        let acceptor = TlsAcceptor::from(Arc::new(server));
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        tokio::spawn(async move {
+            loop {
+                let (tcp, _) = listener.accept().await.unwrap();
+                let acceptor = acceptor.clone();
+                tokio::spawn(async move {
+                    let Ok(mut tls) = acceptor.accept(tcp).await else {
+                        return;
+                    };
+                    let mut buf = [0u8; 1024];
+                    while let Ok(n) = tls.read(&mut buf).await {
+                        if n == 0 {
+                            break;
+                        }
+                        let answer: Vec<u8> = buf[..n].iter().map(|b| b.wrapping_add(1)).collect();
+                        if tls.write_all(&answer).await.is_err() {
+                            break;
+                        }
+                    }
+                });
+            }
+        });
+        port
+    }
+
+    async fn connect(to: SocketAddr) -> TcpStream {
+        TcpStream::connect(to).await.unwrap()
+    }
+
+    /// Seconds until the front closes `stream` (reading, sending nothing), or None within `wait`.
+    async fn closed_within(stream: &mut TcpStream, wait: Duration) -> Option<f64> {
+        let started = Instant::now();
+        let mut buf = [0u8; 64];
+        match tokio::time::timeout(wait, stream.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => Some(started.elapsed().as_secs_f64()),
+            _ => None,
+        }
+    }
+
+    #[tokio::test]
+    async fn forwards_over_verified_tls_and_refuses_beyond_the_caps_and_the_deadline() {
+        streaming_core::tls::install_crypto_provider();
+        let prometheus = metrics_exporter_prometheus::PrometheusBuilder::new()
+            .install_recorder()
+            .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        pki(dir.path());
+        let port = ingest(dir.path()).await;
+        let limits = serde_json::json!({
+            "rtmp_connections": 3, "rtmp_connections_per_address": 2, "rtmp_publish_seconds": 1
+        });
+        let config = Arc::new(config(dir.path(), port, limits));
+        let front = Front::new(
+            FrontConfig::load(config).unwrap(),
+            Arc::new(Ingests::default()),
+        );
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let lifecycle = Lifecycle::from_signals().unwrap();
+        tokio::spawn(accept_loop(listener, false, front, lifecycle.clone()));
+
+        // Bytes reach the ingest over TLS (its certificate checked against the CA) and back.
+        let mut publisher = connect(addr).await;
+        publisher.write_all(&[1, 2, 3]).await.unwrap();
+        let mut answer = [0u8; 3];
+        tokio::time::timeout(Duration::from_secs(5), publisher.read_exact(&mut answer))
+            .await
+            .expect("answer through the front")
+            .unwrap();
+        assert_eq!(answer, [2, 3, 4]);
+
+        // A second connection from the address is held; the third is closed at accept.
+        let mut silent = connect(addr).await;
+        let mut third = connect(addr).await;
+        let refused = closed_within(&mut third, Duration::from_secs(3)).await;
+        assert!(refused.is_some(), "per-address cap");
+        // The silent one is closed by the publish deadline (1 s), without an ingest connection.
+        let deadline = closed_within(&mut silent, Duration::from_secs(5)).await;
+        assert!(deadline.is_some_and(|s| s >= 0.9), "{deadline:?}");
+        // The forwarded one is still served.
+        publisher.write_all(&[9]).await.unwrap();
+        let mut one = [0u8; 1];
+        publisher.read_exact(&mut one).await.unwrap();
+        assert_eq!(one, [10]);
+        println!(
+            "per-address refusal after {refused:?} s, publish deadline closed after {deadline:?} s"
+        );
+
+        let rendered = prometheus.render();
+        for needle in [
+            "lb_rtmp_refused_total{reason=\"per_address\"}",
+            "lb_rtmp_refused_total{reason=\"publish_deadline\"}",
+            "lb_rtmp_forwarded_total{ingest=\"ingest1\"}",
+        ] {
+            assert!(rendered.contains(needle), "{needle} missing in {rendered}");
+        }
+        lifecycle.request_shutdown();
+    }
+}
