@@ -45,6 +45,8 @@ impl ObsPublisher {
             .map(|h| h.socket(h.ports.rtmps).to_string())
             .collect();
         anyhow::ensure!(!lbs.is_empty(), "no LB in the cluster");
+        // ffmpeg's own account of each drop, next to the hosts' logs.
+        let log_path = layout.out_file("obs-publisher");
         let stop = Arc::new(AtomicBool::new(false));
         let child: Arc<Mutex<Option<Child>>> = Arc::default();
         let (s, c) = (stop.clone(), child.clone());
@@ -53,6 +55,12 @@ impl ObsPublisher {
             while !s.load(Ordering::SeqCst) {
                 let url = format!("rtmps://{}/live/{CHANNEL}?key={key}", lbs[lb]);
                 let started = Instant::now();
+                let stderr = std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(&log_path)
+                    .map(Stdio::from)
+                    .unwrap_or_else(|_| Stdio::null());
                 let spawned = Command::new("ffmpeg")
                     .args(["-hide_banner", "-loglevel", "error", "-re"])
                     .args(["-f", "lavfi", "-i", "testsrc2=size=640x360:rate=25"])
@@ -62,7 +70,7 @@ impl ObsPublisher {
                     .arg(&url)
                     .stdin(Stdio::null())
                     .stdout(Stdio::null())
-                    .stderr(Stdio::null())
+                    .stderr(stderr)
                     .spawn();
                 match spawned {
                     Ok(child) => *c.lock().unwrap_or_else(|e| e.into_inner()) = Some(child),
@@ -78,6 +86,7 @@ impl ObsPublisher {
                         .as_mut()
                         .is_none_or(|ch| ch.try_wait().ok().flatten().is_some());
                     if exited || s.load(Ordering::SeqCst) {
+                        tracing::info!(lb = %lbs[lb], ran_s = started.elapsed().as_secs_f64(), "publisher's ffmpeg ended");
                         if let Some(mut ch) = slot.take() {
                             let _ = ch.kill();
                             let _ = ch.wait();
