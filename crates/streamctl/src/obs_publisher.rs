@@ -45,8 +45,6 @@ impl ObsPublisher {
             .map(|h| h.socket(h.ports.rtmps).to_string())
             .collect();
         anyhow::ensure!(!lbs.is_empty(), "no LB in the cluster");
-        // ffmpeg's own account of each drop, next to the hosts' logs.
-        let log_path = layout.out_file("obs-publisher");
         let stop = Arc::new(AtomicBool::new(false));
         let child: Arc<Mutex<Option<Child>>> = Arc::default();
         let (s, c) = (stop.clone(), child.clone());
@@ -55,12 +53,6 @@ impl ObsPublisher {
             while !s.load(Ordering::SeqCst) {
                 let url = format!("rtmps://{}/live/{CHANNEL}?key={key}", lbs[lb]);
                 let started = Instant::now();
-                let stderr = std::fs::OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(&log_path)
-                    .map(Stdio::from)
-                    .unwrap_or_else(|_| Stdio::null());
                 let spawned = Command::new("ffmpeg")
                     .args(["-hide_banner", "-loglevel", "error", "-re"])
                     .args(["-f", "lavfi", "-i", "testsrc2=size=640x360:rate=25"])
@@ -70,7 +62,8 @@ impl ObsPublisher {
                     .arg(&url)
                     .stdin(Stdio::null())
                     .stdout(Stdio::null())
-                    .stderr(stderr)
+                    // ffmpeg prints its URL, key included, in its errors.
+                    .stderr(Stdio::null())
                     .spawn();
                 match spawned {
                     Ok(child) => *c.lock().unwrap_or_else(|e| e.into_inner()) = Some(child),
