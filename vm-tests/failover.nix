@@ -112,15 +112,26 @@ in
         # The client is no cluster host: it reads /status with the metrics token, as Prometheus
         # would. TEST ONLY identity, as on the hosts.
         age.secrets.metrics-token.file = "${testSecrets}/metrics-token.age";
+        # The OBS-like publisher of the "publisher's ingest crashes" subtest.
+        age.secrets.stream-key-test.file = "${testSecrets}/stream-key-test.age";
         age.identityPaths = [ "${testSecrets}/test-host.agekey" ];
         environment.systemPackages = [
           streamctl
           pkgs.curl
           pkgs.jq
+          pkgs.ffmpeg-headless
         ];
         # The cluster's names (the hosts resolve them through the common module).
+        # The site name has every LB's address, as its DNS would: publishers use it.
         networking.hosts = lib.foldl' (
-          acc: h: acc // { ${h.address} = (acc.${h.address} or [ ]) ++ [ h.fqdn ]; }
+          acc: h:
+          acc
+          // {
+            ${h.address} =
+              (acc.${h.address} or [ ])
+              ++ [ h.fqdn ]
+              ++ lib.optional (h.role == "lb") anyConfig.cluster.site;
+          }
         ) { } anyConfig.cluster.hosts;
       };
     };
@@ -181,6 +192,7 @@ in
     CA = "${ca}"
     STATE = "${clientState}"
     CHANNEL = "${channel}"
+    SITE = "${anyConfig.cluster.site}"
     LB_URLS = ${builtins.toJSON (map (h: h.url) lbs)}
     HOSTS = ${
       builtins.toJSON (

@@ -1,5 +1,5 @@
 # The VM failover test's script. vm-tests/failover.nix prepends the constants STREAMCTL, CA,
-# STATE, CHANNEL, LB_URLS and HOSTS (name, role, url of every cluster host); the NixOS test
+# STATE, CHANNEL, SITE, LB_URLS and HOSTS (name, role, url of every cluster host); the NixOS test
 # driver provides start_all, subtest, machines and one variable per VM (lb1 ... client).
 #
 # Each fault runs while `streamctl watch` (4 viewers through lb1) and `streamctl chat` (6 chat
@@ -235,6 +235,67 @@ with subtest("the database primary crashes: Patroni fails over, no acked chat me
         f"{patroni_cmd(new_primary, 'cluster')} | grep -o '\"name\"' | wc -l | grep -qx 2",
         timeout=120,
     )
+
+def outside_publisher_on(ingest):
+    return (
+        f"{STATUS_CURL} {url_of(ingest)}/status"
+        f" | jq -e '.channels[\"{CHANNEL}\"] | .outside_publishers > 0 and .live == true'"
+    )
+
+
+def publisher_ingest():
+    for ingest in names("ingest"):
+        status, _ = client.execute(outside_publisher_on(ingest))
+        if status == 0:
+            return ingest
+    return None
+
+
+with subtest("the publisher's ingest crashes: it reconnects through the LBs to the other one"):
+    # One streamer, no test sources: an OBS-like publisher on the site's name (the LBs),
+    # reconnecting 2 s after a drop. ffmpeg takes the TEST ONLY key in its URL.
+    for source in names("source"):
+        vm(source).succeed("systemctl stop streaming-source.service")
+    publish = (
+        "export PATH=/run/current-system/sw/bin:$PATH\n"
+        "while true; do\n"
+        "  ffmpeg -hide_banner -loglevel error -re -f lavfi -i testsrc2=size=640x360:rate=25"
+        " -f lavfi -i sine=frequency=440 -g 50 -c:v libx264 -preset ultrafast -b:v 1000k"
+        " -c:a aac -b:a 96k -f flv"
+        f" \"rtmps://{SITE}:1936/live/{CHANNEL}?key=$(cat /run/agenix/stream-key-test)\"\n"
+        "  sleep 2\n"
+        "done\n"
+    )
+    # A script file: systemd-run would expand `$` in a command line itself.
+    client.succeed(f"cat > /tmp/obs.sh <<'EOF'\n{publish}EOF")
+    client.succeed("systemd-run --unit=obs --property=Type=exec /run/current-system/sw/bin/bash /tmp/obs.sh")
+    client.wait_until_succeeds(
+        " || ".join(f"({outside_publisher_on(i)})" for i in names("ingest")), timeout=120
+    )
+    first = publisher_ingest()
+    assert first is not None, "the publisher is live on no ingest"
+    other = next(i for i in names("ingest") if i != first)
+    # Both ingests carry it (the relay) before the crash.
+    client.wait_until_succeeds(
+        f"{STATUS_CURL} {url_of(other)}/status | jq -e '.channels[\"{CHANNEL}\"].live == true'",
+        timeout=60,
+    )
+    crashed_at = time.time()
+    with_fault(f"publisher-{first}", vm(first).crash, lambda: None)
+    client.wait_until_succeeds(outside_publisher_on(other), timeout=60)
+    print(f"publisher live on {other} again {time.time() - crashed_at:.1f} s after {first} crashed (upper bound)")
+    vm(first).start()
+    vm(first).wait_for_unit("streaming-ingest.service")
+    wait_healthy(first)
+    client.succeed("systemctl stop obs.service")
+    for source in names("source"):
+        vm(source).succeed("systemctl start streaming-source.service")
+    for ingest in names("ingest"):
+        client.wait_until_succeeds(
+            f"{STATUS_CURL} {url_of(ingest)}/status"
+            f" | jq -e '.channels[\"{CHANNEL}\"].active_source == \"source1\"'",
+            timeout=120,
+        )
 
 with subtest("the whole cluster is back"):
     for h in HOSTS:

@@ -102,6 +102,10 @@ pub struct ChannelStatus {
     pub last_slot: Option<u64>,
     pub ffmpeg_restarts: u64,
     pub publishers_connected: usize,
+    /// Outside publishers (OBS: not one of the channel's sources, not a peer's relay)
+    /// connected to this ingest itself. The LBs send a new publisher where this is non-zero,
+    /// and `streamctl status` shows where the channel's publisher is.
+    pub outside_publishers: usize,
     pub segments_live: u64,
     pub segments_slate: u64,
 }
@@ -355,6 +359,7 @@ impl ChannelTask {
                     p.rank = rank_of(Some(&p.key.source), &sources);
                 }
                 self.setup.sources = sources; // applied at the next slot decision
+                self.update_status();
                 let same_shape = config.ladder.len() == self.setup.config.ladder.len()
                     && config
                         .ladder
@@ -579,15 +584,14 @@ impl ChannelTask {
         let prev = slot.saturating_sub(1);
         let mut facts: BTreeMap<SourceKey, SlotFact<SourceKey>> = BTreeMap::new();
         for p in self.publishers.values().filter(|p| p.usable()) {
-            let delivered = p.coverage.covers(clock, prev);
-            facts
-                .entry(p.key.clone())
-                .or_insert_with(|| SlotFact {
-                    key: p.key.clone(),
-                    rank: p.rank,
-                    delivered: false,
-                })
-                .delivered |= delivered;
+            let fact = facts.entry(p.key.clone()).or_insert_with(|| SlotFact {
+                key: p.key.clone(),
+                rank: p.rank,
+                delivered: false,
+                starts: false,
+            });
+            fact.delivered |= p.coverage.covers(clock, prev);
+            fact.starts |= p.coverage.starts(clock, slot);
         }
         let facts: Vec<_> = facts.into_values().collect();
         let chosen = self.selector.decide(&facts);
@@ -832,6 +836,12 @@ impl ChannelTask {
         let mut status = self.shared.status.lock().unwrap_or_else(|e| e.into_inner());
         status.active_source = active.map(|p| p.key.source.clone());
         status.publishers_connected = self.publishers.len();
+        let configured = self.setup.sources.len() as u32;
+        status.outside_publishers = self
+            .publishers
+            .values()
+            .filter(|p| !p.relayed && p.rank >= configured)
+            .count();
         metrics::gauge!("ingest_publishers_connected", "channel" => self.setup.config.name.clone())
             .set(self.publishers.len() as f64);
     }

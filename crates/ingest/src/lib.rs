@@ -48,6 +48,14 @@ fn relay_peers(config: &HostConfig) -> anyhow::Result<Arc<relay::RelayPeers>> {
     Ok(Arc::new(relay::RelayPeers::from_config(config)?))
 }
 
+fn lb_addresses(config: &HostConfig) -> Vec<std::net::IpAddr> {
+    config
+        .cluster
+        .hosts_with_role(streaming_core::config::Role::Lb)
+        .map(|h| h.address.to_canonical())
+        .collect()
+}
+
 fn load_keys(config: &HostConfig) -> StreamKeys {
     StreamKeys::load(
         &config.paths.stream_keys_dir,
@@ -68,6 +76,7 @@ pub async fn run(ctx: ServiceContext) -> anyhow::Result<()> {
     let clock = SlotClock::new(timeline.segment_seconds);
     let cluster_key = read_secret(&config.paths.cluster_key).context("cluster key")?;
     let rtmp = RtmpContext::new(load_keys(&config), &config.cluster.limits);
+    rtmp.set_forwarders(lb_addresses(&config));
     *rtmp.peers.write().unwrap_or_else(|e| e.into_inner()) =
         Some(relay_peers(&config).context("relay peers")?);
     let tls = tls_acceptor(&config).context("RTMPS certificate")?;
@@ -139,6 +148,7 @@ pub async fn run(ctx: ServiceContext) -> anyhow::Result<()> {
                 }
                 *rtmp.keys.write().unwrap_or_else(|e| e.into_inner()) = load_keys(&current);
                 rtmp.set_limits(&current.cluster.limits);
+                rtmp.set_forwarders(lb_addresses(&current));
                 match relay_peers(&current) {
                     Ok(peers) => *rtmp.peers.write().unwrap_or_else(|e| e.into_inner()) = Some(peers),
                     Err(e) => tracing::error!("relay peers reload failed, keeping the old ones: {e:#}"),

@@ -5,6 +5,10 @@
 //! on open connections (a refused connection is closed at once, so idle sockets from one
 //! address cannot lock publishers out), and one deadline from accept to an accepted publish
 //! that covers the TLS handshake and whatever the peer sends, so trickling bytes buys nothing.
+//!
+//! Outside publishers normally arrive through an LB (its RTMP front forwards their bytes), so
+//! the LBs' addresses are exempt from the per-address cap: each LB applies it to the real
+//! client addresses. They still count against the global cap.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -71,6 +75,8 @@ pub struct RtmpContext {
     /// RTMP addresses of the other ingests: publishers that reach only us are relayed there.
     pub peers: RwLock<Option<Arc<RelayPeers>>>,
     limits: RwLock<RtmpLimits>,
+    /// Addresses of the LBs, which carry many publishers each (see the module comment).
+    forwarders: RwLock<Vec<IpAddr>>,
     open: Mutex<OpenConnections>,
     refusals: Mutex<RefusalLog>,
     next_conn: AtomicU64,
@@ -102,6 +108,7 @@ impl RtmpContext {
             channels: RwLock::new(HashMap::new()),
             peers: RwLock::new(None),
             limits: RwLock::new(limits.into()),
+            forwarders: RwLock::default(),
             open: Mutex::default(),
             refusals: Mutex::default(),
             next_conn: AtomicU64::new(1),
@@ -113,6 +120,11 @@ impl RtmpContext {
         *self.limits.write().unwrap_or_else(|e| e.into_inner()) = limits.into();
     }
 
+    /// The LBs' addresses, exempt from the per-address cap.
+    pub fn set_forwarders(&self, addresses: Vec<IpAddr>) {
+        *self.forwarders.write().unwrap_or_else(|e| e.into_inner()) = addresses;
+    }
+
     pub fn limits(&self) -> RtmpLimits {
         *self.limits.read().unwrap_or_else(|e| e.into_inner())
     }
@@ -120,9 +132,21 @@ impl RtmpContext {
     /// Counts a new connection from `ip`, or says which cap refuses it.
     fn admit(self: &Arc<Self>, ip: IpAddr) -> Result<Slot, &'static str> {
         let limits = self.limits();
+        let forwarder = self
+            .forwarders
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains(&ip);
         let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
         if open.total >= limits.connections {
             return Err("connections");
+        }
+        if forwarder {
+            open.total += 1;
+            return Ok(Slot {
+                ctx: self.clone(),
+                ip,
+            });
         }
         let from_ip = open.per_address.entry(ip).or_insert(0);
         if *from_ip >= limits.per_address {
@@ -518,6 +542,17 @@ mod tests {
                 .await
                 .is_some()
         );
+
+        // An LB forwards many publishers from its one address: the per-address cap spares it.
+        ctx.set_forwarders(vec![IpAddr::from([127, 0, 0, 9])]);
+        let mut lb1 = connect_from([127, 0, 0, 9], addr).await;
+        let mut lb2 = connect_from([127, 0, 0, 9], addr).await;
+        let (h1, h2) = tokio::join!(
+            closed_within(&mut lb1, Duration::from_millis(500), false),
+            closed_within(&mut lb2, Duration::from_millis(500), false),
+        );
+        assert_eq!((h1, h2), (None, None), "both held from a forwarder address");
+        drop((lb1, lb2, again));
 
         let rendered = prometheus.render();
         for reason in ["per_address", "connections", "publish_deadline"] {

@@ -8,7 +8,10 @@
 //! - the active source keeps the slot if it delivered slot k, unless a higher-priority source has
 //!   delivered [`RETURN_AFTER_SLOTS`] whole slots in a row (stable again: go back to it);
 //! - otherwise (it missed slot k: killed, hung, network gone) the highest-priority source that
-//!   delivered slot k takes over, so a failover costs at most one slot plus the pipeline.
+//!   delivered slot k takes over, so a failover costs at most one slot plus the pipeline;
+//! - when none did, the highest-priority source that *starts* slot k+1 (its media began before
+//!   the boundary and has reached it) takes it: a publisher that just (re)connected, the only
+//!   source left, goes live at its first whole slot rather than one slot later.
 
 use std::collections::HashMap;
 use std::hash::Hash;
@@ -54,6 +57,15 @@ impl Coverage {
         }
     }
 
+    /// True when the current span began by `slot`'s start and has reached it: the source can
+    /// feed `slot` from its boundary on, if it keeps sending.
+    pub fn starts(&self, clock: SlotClock, slot: u64) -> bool {
+        self.start_ms.is_some_and(|start| {
+            start <= clock.slot_start_ms(slot) + SLOT_EDGE_TOLERANCE_MS
+                && self.last_ms >= clock.slot_start_ms(slot)
+        })
+    }
+
     /// True when the current span covers the whole of `slot`.
     pub fn covers(&self, clock: SlotClock, slot: u64) -> bool {
         self.start_ms.is_some_and(|start| {
@@ -70,6 +82,9 @@ pub struct SlotFact<K> {
     /// Lower is preferred; ties go to the smaller key (identical on every ingest).
     pub rank: u32,
     pub delivered: bool,
+    /// Its media reaches into the slot being decided from before its start (see
+    /// [`Coverage::starts`]); used only when no source delivered the previous slot.
+    pub starts: bool,
 }
 
 /// The per-channel source choice: pure, fed once per slot.
@@ -135,7 +150,13 @@ impl<K: Clone + Eq + Hash + Ord> Selector<K> {
             .filter(|f| f.delivered);
         self.active = match current {
             Some(cur) => best(self.return_after, Some(cur.rank)).or_else(|| Some(cur.key.clone())),
-            None => best(1, None),
+            None => best(1, None).or_else(|| {
+                facts
+                    .iter()
+                    .filter(|f| f.starts)
+                    .min_by(|a, b| (a.rank, &a.key).cmp(&(b.rank, &b.key)))
+                    .map(|f| f.key.clone())
+            }),
         };
         self.streaks = streaks;
         self.active.clone()
@@ -190,7 +211,61 @@ mod tests {
             key,
             rank,
             delivered,
+            starts: delivered,
         }
+    }
+
+    fn starting(key: &'static str, rank: u32) -> SlotFact<&'static str> {
+        SlotFact {
+            key,
+            rank,
+            delivered: false,
+            starts: true,
+        }
+    }
+
+    #[test]
+    fn a_source_that_starts_the_slot_takes_it_only_when_none_delivered_the_last_one() {
+        let mut s = Selector::default();
+        // A publisher joined during the last slot and reaches the boundary: live at once.
+        assert_eq!(s.decide(&[starting("new", 2)]), Some("new"));
+        // It did not deliver a whole slot yet, so a better source that did still goes first...
+        let mut s = Selector::default();
+        assert_eq!(s.decide(&[starting("a", 0), fact("b", 1, true)]), Some("b"));
+        // ...and an active source that delivered keeps its slot against a starting one.
+        assert_eq!(s.decide(&[starting("a", 0), fact("b", 1, true)]), Some("b"));
+        // Among starting sources only, the best rank.
+        let mut s = Selector::default();
+        assert_eq!(s.decide(&[starting("b", 1), starting("a", 0)]), Some("a"));
+        // Nothing reaches the boundary: slate.
+        let mut s = Selector::default();
+        assert_eq!(s.decide(&[fact("a", 0, false)]), None);
+    }
+
+    #[test]
+    fn starts_needs_media_from_before_the_boundary_up_to_it() {
+        let clock = SlotClock::new(2);
+        let k = 882_000_000u64;
+        let start = clock.slot_start_ms(k);
+        let mut c = Coverage::default();
+        // Joined 1.2 s into slot k-1, sending up to 300 ms into slot k.
+        for t in (start - 800..start + 300).step_by(40) {
+            c.observe(t);
+        }
+        assert!(c.starts(clock, k));
+        assert!(!c.covers(clock, k - 1));
+        // Joined after the boundary: it starts only the next slot.
+        let mut late = Coverage::default();
+        for t in (start + 400..start + 700).step_by(40) {
+            late.observe(t);
+        }
+        assert!(!late.starts(clock, k));
+        // Not yet at the boundary.
+        let mut early = Coverage::default();
+        for t in (start - 800..start - 200).step_by(40) {
+            early.observe(t);
+        }
+        assert!(!early.starts(clock, k));
     }
 
     #[test]

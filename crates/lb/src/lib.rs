@@ -1,10 +1,13 @@
-//! The LB: the HTTPS front door. It hands each viewer a signed sticky token naming one
-//! broadcast (chosen by health and free capacity from `/status` polls) and redirects there; it
-//! never carries video.
+//! The LB: the front door. It hands each viewer a signed sticky token naming one broadcast
+//! (chosen by health and free capacity from `/status` polls) and redirects there; it never
+//! carries video to viewers. Publishers' RTMP(S) goes through it to a live ingest
+//! (`rtmp_front`).
 
 pub mod assign;
 pub mod health;
+pub mod ingest_health;
 pub mod routes;
+pub mod rtmp_front;
 
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
@@ -50,9 +53,27 @@ pub async fn run(ctx: ServiceContext) -> anyhow::Result<()> {
         ));
     }
 
-    // SIGHUP: new, removed or drained broadcasts, and the token key, without a restart.
+    let ingests = Arc::new(ingest_health::Ingests::default());
     {
         let current = current.clone();
+        tokio::spawn(ingest_health::poll_loop(
+            ingests.clone(),
+            move || {
+                let c = current.read().unwrap_or_else(|e| e.into_inner());
+                (c.config.clone(), c.client.clone())
+            },
+            ctx.lifecycle.clone(),
+        ));
+    }
+    let front = rtmp_front::Front::new(
+        rtmp_front::FrontConfig::load(Arc::new(ctx.config.clone()))?,
+        ingests,
+    );
+
+    // SIGHUP: new, removed or drained broadcasts and ingests, the token key and the RTMPS
+    // certificate, without a restart.
+    {
+        let (current, front) = (current.clone(), front.clone());
         let mut reloads = ctx.lifecycle.reloads();
         let path = ctx.config_path.clone();
         let name = ctx.config.name.clone();
@@ -68,8 +89,13 @@ pub async fn run(ctx: ServiceContext) -> anyhow::Result<()> {
                         );
                         load(config)
                     });
+                let loaded = loaded.and_then(|new| {
+                    let front_config = rtmp_front::FrontConfig::load(new.config.clone())?;
+                    Ok((new, front_config))
+                });
                 match loaded {
-                    Ok(new) => {
+                    Ok((new, front_config)) => {
+                        front.reload(front_config);
                         let broadcasts = new
                             .config
                             .cluster
@@ -96,5 +122,22 @@ pub async fn run(ctx: ServiceContext) -> anyhow::Result<()> {
     });
     // Give the first poll a moment so the first viewers are not told the cluster is empty.
     tokio::time::sleep(Duration::from_millis(200)).await;
-    ctx.serve_https(app).await
+    let me = ctx.config.me();
+    let rtmp = rtmp_front::serve(
+        me.socket(me.ports.rtmp),
+        false,
+        front.clone(),
+        ctx.lifecycle.clone(),
+    );
+    let rtmps = rtmp_front::serve(
+        me.socket(me.ports.rtmps),
+        true,
+        front,
+        ctx.lifecycle.clone(),
+    );
+    let result = tokio::try_join!(ctx.serve_https(app), rtmp, rtmps);
+    if result.is_err() {
+        ctx.lifecycle.request_shutdown();
+    }
+    result.map(|_| ())
 }

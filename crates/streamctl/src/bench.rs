@@ -115,7 +115,68 @@ pub fn matrix() -> Vec<Fault> {
             &["broadcast1", "ingest1"],
             Mode::Kill,
         ),
+        fault("publisher-ingest-kill", &[PUBLISHER_INGEST], Mode::Kill),
+        fault("publisher-ingest-hang", &[PUBLISHER_INGEST], Mode::Hang),
     ]
+}
+
+/// Stands for the ingest an outside publisher is on. For such a row the sources are stopped
+/// and a single OBS-like publisher publishes through the LBs (`obs_publisher`); the row
+/// measures the slate its fault puts on the timeline, and the sources start again at the
+/// restore.
+pub const PUBLISHER_INGEST: &str = "publisher's ingest";
+
+/// The single-publisher setup of a [`PUBLISHER_INGEST`] row.
+struct PublisherRow {
+    publisher: crate::obs_publisher::ObsPublisher,
+    sources: Vec<String>,
+    ingest: String,
+    slate_before: Vec<(String, u64)>,
+}
+
+impl PublisherRow {
+    async fn setup(state: &std::path::Path) -> anyhow::Result<Self> {
+        let text = streamctl(state, &["status", "--json"])?;
+        let hosts: Vec<serde_json::Value> = serde_json::from_str(&text)?;
+        let sources: Vec<String> = hosts
+            .iter()
+            .filter(|h| h["role"] == "source")
+            .filter_map(|h| h["name"].as_str().map(str::to_owned))
+            .collect();
+        for source in &sources {
+            streamctl(state, &["kill", source])?;
+        }
+        let publisher = crate::obs_publisher::ObsPublisher::start(state)?;
+        let ingest = crate::obs_publisher::wait_live(state, Duration::from_secs(60)).await?;
+        // Both ingests settle on it (the relay) before the viewers start.
+        tokio::time::sleep(Duration::from_secs(6)).await;
+        Ok(Self {
+            publisher,
+            sources,
+            ingest,
+            slate_before: Vec::new(),
+        })
+    }
+
+    /// Slate seconds on the ingests the publisher did not start on, since the fault; then the
+    /// publisher stops and the sources start again.
+    async fn finish(self, state: &std::path::Path, segment_s: f64) -> anyhow::Result<f64> {
+        let after = crate::obs_publisher::slate_counts(state).await;
+        let slate = after
+            .iter()
+            .filter(|(name, _)| *name != self.ingest)
+            .filter_map(|(name, n)| {
+                let before = self.slate_before.iter().find(|(b, _)| b == name)?.1;
+                Some(n.saturating_sub(before))
+            })
+            .max()
+            .unwrap_or(0);
+        drop(self.publisher);
+        for source in &self.sources {
+            streamctl(state, &["start", source])?;
+        }
+        Ok(slate as f64 * segment_s)
+    }
 }
 
 /// What one fault did to the viewers.
@@ -135,6 +196,8 @@ pub struct Row {
     pub whole_again_s: Option<f64>,
     /// Crash: seconds from the crash until the runner had started the service again.
     pub restarted_s: Option<f64>,
+    /// Publisher rows: seconds of slate the fault put on the timeline.
+    pub slate_s: Option<f64>,
 }
 
 impl Row {
@@ -223,6 +286,17 @@ pub async fn run_fault(args: &FailoverArgs, fault: &Fault) -> anyhow::Result<Row
             fault.name
         );
     }
+    let mut publisher = match fault.hosts.as_slice() {
+        [host] if host == PUBLISHER_INGEST => Some(PublisherRow::setup(&state).await?),
+        _ => None,
+    };
+    let fault = &match &publisher {
+        Some(p) => Fault {
+            hosts: vec![p.ingest.clone()],
+            ..fault.clone()
+        },
+        None => fault.clone(),
+    };
     let broadcasts: Vec<String> = {
         let text = streamctl(&state, &["status", "--json"])?;
         let hosts: Vec<serde_json::Value> = serde_json::from_str(&text)?;
@@ -262,6 +336,9 @@ pub async fn run_fault(args: &FailoverArgs, fault: &Fault) -> anyhow::Result<Row
     tokio::time::sleep(Duration::from_secs(args.fault_after)).await;
     tracing::info!(fault = %fault.name, "injecting");
     let before = service_pids(&state, &fault.hosts)?;
+    if let Some(p) = &mut publisher {
+        p.slate_before = crate::obs_publisher::slate_counts(&state).await;
+    }
     let injected = Instant::now();
     inject(&state, fault)?;
     let mut restarted_s = None;
@@ -277,6 +354,10 @@ pub async fn run_fault(args: &FailoverArgs, fault: &Fault) -> anyhow::Result<Row
     tokio::time::sleep(Duration::from_secs(args.fault_for).saturating_sub(injected.elapsed()))
         .await;
     tracing::info!(fault = %fault.name, "restoring");
+    let slate_s = match publisher {
+        Some(p) => Some(p.finish(&state, segment_seconds(&state)).await?),
+        None => None,
+    };
     restore(&state, fault)?;
     if fault.mode != Mode::Crash {
         whole_again_s = wait_whole(&state, Duration::from_secs(60)).await;
@@ -294,7 +375,20 @@ pub async fn run_fault(args: &FailoverArgs, fault: &Fault) -> anyhow::Result<Row
         latency_max_s: report.latency_max_s,
         whole_again_s,
         restarted_s,
+        slate_s,
     })
+}
+
+/// The cluster's segment duration (2 s unless cluster.nix says otherwise).
+fn segment_seconds(state: &std::path::Path) -> f64 {
+    crate::cluster::Layout::new(state)
+        .and_then(|l| l.load_configs())
+        .ok()
+        .and_then(|c| {
+            c.first()
+                .map(|c| f64::from(c.cluster.timeline.segment_seconds))
+        })
+        .unwrap_or(2.0)
 }
 
 /// The service pid of each host (`streamctl status`), to see when a crashed one was replaced.
@@ -362,12 +456,12 @@ pub fn markdown(args: &FailoverArgs, rows: &[Row]) -> String {
         args.fault_after,
         args.fault_for
     );
-    out.push_str("| fault | hosts | viewers | stalls | stall s | errors | failovers | request failures | discontinuities seen | max latency s | restarted by the runner after | whole again after restore |\n");
-    out.push_str("|---|---|---|---|---|---|---|---|---|---|---|---|\n");
+    out.push_str("| fault | hosts | viewers | stalls | stall s | errors | failovers | request failures | discontinuities seen | max latency s | restarted by the runner after | whole again after restore | slate s (single publisher) |\n");
+    out.push_str("|---|---|---|---|---|---|---|---|---|---|---|---|---|\n");
     for r in rows {
         let _ = writeln!(
             out,
-            "| {} | {} | {} | {} | {:.2} | {} | {} | {} | {} | {:.1} | {} | {} |",
+            "| {} | {} | {} | {} | {:.2} | {} | {} | {} | {} | {:.1} | {} | {} | {} |",
             r.fault.name,
             r.fault.hosts.join(" + "),
             r.viewers,
@@ -381,7 +475,8 @@ pub fn markdown(args: &FailoverArgs, rows: &[Row]) -> String {
             r.restarted_s
                 .map_or("-".to_owned(), |s| format!("{s:.1} s")),
             r.whole_again_s
-                .map_or("not within 60 s".to_owned(), |s| format!("{s:.1} s"))
+                .map_or("not within 60 s".to_owned(), |s| format!("{s:.1} s")),
+            r.slate_s.map_or("-".to_owned(), |s| format!("{s:.0}"))
         );
     }
     out

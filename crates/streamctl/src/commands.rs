@@ -475,6 +475,9 @@ pub struct HostStatus {
     /// Ingests: the source currently used, per channel ("channel=source").
     #[serde(skip_serializing_if = "Option::is_none")]
     pub active_source: Option<String>,
+    /// Ingests: the channels whose outside publisher (OBS, through an LB) is connected here.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub publisher_of: Option<Vec<String>>,
     /// Db hosts: Patroni's role (`primary`, `replica`, ...) from its REST `/patroni`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub db_role: Option<String>,
@@ -524,6 +527,9 @@ pub async fn status(args: StatusArgs) -> anyhow::Result<()> {
         }
         if let Some(a) = &s.active_source {
             details.push(format!("source {a}"));
+        }
+        if let Some(channels) = s.publisher_of.as_ref().filter(|c| !c.is_empty()) {
+            details.push(format!("publisher of {}", channels.join(" ")));
         }
         if let Some(role) = &s.db_role {
             let state = s.db_state.as_deref().unwrap_or("?");
@@ -616,6 +622,7 @@ async fn host_status(
         egress_mbps: None,
         free_viewers: None,
         active_source: None,
+        publisher_of: None,
         db_role: None,
         db_state: None,
         db_streaming: None,
@@ -671,7 +678,10 @@ async fn host_status(
             status.egress_mbps = json["egress_mbps"].as_f64();
             status.free_viewers = json["free_viewers"].as_u64();
         }
-        _ => status.active_source = active_source(&json),
+        _ => {
+            status.active_source = active_source(&json);
+            status.publisher_of = Some(publisher_of(&json));
+        }
     }
     status
 }
@@ -691,6 +701,22 @@ pub fn active_source(json: &serde_json::Value) -> Option<String> {
         })
         .collect();
     (!parts.is_empty()).then(|| parts.join(" "))
+}
+
+/// The channels with an outside publisher connected to an ingest, from its `/status`
+/// (`{"channels": {"<name>": {"outside_publishers": n}}}`).
+pub fn publisher_of(json: &serde_json::Value) -> Vec<String> {
+    json.get("channels")
+        .and_then(|c| c.as_object())
+        .into_iter()
+        .flatten()
+        .filter(|(_, v)| {
+            v.get("outside_publishers")
+                .and_then(|n| n.as_u64())
+                .is_some_and(|n| n > 0)
+        })
+        .map(|(name, _)| name.clone())
+        .collect()
 }
 
 /// `streamctl kill`.

@@ -9,7 +9,8 @@
 //! - [`db`]: the database role (etcd, Patroni, PostgreSQL) and who is primary.
 //! - [`watch`]: the HLS viewer simulator; [`client_address`]: each simulated client's own
 //!   loopback address.
-//! - [`bench`]: load and failover benchmarks.
+//! - [`bench`]: load and failover benchmarks; [`obs_publisher`]: the OBS-like publisher of its
+//!   single-publisher rows.
 //! - [`chat`]: the chat load client (`streamctl chat`); [`chat_failover`]: its database
 //!   failover bench.
 
@@ -21,6 +22,7 @@ pub mod client_address;
 pub mod cluster;
 pub mod commands;
 pub mod db;
+pub mod obs_publisher;
 pub mod pki;
 pub mod probe;
 pub mod procs;

@@ -1,0 +1,271 @@
+//! What the LB knows about each ingest, for the RTMP front: whether it answered `/status`
+//! lately, and how many outside publishers (OBS) it holds itself.
+//!
+//! Polled like the broadcasts (same interval, timeout and freshness), so a dead or hung ingest
+//! gets no new publisher within [`MAX_POLL_AGE`] and a publisher forwarded to it is closed then
+//! (it reconnects, as OBS does, and lands on a live one).
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, RwLock};
+use std::time::Instant;
+
+use streaming_core::config::{HostConfig, HostEntry, Role};
+
+use crate::health::{MAX_POLL_AGE, POLL_INTERVAL, POLL_TIMEOUT};
+
+/// An ingest's `/status` is a few hundred bytes per channel.
+const MAX_STATUS_BYTES: usize = 64 * 1024;
+
+/// One ingest as seen by this LB.
+#[derive(Debug, Clone, Default)]
+pub struct IngestHealth {
+    pub last_ok: Option<Instant>,
+    /// Outside publishers connected to it directly, summed over its channels.
+    pub outside_publishers: u64,
+    pub last_error: Option<String>,
+}
+
+impl IngestHealth {
+    pub fn fresh(&self, now: Instant) -> bool {
+        self.last_ok
+            .is_some_and(|t| now.saturating_duration_since(t) < MAX_POLL_AGE)
+    }
+}
+
+/// Shared poll results, by ingest name.
+#[derive(Debug, Default)]
+pub struct Ingests {
+    map: RwLock<BTreeMap<String, IngestHealth>>,
+}
+
+impl Ingests {
+    pub fn snapshot(&self) -> BTreeMap<String, IngestHealth> {
+        self.map.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    pub fn record(&self, name: &str, result: Result<u64, String>, now: Instant) {
+        let mut map = self.map.write().unwrap_or_else(|e| e.into_inner());
+        let entry = map.entry(name.to_owned()).or_default();
+        match result {
+            Ok(outside) => {
+                entry.last_ok = Some(now);
+                entry.outside_publishers = outside;
+                entry.last_error = None;
+            }
+            Err(e) => entry.last_error = Some(e),
+        }
+    }
+
+    fn retain(&self, names: &[String]) {
+        let mut map = self.map.write().unwrap_or_else(|e| e.into_inner());
+        map.retain(|name, _| names.contains(name));
+    }
+
+    /// True when `name` stopped answering while another ingest still answers: its forwarded
+    /// publishers should go elsewhere. When no ingest answers the fault is more likely ours,
+    /// and closing every publisher would not help.
+    pub fn should_leave(&self, name: &str, now: Instant) -> bool {
+        let map = self.map.read().unwrap_or_else(|e| e.into_inner());
+        let stale = map.get(name).is_none_or(|h| !h.fresh(now));
+        stale && map.iter().any(|(n, h)| n != name && h.fresh(now))
+    }
+}
+
+/// The ingests to try for a new publisher, best first: those answering `/status`, the ones
+/// already holding an outside publisher first (a channel's publishers meet on one ingest and a
+/// reconnecting publisher goes back where its channel is), then config order, which every LB
+/// shares, so both LBs pick alike. Ingests that did not answer lately come last, in case our
+/// polls are what fails; drained ones never.
+pub fn ranked(
+    config: &HostConfig,
+    health: &BTreeMap<String, IngestHealth>,
+    now: Instant,
+) -> Vec<HostEntry> {
+    let mut hosts: Vec<(bool, bool, usize, &HostEntry)> = config
+        .cluster
+        .hosts_with_role(Role::Ingest)
+        .filter(|h| !h.drain)
+        .enumerate()
+        .map(|(i, h)| {
+            let seen = health.get(&h.name);
+            let fresh = seen.is_some_and(|s| s.fresh(now));
+            let holds = seen.is_some_and(|s| s.outside_publishers > 0);
+            (!fresh, !(fresh && holds), i, h)
+        })
+        .collect();
+    hosts.sort_by_key(|(stale, empty, i, _)| (*stale, *empty, *i));
+    hosts.into_iter().map(|(_, _, _, h)| h.clone()).collect()
+}
+
+/// Outside publishers in an ingest's `/status`
+/// (`{"channels": {"<name>": {"outside_publishers": n}}}`).
+pub fn outside_publishers(status: &serde_json::Value) -> Result<u64, String> {
+    let channels = status
+        .get("channels")
+        .and_then(|c| c.as_object())
+        .ok_or("status without channels")?;
+    Ok(channels
+        .values()
+        .filter_map(|c| c.get("outside_publishers").and_then(|n| n.as_u64()))
+        .sum())
+}
+
+async fn poll_one(client: &reqwest::Client, url: &str) -> Result<u64, String> {
+    let mut response = client
+        .get(format!("{}/status", url.trim_end_matches('/')))
+        .timeout(POLL_TIMEOUT)
+        .send()
+        .await
+        .map_err(|e| format!("request failed: {e}"))?;
+    if !response.status().is_success() {
+        return Err(format!("HTTP {}", response.status()));
+    }
+    let mut body = Vec::new();
+    while let Some(chunk) = response.chunk().await.map_err(|e| format!("body: {e}"))? {
+        if body.len() + chunk.len() > MAX_STATUS_BYTES {
+            return Err("status larger than 64 KiB".into());
+        }
+        body.extend_from_slice(&chunk);
+    }
+    let json: serde_json::Value =
+        serde_json::from_slice(&body).map_err(|e| format!("bad status JSON: {e}"))?;
+    outside_publishers(&json)
+}
+
+/// Polls every ingest of the current config, in parallel, once per [`POLL_INTERVAL`].
+pub async fn poll_loop(
+    ingests: Arc<Ingests>,
+    config: impl Fn() -> (Arc<HostConfig>, reqwest::Client),
+    lifecycle: streaming_core::lifecycle::Lifecycle,
+) {
+    let mut tick = tokio::time::interval(POLL_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut was_fresh: BTreeMap<String, bool> = BTreeMap::new();
+    loop {
+        tokio::select! {
+            _ = lifecycle.shutdown() => break,
+            _ = tick.tick() => {}
+        }
+        let (config, client) = config();
+        let targets: Vec<(String, String)> = config
+            .cluster
+            .hosts_with_role(Role::Ingest)
+            .map(|h| (h.name.clone(), h.url.clone()))
+            .collect();
+        ingests.retain(&targets.iter().map(|(n, _)| n.clone()).collect::<Vec<_>>());
+        let mut polls = tokio::task::JoinSet::new();
+        for (name, url) in targets {
+            let client = client.clone();
+            polls.spawn(async move { (name, poll_one(&client, &url).await) });
+        }
+        while let Some(done) = polls.join_next().await {
+            let Ok((name, result)) = done else { continue };
+            let outcome = if result.is_ok() { "ok" } else { "failed" };
+            metrics::counter!("lb_ingest_polls_total", "ingest" => name.clone(), "result" => outcome)
+                .increment(1);
+            ingests.record(&name, result, Instant::now());
+        }
+        let now = Instant::now();
+        for (name, h) in ingests.snapshot() {
+            let fresh = h.fresh(now);
+            metrics::gauge!("lb_ingest_eligible", "ingest" => name.clone()).set(if fresh {
+                1.0
+            } else {
+                0.0
+            });
+            if was_fresh.insert(name.clone(), fresh) != Some(fresh) {
+                if fresh {
+                    tracing::info!(ingest = %name, "ingest answers: publishers may go there");
+                } else {
+                    let reason = h.last_error.as_deref().unwrap_or("no answer yet");
+                    tracing::warn!(ingest = %name, reason, "ingest not answering: no new publishers there");
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config() -> HostConfig {
+        let host = |name: &str, role: &str, last: u8, drain: bool| {
+            serde_json::json!({
+                "name": name, "role": role, "fqdn": format!("{name}.x"),
+                "address": format!("127.85.4.{last}"),
+                "ports": {"https": 8443, "rtmp": 1935, "rtmps": 1936, "patroni": 8008,
+                          "postgres": 5432, "etcd_client": 2379, "etcd_peer": 2380},
+                "url": format!("https://127.85.4.{last}:8443/"), "uplink_mbps": null,
+                "preferred_ingest": null, "channel": null, "priority": null,
+                "etcd_witness": false, "drain": drain
+            })
+        };
+        serde_json::from_value(serde_json::json!({
+            "name": "lb1",
+            "cluster": {
+                "site": "s", "profile": "local", "site_urls": ["https://127.85.1.1:8443"],
+                "timeline": {"segment_seconds": 2, "playlist_segments": 6, "cache_segments": 12, "primary_return_seconds": 6},
+                "hosts": [host("lb1", "lb", 1, false),
+                          host("ingest1", "ingest", 11, false),
+                          host("ingest2", "ingest", 12, false),
+                          host("ingest3", "ingest", 13, true)],
+                "channels": [{"name": "test", "fps": 25, "preset": "ultrafast", "audio_kbps": 96,
+                              "ladder": [{"name": "360p", "width": 640, "height": 360, "video_kbps": 800}]}],
+                "database": {"name": "streaming", "user": "streaming", "ttl": 10}
+            },
+            "paths": {"state_dir": "/x", "log_dir": null, "tls_cert": "/x", "tls_key": "/x", "ca_cert": "/x",
+                      "token_key": "/x", "cluster_key": "/x", "stream_keys_dir": "/x", "db_password": "/x",
+                      "db_superuser_password": "/x", "db_replication_password": "/x", "admin_password": "/x"},
+            "telemetry": {"json_logs": false, "otlp_endpoint": null}
+        }))
+        .unwrap()
+    }
+
+    fn names(hosts: &[HostEntry]) -> Vec<&str> {
+        hosts.iter().map(|h| h.name.as_str()).collect()
+    }
+
+    #[test]
+    fn publishers_go_where_their_channel_is_and_never_to_a_silent_ingest_first() {
+        let config = config();
+        let ingests = Ingests::default();
+        let now = Instant::now();
+        // Nothing known yet: config order, drained ingest3 never.
+        assert_eq!(
+            names(&ranked(&config, &ingests.snapshot(), now)),
+            ["ingest1", "ingest2"]
+        );
+        ingests.record("ingest1", Ok(0), now);
+        ingests.record("ingest2", Ok(1), now);
+        assert_eq!(
+            names(&ranked(&config, &ingests.snapshot(), now)),
+            ["ingest2", "ingest1"]
+        );
+        // ingest2 stops answering: last, and its publishers should leave it.
+        let later = now + MAX_POLL_AGE;
+        ingests.record("ingest1", Ok(0), later);
+        ingests.record("ingest2", Err("timed out".into()), later);
+        assert_eq!(
+            names(&ranked(&config, &ingests.snapshot(), later)),
+            ["ingest1", "ingest2"]
+        );
+        assert!(ingests.should_leave("ingest2", later));
+        assert!(!ingests.should_leave("ingest1", later));
+        // Nobody answers (our own network?): nobody is left.
+        let much_later = later + MAX_POLL_AGE;
+        assert!(!ingests.should_leave("ingest2", much_later));
+        assert!(!ingests.should_leave("ingest1", much_later));
+    }
+
+    #[test]
+    fn outside_publishers_are_summed_over_channels() {
+        let status = serde_json::json!({"name": "ingest1", "role": "ingest", "channels": {
+            "a": {"outside_publishers": 1, "active_source": "plain"},
+            "b": {"outside_publishers": 2},
+            "c": {}
+        }});
+        assert_eq!(outside_publishers(&status), Ok(3));
+        assert!(outside_publishers(&serde_json::json!({"name": "x"})).is_err());
+    }
+}
