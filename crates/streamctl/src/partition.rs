@@ -153,7 +153,7 @@ pub fn ruleset(prefix: &str, hosts: &[HostNet], cuts: &[Cut]) -> String {
     let table = table_name(prefix);
     let mut out = format!(
         "table inet {table} {{}}\ndelete table inet {table}\ntable inet {table} {{\n\
-         \tchain mark {{\n\t\ttype filter hook output priority 0; policy accept;\n"
+         \tchain tag_hosts {{\n\t\ttype filter hook output priority 0; policy accept;\n"
     );
     for host in hosts {
         if let Some((path, level)) = &host.cgroup {
@@ -163,7 +163,7 @@ pub fn ruleset(prefix: &str, hosts: &[HostNet], cuts: &[Cut]) -> String {
             ));
         }
     }
-    out.push_str("\t}\n\tchain cut {\n\t\ttype filter hook input priority 0; policy accept;\n");
+    out.push_str("\t}\n\tchain drop_cuts {\n\t\ttype filter hook input priority 0; policy accept;\n");
     let Ok(cluster) = format!("{prefix}.0.0").parse::<Ipv4Addr>() else {
         return out + "\t}\n}\n";
     };
