@@ -163,7 +163,9 @@ pub fn ruleset(prefix: &str, hosts: &[HostNet], cuts: &[Cut]) -> String {
             ));
         }
     }
-    out.push_str("\t}\n\tchain drop_cuts {\n\t\ttype filter hook input priority 0; policy accept;\n");
+    out.push_str(
+        "\t}\n\tchain drop_cuts {\n\t\ttype filter hook input priority 0; policy accept;\n",
+    );
     let Ok(cluster) = format!("{prefix}.0.0").parse::<Ipv4Addr>() else {
         return out + "\t}\n}\n";
     };
@@ -577,7 +579,7 @@ mod tests {
             from: vec![VIEWERS.into()],
             one_way: false,
         };
-        let text = ruleset("127.92", &hosts(), &[cut.clone()]);
+        let text = ruleset("127.92", &hosts(), std::slice::from_ref(&cut));
         assert!(text.contains(
             "ct original ip saddr 127.92.100.0-127.92.255.255 ct original ip daddr 127.92.2.1 drop"
         ));
