@@ -9,7 +9,7 @@
 
 use std::path::Path;
 use std::process::Command;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
@@ -121,7 +121,18 @@ fn partitions_cut_hosts_and_a_cut_off_primary_steps_down_without_losing_acked_ch
         "{status:#}"
     );
     run(streamctl().args(["heal", "--state"]).arg(&state));
-    assert_eq!(healthz(&ca, &b2), Ok(200), "healed broadcast2");
+    // Healthy again once it has pulled a fresh segment from an ingest.
+    let healed_at = Instant::now();
+    let mut last = healthz(&ca, &b2);
+    while last != Ok(200) && healed_at.elapsed() < Duration::from_secs(30) {
+        std::thread::sleep(Duration::from_millis(250));
+        last = healthz(&ca, &b2);
+    }
+    assert_eq!(last, Ok(200), "broadcast2 not healthy 30 s after the heal");
+    eprintln!(
+        "broadcast2 healthy {:.1} s after the heal",
+        healed_at.elapsed().as_secs_f64()
+    );
 
     // The primary cut off from its replica and etcd while chat clients write through it.
     let output = run(streamctl()
