@@ -178,9 +178,12 @@ fn partitions_cut_hosts_and_a_cut_off_primary_steps_down_without_losing_acked_ch
         "two primaries at once: {fault:#}"
     );
     assert_eq!(fault["took_leader_back"], false, "{fault:#}");
+    // The primary's etcd member is often the etcd leader; the new leader then renews every
+    // lease, the old primary's leader key included, so the replica may wait an election plus
+    // a whole ttl more than after a kill.
     assert!(
-        number(&fault["outage_s"]) <= ttl + 5.0,
-        "write outage beyond ttl + 5 s: {fault:#}"
+        number(&fault["outage_s"]) <= 2.0 * ttl + 5.0,
+        "write outage beyond 2 ttl + 5 s: {fault:#}"
     );
     assert!(
         fault["sync_after_restore_s"].is_number(),
