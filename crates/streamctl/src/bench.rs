@@ -410,7 +410,7 @@ async fn wait_restarted(
     None
 }
 
-/// The hosts column: `db1 cut from db2 lb1`, `lb1 cut from everyone`, `lb1 + broadcast1`.
+/// The hosts column: `db1 cut from db, lb1`, `lb1 cut from everyone`, `lb1 + broadcast1`.
 fn what_was_hit(row: &Row) -> String {
     let hosts = row.hosts.join(" + ");
     if row.fault.mode != Mode::Partition {
@@ -419,7 +419,7 @@ fn what_was_hit(row: &Row) -> String {
     let from = if row.fault.from.is_empty() {
         "everyone".to_owned()
     } else {
-        row.fault.from.join(" ")
+        row.fault.from.join(", ")
     };
     format!("{hosts} cut from {from}")
 }
