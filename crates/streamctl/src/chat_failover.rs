@@ -425,7 +425,10 @@ async fn one_fault(
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    let took_leader_back = leader_after_restore.as_deref() == Some(host.as_str());
+    // Only after a promotion elsewhere: a host that stayed the only candidate (nobody was
+    // promoted while it was away) rewinds nothing by leading again.
+    let took_leader_back =
+        new_primary.is_some() && leader_after_restore.as_deref() == Some(host.as_str());
     if took_leader_back {
         eprintln!(
             "bench: {name}: {host} TOOK THE LEADER BACK after its restore: the new primary's \
