@@ -3,12 +3,21 @@ use std::process::ExitCode;
 use clap::Parser;
 
 fn main() -> ExitCode {
-    // `streamctl status | head` must end quietly, not panic on a closed pipe.
-    // SAFETY: called before any thread starts; restores the default disposition.
-    unsafe {
-        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
-    }
     let cli = streaming_streamctl::Cli::parse();
+    // `streamctl status | head` must end quietly, not panic on a closed pipe. Long-running
+    // clients keep SIGPIPE ignored: rustls writes with writev, which (unlike send) raises
+    // SIGPIPE when the peer reset the connection, and a killed host must not kill a bench.
+    use streaming_streamctl::Command as C;
+    let long_running = matches!(
+        cli.command,
+        C::Bench(_) | C::Watch(_) | C::Chat(_) | C::Up(_)
+    );
+    if !long_running {
+        // SAFETY: called before any thread starts; restores the default disposition.
+        unsafe {
+            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        }
+    }
     streaming_core::tls::install_crypto_provider();
     tracing_init();
     let runtime = match tokio::runtime::Runtime::new() {

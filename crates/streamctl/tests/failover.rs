@@ -163,7 +163,14 @@ fn any_one_host_may_fail_and_the_topology_may_change() {
         a.seq
     );
 
-    // The failover matrix, short windows: every fault once, 0 stalls and 0 errors.
+    // The failover matrix, short windows: every fault once, 0 stalls and 0 errors; but the
+    // rows other end-to-end tests already run with the same assertions (the publisher's
+    // ingest: publish_failover; the cut-off database primary: partition), to keep CI short.
+    let rows_run: Vec<String> = streaming_streamctl::bench::matrix()
+        .into_iter()
+        .map(|f| f.name)
+        .filter(|n| !n.starts_with("publisher-") && !n.starts_with("db-primary-cut"))
+        .collect();
     let rows = json_of(&run(streamctl()
         .args([
             "bench",
@@ -177,11 +184,13 @@ fn any_one_host_may_fail_and_the_topology_may_change() {
             "5",
             "--fault-for",
             "6",
+            "--only",
+            &rows_run.join(","),
             "--state",
         ])
         .arg(&state)));
     let rows = rows.as_array().unwrap();
-    assert_eq!(rows.len(), 14, "every fault of the matrix ran");
+    assert_eq!(rows.len(), rows_run.len(), "every fault asked for ran");
     for row in rows {
         let name = &row["fault"]["name"];
         assert_eq!(row["stalls"], 0, "{name}: {row:#}");
