@@ -222,7 +222,7 @@ pub fn compare(acked: &[AckedMessage], rows: &[(String, String, i64)]) -> Vec<St
 }
 
 /// Reads this run's messages from the primary as the services' role and checks every ack.
-async fn check_db(
+pub(crate) async fn check_db(
     layout: &Layout,
     dbs: &[HostEntry],
     primary: &str,
@@ -421,7 +421,7 @@ async fn one_fault(
     })
 }
 
-async fn wait_for_primary(
+pub(crate) async fn wait_for_primary(
     http: &reqwest::Client,
     cluster: &ClusterConfig,
     dbs: &[HostEntry],

@@ -9,11 +9,12 @@
 //! - [`db`]: the database role (etcd, Patroni, PostgreSQL) and who is primary.
 //! - [`watch`]: the HLS viewer simulator; [`client_address`]: each simulated client's own
 //!   loopback address.
-//! - [`bench`]: load and failover benchmarks.
+//! - [`bench`]: load and failover benchmarks; [`chaos`]: the random fault schedule.
 //! - [`chat`]: the chat load client (`streamctl chat`); [`chat_failover`]: its database
 //!   failover bench.
 
 pub mod bench;
+pub mod chaos;
 pub mod chat;
 pub mod chat_failover;
 pub mod cli;
