@@ -6,10 +6,10 @@
 //! - [`whole`]: when the cluster is whole again.
 //! - [`report`]: per step and total figures, JSON and the Markdown page.
 //!
-//! Each step gets its own viewers (the local runner's LBs, as a browser would enter) and chat
-//! clients (new accounts), started before the first fault and stopped once the cluster is whole
-//! again, so every figure belongs to one step. The acked messages of the step are then looked
-//! up in PostgreSQL.
+//! Each step gets its own viewers (spread over every broadcast, failing over through every LB
+//! in turn, as the page does) and chat clients (new accounts, entering through the LBs), started
+//! before the first fault and stopped once the cluster is whole again, so every figure belongs
+//! to one step. The acked messages of the step are then looked up in PostgreSQL.
 
 pub mod inject;
 pub mod report;
@@ -138,6 +138,7 @@ struct StepContext {
     db_http: reqwest::Client,
     cluster: streaming_core::config::ClusterConfig,
     dbs: Vec<streaming_core::config::HostEntry>,
+    broadcasts: Vec<String>,
 }
 
 pub async fn run(args: ChaosArgs) -> anyhow::Result<()> {
@@ -183,7 +184,16 @@ pub async fn bench(
     let any = configs.first().context("no host config in the state dir")?;
     let cluster = any.cluster.clone();
     let dbs: Vec<_> = cluster.hosts_with_role(Role::Db).cloned().collect();
+    let broadcasts: Vec<String> = targets(&layout)?
+        .into_iter()
+        .filter(|t| t.role == Role::Broadcast)
+        .map(|t| t.name)
+        .collect();
+    if broadcasts.is_empty() {
+        bail!("the cluster has no broadcast to watch");
+    }
     let ctx = StepContext {
+        broadcasts,
         chat: ChatTarget::resolve(None, &args.state, None, None)?,
         ack_timeout: Duration::from_secs(u64::from(cluster.database.ttl) + 10),
         db_http: crate::db::rest_client(any)?,
@@ -279,7 +289,8 @@ async fn run_step(ctx: &StepContext, step: &Step) -> anyhow::Result<StepRow> {
         seconds: args.lead_in + step.length_s().ceil() as u64 + args.settle,
         viewers: args.viewers,
         renditions: "all".into(),
-        pin: None,
+        // Spread over every broadcast, so a broadcast's fault always has viewers to move.
+        pin: Some(ctx.broadcasts.join(",")),
         json: true,
     };
     let viewers = tokio::spawn(async move { crate::watch::watch(&watch_args).await });
@@ -295,6 +306,10 @@ async fn run_step(ctx: &StepContext, step: &Step) -> anyhow::Result<StepRow> {
             match inject::inject(&state, &fault).await {
                 Ok(line) => lines.push(line),
                 Err(e) => errors.push(format!("{fault}: inject: {e:#}")),
+            }
+            if inject::restores_itself(&fault) {
+                // "Whole again" then counts from the crash.
+                return (lines, errors);
             }
             tokio::time::sleep(Duration::from_secs_f64(fault.restore_after_s)).await;
             match inject::restore(&state, &fault).await {

@@ -195,7 +195,8 @@ pub fn markdown(report: &ChaosReport) -> String {
         "Made by `{}` against a local cluster started with `streamctl up` (2-core machine). \
          Seed {}: {} faults in {} steps (a pair is two hosts of different roles at once), \
          each restored after {:.0}-{:.0} s (a crashed service is restarted by the runner). \
-         During each step {} viewers watch through the LBs and {} chat clients send {} msg/s; \
+         During each step {} viewers spread over every broadcast (failing over through the LBs) \
+         watch and {} chat clients send {} msg/s; \
          the next step starts once the cluster is whole again (every host up and healthy, the \
          database primary streaming to its replica). Lost and duplicated chat messages are \
          checked in PostgreSQL after each step.\n",
