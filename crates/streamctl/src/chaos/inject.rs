@@ -25,14 +25,9 @@ pub async fn inject(state: &Path, fault: &Fault) -> anyhow::Result<String> {
     blocking(move || commands::kill_host(&args)).await
 }
 
-/// The runner restarts a crashed service by itself: nobody restores it.
-pub fn restores_itself(fault: &Fault) -> bool {
-    fault.kind == Kind::Crash && fault.role != Role::Db
-}
-
 /// Undoes the fault, if anybody but the runner has to; the operator line, if any.
 pub async fn restore(state: &Path, fault: &Fault) -> anyhow::Result<Option<String>> {
-    if restores_itself(fault) {
+    if fault.restores_itself() {
         return Ok(None);
     }
     let args = StartArgs {

@@ -307,7 +307,7 @@ async fn run_step(ctx: &StepContext, step: &Step) -> anyhow::Result<StepRow> {
                 Ok(line) => lines.push(line),
                 Err(e) => errors.push(format!("{fault}: inject: {e:#}")),
             }
-            if inject::restores_itself(&fault) {
+            if fault.restores_itself() {
                 // "Whole again" then counts from the crash.
                 return (lines, errors);
             }

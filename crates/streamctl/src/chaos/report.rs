@@ -265,7 +265,8 @@ pub fn markdown(report: &ChaosReport) -> String {
     }
     let _ = writeln!(
         out,
-        "\nResult: {}.\n\nThe schedule (start offsets within a step, durations until the restore):\n\n```\n{}```",
+        "\nResult: {}.\n\nThe schedule (start offsets within a step, durations until the restore; a crashed \
+         service is restarted by the runner):\n\n```\n{}```",
         if report.passed {
             "PASSED (0 stalls, 0 viewer errors, 0 acked messages lost, missed or duplicated)"
         } else {

@@ -60,13 +60,33 @@ pub struct Fault {
     pub restore_after_s: f64,
 }
 
+impl Fault {
+    /// The runner restarts a crashed service by itself: nobody restores it, and its drawn
+    /// duration is not used.
+    pub fn restores_itself(&self) -> bool {
+        self.kind == Kind::Crash && self.role != Role::Db
+    }
+
+    /// Seconds from the step's first fault until this one is over (restored, or crashed).
+    pub fn end_s(&self) -> f64 {
+        if self.restores_itself() {
+            self.start_s
+        } else {
+            self.start_s + self.restore_after_s
+        }
+    }
+}
+
 impl fmt::Display for Fault {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{} {}", self.kind, self.host)?;
         if self.start_s > 0.0 {
             write!(f, " at +{:.1} s", self.start_s)?;
         }
-        write!(f, " for {:.1} s", self.restore_after_s)
+        if !self.restores_itself() {
+            write!(f, " for {:.1} s", self.restore_after_s)?;
+        }
+        Ok(())
     }
 }
 
@@ -81,10 +101,7 @@ pub struct Step {
 impl Step {
     /// Seconds from the first fault until the last restore.
     pub fn length_s(&self) -> f64 {
-        self.faults
-            .iter()
-            .map(|f| f.start_s + f.restore_after_s)
-            .fold(0.0, f64::max)
+        self.faults.iter().map(Fault::end_s).fold(0.0, f64::max)
     }
 
     pub fn label(&self) -> String {
