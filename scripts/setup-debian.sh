@@ -22,6 +22,8 @@ command -v etcd >/dev/null || need+=(etcd-server)
 /usr/bin/python3 -c 'import idna' 2>/dev/null || need+=(python3-idna)
 # The browser test drives Debian's chromium with playwright-core.
 [ -x /usr/bin/chromium ] || need+=(chromium)
+# Network partitions of the local runner (`streamctl partition`) are nftables rules.
+command -v nft >/dev/null || [ -x /usr/sbin/nft ] || need+=(nftables)
 
 if [ ${#need[@]} -gt 0 ]; then
   echo "setup: installing ${need[*]}"

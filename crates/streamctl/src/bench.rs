@@ -79,7 +79,13 @@ pub enum Mode {
     /// SIGABRT of the host's service only (a stack overflow, any abort): the local runner
     /// restarts it, as systemd would.
     Crash,
+    /// A network cut (`streamctl partition`): the host is cut off from `Fault::from` (empty:
+    /// from everyone, viewers included); `streamctl heal` restores it.
+    Partition,
 }
+
+/// Stands for the database primary of the moment in [`Fault::hosts`].
+pub const DB_PRIMARY: &str = "db-primary";
 
 /// A fault of the matrix: one or more hosts failing together.
 #[derive(Debug, Clone, Serialize)]
@@ -89,17 +95,27 @@ pub struct Fault {
     pub mode: Mode,
     /// The broadcast whose path the fault is on: some viewers are pinned there.
     pub path: String,
+    /// Partitions: the hosts and roles cut from (`--from`); empty: everyone.
+    pub from: Vec<String>,
 }
 
-/// The matrix of the issue: kill and hang of lb1, the viewers' broadcast, its preferred ingest
-/// and source1; kill and hang of the transcoder of one ingest; one broadcast and one ingest at
-/// once.
+/// The matrix: kill and hang of lb1, the viewers' broadcast, its preferred ingest and source1;
+/// kill and hang of the transcoder of one ingest; a crash; double faults (a broadcast, an LB or
+/// both ingests' preferred source with an ingest; an LB with the viewers' broadcast); network
+/// partitions (one host of each role cut off from everyone, and the asymmetric cuts: a
+/// broadcast that reaches its ingests but not the LBs, an ingest that reaches the broadcasts
+/// but not its peer, the database primary cut off from its replica and etcd).
 pub fn matrix() -> Vec<Fault> {
     let fault = |name: &str, hosts: &[&str], mode: Mode| Fault {
         name: name.to_owned(),
         hosts: hosts.iter().map(|h| (*h).to_owned()).collect(),
         mode,
         path: "broadcast1".to_owned(),
+        from: Vec::new(),
+    };
+    let cut = |name: &str, host: &str, from: &[&str]| Fault {
+        from: from.iter().map(|h| (*h).to_owned()).collect(),
+        ..fault(name, &[host], Mode::Partition)
     };
     vec![
         fault("lb1-kill", &["lb1"], Mode::Kill),
@@ -118,13 +134,50 @@ pub fn matrix() -> Vec<Fault> {
             &["broadcast1", "ingest1"],
             Mode::Kill,
         ),
+        fault("lb1+broadcast-kill", &["lb1", "broadcast1"], Mode::Kill),
+        fault("lb1+ingest-kill", &["lb1", "ingest1"], Mode::Kill),
+        fault("source1+ingest-kill", &["source1", "ingest1"], Mode::Kill),
+        cut("lb1-cut", "lb1", &[]),
+        cut("broadcast-cut", "broadcast1", &[]),
+        cut("ingest-cut", "ingest1", &[]),
+        cut("source1-cut", "source1", &[]),
+        cut("db-primary-cut", DB_PRIMARY, &[]),
+        cut("broadcast-cut-from-lbs", "broadcast1", &["lb"]),
+        cut("ingest-cut-from-peer", "ingest1", &["ingest2"]),
+        // The primary keeps its clients (the broadcasts) but loses its replica and every etcd
+        // member but its own: it must step down before the replica is promoted.
+        cut(
+            "db-primary-cut-from-db-and-etcd",
+            DB_PRIMARY,
+            &["db", "lb1"],
+        ),
     ]
+}
+
+/// The hosts a fault acts on now: [`DB_PRIMARY`] becomes the current primary.
+async fn resolve_hosts(state: &std::path::Path, fault: &Fault) -> anyhow::Result<Vec<String>> {
+    let mut hosts = Vec::new();
+    for host in &fault.hosts {
+        if host == DB_PRIMARY {
+            let configs = crate::cluster::Layout::new(state)?.load_configs()?;
+            hosts.push(
+                crate::db::primary(&configs)
+                    .await
+                    .context("no database primary to cut off")?,
+            );
+        } else {
+            hosts.push(host.clone());
+        }
+    }
+    Ok(hosts)
 }
 
 /// What one fault did to the viewers.
 #[derive(Debug, Clone, Serialize)]
 pub struct Row {
     pub fault: Fault,
+    /// The hosts the fault hit ([`DB_PRIMARY`] resolved).
+    pub hosts: Vec<String>,
     pub viewers: usize,
     pub stalls: u64,
     pub stall_s: f64,
@@ -192,26 +245,39 @@ async fn wait_whole(state: &std::path::Path, limit: Duration) -> Option<f64> {
     None
 }
 
-fn inject(state: &std::path::Path, fault: &Fault) -> anyhow::Result<()> {
-    for host in &fault.hosts {
+fn inject(state: &std::path::Path, fault: &Fault, hosts: &[String]) -> anyhow::Result<()> {
+    for host in hosts {
         match fault.mode {
             Mode::Kill => streamctl(state, &["kill", host])?,
             Mode::Hang => streamctl(state, &["kill", host, "--hang"])?,
             Mode::Ffmpeg => streamctl(state, &["kill", host, "--ffmpeg"])?,
             Mode::FfmpegHang => streamctl(state, &["kill", host, "--ffmpeg", "--hang"])?,
             Mode::Crash => streamctl(state, &["kill", host, "--crash"])?,
+            Mode::Partition => {
+                let mut args = vec!["partition", host.as_str()];
+                for peer in &fault.from {
+                    args.extend(["--from", peer.as_str()]);
+                }
+                streamctl(state, &args)?
+            }
         };
     }
     Ok(())
 }
 
-fn restore(state: &std::path::Path, fault: &Fault) -> anyhow::Result<()> {
+fn restore(state: &std::path::Path, fault: &Fault, hosts: &[String]) -> anyhow::Result<()> {
+    if fault.mode == Mode::Partition {
+        for host in hosts {
+            streamctl(state, &["heal", host])?;
+        }
+        return Ok(());
+    }
     if matches!(fault.mode, Mode::Ffmpeg | Mode::FfmpegHang | Mode::Crash) {
         // The ingest restarts its own transcoder (killing a hung one first); the runner
         // restarts a crashed service.
         return Ok(());
     }
-    for host in &fault.hosts {
+    for host in hosts {
         streamctl(state, &["start", host])?;
     }
     Ok(())
@@ -263,9 +329,10 @@ pub async fn run_fault(args: &FailoverArgs, fault: &Fault) -> anyhow::Result<Row
     let viewers_task = tokio::spawn(async move { watch(&watch_args).await });
     tokio::time::sleep(Duration::from_secs(args.fault_after)).await;
     tracing::info!(fault = %fault.name, "injecting");
-    let before = service_pids(&state, &fault.hosts)?;
+    let hosts = resolve_hosts(&state, fault).await?;
+    let before = service_pids(&state, &hosts)?;
     let injected = Instant::now();
-    inject(&state, fault)?;
+    inject(&state, fault, &hosts)?;
     let mut restarted_s = None;
     let mut whole_again_s = None;
     if fault.mode == Mode::Crash {
@@ -279,13 +346,14 @@ pub async fn run_fault(args: &FailoverArgs, fault: &Fault) -> anyhow::Result<Row
     tokio::time::sleep(Duration::from_secs(args.fault_for).saturating_sub(injected.elapsed()))
         .await;
     tracing::info!(fault = %fault.name, "restoring");
-    restore(&state, fault)?;
+    restore(&state, fault, &hosts)?;
     if fault.mode != Mode::Crash {
         whole_again_s = wait_whole(&state, Duration::from_secs(60)).await;
     }
     let report: WatchReport = viewers_task.await.context("viewer task")??;
     Ok(Row {
         fault: fault.clone(),
+        hosts,
         viewers: report.viewers,
         stalls: report.stalls,
         stall_s: report.stall_s,
@@ -345,6 +413,20 @@ async fn wait_restarted(
     None
 }
 
+/// The hosts column: `db1 cut from db2 lb1`, `lb1 cut from everyone`, `lb1 + broadcast1`.
+fn what_was_hit(row: &Row) -> String {
+    let hosts = row.hosts.join(" + ");
+    if row.fault.mode != Mode::Partition {
+        return hosts;
+    }
+    let from = if row.fault.from.is_empty() {
+        "everyone".to_owned()
+    } else {
+        row.fault.from.join(" ")
+    };
+    format!("{hosts} cut from {from}")
+}
+
 /// The Markdown table, with the command that made it.
 pub fn markdown(args: &FailoverArgs, rows: &[Row]) -> String {
     let mut out = String::from("# Failover matrix\n\n");
@@ -355,7 +437,10 @@ pub fn markdown(args: &FailoverArgs, rows: &[Row]) -> String {
          spread over every broadcast plus one pinned to the faulty host's path watch for {} s; the \
          fault starts after {} s and the host is restored (`streamctl start`) {} s later; a \
          crashed service is restarted by the runner (1 s backoff), and its \"whole again\" counts \
-         from the crash.\n",
+         from the crash. A cut (`streamctl partition HOST [--from HOST|ROLE]`: nftables drops \
+         the host's connections to and from them, existing ones included; from everyone: \
+         viewers too) is lifted with `streamctl heal` instead of a restore. `db-primary` is \
+         the database primary when the fault starts.\n",
         args.viewers,
         args.seconds,
         args.fault_after,
@@ -371,7 +456,7 @@ pub fn markdown(args: &FailoverArgs, rows: &[Row]) -> String {
             out,
             "| {} | {} | {} | {} | {:.2} | {} | {} | {} | {} | {:.1} | {} | {} |",
             r.fault.name,
-            r.fault.hosts.join(" + "),
+            what_was_hit(r),
             r.viewers,
             r.stalls,
             r.stall_s,

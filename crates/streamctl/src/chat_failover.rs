@@ -52,10 +52,14 @@ pub struct ChatFailoverArgs {
     /// database service (Patroni and PostgreSQL).
     #[arg(long)]
     pub whole_host: bool,
+    /// The faults, in order, each of the primary of the moment (`partition`: cut off from the
+    /// other db hosts and every etcd member but its own, its clients still reach it).
+    #[arg(long, value_enum, value_delimiter = ',', default_values_t = FAULTS)]
+    pub faults: Vec<FaultKind>,
 }
 
 /// How the primary fails.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum FaultKind {
     /// SIGKILL of Patroni and PostgreSQL (`streamctl kill dbN --postgres`), or of the whole
@@ -63,6 +67,19 @@ pub enum FaultKind {
     Kill,
     /// SIGSTOP of them (`--hang`); `streamctl start` sends SIGCONT.
     Hang,
+    /// A network cut (`streamctl partition`) from the other db hosts and the etcd witness;
+    /// `streamctl heal` lifts it. The old primary must step down before another is promoted.
+    Partition,
+}
+
+impl std::fmt::Display for FaultKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            FaultKind::Kill => "kill",
+            FaultKind::Hang => "hang",
+            FaultKind::Partition => "partition",
+        })
+    }
 }
 
 /// The sequence of the issue: kill, kill (of the new primary), hang.
@@ -100,6 +117,9 @@ pub struct FaultRow {
     pub lost: u64,
     /// Of those: stored more than once.
     pub duplicates: u64,
+    /// The most db hosts answering Patroni's `/primary` with 200 at once, polled every 200 ms
+    /// from the fault until the failed host rejoined (2 or more: split brain).
+    pub primaries_max: usize,
 }
 
 /// The database side of the check.
@@ -306,6 +326,7 @@ async fn one_fault(
     let name = match kind {
         FaultKind::Kill => format!("kill {number}"),
         FaultKind::Hang => "hang".to_owned(),
+        FaultKind::Partition => "partition".to_owned(),
     };
     let entry = dbs
         .iter()
@@ -315,14 +336,26 @@ async fn one_fault(
     eprintln!("bench: {name}: {host} is the primary; failing it");
     let at_s = epoch.elapsed().as_secs_f64();
     let fault_at = Instant::now();
-    let mut kill = vec!["kill", host.as_str()];
-    if kind == FaultKind::Hang {
-        kill.push("--hang");
+    let (watching_tx, watching_rx) = watch::channel(false);
+    let split_brain = tokio::spawn(most_primaries(http.clone(), dbs.to_vec(), watching_rx));
+    if kind == FaultKind::Partition {
+        // Its replicas and every etcd member not on itself: its own member is then a
+        // minority of one.
+        let mut cut = vec!["partition", host.as_str(), "--from", "db"];
+        for witness in cluster.hosts.iter().filter(|h| h.etcd_witness) {
+            cut.extend(["--from", witness.name.as_str()]);
+        }
+        streamctl(&args.state, &cut).await?;
+    } else {
+        let mut kill = vec!["kill", host.as_str()];
+        if kind == FaultKind::Hang {
+            kill.push("--hang");
+        }
+        if !args.whole_host {
+            kill.push("--postgres");
+        }
+        streamctl(&args.state, &kill).await?;
     }
-    if !args.whole_host {
-        kill.push("--postgres");
-    }
-    streamctl(&args.state, &kill).await?;
     let result = async {
         let others: Vec<HostEntry> = dbs.iter().filter(|h| h.name != host).cloned().collect();
         let new_primary = wait_for_primary(http, cluster, &others, Duration::from_secs(60)).await;
@@ -354,7 +387,11 @@ async fn one_fault(
     // The host comes back whatever happened above.
     let restored_after_s = fault_at.elapsed().as_secs_f64();
     eprintln!("bench: {name}: restoring {host}");
-    streamctl(&args.state, &["start", &host]).await?;
+    if kind == FaultKind::Partition {
+        streamctl(&args.state, &["heal", &host]).await?;
+    } else {
+        streamctl(&args.state, &["start", &host]).await?;
+    }
     let restored = Instant::now();
     let (new_primary, new_primary_after_s) = result?;
     // Whole again: the restored host a synchronous standby of the primary — or, if it took the
@@ -400,6 +437,11 @@ async fn one_fault(
         replica_after_restore_s.map_or("-".into(), |s: f64| format!("{s:.1} s")),
         sync_after_restore_s.map_or("-".into(), |s: f64| format!("{s:.1} s"))
     );
+    let _ = watching_tx.send(true);
+    let primaries_max = split_brain.await.unwrap_or(0);
+    if primaries_max > 1 {
+        eprintln!("bench: {name}: SPLIT BRAIN: {primaries_max} db hosts were primary at once");
+    }
     tokio::time::sleep(Duration::from_secs(args.settle)).await;
     Ok(FaultRow {
         fault: name,
@@ -418,7 +460,31 @@ async fn one_fault(
         acked: 0,
         lost: 0,
         duplicates: 0,
+        primaries_max,
     })
+}
+
+/// The most db hosts that answered `/primary` with 200 in one poll, until `stop` turns true.
+pub(crate) async fn most_primaries(
+    http: reqwest::Client,
+    dbs: Vec<HostEntry>,
+    mut stop: watch::Receiver<bool>,
+) -> usize {
+    let mut most = 0;
+    while !*stop.borrow() {
+        let polls = dbs.iter().map(|h| patroni_says(&http, h, "primary"));
+        let now = futures::future::join_all(polls)
+            .await
+            .into_iter()
+            .filter(|p| *p)
+            .count();
+        most = most.max(now);
+        tokio::select! {
+            _ = stop.changed() => {}
+            _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+        }
+    }
+    most
 }
 
 pub(crate) async fn wait_for_primary(
@@ -506,7 +572,7 @@ pub async fn bench(args: &ChatFailoverArgs) -> anyhow::Result<ChatFailoverReport
     );
     tokio::time::sleep(Duration::from_secs(args.settle)).await;
     let mut rows = Vec::new();
-    for (i, kind) in FAULTS.iter().enumerate() {
+    for (i, kind) in args.faults.iter().enumerate() {
         match one_fault(
             args,
             cluster,
@@ -579,7 +645,7 @@ pub async fn bench(args: &ChatFailoverArgs) -> anyhow::Result<ChatFailoverReport
         && load_report.seq_conflicts == 0
         && rows
             .iter()
-            .all(|r| r.outage_s <= target_outage_s && !r.took_leader_back);
+            .all(|r| r.outage_s <= target_outage_s && !r.took_leader_back && r.primaries_max <= 1);
     Ok(ChatFailoverReport {
         ttl_s,
         target_outage_s,
@@ -621,12 +687,23 @@ pub fn markdown(args: &ChatFailoverArgs, report: &ChatFailoverReport) -> String 
         },
         report.target_outage_s,
     );
-    out.push_str("| fault | host | outage s | new primary after s | acked | lost | duplicates |\n");
-    out.push_str("|---|---|---|---|---|---|---|\n");
+    if args.faults != FAULTS {
+        let faults: Vec<String> = args.faults.iter().map(ToString::to_string).collect();
+        let _ = writeln!(
+            out,
+            "This run's faults instead (`--faults {}`; partition: `streamctl partition` of the \
+             primary from the other db hosts and the etcd witness, lifted by `streamctl heal`).\n",
+            faults.join(",")
+        );
+    }
+    out.push_str(
+        "| fault | host | outage s | new primary after s | acked | lost | duplicates | most primaries at once |\n",
+    );
+    out.push_str("|---|---|---|---|---|---|---|---|\n");
     for r in &report.faults {
         let _ = writeln!(
             out,
-            "| {} | {} | {:.1} | {} | {} | {} | {} |",
+            "| {} | {} | {:.1} | {} | {} | {} | {} | {} |",
             r.fault,
             r.host,
             r.outage_s,
@@ -634,12 +711,13 @@ pub fn markdown(args: &ChatFailoverArgs, report: &ChatFailoverReport) -> String 
                 .map_or("not within 60 s".to_owned(), |s| format!("{s:.1}")),
             r.acked,
             r.lost,
-            r.duplicates
+            r.duplicates,
+            r.primaries_max
         );
     }
     let _ = writeln!(
         out,
-        "| whole run | | | | {} | {} | {} |\n",
+        "| whole run | | | | {} | {} | {} | |\n",
         report.db.checked,
         report.db.lost + report.db.wrong_seq,
         report.db.duplicates + report.db.seq_duplicates

@@ -31,6 +31,12 @@ pub enum Command {
     Kill(KillArgs),
     /// Resume a hung host (SIGCONT) or start a dead one again.
     Start(StartArgs),
+    /// Cut a host off the network: from everyone (viewers and operator commands included), or
+    /// only from the hosts and roles given with --from ("viewers": the simulated viewers and
+    /// chat clients). Existing connections go silent too. Needs root and nftables.
+    Partition(PartitionArgs),
+    /// Lift the cuts involving a host (as the host cut off or as a peer), or every cut.
+    Heal(HealArgs),
     /// Print /etc/hosts lines for the cluster's names (hosts and the site name).
     Hosts(HostsArgs),
     /// HLS viewer simulator (startup, stalls, failovers, latency).
@@ -182,6 +188,29 @@ pub struct KillArgs {
 pub struct StartArgs {
     /// Host name, e.g. broadcast2.
     pub name: String,
+    #[command(flatten)]
+    pub state: StateArg,
+}
+
+#[derive(Debug, Args)]
+pub struct PartitionArgs {
+    /// Host name, e.g. db1.
+    pub name: String,
+    /// A host, a role (lb, broadcast, db, ingest, source) or "viewers"; repeatable. None: cut
+    /// from everyone.
+    #[arg(long = "from", value_name = "HOST|ROLE")]
+    pub from: Vec<String>,
+    /// Only the connections NAME opens: it cannot reach them, they still reach it.
+    #[arg(long)]
+    pub one_way: bool,
+    #[command(flatten)]
+    pub state: StateArg,
+}
+
+#[derive(Debug, Args)]
+pub struct HealArgs {
+    /// Host name; none: every cut.
+    pub name: Option<String>,
     #[command(flatten)]
     pub state: StateArg,
 }

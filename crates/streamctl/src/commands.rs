@@ -13,6 +13,7 @@ use crate::cli::{
 };
 use crate::cluster::{self, Layout};
 use crate::db;
+use crate::partition;
 use crate::probe;
 use crate::procs::{self, Liveness};
 use crate::supervise;
@@ -67,6 +68,9 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
     };
     let mut ordered: Vec<HostConfig> = configs.into_values().collect();
     cluster::sort_for_start(&mut ordered);
+    if let Some(note) = prepare_partitions(&layout, &ordered) {
+        say(note);
+    }
     let mut hosts = Vec::new();
     for config in &ordered {
         let me = config.me();
@@ -242,6 +246,49 @@ async fn report_unhealthy(layout: &Layout, configs: &[HostConfig]) {
     }
 }
 
+/// Every host's cgroup and the cluster's nftables table, before any host opens a connection
+/// (one opened earlier would escape cuts). A note for the operator when partitions are not
+/// possible here.
+fn prepare_partitions(layout: &Layout, configs: &[HostConfig]) -> Option<String> {
+    let mut any = false;
+    for config in configs {
+        match crate::cgroup::prepare(config) {
+            Ok(dir) => any |= dir.is_some(),
+            Err(e) => {
+                return Some(format!(
+                    "partitions unavailable: cgroup of {}: {e}",
+                    config.name
+                ));
+            }
+        }
+    }
+    if !any {
+        return Some("partitions unavailable: they need root and a cgroup v2 hierarchy".to_owned());
+    }
+    partition::prepare_cluster(layout)
+}
+
+/// Gives a host about to start its cgroup, so it can be partitioned. A new cgroup needs the
+/// nftables table reloaded (rules name cgroups by what the path is when they are loaded).
+/// Failures only cost partitions, so they are reported, not fatal.
+fn ensure_cgroup(layout: &Layout, config: &HostConfig) {
+    if crate::cgroup::existing(config).is_some() {
+        return;
+    }
+    match crate::cgroup::prepare(config) {
+        Ok(Some(_)) => {
+            if let Err(e) = partition::apply(layout) {
+                eprintln!("{}: it cannot be partitioned: {e}", config.name);
+            }
+        }
+        Ok(None) => {}
+        Err(e) => eprintln!(
+            "{}: no cgroup of its own ({e}); it cannot be partitioned",
+            config.name
+        ),
+    }
+}
+
 enum Started {
     Fresh(i32),
     AlreadyUp(i32),
@@ -262,6 +309,7 @@ fn start_host(layout: &Layout, config: &HostConfig) -> anyhow::Result<Started> {
         }
         return Ok(Started::AlreadyUp(pid));
     }
+    ensure_cgroup(layout, config);
     if me.role == Role::Db {
         return Ok(Started::Fresh(db::start_host(layout, config)?));
     }
@@ -272,6 +320,7 @@ fn start_host(layout: &Layout, config: &HostConfig) -> anyhow::Result<Started> {
     // The supervisor leads the host's group and restarts the service when it fails, as systemd
     // does on a real host; the pid file names the supervisor (the group), the service file the
     // service.
+    let cgroup = crate::cgroup::existing(config);
     let service_file = layout.service_file(&me.name);
     let _ = std::fs::remove_file(&service_file);
     let binary = binary
@@ -286,6 +335,7 @@ fn start_host(layout: &Layout, config: &HostConfig) -> anyhow::Result<Started> {
             config: &config_file,
             out_file: &layout.out_file(&me.name),
             pid_file: &pid_file,
+            cgroup: cgroup.as_deref(),
         },
         &[
             "supervise",
@@ -432,6 +482,9 @@ pub fn down(args: DownArgs) -> anyhow::Result<()> {
             let _ = std::fs::remove_file(pid_file);
         }
     }
+    for leftover in partition::remove_cluster(&layout) {
+        println!("not removed: {leftover}");
+    }
     if !left.is_empty() {
         bail!("could not stop: {}", left.join(", "));
     }
@@ -487,6 +540,9 @@ pub struct HostStatus {
     /// Hosts with an etcd member: "ok" or why its `/health` failed.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub etcd: Option<String>,
+    /// Active network cuts this host is part of (`streamctl partition`).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub partitions: Vec<String>,
 }
 
 /// `streamctl status`.
@@ -502,7 +558,11 @@ pub async fn status(args: StatusArgs) -> anyhow::Result<()> {
     let checks = configs
         .iter()
         .map(|config| host_status(&layout, &client, config, token.as_deref()));
-    let statuses: Vec<HostStatus> = futures::future::join_all(checks).await;
+    let mut statuses: Vec<HostStatus> = futures::future::join_all(checks).await;
+    let cuts = partition::active(&layout);
+    for s in &mut statuses {
+        s.partitions = partition::describe_for(&cuts, &s.name);
+    }
     if args.json {
         println!("{}", serde_json::to_string_pretty(&statuses)?);
         return Ok(());
@@ -564,6 +624,12 @@ pub async fn status(args: StatusArgs) -> anyhow::Result<()> {
             details.join(", ")
         );
     }
+    if !cuts.is_empty() {
+        println!("network cuts (`streamctl heal` lifts them):");
+        for cut in &cuts {
+            println!("  {cut}");
+        }
+    }
     Ok(())
 }
 
@@ -620,6 +686,7 @@ async fn host_status(
         db_state: None,
         db_streaming: None,
         etcd: None,
+        partitions: Vec::new(),
     };
     if let Some(etcd) = &config.etcd {
         status.etcd = Some(match db::etcd_client(config) {

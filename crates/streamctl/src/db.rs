@@ -445,12 +445,14 @@ pub fn start_host(layout: &Layout, config: &HostConfig) -> anyhow::Result<i32> {
         );
     }
     let exe = std::env::current_exe().context("cannot locate streamctl's own executable")?;
+    let cgroup = crate::cgroup::existing(config);
     procs::spawn_with_args(
         &procs::HostProcess {
             binary: &exe,
             config: &layout.config_file(&config.name),
             out_file: &layout.out_file(&config.name),
             pid_file: &layout.pid_file(&config.name),
+            cgroup: cgroup.as_deref(),
         },
         &["db-host"],
     )
@@ -488,6 +490,10 @@ pub fn spawn_etcd(config: &HostConfig, group: Option<i32>) -> anyhow::Result<i32
         .stderr(log);
     if let Some(group) = group {
         command.process_group(group);
+        // Joining another host's group: its cgroup too (a db host's own etcd inherits it).
+        if let Some(dir) = crate::cgroup::existing(config) {
+            crate::cgroup::join_in_child(&mut command, &dir);
+        }
     }
     let child = command.spawn().with_context(|| {
         format!(

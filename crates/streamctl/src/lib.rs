@@ -2,7 +2,9 @@
 //!
 //! - [`cluster`]: cluster.nix -> per-host configs, secrets, state directory layout.
 //! - [`pki`]: the local CA and host certificates.
-//! - [`procs`]: host processes (process groups, pid files, signals, /proc).
+//! - [`procs`]: host processes (process groups, pid files, signals, /proc); [`cgroup`]: each
+//!   host's cgroup, so the kernel knows which host opened a socket.
+//! - [`partition`]: network cuts between hosts (nftables).
 //! - [`supervise`]: restarts a failed host service, as systemd would.
 //! - [`probe`]: health, status and playback checks over HTTPS.
 //! - [`commands`]: one function per subcommand.
@@ -15,6 +17,7 @@
 
 pub mod bench;
 pub mod chaos;
+pub mod cgroup;
 pub mod chat;
 pub mod chat_failover;
 pub mod cli;
@@ -22,6 +25,7 @@ pub mod client_address;
 pub mod cluster;
 pub mod commands;
 pub mod db;
+pub mod partition;
 pub mod pki;
 pub mod probe;
 pub mod procs;
@@ -38,6 +42,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Status(args) => commands::status(args).await,
         Command::Kill(args) => commands::kill(args),
         Command::Start(args) => commands::start(args),
+        Command::Partition(args) => partition::run_partition(args).await,
+        Command::Heal(args) => partition::run_heal(args).await,
         Command::Hosts(args) => commands::hosts(args),
         Command::Watch(args) => watch::run(args).await,
         Command::Add(args) => commands::add(args).await,

@@ -111,6 +111,8 @@ pub struct HostProcess<'a> {
     pub config: &'a Path,
     pub out_file: &'a Path,
     pub pid_file: &'a Path,
+    /// The host's cgroup ([`crate::cgroup`]), entered before the binary runs.
+    pub cgroup: Option<&'a Path>,
 }
 
 /// Starts the host in its own process group, output appended to its `.out` file, pid recorded.
@@ -126,14 +128,19 @@ pub fn spawn_with_args(host: &HostProcess<'_>, leading: &[&str]) -> anyhow::Resu
         .open(host.out_file)
         .with_context(|| format!("open {}", host.out_file.display()))?;
     let err = out.try_clone()?;
-    let child = Command::new(host.binary)
+    let mut command = Command::new(host.binary);
+    command
         .args(leading)
         .arg("--config")
         .arg(host.config)
         .stdin(Stdio::null())
         .stdout(out)
         .stderr(err)
-        .process_group(0)
+        .process_group(0);
+    if let Some(dir) = host.cgroup {
+        crate::cgroup::join_in_child(&mut command, dir);
+    }
+    let child = command
         .spawn()
         .with_context(|| format!("start {}", host.binary.display()))?;
     let pid = i32::try_from(child.id()).context("pid out of range")?;
@@ -289,6 +296,7 @@ mod tests {
             config: &config,
             out_file: &dir.path().join("h.out"),
             pid_file: &pid_file,
+            cgroup: None,
         };
         let pid = spawn(&host).unwrap();
         // Wait until both sleeps are in the group.

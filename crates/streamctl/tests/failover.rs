@@ -181,7 +181,7 @@ fn any_one_host_may_fail_and_the_topology_may_change() {
         ])
         .arg(&state)));
     let rows = rows.as_array().unwrap();
-    assert_eq!(rows.len(), 12, "every fault of the matrix ran");
+    assert_eq!(rows.len(), 24, "every fault of the matrix ran");
     for row in rows {
         let name = &row["fault"]["name"];
         assert_eq!(row["stalls"], 0, "{name}: {row:#}");
