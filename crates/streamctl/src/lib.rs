@@ -16,8 +16,8 @@
 //!   failover bench.
 
 pub mod bench;
-pub mod chaos;
 pub mod cgroup;
+pub mod chaos;
 pub mod chat;
 pub mod chat_failover;
 pub mod cli;

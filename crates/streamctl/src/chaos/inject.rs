@@ -1,5 +1,5 @@
 //! Injecting and restoring one fault of the schedule, through the operator's own commands
-//! (`streamctl kill` / `start`), run in-process.
+//! (`streamctl kill` / `start`, `partition` / `heal`), run in-process.
 
 use std::path::Path;
 
@@ -9,8 +9,13 @@ use super::schedule::{Fault, Kind};
 use crate::cli::{KillArgs, StartArgs, StateArg};
 use crate::commands;
 
-/// Does the fault; the operator line of what was done.
-pub async fn inject(state: &Path, fault: &Fault) -> anyhow::Result<String> {
+/// Does the fault; the operator line of what was done. `from`: a partition's peers (hosts or
+/// roles, empty: everyone).
+pub async fn inject(state: &Path, fault: &Fault, from: &[String]) -> anyhow::Result<String> {
+    if fault.kind == Kind::Partition {
+        let cut = crate::partition::partition(state, &fault.host, from, false).await?;
+        return Ok(format!("{}: cut ({cut})", fault.host));
+    }
     let args = KillArgs {
         name: fault.host.clone(),
         state: StateArg {
@@ -29,6 +34,11 @@ pub async fn inject(state: &Path, fault: &Fault) -> anyhow::Result<String> {
 pub async fn restore(state: &Path, fault: &Fault) -> anyhow::Result<Option<String>> {
     if fault.restores_itself() {
         return Ok(None);
+    }
+    if fault.kind == Kind::Partition {
+        let healed = crate::partition::heal(state, Some(&fault.host)).await?;
+        let healed: Vec<String> = healed.iter().map(ToString::to_string).collect();
+        return Ok(Some(format!("healed {}", healed.join(", "))));
     }
     let args = StartArgs {
         name: fault.host.clone(),

@@ -27,7 +27,7 @@ use tokio::sync::{oneshot, watch};
 use crate::chat::{self, LoadOptions, Target as ChatTarget};
 use crate::cluster::Layout;
 use report::{ChaosReport, StepRow, Totals};
-use schedule::{Bounds, Step, Target};
+use schedule::{Bounds, Kind, Shape, Step, Target};
 
 /// The longest wait for the cluster to be whole, before a step and after its restores.
 const WHOLE_LIMIT: Duration = Duration::from_secs(120);
@@ -59,6 +59,15 @@ pub struct ChaosArgs {
     /// Longest time a fault lasts before its restore (seconds).
     #[arg(long, default_value_t = 15.0)]
     pub max_fault_s: f64,
+    /// The kinds of fault to draw (kill, hang, crash, partition; partitions need root, cgroup v2
+    /// and nft when the cluster was started).
+    #[arg(
+        long,
+        value_enum,
+        value_delimiter = ',',
+        default_value = "kill,hang,crash,partition"
+    )]
+    pub kinds: Vec<Kind>,
     /// Share of steps that are two faults at once.
     #[arg(long, default_value_t = 0.4)]
     pub pairs: f64,
@@ -92,9 +101,16 @@ impl ChaosArgs {
     /// The command line that replays the schedule (the state dir left out).
     fn command(&self, seed: u64) -> String {
         format!(
-            "streamctl bench chaos --seed {seed} --faults {} --viewers {} --chat-clients {} \
-             --chat-rate {} --min-fault-s {} --max-fault-s {} --pairs {} --lead-in {} --settle {}",
+            "streamctl bench chaos --seed {seed} --faults {} --kinds {} --viewers {} \
+             --chat-clients {} --chat-rate {} --min-fault-s {} --max-fault-s {} --pairs {} \
+             --lead-in {} --settle {}",
             self.faults,
+            schedule::KINDS
+                .iter()
+                .filter(|k| self.kinds.contains(k))
+                .map(|k| format!("{k:?}").to_lowercase())
+                .collect::<Vec<_>>()
+                .join(","),
             self.viewers,
             self.chat_clients,
             self.chat_rate,
@@ -139,6 +155,7 @@ struct StepContext {
     cluster: streaming_core::config::ClusterConfig,
     dbs: Vec<streaming_core::config::HostEntry>,
     broadcasts: Vec<String>,
+    targets: Vec<Target>,
 }
 
 pub async fn run(args: ChaosArgs) -> anyhow::Result<()> {
@@ -149,7 +166,7 @@ pub async fn run(args: ChaosArgs) -> anyhow::Result<()> {
             .map_or(1, |d| d.as_secs())
     });
     let hosts = targets(&layout)?;
-    let plan = schedule::schedule(seed, args.faults, &hosts, &args.bounds())?;
+    let plan = schedule::schedule(seed, args.faults, &hosts, &args.kinds, &args.bounds())?;
     eprintln!(
         "chaos: seed {seed}, {} faults in {} steps (replay: {}):\n{}",
         args.faults,
@@ -192,7 +209,19 @@ pub async fn bench(
     if broadcasts.is_empty() {
         bail!("the cluster has no broadcast to watch");
     }
+    let cuts = plan
+        .iter()
+        .flat_map(|s| &s.faults)
+        .any(|f| f.kind == Kind::Partition);
+    if cuts && configs.iter().all(|c| crate::cgroup::existing(c).is_none()) {
+        bail!(
+            "the schedule has partitions, but no host of this cluster has a cgroup of its own \
+             (partitions need root, cgroup v2 and nft when `streamctl up` ran): start the \
+             cluster as root, or leave them out with --kinds kill,hang,crash"
+        );
+    }
     let ctx = StepContext {
+        targets: targets(&layout)?,
         broadcasts,
         chat: ChatTarget::resolve(None, &args.state, None, None)?,
         ack_timeout: Duration::from_secs(u64::from(cluster.database.ttl) + 10),
@@ -296,14 +325,41 @@ async fn run_step(ctx: &StepContext, step: &Step) -> anyhow::Result<StepRow> {
     let viewers = tokio::spawn(async move { crate::watch::watch(&watch_args).await });
     tokio::time::sleep(Duration::from_secs(args.lead_in)).await;
 
+    let (primaries_stop, primaries_rx) = watch::channel(false);
+    let primaries = tokio::spawn(crate::chat_failover::most_primaries(
+        ctx.db_http.clone(),
+        ctx.dbs.clone(),
+        primaries_rx,
+    ));
     let mut row = StepRow::default();
-    let faults = step.faults.iter().cloned().map(|fault| {
+    let mut planned = Vec::new();
+    for fault in &step.faults {
+        let mut fault = fault.clone();
+        let from = fault
+            .shape
+            .map(|shape| shape.from_words(fault.role, &ctx.targets))
+            .unwrap_or_default();
+        if fault.shape == Some(Shape::PrimaryFromReplicaAndEtcd) {
+            fault.host = crate::chat_failover::wait_for_primary(
+                &ctx.db_http,
+                &ctx.cluster,
+                &ctx.dbs,
+                Duration::from_secs(30),
+            )
+            .await
+            .context("no database primary to cut off")?;
+            row.actions
+                .push(format!("the db primary is {}", fault.host));
+        }
+        planned.push((fault, from));
+    }
+    let faults = planned.into_iter().map(|(fault, from)| {
         let state = args.state.clone();
         tokio::spawn(async move {
             let mut lines = Vec::new();
             let mut errors = Vec::new();
             tokio::time::sleep(Duration::from_secs_f64(fault.start_s)).await;
-            match inject::inject(&state, &fault).await {
+            match inject::inject(&state, &fault, &from).await {
                 Ok(line) => lines.push(line),
                 Err(e) => errors.push(format!("{fault}: inject: {e:#}")),
             }
@@ -326,6 +382,8 @@ async fn run_step(ctx: &StepContext, step: &Step) -> anyhow::Result<StepRow> {
         row.fault_errors.extend(errors);
     }
     let whole = whole::wait_whole(&args.state, WHOLE_LIMIT).await;
+    let _ = primaries_stop.send(true);
+    let max_primaries = primaries.await.context("primary poll task")?;
 
     let watched = viewers.await.context("viewer task")??;
     let _ = stop_tx.send(true);
@@ -349,6 +407,7 @@ async fn run_step(ctx: &StepContext, step: &Step) -> anyhow::Result<StepRow> {
     .await?;
     let mut full = StepRow::from_parts(step, &watched, &outcome.report, &db);
     full.actions = row.actions;
+    full.max_primaries = max_primaries;
     full.fault_errors = row.fault_errors;
     match whole {
         Ok(s) => full.whole_again_s = Some(s),

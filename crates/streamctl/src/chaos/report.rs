@@ -39,6 +39,9 @@ pub struct StepRow {
     pub chat_out_of_order: u64,
     pub write_outages: Vec<Outage>,
     pub longest_write_outage_s: f64,
+    /// The most db hosts that answered Patroni's `/primary` at once (more than one: split
+    /// brain). A host cut off from everyone cannot be asked, so it is not counted.
+    pub max_primaries: usize,
     /// From the last restore (a crash: from the crash) until whole again.
     pub whole_again_s: Option<f64>,
     /// What was still not whole when the bench gave up waiting.
@@ -89,6 +92,7 @@ impl StepRow {
             && self.chat_lost == 0
             && self.chat_missing == 0
             && self.chat_duplicated == 0
+            && self.max_primaries <= 1
             && self.fault_errors.is_empty()
             && self.not_whole.is_none()
     }
@@ -114,6 +118,7 @@ pub struct Totals {
     pub write_outage_s: f64,
     pub longest_write_outage_s: f64,
     pub max_whole_again_s: f64,
+    pub max_primaries: usize,
     pub fault_errors: usize,
     pub not_whole: usize,
 }
@@ -145,6 +150,7 @@ impl Totals {
             t.write_outage_s += r.write_outages.iter().map(|o| o.duration_s).sum::<f64>();
             t.longest_write_outage_s = t.longest_write_outage_s.max(r.longest_write_outage_s);
             t.max_whole_again_s = t.max_whole_again_s.max(r.whole_again_s.unwrap_or(0.0));
+            t.max_primaries = t.max_primaries.max(r.max_primaries);
             t.fault_errors += r.fault_errors.len();
             t.not_whole += usize::from(r.not_whole.is_some());
         }
@@ -214,8 +220,8 @@ pub fn markdown(report: &ChaosReport) -> String {
         out,
         "Totals: {} stalls ({:.2} s), {} viewer errors, {} failovers; chat {} sent, {} acked, \
          {} never acked, {} lost, {} missed by a client, {} duplicated, {} out of order; {} \
-         write outages ({:.1} s in all, longest {:.1} s); whole again at most {:.1} s after a \
-         restore.{}\n",
+         write outages ({:.1} s in all, longest {:.1} s); at most {} writable database \
+         primary at once; whole again at most {:.1} s after a restore.{}\n",
         t.stalls,
         t.stall_s,
         t.viewer_errors,
@@ -230,6 +236,7 @@ pub fn markdown(report: &ChaosReport) -> String {
         t.write_outages,
         t.write_outage_s,
         t.longest_write_outage_s,
+        t.max_primaries,
         t.max_whole_again_s,
         match &report.stopped {
             Some(why) => format!(" Stopped early: {why}."),
@@ -238,13 +245,14 @@ pub fn markdown(report: &ChaosReport) -> String {
     );
     out.push_str(
         "| step | faults | stalls | stall s | viewer errors | failovers | chat sent | acked | \
-         lost | missed | duplicated | out of order | longest write outage s | whole again s |\n",
+         lost | missed | duplicated | out of order | longest write outage s | db primaries at \
+         once | whole again s |\n",
     );
-    out.push_str("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n");
+    out.push_str("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n");
     for r in &report.steps {
         let _ = writeln!(
             out,
-            "| {} | {} | {} | {:.2} | {} | {} | {} | {} | {} | {} | {} | {} | {:.1} | {} |",
+            "| {} | {} | {} | {:.2} | {} | {} | {} | {} | {} | {} | {} | {} | {:.1} | {} | {} |",
             r.step,
             r.label,
             r.stalls,
@@ -258,6 +266,7 @@ pub fn markdown(report: &ChaosReport) -> String {
             r.chat_duplicated,
             r.chat_out_of_order,
             r.longest_write_outage_s,
+            r.max_primaries,
             r.not_whole
                 .as_ref()
                 .map_or_else(|| opt_s(r.whole_again_s), |w| format!("not whole: {w}")),
@@ -268,7 +277,8 @@ pub fn markdown(report: &ChaosReport) -> String {
         "\nResult: {}.\n\nThe schedule (start offsets within a step, durations until the restore; a crashed \
          service is restarted by the runner):\n\n```\n{}```",
         if report.passed {
-            "PASSED (0 stalls, 0 viewer errors, 0 acked messages lost, missed or duplicated)"
+            "PASSED (0 stalls, 0 viewer errors, 0 acked messages lost, missed or duplicated, \
+             never two database primaries)"
         } else {
             "FAILED"
         },
@@ -291,6 +301,7 @@ mod tests {
                 host: "lb1".into(),
                 role: Role::Lb,
                 kind: Kind::Hang,
+                shape: None,
                 start_s: 0.0,
                 restore_after_s: 5.0,
             }],

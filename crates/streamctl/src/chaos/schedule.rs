@@ -23,7 +23,7 @@ pub struct Target {
 }
 
 /// How a host fails. Each kind has its inject and restore in [`super::inject`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum Kind {
     /// SIGKILL of the host's whole process group; restored by `streamctl start`.
@@ -33,10 +33,56 @@ pub enum Kind {
     /// The service alone dies: SIGABRT, and the runner restarts it as systemd would; on a db
     /// host, SIGKILL of Patroni and PostgreSQL (etcd stays), which `streamctl start` runs again.
     Crash,
+    /// A network partition of the host ([`Shape`]); `streamctl heal` lifts it.
+    Partition,
 }
 
-/// The kinds drawn from, in draw order.
-pub const KINDS: [Kind; 3] = [Kind::Kill, Kind::Hang, Kind::Crash];
+/// Every kind, in draw order (a schedule draws from those asked for, in this order).
+pub const KINDS: [Kind; 4] = [Kind::Kill, Kind::Hang, Kind::Crash, Kind::Partition];
+
+/// What a partition cuts the host off from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Shape {
+    /// Everyone: the other hosts, viewers and chat clients, operator commands.
+    Everyone,
+    /// A broadcast cut from the LBs only: it still reaches its ingests and serves its viewers.
+    FromLbs,
+    /// An ingest cut from its peer ingest only: it still serves the broadcasts.
+    FromPeer,
+    /// The database primary of the moment (whichever db host was drawn) cut from the replica
+    /// and every etcd member: no acked write may be lost, never two writable primaries.
+    PrimaryFromReplicaAndEtcd,
+}
+
+impl Shape {
+    /// The shapes a host of `role` can be cut in, in draw order.
+    pub fn of(role: Role) -> &'static [Shape] {
+        match role {
+            Role::Broadcast => &[Shape::Everyone, Shape::FromLbs],
+            Role::Ingest => &[Shape::Everyone, Shape::FromPeer],
+            Role::Db => &[Shape::Everyone, Shape::PrimaryFromReplicaAndEtcd],
+            _ => &[Shape::Everyone],
+        }
+    }
+
+    /// The `from` words of `streamctl partition` (hosts or roles; empty: everyone).
+    pub fn from_words(self, role: Role, hosts: &[Target]) -> Vec<String> {
+        match self {
+            Shape::Everyone => Vec::new(),
+            Shape::FromLbs => vec![Role::Lb.as_str().to_owned()],
+            Shape::FromPeer => vec![role.as_str().to_owned()],
+            Shape::PrimaryFromReplicaAndEtcd => std::iter::once(Role::Db.as_str().to_owned())
+                .chain(
+                    hosts
+                        .iter()
+                        .filter(|h| h.etcd && h.role != Role::Db)
+                        .map(|h| h.name.clone()),
+                )
+                .collect(),
+        }
+    }
+}
 
 impl fmt::Display for Kind {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -44,6 +90,7 @@ impl fmt::Display for Kind {
             Kind::Kill => "kill",
             Kind::Hang => "hang",
             Kind::Crash => "crash",
+            Kind::Partition => "cut",
         })
     }
 }
@@ -54,6 +101,9 @@ pub struct Fault {
     pub host: String,
     pub role: Role,
     pub kind: Kind,
+    /// Partitions: what the host is cut off from.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub shape: Option<Shape>,
     /// Seconds after the step's first fault that this one starts (0 for the first).
     pub start_s: f64,
     /// Seconds from its start until it is restored (a crash restores itself: the runner).
@@ -77,9 +127,24 @@ impl Fault {
     }
 }
 
+impl Fault {
+    /// "kill broadcast2", "cut ingest1 from its peer".
+    pub fn label(&self) -> String {
+        match self.shape {
+            None => format!("{} {}", self.kind, self.host),
+            Some(Shape::Everyone) => format!("cut {} from everyone", self.host),
+            Some(Shape::FromLbs) => format!("cut {} from the LBs", self.host),
+            Some(Shape::FromPeer) => format!("cut {} from its peer", self.host),
+            Some(Shape::PrimaryFromReplicaAndEtcd) => {
+                "cut the db primary from the replica and etcd".to_owned()
+            }
+        }
+    }
+}
+
 impl fmt::Display for Fault {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{} {}", self.kind, self.host)?;
+        f.write_str(&self.label())?;
         if self.start_s > 0.0 {
             write!(f, " at +{:.1} s", self.start_s)?;
         }
@@ -107,7 +172,7 @@ impl Step {
     pub fn label(&self) -> String {
         self.faults
             .iter()
-            .map(|f| format!("{} {}", f.kind, f.host))
+            .map(Fault::label)
             .collect::<Vec<_>>()
             .join(" + ")
     }
@@ -131,6 +196,8 @@ pub enum ScheduleError {
     NothingToFault,
     #[error("fault durations: need 0 < min <= max (got {min} and {max})")]
     BadDurations { min: f64, max: f64 },
+    #[error("no fault kind to draw from")]
+    NoKinds,
 }
 
 /// Why a set of simultaneous faults is not allowed.
@@ -206,13 +273,26 @@ impl Draw {
     }
 }
 
-/// `faults` faults from `seed`, in steps of one or two; `hosts` in a fixed order (by name).
+/// `faults` faults of `kinds` from `seed`, in steps of one or two; `hosts` in a fixed order
+/// (by name).
 pub fn schedule(
     seed: u64,
     faults: usize,
     hosts: &[Target],
+    kinds: &[Kind],
     bounds: &Bounds,
 ) -> Result<Vec<Step>, ScheduleError> {
+    let kinds: Vec<Kind> = KINDS.into_iter().filter(|k| kinds.contains(k)).collect();
+    if kinds.is_empty() {
+        return Err(ScheduleError::NoKinds);
+    }
+    // `heal` lifts every cut a host is part of, so a second cut in the step could end the
+    // first one early: the second fault of a pair is never a partition when the first is.
+    let after_cut: Vec<Kind> = kinds
+        .iter()
+        .copied()
+        .filter(|k| *k != Kind::Partition)
+        .collect();
     if !(bounds.min_fault_s > 0.0 && bounds.min_fault_s <= bounds.max_fault_s) {
         return Err(ScheduleError::BadDurations {
             min: bounds.min_fault_s,
@@ -226,6 +306,7 @@ pub fn schedule(
                 host: h.name.clone(),
                 role: h.role,
                 kind: Kind::Kill,
+                shape: None,
                 start_s: 0.0,
                 restore_after_s: 0.0,
             };
@@ -240,15 +321,21 @@ pub fn schedule(
     let mut left = faults;
     while left > 0 {
         let i = draw.below(candidates.len());
-        let first = pick(&mut draw, candidates[i], bounds);
+        let first = pick(&mut draw, candidates[i], &kinds, bounds);
         let mut step = vec![first];
-        if left >= 2 && draw.chance(bounds.pair_share) {
+        let second_kinds = if step[0].kind == Kind::Partition {
+            &after_cut
+        } else {
+            &kinds
+        };
+        if left >= 2 && !second_kinds.is_empty() && draw.chance(bounds.pair_share) {
             let mut second: Vec<Fault> = candidates
                 .iter()
                 .map(|h| Fault {
                     host: h.name.clone(),
                     role: h.role,
                     kind: Kind::Kill,
+                    shape: None,
                     start_s: 0.0,
                     restore_after_s: 0.0,
                 })
@@ -257,7 +344,8 @@ pub fn schedule(
             if !second.is_empty() {
                 let i = draw.below(second.len());
                 let mut f = second.swap_remove(i);
-                f.kind = KINDS[draw.below(KINDS.len())];
+                f.kind = second_kinds[draw.below(second_kinds.len())];
+                f.shape = draw_shape(&mut draw, f.kind, f.role);
                 f.start_s = draw.tenths(0.0, bounds.max_pair_offset_s);
                 f.restore_after_s = draw.tenths(bounds.min_fault_s, bounds.max_fault_s);
                 step.push(f);
@@ -272,14 +360,25 @@ pub fn schedule(
     Ok(steps)
 }
 
-fn pick(draw: &mut Draw, host: &Target, bounds: &Bounds) -> Fault {
+fn pick(draw: &mut Draw, host: &Target, kinds: &[Kind], bounds: &Bounds) -> Fault {
+    let kind = kinds[draw.below(kinds.len())];
+    let shape = draw_shape(draw, kind, host.role);
     Fault {
         host: host.name.clone(),
         role: host.role,
-        kind: KINDS[draw.below(KINDS.len())],
+        kind,
+        shape,
         start_s: 0.0,
         restore_after_s: draw.tenths(bounds.min_fault_s, bounds.max_fault_s),
     }
+}
+
+/// Partitions only (no draw otherwise, so schedules without them keep their draws).
+fn draw_shape(draw: &mut Draw, kind: Kind, role: Role) -> Option<Shape> {
+    (kind == Kind::Partition).then(|| {
+        let shapes = Shape::of(role);
+        shapes[draw.below(shapes.len())]
+    })
 }
 
 #[cfg(test)]
@@ -320,6 +419,7 @@ mod tests {
             host: host.into(),
             role,
             kind: Kind::Kill,
+            shape: None,
             start_s: 0.0,
             restore_after_s: 5.0,
         }
@@ -327,16 +427,24 @@ mod tests {
 
     #[test]
     fn a_seed_replays_the_same_schedule() {
-        let a = schedule(7, 100, &cluster(), &BOUNDS).unwrap();
-        let b = schedule(7, 100, &cluster(), &BOUNDS).unwrap();
+        let a = schedule(7, 100, &cluster(), &KINDS, &BOUNDS).unwrap();
+        let b = schedule(7, 100, &cluster(), &KINDS, &BOUNDS).unwrap();
         assert_eq!(a, b);
-        assert_ne!(a, schedule(8, 100, &cluster(), &BOUNDS).unwrap());
+        assert_ne!(a, schedule(8, 100, &cluster(), &KINDS, &BOUNDS).unwrap());
     }
 
     #[test]
     fn the_first_steps_of_seed_1_are_fixed() {
-        // Pins the algorithm: a change here breaks every published seed.
-        let steps = schedule(1, 6, &cluster(), &BOUNDS).unwrap();
+        // Pins the algorithm: a change here breaks every published seed. Without partitions,
+        // schedules draw what they drew before partitions existed.
+        let steps = schedule(
+            1,
+            6,
+            &cluster(),
+            &[Kind::Kill, Kind::Hang, Kind::Crash],
+            &BOUNDS,
+        )
+        .unwrap();
         let labels: Vec<String> = steps.iter().map(Step::label).collect();
         assert_eq!(
             labels,
@@ -353,10 +461,61 @@ mod tests {
     }
 
     #[test]
+    fn the_first_steps_of_seed_1_with_partitions_are_fixed() {
+        let steps = schedule(1, 6, &cluster(), &KINDS, &BOUNDS).unwrap();
+        let labels: Vec<String> = steps.iter().map(Step::label).collect();
+        assert_eq!(labels, PINNED, "{steps:#?}");
+    }
+
+    const PINNED: [&str; 5] = [
+        "hang db1",
+        "kill source1",
+        "hang db1 + cut broadcast4 from everyone",
+        "cut broadcast4 from the LBs",
+        "kill broadcast1",
+    ];
+
+    #[test]
+    fn partitions_come_in_every_shape_and_never_two_in_a_step() {
+        let hosts = cluster();
+        let steps = schedule(4, 300, &hosts, &KINDS, &BOUNDS).unwrap();
+        let all: Vec<&Fault> = steps.iter().flat_map(|s| &s.faults).collect();
+        for shape in [
+            Shape::Everyone,
+            Shape::FromLbs,
+            Shape::FromPeer,
+            Shape::PrimaryFromReplicaAndEtcd,
+        ] {
+            assert!(all.iter().any(|f| f.shape == Some(shape)), "{shape:?}");
+        }
+        for f in &all {
+            assert_eq!(f.shape.is_some(), f.kind == Kind::Partition, "{f:?}");
+            if let Some(shape) = f.shape {
+                assert!(Shape::of(f.role).contains(&shape), "{f:?}");
+            }
+        }
+        for s in &steps {
+            let cuts = s
+                .faults
+                .iter()
+                .filter(|f| f.kind == Kind::Partition)
+                .count();
+            assert!(cuts <= 1, "{s:?}");
+        }
+        assert_eq!(
+            Shape::PrimaryFromReplicaAndEtcd.from_words(Role::Db, &hosts),
+            ["db", "lb1"]
+        );
+        assert_eq!(Shape::FromPeer.from_words(Role::Ingest, &hosts), ["ingest"]);
+        assert_eq!(Shape::FromLbs.from_words(Role::Broadcast, &hosts), ["lb"]);
+        assert!(Shape::Everyone.from_words(Role::Lb, &hosts).is_empty());
+    }
+
+    #[test]
     fn counts_faults_and_respects_bounds_and_the_invariant() {
         let hosts = cluster();
         for seed in 0..50 {
-            let steps = schedule(seed, 25, &hosts, &BOUNDS).unwrap();
+            let steps = schedule(seed, 25, &hosts, &KINDS, &BOUNDS).unwrap();
             let total: usize = steps.iter().map(|s| s.faults.len()).sum();
             assert_eq!(total, 25);
             for s in &steps {
@@ -373,7 +532,7 @@ mod tests {
 
     #[test]
     fn pairs_happen_and_every_kind_and_role_is_drawn() {
-        let steps = schedule(3, 200, &cluster(), &BOUNDS).unwrap();
+        let steps = schedule(3, 200, &cluster(), &KINDS, &BOUNDS).unwrap();
         let pairs = steps.iter().filter(|s| s.faults.len() == 2).count();
         assert!(pairs > 20 && pairs < steps.len(), "{pairs} pairs");
         let all: Vec<&Fault> = steps.iter().flat_map(|s| &s.faults).collect();
@@ -424,7 +583,7 @@ mod tests {
             allowed(&[&lb1], &one_lb),
             Err(Violation::WholeRole("lb".into()))
         );
-        let steps = schedule(5, 60, &one_lb, &BOUNDS).unwrap();
+        let steps = schedule(5, 60, &one_lb, &KINDS, &BOUNDS).unwrap();
         assert!(
             steps
                 .iter()
@@ -441,7 +600,7 @@ mod tests {
             etcd: false,
         }];
         assert_eq!(
-            schedule(1, 3, &lone, &BOUNDS),
+            schedule(1, 3, &lone, &KINDS, &BOUNDS),
             Err(ScheduleError::NothingToFault)
         );
         let bad = Bounds {
@@ -450,7 +609,7 @@ mod tests {
             ..BOUNDS
         };
         assert!(matches!(
-            schedule(1, 3, &cluster(), &bad),
+            schedule(1, 3, &cluster(), &KINDS, &bad),
             Err(ScheduleError::BadDurations { .. })
         ));
     }
