@@ -190,7 +190,8 @@ pub async fn run(args: ChaosArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Runs the schedule; stops early (and says why in the report) when the cluster is not whole.
+/// Runs the schedule; stops early (and says why in the report) when the cluster is not whole
+/// or a step cannot run.
 pub async fn bench(
     args: &ChaosArgs,
     layout: Layout,
@@ -201,10 +202,11 @@ pub async fn bench(
     let any = configs.first().context("no host config in the state dir")?;
     let cluster = any.cluster.clone();
     let dbs: Vec<_> = cluster.hosts_with_role(Role::Db).cloned().collect();
-    let broadcasts: Vec<String> = targets(&layout)?
-        .into_iter()
+    let targets = targets(&layout)?;
+    let broadcasts: Vec<String> = targets
+        .iter()
         .filter(|t| t.role == Role::Broadcast)
-        .map(|t| t.name)
+        .map(|t| t.name.clone())
         .collect();
     if broadcasts.is_empty() {
         bail!("the cluster has no broadcast to watch");
@@ -221,7 +223,7 @@ pub async fn bench(
         );
     }
     let ctx = StepContext {
-        targets: targets(&layout)?,
+        targets,
         broadcasts,
         chat: ChatTarget::resolve(None, &args.state, None, None)?,
         ack_timeout: Duration::from_secs(u64::from(cluster.database.ttl) + 10),
@@ -243,9 +245,15 @@ pub async fn bench(
             break;
         }
         eprintln!("chaos: step {}: {} ...", step.number, step.label());
-        let row = run_step(&ctx, step)
-            .await
-            .with_context(|| format!("step {} ({})", step.number, step.label()))?;
+        // A step that cannot run (no chat, no primary to check on) ends the run, with the
+        // figures so far: a long schedule's first steps are not thrown away.
+        let row = match run_step(&ctx, step).await {
+            Ok(row) => row,
+            Err(e) => {
+                stopped = Some(format!("step {} ({}): {e:#}", step.number, step.label()));
+                break;
+            }
+        };
         eprintln!(
             "chaos: step {}: {} stalls ({:.2} s), {} viewer errors; chat {} acked, {} lost, {} \
              missed, {} duplicated, longest write outage {:.1} s; whole again {}",
