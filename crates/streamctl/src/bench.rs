@@ -31,6 +31,9 @@ pub enum BenchKind {
     /// Chat load while the database primary is killed twice and hung once: write outage per
     /// failover, and every acked message checked in PostgreSQL.
     ChatFailover(crate::chat_failover::ChatFailoverArgs),
+    /// A random fault schedule from a seed (kills, hangs, crashes; single and in pairs) while
+    /// viewers watch and chat clients write: per step and total figures.
+    Chaos(crate::chaos::ChaosArgs),
 }
 
 #[derive(Debug, Clone, clap::Args)]
@@ -571,6 +574,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     match args.what {
         BenchKind::Failover(args) => failover(args).await,
         BenchKind::ChatFailover(args) => crate::chat_failover::run(args).await,
+        BenchKind::Chaos(args) => crate::chaos::run(args).await,
     }
 }
 

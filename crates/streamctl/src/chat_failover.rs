@@ -242,7 +242,7 @@ pub fn compare(acked: &[AckedMessage], rows: &[(String, String, i64)]) -> Vec<St
 }
 
 /// Reads this run's messages from the primary as the services' role and checks every ack.
-async fn check_db(
+pub(crate) async fn check_db(
     layout: &Layout,
     dbs: &[HostEntry],
     primary: &str,
@@ -468,7 +468,7 @@ async fn one_fault(
 }
 
 /// The most db hosts that answered `/primary` with 200 in one poll, until `stop` turns true.
-async fn most_primaries(
+pub(crate) async fn most_primaries(
     http: reqwest::Client,
     dbs: Vec<HostEntry>,
     mut stop: watch::Receiver<bool>,
@@ -490,7 +490,7 @@ async fn most_primaries(
     most
 }
 
-async fn wait_for_primary(
+pub(crate) async fn wait_for_primary(
     http: &reqwest::Client,
     cluster: &ClusterConfig,
     dbs: &[HostEntry],

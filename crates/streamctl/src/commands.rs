@@ -788,6 +788,13 @@ pub fn publisher_of(json: &serde_json::Value) -> Vec<String> {
 
 /// `streamctl kill`.
 pub fn kill(args: KillArgs) -> anyhow::Result<()> {
+    println!("{}", kill_host(&args)?);
+    Ok(())
+}
+
+/// The fault of `streamctl kill`, for benches that inject it in-process: what was done, as
+/// the operator would read it.
+pub fn kill_host(args: &KillArgs) -> anyhow::Result<String> {
     let layout = Layout::new(&args.state.dir)?;
     let config = layout.load_config(&args.name)?;
     let pid = procs::live_pid(
@@ -795,7 +802,7 @@ pub fn kill(args: KillArgs) -> anyhow::Result<()> {
         &layout.config_file(&args.name),
     )
     .with_context(|| format!("{} is not running", args.name))?;
-    if args.crash {
+    let done = if args.crash {
         let service = supervise::ServiceState::read(&layout.service_file(&args.name))
             .filter(|s| s.pid > 0 && procs::liveness(s.pid) != Liveness::Dead)
             .with_context(|| {
@@ -806,10 +813,10 @@ pub fn kill(args: KillArgs) -> anyhow::Result<()> {
                 )
             })?;
         procs::signal_pid(service.pid, libc::SIGABRT);
-        println!(
+        format!(
             "{}: crashed its service (SIGABRT to pid {}); the runner restarts it",
             args.name, service.pid
-        );
+        )
     } else if args.ffmpeg {
         let children = procs::ffmpeg_children(pid);
         let (child, cmdline) = children.first().with_context(|| {
@@ -826,7 +833,7 @@ pub fn kill(args: KillArgs) -> anyhow::Result<()> {
         };
         procs::signal_pid(*child, signal);
         let shown: String = cmdline.chars().take(100).collect();
-        println!("{}: {done} ffmpeg pid {child} ({shown}...)", args.name);
+        format!("{}: {done} ffmpeg pid {child} ({shown}...)", args.name)
     } else if args.postgres && config.patroni.is_none() {
         bail!(
             "{} is not a db host: --postgres applies to db hosts",
@@ -844,16 +851,16 @@ pub fn kill(args: KillArgs) -> anyhow::Result<()> {
         } else {
             "the whole host"
         };
-        println!(
+        format!(
             "{}: hung (SIGSTOP to {what}: {stopped} processes); `streamctl start {}` resumes it",
             args.name, args.name
-        );
+        )
     } else if args.hang {
         procs::signal_group(pid, libc::SIGSTOP);
-        println!(
+        format!(
             "{}: hung (SIGSTOP to group {pid}); `streamctl start {}` resumes it",
             args.name, args.name
-        );
+        )
     } else if config.patroni.is_some() {
         let scope = if args.postgres {
             db::Scope::Database
@@ -865,27 +872,33 @@ pub fn kill(args: KillArgs) -> anyhow::Result<()> {
             bail!("{}: processes survived SIGKILL: {survivors:?}", args.name);
         }
         if args.postgres {
-            println!(
+            format!(
                 "{}: killed Patroni and PostgreSQL (SIGKILL); etcd and the host stay up, \
                  `streamctl start {}` runs Patroni again",
                 args.name, args.name
-            );
+            )
         } else {
-            println!(
+            format!(
                 "{}: killed (SIGKILL to group {pid}, the postmaster and its children)",
                 args.name
-            );
+            )
         }
     } else {
         procs::signal_group(pid, libc::SIGKILL);
         procs::wait_group_gone(pid, Duration::from_secs(2));
-        println!("{}: killed (SIGKILL to group {pid})", args.name);
-    }
-    Ok(())
+        format!("{}: killed (SIGKILL to group {pid})", args.name)
+    };
+    Ok(done)
 }
 
 /// `streamctl start`.
 pub fn start(args: StartArgs) -> anyhow::Result<()> {
+    println!("{}", start_host_again(&args)?);
+    Ok(())
+}
+
+/// The restore of `streamctl start`, for benches that run it in-process: what was done.
+pub fn start_host_again(args: &StartArgs) -> anyhow::Result<String> {
     let layout = Layout::new(&args.state.dir)?;
     let config = layout.load_config(&args.name)?;
     let live = procs::live_pid(
@@ -899,25 +912,22 @@ pub fn start(args: StartArgs) -> anyhow::Result<()> {
         // everything, and the host's supervisor starts Patroni again if it is not running.
         let resumed = db::resume_host(&config, Some(pid));
         procs::signal_pid(pid, libc::SIGUSR1);
-        println!(
+        return Ok(format!(
             "{}: resumed (SIGCONT to group {pid}, the postmaster and its children: {resumed} \
              processes); Patroni is started again if it was killed",
             args.name
-        );
-        return Ok(());
+        ));
     }
     if let Some(pid) = live
         && procs::liveness(pid) == Liveness::Hung
     {
         procs::signal_group(pid, libc::SIGCONT);
-        println!("{}: resumed (SIGCONT to group {pid})", args.name);
-        return Ok(());
+        return Ok(format!("{}: resumed (SIGCONT to group {pid})", args.name));
     }
-    match start_host(&layout, &config)? {
-        Started::Fresh(pid) => println!("{}: started pid {pid}", args.name),
-        Started::AlreadyUp(pid) => println!("{}: already up (pid {pid})", args.name),
-    }
-    Ok(())
+    Ok(match start_host(&layout, &config)? {
+        Started::Fresh(pid) => format!("{}: started pid {pid}", args.name),
+        Started::AlreadyUp(pid) => format!("{}: already up (pid {pid})", args.name),
+    })
 }
 
 /// What a topology change (`add`, `drain`, `sync`) did.

@@ -12,12 +12,13 @@
 //! - [`watch`]: the HLS viewer simulator; [`client_address`]: each simulated client's own
 //!   loopback address.
 //! - [`bench`]: load and failover benchmarks; [`obs_publisher`]: the OBS-like publisher of its
-//!   single-publisher rows.
+//!   single-publisher rows; [`chaos`]: the random fault schedule.
 //! - [`chat`]: the chat load client (`streamctl chat`); [`chat_failover`]: its database
 //!   failover bench.
 
 pub mod bench;
 pub mod cgroup;
+pub mod chaos;
 pub mod chat;
 pub mod chat_failover;
 pub mod cli;
