@@ -84,7 +84,7 @@ impl StepRow {
         }
     }
 
-    /// The bar: no stall, no viewer error, no acked message lost, missed or doubled,
+    /// The bar a run must meet: no stall, no viewer error, no acked message lost, missed or doubled,
     /// and the cluster whole again.
     pub fn clean(&self) -> bool {
         self.stalls == 0
