@@ -192,6 +192,15 @@ pub fn candidates(
 }
 
 async fn poll_one(client: &reqwest::Client, url: &str) -> Result<BroadcastStatus, String> {
+    fetch_status(client, url).await
+}
+
+/// `GET <url>/status` within [`POLL_TIMEOUT`], at most [`MAX_STATUS_BYTES`], parsed as `T`:
+/// the one way the LB asks a host how it is (broadcasts, and ingests for the publish front).
+pub(crate) async fn fetch_status<T: serde::de::DeserializeOwned>(
+    client: &reqwest::Client,
+    url: &str,
+) -> Result<T, String> {
     let mut response = client
         .get(format!("{}/status", url.trim_end_matches('/')))
         .timeout(POLL_TIMEOUT)

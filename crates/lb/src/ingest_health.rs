@@ -11,10 +11,7 @@ use std::time::Instant;
 
 use streaming_core::config::{HostConfig, HostEntry, Role};
 
-use crate::health::{MAX_POLL_AGE, POLL_INTERVAL, POLL_TIMEOUT};
-
-/// An ingest's `/status` is a few hundred bytes per channel.
-const MAX_STATUS_BYTES: usize = 64 * 1024;
+use crate::health::{MAX_POLL_AGE, POLL_INTERVAL};
 
 /// One ingest as seen by this LB.
 #[derive(Debug, Clone, Default)]
@@ -111,25 +108,8 @@ pub fn outside_publishers(status: &serde_json::Value) -> Result<u64, String> {
 }
 
 async fn poll_one(client: &reqwest::Client, url: &str) -> Result<u64, String> {
-    let mut response = client
-        .get(format!("{}/status", url.trim_end_matches('/')))
-        .timeout(POLL_TIMEOUT)
-        .send()
-        .await
-        .map_err(|e| format!("request failed: {e}"))?;
-    if !response.status().is_success() {
-        return Err(format!("HTTP {}", response.status()));
-    }
-    let mut body = Vec::new();
-    while let Some(chunk) = response.chunk().await.map_err(|e| format!("body: {e}"))? {
-        if body.len() + chunk.len() > MAX_STATUS_BYTES {
-            return Err("status larger than 64 KiB".into());
-        }
-        body.extend_from_slice(&chunk);
-    }
-    let json: serde_json::Value =
-        serde_json::from_slice(&body).map_err(|e| format!("bad status JSON: {e}"))?;
-    outside_publishers(&json)
+    let status: serde_json::Value = crate::health::fetch_status(client, url).await?;
+    outside_publishers(&status)
 }
 
 /// Polls every ingest of the current config, in parallel, once per [`POLL_INTERVAL`].
