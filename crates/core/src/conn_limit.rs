@@ -109,26 +109,36 @@ impl Drop for ConnPermit {
 #[derive(Debug)]
 pub struct LogThrottle {
     every: std::time::Duration,
-    last: Mutex<Option<Instant>>,
+    /// When a message last went through, and how many were held back since.
+    state: Mutex<(Option<Instant>, u64)>,
 }
 
 impl LogThrottle {
     pub fn per_second() -> Self {
         Self {
             every: std::time::Duration::from_secs(1),
-            last: Mutex::new(None),
+            state: Mutex::new((None, 0)),
         }
     }
 
     /// True when the caller may log now.
     pub fn allow(&self) -> bool {
+        self.allow_counting().is_some()
+    }
+
+    /// `Some(messages held back since the last one let through)` when the caller may log now,
+    /// so the line can say how many it stands for.
+    pub fn allow_counting(&self) -> Option<u64> {
         let now = Instant::now();
-        let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
-        match *last {
-            Some(t) if now.duration_since(t) < self.every => false,
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        match state.0 {
+            Some(t) if now.duration_since(t) < self.every => {
+                state.1 += 1;
+                None
+            }
             _ => {
-                *last = Some(now);
-                true
+                state.0 = Some(now);
+                Some(std::mem::take(&mut state.1))
             }
         }
     }

@@ -17,6 +17,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use streaming_core::config::LimitsConfig;
+use streaming_core::conn_limit::LogThrottle;
 use streaming_core::lifecycle::Lifecycle;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpListener;
@@ -34,8 +35,6 @@ use streaming_hls::unix_now_ms;
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Bytes read from the socket at once.
 const READ_BUFFER: usize = 64 * 1024;
-/// Refusals of connections are logged at most once per this interval, with a count.
-const REFUSAL_LOG_INTERVAL: Duration = Duration::from_secs(1);
 
 /// The connection limits of `limits` in `cluster.nix`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -61,13 +60,6 @@ struct OpenConnections {
     per_address: HashMap<IpAddr, usize>,
 }
 
-/// Refusals since the last log line, so a flood costs one line per interval.
-#[derive(Default)]
-struct RefusalLog {
-    last: Option<Instant>,
-    suppressed: u64,
-}
-
 /// What every connection needs.
 pub struct RtmpContext {
     pub keys: RwLock<StreamKeys>,
@@ -78,7 +70,8 @@ pub struct RtmpContext {
     /// Addresses of the LBs, which carry many publishers each (see the module comment).
     forwarders: RwLock<Vec<IpAddr>>,
     open: Mutex<OpenConnections>,
-    refusals: Mutex<RefusalLog>,
+    /// A flood of refusals costs one log line a second.
+    refusals: LogThrottle,
     next_conn: AtomicU64,
 }
 
@@ -110,7 +103,7 @@ impl RtmpContext {
             limits: RwLock::new(limits.into()),
             forwarders: RwLock::default(),
             open: Mutex::default(),
-            refusals: Mutex::default(),
+            refusals: LogThrottle::per_second(),
             next_conn: AtomicU64::new(1),
         })
     }
@@ -165,17 +158,9 @@ impl RtmpContext {
 
     fn log_refusal(&self, peer: SocketAddr, reason: &str, limits: RtmpLimits) {
         metrics::counter!("ingest_rtmp_refused_total", "reason" => reason.to_owned()).increment(1);
-        let now = Instant::now();
-        let mut log = self.refusals.lock().unwrap_or_else(|e| e.into_inner());
-        if log
-            .last
-            .is_some_and(|t| now.duration_since(t) < REFUSAL_LOG_INTERVAL)
-        {
-            log.suppressed += 1;
+        let Some(suppressed) = self.refusals.allow_counting() else {
             return;
-        }
-        log.last = Some(now);
-        let suppressed = std::mem::take(&mut log.suppressed);
+        };
         tracing::warn!(
             %peer,
             reason,

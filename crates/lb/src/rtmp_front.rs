@@ -26,7 +26,7 @@ use std::time::Duration;
 use anyhow::Context;
 use rustls::ClientConfig;
 use streaming_core::config::{HostConfig, LimitsConfig};
-use streaming_core::conn_limit::ConnLimiter;
+use streaming_core::conn_limit::{ConnLimiter, LogThrottle};
 use streaming_core::lifecycle::Lifecycle;
 use streaming_rtmp_publish::Target;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -137,7 +137,8 @@ pub async fn accept_loop(
     front: Arc<Front>,
     lifecycle: Lifecycle,
 ) -> anyhow::Result<()> {
-    let mut refusals = RefusalLog::default();
+    // A flood of refusals costs one log line a second.
+    let refusals = LogThrottle::per_second();
     loop {
         let (stream, peer) = tokio::select! {
             _ = lifecycle.shutdown() => return Ok(()),
@@ -160,7 +161,9 @@ pub async fn accept_loop(
                 // Dropped now: a refused address holds nothing.
                 drop(stream);
                 refused(refusal.as_str());
-                refusals.note(peer, refusal.as_str());
+                if let Some(suppressed) = refusals.allow_counting() {
+                    tracing::warn!(%peer, reason = refusal.as_str(), suppressed, "RTMP front refused a connection (cap on open connections)");
+                }
                 continue;
             }
         };
@@ -188,29 +191,6 @@ pub async fn accept_loop(
                 }
             }
         });
-    }
-}
-
-/// Refusals of connections are logged at most once a second, with a count.
-#[derive(Default)]
-struct RefusalLog {
-    last: Option<Instant>,
-    suppressed: u64,
-}
-
-impl RefusalLog {
-    fn note(&mut self, peer: SocketAddr, reason: &str) {
-        let now = Instant::now();
-        if self
-            .last
-            .is_some_and(|t| now.duration_since(t) < Duration::from_secs(1))
-        {
-            self.suppressed += 1;
-            return;
-        }
-        self.last = Some(now);
-        let suppressed = std::mem::take(&mut self.suppressed);
-        tracing::warn!(%peer, reason, suppressed, "RTMP front refused a connection (cap on open connections)");
     }
 }
 
