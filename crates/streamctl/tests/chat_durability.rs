@@ -20,7 +20,7 @@ const PREFIX: &str = "127.80";
 const LEFT_OUT: [&str; 4] = ["broadcast3", "broadcast4", "ingest2", "source2"];
 
 mod common;
-use common::{Cluster, json_of, repo_root, run, streamctl};
+use common::{Cluster, json_of, run, streamctl};
 
 fn number(v: &Value) -> f64 {
     v.as_f64().unwrap_or_else(|| panic!("not a number: {v}"))
@@ -35,18 +35,7 @@ fn acked_chat_messages_survive_killed_and_hung_database_primaries() {
     let _cluster = Cluster {
         state: state.clone(),
     };
-    let cluster_file = tmp.path().join("cluster.nix");
-    let full = std::fs::read_to_string(repo_root().join("cluster.nix")).unwrap();
-    let trimmed: String = full
-        .lines()
-        .filter(|line| {
-            !LEFT_OUT
-                .iter()
-                .any(|h| line.contains(&format!("name = \"{h}\";")))
-        })
-        .map(|line| format!("{line}\n"))
-        .collect();
-    std::fs::write(&cluster_file, trimmed).unwrap();
+    let cluster_file = common::cluster_without(tmp.path(), &LEFT_OUT);
     common::up(&state, PREFIX, Some(&cluster_file));
     let up_s = started.elapsed().as_secs_f64();
 

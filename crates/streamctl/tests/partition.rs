@@ -21,7 +21,7 @@ const PREFIX: &str = "127.83";
 const LEFT_OUT: [&str; 5] = ["broadcast3", "broadcast4", "ingest2", "source2", "lb2"];
 
 mod common;
-use common::{Cluster, json_of, repo_root, run, streamctl};
+use common::{Cluster, json_of, run, streamctl};
 
 fn number(v: &Value) -> f64 {
     v.as_f64().unwrap_or_else(|| panic!("not a number: {v}"))
@@ -64,18 +64,7 @@ fn partitions_cut_hosts_and_a_cut_off_primary_steps_down_without_losing_acked_ch
     let _cluster = Cluster {
         state: state.clone(),
     };
-    let cluster_file = tmp.path().join("cluster.nix");
-    let full = std::fs::read_to_string(repo_root().join("cluster.nix")).unwrap();
-    let trimmed: String = full
-        .lines()
-        .filter(|line| {
-            !LEFT_OUT
-                .iter()
-                .any(|h| line.contains(&format!("name = \"{h}\";")))
-        })
-        .map(|line| format!("{line}\n"))
-        .collect();
-    std::fs::write(&cluster_file, trimmed).unwrap();
+    let cluster_file = common::cluster_without(tmp.path(), &LEFT_OUT);
     let report = common::up(&state, PREFIX, Some(&cluster_file));
     let url_of = |name: &str| {
         report["hosts"]

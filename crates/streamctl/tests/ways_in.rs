@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 mod common;
-use common::{Cluster, json_of, repo_root, run, streamctl};
+use common::{Cluster, json_of, run, streamctl};
 
 /// Loopback prefix of this test's cluster.
 const PREFIX: &str = "127.82";
@@ -121,18 +121,7 @@ fn viewers_and_steering_outlive_an_lb_and_then_their_broadcast() {
     let _cluster = Cluster {
         state: state.clone(),
     };
-    let cluster_file = tmp.path().join("cluster.nix");
-    let full = std::fs::read_to_string(repo_root().join("cluster.nix")).unwrap();
-    let trimmed: String = full
-        .lines()
-        .filter(|line| {
-            !LEFT_OUT
-                .iter()
-                .any(|h| line.contains(&format!("name = \"{h}\";")))
-        })
-        .map(|line| format!("{line}\n"))
-        .collect();
-    std::fs::write(&cluster_file, trimmed).unwrap();
+    let cluster_file = common::cluster_without(tmp.path(), &LEFT_OUT);
     common::up(&state, PREFIX, Some(&cluster_file));
     let lb1 = format!("https://{PREFIX}.1.1:8443");
     let lb2 = format!("https://{PREFIX}.1.2:8443");

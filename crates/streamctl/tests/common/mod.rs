@@ -71,6 +71,26 @@ pub fn up(state: &Path, prefix: &str, cluster: Option<&Path>) -> Value {
         .arg(state)))
 }
 
+/// Writes `<dir>/cluster.nix`: the repository's host list without the hosts named in
+/// `left_out` (a smaller cluster where a test needs fewer hosts), and returns its path. Not
+/// every test binary trims the list.
+#[allow(dead_code)]
+pub fn cluster_without(dir: &Path, left_out: &[&str]) -> PathBuf {
+    let full = std::fs::read_to_string(repo_root().join("cluster.nix")).unwrap();
+    let trimmed: String = full
+        .lines()
+        .filter(|line| {
+            !left_out
+                .iter()
+                .any(|h| line.contains(&format!("name = \"{h}\";")))
+        })
+        .map(|line| format!("{line}\n"))
+        .collect();
+    let path = dir.join("cluster.nix");
+    std::fs::write(&path, trimmed).unwrap();
+    path
+}
+
 /// Stops the cluster of a state dir when dropped, so no process outlives a failing test.
 pub struct Cluster {
     pub state: PathBuf,
