@@ -27,11 +27,13 @@ use crate::state::Broadcast;
 
 /// One LB's time to connect and answer; a hung LB costs this, then the next one is asked.
 pub const LB_ATTEMPT: Duration = Duration::from_secs(1);
-/// How long one LB answer serves every player on the same channel and pathway: the LBs' view
-/// of the broadcasts changes twice a second, players ask every 10 s, so this only caps what
-/// many players (or one client looping) can make us ask the LBs.
+/// How long one LB answer (or the failure of every LB) serves every player on the same channel
+/// and pathway: the LBs' view of the broadcasts changes twice a second, players ask every 10 s,
+/// so this only caps what many players (or a flood) can make us ask the LBs: one question per
+/// channel and pathway a second, whatever the number of requests.
 const CACHE_FOR: Duration = Duration::from_secs(1);
 /// Questions to the LBs in flight at once; more are refused (the player asks again after TTL).
+/// Keys are few (known channels and pathways), so this is a backstop.
 const MAX_IN_FLIGHT: usize = 64;
 /// Largest steering manifest we take from an LB (they are a few hundred bytes).
 const MAX_MANIFEST_BYTES: u64 = 64 * 1024;
@@ -55,11 +57,16 @@ enum AskError {
 
 type Key = (String, Option<String>);
 
+/// One question to the LBs for one key, shared by every request that comes while it is fresh:
+/// the first asks, the others wait for its answer. A failure is kept as long as a success, so
+/// when no LB answers a flood of requests still asks them at most once per key and second.
+type Answer = Arc<tokio::sync::OnceCell<Option<bytes::Bytes>>>;
+
 pub struct SteeringProxy {
     bc: Arc<Broadcast>,
     /// Index (in the config's LB list) of the LB that answered last: asked first.
     preferred: AtomicUsize,
-    cache: Mutex<HashMap<Key, (Instant, bytes::Bytes)>>,
+    cache: Mutex<HashMap<Key, (Instant, Answer)>>,
     in_flight: tokio::sync::Semaphore,
 }
 
@@ -107,38 +114,8 @@ async fn steering(
         })
         .cloned();
     let key = (channel, pathway);
-    let cached = proxy
-        .cache
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .get(&key)
-        .filter(|(at, _)| at.elapsed() < CACHE_FOR)
-        .map(|(_, body)| body.clone());
-    let body = match cached {
-        Some(body) => {
-            metrics::counter!("broadcast_steering_total", "result" => "cached").increment(1);
-            body
-        }
-        None => {
-            let Ok(_permit) = proxy.in_flight.try_acquire() else {
-                metrics::counter!("broadcast_steering_total", "result" => "busy").increment(1);
-                return unavailable("too many steering requests in flight");
-            };
-            let lbs = config.cluster.lb_urls();
-            match proxy.ask_lbs(&lbs, &key).await {
-                Some(body) => {
-                    metrics::counter!("broadcast_steering_total", "result" => "ok").increment(1);
-                    let mut cache = proxy.cache.lock().unwrap_or_else(|e| e.into_inner());
-                    cache.retain(|_, (at, _)| at.elapsed() < CACHE_FOR);
-                    cache.insert(key, (Instant::now(), body.clone()));
-                    body
-                }
-                None => {
-                    metrics::counter!("broadcast_steering_total", "result" => "no_lb").increment(1);
-                    return unavailable("no LB answered");
-                }
-            }
-        }
+    let Some(body) = proxy.manifest(&config.cluster.lb_urls(), key).await else {
+        return unavailable("no LB answered");
     };
     let mut response = (
         [
@@ -164,6 +141,51 @@ fn unavailable(why: &str) -> Response {
 }
 
 impl SteeringProxy {
+    /// The manifest for `key`: the fresh answer (or failure) if there is one, else one
+    /// question to the LBs, shared with every request for the same key meanwhile.
+    async fn manifest(&self, lbs: &[String], key: Key) -> Option<bytes::Bytes> {
+        let (answer, asker) = {
+            let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+            match cache.get(&key).filter(|(at, _)| at.elapsed() < CACHE_FOR) {
+                Some((_, answer)) => (answer.clone(), false),
+                None => {
+                    // Keys are bounded (known channels and pathways); old answers go anyway.
+                    cache.retain(|_, (at, _)| at.elapsed() < CACHE_FOR);
+                    let answer = Answer::default();
+                    cache.insert(key.clone(), (Instant::now(), answer.clone()));
+                    (answer, true)
+                }
+            }
+        };
+        if let Some(done) = answer.get() {
+            let result = if done.is_some() {
+                "cached"
+            } else {
+                "cached_failure"
+            };
+            metrics::counter!("broadcast_steering_total", "result" => result).increment(1);
+            return done.clone();
+        }
+        if !asker {
+            metrics::counter!("broadcast_steering_total", "result" => "joined").increment(1);
+        }
+        answer
+            .get_or_init(|| async {
+                // A request whose asker went away takes over its question (OnceCell), so
+                // this bounds questions, not waiting requests (the HTTP caps do that).
+                let Ok(_permit) = self.in_flight.try_acquire() else {
+                    metrics::counter!("broadcast_steering_total", "result" => "busy").increment(1);
+                    return None;
+                };
+                let body = self.ask_lbs(lbs, &key).await;
+                let result = if body.is_some() { "ok" } else { "no_lb" };
+                metrics::counter!("broadcast_steering_total", "result" => result).increment(1);
+                body
+            })
+            .await
+            .clone()
+    }
+
     /// Each LB once, the last one that answered first; `None` when none did.
     async fn ask_lbs(&self, lbs: &[String], key: &Key) -> Option<bytes::Bytes> {
         let first = self.preferred.load(Ordering::Relaxed);
@@ -212,5 +234,119 @@ impl SteeringProxy {
             return Err(AskError::NotAManifest);
         }
         Ok(body)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::body::Body;
+    use axum::http::Request;
+    use std::sync::atomic::AtomicBool;
+    use streaming_core::token::TokenSigner;
+    use tower::ServiceExt;
+
+    /// A plain-HTTP stand-in for both LBs: counts the questions, answers a manifest while
+    /// `healthy`, else 503 (as an LB that cannot serve).
+    async fn fake_lb(healthy: Arc<AtomicBool>, asked: Arc<AtomicUsize>) -> String {
+        let app = Router::new().route(
+            "/steering",
+            get(move || {
+                let (healthy, asked) = (healthy.clone(), asked.clone());
+                async move {
+                    asked.fetch_add(1, Ordering::SeqCst);
+                    // Slow enough that a flood piles up behind one question.
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    if healthy.load(Ordering::SeqCst) {
+                        (
+                            StatusCode::OK,
+                            r#"{"VERSION":1,"TTL":10,"PATHWAY-PRIORITY":["broadcast1"]}"#,
+                        )
+                    } else {
+                        (StatusCode::SERVICE_UNAVAILABLE, "no")
+                    }
+                }
+            }),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        url
+    }
+
+    async fn flood(app: &Router, n: usize, query: &str) -> Vec<StatusCode> {
+        let requests = (0..n).map(|_| {
+            let request = Request::get(format!("/steering?{query}"))
+                .body(Body::empty())
+                .unwrap();
+            let app = app.clone();
+            async move { app.oneshot(request).await.unwrap().status() }
+        });
+        futures::future::join_all(requests).await
+    }
+
+    #[tokio::test]
+    async fn a_flood_asks_the_lbs_once_per_key_and_second_even_when_they_fail() {
+        let healthy = Arc::new(AtomicBool::new(false));
+        let asked = Arc::new(AtomicUsize::new(0));
+        let lb = fake_lb(healthy.clone(), asked.clone()).await;
+        let mut config = crate::state::test_support::config();
+        for host in config
+            .cluster
+            .hosts
+            .iter_mut()
+            .filter(|h| h.role == Role::Lb)
+        {
+            host.url = lb.clone();
+        }
+        let bc = Arc::new(Broadcast::new(
+            config,
+            TokenSigner::new(b"k"),
+            "ck".into(),
+            reqwest::Client::new(),
+        ));
+        let app = router(bc);
+
+        // Every LB failing: 500 requests at once cost one question to each LB.
+        let statuses = flood(&app, 500, "channel=test&_HLS_pathway=broadcast1").await;
+        assert!(
+            statuses
+                .iter()
+                .all(|s| *s == StatusCode::SERVICE_UNAVAILABLE)
+        );
+        let failing = asked.load(Ordering::SeqCst);
+        assert_eq!(failing, 2, "one question per LB");
+
+        // Healthy again: after the cache second, one question serves the next flood.
+        healthy.store(true, Ordering::SeqCst);
+        tokio::time::sleep(CACHE_FOR).await;
+        let statuses = flood(&app, 500, "channel=test&_HLS_pathway=broadcast1").await;
+        assert!(statuses.iter().all(|s| *s == StatusCode::OK));
+        assert_eq!(asked.load(Ordering::SeqCst), failing + 1);
+
+        // Unknown channels, pathways nobody offered, huge and odd values ask nobody new or
+        // share the pathway-less key: at most one more question.
+        // Near the largest URI `http` takes (64 KiB); hyper refuses longer ones before us.
+        let huge = "x".repeat(60 * 1024);
+        for (query, want) in [
+            ("channel=nope", StatusCode::NOT_FOUND),
+            ("channel=..%2F..%2Fetc", StatusCode::NOT_FOUND),
+            ("channel=%FF%FE", StatusCode::NOT_FOUND),
+            (&format!("channel={huge}") as &str, StatusCode::NOT_FOUND),
+            ("channel=test&_HLS_pathway=evil", StatusCode::OK),
+            (&format!("channel=test&_HLS_pathway={huge}"), StatusCode::OK),
+            (
+                "channel=test&t=forged.token&_HLS_throughput=-1",
+                StatusCode::OK,
+            ),
+        ] {
+            let statuses = flood(&app, 50, query).await;
+            assert!(
+                statuses.iter().all(|s| *s == want),
+                "{} {statuses:?}",
+                &query[..query.len().min(40)]
+            );
+        }
+        assert_eq!(asked.load(Ordering::SeqCst), failing + 2);
     }
 }
