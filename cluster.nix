@@ -37,6 +37,7 @@
     rtmpConnections = 64;
     rtmpConnectionsPerAddress = 8;
     rtmpPublishSeconds = 5;            # connect to accepted publish
+    rtmpConnectRate = { burst = 10; perMinute = 30; };  # new connections to the LBs' publish address, per address
     chatSockets = 4096;                # chat WebSockets per broadcast
   };
 

@@ -184,6 +184,10 @@ pub struct LimitsConfig {
     pub rtmp_connections_per_address: u32,
     /// An RTMP connection that has not been accepted as a publisher by then is closed.
     pub rtmp_publish_seconds: u32,
+    /// New connections to the LBs' publish address, per client address (a publisher
+    /// reconnects every few seconds at most; each forwarded connection costs an ingest a TLS
+    /// handshake).
+    pub rtmp_connect_rate: RateLimit,
     /// Chat WebSockets per broadcast.
     pub chat_sockets: u32,
 }
@@ -206,6 +210,10 @@ impl Default for LimitsConfig {
             rtmp_connections: 64,
             rtmp_connections_per_address: 8,
             rtmp_publish_seconds: 5,
+            rtmp_connect_rate: RateLimit {
+                burst: 10,
+                per_minute: 30,
+            },
             chat_sockets: 4096,
         }
     }

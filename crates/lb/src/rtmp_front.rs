@@ -15,9 +15,12 @@
 //! (the same freshness rule as for broadcasts), or when a write to it stalls.
 //!
 //! Limits are the RTMP ones of `cluster.nix`, per real client address here (the ingests exempt
-//! the LBs' addresses from their per-address cap): connections in all and per address, and
-//! the publish deadline for the TLS handshake and the publisher's first bytes; after that the
-//! ingest's own deadline applies to the forwarded publish. Refusals: `lb_rtmp_refused_total`.
+//! the LBs' addresses from their per-address cap): new connections per address and minute,
+//! connections in all and per address, and the publish deadline for the TLS handshake and the
+//! publisher's first bytes; after that the ingest's own deadline applies to the forwarded
+//! publish. The one byte the front does read is the first: an RTMP stream starts with its
+//! version, 3, so scanners and other protocols are closed without costing an ingest a
+//! connection. Refusals: `lb_rtmp_refused_total`.
 
 use std::net::SocketAddr;
 use std::sync::{Arc, RwLock};
@@ -26,8 +29,9 @@ use std::time::Duration;
 use anyhow::Context;
 use rustls::ClientConfig;
 use streaming_core::config::{HostConfig, LimitsConfig};
-use streaming_core::conn_limit::{ConnLimiter, LogThrottle};
+use streaming_core::conn_limit::{ConnLimiter, ConnPermit, LogThrottle};
 use streaming_core::lifecycle::Lifecycle;
+use streaming_core::rate_limit::RateLimiter;
 use streaming_rtmp_publish::Target;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
@@ -45,6 +49,8 @@ const WRITE_TIMEOUT: Duration = Duration::from_secs(3);
 /// How often a forwarded connection checks that its ingest still answers.
 const HEALTH_CHECK: Duration = Duration::from_millis(250);
 const BUFFER: usize = 64 * 1024;
+/// The first byte of every RTMP connection (C0: the protocol version).
+const RTMP_VERSION: u8 = 3;
 
 /// What the front needs, swapped whole on SIGHUP.
 pub struct FrontConfig {
@@ -73,17 +79,16 @@ impl FrontConfig {
 /// The front's shared state.
 pub struct Front {
     current: RwLock<Arc<FrontConfig>>,
-    limiter: RwLock<(LimitsConfig, ConnLimiter)>,
+    limiter: RwLock<Limiters>,
     ingests: Arc<Ingests>,
 }
 
 impl Front {
     pub fn new(config: FrontConfig, ingests: Arc<Ingests>) -> Arc<Self> {
         let limits = config.config.cluster.limits.clone();
-        let limiter = limiter_for(&limits);
         Arc::new(Self {
             current: RwLock::new(Arc::new(config)),
-            limiter: RwLock::new((limits, limiter)),
+            limiter: RwLock::new(Limiters::new(limits)),
             ingests,
         })
     }
@@ -93,8 +98,8 @@ impl Front {
         let limits = config.config.cluster.limits.clone();
         let mut limiter = self.limiter.write().unwrap_or_else(|e| e.into_inner());
         // Only new numbers need new counters: open connections stay counted otherwise.
-        if limiter.0 != limits {
-            *limiter = (limits.clone(), limiter_for(&limits));
+        if limiter.limits != limits {
+            *limiter = Limiters::new(limits);
         }
         *self.current.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(config);
     }
@@ -107,8 +112,30 @@ impl Front {
     }
 }
 
-fn limiter_for(limits: &LimitsConfig) -> ConnLimiter {
-    ConnLimiter::new(limits.rtmp_connections, limits.rtmp_connections_per_address)
+/// The counters behind the limits of one `cluster.nix` version.
+struct Limiters {
+    limits: LimitsConfig,
+    open: ConnLimiter,
+    connects: RateLimiter,
+}
+
+impl Limiters {
+    fn new(limits: LimitsConfig) -> Self {
+        Self {
+            open: ConnLimiter::new(limits.rtmp_connections, limits.rtmp_connections_per_address),
+            connects: RateLimiter::new("rtmp_connect", limits.rtmp_connect_rate),
+            limits,
+        }
+    }
+
+    /// A permit for a new connection from `ip`, or the label of the refusal.
+    fn admit(&self, ip: std::net::IpAddr) -> Result<ConnPermit, &'static str> {
+        // The rate first: a refused flood must not even count as open connections.
+        if self.connects.check(ip, std::time::Instant::now()).is_err() {
+            return Err("rate");
+        }
+        self.open.try_acquire(ip).map_err(|r| r.as_str())
+    }
 }
 
 fn refused(reason: &'static str) {
@@ -151,18 +178,19 @@ pub async fn accept_loop(
                 }
             },
         };
-        let permit = {
-            let limiter = front.limiter.read().unwrap_or_else(|e| e.into_inner());
-            limiter.1.try_acquire(peer.ip())
-        };
+        let permit = front
+            .limiter
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .admit(peer.ip());
         let permit = match permit {
             Ok(p) => p,
-            Err(refusal) => {
+            Err(reason) => {
                 // Dropped now: a refused address holds nothing.
                 drop(stream);
-                refused(refusal.as_str());
+                refused(reason);
                 if let Some(suppressed) = refusals.allow_counting() {
-                    tracing::warn!(%peer, reason = refusal.as_str(), suppressed, "RTMP front refused a connection (cap on open connections)");
+                    tracing::warn!(%peer, reason, suppressed, "RTMP front refused a connection (caps on new and open connections per address and in all)");
                 }
                 continue;
             }
@@ -240,6 +268,11 @@ async fn handle<S: AsyncRead + AsyncWrite + Unpin>(
             return;
         }
     };
+    if first[0] != RTMP_VERSION {
+        refused("not_rtmp");
+        tracing::debug!(%peer, "RTMP front: not an RTMP stream, closed");
+        return;
+    }
     let Some((ingest, mut upstream)) = connect_upstream(&current, front, deadline).await else {
         refused("no_ingest");
         tracing::warn!(%peer, "RTMP front: no ingest reachable, publisher closed");
@@ -491,7 +524,8 @@ mod tests {
         pki(dir.path());
         let port = ingest(dir.path()).await;
         let limits = serde_json::json!({
-            "rtmp_connections": 3, "rtmp_connections_per_address": 2, "rtmp_publish_seconds": 1
+            "rtmp_connections": 3, "rtmp_connections_per_address": 2, "rtmp_publish_seconds": 1,
+            "rtmp_connect_rate": {"burst": 6, "per_minute": 1}
         });
         let config = Arc::new(config(dir.path(), port, limits));
         let front = Front::new(
@@ -505,13 +539,13 @@ mod tests {
 
         // Bytes reach the ingest over TLS (its certificate checked against the CA) and back.
         let mut publisher = connect(addr).await;
-        publisher.write_all(&[1, 2, 3]).await.unwrap();
+        publisher.write_all(&[3, 2, 1]).await.unwrap();
         let mut answer = [0u8; 3];
         tokio::time::timeout(Duration::from_secs(5), publisher.read_exact(&mut answer))
             .await
             .expect("answer through the front")
             .unwrap();
-        assert_eq!(answer, [2, 3, 4]);
+        assert_eq!(answer, [4, 3, 2]);
 
         // A second connection from the address is held; the third is closed at accept.
         let mut silent = connect(addr).await;
@@ -530,10 +564,31 @@ mod tests {
             "per-address refusal after {refused:?} s, publish deadline closed after {deadline:?} s"
         );
 
+        // Not RTMP (a TLS ClientHello on the plain port, an HTTP scanner): closed, unanswered.
+        let mut garbage = connect(addr).await;
+        garbage.write_all(b"GET / HTTP/1.1\r\n\r\n").await.unwrap();
+        let not_rtmp = closed_within(&mut garbage, Duration::from_millis(900)).await;
+        assert!(not_rtmp.is_some(), "garbage is closed before the deadline");
+
+        // Four connections so far from this address; the bucket holds six, then one a minute.
+        let mut rate_refused = 0;
+        for _ in 0..6 {
+            let mut c = connect(addr).await;
+            if closed_within(&mut c, Duration::from_millis(300))
+                .await
+                .is_some()
+            {
+                rate_refused += 1;
+            }
+        }
+        assert!(rate_refused >= 3, "{rate_refused} of 6 refused");
+
         let rendered = prometheus.render();
         for needle in [
             "lb_rtmp_refused_total{reason=\"per_address\"}",
             "lb_rtmp_refused_total{reason=\"publish_deadline\"}",
+            "lb_rtmp_refused_total{reason=\"not_rtmp\"}",
+            "lb_rtmp_refused_total{reason=\"rate\"}",
             "lb_rtmp_forwarded_total{ingest=\"ingest1\"}",
         ] {
             assert!(rendered.contains(needle), "{needle} missing in {rendered}");
