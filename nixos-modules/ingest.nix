@@ -8,9 +8,21 @@ flake:
   ...
 }:
 let
-  cfg = config.services.streaming-cluster.ingest;
-  hosts = config.services.streaming-cluster.hostConfig.cluster.hosts;
-  me = lib.findFirst (h: h.name == config.services.streaming-cluster.hostName) null hosts;
+  top = config.services.streaming-cluster;
+  cfg = top.ingest;
+  hosts = top.hostConfig.cluster.hosts;
+  me = lib.findFirst (h: h.name == top.hostName) null hosts;
+  # Who publishes to this ingest over RTMPS: the LBs (forwarding outside publishers), the
+  # sources, and the other ingests (the relay). Nothing inside the cluster uses plain RTMP.
+  publishers = map (h: h.address) (
+    lib.filter (h: lib.elem h.role [ "lb" "source" "ingest" ] && h.name != me.name) hosts
+  );
+  firewall = import ./internal-ports.nix lib [
+    {
+      port = me.ports.rtmps;
+      from = publishers;
+    }
+  ];
 in
 {
   options.services.streaming-cluster.ingest = {
@@ -22,6 +34,18 @@ in
       description = "Package providing the `ingest` binary.";
     };
     ffmpegPackage = lib.mkPackageOption pkgs "ffmpeg-headless" { };
+    directPublishing = lib.mkOption {
+      type = lib.types.bool;
+      default = false;
+      description = ''
+        Also accept outside publishers on this ingest's own RTMP and RTMPS ports, from any
+        address (with `openFirewall`). Off by default: publishers enter through the LBs' publish
+        address, which survives the loss of any one ingest, so the firewall opens this ingest's
+        RTMPS port only to the cluster's LBs, sources and other ingests (by their addresses in
+        cluster.nix, for the iptables and the nftables backend alike) and its plain RTMP port to
+        nobody. The LBs still apply every per-address limit to the real publishers.
+      '';
+    };
   };
 
   config = lib.mkIf (config.services.streaming-cluster.enable && cfg.enable) (
@@ -33,8 +57,10 @@ in
         path = [ cfg.ffmpegPackage ];
         ports = [
           me.ports.https
-          # Plain RTMP only for outside publishers that cannot do TLS: sources and the relay
-          # between ingests use RTMPS.
+        ]
+        # Plain RTMP only for outside publishers that cannot do TLS: sources and the relay
+        # between ingests use RTMPS.
+        ++ lib.optionals cfg.directPublishing [
           me.ports.rtmp
           me.ports.rtmps
         ];
@@ -42,6 +68,7 @@ in
         limitNoFile = 65536;
       })
       { services.streaming-cluster.fonts.enable = true; }
+      { networking.firewall = lib.mkIf (top.openFirewall && !cfg.directPublishing) firewall; }
     ]
   );
 }
