@@ -291,8 +291,9 @@ impl Resume {
     }
 }
 
+/// Why a connection to one target ended.
 #[derive(Debug, thiserror::Error)]
-enum PublishError {
+pub enum PublishError {
     #[error("{0}")]
     Io(#[from] std::io::Error),
     #[error("timed out")]
@@ -357,6 +358,25 @@ async fn target_task(
         }
         backoff = (backoff * 2).min(options.backoff.max);
     }
+}
+
+/// One connection to `target`, as a lone publisher (OBS) makes: set up within
+/// [`SETUP_TIMEOUT`], then the audio and video tags of `rx` (headers first, video from a
+/// keyframe; anything else is the caller's to leave out) until the
+/// producer is gone (`Ok`) or the connection fails. No retry: the caller decides where and
+/// when to go next.
+pub async fn publish_once(
+    target: &Target,
+    stream: &Stream,
+    options: &PublishOptions,
+    rx: &mut mpsc::Receiver<Tag>,
+) -> Result<(), PublishError> {
+    let (mut tls, mut session) =
+        tokio::time::timeout(SETUP_TIMEOUT, connect(target, stream, options))
+            .await
+            .map_err(|_| PublishError::Timeout)??;
+    tracing::info!(stream = %stream.label, target = %target.name, addr = %target.addr, "publishing over RTMPS");
+    forward(&mut tls, &mut session, rx, &mut Headers::default()).await
 }
 
 type Tls = tokio_rustls::client::TlsStream<TcpStream>;

@@ -1,17 +1,24 @@
-//! An OBS-like outside publisher for the failover bench's "publisher's ingest" rows: ffmpeg
-//! publishing a test pattern over RTMPS to the site's publish address (the LBs), reconnecting
+//! An OBS-like outside publisher for the failover bench's "publisher's ingest" rows: a test
+//! pattern published over RTMPS to the site's publish address (the LBs), reconnecting
 //! [`RECONNECT_DELAY`] after a drop as OBS does, and trying the next LB address at once when
 //! one refuses, as a resolver's address list is tried. Plus what the rows measure: where the
 //! publisher is, and how many slate segments an ingest put on the timeline.
+//!
+//! ffmpeg only encodes, as FLV on a pipe; our own RTMPS client (`streaming_rtmp_publish`)
+//! publishes it, so the stream key is on no command line and the LB's certificate is checked
+//! against the cluster CA. Each connection gets a fresh ffmpeg, so it starts on a keyframe, as
+//! OBS's does after a reconnect.
 
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use streaming_core::config::{HostConfig, Role};
+use streaming_rtmp_publish::{
+    Backoff, FlvReader, PublishOptions, Stream, TagKind, Target, client_config, publish_once,
+};
+use tokio::sync::{mpsc, watch};
 
 use crate::cluster::Layout;
 
@@ -19,19 +26,17 @@ use crate::cluster::Layout;
 pub const RECONNECT_DELAY: Duration = Duration::from_secs(2);
 /// The channel the bench publishes.
 pub const CHANNEL: &str = "test";
+/// Tags between ffmpeg and the connection (a few seconds of a test pattern).
+const QUEUE_TAGS: usize = 256;
 
 /// A running publisher loop; stopped (and its ffmpeg killed) when dropped.
 pub struct ObsPublisher {
-    stop: Arc<AtomicBool>,
-    child: Arc<Mutex<Option<Child>>>,
+    stop: watch::Sender<bool>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
 impl ObsPublisher {
     /// Starts publishing channel [`CHANNEL`] through the LBs of the cluster in `state`.
-    ///
-    /// ffmpeg takes the stream key in its URL, so it shows in its command line to local users
-    /// (as with any ffmpeg publisher): meant for the local cluster's test key.
     pub fn start(state: &Path) -> anyhow::Result<Self> {
         let layout = Layout::new(state)?;
         let configs = layout.load_configs()?;
@@ -39,77 +44,134 @@ impl ObsPublisher {
         let key_file = config.paths.stream_keys_dir.join(format!("{CHANNEL}.key"));
         let key = streaming_core::secrets::read_secret(&key_file)
             .with_context(|| format!("stream key {}", key_file.display()))?;
-        let lbs: Vec<String> = config
+        let lbs = config
             .cluster
             .hosts_with_role(Role::Lb)
-            .map(|h| h.socket(h.ports.rtmps).to_string())
-            .collect();
+            .map(Target::rtmps_of)
+            .collect::<Result<Vec<_>, _>>()?;
         anyhow::ensure!(!lbs.is_empty(), "no LB in the cluster");
-        let stop = Arc::new(AtomicBool::new(false));
-        let child: Arc<Mutex<Option<Child>>> = Arc::default();
-        let (s, c) = (stop.clone(), child.clone());
+        let options = PublishOptions {
+            tls: client_config(&layout.ca().cert).context("cluster CA")?,
+            app: "live".into(),
+            queue_tags: QUEUE_TAGS,
+            backoff: Backoff {
+                first: RECONNECT_DELAY,
+                max: RECONNECT_DELAY,
+            },
+            failures_metric: "obs_publisher_failures_total",
+            bind: None,
+        };
+        let stream = Stream {
+            label: format!("{CHANNEL} from the OBS-like publisher"),
+            publish_name: format!(
+                "{CHANNEL}?{}",
+                url::form_urlencoded::Serializer::new(String::new())
+                    .append_pair("key", &key)
+                    .finish()
+            ),
+        };
+        let (stop, stopped) = watch::channel(false);
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
         let thread = std::thread::spawn(move || {
-            let mut lb = 0;
-            while !s.load(Ordering::SeqCst) {
-                let url = format!("rtmps://{}/live/{CHANNEL}?key={key}", lbs[lb]);
-                let started = Instant::now();
-                let spawned = Command::new("ffmpeg")
-                    .args(["-hide_banner", "-loglevel", "error", "-re"])
-                    .args(["-f", "lavfi", "-i", "testsrc2=size=640x360:rate=25"])
-                    .args(["-f", "lavfi", "-i", "sine=frequency=440:sample_rate=44100"])
-                    .args(["-g", "50", "-c:v", "libx264", "-preset", "ultrafast"])
-                    .args(["-b:v", "1000k", "-c:a", "aac", "-b:a", "96k", "-f", "flv"])
-                    .arg(&url)
-                    .stdin(Stdio::null())
-                    .stdout(Stdio::null())
-                    // ffmpeg prints its URL, key included, in its errors.
-                    .stderr(Stdio::null())
-                    .spawn();
-                match spawned {
-                    Ok(child) => *c.lock().unwrap_or_else(|e| e.into_inner()) = Some(child),
-                    Err(e) => {
-                        tracing::error!("cannot start ffmpeg: {e}");
-                        return;
-                    }
-                }
-                loop {
-                    std::thread::sleep(Duration::from_millis(50));
-                    let mut slot = c.lock().unwrap_or_else(|e| e.into_inner());
-                    let exited = slot
-                        .as_mut()
-                        .is_none_or(|ch| ch.try_wait().ok().flatten().is_some());
-                    if exited || s.load(Ordering::SeqCst) {
-                        tracing::info!(lb = %lbs[lb], ran_s = started.elapsed().as_secs_f64(), "publisher's ffmpeg ended");
-                        if let Some(mut ch) = slot.take() {
-                            let _ = ch.kill();
-                            let _ = ch.wait();
-                        }
-                        break;
-                    }
-                }
-                if started.elapsed() > Duration::from_secs(1) {
-                    std::thread::sleep(RECONNECT_DELAY);
-                } else {
-                    lb = (lb + 1) % lbs.len();
-                    std::thread::sleep(Duration::from_millis(100));
-                }
-            }
+            runtime.block_on(publish_loop(lbs, stream, options, stopped));
         });
         Ok(Self {
             stop,
-            child,
             thread: Some(thread),
         })
     }
 }
 
+/// Connections one after the other until `stopped`: the same LB again after a drop, the next
+/// at once when one fails within a second.
+async fn publish_loop(
+    lbs: Vec<Target>,
+    stream: Stream,
+    options: PublishOptions,
+    mut stopped: watch::Receiver<bool>,
+) {
+    let mut lb = 0;
+    while !*stopped.borrow() {
+        let started = Instant::now();
+        let attempt = one_connection(&lbs[lb], &stream, &options);
+        tokio::select! {
+            _ = stopped.changed() => return,
+            ended = attempt => match ended {
+                Ok(why) => tracing::info!(lb = %lbs[lb].name, ran_s = started.elapsed().as_secs_f64(), "publisher's connection ended: {why}"),
+                Err(e) => {
+                    tracing::error!("OBS-like publisher: {e:#}");
+                    return;
+                }
+            },
+        }
+        let wait = if started.elapsed() > Duration::from_secs(1) {
+            RECONNECT_DELAY
+        } else {
+            lb = (lb + 1) % lbs.len();
+            Duration::from_millis(100)
+        };
+        tokio::select! {
+            _ = stopped.changed() => return,
+            _ = tokio::time::sleep(wait) => {}
+        }
+    }
+}
+
+/// A fresh ffmpeg encode published over one connection to `target`, until either ends: why it
+/// ended, or `Err` when ffmpeg cannot run at all.
+async fn one_connection(
+    target: &Target,
+    stream: &Stream,
+    options: &PublishOptions,
+) -> anyhow::Result<String> {
+    let mut ffmpeg = tokio::process::Command::new("ffmpeg")
+        .args(["-hide_banner", "-loglevel", "error", "-re"])
+        .args(["-f", "lavfi", "-i", "testsrc2=size=640x360:rate=25"])
+        .args(["-f", "lavfi", "-i", "sine=frequency=440:sample_rate=44100"])
+        .args(["-g", "50", "-c:v", "libx264", "-preset", "ultrafast"])
+        .args([
+            "-b:v", "1000k", "-c:a", "aac", "-b:a", "96k", "-f", "flv", "pipe:1",
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .context("cannot start ffmpeg")?;
+    let stdout = ffmpeg.stdout.take().context("ffmpeg's stdout")?;
+    let (tx, mut rx) = mpsc::channel(QUEUE_TAGS);
+    let encode = async move {
+        let mut flv = FlvReader::new(stdout);
+        loop {
+            match flv.next_tag().await {
+                // Media only: the script tag (onMetaData) has no place in the publish.
+                Ok(Some(tag)) if !matches!(tag.kind, TagKind::Audio | TagKind::Video) => {}
+                Ok(Some(tag)) => {
+                    if tx.send(tag).await.is_err() {
+                        return "the connection is gone".to_owned();
+                    }
+                }
+                Ok(None) => return "ffmpeg ended".to_owned(),
+                Err(e) => return format!("ffmpeg's FLV: {e}"),
+            }
+        }
+    };
+    let why = tokio::select! {
+        why = encode => why,
+        ended = publish_once(target, stream, options, &mut rx) => match ended {
+            Ok(()) => "the encode ended".to_owned(),
+            Err(e) => e.to_string(),
+        },
+    };
+    let _ = ffmpeg.kill().await;
+    Ok(why)
+}
+
 impl Drop for ObsPublisher {
     fn drop(&mut self) {
-        self.stop.store(true, Ordering::SeqCst);
-        if let Some(mut ch) = self.child.lock().unwrap_or_else(|e| e.into_inner()).take() {
-            let _ = ch.kill();
-            let _ = ch.wait();
-        }
+        let _ = self.stop.send(true);
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
