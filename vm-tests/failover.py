@@ -8,6 +8,7 @@
 # received exactly once by every client. Then the host must have rejoined.
 import json
 import time
+from urllib.parse import urlsplit
 
 LB = LB_URLS[0]
 ENTRY = f"{LB}/live/{CHANNEL}/master.m3u8"
@@ -252,18 +253,25 @@ def publisher_ingest():
 
 
 with subtest("the publisher's ingest crashes: it reconnects through the LBs to the other one"):
-    # One streamer, no test sources: an OBS-like publisher on the site's name (the LBs),
-    # reconnecting 2 s after a drop. ffmpeg takes the TEST ONLY key in its URL.
+    # One streamer, no test sources: an OBS-like publisher on the LBs' publish address, taking
+    # the LBs in turn (as a resolver's address list for the site's name) and reconnecting 2 s
+    # after a drop. ffmpeg only encodes to a pipe; `streamctl publish` reads the key from its
+    # file and checks each LB's certificate (its own name) against the CA: the key is on no
+    # command line.
     for source in names("source"):
         vm(source).succeed("systemctl stop streaming-source.service")
+    lb_names = " ".join(urlsplit(url_of(lb)).hostname for lb in names("lb"))
     publish = (
         "export PATH=/run/current-system/sw/bin:$PATH\n"
         "while true; do\n"
-        "  ffmpeg -hide_banner -loglevel error -re -f lavfi -i testsrc2=size=640x360:rate=25"
+        f"  for lb in {lb_names}; do\n"
+        "    ffmpeg -hide_banner -loglevel error -re -f lavfi -i testsrc2=size=640x360:rate=25"
         " -f lavfi -i sine=frequency=440 -g 50 -c:v libx264 -preset ultrafast -b:v 1000k"
-        " -c:a aac -b:a 96k -f flv"
-        f" \"rtmps://{SITE}:1936/live/{CHANNEL}?key=$(cat /run/agenix/stream-key-test)\"\n"
-        "  sleep 2\n"
+        " -c:a aac -b:a 96k -f flv pipe:1"
+        f" | {STREAMCTL} publish --to \"rtmps://$lb:1936/live/{CHANNEL}\""
+        f" --key-file /run/agenix/stream-key-test --ca-file {CA}\n"
+        "    sleep 2\n"
+        "  done\n"
         "done\n"
     )
     # A script file: systemd-run would expand `$` in a command line itself.

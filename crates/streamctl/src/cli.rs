@@ -58,6 +58,9 @@ pub enum Command {
     /// Chat load: registered clients on several broadcasts send messages, reconnect through the
     /// LB on failures, and check that every acked message reached everyone once and in order.
     Chat(crate::chat::ChatArgs),
+    /// Publish FLV from stdin (`ffmpeg ... -f flv pipe:1 |`) over RTMPS, the stream key read
+    /// from a file so that it is on no command line; one connection, exit 1 when it fails.
+    Publish(crate::publish::PublishArgs),
     /// Internal: one local db host (its etcd member and Patroni), started by `up`/`start` as
     /// the leader of the host's process group.
     #[command(hide = true)]

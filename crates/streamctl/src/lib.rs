@@ -12,7 +12,8 @@
 //! - [`watch`]: the HLS viewer simulator; [`client_address`]: each simulated client's own
 //!   loopback address.
 //! - [`bench`]: load and failover benchmarks; [`obs_publisher`]: the OBS-like publisher of its
-//!   single-publisher rows; [`chaos`]: the random fault schedule.
+//!   single-publisher rows; [`chaos`]: the random fault schedule; [`publish`]: FLV from stdin
+//!   over RTMPS with the key from a file (`streamctl publish`).
 //! - [`chat`]: the chat load client (`streamctl chat`); [`chat_failover`]: its database
 //!   failover bench.
 
@@ -31,6 +32,7 @@ pub mod partition;
 pub mod pki;
 pub mod probe;
 pub mod procs;
+pub mod publish;
 pub mod supervise;
 pub mod watch;
 
@@ -53,6 +55,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Sync(args) => commands::sync(args),
         Command::Bench(args) => bench::run(args).await,
         Command::Chat(args) => chat::run(args).await,
+        Command::Publish(args) => publish::run(args).await,
         Command::DbHost(args) => db::run_host(&args.config),
         Command::Supervise(args) => supervise::run(&args),
     }
