@@ -3,7 +3,9 @@
 //! attacker, not the viewers) against a local cluster: a deeply nested AMF `connect`, idle and
 //! trickling RTMP sockets, slowloris on a broadcast and an LB, `/api/assign` and master-playlist
 //! spam, parallel password guessing on a taken name, unauthenticated etcd and Patroni requests,
-//! and a flood of anonymous chat replays. For each: the attacked process keeps its pid (or was
+//! a flood of anonymous chat replays, slowloris, garbage, a wrong key and the global cap on an
+//! LB's publish front (with an OBS-like publisher meanwhile), and a `/steering` flood with odd
+//! queries. For each: the attacked process keeps its pid (or was
 //! restarted by the runner without the viewers noticing), the attack gets a clear refusal, a
 //! legitimate client still works, and a line of figures is printed (`figures: ...`) for
 //! docs/security.md. At the end the viewers report 0 stalls and 0 errors, and a legitimate
@@ -23,6 +25,7 @@ use futures::{SinkExt, StreamExt};
 use serde_json::{Value, json};
 use streaming_core::config::{HostConfig, LimitsConfig};
 use streaming_streamctl::cluster::Layout;
+use streaming_streamctl::obs_publisher::{self, ObsPublisher};
 use streaming_streamctl::procs;
 use streaming_streamctl::supervise::ServiceState;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -282,6 +285,14 @@ impl Ctx {
         match request.send().await {
             Ok(r) => refusal_counters(&r.text().await.unwrap_or_default()),
             Err(_) => Default::default(),
+        }
+    }
+
+    async fn metrics_text(&self, target: SocketAddr) -> String {
+        let request = self.with_token(self.inside.get(format!("https://{target}/metrics")));
+        match request.send().await {
+            Ok(r) => r.text().await.unwrap_or_default(),
+            Err(_) => String::new(),
         }
     }
 
@@ -1154,6 +1165,361 @@ async fn wait_for(ws: &mut Ws, wanted: impl Fn(&Value) -> bool) -> bool {
 }
 
 // ---------------------------------------------------------------------------------------------
+// 8. The LBs' publish front (RTMP and RTMPS forwarded to an ingest)
+
+/// The sum of every series of counter `name` in a `/metrics` text.
+fn counter(metrics: &str, name: &str) -> f64 {
+    metrics
+        .lines()
+        .filter(|l| l.split(['{', ' ']).next() == Some(name))
+        .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
+        .sum()
+}
+
+/// Connections from `src` to `target` that send `first` (if any), then trickle `trickle` a
+/// byte a second: how each ended (see [`held`]), `Err` when the connect itself failed.
+async fn front_connections(
+    src: Ipv4Addr,
+    target: SocketAddr,
+    n: usize,
+    first: &'static [u8],
+    trickle: &'static [u8],
+    limit: Duration,
+) -> Vec<Result<Option<Duration>, String>> {
+    let tasks: Vec<_> = (0..n)
+        .map(|_| {
+            tokio::spawn(async move {
+                let mut stream = tcp_from(src, target).await.map_err(|e| e.to_string())?;
+                if !first.is_empty() {
+                    let _ = stream.write_all(first).await;
+                }
+                let trickle = (!trickle.is_empty()).then_some((trickle, Duration::from_secs(1)));
+                Ok(held(stream, trickle, limit).await)
+            })
+        })
+        .collect();
+    let mut out = Vec::new();
+    for task in tasks {
+        out.push(task.await.unwrap());
+    }
+    out
+}
+
+/// (closed within 1 s, closed later, longest, held at the end, refused at connect).
+fn endings(results: &[Result<Option<Duration>, String>]) -> (usize, usize, Duration, usize, usize) {
+    let (mut at_once, mut later, mut longest, mut open, mut refused) = (0, 0, Duration::ZERO, 0, 0);
+    for r in results {
+        match r {
+            Err(_) => refused += 1,
+            Ok(None) => open += 1,
+            Ok(Some(d)) => {
+                longest = longest.max(*d);
+                if *d < Duration::from_secs(1) {
+                    at_once += 1;
+                } else {
+                    later += 1;
+                }
+            }
+        }
+    }
+    (at_once, later, longest, open, refused)
+}
+
+/// Pids whose command line contains `needle`.
+fn cmdlines_containing(needle: &str) -> Vec<u32> {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    dir.flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline"))
+                .is_ok_and(|c| String::from_utf8_lossy(&c).contains(needle))
+        })
+        .collect()
+}
+
+/// A publish of a few seconds through `lb`'s RTMPS front with `key`: (accepted, ffmpeg's
+/// errors with the real key masked).
+async fn publish_through(ctx: &Ctx, lb: SocketAddr, key: &str, seconds: u32) -> (bool, String) {
+    let url = format!("rtmps://{lb}/live/test?key={key}&source=hostile-front");
+    let output = tokio::process::Command::from(common::test_publisher(&url, seconds, 50))
+        .output()
+        .await
+        .expect("ffmpeg starts");
+    let why = String::from_utf8_lossy(&output.stderr)
+        .replace(&ctx.stream_key, "<key>")
+        .trim()
+        .chars()
+        .take(300)
+        .collect();
+    (output.status.success(), why)
+}
+
+async fn publish_front(ctx: &Ctx) {
+    const ATTACK: &str = "publish-front";
+    let rtmp = addr(1, 1, 1935);
+    let rtmps = addr(1, 1, 1936);
+    let pid = ctx.service_pid("lb1");
+    let restarts = ctx.restarts("lb1");
+    let ingest_pid = ctx.service_pid("ingest1");
+    let ingest_restarts = ctx.restarts("ingest1");
+    let rss_before = pid.and_then(rss_kib);
+    let metrics_before = ctx.metrics(addr(1, 1, 8443)).await;
+    let ingest_before = ctx.metrics(addr(4, 1, 8443)).await;
+    let publish_s = u64::from(ctx.limits.rtmp_publish_seconds);
+    let limit = Duration::from_secs(publish_s + 15);
+    let started = Instant::now();
+
+    // Slowloris from one address: silent TCP and an unfinished TLS handshake on RTMPS, and an
+    // RTMP handshake a byte a second on RTMP (forwarded, so the ingest's deadline ends it).
+    let (silent, tls_half, trickle) = futures::join!(
+        front_connections(attacker(8), rtmps, 20, b"", b"", limit),
+        front_connections(
+            attacker(8),
+            rtmps,
+            10,
+            &[0x16, 0x03, 0x01, 0x02],
+            b"",
+            limit
+        ),
+        front_connections(attacker(8), rtmp, 10, b"", TRICKLE, limit),
+    );
+    let all: Vec<_> = silent
+        .iter()
+        .chain(&tls_half)
+        .chain(&trickle)
+        .cloned()
+        .collect();
+    let (at_once, later, longest, open, refused) = endings(&all);
+    let per_address = ctx.limits.rtmp_connections_per_address as usize;
+    ctx.check(
+        ATTACK,
+        later + open <= per_address && refused == 0,
+        format!("{} of 40 held over 1 s from one address (cap {per_address}), {refused} refused at connect", later + open),
+    );
+    let deadline = Duration::from_secs(publish_s * 2 + 3);
+    ctx.check(
+        ATTACK,
+        open == 0 && longest <= deadline,
+        format!("every one closed within {deadline:?}: longest {longest:?}, {open} still open"),
+    );
+    let slowloris = format!(
+        "40 connections from one address (20 silent and 10 half TLS handshakes on RTMPS, 10 \
+         trickling an RTMP handshake on RTMP): {at_once} closed at once, {later} held then \
+         closed (longest {:.1} s), {open} held at end",
+        longest.as_secs_f64()
+    );
+
+    // Not RTMP (an HTTP request) is closed by the LB itself; an RTMP version byte then
+    // garbage is forwarded and refused by the ingest.
+    let (http, junk) = futures::join!(
+        front_connections(
+            attacker(9),
+            rtmp,
+            3,
+            b"GET / HTTP/1.1\r\nHost: x\r\n\r\n",
+            b"",
+            limit
+        ),
+        front_connections(attacker(9), rtmp, 3, &[0x03; 4000], b"", limit),
+    );
+    let (http_at_once, ..) = endings(&http);
+    let (_, junk_later, junk_longest, junk_open, _) = endings(&junk);
+    ctx.check(
+        ATTACK,
+        http_at_once == 3 && junk_open == 0 && junk_longest <= deadline,
+        format!(
+            "garbage closed: HTTP on RTMP {http_at_once}/3 at once; RTMP version then junk \
+             closed by the ingest after at most {junk_longest:?} ({junk_later} after 1 s, \
+             {junk_open} open)"
+        ),
+    );
+
+    // A wrong key through the LB: refused by the ingest, in no LB log line.
+    let wrong_key = format!("wrong-key-{}", std::process::id());
+    let (wrong_accepted, _) = publish_through(ctx, rtmps, &wrong_key, 2).await;
+    ctx.check(
+        ATTACK,
+        !wrong_accepted,
+        format!("a wrong stream key through lb1 is refused: accepted {wrong_accepted}"),
+    );
+
+    // The global cap, from many addresses: silent RTMPS connections, 8 from each of 10.
+    let global = ctx.limits.rtmp_connections as usize;
+    let spread = futures::future::join_all((1..=10).map(|n| {
+        front_connections(
+            Ipv4Addr::new(127, 66, 1, n),
+            rtmps,
+            per_address,
+            b"",
+            b"",
+            limit,
+        )
+    }));
+    // Meanwhile an OBS-like publisher on the publish address: lb1 is full, so it goes on to
+    // lb2 as OBS goes on to a name's next address. Its key is on no command line.
+    let legit = async {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let publisher = ObsPublisher::start(&ctx.state).expect("publisher starts");
+        let live = obs_publisher::wait_live(&ctx.state, Duration::from_secs(20)).await;
+        let in_cmdline = cmdlines_containing(&ctx.stream_key);
+        drop(publisher);
+        (live, in_cmdline)
+    };
+    let (spread, (live, in_cmdline)) = futures::join!(spread, legit);
+    let published = live.is_ok();
+    let why = match &live {
+        Ok(ingest) => format!("live on {ingest}"),
+        Err(e) => e.to_string(),
+    };
+    let spread: Vec<_> = spread.into_iter().flatten().collect();
+    let (g_at_once, g_later, g_longest, g_open, _) = endings(&spread);
+    let offered = spread.len();
+    ctx.check(
+        ATTACK,
+        g_later + g_open <= global && g_at_once >= offered.saturating_sub(global) && g_open == 0,
+        format!(
+            "{offered} silent connections from 10 addresses: {g_at_once} closed at once \
+             (global cap {global}), {g_later} closed at the deadline (longest {g_longest:?}), \
+             {g_open} open"
+        ),
+    );
+    ctx.check(
+        ATTACK,
+        published,
+        format!("an OBS-like publisher on the publish address meanwhile is accepted: {why}"),
+    );
+    ctx.check(
+        ATTACK,
+        in_cmdline.is_empty(),
+        format!("the stream key is in no process's command line: {in_cmdline:?}"),
+    );
+
+    // lb1 logged neither key.
+    let log = std::fs::read_to_string(ctx.state.join("logs/lb1.log")).unwrap_or_default()
+        + &std::fs::read_to_string(ctx.state.join("logs/lb1.out")).unwrap_or_default();
+    ctx.check(
+        ATTACK,
+        !log.is_empty() && !log.contains(&wrong_key) && !log.contains(&ctx.stream_key),
+        format!("lb1's log ({} bytes) holds no stream key", log.len()),
+    );
+    ctx.same_or_restarted(ATTACK, "lb1", pid, restarts);
+    ctx.same_or_restarted(ATTACK, "ingest1", ingest_pid, ingest_restarts);
+    let metrics_after = ctx.metrics(addr(1, 1, 8443)).await;
+    let ingest_after = ctx.metrics(addr(4, 1, 8443)).await;
+    ctx.figures(
+        ATTACK,
+        format!(
+            "{slowloris}; garbage: HTTP {http_at_once}/3 closed by lb1 at once, RTMP junk \
+             closed by ingest1 within {:.2} s; wrong key refused: {}; {offered} silent from 10 \
+             addresses: {g_at_once} refused at once, {g_later} closed at {:.1} s; OBS-like \
+             publisher meanwhile: {why}; lb1 refusals: {}; ingest1 refusals: {}; lb1 RSS \
+             {} -> {}; took {:.1} s",
+            junk_longest.as_secs_f64(),
+            !wrong_accepted,
+            g_longest.as_secs_f64(),
+            refusal_delta(&metrics_before, &metrics_after),
+            refusal_delta(&ingest_before, &ingest_after),
+            mib(rss_before),
+            mib(ctx.service_pid("lb1").and_then(rss_kib)),
+            started.elapsed().as_secs_f64()
+        ),
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// 9. The broadcasts' /steering proxy
+
+async fn steering_flood(ctx: &Ctx) {
+    const ATTACK: &str = "steering-flood";
+    let target = addr(2, 1, 8443);
+    let pid = ctx.service_pid("broadcast1");
+    let restarts = ctx.restarts("broadcast1");
+    let lbs = [addr(1, 1, 8443), addr(1, 2, 8443)];
+    let mut asked_before = 0.0;
+    for lb in lbs {
+        asked_before += counter(&ctx.metrics_text(lb).await, "lb_steering_total");
+    }
+    let flooder = Ctx::client_from(&ctx.ca, Some(IpAddr::V4(attacker(10))));
+    let started = Instant::now();
+    let huge = "x".repeat(60 * 1024);
+    let too_big = "x".repeat(200 * 1024);
+    let queries: Vec<String> = (0..2000)
+        .map(|i| match i % 10 {
+            0 => format!("channel=test&_HLS_pathway={huge}"),
+            1 => format!("channel={too_big}"),
+            2 => "channel=..%2F..%2Fetc%2Fpasswd&_HLS_pathway=%00%FF".into(),
+            3 => format!("channel=test&t=forged.{i}&_HLS_throughput=-1e308"),
+            4 => "channel=test&channel=nope&_HLS_pathway=broadcast2".into(),
+            _ => "channel=test&_HLS_pathway=broadcast1".into(),
+        })
+        .collect();
+    let answers: Vec<u16> = futures::stream::iter(queries)
+        .map(|q| {
+            let flooder = flooder.clone();
+            async move {
+                match flooder
+                    .get(format!("https://{target}/steering?{q}"))
+                    .send()
+                    .await
+                {
+                    Ok(r) => r.status().as_u16(),
+                    Err(_) => 0,
+                }
+            }
+        })
+        .buffer_unordered(64)
+        .collect()
+        .await;
+    let took = started.elapsed();
+    let mut by_status: std::collections::BTreeMap<u16, usize> = Default::default();
+    for a in &answers {
+        *by_status.entry(*a).or_insert(0) += 1;
+    }
+    let mut asked_after = 0.0;
+    for lb in lbs {
+        asked_after += counter(&ctx.metrics_text(lb).await, "lb_steering_total");
+    }
+    let asked = asked_after - asked_before;
+    // One question per (channel, pathway) key and second: three keys here.
+    let bound = 3.0 * (took.as_secs_f64().ceil() + 1.0);
+    ctx.check(
+        ATTACK,
+        asked <= bound
+            && !by_status.keys().any(|s| *s >= 500)
+            && by_status.get(&0).is_none_or(|n| *n <= 200),
+        format!(
+            "2000 requests in {:.1} s: answers {by_status:?}; the LBs were asked {asked} times \
+             (at most {bound})",
+            took.as_secs_f64()
+        ),
+    );
+    let legit = Ctx::client_from(&ctx.ca, None)
+        .get(format!(
+            "https://{target}/steering?channel=test&_HLS_pathway=broadcast1"
+        ))
+        .send()
+        .await
+        .map(|r| r.status().as_u16());
+    ctx.check(
+        ATTACK,
+        matches!(legit, Ok(200)),
+        format!("a player's steering request: {legit:?}"),
+    );
+    ctx.same_or_restarted(ATTACK, "broadcast1", pid, restarts);
+    ctx.figures(
+        ATTACK,
+        format!(
+            "2000 /steering requests from one address, 64 at a time (a fifth with 60 KiB or \
+             200 KiB values, others odd or forged): answers {by_status:?} in {:.1} s; LB steering \
+             requests during it: {asked}",
+            took.as_secs_f64()
+        ),
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
 
 #[test]
 #[ignore = "end to end: needs ffmpeg, nix-instantiate, PostgreSQL, Patroni, etcd and the workspace binaries (scripts/test.sh)"]
@@ -1192,9 +1558,19 @@ fn hostile_clients_cost_viewers_nothing() {
             slowloris_one(ctx.clone(), "lb1", addr(1, 1, 8443)),
         );
         assign_spam(&ctx).await;
-        let owner = password_guessing(&ctx).await;
-        chat_flood(ctx.clone(), owner).await;
-        etcd_patroni(&ctx).await;
+        // The publish front and /steering meet other hosts' limits than the accounts, chat and
+        // database attacks: they run alongside them.
+        futures::join!(
+            async {
+                let owner = password_guessing(&ctx).await;
+                chat_flood(ctx.clone(), owner).await;
+                etcd_patroni(&ctx).await;
+            },
+            async {
+                publish_front(&ctx).await;
+                steering_flood(&ctx).await;
+            },
+        );
         let (published, why) = ctx.legit_publish(4).await;
         ctx.check(
             "end",
