@@ -8,7 +8,9 @@
 //!
 //! Outside publishers normally arrive through an LB (its RTMP front forwards their bytes), so
 //! the LBs' addresses are exempt from the per-address cap: each LB applies it to the real
-//! client addresses. They still count against the global cap.
+//! client addresses. They still count against the global cap, but may fill only three quarters
+//! of it: the rest stays for the sources and the other ingests, so that publishers trickling in
+//! through the LBs cannot keep a source that reconnects out.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -57,7 +59,18 @@ impl From<&LimitsConfig> for RtmpLimits {
 #[derive(Default)]
 struct OpenConnections {
     total: usize,
+    /// Of `total`, those from the LBs.
+    forwarded: usize,
     per_address: HashMap<IpAddr, usize>,
+}
+
+/// Places of the global cap that connections from the LBs cannot take.
+fn reserved(connections: usize) -> usize {
+    if connections > 1 {
+        (connections / 4).max(1)
+    } else {
+        0
+    }
 }
 
 /// What every connection needs.
@@ -79,12 +92,17 @@ pub struct RtmpContext {
 struct Slot {
     ctx: Arc<RtmpContext>,
     ip: IpAddr,
+    forwarded: bool,
 }
 
 impl Drop for Slot {
     fn drop(&mut self) {
         let mut open = self.ctx.open.lock().unwrap_or_else(|e| e.into_inner());
         open.total = open.total.saturating_sub(1);
+        if self.forwarded {
+            open.forwarded = open.forwarded.saturating_sub(1);
+            return;
+        }
         if let Some(n) = open.per_address.get_mut(&self.ip) {
             *n -= 1;
             if *n == 0 {
@@ -135,10 +153,15 @@ impl RtmpContext {
             return Err("connections");
         }
         if forwarder {
+            if open.forwarded >= limits.connections - reserved(limits.connections) {
+                return Err("forwarded");
+            }
             open.total += 1;
+            open.forwarded += 1;
             return Ok(Slot {
                 ctx: self.clone(),
                 ip,
+                forwarded: true,
             });
         }
         let from_ip = open.per_address.entry(ip).or_insert(0);
@@ -153,6 +176,7 @@ impl RtmpContext {
         Ok(Slot {
             ctx: self.clone(),
             ip,
+            forwarded: false,
         })
     }
 
@@ -537,10 +561,26 @@ mod tests {
             closed_within(&mut lb2, Duration::from_millis(500), false),
         );
         assert_eq!((h1, h2), (None, None), "both held from a forwarder address");
-        drop((lb1, lb2, again));
+        // The last place of the three is kept from the LBs for a source (or the other ingest).
+        drop(again);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let mut lb3 = connect_from([127, 0, 0, 9], addr).await;
+        let mut source = connect_from([127, 0, 0, 5], addr).await;
+        let (h3, hs) = tokio::join!(
+            closed_within(&mut lb3, Duration::from_millis(500), false),
+            closed_within(&mut source, Duration::from_millis(500), false),
+        );
+        assert!(h3.is_some(), "a third forwarded connection is refused");
+        assert_eq!(hs, None, "the reserved place takes a source");
+        drop((lb1, lb2, lb3, source));
 
         let rendered = prometheus.render();
-        for reason in ["per_address", "connections", "publish_deadline"] {
+        for reason in [
+            "per_address",
+            "connections",
+            "publish_deadline",
+            "forwarded",
+        ] {
             assert!(
                 rendered.contains(&format!("ingest_rtmp_refused_total{{reason=\"{reason}\"}}")),
                 "{reason} missing in {rendered}"
