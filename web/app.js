@@ -41,7 +41,7 @@
   window.scPlayer = state;
 
   const masterUrl = () =>
-    `${state.baseUrl}/live/${encodeURIComponent(channel)}/master.m3u8?t=${encodeURIComponent(state.token)}&steering=0`; // no Content Steering: the page fails over itself
+    `${state.baseUrl}/live/${encodeURIComponent(channel)}/master.m3u8?t=${encodeURIComponent(state.token)}&steering=0`; // no Content Steering: the page fails over itself through every LB, which always know the live broadcasts (a steering player whose broadcast died gets no fresh manifest)
 
   // Rewrite a request URL to the current broadcast: replace origin and `t` (only if it targets another origin).
   function rewrite(url) {

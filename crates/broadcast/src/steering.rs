@@ -9,6 +9,13 @@
 //! each with a short deadline, starting with the one that answered last. When we die the player
 //! leaves us by pathway (its last `PATHWAY-PRIORITY`, every other healthy broadcast), which is
 //! what steering would have told it.
+//!
+//! After that the player gets no fresh manifest, and that is accepted: hls.js (1.6, web/vendor)
+//! asks a failed `SERVER-URI` again every TTL, and on any network error it penalises the failing
+//! pathway for five minutes and takes the next one of its last `PATHWAY-PRIORITY`, so it plays
+//! on while one broadcast of that list lives. A `RELOAD-URI` elsewhere would only move the single
+//! point of failure to another host. Our own page does not rely on any of this: it asks for the
+//! master without steering and fails over through every LB itself (web/app.js).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};

@@ -19,7 +19,9 @@ use tokio::sync::{mpsc, watch};
 
 use crate::flv::{self, TagKind};
 use crate::segments::RunTimeline;
-use crate::select::{Coverage, SLOT_EDGE_TOLERANCE_MS, Selector, SlotFact, rank_of};
+use crate::select::{
+    Coverage, MAX_MEDIA_GAP_MS, SLOT_EDGE_TOLERANCE_MS, Selector, SlotFact, rank_of,
+};
 use crate::transcode::{FeedError, RunExit, RunHandle, RunSpec, start_run};
 
 /// How long after a slot ends we wait for its live segments (ffmpeg finishes a segment when the
@@ -169,6 +171,8 @@ struct Publisher {
     avc_header: Option<Bytes>,
     aac_header: Option<Bytes>,
     coverage: Coverage,
+    /// When its last tag arrived (unix ms): a hung publisher keeps its connection open.
+    last_arrival_ms: u64,
     /// The current and the previous GOP (see `MAX_RECENT_TAGS`).
     recent: VecDeque<(TagKind, u32, Bytes)>,
     recent_bytes: usize,
@@ -237,6 +241,10 @@ pub struct ChannelTask {
     selector: Selector<SourceKey>,
     /// The next slot whose source is to be decided.
     next_decision: u64,
+    /// The last slot for which a silent active source was looked at (once per slot).
+    silence_checked: Option<u64>,
+    /// When the task last looked for a silent source (unix ms).
+    last_wake_ms: u64,
     /// When the current run started or last delivered a segment (unix ms): the hang watchdog.
     run_progress_ms: u64,
 }
@@ -265,6 +273,8 @@ impl ChannelTask {
             cache_segments: u64::from(cache_segments),
             selector,
             next_decision: next_slot + 1,
+            silence_checked: None,
+            last_wake_ms: unix_now_ms(),
             run_progress_ms: 0,
         }
     }
@@ -291,6 +301,7 @@ impl ChannelTask {
                 _ = tokio::time::sleep(wait) => self.emit_due(),
                 _ = tokio::time::sleep(decide_wait) => self.decide_due(),
             }
+            self.check_silent_feed(unix_now_ms());
         }
         if let Some(feed) = &mut self.feed
             && let Some((run, _)) = &mut feed.run
@@ -328,6 +339,7 @@ impl ChannelTask {
                         avc_header: None,
                         aac_header: None,
                         coverage: Coverage::default(),
+                        last_arrival_ms: unix_now_ms(),
                         recent: VecDeque::new(),
                         recent_bytes: 0,
                     },
@@ -384,6 +396,7 @@ impl ChannelTask {
         let Some(p) = self.publishers.get_mut(&conn) else {
             return;
         };
+        p.last_arrival_ms = unix_now_ms();
         match kind {
             TagKind::Video if flv::is_avc_sequence_header(&data) => {
                 p.avc_header = Some(data.clone())
@@ -580,6 +593,14 @@ impl ChannelTask {
     /// whole previous slot. On a change, ends the current run and starts the new source at its
     /// keyframe at or before the slot boundary (replayed from its recent media).
     fn choose_source(&mut self, slot: u64) {
+        let facts = self.facts(slot);
+        let chosen = self.selector.decide(&facts);
+        self.switch_feed(slot, chosen, &facts);
+    }
+
+    /// What the rule knows for deciding `slot`: per stream, whether it delivered the slot
+    /// before and whether it starts this one.
+    fn facts(&self, slot: u64) -> Vec<SlotFact<SourceKey>> {
         let clock = self.setup.clock;
         let prev = slot.saturating_sub(1);
         let mut facts: BTreeMap<SourceKey, SlotFact<SourceKey>> = BTreeMap::new();
@@ -593,8 +614,14 @@ impl ChannelTask {
             fact.delivered |= p.coverage.covers(clock, prev);
             fact.starts |= p.coverage.starts(clock, slot);
         }
-        let facts: Vec<_> = facts.into_values().collect();
-        let chosen = self.selector.decide(&facts);
+        facts.into_values().collect()
+    }
+
+    /// Routes `chosen` (`None`: the slate) to the transcoder from `slot` on, if it is not the
+    /// current feed.
+    fn switch_feed(&mut self, slot: u64, chosen: Option<SourceKey>, facts: &[SlotFact<SourceKey>]) {
+        let clock = self.setup.clock;
+        let prev = slot.saturating_sub(1);
         if self.feed.as_ref().map(|f| &f.key) == chosen.as_ref() {
             return;
         }
@@ -646,6 +673,52 @@ impl ChannelTask {
         });
         self.replay(slot);
         self.update_status();
+    }
+
+    /// The active source fell silent for longer than a media gap may last (hung: its
+    /// connection stays open, nothing arrives) during the slot decided last. Waiting for the
+    /// next decision would cost that slot and often the one before it (its run cannot finish a
+    /// segment without the next frames), so both ingests published two slates about a second
+    /// late. Instead the slot goes at once to a source that delivered the previous one (the
+    /// same facts the decision had; both ingests see the same silence), whose run starts from
+    /// its keyframe at the slot's start, and ending the silent run makes ffmpeg flush its last
+    /// whole segment. Without such a source nothing changes: a late source may still catch up.
+    fn check_silent_feed(&mut self, now: u64) {
+        if now.saturating_sub(self.last_wake_ms) > MAX_MEDIA_GAP_MS / 2 {
+            // This task did not run meanwhile (the host was hung or starved, or nothing at all
+            // arrived): the publishers' silence may be ours, so it counts from now.
+            for p in self.publishers.values_mut() {
+                p.last_arrival_ms = p.last_arrival_ms.max(now);
+            }
+        }
+        self.last_wake_ms = now;
+        let Some(feed) = &self.feed else { return };
+        let slot = self.next_decision.saturating_sub(1);
+        if self.silence_checked == Some(slot) {
+            return;
+        }
+        let last = self
+            .publishers
+            .values()
+            .filter(|p| p.key == feed.key)
+            .map(|p| p.last_arrival_ms)
+            .max();
+        let Some(silent_ms) = last.map(|t| now.saturating_sub(t)) else {
+            return; // every connection of it left: `left` handled it
+        };
+        if silent_ms <= MAX_MEDIA_GAP_MS {
+            return;
+        }
+        self.silence_checked = Some(slot);
+        let facts = self.facts(slot);
+        let Some(next) = self.selector.replace_active(&facts) else {
+            return;
+        };
+        tracing::warn!(channel = %self.setup.config.name, source = %feed.label, silent_ms, slot,
+            to = %next.source, "active source silent: its slot goes to another source now");
+        metrics::counter!("ingest_silent_source_switches_total", "channel" => self.setup.config.name.clone())
+            .increment(1);
+        self.switch_feed(slot, Some(next), &facts);
     }
 
     /// Feeds the new source's recent media from its last keyframe at or before `slot`'s start

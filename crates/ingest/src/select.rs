@@ -11,7 +11,13 @@
 //!   delivered slot k takes over, so a failover costs at most one slot plus the pipeline;
 //! - when none did, the highest-priority source that *starts* slot k+1 (its media began before
 //!   the boundary and has reached it) takes it: a publisher that just (re)connected, the only
-//!   source left, goes live at its first whole slot rather than one slot later.
+//!   source left, goes live at its first whole slot rather than one slot later;
+//! - between two decisions, an active source from which nothing arrived for longer than a media
+//!   gap ([`MAX_MEDIA_GAP_MS`]: hung, its connection still open; arrival time is the one fact not
+//!   taken from timestamps, and both ingests see the same silence of a hung source) hands the slot decided last to the
+//!   best source that delivered the slot before ([`Selector::replace_active`]); waiting for the
+//!   next decision cost that slot and often the previous one (the silent run could not finish
+//!   it) as two slates published late.
 
 use std::collections::HashMap;
 use std::hash::Hash;
@@ -160,6 +166,26 @@ impl<K: Clone + Eq + Hash + Ord> Selector<K> {
         };
         self.streaks = streaks;
         self.active.clone()
+    }
+
+    /// The active source went silent during a slot already decided for it (hung: its
+    /// connection stays open and nothing arrives). Hands that slot to the best other source
+    /// that delivered the previous one (the facts of that same decision), else to one that
+    /// starts it; the silent source's streak is broken. Returns `None` and changes nothing
+    /// when no other source could take it: a late source may still catch up, a slate cannot.
+    pub fn replace_active(&mut self, facts: &[SlotFact<K>]) -> Option<K> {
+        let gone = self.active.clone()?;
+        let others = || facts.iter().filter(|f| f.key != gone);
+        let rank = |f: &&SlotFact<K>| (f.rank, f.key.clone());
+        let next = others()
+            .filter(|f| f.delivered)
+            .min_by_key(rank)
+            .or_else(|| others().filter(|f| f.starts).min_by_key(rank))?
+            .key
+            .clone();
+        self.streaks.insert(gone, 0);
+        self.active = Some(next.clone());
+        Some(next)
     }
 }
 
@@ -312,6 +338,44 @@ mod tests {
         assert_eq!(s.decide(&[fact("a", 0, false)]), None);
         // The backup alone comes back: taken after one whole slot.
         assert_eq!(s.decide(&[fact("b", 1, true)]), Some("b"));
+    }
+
+    #[test]
+    fn a_silent_active_source_hands_its_slot_to_one_that_delivered() {
+        let mut s = Selector::default();
+        assert_eq!(
+            s.decide(&[fact("a", 0, true), fact("b", 1, true)]),
+            Some("a")
+        );
+        // `a` hung right after delivering: the slot decided for it goes to `b`...
+        assert_eq!(
+            s.replace_active(&[fact("a", 0, true), fact("b", 1, true)]),
+            Some("b")
+        );
+        assert_eq!(s.active(), Some(&"b"));
+        assert_eq!(s.streak(&"a"), 0);
+        // ...which keeps it while `a` has not delivered whole slots again.
+        assert_eq!(
+            s.decide(&[fact("a", 0, false), fact("b", 1, true)]),
+            Some("b")
+        );
+        // No other source to take it: nothing changes (the silent one may still catch up).
+        let mut s = Selector::default();
+        assert_eq!(s.decide(&[fact("a", 0, true)]), Some("a"));
+        assert_eq!(s.replace_active(&[fact("a", 0, true)]), None);
+        assert_eq!(
+            s.replace_active(&[fact("a", 0, true), fact("b", 1, false)]),
+            None
+        );
+        assert_eq!(s.active(), Some(&"a"));
+        // Only a source that starts the slot: it takes it.
+        assert_eq!(
+            s.replace_active(&[fact("a", 0, true), starting("c", 2)]),
+            Some("c")
+        );
+        // Nothing active: nothing to replace.
+        let mut s: Selector<&str> = Selector::default();
+        assert_eq!(s.replace_active(&[fact("b", 1, true)]), None);
     }
 
     #[test]

@@ -97,14 +97,17 @@ pub struct Fault {
     pub path: String,
     /// Partitions: the hosts and roles cut from (`--from`); empty: everyone.
     pub from: Vec<String>,
+    /// Seconds between the first host's fault and the others' (0: all at once).
+    pub stagger_s: f64,
 }
 
 /// The matrix: kill and hang of lb1, the viewers' broadcast, its preferred ingest and source1;
 /// kill and hang of the transcoder of one ingest; a crash; double faults (a broadcast, an LB or
-/// both ingests' preferred source with an ingest; an LB with the viewers' broadcast); network
-/// partitions (one host of each role cut off from everyone, and the asymmetric cuts: a
-/// broadcast that reaches its ingests but not the LBs, an ingest that reaches the broadcasts
-/// but not its peer, the database primary cut off from its replica and etcd).
+/// both ingests' preferred source with an ingest; an LB with the viewers' broadcast; source1
+/// hung, then the viewers' broadcast); network partitions (one host of each role cut off from
+/// everyone, and the asymmetric cuts: a broadcast that reaches its ingests but not the LBs, an
+/// ingest that reaches the broadcasts but not its peer, the database primary cut off from its
+/// replica and etcd).
 pub fn matrix() -> Vec<Fault> {
     let fault = |name: &str, hosts: &[&str], mode: Mode| Fault {
         name: name.to_owned(),
@@ -112,6 +115,7 @@ pub fn matrix() -> Vec<Fault> {
         mode,
         path: "broadcast1".to_owned(),
         from: Vec::new(),
+        stagger_s: 0.0,
     };
     let cut = |name: &str, host: &str, from: &[&str]| Fault {
         from: from.iter().map(|h| (*h).to_owned()).collect(),
@@ -137,6 +141,16 @@ pub fn matrix() -> Vec<Fault> {
         fault("lb1+broadcast-kill", &["lb1", "broadcast1"], Mode::Kill),
         fault("lb1+ingest-kill", &["lb1", "ingest1"], Mode::Kill),
         fault("source1+ingest-kill", &["source1", "ingest1"], Mode::Kill),
+        // The broadcast hangs while the slot after source1's hang is awaited: its viewers move
+        // with the least buffer (chaos seed 2026 found it).
+        Fault {
+            stagger_s: 2.8,
+            ..fault(
+                "source1+broadcast-hang",
+                &["source1", "broadcast1"],
+                Mode::Hang,
+            )
+        },
         cut("lb1-cut", "lb1", &[]),
         cut("broadcast-cut", "broadcast1", &[]),
         cut("ingest-cut", "ingest1", &[]),
@@ -410,7 +424,12 @@ pub async fn run_fault(args: &FailoverArgs, fault: &Fault) -> anyhow::Result<Row
         p.slate_before = crate::obs_publisher::slate_counts(&state).await;
     }
     let injected = Instant::now();
-    inject(&state, fault, &hosts)?;
+    let (first, later) = hosts.split_at(hosts.len().min(1));
+    inject(&state, fault, first)?;
+    if !later.is_empty() {
+        tokio::time::sleep(Duration::from_secs_f64(fault.stagger_s)).await;
+        inject(&state, fault, later)?;
+    }
     let mut restarted_s = None;
     let mut whole_again_s = None;
     if fault.mode == Mode::Crash {
@@ -510,7 +529,14 @@ async fn wait_restarted(
 
 /// The hosts column: `db1 cut from db, lb1`, `lb1 cut from everyone`, `lb1 + broadcast1`.
 fn what_was_hit(row: &Row) -> String {
-    let hosts = row.hosts.join(" + ");
+    let hosts = match row.hosts.split_first() {
+        Some((first, later)) if row.fault.stagger_s > 0.0 && !later.is_empty() => format!(
+            "{first} + {} {:.1} s later",
+            later.join(" + "),
+            row.fault.stagger_s
+        ),
+        _ => row.hosts.join(" + "),
+    };
     if row.fault.mode != Mode::Partition {
         return hosts;
     }

@@ -593,6 +593,10 @@ impl Viewer {
                         Err(e) => {
                             self.on_failure(&mut assignment, &e, &mut failures_this_segment)
                                 .await;
+                            // The next broadcast's playlist is asked for at once, as the page's
+                            // player retries a timed-out playlist there with no delay; the one
+                            // kept came from the broadcast that failed.
+                            playlist = None;
                         }
                     }
                     continue;
@@ -607,7 +611,17 @@ impl Viewer {
                     }
                     let now = Instant::now();
                     let start_pos = buffer.buffer_ahead_s() + buffer.position_s();
+                    let stalls_before = buffer.stalls;
+                    buffer.advance(now);
+                    let ahead_s = buffer.buffer_ahead_s();
                     buffer.add_segment(now, segment.duration_s);
+                    tracing::debug!(viewer = self.index, broadcast = %assignment.broadcast,
+                        seq = segment.seq, fetch_ms = now.duration_since(t0).as_millis() as u64,
+                        ahead_s, "segment");
+                    if buffer.stalls > stalls_before {
+                        tracing::info!(viewer = self.index, broadcast = %assignment.broadcast,
+                            seq = segment.seq, "stalled until this segment arrived");
+                    }
                     timeline.push((start_pos, segment.duration_s, segment.program_date_time_ms));
                     if deadline.is_none() {
                         self.report.startup_s = now.duration_since(started).as_secs_f64();
