@@ -1,8 +1,8 @@
 //! Network partitions end to end: `streamctl partition` cuts a host off (existing and new
 //! connections, both directions), `heal` restores it, and the database primary cut off from
 //! its replica and etcd (its clients still reach it) steps down: chat clients sending 20 msg/s
-//! lose no acked message, there are never two primaries at once, and the cluster is whole
-//! after the heal. How long writes wait is printed.
+//! lose no acked message, there are never two primaries at once, the replica is promoted and
+//! writes are back within two ttl plus 5 s, and the cluster is whole after the heal.
 //!
 //! Needs root and nftables (the cuts are nftables rules matching each host's cgroup), besides
 //! what every end-to-end test needs. `#[ignore]`d in a bare `cargo test`; scripts/test.sh runs
