@@ -216,9 +216,9 @@ let
     # dropped, nothing reset) a replica kept seeing the old leader key until TCP keepalive gave
     # up, and a cut primary's HA loop stalled long enough for a promotion elsewhere before it
     # stepped down (two primaries). Through its own member a cut host's Patroni loses the DCS
-    # at once (its member has no quorum) and a primary demotes within retry_timeout, while the
-    # other side's member sees the leader lease expire. The price: a db host whose own etcd
-    # member is down has no DCS either (a primary then steps down, a failover).
+    # (its member has no quorum) and a primary demotes before its lease runs out, while the
+    # other side's member sees the lease expire. The price: a db host whose own etcd member is
+    # down has no DCS either (a primary then steps down, a failover).
     etcd3 = {
       hosts = [ "${address host}:${toString ports.etcd_client}" ];
       use_proxies = true;
