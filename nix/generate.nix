@@ -211,8 +211,17 @@ let
       cafile = (dbTls host).ca;
       verify_client = "optional";
     };
+    # Only this host's own etcd member, never the others (use_proxies: no member discovery).
+    # Patroni's etcd3 watch has no read timeout: on a member whose host is cut off (packets
+    # dropped, nothing reset) a replica kept seeing the old leader key until TCP keepalive gave
+    # up, and a cut primary's HA loop stalled long enough for a promotion elsewhere before it
+    # stepped down (two primaries). Through its own member a cut host's Patroni loses the DCS
+    # (its member has no quorum) and a primary demotes before its lease runs out, while the
+    # other side's member sees the lease expire. The price: a db host whose own etcd member is
+    # down has no DCS either (a primary then steps down, a failover).
     etcd3 = {
-      hosts = map (h: "${address h}:${toString ports.etcd_client}") etcdHosts;
+      hosts = [ "${address host}:${toString ports.etcd_client}" ];
+      use_proxies = true;
       protocol = "https";
       cacert = (dbTls host).ca;
       cert = (dbTls host).cert;
@@ -261,6 +270,10 @@ let
         ssl_key_file = (dbTls host).key;
         ssl_ca_file = (dbTls host).ca;
         ssl_min_protocol_version = "TLSv1.2";
+        # A primary cut off from its replica steps down with a fast shutdown, which waits for
+        # the walsender to hand the replica its last WAL; on a silent network that lasted until
+        # TCP gave up, well after the heal. Its replica silent for a ttl is gone.
+        wal_sender_timeout = "${toString database.ttl}s";
       };
       # pg_basebackup's default spread checkpoint keeps a new replica waiting for minutes.
       basebackup = [ { checkpoint = "fast"; } ];

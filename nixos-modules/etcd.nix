@@ -71,6 +71,10 @@ in
       peerKeyFile = "${tls}/key.pem";
       peerTrustedCaFile = "${tls}/ca.pem";
       peerClientCertAuth = true;
+      # A member back from a partition asks before it campaigns, so the terms it ran up alone
+      # do not depose the leader (an election longer than Patroni's retry_timeout demotes the
+      # primary). etcd 3.5's default, explicit here.
+      extraConf.PRE_VOTE = "true";
       # The data directory stays the module's /var/lib/etcd: the generator's data_dir is the
       # local runner's layout.
     };

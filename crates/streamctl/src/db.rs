@@ -293,6 +293,10 @@ pub fn etcd_args(etcd: &EtcdConfig, paths: &HostPaths) -> Vec<String> {
         .chain([
             "--client-cert-auth".to_owned(),
             "--peer-client-cert-auth".to_owned(),
+            // A member back from a partition asks before it campaigns: without it (etcd 3.4's
+            // default) the terms it ran up alone depose the leader, and the election that
+            // follows outlasted Patroni's retry_timeout and demoted a healthy primary.
+            "--pre-vote".to_owned(),
         ])
         .collect()
 }
@@ -1273,6 +1277,7 @@ mod tests {
         assert_eq!(flag("--peer-trusted-ca-file"), "/s/tls/ca.crt");
         assert!(args.contains(&"--client-cert-auth".to_owned()));
         assert!(args.contains(&"--peer-client-cert-auth".to_owned()));
+        assert!(args.contains(&"--pre-vote".to_owned()));
         assert_eq!(flag("--initial-cluster-state"), "new");
         assert_eq!(flag("--heartbeat-interval"), "100");
         assert_eq!(flag("--election-timeout"), "1000");
@@ -1333,6 +1338,12 @@ mod tests {
         assert_eq!(settings["restapi"]["verify_client"], "optional");
         assert_eq!(settings["etcd3"]["protocol"], "https");
         assert_eq!(settings["etcd3"]["cert"], settings["restapi"]["certfile"]);
+        // Its own etcd member only: a host cut off from the others loses the DCS with it.
+        assert_eq!(
+            settings["etcd3"]["hosts"],
+            serde_json::json!(["127.80.3.1:2379"])
+        );
+        assert_eq!(settings["etcd3"]["use_proxies"], true);
         let pg = &settings["postgresql"];
         assert_eq!(pg["parameters"]["ssl"], "on");
         assert_eq!(
