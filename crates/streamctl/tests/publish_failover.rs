@@ -370,7 +370,19 @@ fn a_publisher_through_the_lbs_survives_its_ingest_and_its_lb() {
 
     let watched = watch.wait_with_output().unwrap();
     let watched: Value = serde_json::from_slice(&watched.stdout).unwrap();
+    let attempts: Vec<String> = {
+        let log = publisher.log.lock().unwrap();
+        let first = log.attempts.first().map(|a| a.0);
+        log.attempts
+            .iter()
+            .map(|(at, lb, ran)| {
+                let at = first.map_or(0.0, |f| at.duration_since(f).as_secs_f64());
+                format!("+{at:.1} s lb{} ran {ran:.1} s", lb + 1)
+            })
+            .collect()
+    };
     drop(publisher);
+    println!("publisher attempts: {}", attempts.join(", "));
 
     println!("fault | landed on | live again after (s) | slate (s)");
     for r in &figures {
