@@ -46,6 +46,24 @@ const MAX_RECENT_TAGS: usize = 2000;
 const STALLED_AFTER_SEGMENTS: u64 = 3;
 const MAX_RECENT_BYTES: usize = 32 * 1024 * 1024;
 
+/// When slot `slot` goes into the playlists: at its end on the wall clock when its live
+/// segments are all in, else at the deadline (live if they arrived by then, or the slate).
+///
+/// Never before the slot's end: a plain publisher's anchor is its first tag's arrival, so a
+/// publisher whose first tags came late (an encoder starved of CPU at its start, then catching
+/// up) has media ahead of the clock, finished before its slot ends. Published that early, the
+/// playlists run ahead of the slot clock and then wait up to `EMIT_GRACE` more for the slate
+/// when that publisher goes: viewers who joined on the early segments hold seconds less
+/// buffer and underrun by a few frames at the move.
+pub fn publish_at_ms(clock: SlotClock, slot: u64, complete: bool) -> u64 {
+    let end = clock.slot_start_ms(slot + 1);
+    if complete {
+        end
+    } else {
+        end + EMIT_GRACE.as_millis() as u64
+    }
+}
+
 /// What reaches a channel task.
 #[derive(Debug)]
 pub enum ChannelMsg {
@@ -288,8 +306,9 @@ impl ChannelTask {
         let _ = std::fs::remove_dir_all(&self.setup.work_dir);
         loop {
             let now = unix_now_ms();
-            let deadline = self.deadline_ms(self.next_slot);
-            let wait = Duration::from_millis(deadline.saturating_sub(now));
+            let emit_at =
+                publish_at_ms(self.setup.clock, self.next_slot, self.next_slot_complete());
+            let wait = Duration::from_millis(emit_at.saturating_sub(now));
             let decide_at = self.decision_ms(self.next_decision);
             let decide_wait = Duration::from_millis(decide_at.saturating_sub(now));
             tokio::select! {
@@ -315,7 +334,13 @@ impl ChannelTask {
     }
 
     fn deadline_ms(&self, slot: u64) -> u64 {
-        self.setup.clock.slot_start_ms(slot + 1) + EMIT_GRACE.as_millis() as u64
+        publish_at_ms(self.setup.clock, slot, false)
+    }
+
+    fn next_slot_complete(&self) -> bool {
+        self.pending
+            .get(&self.next_slot)
+            .is_some_and(|p| p.parts.iter().all(Option::is_some))
     }
 
     fn handle(&mut self, msg: ChannelMsg) {
@@ -800,14 +825,13 @@ impl ChannelTask {
         self.emit_complete();
     }
 
-    /// Publishes the next slots at once when every rendition's live segment is in, instead of
-    /// waiting for the deadline: the deadline only exists to decide for a slate. Saves about
-    /// `EMIT_GRACE` minus the transcoder's latency of viewer latency.
+    /// Publishes the next slots as soon as every rendition's live segment is in and the slot
+    /// has ended, instead of waiting for the deadline: the deadline only exists to decide for a
+    /// slate. Saves about `EMIT_GRACE` minus the transcoder's latency of viewer latency.
     fn emit_complete(&mut self) {
-        while self
-            .pending
-            .get(&self.next_slot)
-            .is_some_and(|p| p.parts.iter().all(Option::is_some))
+        let now = unix_now_ms();
+        while self.next_slot_complete()
+            && publish_at_ms(self.setup.clock, self.next_slot, true) <= now
         {
             let slot = self.next_slot;
             self.decide(slot);
@@ -815,7 +839,8 @@ impl ChannelTask {
         }
     }
 
-    /// Decides every slot whose deadline passed.
+    /// Publishes every complete slot that has ended, and decides every slot whose deadline
+    /// passed.
     fn emit_due(&mut self) {
         let now = unix_now_ms();
         let now_slot = self.setup.clock.slot_at(now);
@@ -823,6 +848,7 @@ impl ChannelTask {
             // Asleep for a long time (SIGSTOP): do not replay a window's worth of slates.
             self.next_slot = now_slot - self.cache_segments;
         }
+        self.emit_complete();
         while self.deadline_ms(self.next_slot) <= now {
             let slot = self.next_slot;
             self.decide(slot);
@@ -917,5 +943,24 @@ impl ChannelTask {
             .count();
         metrics::gauge!("ingest_publishers_connected", "channel" => self.setup.config.name.clone())
             .set(self.publishers.len() as f64);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_complete_slot_waits_for_its_end_and_a_missing_one_for_the_grace() {
+        let clock = SlotClock::new(2);
+        let slot = 882_000_000u64;
+        let end = clock.slot_start_ms(slot + 1);
+        // Live segments that are in before the slot ended (media ahead of the clock) are held
+        // until the end, so the playlists keep the slot clock's pace.
+        assert_eq!(publish_at_ms(clock, slot, true), end);
+        assert_eq!(
+            publish_at_ms(clock, slot, false),
+            end + EMIT_GRACE.as_millis() as u64
+        );
     }
 }
