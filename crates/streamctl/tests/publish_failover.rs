@@ -1,5 +1,6 @@
 //! One publish address for OBS end to end: with the test sources stopped, an outside publisher
-//! (ffmpeg, reconnecting 2 s after any drop as OBS does, to the same LB addresses) publishes
+//! (ffmpeg piped into `streamctl publish`, reconnecting 2 s after any drop as OBS does, to the
+//! same LB addresses) publishes
 //! through the LBs while viewers watch. Its ingest is killed, then hung, then its LB is killed:
 //! each time it must come back live through the LBs, and the viewers must not stall. Its first
 //! publish reaches the ingest late and then catches up, as a loaded machine's encoder does. The
@@ -50,45 +51,47 @@ struct PublisherLog {
     /// (started, LB index, seconds it ran)
     attempts: Vec<(Instant, usize, f64)>,
     child: Option<Child>,
-    /// The encoder behind a late first publish (exits with its pipe when `child` does).
+    /// The encoder behind `child` (exits with its pipe when `child` does).
     encoder: Option<Child>,
 }
 
-/// ffmpeg's test pattern encoded as the publisher sends it; `output` is the RTMPS URL, or
-/// `-` for FLV on stdout.
-fn encoder(output: &str) -> Command {
-    let mut ffmpeg = Command::new("ffmpeg");
-    ffmpeg
+/// ffmpeg's test pattern encoded as the publisher sends it, as FLV on its stdout.
+fn encoder() -> Child {
+    Command::new("ffmpeg")
         .args(["-hide_banner", "-loglevel", "error", "-re"])
         .args(["-f", "lavfi", "-i", "testsrc2=size=320x180:rate=25"])
         .args(["-f", "lavfi", "-i", "sine=frequency=440:sample_rate=44100"])
         .args(["-g", "50", "-c:v", "libx264", "-preset", "ultrafast"])
-        .args(["-b:v", "600k", "-c:a", "aac", "-b:a", "64k", "-f", "flv"])
-        .arg(output)
+        .args([
+            "-b:v", "600k", "-c:a", "aac", "-b:a", "64k", "-f", "flv", "pipe:1",
+        ])
         .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null());
-    ffmpeg
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("ffmpeg starts")
 }
 
-/// A publish whose first [`LATE_FIRST_TAG`] of media waits in a pipe and then goes out at
-/// once: returns (the publishing ffmpeg, the encoder).
-fn late_publish(url: &str) -> (Child, Child) {
-    let mut encoder = encoder("-")
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("ffmpeg starts");
+/// One publish to LB `lb` through `streamctl publish` (the key read from its file, so it is on
+/// no command line), its first `late` of media held in the pipe and then sent at once:
+/// returns (the publishing streamctl, the encoder).
+fn publish(state: &Path, lb: usize, late: Duration) -> (Child, Child) {
+    let mut encoder = encoder();
     let pipe = encoder.stdout.take().unwrap();
-    std::thread::sleep(LATE_FIRST_TAG);
-    let publish = Command::new("ffmpeg")
-        .args(["-hide_banner", "-loglevel", "error", "-f", "flv", "-i", "-"])
-        .args(["-c", "copy", "-f", "flv"])
-        .arg(url)
+    std::thread::sleep(late);
+    let publish = streamctl()
+        .arg("publish")
+        .arg("--to")
+        .arg(format!("rtmps://{}:1936/live/test", lb_address(lb)))
+        .arg("--key-file")
+        .arg(state.join("secrets/stream-keys/test.key"))
+        .arg("--ca-file")
+        .arg(state.join("tls/ca.crt"))
         .stdin(pipe)
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
-        .expect("ffmpeg starts");
+        .expect("streamctl publish starts");
     (publish, encoder)
 }
 
@@ -102,27 +105,26 @@ struct Publisher {
 }
 
 impl Publisher {
-    fn start(key: String) -> Self {
+    fn start(state: PathBuf) -> Self {
         let stop = Arc::new(AtomicBool::new(false));
         let log = Arc::new(Mutex::new(PublisherLog::default()));
         let (s, l) = (stop.clone(), log.clone());
         let thread = std::thread::spawn(move || {
             let mut lb = 0;
             while !s.load(Ordering::SeqCst) {
-                let url = format!("rtmps://{}:1936/live/test?key={key}", lb_address(lb));
                 let started = Instant::now();
                 let first = l.lock().unwrap().attempts.is_empty();
-                let (child, encoder_child) = if first {
-                    let (publish, encoder) = late_publish(&url);
-                    (publish, Some(encoder))
+                let late = if first {
+                    LATE_FIRST_TAG
                 } else {
-                    (encoder(&url).spawn().expect("ffmpeg starts"), None)
+                    Duration::ZERO
                 };
+                let (child, encoder) = publish(&state, lb, late);
                 {
                     let mut log = l.lock().unwrap();
                     log.lb = lb;
                     log.child = Some(child);
-                    log.encoder = encoder_child;
+                    log.encoder = Some(encoder);
                 }
                 let ran = loop {
                     std::thread::sleep(Duration::from_millis(50));
@@ -291,9 +293,8 @@ fn a_publisher_through_the_lbs_survives_its_ingest_and_its_lb() {
     streamctl_on(&state, &["kill", "source1"]);
     streamctl_on(&state, &["kill", "source2"]);
     let token = secret(&state, "metrics-token");
-    let key = secret(&state, "stream-keys/test.key");
 
-    let publisher = Publisher::start(key);
+    let publisher = Publisher::start(state.clone());
     wait_until(
         "the publisher live on an ingest",
         Duration::from_secs(30),
