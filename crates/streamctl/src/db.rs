@@ -540,14 +540,17 @@ pub fn run_host(config_file: &Path) -> anyhow::Result<()> {
     let config = HostConfig::load(config_file)?;
     let name = config.name.clone();
     // SIGTERM (from `down`) reaches the whole group: this leader stays until its children have
-    // stopped and are reaped, instead of leaving them to init. A handler, unlike SIG_IGN, is
-    // reset to the default in the children at exec.
-    extern "C" fn ignore(_: libc::c_int) {}
-    // SAFETY: installing a handler that does nothing (async-signal-safe by construction).
+    // stopped and are reaped, instead of leaving them to init, and restarts nothing meanwhile.
+    // A handler, unlike SIG_IGN, is reset to the default in the children at exec.
+    static TERMINATING: AtomicBool = AtomicBool::new(false);
+    extern "C" fn note_termination(_: libc::c_int) {
+        TERMINATING.store(true, Ordering::SeqCst);
+    }
+    // SAFETY: installing a handler that only stores an atomic (async-signal-safe).
     unsafe {
         libc::signal(
             libc::SIGTERM,
-            ignore as extern "C" fn(libc::c_int) as libc::sighandler_t,
+            note_termination as extern "C" fn(libc::c_int) as libc::sighandler_t,
         );
     }
     let mut children: BTreeMap<i32, &str> = BTreeMap::new();
@@ -606,10 +609,31 @@ pub fn run_host(config_file: &Path) -> anyhow::Result<()> {
                 "{name}: {what} (pid {pid}) exited: {}",
                 describe_wait(status)
             );
+            // Patroni that fails on its own (it exits at start when its etcd member has not yet
+            // decided the cluster version) is started again, as the NixOS unit's
+            // Restart=on-failure does; one killed by a signal (`streamctl kill`) stays down
+            // until `streamctl start`.
+            let failed = libc::WIFEXITED(status) && libc::WEXITSTATUS(status) != 0;
+            if what == "Patroni" && failed && !TERMINATING.load(Ordering::SeqCst) {
+                println!(
+                    "{name}: starting Patroni again in {} s",
+                    PATRONI_RESTART_DELAY.as_secs()
+                );
+                std::thread::sleep(PATRONI_RESTART_DELAY);
+                if !TERMINATING.load(Ordering::SeqCst)
+                    && let Err(e) = spawn_patroni(&mut children)
+                {
+                    eprintln!("{name}: {e:#}");
+                }
+            }
         }
     }
     Ok(())
 }
+
+/// How long a failed Patroni stays down before it is started again (a pause, so that a Patroni
+/// that cannot start does not spin).
+const PATRONI_RESTART_DELAY: Duration = Duration::from_secs(1);
 
 fn describe_wait(status: libc::c_int) -> String {
     if libc::WIFEXITED(status) {
