@@ -17,6 +17,7 @@ use anyhow::{Context, bail};
 use serde::Serialize;
 
 use crate::watch::{WatchArgs, WatchReport, watch};
+use crate::whole::wait_whole;
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct BenchArgs {
@@ -208,9 +209,8 @@ impl PublisherRow {
         })
     }
 
-    /// Slate seconds on the ingests the publisher did not start on, since the fault; then the
-    /// publisher stops and the sources start again.
-    async fn finish(self, state: &std::path::Path, segment_s: f64) -> anyhow::Result<f64> {
+    /// Slate seconds on the ingests the publisher did not start on, since the fault.
+    async fn slate_s(&self, state: &std::path::Path, segment_s: f64) -> f64 {
         let after = crate::obs_publisher::slate_counts(state).await;
         let slate = after
             .iter()
@@ -221,11 +221,17 @@ impl PublisherRow {
             })
             .max()
             .unwrap_or(0);
+        slate as f64 * segment_s
+    }
+
+    /// Once the viewers are done (so that the row measures the fault, not this teardown): the
+    /// publisher stops and the sources start again.
+    fn finish(self, state: &std::path::Path) -> anyhow::Result<()> {
         drop(self.publisher);
         for source in &self.sources {
             streamctl(state, &["start", source])?;
         }
-        Ok(slate as f64 * segment_s)
+        Ok(())
     }
 }
 
@@ -296,32 +302,6 @@ pub(crate) fn streamctl(state: &std::path::Path, args: &[&str]) -> anyhow::Resul
     Ok(String::from_utf8_lossy(&output.stdout).into_owned())
 }
 
-/// True when every started host is up and healthy.
-fn whole(state: &std::path::Path) -> bool {
-    let Ok(text) = streamctl(state, &["status", "--json"]) else {
-        return false;
-    };
-    let Ok(hosts) = serde_json::from_str::<Vec<serde_json::Value>>(&text) else {
-        return false;
-    };
-    hosts.iter().all(|h| h["up"] == true && h["health"] == "ok")
-}
-
-async fn wait_whole(state: &std::path::Path, limit: Duration) -> Option<f64> {
-    let start = Instant::now();
-    while start.elapsed() < limit {
-        let state = state.to_owned();
-        if tokio::task::spawn_blocking(move || whole(&state))
-            .await
-            .unwrap_or(false)
-        {
-            return Some(start.elapsed().as_secs_f64());
-        }
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
-    None
-}
-
 fn inject(state: &std::path::Path, fault: &Fault, hosts: &[String]) -> anyhow::Result<()> {
     for host in hosts {
         match fault.mode {
@@ -363,16 +343,18 @@ fn restore(state: &std::path::Path, fault: &Fault, hosts: &[String]) -> anyhow::
 /// Runs one row: viewers watch while the fault comes and goes.
 pub async fn run_fault(args: &FailoverArgs, fault: &Fault) -> anyhow::Result<Row> {
     let state = args.state.clone();
-    if wait_whole(&state, Duration::from_secs(60)).await.is_none() {
-        bail!(
-            "the cluster is not whole before {}: see `streamctl status`",
-            fault.name
-        );
+    if let Err(missing) = wait_whole(&state, &[], Duration::from_secs(60)).await {
+        bail!("the cluster is not whole before {}: {missing}", fault.name);
     }
     let mut publisher = match fault.hosts.as_slice() {
         [host] if host == PUBLISHER_INGEST => Some(PublisherRow::setup(&state).await?),
         _ => None,
     };
+    // Hosts down on purpose for the whole row, left out of "whole again".
+    let stopped = publisher
+        .as_ref()
+        .map(|p| p.sources.clone())
+        .unwrap_or_default();
     let fault = &match &publisher {
         Some(p) => Fault {
             hosts: vec![p.ingest.clone()],
@@ -435,23 +417,29 @@ pub async fn run_fault(args: &FailoverArgs, fault: &Fault) -> anyhow::Result<Row
     if fault.mode == Mode::Crash {
         restarted_s = wait_restarted(&state, &before, Duration::from_secs(60)).await;
         if restarted_s.is_some() {
-            whole_again_s = wait_whole(&state, Duration::from_secs(60))
+            whole_again_s = wait_whole(&state, &stopped, Duration::from_secs(60))
                 .await
+                .ok()
                 .map(|_| injected.elapsed().as_secs_f64());
         }
     }
     tokio::time::sleep(Duration::from_secs(args.fault_for).saturating_sub(injected.elapsed()))
         .await;
     tracing::info!(fault = %fault.name, "restoring");
-    let slate_s = match publisher {
-        Some(p) => Some(p.finish(&state, segment_seconds(&state)).await?),
+    let slate_s = match &publisher {
+        Some(p) => Some(p.slate_s(&state, segment_seconds(&state)).await),
         None => None,
     };
     restore(&state, fault, &hosts)?;
     if fault.mode != Mode::Crash {
-        whole_again_s = wait_whole(&state, Duration::from_secs(60)).await;
+        whole_again_s = wait_whole(&state, &stopped, Duration::from_secs(60))
+            .await
+            .ok();
     }
     let report: WatchReport = viewers_task.await.context("viewer task")??;
+    if let Some(p) = publisher {
+        p.finish(&state)?;
+    }
     Ok(Row {
         fault: fault.clone(),
         hosts,

@@ -13,7 +13,8 @@
 //!   loopback address.
 //! - [`bench`]: load and failover benchmarks; [`obs_publisher`]: the OBS-like publisher of its
 //!   single-publisher rows; [`chaos`]: the random fault schedule; [`publish`]: FLV from stdin
-//!   over RTMPS with the key from a file (`streamctl publish`).
+//!   over RTMPS with the key from a file (`streamctl publish`); [`whole`]: when the cluster
+//!   is whole again after a fault.
 //! - [`chat`]: the chat load client (`streamctl chat`); [`chat_failover`]: its database
 //!   failover bench.
 
@@ -35,6 +36,7 @@ pub mod procs;
 pub mod publish;
 pub mod supervise;
 pub mod watch;
+pub mod whole;
 
 pub use cli::{Cli, Command};
 

@@ -3,7 +3,6 @@
 //!
 //! - [`schedule`]: the faults drawn from the seed, and the invariant every step keeps.
 //! - [`inject`]: doing and undoing one fault through the operator's commands.
-//! - [`whole`]: when the cluster is whole again.
 //! - [`report`]: per step and total figures, JSON and the Markdown page.
 //!
 //! Each step gets its own viewers (spread over every broadcast, failing over through every LB
@@ -14,7 +13,6 @@
 pub mod inject;
 pub mod report;
 pub mod schedule;
-pub mod whole;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -236,7 +234,7 @@ pub async fn bench(
     let mut rows = Vec::new();
     let mut stopped = None;
     for step in &plan {
-        if let Err(missing) = whole::wait_whole(&args.state, WHOLE_LIMIT).await {
+        if let Err(missing) = crate::whole::wait_whole(&args.state, &[], WHOLE_LIMIT).await {
             stopped = Some(format!(
                 "not whole within {} s before step {}: {missing}",
                 WHOLE_LIMIT.as_secs(),
@@ -391,7 +389,7 @@ async fn run_step(ctx: &StepContext, step: &Step) -> anyhow::Result<StepRow> {
         row.actions.extend(lines);
         row.fault_errors.extend(errors);
     }
-    let whole = whole::wait_whole(&args.state, WHOLE_LIMIT).await;
+    let whole = crate::whole::wait_whole(&args.state, &[], WHOLE_LIMIT).await;
     let _ = primaries_stop.send(true);
     let max_primaries = primaries.await.context("primary poll task")?;
 
