@@ -7,7 +7,7 @@
 {
   site = "streaming-cluster.test";
 
-  # The shared HLS timeline (DESIGN.md section 8): media sequence number = wall-clock slot.
+  # The shared HLS timeline (docs/architecture.md): media sequence number = wall-clock slot.
   timeline = {
     segmentSeconds = 2;
     playlistSegments = 6;

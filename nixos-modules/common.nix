@@ -294,7 +294,7 @@ in
 
       (lib.mkIf (cfg.profile == "production") {
         # The shared timeline puts wall-clock slots into segment numbers: every host must keep
-        # good time (DESIGN.md section 8).
+        # good time (docs/architecture.md).
         services.chrony.enable = lib.mkDefault true;
         time.timeZone = lib.mkDefault "UTC";
         # nixos-rebuild over ssh, and agenix decrypts with the ssh host key.

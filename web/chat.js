@@ -2,7 +2,7 @@
 // styles). Everything from the network is rendered with textContent, never as HTML: names and
 // messages are data, so "<img src=x onerror=...>" shows as those characters.
 //
-// Protocol (notes/CONTRACTS5.md): wss://<broadcast>/api/chat/<channel>; first frame
+// Protocol (crates/chat/src/ws.rs): wss://<broadcast>/api/chat/<channel>; first frame
 // {"type":"hello","session","since"}; events carry a per-channel seq; a send carries a
 // client-made id and is acked after commit; unacked sends are resent with the same id after a
 // reconnect, so the server stores each once.

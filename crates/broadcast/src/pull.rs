@@ -3,7 +3,7 @@
 //! One task per channel and rendition. It long-polls the media playlist of its current ingest
 //! (`?_HLS_msn=<last+1>` answers when the next segment exists), fetches every segment newer than
 //! what we hold and pushes it into the rendition's [`SegmentWindow`] under the origin's sequence
-//! number. Both ingests cut the same timeline (DESIGN.md section 8), so when a fetch fails, times
+//! number. Both ingests cut the same timeline (docs/architecture.md), so when a fetch fails, times
 //! out or the playlist goes stale we simply continue from the other ingest; the window refuses to
 //! go backwards, so a switch can never make our own playlist jump back or repeat.
 

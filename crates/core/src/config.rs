@@ -227,7 +227,7 @@ pub struct RateLimit {
     pub per_minute: u32,
 }
 
-/// The shared HLS timeline (DESIGN.md section 8): slot k covers wall-clock [k·D, (k+1)·D).
+/// The shared HLS timeline (docs/architecture.md): slot k covers wall-clock [k·D, (k+1)·D).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TimelineConfig {

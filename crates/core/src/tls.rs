@@ -1,6 +1,6 @@
 //! TLS for every listener and every peer connection, with rustls only.
 //!
-//! Certificates are read from PEM files at start and re-read on SIGHUP (DESIGN.md section 8), so an
+//! Certificates are read from PEM files at start and re-read on SIGHUP, so an
 //! ACME renewal or a local re-issue never needs a restart.
 
 use std::path::Path;

@@ -1,7 +1,7 @@
 //! Viewer tokens: the sticky assignment of one viewer to one broadcast.
 //!
 //! Broadcasts are different origins, so the assignment travels as a bearer token in the `t` query
-//! parameter (DESIGN.md section 8) instead of a cookie. Format: `base64url(claims).base64url(mac)`
+//! parameter (docs/architecture.md) instead of a cookie. Format: `base64url(claims).base64url(mac)`
 //! where claims are `broadcast|channel|viewer|expires` and mac is HMAC-SHA256 over the first
 //! part with the key shared by LBs and broadcasts. Any LB can check a token made by another.
 

@@ -1,4 +1,4 @@
-//! The shared timeline (DESIGN.md section 8): slot k covers wall-clock [k·D, (k+1)·D) and the
+//! The shared timeline (docs/architecture.md): slot k covers wall-clock [k·D, (k+1)·D) and the
 //! segment made from it has media sequence number k on every ingest.
 //!
 //! Media timestamps reach us relative to a per-publish *epoch* E (a multiple of D, milliseconds

@@ -1,5 +1,5 @@
 //! Which source of a channel feeds the transcoder, decided once per slot by a rule both ingests
-//! compute alike (DESIGN.md section 8).
+//! compute alike (docs/architecture.md).
 //!
 //! The only facts used are media timestamps mapped to wall clock with the publish's anchor, which
 //! every ingest receives identically (from the source, or from the relaying peer). A source

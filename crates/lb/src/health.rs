@@ -23,7 +23,7 @@ pub const POLL_INTERVAL: Duration = Duration::from_millis(500);
 /// Also bounds one poll round, so healthy broadcasts are re-polled at least this often.
 pub const POLL_TIMEOUT: Duration = Duration::from_millis(800);
 /// A broadcast whose last good poll is older than this gets no new viewers. A host that dies or
-/// hangs right after answering is excluded this long after its last answer (the issue asks for
+/// hangs right after answering is excluded this long after its last answer (the target is
 /// 2 s); a healthy one answers about twice within it, so one slow answer does not exclude it.
 pub const MAX_POLL_AGE: Duration = Duration::from_millis(1500);
 /// How long an assignment counts against a broadcast's free slots: long enough for a real

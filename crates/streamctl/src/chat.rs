@@ -2,7 +2,7 @@
 //!
 //! K clients, each logged in with its own freshly registered account, are spread over at least
 //! two broadcasts (the LB's `/api/assign?exclude=`) and send R messages per second in total over
-//! the chat WebSocket (CONTRACTS5: `wss://<broadcast>/api/chat/<channel>`). Every message carries
+//! the chat WebSocket (`wss://<broadcast>/api/chat/<channel>`, protocol in `crates/chat/src/ws.rs`). Every message carries
 //! a client-made id (`<user>-<n>`). On any socket error, close or ack timeout a client reconnects
 //! through the LB, away from the broadcast that failed it, says `hello` with `since` = the last
 //! seq it saw, and resends every unacked message under the same id — exactly what the page does,
@@ -210,7 +210,7 @@ pub struct Outage {
     pub duration_s: f64,
 }
 
-/// The JSON report of `streamctl chat` (keys fixed by CONTRACTS5).
+/// The JSON report of `streamctl chat` (its keys are read by the tests and benches).
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct ChatReport {
     pub clients: usize,

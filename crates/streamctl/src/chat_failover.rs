@@ -82,7 +82,7 @@ impl std::fmt::Display for FaultKind {
     }
 }
 
-/// The sequence of the issue: kill, kill (of the new primary), hang.
+/// The faults in turn: kill, kill (of the new primary), hang.
 pub const FAULTS: [FaultKind; 3] = [FaultKind::Kill, FaultKind::Kill, FaultKind::Hang];
 
 /// What one fault did.
@@ -147,7 +147,7 @@ pub struct DbCheck {
 pub struct ChatFailoverReport {
     /// Patroni's leader lease (config.cluster.database.ttl).
     pub ttl_s: u32,
-    /// ttl + 2 s: the issue's bound on each outage.
+    /// ttl + 2 s: the bound each outage is held to (docs/chat-failover.md).
     pub target_outage_s: f64,
     pub faults: Vec<FaultRow>,
     pub load: ChatReport,

@@ -1,5 +1,5 @@
 //! The command line (clap derive). These subcommands and flags are the stable interface the
-//! README, tests and benchmarks use (DESIGN.md section 5).
+//! README, tests and benchmarks use.
 
 use std::path::PathBuf;
 

@@ -3,7 +3,7 @@
 //! etcd: SIGKILL), then the new primary is killed, then the primary is hung (SIGSTOP) — each
 //! restored before the next. Afterwards every acked message must be in PostgreSQL exactly once
 //! under its acked seq, and every client must have received every acked message once and in
-//! seq order. The write outage of each failover is printed (the target is ttl + 2 s;
+//! seq order. The write outage of each failover is printed (the target is ttl + 2 s;
 //! this test allows ttl + 5 s on a loaded 2-core machine).
 //!
 //! `#[ignore]`d in a bare `cargo test` (needs ffmpeg, nix-instantiate, PostgreSQL 15, Patroni,
