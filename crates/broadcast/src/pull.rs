@@ -3,9 +3,10 @@
 //! One task per channel and rendition. It long-polls the media playlist of its current ingest
 //! (`?_HLS_msn=<last+1>` answers when the next segment exists), fetches every segment newer than
 //! what we hold and pushes it into the rendition's [`SegmentWindow`] under the origin's sequence
-//! number. Both ingests cut the same timeline (docs/architecture.md), so when a fetch fails, times
-//! out or the playlist goes stale we simply continue from the other ingest; the window refuses to
-//! go backwards, so a switch can never make our own playlist jump back or repeat.
+//! number. Both ingests cut the same timeline (docs/architecture.md), so when a fetch fails or
+//! times out we simply continue from the other ingest; the window refuses to go backwards, so a
+//! switch can never make our own playlist jump back or repeat. A playlist that goes stale is
+//! left only for an ingest that has something newer (see [`Puller::on_stale`]).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -27,6 +28,9 @@ pub const MAX_SEGMENT_BYTES: usize = 16 * 1024 * 1024;
 pub const PREFERRED_PROBE_INTERVAL: Duration = Duration::from_secs(5);
 /// Pause after every ingest failed in a row, so a dead cluster does not make us spin.
 const ALL_FAILED_PAUSE: Duration = Duration::from_millis(500);
+/// How long a stale puller waits for the other ingest's playlist before it stays where it is.
+const STALE_PROBE_TIMEOUT: Duration = Duration::from_millis(500);
+const STALE: &str = "stale: no new segment in 1.5 target durations";
 
 #[derive(Debug, thiserror::Error)]
 pub enum PullError {
@@ -86,18 +90,32 @@ impl OriginChoice {
 
     /// Moves to the next origin after the current one (wrapping); returns it.
     pub fn advance<'a>(&mut self, origins: &'a [Origin]) -> Option<&'a Origin> {
+        let chosen = self.next(origins)?;
+        self.current = Some(chosen.name.clone());
+        Some(chosen)
+    }
+
+    /// The origin [`Self::advance`] would move to.
+    pub fn next<'a>(&self, origins: &'a [Origin]) -> Option<&'a Origin> {
         let index = self
             .current
             .as_ref()
             .and_then(|c| origins.iter().position(|o| &o.name == c))
             .map_or(0, |i| (i + 1) % origins.len().max(1));
-        let chosen = origins.get(index)?;
-        self.current = Some(chosen.name.clone());
-        Some(chosen)
+        origins.get(index)
     }
 
     pub fn set(&mut self, name: &str) {
         self.current = Some(name.to_owned());
+    }
+}
+
+/// True when an origin whose newest segment is `last` has one we do not hold.
+pub fn has_newer(held: Option<u64>, last: Option<u64>) -> bool {
+    match (held, last) {
+        (Some(h), Some(l)) => l > h,
+        (None, l) => l.is_some(),
+        (Some(_), None) => false,
     }
 }
 
@@ -324,11 +342,8 @@ impl Puller {
         match main {
             Err(_elapsed) => {
                 if Instant::now() >= stale_at {
-                    self.fail(
-                        &origins,
-                        &origin,
-                        "stale: no new segment in 1.5 target durations",
-                    );
+                    self.on_stale(&client, &key, &origins, &origin, &path, held)
+                        .await;
                 }
             }
             Ok(Err(e)) => self.fail(&origins, &origin, &format!("playlist: {e}")),
@@ -342,11 +357,8 @@ impl Puller {
                 {
                     Ok(0) => {
                         if Instant::now() >= stale_at {
-                            self.fail(
-                                &origins,
-                                &origin,
-                                "stale: no new segment in 1.5 target durations",
-                            );
+                            self.on_stale(&client, &key, &origins, &origin, &path, held)
+                                .await;
                         } else {
                             // A blocking origin answers only when there is news; anything else
                             // must not make us spin.
@@ -447,6 +459,37 @@ impl Puller {
         Ok(added)
     }
 
+    /// The current ingest listed nothing new for 1.5·D. That is not always its fault: when the
+    /// source both ingests had died or hung, each lists the slot as slate only at its deadline
+    /// (the slot's end plus the ingest's `EMIT_GRACE`, 1.5 s), which can come just after
+    /// 1.5·D; moving then would go to an ingest that has nothing newer, or is
+    /// the dead one, and cost a viewer's buffer another 1.5·D there. So we move only to an
+    /// ingest that answers within [`STALE_PROBE_TIMEOUT`] with a segment newer than ours, and
+    /// otherwise ask both again on the next round.
+    #[allow(clippy::too_many_arguments)]
+    async fn on_stale(
+        &mut self,
+        client: &reqwest::Client,
+        key: &str,
+        origins: &[Origin],
+        origin: &Origin,
+        path: &str,
+        held: Option<u64>,
+    ) {
+        let Some(next) = self.choice.next(origins).filter(|n| n.name != origin.name) else {
+            self.fail(origins, origin, STALE);
+            return;
+        };
+        let answer = fetch_playlist(client, key, next, path, None, STALE_PROBE_TIMEOUT).await;
+        if answer.is_ok_and(|p| has_newer(held, p.last_seq())) {
+            self.fail(origins, origin, STALE);
+        } else {
+            tracing::debug!(channel = %self.channel, rendition = %self.rendition.name,
+                ingest = %origin.name, other = %next.name,
+                "stale, but the other ingest has nothing newer: staying");
+        }
+    }
+
     fn fail(&mut self, origins: &[Origin], origin: &Origin, reason: &str) {
         metrics::counter!("broadcast_pulls_total", "origin" => origin.name.clone(), "result" => "failed")
             .increment(1);
@@ -490,6 +533,31 @@ mod tests {
                 url: format!("https://{n}"),
             })
             .collect()
+    }
+
+    #[test]
+    fn a_stale_puller_moves_only_for_something_newer() {
+        assert!(has_newer(Some(10), Some(11)));
+        assert!(!has_newer(Some(10), Some(10)), "as far behind as we are");
+        assert!(!has_newer(Some(10), Some(9)));
+        assert!(!has_newer(Some(10), None), "an empty playlist");
+        assert!(has_newer(None, Some(1)));
+        assert!(!has_newer(None, None));
+    }
+
+    #[test]
+    fn next_names_the_ingest_advance_moves_to() {
+        let origins = origins();
+        let mut choice = OriginChoice::default();
+        assert_eq!(choice.current(&origins).unwrap().name, "ingest2");
+        assert_eq!(choice.next(&origins).unwrap().name, "ingest1");
+        assert_eq!(
+            choice.current(&origins).unwrap().name,
+            "ingest2",
+            "next does not move"
+        );
+        assert_eq!(choice.advance(&origins).unwrap().name, "ingest1");
+        assert_eq!(choice.next(&origins).unwrap().name, "ingest2");
     }
 
     #[test]
