@@ -466,7 +466,6 @@ impl Puller {
     /// the dead one, and cost a viewer's buffer another 1.5·D there. So we move only to an
     /// ingest that answers within [`STALE_PROBE_TIMEOUT`] with a segment newer than ours, and
     /// otherwise ask both again on the next round.
-    #[allow(clippy::too_many_arguments)]
     async fn on_stale(
         &mut self,
         client: &reqwest::Client,
