@@ -13,16 +13,8 @@ use streaming_hls::SegmentWindow;
 
 use crate::viewers::{EgressMeter, ViewerTracker};
 
-/// Poison-tolerant lock helpers: a panicking holder must not take the whole edge down.
-pub(crate) fn read<T>(lock: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
-    lock.read().unwrap_or_else(|e| e.into_inner())
-}
-pub(crate) fn write<T>(lock: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
-    lock.write().unwrap_or_else(|e| e.into_inner())
-}
-pub(crate) fn lock<T>(lock: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    lock.lock().unwrap_or_else(|e| e.into_inner())
-}
+/// The poison-tolerant lock helpers every module of the edge takes from here.
+pub(crate) use streaming_core::sync::{lock, read, write};
 
 /// One rendition's pulled segments.
 #[derive(Debug)]

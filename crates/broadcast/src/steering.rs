@@ -29,6 +29,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use streaming_core::config::{Role, is_safe_name};
 use streaming_core::http::text_error;
+use streaming_core::sync::lock;
 
 use crate::state::Broadcast;
 
@@ -152,7 +153,7 @@ impl SteeringProxy {
     /// question to the LBs, shared with every request for the same key meanwhile.
     async fn manifest(&self, lbs: &[String], key: Key) -> Option<bytes::Bytes> {
         let (answer, asker) = {
-            let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+            let mut cache = lock(&self.cache);
             match cache.get(&key).filter(|(at, _)| at.elapsed() < CACHE_FOR) {
                 Some((_, answer)) => (answer.clone(), false),
                 None => {

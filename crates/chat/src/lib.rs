@@ -156,10 +156,7 @@ impl Chat {
     }
 
     fn signer(&self) -> SessionSigner {
-        self.signer
-            .read()
-            .map(|s| s.clone())
-            .unwrap_or_else(|p| p.into_inner().clone())
+        streaming_core::sync::read(&self.signer).clone()
     }
 
     /// Resolves after a shutdown once every chat socket has closed (or after a few seconds):

@@ -3,6 +3,7 @@
 //! A refused connection is closed before any TLS work, so a flood costs one accept each.
 //! Memory is bounded by the global cap: only addresses with an open connection are tracked.
 
+use crate::sync::lock;
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv6Addr};
 use std::sync::{Arc, Mutex};
@@ -62,7 +63,7 @@ impl ConnLimiter {
     /// A permit held for as long as the connection lives, or why there is none.
     pub fn try_acquire(&self, ip: IpAddr) -> Result<ConnPermit, Refusal> {
         let key = client_key(ip);
-        let mut counts = self.counts.lock().unwrap_or_else(|e| e.into_inner());
+        let mut counts = lock(&self.counts);
         if counts.total >= self.global {
             return Err(Refusal::Global);
         }
@@ -80,7 +81,7 @@ impl ConnLimiter {
 
     /// Connections open now (all addresses).
     pub fn open(&self) -> u32 {
-        self.counts.lock().unwrap_or_else(|e| e.into_inner()).total
+        lock(&self.counts).total
     }
 }
 
@@ -93,7 +94,7 @@ pub struct ConnPermit {
 
 impl Drop for ConnPermit {
     fn drop(&mut self) {
-        let mut counts = self.counts.lock().unwrap_or_else(|e| e.into_inner());
+        let mut counts = lock(&self.counts);
         counts.total = counts.total.saturating_sub(1);
         if let Some(n) = counts.per_key.get_mut(&self.key) {
             *n = n.saturating_sub(1);
@@ -130,7 +131,7 @@ impl LogThrottle {
     /// so the line can say how many it stands for.
     pub fn allow_counting(&self) -> Option<u64> {
         let now = Instant::now();
-        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let mut state = lock(&self.state);
         match state.0 {
             Some(t) if now.duration_since(t) < self.every => {
                 state.1 += 1;

@@ -12,6 +12,7 @@ pub mod secrets;
 pub mod serve;
 pub mod service;
 pub mod status;
+pub mod sync;
 pub mod telemetry;
 pub mod tls;
 pub mod token;

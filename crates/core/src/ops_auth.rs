@@ -13,6 +13,7 @@ use axum::response::Response;
 
 use crate::config::HostConfig;
 use crate::secrets::SecretError;
+use crate::sync::{read, write};
 
 #[derive(Debug, Default)]
 struct Allowed {
@@ -46,13 +47,13 @@ impl OpsGuard {
             .iter()
             .map(|h| h.address.to_canonical())
             .collect();
-        *self.allowed.write().unwrap_or_else(|e| e.into_inner()) = Allowed { addresses, token };
+        *write(&self.allowed) = Allowed { addresses, token };
         Ok(())
     }
 
     /// True for a cluster host's address or the right bearer token.
     pub fn allows(&self, peer: Option<IpAddr>, headers: &HeaderMap) -> bool {
-        let allowed = self.allowed.read().unwrap_or_else(|e| e.into_inner());
+        let allowed = read(&self.allowed);
         peer.is_some_and(|ip| allowed.addresses.contains(&ip.to_canonical()))
             || allowed
                 .token

@@ -16,6 +16,7 @@ use axum::response::Response;
 
 use crate::config::RateLimit;
 use crate::conn_limit::client_key;
+use crate::sync::lock;
 
 /// Addresses tracked at most per limiter (about 50 bytes each). Past this, buckets that have
 /// refilled are forgotten (they hold nothing a new bucket would not).
@@ -69,7 +70,7 @@ impl RateLimiter {
     /// Takes one token for `ip`, or says how long until one is there.
     pub fn check(&self, ip: IpAddr, now: Instant) -> Result<(), Duration> {
         let key = client_key(ip);
-        let mut buckets = self.buckets.lock().unwrap_or_else(|e| e.into_inner());
+        let mut buckets = lock(&self.buckets);
         if !buckets.map.contains_key(&key) && buckets.map.len() >= self.max_tracked {
             self.prune(&mut buckets, now);
             if buckets.map.len() >= self.max_tracked {

@@ -37,6 +37,7 @@ use tower_service::Service;
 use crate::config::LimitsConfig;
 use crate::conn_limit::{ConnLimiter, ConnPermit, LogThrottle};
 use crate::lifecycle::Lifecycle;
+use crate::sync::lock;
 
 /// In-flight requests get this long to finish after SIGTERM.
 pub const GRACE_PERIOD: Duration = Duration::from_secs(5);
@@ -223,7 +224,7 @@ async fn connection(
     let (first_tx, first_rx) = tokio::sync::oneshot::channel::<()>();
     let first_tx = Arc::new(Mutex::new(Some(first_tx)));
     let service = hyper::service::service_fn(move |mut request: hyper::Request<Incoming>| {
-        if let Some(tx) = first_tx.lock().unwrap_or_else(|e| e.into_inner()).take() {
+        if let Some(tx) = lock(&first_tx).take() {
             let _ = tx.send(());
         }
         request.extensions_mut().insert(ConnectInfo(peer));

@@ -23,6 +23,7 @@ use crate::select::{
     Coverage, MAX_MEDIA_GAP_MS, SLOT_EDGE_TOLERANCE_MS, Selector, SlotFact, rank_of,
 };
 use crate::transcode::{FeedError, RunExit, RunHandle, RunSpec, start_run};
+use streaming_core::sync::{lock, write};
 
 /// How long after a slot ends we wait for its live segments (ffmpeg finishes a segment when the
 /// next keyframe arrives, plus encode and poll delay).
@@ -565,11 +566,7 @@ impl ChannelTask {
             .min(BACKOFF_MAX);
         self.backoff_until = Some(Instant::now() + backoff);
         metrics::counter!("ingest_ffmpeg_restarts_total", "channel" => self.setup.config.name.clone()).increment(1);
-        self.shared
-            .status
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .ffmpeg_restarts += 1;
+        lock(&self.shared.status).ffmpeg_restarts += 1;
     }
 
     fn run_exited(&mut self, run_id: u64, exit: RunExit) {
@@ -894,11 +891,7 @@ impl ChannelTask {
         };
         let discontinuity = kind == LastPushed::Slate || self.last_pushed != Some(kind);
         {
-            let mut out = self
-                .shared
-                .output
-                .write()
-                .unwrap_or_else(|e| e.into_inner());
+            let mut out = write(&self.shared.output);
             for (r, data) in out.renditions.iter_mut().zip(parts) {
                 let info = SegmentInfo {
                     seq: slot,
@@ -915,7 +908,7 @@ impl ChannelTask {
         let live = matches!(kind, LastPushed::Live(_));
         metrics::counter!("ingest_segments_total", "channel" => self.setup.config.name.clone(), "kind" => if live { "live" } else { "slate" }).increment(1);
         {
-            let mut status = self.shared.status.lock().unwrap_or_else(|e| e.into_inner());
+            let mut status = lock(&self.shared.status);
             status.live = live;
             status.last_slot = Some(slot);
             if live {
@@ -932,7 +925,7 @@ impl ChannelTask {
             .feed
             .as_ref()
             .and_then(|f| self.publishers.get(&f.publisher));
-        let mut status = self.shared.status.lock().unwrap_or_else(|e| e.into_inner());
+        let mut status = lock(&self.shared.status);
         status.active_source = active.map(|p| p.key.source.clone());
         status.publishers_connected = self.publishers.len();
         let configured = self.setup.sources.len() as u32;

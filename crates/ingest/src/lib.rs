@@ -33,6 +33,7 @@ use tokio::sync::{mpsc, watch};
 use crate::channel::{CHANNEL_QUEUE, ChannelMsg, ChannelSetup, ChannelShared, ChannelTask};
 use crate::listener::RtmpContext;
 use crate::publish::StreamKeys;
+use streaming_core::sync::write;
 
 fn ranked_sources(config: &HostConfig, channel: &str) -> Vec<String> {
     config
@@ -77,8 +78,7 @@ pub async fn run(ctx: ServiceContext) -> anyhow::Result<()> {
     let cluster_key = read_secret(&config.paths.cluster_key).context("cluster key")?;
     let rtmp = RtmpContext::new(load_keys(&config), &config.cluster.limits);
     rtmp.set_forwarders(lb_addresses(&config));
-    *rtmp.peers.write().unwrap_or_else(|e| e.into_inner()) =
-        Some(relay_peers(&config).context("relay peers")?);
+    *write(&rtmp.peers) = Some(relay_peers(&config).context("relay peers")?);
     let tls = tls_acceptor(&config).context("RTMPS certificate")?;
     let (tls_tx, tls_rx) = watch::channel(tls);
 
@@ -110,13 +110,10 @@ pub async fn run(ctx: ServiceContext) -> anyhow::Result<()> {
         };
         let task = ChannelTask::new(setup, out.clone(), tx.clone(), timeline.cache_segments);
         tasks.spawn(task.run(rx, ctx.lifecycle.clone()));
-        shared
-            .write()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(channel.name.clone(), out);
+        write(&shared).insert(channel.name.clone(), out);
         senders.insert(channel.name.clone(), tx);
     }
-    *rtmp.channels.write().unwrap_or_else(|e| e.into_inner()) = senders.clone();
+    *write(&rtmp.channels) = senders.clone();
 
     let cluster_key = Arc::new(RwLock::new(cluster_key));
     let state = origin::OriginState {
@@ -146,15 +143,15 @@ pub async fn run(ctx: ServiceContext) -> anyhow::Result<()> {
                     Ok(new) => current = new,
                     Err(e) => tracing::error!("config reload failed, keeping the old one: {e}"),
                 }
-                *rtmp.keys.write().unwrap_or_else(|e| e.into_inner()) = load_keys(&current);
+                *write(&rtmp.keys) = load_keys(&current);
                 rtmp.set_limits(&current.cluster.limits);
                 rtmp.set_forwarders(lb_addresses(&current));
                 match relay_peers(&current) {
-                    Ok(peers) => *rtmp.peers.write().unwrap_or_else(|e| e.into_inner()) = Some(peers),
+                    Ok(peers) => *write(&rtmp.peers) = Some(peers),
                     Err(e) => tracing::error!("relay peers reload failed, keeping the old ones: {e:#}"),
                 }
                 match read_secret(&current.paths.cluster_key) {
-                    Ok(key) => *cluster_key.write().unwrap_or_else(|e| e.into_inner()) = key,
+                    Ok(key) => *write(&cluster_key) = key,
                     Err(e) => tracing::error!("cluster key reload failed, keeping the old one: {e}"),
                 }
                 match tls_acceptor(&current) {

@@ -31,6 +31,7 @@ use crate::flv::TagKind;
 use crate::publish::{PLAIN_SOURCE, PublishRequest, StreamKeys, relay_publish_name};
 use crate::relay::{RelayPeers, RelayStream, Relays};
 use crate::rtmp::{RtmpSession, SessionEvent};
+use streaming_core::sync::{lock, read, write};
 use streaming_hls::unix_now_ms;
 
 /// An accepted publisher that sends nothing for this long is closed (publishers send constantly).
@@ -97,7 +98,7 @@ struct Slot {
 
 impl Drop for Slot {
     fn drop(&mut self) {
-        let mut open = self.ctx.open.lock().unwrap_or_else(|e| e.into_inner());
+        let mut open = lock(&self.ctx.open);
         open.total = open.total.saturating_sub(1);
         if self.forwarded {
             open.forwarded = open.forwarded.saturating_sub(1);
@@ -128,27 +129,23 @@ impl RtmpContext {
 
     /// New limits apply to connections accepted from now on.
     pub fn set_limits(&self, limits: &LimitsConfig) {
-        *self.limits.write().unwrap_or_else(|e| e.into_inner()) = limits.into();
+        *write(&self.limits) = limits.into();
     }
 
     /// The LBs' addresses, exempt from the per-address cap.
     pub fn set_forwarders(&self, addresses: Vec<IpAddr>) {
-        *self.forwarders.write().unwrap_or_else(|e| e.into_inner()) = addresses;
+        *write(&self.forwarders) = addresses;
     }
 
     pub fn limits(&self) -> RtmpLimits {
-        *self.limits.read().unwrap_or_else(|e| e.into_inner())
+        *read(&self.limits)
     }
 
     /// Counts a new connection from `ip`, or says which cap refuses it.
     fn admit(self: &Arc<Self>, ip: IpAddr) -> Result<Slot, &'static str> {
         let limits = self.limits();
-        let forwarder = self
-            .forwarders
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .contains(&ip);
-        let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
+        let forwarder = read(&self.forwarders).contains(&ip);
+        let mut open = lock(&self.open);
         if open.total >= limits.connections {
             return Err("connections");
         }
@@ -300,11 +297,11 @@ async fn handle_connection<S: AsyncRead + AsyncWrite + Unpin>(
         } else {
             deadline
         };
-        let read = tokio::select! {
+        let received = tokio::select! {
             _ = lifecycle.shutdown() => break,
             r = tokio::time::timeout_at(until, stream.read(&mut buf)) => r,
         };
-        let n = match read {
+        let n = match received {
             Ok(Ok(0)) => break,
             Ok(Ok(n)) => n,
             Ok(Err(e)) => {
@@ -323,7 +320,7 @@ async fn handle_connection<S: AsyncRead + AsyncWrite + Unpin>(
             }
         };
         let output = {
-            let keys = ctx.keys.read().unwrap_or_else(|e| e.into_inner()).clone();
+            let keys = read(&ctx.keys).clone();
             session.feed(&buf[..n], &|r| keys.check(r))
         };
         let output = match output {
@@ -348,12 +345,7 @@ async fn handle_connection<S: AsyncRead + AsyncWrite + Unpin>(
         for event in output.events {
             let (kind, timestamp_ms, data) = match event {
                 SessionEvent::PublishAccepted(mut request) => {
-                    let tx = ctx
-                        .channels
-                        .read()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .get(&request.channel)
-                        .cloned();
+                    let tx = read(&ctx.channels).get(&request.channel).cloned();
                     let Some(tx) = tx else {
                         tracing::warn!(%peer, channel = %request.channel, "refused publish: channel has a key but is not configured");
                         metrics::counter!("ingest_publishes_refused_total").increment(1);
@@ -385,7 +377,7 @@ async fn handle_connection<S: AsyncRead + AsyncWrite + Unpin>(
                     .unwrap_or_else(|| unix_now_ms().saturating_sub(u64::from(timestamp_ms)));
                 let source = request.source.clone().unwrap_or_default();
                 if !request.relayed {
-                    let peers = ctx.peers.read().unwrap_or_else(|e| e.into_inner()).clone();
+                    let peers = read(&ctx.peers).clone();
                     if let Some(peers) = peers.filter(|p| !p.is_empty()) {
                         let stream = RelayStream {
                             channel: request.channel.clone(),

@@ -16,6 +16,7 @@ use streaming_core::config::is_safe_name;
 use streaming_core::http::{has_bearer, metrics_response, text_error};
 
 use crate::channel::ChannelShared;
+use streaming_core::sync::{lock, read};
 
 const PLAYLIST_TYPE: &str = "application/vnd.apple.mpegurl";
 /// A blocking playlist request may ask for a segment at most this many slots ahead.
@@ -38,18 +39,11 @@ impl OriginState {
         if !is_safe_name(name) {
             return None;
         }
-        self.channels
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(name)
-            .cloned()
+        read(&self.channels).get(name).cloned()
     }
 
     fn authorized(&self, headers: &HeaderMap) -> bool {
-        has_bearer(
-            headers,
-            &self.cluster_key.read().unwrap_or_else(|e| e.into_inner()),
-        )
+        has_bearer(headers, &read(&self.cluster_key))
     }
 }
 
@@ -102,7 +96,7 @@ async fn master(
         return text_error(StatusCode::NOT_FOUND, "no such channel");
     };
     let body = {
-        let out = ch.output.read().unwrap_or_else(|e| e.into_inner());
+        let out = read(&ch.output);
         streaming_hls::render_master(&out.variants, |name| format!("{name}/index.m3u8"))
     };
     playlist(body)
@@ -140,7 +134,7 @@ async fn media_or_segment(
             let wait = Duration::from_secs(u64::from(s.segment_seconds) * 3);
             let _ = tokio::time::timeout(wait, rx.wait_for(|l| l.is_some_and(|l| l >= msn))).await;
         }
-        let out = ch.output.read().unwrap_or_else(|e| e.into_inner());
+        let out = read(&ch.output);
         let Some(r) = out.renditions.iter().find(|r| r.name == rendition) else {
             return text_error(StatusCode::NOT_FOUND, "no such rendition");
         };
@@ -159,7 +153,7 @@ async fn media_or_segment(
         return text_error(StatusCode::NOT_FOUND, "no such file");
     };
     let data = {
-        let out = ch.output.read().unwrap_or_else(|e| e.into_inner());
+        let out = read(&ch.output);
         out.renditions
             .iter()
             .find(|r| r.name == rendition)
@@ -172,16 +166,13 @@ async fn media_or_segment(
 }
 
 async fn status(State(s): State<OriginState>) -> Response {
-    let channels: Vec<(String, Arc<ChannelShared>)> = s
-        .channels
-        .read()
-        .unwrap_or_else(|e| e.into_inner())
+    let channels: Vec<(String, Arc<ChannelShared>)> = read(&s.channels)
         .iter()
         .map(|(k, v)| (k.clone(), v.clone()))
         .collect();
     let mut map = serde_json::Map::new();
     for (name, ch) in channels {
-        let st = ch.status.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let st = lock(&ch.status).clone();
         map.insert(name, serde_json::to_value(st).unwrap_or_default());
     }
     axum::Json(serde_json::json!({ "name": s.host, "role": "ingest", "channels": map }))

@@ -19,6 +19,7 @@ use tokio::sync::mpsc;
 
 use crate::channel::ChannelMsg;
 use crate::segments::{RunTimeline, parse_csv_line};
+use streaming_core::sync::lock;
 
 /// FLV tags buffered towards a run's stdin: about 20 s of a 25 fps stream with audio. More means
 /// ffmpeg stalled; the run is then restarted rather than buffering without bound.
@@ -193,7 +194,7 @@ impl RunHandle {
     /// Hard stop for a stalled child.
     pub fn kill(&mut self) {
         self.input = None;
-        if let Some(pid) = *self.pid.lock().unwrap_or_else(|e| e.into_inner()) {
+        if let Some(pid) = *lock(&self.pid) {
             // SAFETY: plain syscall; the pid is our own child, still unreaped while the
             // supervisor thread waits for it.
             unsafe {
@@ -243,7 +244,7 @@ pub fn start_run(spec: RunSpec, events: mpsc::Sender<ChannelMsg>) -> std::io::Re
                     success: false,
                     stderr_tail: Vec::new(),
                 });
-                *exit.lock().unwrap_or_else(|e| e.into_inner()) = Some(result);
+                *lock(&exit) = Some(result);
             })?;
     }
     let run_id = spec.run_id;
@@ -275,7 +276,7 @@ fn supervise(
             };
         }
     };
-    *pid_slot.lock().unwrap_or_else(|e| e.into_inner()) = Some(child.as_inner().id());
+    *lock(pid_slot) = Some(child.as_inner().id());
     // ffmpeg-sidecar insists on a piped stdout; our outputs are files, so just drain it.
     if let Some(mut stdout) = child.take_stdout() {
         let _ = std::thread::Builder::new()
@@ -319,7 +320,7 @@ fn supervise(
         }
     }
     let status = child.wait();
-    *pid_slot.lock().unwrap_or_else(|e| e.into_inner()) = None;
+    *lock(pid_slot) = None;
     match status {
         Ok(s) => RunExit {
             status: s.to_string(),
@@ -343,7 +344,7 @@ async fn poll_segments(
     let n = spec.config.ladder.len();
     let mut consumed = vec![0usize; n];
     loop {
-        let finished = exit.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let finished = lock(&exit).clone();
         for (rendition, done) in consumed.iter_mut().enumerate() {
             let list = spec.dir.join(format!("r{rendition}.csv"));
             let Ok(text) = tokio::fs::read_to_string(&list).await else {

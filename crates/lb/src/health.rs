@@ -16,6 +16,7 @@ use streaming_core::config::{HostConfig, HostEntry, Role};
 use streaming_core::status::BroadcastStatus;
 
 use crate::assign::Candidate;
+use streaming_core::sync::{read, write};
 
 /// How often every broadcast is polled.
 pub const POLL_INTERVAL: Duration = Duration::from_millis(500);
@@ -90,12 +91,12 @@ pub struct Health {
 
 impl Health {
     pub fn snapshot(&self) -> BTreeMap<String, BroadcastHealth> {
-        self.map.read().unwrap_or_else(|e| e.into_inner()).clone()
+        read(&self.map).clone()
     }
 
     /// Records a poll result.
     pub fn record(&self, name: &str, result: Result<BroadcastStatus, String>, now: Instant) {
-        let mut map = self.map.write().unwrap_or_else(|e| e.into_inner());
+        let mut map = write(&self.map);
         let entry = map.entry(name.to_owned()).or_default();
         match result {
             Ok(status) => {
@@ -110,13 +111,13 @@ impl Health {
 
     /// Counts an assignment against a broadcast's free slots for [`PENDING_TTL`].
     pub fn note_assignment(&self, name: &str, now: Instant) {
-        let mut map = self.map.write().unwrap_or_else(|e| e.into_inner());
+        let mut map = write(&self.map);
         map.entry(name.to_owned()).or_default().recent.note(now);
     }
 
     /// Forgets broadcasts that left the config.
     pub fn retain(&self, names: &[String]) {
-        let mut map = self.map.write().unwrap_or_else(|e| e.into_inner());
+        let mut map = write(&self.map);
         map.retain(|name, _| names.contains(name));
     }
 }

@@ -12,6 +12,7 @@ use std::time::Instant;
 use streaming_core::config::{HostConfig, HostEntry, Role};
 
 use crate::health::{MAX_POLL_AGE, POLL_INTERVAL};
+use streaming_core::sync::{read, write};
 
 /// One ingest as seen by this LB.
 #[derive(Debug, Clone, Default)]
@@ -37,11 +38,11 @@ pub struct Ingests {
 
 impl Ingests {
     pub fn snapshot(&self) -> BTreeMap<String, IngestHealth> {
-        self.map.read().unwrap_or_else(|e| e.into_inner()).clone()
+        read(&self.map).clone()
     }
 
     pub fn record(&self, name: &str, result: Result<u64, String>, now: Instant) {
-        let mut map = self.map.write().unwrap_or_else(|e| e.into_inner());
+        let mut map = write(&self.map);
         let entry = map.entry(name.to_owned()).or_default();
         match result {
             Ok(outside) => {
@@ -54,7 +55,7 @@ impl Ingests {
     }
 
     fn retain(&self, names: &[String]) {
-        let mut map = self.map.write().unwrap_or_else(|e| e.into_inner());
+        let mut map = write(&self.map);
         map.retain(|name, _| names.contains(name));
     }
 
@@ -62,7 +63,7 @@ impl Ingests {
     /// publishers should go elsewhere. When no ingest answers the fault is more likely ours,
     /// and closing every publisher would not help.
     pub fn should_leave(&self, name: &str, now: Instant) -> bool {
-        let map = self.map.read().unwrap_or_else(|e| e.into_inner());
+        let map = read(&self.map);
         let stale = map.get(name).is_none_or(|h| !h.fresh(now));
         stale && map.iter().any(|(n, h)| n != name && h.fresh(now))
     }

@@ -20,6 +20,7 @@ use streaming_core::token::TokenSigner;
 
 use crate::health::{Health, POLL_TIMEOUT};
 use crate::routes::{App, Current};
+use streaming_core::sync::{read, write};
 
 fn load(config: HostConfig) -> anyhow::Result<Current> {
     let key = read_secret(&config.paths.token_key)?;
@@ -46,7 +47,7 @@ pub async fn run(ctx: ServiceContext) -> anyhow::Result<()> {
         tokio::spawn(health::poll_loop(
             health.clone(),
             move || {
-                let c = current.read().unwrap_or_else(|e| e.into_inner());
+                let c = read(&current);
                 (c.config.clone(), c.client.clone())
             },
             ctx.lifecycle.clone(),
@@ -59,7 +60,7 @@ pub async fn run(ctx: ServiceContext) -> anyhow::Result<()> {
         tokio::spawn(ingest_health::poll_loop(
             ingests.clone(),
             move || {
-                let c = current.read().unwrap_or_else(|e| e.into_inner());
+                let c = read(&current);
                 (c.config.clone(), c.client.clone())
             },
             ctx.lifecycle.clone(),
@@ -101,7 +102,7 @@ pub async fn run(ctx: ServiceContext) -> anyhow::Result<()> {
                             .cluster
                             .hosts_with_role(streaming_core::config::Role::Broadcast)
                             .count();
-                        *current.write().unwrap_or_else(|e| e.into_inner()) = new;
+                        *write(&current) = new;
                         tracing::info!(broadcasts, "config and token key reloaded");
                     }
                     Err(e) => tracing::error!("reload failed, keeping the previous config: {e:#}"),

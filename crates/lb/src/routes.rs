@@ -22,6 +22,7 @@ use tower_http::set_header::SetResponseHeaderLayer;
 
 use crate::assign::{Candidate, choose, parse_exclude};
 use crate::health::{Health, candidates};
+use streaming_core::sync::read;
 
 /// Seconds a client should wait before asking again when the cluster is full.
 pub const RETRY_AFTER_SECS: &str = "5";
@@ -46,18 +47,10 @@ pub struct App {
 
 impl App {
     fn config(&self) -> Arc<HostConfig> {
-        self.current
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .config
-            .clone()
+        read(&self.current).config.clone()
     }
     fn signer(&self) -> TokenSigner {
-        self.current
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .signer
-            .clone()
+        read(&self.current).signer.clone()
     }
 }
 
@@ -185,11 +178,7 @@ pub fn router(app: App) -> Router {
     // could otherwise mint viewers from every visitor it has.
     let cors = CorsLayer::new()
         .allow_origin(AllowOrigin::predicate(move |origin: &HeaderValue, _| {
-            let config = current
-                .read()
-                .unwrap_or_else(|e| e.into_inner())
-                .config
-                .clone();
+            let config = read(&current).config.clone();
             origin
                 .to_str()
                 .is_ok_and(|o| cluster_origins(&config).iter().any(|a| a == o))

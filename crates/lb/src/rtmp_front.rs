@@ -39,6 +39,7 @@ use tokio::time::Instant;
 use tokio_rustls::{TlsAcceptor, TlsConnector};
 
 use crate::ingest_health::{Ingests, ranked};
+use streaming_core::sync::{read, write};
 
 /// One ingest's TCP connect and TLS handshake; the next is tried after this.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
@@ -96,19 +97,16 @@ impl Front {
     /// New certificate, CA, ingests and limits apply to connections accepted from now on.
     pub fn reload(&self, config: FrontConfig) {
         let limits = config.config.cluster.limits.clone();
-        let mut limiter = self.limiter.write().unwrap_or_else(|e| e.into_inner());
+        let mut limiter = write(&self.limiter);
         // Only new numbers need new counters: open connections stay counted otherwise.
         if limiter.limits != limits {
             *limiter = Limiters::new(limits);
         }
-        *self.current.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(config);
+        *write(&self.current) = Arc::new(config);
     }
 
     fn current(&self) -> Arc<FrontConfig> {
-        self.current
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
+        read(&self.current).clone()
     }
 }
 
@@ -178,11 +176,7 @@ pub async fn accept_loop(
                 }
             },
         };
-        let permit = front
-            .limiter
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .admit(peer.ip());
+        let permit = read(&front.limiter).admit(peer.ip());
         let permit = match permit {
             Ok(p) => p,
             Err(reason) => {

@@ -20,6 +20,7 @@ use streaming_core::lifecycle::Lifecycle;
 use streaming_rtmp_publish::{Backoff, Fanout, FlvReader, PublishOptions, Stream, Target};
 
 use crate::encode::EncodeSpec;
+use streaming_core::sync::lock;
 
 /// First wait after a crash; doubles up to [`MAX_BACKOFF`].
 pub const MIN_BACKOFF: Duration = Duration::from_millis(500);
@@ -168,10 +169,6 @@ impl Supervisor {
             let _ = thread.join();
         }
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 fn terminate(pid: Option<u32>) {
