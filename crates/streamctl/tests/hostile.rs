@@ -340,17 +340,7 @@ impl Ctx {
             addr(4, 1, 1935),
             self.stream_key
         );
-        let output = tokio::process::Command::from(common::test_publisher(&url, seconds, 50))
-            .output()
-            .await
-            .expect("ffmpeg starts");
-        let why = String::from_utf8_lossy(&output.stderr)
-            .replace(&self.stream_key, "<key>")
-            .trim()
-            .chars()
-            .take(300)
-            .collect();
-        (output.status.success(), why)
+        publish_to(&url, seconds, &self.stream_key).await
     }
 }
 
@@ -1243,12 +1233,17 @@ fn cmdlines_containing(needle: &str) -> Vec<u32> {
 /// errors with the real key masked).
 async fn publish_through(ctx: &Ctx, lb: SocketAddr, key: &str, seconds: u32) -> (bool, String) {
     let url = format!("rtmps://{lb}/live/test?key={key}&source=hostile-front");
-    let output = tokio::process::Command::from(common::test_publisher(&url, seconds, 50))
+    publish_to(&url, seconds, &ctx.stream_key).await
+}
+
+/// A test publish of `seconds` to `url`: (accepted, ffmpeg's errors with `real_key` masked).
+async fn publish_to(url: &str, seconds: u32, real_key: &str) -> (bool, String) {
+    let output = tokio::process::Command::from(common::test_publisher(url, seconds, 50))
         .output()
         .await
         .expect("ffmpeg starts");
     let why = String::from_utf8_lossy(&output.stderr)
-        .replace(&ctx.stream_key, "<key>")
+        .replace(real_key, "<key>")
         .trim()
         .chars()
         .take(300)
