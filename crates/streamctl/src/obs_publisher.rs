@@ -16,18 +16,17 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use streaming_core::config::{HostConfig, Role};
 use streaming_rtmp_publish::{
-    Backoff, FlvReader, PublishOptions, Stream, TagKind, Target, client_config, publish_once,
+    Backoff, PublishOptions, Stream, Target, client_config, publish_once,
 };
 use tokio::sync::{mpsc, watch};
 
 use crate::cluster::Layout;
+use crate::publish::{MediaEnd, QUEUE_TAGS, forward_media};
 
 /// OBS waits a few seconds before reconnecting after a drop.
 pub const RECONNECT_DELAY: Duration = Duration::from_secs(2);
 /// The channel the bench publishes.
 pub const CHANNEL: &str = "test";
-/// Tags between ffmpeg and the connection (a few seconds of a test pattern).
-const QUEUE_TAGS: usize = 256;
 
 /// A running publisher loop; stopped (and its ffmpeg killed) when dropped.
 pub struct ObsPublisher {
@@ -143,19 +142,10 @@ async fn one_connection(
     let stdout = ffmpeg.stdout.take().context("ffmpeg's stdout")?;
     let (tx, mut rx) = mpsc::channel(QUEUE_TAGS);
     let encode = async move {
-        let mut flv = FlvReader::new(stdout);
-        loop {
-            match flv.next_tag().await {
-                // Media only: the script tag (onMetaData) has no place in the publish.
-                Ok(Some(tag)) if !matches!(tag.kind, TagKind::Audio | TagKind::Video) => {}
-                Ok(Some(tag)) => {
-                    if tx.send(tag).await.is_err() {
-                        return "the connection is gone".to_owned();
-                    }
-                }
-                Ok(None) => return "ffmpeg ended".to_owned(),
-                Err(e) => return format!("ffmpeg's FLV: {e}"),
-            }
+        match forward_media(stdout, tx).await {
+            Ok(MediaEnd::ReceiverGone) => "the connection is gone".to_owned(),
+            Ok(MediaEnd::InputEnded) => "ffmpeg ended".to_owned(),
+            Err(e) => format!("ffmpeg's FLV: {e}"),
         }
     };
     let why = tokio::select! {

@@ -11,12 +11,38 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::Args;
 use streaming_rtmp_publish::{
-    Backoff, FlvReader, PublishOptions, Stream, TagKind, Target, client_config, publish_once,
+    Backoff, FlvError, FlvReader, PublishOptions, Stream, Tag, TagKind, Target, client_config,
+    publish_once,
 };
+use tokio::io::AsyncRead;
 use tokio::sync::mpsc;
 
 /// Tags read ahead of the connection (a few seconds of video).
-const QUEUE_TAGS: usize = 256;
+pub(crate) const QUEUE_TAGS: usize = 256;
+
+/// Why [`forward_media`] stopped.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum MediaEnd {
+    /// The FLV input ended.
+    InputEnded,
+    /// The publishing side dropped its receiver (its connection is gone).
+    ReceiverGone,
+}
+
+/// Reads FLV from `input` and sends its media tags to `tx`, until either side ends. Media
+/// only: the script tag (onMetaData) has no place in the publish.
+pub(crate) async fn forward_media(
+    input: impl AsyncRead + Unpin,
+    tx: mpsc::Sender<Tag>,
+) -> Result<MediaEnd, FlvError> {
+    let mut flv = FlvReader::new(input);
+    while let Some(tag) = flv.next_tag().await? {
+        if matches!(tag.kind, TagKind::Audio | TagKind::Video) && tx.send(tag).await.is_err() {
+            return Ok(MediaEnd::ReceiverGone);
+        }
+    }
+    Ok(MediaEnd::InputEnded)
+}
 
 #[derive(Debug, Args)]
 pub struct PublishArgs {
@@ -106,20 +132,10 @@ pub async fn run(args: PublishArgs) -> anyhow::Result<()> {
     };
     let (tx, mut rx) = mpsc::channel(QUEUE_TAGS);
     let input = async move {
-        let mut flv = FlvReader::new(tokio::io::stdin());
-        loop {
-            match flv.next_tag().await {
-                // Media only: the script tag (onMetaData) has no place in the publish.
-                Ok(Some(tag)) if !matches!(tag.kind, TagKind::Audio | TagKind::Video) => {}
-                Ok(Some(tag)) => {
-                    if tx.send(tag).await.is_err() {
-                        return Ok(());
-                    }
-                }
-                Ok(None) => return Ok(()),
-                Err(e) => return Err(anyhow::anyhow!("FLV on stdin: {e}")),
-            }
-        }
+        forward_media(tokio::io::stdin(), tx)
+            .await
+            .map(|_| ())
+            .map_err(|e| anyhow::anyhow!("FLV on stdin: {e}"))
     };
     let target = to.target.clone();
     let publishing = async move {
