@@ -49,39 +49,10 @@ pub async fn run(ctx: ServiceContext) -> anyhow::Result<()> {
     // SIGHUP: config (drain flag, ingests, uplink, channels), token and cluster keys, CA.
     {
         let (bc, lifecycle, chat) = (bc.clone(), ctx.lifecycle.clone(), chat.clone());
-        let mut reloads = ctx.lifecycle.reloads();
-        let ctx_path = ctx.config_path.clone();
-        tokio::spawn(async move {
-            while reloads.changed().await.is_ok() {
-                let reloaded = HostConfig::load(&ctx_path)
-                    .map_err(anyhow::Error::from)
-                    .and_then(|config| {
-                        if config.name != bc.name {
-                            anyhow::bail!(
-                                "config now names host {:?}, not {:?}",
-                                config.name,
-                                bc.name
-                            );
-                        }
-                        let (signer, key, client) = load_secrets(&config)?;
-                        Ok((config, signer, key, client))
-                    });
-                match reloaded {
-                    Ok((config, signer, key, client)) => {
-                        let drain = config.me().drain;
-                        if let Err(e) =
-                            chat.reload(&config, streaming_core::http::cluster_origins(&config))
-                        {
-                            tracing::error!("chat reload failed, keeping its previous keys: {e:#}");
-                        }
-                        bc.replace(config, signer, key, client);
-                        pull::spawn_missing(&bc, &lifecycle);
-                        tracing::info!(drain, "config and secrets reloaded");
-                    }
-                    Err(e) => tracing::error!("reload failed, keeping the previous config: {e:#}"),
-                }
-            }
-        });
+        tokio::spawn(ctx.reload_loop(move |config| {
+            let applied = reload(config, &bc, &chat, &lifecycle);
+            std::future::ready(applied)
+        }));
     }
 
     // Viewers leave silently: prune them on a clock so the gauge falls too.
@@ -107,13 +78,28 @@ pub async fn run(ctx: ServiceContext) -> anyhow::Result<()> {
     );
     // Chat sockets outlive their HTTP connection (upgraded): they get their Close (1001) too.
     let serving = async {
-        let served = ctx.serve_https(app).await;
-        if served.is_err() {
-            // Nothing else would end the wait for the chat sockets.
-            ctx.lifecycle.request_shutdown();
-        }
-        served
+        // On an error, nothing else would end the wait for the chat sockets.
+        ctx.stop_on_error(ctx.serve_https(app).await)
     };
     let (served, ()) = tokio::join!(serving, chat.closed());
     served
+}
+
+/// Applies a reloaded config: new secrets and client first (a missing file refuses the whole
+/// reload), then chat, then the broadcast's state and any newly named channel's pullers.
+fn reload(
+    config: HostConfig,
+    bc: &Arc<Broadcast>,
+    chat: &streaming_chat::Chat,
+    lifecycle: &streaming_core::lifecycle::Lifecycle,
+) -> anyhow::Result<()> {
+    let (signer, key, client) = load_secrets(&config)?;
+    let drain = config.me().drain;
+    if let Err(e) = chat.reload(&config, streaming_core::http::cluster_origins(&config)) {
+        tracing::error!("chat reload failed, keeping its previous keys: {e:#}");
+    }
+    bc.replace(config, signer, key, client);
+    pull::spawn_missing(bc, lifecycle);
+    tracing::info!(drain, "config and secrets reloaded");
+    Ok(())
 }

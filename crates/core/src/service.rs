@@ -47,11 +47,74 @@ impl ServiceContext {
         )
     }
 
-    /// Re-reads the config file; the caller keeps the old one when this fails.
-    pub fn reload_config(&self) -> Result<HostConfig, crate::config::ConfigError> {
-        let config = HostConfig::load(&self.config_path)?;
-        Ok(config)
+    /// Re-reads the config file; the caller keeps the old one when this fails. A config that
+    /// names another host is refused: the file was swapped for another machine's, and applying
+    /// it would make this process impersonate that host.
+    pub fn reload_config(&self) -> Result<HostConfig, ReloadError> {
+        reload_config(&self.config_path, &self.config.name)
     }
+
+    /// The one SIGHUP path of every role: on each reload signal, re-read the config
+    /// ([`ServiceContext::reload_config`]) and hand it to `apply`. A refused config or a failed
+    /// `apply` is logged and the service keeps running on what it had. Resolves at shutdown;
+    /// spawn it beside the role's servers.
+    pub fn reload_loop<F, Fut>(&self, mut apply: F) -> impl Future<Output = ()> + Send + use<F, Fut>
+    where
+        F: FnMut(HostConfig) -> Fut + Send + 'static,
+        Fut: Future<Output = anyhow::Result<()>> + Send,
+    {
+        let lifecycle = self.lifecycle.clone();
+        let mut reloads = lifecycle.reloads();
+        let path = self.config_path.clone();
+        let name = self.config.name.clone();
+        async move {
+            loop {
+                tokio::select! {
+                    () = lifecycle.shutdown() => return,
+                    changed = reloads.changed() => if changed.is_err() { return },
+                }
+                let config = match reload_config(&path, &name) {
+                    Ok(config) => config,
+                    Err(e) => {
+                        tracing::error!("reload refused, keeping the previous config: {e}");
+                        continue;
+                    }
+                };
+                if let Err(e) = apply(config).await {
+                    tracing::error!("reload failed, keeping the previous config: {e:#}");
+                }
+            }
+        }
+    }
+
+    /// Starts the shutdown of every task when one of the role's servers failed (a bind error),
+    /// so the others stop too instead of serving a half-working host.
+    pub fn stop_on_error<T>(&self, result: anyhow::Result<T>) -> anyhow::Result<T> {
+        if result.is_err() {
+            self.lifecycle.request_shutdown();
+        }
+        result
+    }
+}
+
+/// Why a reloaded config was not applied.
+#[derive(Debug, thiserror::Error)]
+pub enum ReloadError {
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    #[error("the config now names host {found:?}, not {expected:?}: refused")]
+    OtherHost { expected: String, found: String },
+}
+
+fn reload_config(path: &std::path::Path, name: &str) -> Result<HostConfig, ReloadError> {
+    let config = HostConfig::load(path)?;
+    if config.name != name {
+        return Err(ReloadError::OtherHost {
+            expected: name.to_owned(),
+            found: config.name,
+        });
+    }
+    Ok(config)
 }
 
 /// Runs a service to completion. Errors are printed for the operator and give exit code 1.
@@ -118,5 +181,61 @@ where
             eprintln!("{role}: {e:#}");
             std::process::ExitCode::FAILURE
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A minimal valid host config for `name`, with two LBs in the cluster.
+    fn config_json(name: &str) -> String {
+        let host = |name: &str, addr: &str| {
+            serde_json::json!({
+                "name": name, "role": "lb", "fqdn": "x", "address": addr,
+                "ports": {"https": 8443, "rtmp": 1935, "rtmps": 1936, "patroni": 8008, "postgres": 5432,
+                          "etcd_client": 2379, "etcd_peer": 2380},
+                "url": format!("https://{addr}:8443"), "uplink_mbps": null,
+                "preferred_ingest": null, "channel": null, "priority": null, "etcd_witness": false, "drain": false
+            })
+        };
+        serde_json::json!({
+            "name": name,
+            "cluster": {
+                "site": "s", "profile": "local", "site_urls": [],
+                "timeline": {"segment_seconds": 2, "playlist_segments": 6, "cache_segments": 12, "primary_return_seconds": 6},
+                "hosts": [host("lb1", "127.79.1.1"), host("lb2", "127.79.1.2")],
+                "channels": [{"name": "test", "fps": 25, "preset": "ultrafast", "audio_kbps": 96,
+                              "ladder": [{"name": "360p", "width": 640, "height": 360, "video_kbps": 800}]}],
+                "database": {"name": "streaming", "user": "streaming", "ttl": 10}
+            },
+            "paths": {"state_dir": "/x", "log_dir": null, "tls_cert": "/x", "tls_key": "/x", "ca_cert": "/x",
+                      "token_key": "/x", "cluster_key": "/x", "stream_keys_dir": "/x", "db_password": "/x",
+                      "db_superuser_password": "/x", "db_replication_password": "/x", "admin_password": "/x"},
+            "telemetry": {"json_logs": false, "otlp_endpoint": null}
+        })
+        .to_string()
+    }
+
+    #[test]
+    fn reload_accepts_the_same_host_and_refuses_another() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("host.json");
+        std::fs::write(&path, config_json("lb1")).unwrap();
+        assert_eq!(reload_config(&path, "lb1").unwrap().name, "lb1");
+
+        std::fs::write(&path, config_json("lb2")).unwrap();
+        match reload_config(&path, "lb1") {
+            Err(ReloadError::OtherHost { expected, found }) => {
+                assert_eq!((expected.as_str(), found.as_str()), ("lb1", "lb2"));
+            }
+            other => panic!("expected OtherHost, got {other:?}"),
+        }
+
+        std::fs::write(&path, "{").unwrap();
+        assert!(matches!(
+            reload_config(&path, "lb1"),
+            Err(ReloadError::Config(_))
+        ));
     }
 }

@@ -128,54 +128,19 @@ pub async fn run(ctx: ServiceContext) -> anyhow::Result<()> {
 
     // SIGHUP: stream keys, cluster key, config (source ranks, channel settings, RTMP limits),
     // RTMPS cert.
-    {
-        let (lifecycle, rtmp) = (ctx.lifecycle.clone(), rtmp.clone());
-        let mut reloads = ctx.lifecycle.reloads();
-        let config_path = ctx.config_path.clone();
-        let mut current = config.clone();
-        tasks.spawn(async move {
-            loop {
-                tokio::select! {
-                    _ = lifecycle.shutdown() => return,
-                    changed = reloads.changed() => if changed.is_err() { return },
-                }
-                match HostConfig::load(&config_path) {
-                    Ok(new) => current = new,
-                    Err(e) => tracing::error!("config reload failed, keeping the old one: {e}"),
-                }
-                *write(&rtmp.keys) = load_keys(&current);
-                rtmp.set_limits(&current.cluster.limits);
-                rtmp.set_forwarders(lb_addresses(&current));
-                match relay_peers(&current) {
-                    Ok(peers) => *write(&rtmp.peers) = Some(peers),
-                    Err(e) => tracing::error!("relay peers reload failed, keeping the old ones: {e:#}"),
-                }
-                match read_secret(&current.paths.cluster_key) {
-                    Ok(key) => *write(&cluster_key) = key,
-                    Err(e) => tracing::error!("cluster key reload failed, keeping the old one: {e}"),
-                }
-                match tls_acceptor(&current) {
-                    Ok(acceptor) => {
-                        let _ = tls_tx.send(acceptor);
-                    }
-                    Err(e) => tracing::error!("RTMPS certificate reload failed, keeping the old one: {e}"),
-                }
-                for channel in &current.cluster.channels {
-                    match senders.get(&channel.name) {
-                        Some(tx) => {
-                            let msg = ChannelMsg::Reconfigure {
-                                sources: ranked_sources(&current, &channel.name),
-                                config: channel.clone(),
-                            };
-                            let _ = tx.send(msg).await;
-                        }
-                        None => tracing::warn!(channel = %channel.name, "new channel in config: restart the ingest to serve it"),
-                    }
-                }
-                tracing::info!("reloaded stream keys, cluster key, config and RTMPS certificate");
-            }
-        });
-    }
+    let reloader = Arc::new(Reloader {
+        rtmp: rtmp.clone(),
+        cluster_key,
+        tls: tls_tx,
+        channels: senders,
+    });
+    tasks.spawn(ctx.reload_loop(move |config| {
+        let reloader = reloader.clone();
+        async move {
+            reloader.apply(&config).await;
+            Ok(())
+        }
+    }));
 
     let rtmp_task = listener::serve_rtmp(
         me.socket(me.ports.rtmp),
@@ -196,10 +161,54 @@ pub async fn run(ctx: ServiceContext) -> anyhow::Result<()> {
         (&config.cluster.limits).into(),
         ctx.lifecycle.clone(),
     );
-    let result = tokio::try_join!(rtmp_task, rtmps_task, https);
-    if result.is_err() {
-        ctx.lifecycle.request_shutdown();
-    }
+    let result = ctx.stop_on_error(tokio::try_join!(rtmp_task, rtmps_task, https));
     while tasks.join_next().await.is_some() {}
     result.map(|_| ())
+}
+
+/// What a SIGHUP changes in a running ingest.
+struct Reloader {
+    rtmp: Arc<RtmpContext>,
+    cluster_key: Arc<RwLock<String>>,
+    tls: watch::Sender<tokio_rustls::TlsAcceptor>,
+    channels: HashMap<String, mpsc::Sender<ChannelMsg>>,
+}
+
+impl Reloader {
+    /// Each part is reloaded on its own: a bad certificate must not keep new stream keys out.
+    async fn apply(&self, current: &HostConfig) {
+        let rtmp = &self.rtmp;
+        *write(&rtmp.keys) = load_keys(current);
+        rtmp.set_limits(&current.cluster.limits);
+        rtmp.set_forwarders(lb_addresses(current));
+        match relay_peers(current) {
+            Ok(peers) => *write(&rtmp.peers) = Some(peers),
+            Err(e) => tracing::error!("relay peers reload failed, keeping the old ones: {e:#}"),
+        }
+        match read_secret(&current.paths.cluster_key) {
+            Ok(key) => *write(&self.cluster_key) = key,
+            Err(e) => tracing::error!("cluster key reload failed, keeping the old one: {e}"),
+        }
+        match tls_acceptor(current) {
+            Ok(acceptor) => {
+                let _ = self.tls.send(acceptor);
+            }
+            Err(e) => tracing::error!("RTMPS certificate reload failed, keeping the old one: {e}"),
+        }
+        for channel in &current.cluster.channels {
+            match self.channels.get(&channel.name) {
+                Some(tx) => {
+                    let msg = ChannelMsg::Reconfigure {
+                        sources: ranked_sources(current, &channel.name),
+                        config: channel.clone(),
+                    };
+                    let _ = tx.send(msg).await;
+                }
+                None => {
+                    tracing::warn!(channel = %channel.name, "new channel in config: restart the ingest to serve it")
+                }
+            }
+        }
+        tracing::info!("reloaded stream keys, cluster key, config and RTMPS certificate");
+    }
 }

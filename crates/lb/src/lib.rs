@@ -75,40 +75,10 @@ pub async fn run(ctx: ServiceContext) -> anyhow::Result<()> {
     // certificate, without a restart.
     {
         let (current, front) = (current.clone(), front.clone());
-        let mut reloads = ctx.lifecycle.reloads();
-        let path = ctx.config_path.clone();
-        let name = ctx.config.name.clone();
-        tokio::spawn(async move {
-            while reloads.changed().await.is_ok() {
-                let loaded = HostConfig::load(&path)
-                    .map_err(anyhow::Error::from)
-                    .and_then(|config| {
-                        anyhow::ensure!(
-                            config.name == name,
-                            "config now names host {:?}, not {name:?}",
-                            config.name
-                        );
-                        load(config)
-                    });
-                let loaded = loaded.and_then(|new| {
-                    let front_config = rtmp_front::FrontConfig::load(new.config.clone())?;
-                    Ok((new, front_config))
-                });
-                match loaded {
-                    Ok((new, front_config)) => {
-                        front.reload(front_config);
-                        let broadcasts = new
-                            .config
-                            .cluster
-                            .hosts_with_role(streaming_core::config::Role::Broadcast)
-                            .count();
-                        *write(&current) = new;
-                        tracing::info!(broadcasts, "config and token key reloaded");
-                    }
-                    Err(e) => tracing::error!("reload failed, keeping the previous config: {e:#}"),
-                }
-            }
-        });
+        tokio::spawn(ctx.reload_loop(move |config| {
+            let applied = reload(config, &current, &front);
+            std::future::ready(applied)
+        }));
     }
 
     let app = routes::router(App {
@@ -137,8 +107,25 @@ pub async fn run(ctx: ServiceContext) -> anyhow::Result<()> {
         ctx.lifecycle.clone(),
     );
     let result = tokio::try_join!(ctx.serve_https(app), rtmp, rtmps);
-    if result.is_err() {
-        ctx.lifecycle.request_shutdown();
-    }
-    result.map(|_| ())
+    ctx.stop_on_error(result).map(|_| ())
+}
+
+/// Applies a reloaded config: the token key, the poll client and the RTMP front's routes,
+/// all or nothing.
+fn reload(
+    config: HostConfig,
+    current: &RwLock<Current>,
+    front: &rtmp_front::Front,
+) -> anyhow::Result<()> {
+    let new = load(config)?;
+    let front_config = rtmp_front::FrontConfig::load(new.config.clone())?;
+    front.reload(front_config);
+    let broadcasts = new
+        .config
+        .cluster
+        .hosts_with_role(streaming_core::config::Role::Broadcast)
+        .count();
+    *write(current) = new;
+    tracing::info!(broadcasts, "config and token key reloaded");
+    Ok(())
 }

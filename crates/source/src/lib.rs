@@ -26,11 +26,13 @@ pub async fn run(ctx: ServiceContext) -> anyhow::Result<()> {
     tracing::info!(channel = %spec.channel, ingests = spec.ingests.len(), "publishing test pattern");
     let supervisor = Arc::new(Supervisor::start(spec, ctx.lifecycle.clone())?);
 
-    let reload_task = tokio::spawn(reload_loop(
-        ctx.config_path.clone(),
-        ctx.lifecycle.clone(),
-        supervisor.clone(),
-    ));
+    let reload_task = {
+        let supervisor = supervisor.clone();
+        tokio::spawn(ctx.reload_loop(move |config| {
+            let applied = reload(&config, &supervisor);
+            std::future::ready(applied)
+        }))
+    };
 
     let me = ctx.config.me().clone();
     let app = http::router(http::AppState {
@@ -54,32 +56,19 @@ pub async fn run(ctx: ServiceContext) -> anyhow::Result<()> {
 }
 
 /// On SIGHUP: new config + key; restart the encode only when something it uses changed.
-async fn reload_loop(
-    config_path: std::path::PathBuf,
-    lifecycle: streaming_core::lifecycle::Lifecycle,
-    supervisor: Arc<Supervisor>,
-) {
-    let mut reloads = lifecycle.reloads();
-    while reloads.changed().await.is_ok() {
-        let config = match streaming_core::config::HostConfig::load(&config_path) {
-            Ok(config) => config,
-            Err(e) => {
-                tracing::error!("reload: {e}; keeping the running encode");
-                continue;
-            }
-        };
-        match EncodeSpec::from_config(&config) {
-            Ok(spec) if Some(&spec) == supervisor.spec().as_ref() => {
-                tracing::info!("reload: encode unchanged, ffmpeg keeps running");
-            }
-            Ok(spec) => {
-                tracing::info!(
-                    ?spec,
-                    "reload: encode changed (ingests, key or picture), restarting ffmpeg"
-                );
-                supervisor.replace(spec);
-            }
-            Err(e) => tracing::error!("reload: {e}; keeping the running encode"),
-        }
+fn reload(
+    config: &streaming_core::config::HostConfig,
+    supervisor: &Supervisor,
+) -> anyhow::Result<()> {
+    let spec = EncodeSpec::from_config(config)?;
+    if Some(&spec) == supervisor.spec().as_ref() {
+        tracing::info!("reload: encode unchanged, ffmpeg keeps running");
+    } else {
+        tracing::info!(
+            ?spec,
+            "reload: encode changed (ingests, key or picture), restarting ffmpeg"
+        );
+        supervisor.replace(spec);
     }
+    Ok(())
 }
