@@ -5,19 +5,15 @@
 //! lets a broadcast recognise the user even while the database is failing over (a chat client
 //! that reconnects then is not thrown out); the row is checked whenever the database answers.
 
-use base64::Engine;
-use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-use hmac::{Hmac, Mac};
-use sha2::Sha256;
-
-type HmacSha256 = Hmac<Sha256>;
+use streaming_core::signed::{CodecError, Domain, SignedCodec};
 
 /// Sessions last a week; logging in again makes a new one.
 pub const SESSION_TTL_SECS: u64 = 7 * 24 * 3600;
-const PREFIX: &str = "s1";
-const DOMAIN: &[u8] = b"streaming-cluster session v1\0";
-/// Longer strings are rejected before any decoding.
-const MAX_TOKEN_LEN: usize = 512;
+/// The MAC domain and version prefix of session tokens: a viewer token never verifies as one.
+pub const SESSION_DOMAIN: Domain = Domain {
+    tag: b"streaming-cluster session v1\0",
+    prefix: Some("s1"),
+};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SessionClaims {
@@ -41,7 +37,7 @@ pub enum SessionError {
 
 #[derive(Clone)]
 pub struct SessionSigner {
-    key: Vec<u8>,
+    codec: SignedCodec,
 }
 
 impl std::fmt::Debug for SessionSigner {
@@ -52,62 +48,30 @@ impl std::fmt::Debug for SessionSigner {
 
 impl SessionSigner {
     pub fn new(key: &[u8]) -> Self {
-        SessionSigner { key: key.to_vec() }
-    }
-
-    fn mac(&self) -> HmacSha256 {
-        let mut mac = HmacSha256::new_from_slice(&self.key).expect("HMAC takes keys of any length");
-        mac.update(DOMAIN);
-        mac
+        SessionSigner {
+            codec: SignedCodec::new(key, SESSION_DOMAIN),
+        }
     }
 
     pub fn sign(&self, claims: &SessionClaims) -> String {
-        let body = URL_SAFE_NO_PAD.encode(format!(
-            "{}|{}|{}|{}",
-            claims.session, claims.user_id, claims.name, claims.expires
-        ));
-        let mut mac = self.mac();
-        mac.update(body.as_bytes());
-        let sig = URL_SAFE_NO_PAD.encode(mac.finalize().into_bytes());
-        format!("{PREFIX}.{body}.{sig}")
+        self.codec.sign(&[
+            &claims.session.to_string(),
+            &claims.user_id.to_string(),
+            &claims.name,
+            &claims.expires.to_string(),
+        ])
     }
 
     /// Checks signature and expiry (not revocation: that needs the database).
     pub fn verify(&self, token: &str, now: u64) -> Result<SessionClaims, SessionError> {
-        if token.len() > MAX_TOKEN_LEN {
-            return Err(SessionError::Malformed);
-        }
-        let mut parts = token.split('.');
-        let (Some(PREFIX), Some(body), Some(sig), None) =
-            (parts.next(), parts.next(), parts.next(), parts.next())
-        else {
-            return Err(SessionError::Malformed);
-        };
-        let sig = URL_SAFE_NO_PAD
-            .decode(sig)
-            .map_err(|_| SessionError::Malformed)?;
-        let mut mac = self.mac();
-        mac.update(body.as_bytes());
-        mac.verify_slice(&sig)
-            .map_err(|_| SessionError::BadSignature)?;
-        let body = URL_SAFE_NO_PAD
-            .decode(body)
-            .map_err(|_| SessionError::Malformed)?;
-        let body = String::from_utf8(body).map_err(|_| SessionError::Malformed)?;
-        let mut fields = body.split('|');
-        let (Some(session), Some(user), Some(name), Some(expires), None) = (
-            fields.next(),
-            fields.next(),
-            fields.next(),
-            fields.next(),
-            fields.next(),
-        ) else {
-            return Err(SessionError::Malformed);
-        };
+        let [session, user, name, expires] = self.codec.verify(token).map_err(|e| match e {
+            CodecError::Malformed => SessionError::Malformed,
+            CodecError::BadSignature => SessionError::BadSignature,
+        })?;
         let claims = SessionClaims {
-            session: uuid::Uuid::parse_str(session).map_err(|_| SessionError::Malformed)?,
+            session: uuid::Uuid::parse_str(&session).map_err(|_| SessionError::Malformed)?,
             user_id: user.parse().map_err(|_| SessionError::Malformed)?,
-            name: name.to_owned(),
+            name,
             expires: expires.parse().map_err(|_| SessionError::Malformed)?,
         };
         if claims.expires <= now {
@@ -130,6 +94,9 @@ pub fn bearer(headers: &http::HeaderMap) -> Option<&str> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use base64::Engine;
+    use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    use streaming_core::token::{TokenError, TokenSigner, ViewerClaims};
 
     fn claims() -> SessionClaims {
         SessionClaims {
@@ -175,5 +142,49 @@ mod tests {
         ] {
             assert!(s.verify(garbage, 1_000).is_err(), "{garbage:?}");
         }
+    }
+
+    /// Both kinds are signed with the cluster's one token key: only the domain tag keeps them
+    /// apart, even when the bodies are made to look alike.
+    #[test]
+    fn viewer_and_session_tokens_never_verify_as_each_other() {
+        let key = b"the cluster token key";
+        let (sessions, viewers) = (SessionSigner::new(key), TokenSigner::new(key));
+        let session = sessions.sign(&claims());
+        assert!(viewers.verify(&session, 1_000).is_err());
+        // The session body under the viewer format (no `s1.` prefix): the MAC still differs.
+        let unprefixed = session.strip_prefix("s1.").unwrap();
+        assert_eq!(
+            viewers.verify(unprefixed, 1_000),
+            Err(TokenError::BadSignature)
+        );
+
+        let viewer = viewers.sign(&ViewerClaims {
+            broadcast: uuid::Uuid::new_v4().to_string(),
+            channel: "42".into(),
+            viewer: "alice".into(),
+            expires: 2_000,
+        });
+        assert_eq!(
+            sessions.verify(&format!("s1.{viewer}"), 1_000),
+            Err(SessionError::BadSignature)
+        );
+        assert!(sessions.verify(&viewer, 1_000).is_err());
+    }
+
+    /// Session tokens issued before the shared codec (fuzz/seeds/session_token) still verify:
+    /// logged-in users stay logged in across the upgrade.
+    #[test]
+    fn known_token_verifies() {
+        let signer = SessionSigner::new(b"fuzz key of the cluster");
+        let claims = SessionClaims {
+            session: uuid::Uuid::from_u128(0x3a1f_6c2e_9d4b_4f0a_8e7c_1b2d_3e4f_5a6b),
+            user_id: 42,
+            name: "alice".into(),
+            expires: 1_800_604_800,
+        };
+        let token = "s1.M2ExZjZjMmUtOWQ0Yi00ZjBhLThlN2MtMWIyZDNlNGY1YTZifDQyfGFsaWNlfDE4MDA2MDQ4MDA.kzqOTtghiCCrvXExX69ROvC6QXL2Y_VRSeQWj8AsYWc";
+        assert_eq!(signer.sign(&claims), token);
+        assert_eq!(signer.verify(token, 1_800_000_000), Ok(claims));
     }
 }

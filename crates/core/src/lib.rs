@@ -11,6 +11,7 @@ pub mod rate_limit;
 pub mod secrets;
 pub mod serve;
 pub mod service;
+pub mod signed;
 pub mod status;
 pub mod sync;
 pub mod telemetry;

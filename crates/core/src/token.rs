@@ -2,18 +2,23 @@
 //!
 //! Broadcasts are different origins, so the assignment travels as a bearer token in the `t` query
 //! parameter (docs/architecture.md) instead of a cookie. Format: `base64url(claims).base64url(mac)`
-//! where claims are `broadcast|channel|viewer|expires` and mac is HMAC-SHA256 over the first
-//! part with the key shared by LBs and broadcasts. Any LB can check a token made by another.
+//! where claims are `broadcast|channel|viewer|expires` and mac is HMAC-SHA256 over the viewer
+//! domain tag and the first part with the key shared by LBs and broadcasts ([`crate::signed`]).
+//! Any LB can check a token made by another.
 
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-use hmac::{Hmac, Mac};
-use sha2::Sha256;
 
-type HmacSha256 = Hmac<Sha256>;
+use crate::signed::{CodecError, Domain, SignedCodec};
 
 /// Longest token we even try to decode; anything longer is garbage.
-pub const MAX_TOKEN_LEN: usize = 512;
+pub const MAX_TOKEN_LEN: usize = crate::signed::MAX_SIGNED_LEN;
+
+/// The MAC domain of viewer tokens: a chat session token never verifies as one.
+pub const VIEWER_DOMAIN: Domain = Domain {
+    tag: b"streaming-cluster viewer v1\0",
+    prefix: None,
+};
 
 /// How long a token lives without renewal; broadcasts renew it in every playlist they serve.
 pub const TOKEN_TTL_SECS: u64 = 300;
@@ -44,10 +49,10 @@ pub struct ViewerClaims {
     pub expires: u64,
 }
 
-/// Signs and verifies tokens with one shared key.
+/// Signs and verifies viewer tokens with the key shared by LBs and broadcasts.
 #[derive(Clone)]
 pub struct TokenSigner {
-    key: Vec<u8>,
+    codec: SignedCodec,
 }
 
 impl std::fmt::Debug for TokenSigner {
@@ -58,23 +63,15 @@ impl std::fmt::Debug for TokenSigner {
 
 impl TokenSigner {
     pub fn new(key: &[u8]) -> Self {
-        Self { key: key.to_vec() }
-    }
-
-    fn mac(&self) -> HmacSha256 {
-        HmacSha256::new_from_slice(&self.key).expect("HMAC takes keys of any length")
+        Self {
+            codec: SignedCodec::new(key, VIEWER_DOMAIN),
+        }
     }
 
     pub fn sign(&self, claims: &ViewerClaims) -> String {
-        let body = format!(
-            "{}|{}|{}|{}",
-            claims.broadcast, claims.channel, claims.viewer, claims.expires
-        );
-        let body = URL_SAFE_NO_PAD.encode(body);
-        let mut mac = self.mac();
-        mac.update(body.as_bytes());
-        let sig = URL_SAFE_NO_PAD.encode(mac.finalize().into_bytes());
-        format!("{body}.{sig}")
+        let expires = claims.expires.to_string();
+        self.codec
+            .sign(&[&claims.broadcast, &claims.channel, &claims.viewer, &expires])
     }
 
     /// Checks signature and expiry; `now` is unix seconds.
@@ -82,40 +79,19 @@ impl TokenSigner {
         if token.is_empty() {
             return Err(TokenError::Missing);
         }
-        if token.len() > MAX_TOKEN_LEN {
-            return Err(TokenError::Malformed);
-        }
-        let (body, sig) = token.split_once('.').ok_or(TokenError::Malformed)?;
-        let sig = URL_SAFE_NO_PAD
-            .decode(sig)
-            .map_err(|_| TokenError::Malformed)?;
-        let mut mac = self.mac();
-        mac.update(body.as_bytes());
-        // verify_slice compares in constant time.
-        mac.verify_slice(&sig)
-            .map_err(|_| TokenError::BadSignature)?;
-        let body = URL_SAFE_NO_PAD
-            .decode(body)
-            .map_err(|_| TokenError::Malformed)?;
-        let body = String::from_utf8(body).map_err(|_| TokenError::Malformed)?;
-        let mut parts = body.split('|');
-        let (Some(broadcast), Some(channel), Some(viewer), Some(expires), None) = (
-            parts.next(),
-            parts.next(),
-            parts.next(),
-            parts.next(),
-            parts.next(),
-        ) else {
-            return Err(TokenError::Malformed);
-        };
+        let [broadcast, channel, viewer, expires] =
+            self.codec.verify(token).map_err(|e| match e {
+                CodecError::Malformed => TokenError::Malformed,
+                CodecError::BadSignature => TokenError::BadSignature,
+            })?;
         let expires: u64 = expires.parse().map_err(|_| TokenError::Malformed)?;
         if expires <= now {
             return Err(TokenError::Expired);
         }
         Ok(ViewerClaims {
-            broadcast: broadcast.to_owned(),
-            channel: channel.to_owned(),
-            viewer: viewer.to_owned(),
+            broadcast,
+            channel,
+            viewer,
             expires,
         })
     }
@@ -195,5 +171,20 @@ mod tests {
             ));
         }
         assert_eq!(signer.verify("", 1), Err(TokenError::Missing));
+    }
+
+    /// A known answer: the format and the viewer domain tag, as fuzz/seeds/viewer_token has it.
+    #[test]
+    fn known_token_verifies() {
+        let signer = TokenSigner::new(b"fuzz key shared by lbs and broadcasts");
+        let claims = ViewerClaims {
+            broadcast: "broadcast2".into(),
+            channel: "test".into(),
+            viewer: "q3Zl1C9xW0aQb1hC".into(),
+            expires: 1_800_000_300,
+        };
+        let token = "YnJvYWRjYXN0Mnx0ZXN0fHEzWmwxQzl4VzBhUWIxaEN8MTgwMDAwMDMwMA.xewYBSFc0X0hmPO-k020K6GUxPhB8yLBW5f6Vcr1Ks4";
+        assert_eq!(signer.sign(&claims), token);
+        assert_eq!(signer.verify(token, 1_800_000_000), Ok(claims));
     }
 }
