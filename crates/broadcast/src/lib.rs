@@ -27,7 +27,7 @@ const PEER_TIMEOUT: Duration = Duration::from_secs(10);
 fn load_secrets(config: &HostConfig) -> anyhow::Result<(TokenSigner, String, reqwest::Client)> {
     let token_key = read_secret(&config.paths.token_key)?;
     let cluster_key = read_secret(&config.paths.cluster_key)?;
-    let client = streaming_core::tls::peer_client(&config.paths.ca_cert, PEER_TIMEOUT)
+    let client = streaming_core::client::cluster_client(&config.paths.ca_cert, PEER_TIMEOUT)
         .with_context(|| format!("cluster CA {}", config.paths.ca_cert.display()))?;
     Ok((TokenSigner::new(token_key.as_bytes()), cluster_key, client))
 }

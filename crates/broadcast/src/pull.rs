@@ -11,7 +11,8 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
+use streaming_core::client::{BodyError, read_limited};
 use streaming_core::config::{HostConfig, Role};
 use streaming_core::lifecycle::Lifecycle;
 use streaming_hls::parse::MAX_PLAYLIST_BYTES;
@@ -150,7 +151,7 @@ async fn fetch_limited(
     timeout: Duration,
     limit: usize,
 ) -> Result<Bytes, PullError> {
-    let mut response = client
+    let response = client
         .get(url)
         .bearer_auth(key)
         .timeout(timeout)
@@ -159,17 +160,10 @@ async fn fetch_limited(
     if response.status() != reqwest::StatusCode::OK {
         return Err(PullError::Status(response.status().as_u16()));
     }
-    if response.content_length().is_some_and(|n| n > limit as u64) {
-        return Err(PullError::TooLarge(limit));
-    }
-    let mut body = BytesMut::with_capacity(response.content_length().unwrap_or(0) as usize);
-    while let Some(chunk) = response.chunk().await? {
-        if body.len() + chunk.len() > limit {
-            return Err(PullError::TooLarge(limit));
-        }
-        body.extend_from_slice(&chunk);
-    }
-    Ok(body.freeze())
+    read_limited(response, limit).await.map_err(|e| match e {
+        BodyError::TooLarge(limit) => PullError::TooLarge(limit),
+        BodyError::Read(e) => PullError::Http(e),
+    })
 }
 
 async fn fetch_playlist(

@@ -44,7 +44,7 @@ const CACHE_FOR: Duration = Duration::from_secs(1);
 /// Keys are few (known channels and pathways), so this is a backstop.
 const MAX_IN_FLIGHT: usize = 64;
 /// Largest steering manifest we take from an LB (they are a few hundred bytes).
-const MAX_MANIFEST_BYTES: u64 = 64 * 1024;
+const MAX_MANIFEST_BYTES: usize = 64 * 1024;
 
 /// Why no LB gave us a manifest (one reason per LB, for the log).
 #[derive(Debug, thiserror::Error)]
@@ -229,13 +229,12 @@ impl SteeringProxy {
         if !response.status().is_success() {
             return Err(AskError::Status(response.status()));
         }
-        if response.content_length().unwrap_or(0) > MAX_MANIFEST_BYTES {
-            return Err(AskError::TooLarge);
-        }
-        let body = response.bytes().await?;
-        if body.len() as u64 > MAX_MANIFEST_BYTES {
-            return Err(AskError::TooLarge);
-        }
+        let body = streaming_core::client::read_limited(response, MAX_MANIFEST_BYTES)
+            .await
+            .map_err(|e| match e {
+                streaming_core::client::BodyError::TooLarge(_) => AskError::TooLarge,
+                streaming_core::client::BodyError::Read(e) => AskError::from(e),
+            })?;
         let manifest: serde_json::Value =
             serde_json::from_slice(&body).map_err(|_| AskError::NotAManifest)?;
         if !manifest["PATHWAY-PRIORITY"].is_array() {

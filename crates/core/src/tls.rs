@@ -62,14 +62,12 @@ pub fn server_config(cert: &Path, key: &Path) -> Result<Arc<ServerConfig>, TlsEr
     Ok(Arc::new(config))
 }
 
-/// HTTPS client for peer traffic (LB -> broadcast, broadcast -> ingest) trusting the cluster CA.
-///
-/// The timeouts bound every peer request: a hung peer must look like a dead one quickly.
+/// HTTPS client for peer traffic trusting the cluster CA: [`crate::client::cluster_client`].
 pub fn peer_client(
     ca_cert: &Path,
     timeout: std::time::Duration,
 ) -> Result<reqwest::Client, TlsError> {
-    peer_client_from(ca_cert, timeout, None)
+    crate::client::cluster_client(ca_cert, timeout)
 }
 
 /// [`peer_client`] whose connections leave from `local`, the host's cluster address: peers
@@ -80,17 +78,7 @@ pub fn peer_client_from(
     timeout: std::time::Duration,
     local: Option<std::net::IpAddr>,
 ) -> Result<reqwest::Client, TlsError> {
-    let mut builder = reqwest::Client::builder()
+    Ok(crate::client::cluster_client_builder(ca_cert, timeout)?
         .local_address(local)
-        .use_rustls_tls()
-        .connect_timeout(timeout)
-        .timeout(timeout)
-        // Servers close a keep-alive connection that asks nothing for `http_header_seconds`
-        // (10 s by default): give it up first rather than race the server's close.
-        .pool_idle_timeout(std::time::Duration::from_secs(5))
-        .redirect(reqwest::redirect::Policy::none());
-    for cert in load_certs(ca_cert)? {
-        builder = builder.add_root_certificate(reqwest::Certificate::from_der(&cert)?);
-    }
-    Ok(builder.build()?)
+        .build()?)
 }

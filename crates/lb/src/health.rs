@@ -12,6 +12,7 @@ use std::collections::{BTreeMap, VecDeque};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
+use streaming_core::client::{BodyError, read_limited};
 use streaming_core::config::{HostConfig, HostEntry, Role};
 use streaming_core::status::BroadcastStatus;
 
@@ -202,7 +203,7 @@ pub(crate) async fn fetch_status<T: serde::de::DeserializeOwned>(
     client: &reqwest::Client,
     url: &str,
 ) -> Result<T, String> {
-    let mut response = client
+    let response = client
         .get(format!("{}/status", url.trim_end_matches('/')))
         .timeout(POLL_TIMEOUT)
         .send()
@@ -211,13 +212,12 @@ pub(crate) async fn fetch_status<T: serde::de::DeserializeOwned>(
     if !response.status().is_success() {
         return Err(format!("HTTP {}", response.status()));
     }
-    let mut body = Vec::new();
-    while let Some(chunk) = response.chunk().await.map_err(|e| format!("body: {e}"))? {
-        if body.len() + chunk.len() > MAX_STATUS_BYTES {
-            return Err("status larger than 64 KiB".into());
-        }
-        body.extend_from_slice(&chunk);
-    }
+    let body = read_limited(response, MAX_STATUS_BYTES)
+        .await
+        .map_err(|e| match e {
+            BodyError::TooLarge(_) => "status larger than 64 KiB".to_owned(),
+            BodyError::Read(e) => format!("body: {e}"),
+        })?;
     serde_json::from_slice(&body).map_err(|e| format!("bad status JSON: {e}"))
 }
 

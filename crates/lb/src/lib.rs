@@ -24,12 +24,12 @@ use streaming_core::sync::{read, write};
 
 fn load(config: HostConfig) -> anyhow::Result<Current> {
     let key = read_secret(&config.paths.token_key)?;
-    let client = streaming_core::tls::peer_client_from(
-        &config.paths.ca_cert,
-        POLL_TIMEOUT,
-        Some(config.me().address),
-    )
-    .with_context(|| format!("cluster CA {}", config.paths.ca_cert.display()))?;
+    // Leaving from the host's cluster address: ingests and broadcasts answer `/status` to
+    // cluster hosts only (on loopback the kernel would pick 127.0.0.1 for every host).
+    let client =
+        streaming_core::client::cluster_client_builder(&config.paths.ca_cert, POLL_TIMEOUT)
+            .and_then(|b| Ok(b.local_address(config.me().address).build()?))
+            .with_context(|| format!("cluster CA {}", config.paths.ca_cert.display()))?;
     Ok(Current {
         config: Arc::new(config),
         signer: TokenSigner::new(key.as_bytes()),
