@@ -1,8 +1,8 @@
 //! Finding the PostgreSQL primary through Patroni and keeping one pool to it.
 //!
 //! libpq's `target_session_attrs=read-write` would happily connect to an orphaned old primary
-//! (reference/patroni.md), so the primary is whichever db host's Patroni answers 200 on
-//! `GET /primary`. A watcher asks every db host twice a second; when the answer changes, the pool
+//! (cut off from etcd, it still accepts writes until Patroni demotes it), so the primary is
+//! whichever db host's Patroni answers 200 on `GET /primary` ([`streaming_core::patroni`]). A watcher asks every db host twice a second; when the answer changes, the pool
 //! is replaced and the old one closed, so no new statement reaches the old primary. A statement
 //! already sent there cannot be acknowledged by it either: with `synchronous_mode` an orphan's
 //! commit waits for a standby that is gone, and our callers give up after a timeout and retry,
@@ -20,6 +20,7 @@ use std::time::Duration;
 use sqlx::PgPool;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions, PgSslMode};
 use streaming_core::config::{HostConfig, HostEntry, Role};
+use streaming_core::patroni::Patroni;
 use tokio::sync::{Notify, watch};
 
 /// How often the watcher asks Patroni who leads, and how long one answer may take.
@@ -65,26 +66,6 @@ impl DbError {
     }
 }
 
-/// Where a db host can be reached.
-#[derive(Debug, Clone, PartialEq, Eq)]
-struct DbHost {
-    name: String,
-    patroni: String,
-    address: std::net::IpAddr,
-    port: u16,
-}
-
-impl DbHost {
-    fn from_entry(h: &HostEntry) -> Self {
-        DbHost {
-            name: h.name.clone(),
-            patroni: format!("https://{}/primary", h.socket(h.ports.patroni)),
-            address: h.address,
-            port: h.ports.postgres,
-        }
-    }
-}
-
 /// The current primary's pool, or none while there is no primary.
 #[derive(Clone)]
 struct Current {
@@ -119,11 +100,7 @@ impl Database {
         password: String,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> Self {
-        let hosts: Vec<DbHost> = config
-            .cluster
-            .hosts_with_role(Role::Db)
-            .map(DbHost::from_entry)
-            .collect();
+        let hosts: Vec<HostEntry> = config.cluster.hosts_with_role(Role::Db).cloned().collect();
         let (generation, _) = watch::channel(0);
         let db = Database {
             inner: Arc::new(Inner {
@@ -177,8 +154,8 @@ impl Database {
         self.inner.current.write().ok().and_then(|mut c| c.take())
     }
 
-    async fn watch(&self, hosts: Vec<DbHost>) {
-        let http = match self.patroni_client() {
+    async fn watch(&self, hosts: Vec<HostEntry>) {
+        let patroni = match Patroni::new(&self.inner.ca_cert, CHECK_TIMEOUT) {
             Ok(c) => c,
             Err(e) => {
                 tracing::error!(
@@ -195,7 +172,7 @@ impl Database {
                 _ = ticker.tick() => {}
                 () = self.inner.recheck.notified() => {}
             }
-            let leaders = leaders(&http, &hosts).await;
+            let leaders = patroni.leaders(&hosts).await;
             let current = self.primary();
             let chosen = match &current {
                 Some(name) if leaders.iter().any(|h| &h.name == name) => continue,
@@ -217,20 +194,6 @@ impl Database {
         }
     }
 
-    fn patroni_client(&self) -> Result<reqwest::Client, String> {
-        let pem = std::fs::read(&self.inner.ca_cert).map_err(|e| e.to_string())?;
-        let ca = reqwest::Certificate::from_pem(&pem).map_err(|e| e.to_string())?;
-        reqwest::Client::builder()
-            .timeout(CHECK_TIMEOUT)
-            .connect_timeout(CHECK_TIMEOUT)
-            .https_only(true)
-            .tls_built_in_root_certs(false)
-            .add_root_certificate(ca)
-            .no_proxy()
-            .build()
-            .map_err(|e| e.to_string())
-    }
-
     /// A one-connection pool of its own to the current primary: migrations hold a
     /// session-level advisory lock, so a connection abandoned mid-migration must be closed
     /// (releasing the lock) with this pool, never returned to the shared one.
@@ -242,10 +205,10 @@ impl Database {
             .connect_lazy_with(options))
     }
 
-    fn options(&self, host: &DbHost) -> PgConnectOptions {
+    fn options(&self, host: &HostEntry) -> PgConnectOptions {
         PgConnectOptions::new()
             .host(&host.address.to_string())
-            .port(host.port)
+            .port(host.ports.postgres)
             .username(&self.inner.user)
             .password(&self.inner.password)
             .database(&self.inner.database)
@@ -254,7 +217,7 @@ impl Database {
             .application_name("streaming-cluster")
     }
 
-    async fn switch_to(&self, host: &DbHost) {
+    async fn switch_to(&self, host: &HostEntry) {
         let options = self.options(host);
         let pool = PgPoolOptions::new()
             .max_connections(16)
@@ -289,20 +252,6 @@ impl Database {
 /// not wait with them.
 fn close_in_background(pool: PgPool) {
     tokio::spawn(async move { pool.close().await });
-}
-
-/// Db hosts whose Patroni says it leads, in cluster order.
-async fn leaders<'a>(http: &reqwest::Client, hosts: &'a [DbHost]) -> Vec<&'a DbHost> {
-    let answers = futures::future::join_all(hosts.iter().map(|h| async move {
-        let ok = http
-            .get(&h.patroni)
-            .send()
-            .await
-            .is_ok_and(|r| r.status() == reqwest::StatusCode::OK);
-        ok.then_some(h)
-    }))
-    .await;
-    answers.into_iter().flatten().collect()
 }
 
 /// Runs `op` against the primary, retrying transient failures (no primary, timeouts, a demoted

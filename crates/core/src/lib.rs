@@ -7,6 +7,7 @@ pub mod conn_limit;
 pub mod http;
 pub mod lifecycle;
 pub mod ops_auth;
+pub mod patroni;
 pub mod process;
 pub mod rate_limit;
 pub mod secrets;
