@@ -143,6 +143,46 @@ pub fn segments_to_fetch(
     }
 }
 
+/// One round of a puller: the origin asked, the rendition's path, what we hold, and when the
+/// lack of news makes the origin stale.
+#[derive(Clone, Copy)]
+struct Round<'a> {
+    client: &'a reqwest::Client,
+    key: &'a str,
+    origins: &'a [Origin],
+    origin: &'a Origin,
+    path: &'a str,
+    held: Option<u64>,
+    d: Duration,
+    stale_at: Instant,
+}
+
+/// While pulling from another ingest, whether the preferred one serves this rendition again:
+/// it answers, and its playlist is not behind what we already serve.
+async fn preferred_is_back(
+    client: &reqwest::Client,
+    key: &str,
+    preferred: &Origin,
+    path: &str,
+    held: Option<u64>,
+    d: Duration,
+) -> bool {
+    let answer = fetch_playlist(
+        client,
+        key,
+        preferred,
+        path,
+        None,
+        d.min(Duration::from_secs(2)),
+    )
+    .await;
+    answer.is_ok_and(|p| match (held, p.last_seq()) {
+        (Some(h), Some(last)) => last >= h,
+        (None, _) => true,
+        (Some(_), None) => false,
+    })
+}
+
 /// GET with a bearer key, a timeout and a body size limit.
 async fn fetch_limited(
     client: &reqwest::Client,
@@ -312,58 +352,24 @@ impl Puller {
             if !probe_due {
                 return None;
             }
-            let answer = fetch_playlist(
-                &client,
-                &key,
-                &preferred,
-                &path,
-                None,
-                d.min(Duration::from_secs(2)),
-            )
-            .await;
-            // Back only when it is not behind what we already serve.
-            Some(answer.is_ok_and(|p| match (held, p.last_seq()) {
-                (Some(h), Some(last)) => last >= h,
-                (None, _) => true,
-                (Some(_), None) => false,
-            }))
+            Some(preferred_is_back(&client, &key, &preferred, &path, held, d).await)
         };
         let (main, probe) = tokio::join!(main, probe);
         if probe.is_some() {
             self.last_probe = Instant::now();
         }
 
-        match main {
-            Err(_elapsed) => {
-                if Instant::now() >= stale_at {
-                    self.on_stale(&client, &key, &origins, &origin, &path, held)
-                        .await;
-                }
-            }
-            Ok(Err(e)) => self.fail(&origins, &origin, &format!("playlist: {e}")),
-            Ok(Ok(playlist)) => {
-                metrics::counter!("broadcast_pulls_total", "origin" => origin.name.clone(), "result" => "ok")
-                    .increment(1);
-                *lock(&self.channel_state.origin) = Some(origin.name.clone());
-                match self
-                    .take_segments(&client, &key, &origin, &path, &playlist, d, origins.len())
-                    .await
-                {
-                    Ok(0) => {
-                        if Instant::now() >= stale_at {
-                            self.on_stale(&client, &key, &origins, &origin, &path, held)
-                                .await;
-                        } else {
-                            // A blocking origin answers only when there is news; anything else
-                            // must not make us spin.
-                            tokio::time::sleep(d / 8).await;
-                        }
-                    }
-                    Ok(_) => self.consecutive_failures = 0,
-                    Err(e) => self.fail(&origins, &origin, &format!("segment: {e}")),
-                }
-            }
-        }
+        let round = Round {
+            client: &client,
+            key: &key,
+            origins: &origins,
+            origin: &origin,
+            path: &path,
+            held,
+            d,
+            stale_at,
+        };
+        self.settle(&round, main).await;
 
         if probe == Some(true)
             && self
@@ -379,6 +385,56 @@ impl Puller {
             tokio::time::sleep(ALL_FAILED_PAUSE).await;
         }
         Step::Continue
+    }
+
+    /// What the main playlist request of a round led to: segments taken, a failure counted
+    /// against the origin, or (no news by `stale_at`) the stale handling.
+    async fn settle(
+        &mut self,
+        round: &Round<'_>,
+        main: Result<Result<ParsedMedia, PullError>, tokio::time::error::Elapsed>,
+    ) {
+        let Round {
+            client,
+            key,
+            origins,
+            origin,
+            path,
+            held,
+            d,
+            stale_at,
+        } = *round;
+        match main {
+            Err(_elapsed) => {
+                if Instant::now() >= stale_at {
+                    self.on_stale(client, key, origins, origin, path, held)
+                        .await;
+                }
+            }
+            Ok(Err(e)) => self.fail(origins, origin, &format!("playlist: {e}")),
+            Ok(Ok(playlist)) => {
+                metrics::counter!("broadcast_pulls_total", "origin" => origin.name.clone(), "result" => "ok")
+                    .increment(1);
+                *lock(&self.channel_state.origin) = Some(origin.name.clone());
+                match self
+                    .take_segments(client, key, origin, path, &playlist, d, origins.len())
+                    .await
+                {
+                    Ok(0) => {
+                        if Instant::now() >= stale_at {
+                            self.on_stale(client, key, origins, origin, path, held)
+                                .await;
+                        } else {
+                            // A blocking origin answers only when there is news; anything else
+                            // must not make us spin.
+                            tokio::time::sleep(d / 8).await;
+                        }
+                    }
+                    Ok(_) => self.consecutive_failures = 0,
+                    Err(e) => self.fail(origins, origin, &format!("segment: {e}")),
+                }
+            }
+        }
     }
 
     /// Downloads and stores the segments we miss; returns how many were added.

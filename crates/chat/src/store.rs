@@ -401,98 +401,8 @@ pub async fn append(
         .await?
         .ok_or(StoreError::NotFound("user"))?;
     let role = UserRole::parse(&role);
-
-    let mut body = None;
-    let mut target_seq = None;
-    let mut target_user = None;
-    let mut until = None;
-    match action {
-        Action::Message { text } => {
-            check_sanctions(&mut tx, channel, actor.id).await?;
-            body = Some(text.as_str());
-        }
-        Action::Delete { target } => {
-            if !role.moderates() {
-                return Err(StoreError::Forbidden);
-            }
-            let found = sqlx::query(
-                "SELECT e.seq, e.user_id, u.role FROM chat_events e JOIN users u ON u.id = e.user_id \
-                 WHERE e.channel = $1 AND e.seq = $2 AND e.kind = 'message'",
-            )
-            .bind(channel)
-            .bind(target)
-            .fetch_optional(&mut *tx)
-            .await?
-            .ok_or(StoreError::NotFound("message"))?;
-            let author: i64 = found.try_get("user_id")?;
-            let author_role = UserRole::parse(found.try_get::<&str, _>("role")?);
-            // Anyone who moderates may take back their own message.
-            if author != actor.id && !role.may_moderate(author_role) {
-                return Err(StoreError::Forbidden);
-            }
-            target_seq = Some(found.try_get::<i64, _>("seq")?);
-        }
-        Action::Mute { user, .. } | Action::Ban { user } | Action::Unban { user } => {
-            if !role.moderates() {
-                return Err(StoreError::Forbidden);
-            }
-            let row = sqlx::query("SELECT id, name, role FROM users WHERE name_key = lower($1)")
-                .bind(user)
-                .fetch_optional(&mut *tx)
-                .await?
-                .ok_or(StoreError::NotFound("user"))?;
-            let target = user_from(&row)?;
-            if !role.may_moderate(target.role) {
-                return Err(StoreError::Forbidden);
-            }
-            target_user = Some(target.id);
-            match action {
-                Action::Mute { seconds, .. } => {
-                    let end =
-                        OffsetDateTime::now_utc() + time::Duration::seconds(i64::from(*seconds));
-                    until = Some(end);
-                    sanction(
-                        &mut tx,
-                        channel,
-                        target.id,
-                        "muted_until = EXCLUDED.muted_until",
-                        false,
-                        Some(end),
-                    )
-                    .await?;
-                }
-                Action::Ban { .. } => {
-                    sanction(&mut tx, channel, target.id, "banned = true", true, None).await?;
-                }
-                _ => {
-                    sanction(
-                        &mut tx,
-                        channel,
-                        target.id,
-                        "banned = false, muted_until = NULL",
-                        false,
-                        None,
-                    )
-                    .await?;
-                }
-            }
-        }
-    }
-    sqlx::query(
-        "INSERT INTO chat_events (channel, seq, kind, user_id, client_id, body, target_seq, target_user, until) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
-    )
-    .bind(channel)
-    .bind(seq)
-    .bind(action.kind())
-    .bind(actor.id)
-    .bind(client_id)
-    .bind(body)
-    .bind(target_seq)
-    .bind(target_user)
-    .bind(until)
-    .execute(&mut *tx)
-    .await?;
+    let fields = action_fields(&mut tx, channel, actor, role, action).await?;
+    insert_event(&mut tx, channel, seq, actor, client_id, action, &fields).await?;
     sqlx::query("SELECT pg_notify($1, $2)")
         .bind(NOTIFY_CHANNEL)
         .bind(channel)
@@ -503,6 +413,162 @@ pub async fn append(
         seq,
         duplicate: false,
     })
+}
+
+/// The columns of one event row beyond who, where and which kind.
+#[derive(Debug, Default)]
+struct EventFields<'a> {
+    body: Option<&'a str>,
+    target_seq: Option<i64>,
+    target_user: Option<i64>,
+    until: Option<OffsetDateTime>,
+}
+
+/// Checks that `actor` (with `role`, as committed) may do `action` and applies its side effect
+/// (a sanction row), inside the append's transaction; returns what the event row records.
+async fn action_fields<'a>(
+    tx: &mut Transaction<'_, Postgres>,
+    channel: &str,
+    actor: &User,
+    role: UserRole,
+    action: &'a Action,
+) -> Result<EventFields<'a>, StoreError> {
+    match action {
+        Action::Message { text } => {
+            check_sanctions(tx, channel, actor.id).await?;
+            Ok(EventFields {
+                body: Some(text.as_str()),
+                ..EventFields::default()
+            })
+        }
+        Action::Delete { target } => {
+            let target_seq = deletable(tx, channel, actor, role, *target).await?;
+            Ok(EventFields {
+                target_seq: Some(target_seq),
+                ..EventFields::default()
+            })
+        }
+        Action::Mute { user, .. } | Action::Ban { user } | Action::Unban { user } => {
+            let (target_user, until) = moderate(tx, channel, role, user, action).await?;
+            Ok(EventFields {
+                target_user: Some(target_user),
+                until,
+                ..EventFields::default()
+            })
+        }
+    }
+}
+
+/// The seq of the message a moderator may delete: their own, or one by a user their role
+/// outranks.
+async fn deletable(
+    tx: &mut Transaction<'_, Postgres>,
+    channel: &str,
+    actor: &User,
+    role: UserRole,
+    target: i64,
+) -> Result<i64, StoreError> {
+    if !role.moderates() {
+        return Err(StoreError::Forbidden);
+    }
+    let found = sqlx::query(
+        "SELECT e.seq, e.user_id, u.role FROM chat_events e JOIN users u ON u.id = e.user_id \
+         WHERE e.channel = $1 AND e.seq = $2 AND e.kind = 'message'",
+    )
+    .bind(channel)
+    .bind(target)
+    .fetch_optional(&mut **tx)
+    .await?
+    .ok_or(StoreError::NotFound("message"))?;
+    let author: i64 = found.try_get("user_id")?;
+    let author_role = UserRole::parse(found.try_get::<&str, _>("role")?);
+    // Anyone who moderates may take back their own message.
+    if author != actor.id && !role.may_moderate(author_role) {
+        return Err(StoreError::Forbidden);
+    }
+    Ok(found.try_get::<i64, _>("seq")?)
+}
+
+/// Mute, ban or unban `user` in the channel, if `role` outranks theirs: returns the target's id
+/// and, for a mute, its end.
+async fn moderate(
+    tx: &mut Transaction<'_, Postgres>,
+    channel: &str,
+    role: UserRole,
+    user: &str,
+    action: &Action,
+) -> Result<(i64, Option<OffsetDateTime>), StoreError> {
+    if !role.moderates() {
+        return Err(StoreError::Forbidden);
+    }
+    let row = sqlx::query("SELECT id, name, role FROM users WHERE name_key = lower($1)")
+        .bind(user)
+        .fetch_optional(&mut **tx)
+        .await?
+        .ok_or(StoreError::NotFound("user"))?;
+    let target = user_from(&row)?;
+    if !role.may_moderate(target.role) {
+        return Err(StoreError::Forbidden);
+    }
+    let mut until = None;
+    match action {
+        Action::Mute { seconds, .. } => {
+            let end = OffsetDateTime::now_utc() + time::Duration::seconds(i64::from(*seconds));
+            until = Some(end);
+            sanction(
+                tx,
+                channel,
+                target.id,
+                "muted_until = EXCLUDED.muted_until",
+                false,
+                Some(end),
+            )
+            .await?;
+        }
+        Action::Ban { .. } => {
+            sanction(tx, channel, target.id, "banned = true", true, None).await?;
+        }
+        _ => {
+            sanction(
+                tx,
+                channel,
+                target.id,
+                "banned = false, muted_until = NULL",
+                false,
+                None,
+            )
+            .await?;
+        }
+    }
+    Ok((target.id, until))
+}
+
+/// The event row itself, at the seq the append claimed.
+async fn insert_event(
+    tx: &mut Transaction<'_, Postgres>,
+    channel: &str,
+    seq: i64,
+    actor: &User,
+    client_id: &str,
+    action: &Action,
+    fields: &EventFields<'_>,
+) -> Result<(), StoreError> {
+    sqlx::query(
+        "INSERT INTO chat_events (channel, seq, kind, user_id, client_id, body, target_seq, target_user, until) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+    )
+    .bind(channel)
+    .bind(seq)
+    .bind(action.kind())
+    .bind(actor.id)
+    .bind(client_id)
+    .bind(fields.body)
+    .bind(fields.target_seq)
+    .bind(fields.target_user)
+    .bind(fields.until)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
 }
 
 async fn check_sanctions(

@@ -28,7 +28,7 @@
 use std::net::IpAddr;
 use std::time::Duration;
 
-use sqlx::{PgPool, Row};
+use sqlx::{PgPool, Postgres, Row, Transaction};
 
 use crate::store::StoreError;
 
@@ -161,20 +161,26 @@ pub enum Verdict {
     Refused { wait_secs: u64, by: KeyKind },
 }
 
-/// Checks and counts one attempt atomically (see the module doc for the rule).
-pub async fn attempt(pool: &PgPool, keys: &Keys, rule: &Rule) -> Result<Verdict, StoreError> {
-    let all = keys.all();
+/// One key's row as the attempt found it, under its row lock.
+struct KeyState {
+    kind: KeyKind,
+    failures: i32,
+    /// Not seen for `forget_after`: counts start over.
+    stale: bool,
+    /// Whole seconds until the next attempt is allowed (0: now).
+    wait: i64,
+}
+
+/// Locks the rows of `all` (the caller inserted any missing, in key order so concurrent attempts
+/// never deadlock) and reads their state; also whether the pair is trusted. Times are read
+/// after the locks are taken (clock_timestamp, not the transaction's start), or an attempt that
+/// queued behind others would misjudge their waits.
+async fn locked_states(
+    tx: &mut Transaction<'_, Postgres>,
+    all: &[(&str, KeyKind)],
+    rule: &Rule,
+) -> Result<(Vec<KeyState>, bool), StoreError> {
     let names: Vec<&str> = all.iter().map(|(k, _)| *k).collect();
-    // Times are read after the row locks are taken (clock_timestamp, not the transaction's
-    // start), or an attempt that queued behind others would misjudge their waits.
-    let mut tx = pool.begin().await?;
-    sqlx::query(
-        "INSERT INTO login_throttle (key) SELECT k FROM unnest($1::text[]) AS k ORDER BY k \
-         ON CONFLICT (key) DO NOTHING",
-    )
-    .bind(&names)
-    .execute(&mut *tx)
-    .await?;
     let rows = sqlx::query(
         "SELECT key, failures, trusted, last_at < clock_timestamp() - make_interval(secs => $2) AS stale, \
          CASE WHEN next_at > clock_timestamp() THEN ceil(extract(epoch FROM next_at - clock_timestamp()))::bigint ELSE 0 END AS wait \
@@ -182,15 +188,8 @@ pub async fn attempt(pool: &PgPool, keys: &Keys, rule: &Rule) -> Result<Verdict,
     )
     .bind(&names)
     .bind(rule.forget_after.as_secs_f64())
-    .fetch_all(&mut *tx)
+    .fetch_all(&mut **tx)
     .await?;
-
-    struct State {
-        kind: KeyKind,
-        failures: i32,
-        stale: bool,
-        wait: i64,
-    }
     let mut states = Vec::with_capacity(3);
     let mut trusted = false;
     for row in &rows {
@@ -201,13 +200,29 @@ pub async fn attempt(pool: &PgPool, keys: &Keys, rule: &Rule) -> Result<Verdict,
         if *kind == KeyKind::Pair {
             trusted = row.try_get("trusted")?;
         }
-        states.push(State {
+        states.push(KeyState {
             kind: *kind,
             failures: row.try_get("failures")?,
             stale: row.try_get("stale")?,
             wait: row.try_get("wait")?,
         });
     }
+    Ok((states, trusted))
+}
+
+/// Checks and counts one attempt atomically (see the module doc for the rule).
+pub async fn attempt(pool: &PgPool, keys: &Keys, rule: &Rule) -> Result<Verdict, StoreError> {
+    let all = keys.all();
+    let names: Vec<&str> = all.iter().map(|(k, _)| *k).collect();
+    let mut tx = pool.begin().await?;
+    sqlx::query(
+        "INSERT INTO login_throttle (key) SELECT k FROM unnest($1::text[]) AS k ORDER BY k \
+         ON CONFLICT (key) DO NOTHING",
+    )
+    .bind(&names)
+    .execute(&mut *tx)
+    .await?;
+    let (states, trusted) = locked_states(&mut tx, &all, rule).await?;
     let applies = |kind: KeyKind| !trusted || kind == KeyKind::Pair;
     let refusal = states
         .iter()

@@ -24,7 +24,8 @@ use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 
 use anyhow::Context;
-use streaming_core::config::HostConfig;
+use streaming_core::config::{ChannelConfig, HostConfig};
+use streaming_core::lifecycle::Lifecycle;
 use streaming_core::secrets::read_secret;
 use streaming_core::service::ServiceContext;
 use streaming_hls::SlotClock;
@@ -74,7 +75,6 @@ pub async fn run(ctx: ServiceContext) -> anyhow::Result<()> {
     let config = ctx.config.clone();
     let me = config.me().clone();
     let timeline = config.cluster.timeline.clone();
-    let clock = SlotClock::new(timeline.segment_seconds);
     let cluster_key = read_secret(&config.paths.cluster_key).context("cluster key")?;
     let rtmp = RtmpContext::new(load_keys(&config), &config.cluster.limits);
     rtmp.set_forwarders(lb_addresses(&config));
@@ -86,30 +86,7 @@ pub async fn run(ctx: ServiceContext) -> anyhow::Result<()> {
     let mut senders: HashMap<String, mpsc::Sender<ChannelMsg>> = HashMap::new();
     let mut tasks = tokio::task::JoinSet::new();
     for channel in &config.cluster.channels {
-        let slate_dir = config.paths.state_dir.join("slate").join(&channel.name);
-        let mut slates = Vec::new();
-        for i in 0..channel.ladder.len() {
-            let (c, d) = (channel.clone(), slate_dir.clone());
-            let slate = tokio::task::spawn_blocking(move || {
-                transcode::encode_slate(&c, i, timeline.segment_seconds, &d)
-            })
-            .await
-            .context("slate encoder")??;
-            slates.push(slate);
-        }
-        tracing::info!(channel = %channel.name, renditions = channel.ladder.len(), "slate encoded");
-        let out = ChannelShared::new(channel, timeline.cache_segments as usize);
-        let (tx, rx) = mpsc::channel(CHANNEL_QUEUE);
-        let setup = ChannelSetup {
-            config: channel.clone(),
-            sources: ranked_sources(&config, &channel.name),
-            clock,
-            work_dir: config.paths.state_dir.join("work").join(&channel.name),
-            slates,
-            primary_return_slots: timeline.primary_return_slots(),
-        };
-        let task = ChannelTask::new(setup, out.clone(), tx.clone(), timeline.cache_segments);
-        tasks.spawn(task.run(rx, ctx.lifecycle.clone()));
+        let (out, tx) = start_channel(&config, channel, &mut tasks, &ctx.lifecycle).await?;
         write(&shared).insert(channel.name.clone(), out);
         senders.insert(channel.name.clone(), tx);
     }
@@ -164,6 +141,43 @@ pub async fn run(ctx: ServiceContext) -> anyhow::Result<()> {
     let result = ctx.stop_on_error(tokio::try_join!(rtmp_task, rtmps_task, https));
     while tasks.join_next().await.is_some() {}
     result.map(|_| ())
+}
+
+/// One channel's task: its slate encoded first (the channel serves it from the first slot on,
+/// so a failed encode stops the start), then the task spawned into `tasks`. Returns the
+/// channel's output for the origin and the sender that RTMP connections and reloads use.
+async fn start_channel(
+    config: &HostConfig,
+    channel: &ChannelConfig,
+    tasks: &mut tokio::task::JoinSet<()>,
+    lifecycle: &Lifecycle,
+) -> anyhow::Result<(Arc<ChannelShared>, mpsc::Sender<ChannelMsg>)> {
+    let timeline = &config.cluster.timeline;
+    let slate_dir = config.paths.state_dir.join("slate").join(&channel.name);
+    let mut slates = Vec::new();
+    for i in 0..channel.ladder.len() {
+        let (c, d) = (channel.clone(), slate_dir.clone());
+        let seconds = timeline.segment_seconds;
+        let slate =
+            tokio::task::spawn_blocking(move || transcode::encode_slate(&c, i, seconds, &d))
+                .await
+                .context("slate encoder")??;
+        slates.push(slate);
+    }
+    tracing::info!(channel = %channel.name, renditions = channel.ladder.len(), "slate encoded");
+    let out = ChannelShared::new(channel, timeline.cache_segments as usize);
+    let (tx, rx) = mpsc::channel(CHANNEL_QUEUE);
+    let setup = ChannelSetup {
+        config: channel.clone(),
+        sources: ranked_sources(config, &channel.name),
+        clock: SlotClock::new(timeline.segment_seconds),
+        work_dir: config.paths.state_dir.join("work").join(&channel.name),
+        slates,
+        primary_return_slots: timeline.primary_return_slots(),
+    };
+    let task = ChannelTask::new(setup, out.clone(), tx.clone(), timeline.cache_segments);
+    tasks.spawn(task.run(rx, lifecycle.clone()));
+    Ok((out, tx))
 }
 
 /// What a SIGHUP changes in a running ingest.

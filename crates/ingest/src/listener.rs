@@ -14,6 +14,7 @@
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
+use std::ops::ControlFlow;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
@@ -286,38 +287,22 @@ async fn handle_connection<S: AsyncRead + AsyncWrite + Unpin>(
 ) {
     let mut session = RtmpSession::new();
     let mut buf = vec![0u8; READ_BUFFER];
-    let mut channel: Option<(String, mpsc::Sender<ChannelMsg>)> = None;
-    // Accepted, waiting for the first media tag to fix the anchor before joining the channel.
-    let mut joining: Option<PublishRequest> = None;
-    let mut relays: Option<Relays> = None;
+    let mut publisher = Publisher {
+        peer,
+        conn,
+        ctx,
+        lifecycle,
+        channel: None,
+        joining: None,
+        relays: None,
+    };
     loop {
-        // Until the publish is accepted one deadline covers everything, reads and writes alike.
-        let until = if session.is_publishing() {
-            Instant::now() + IDLE_TIMEOUT
-        } else {
-            deadline
-        };
-        let received = tokio::select! {
-            _ = lifecycle.shutdown() => break,
-            r = tokio::time::timeout_at(until, stream.read(&mut buf)) => r,
-        };
-        let n = match received {
-            Ok(Ok(0)) => break,
-            Ok(Ok(n)) => n,
-            Ok(Err(e)) => {
-                tracing::debug!(%peer, conn, "RTMP read error: {e}");
-                break;
-            }
-            Err(_) if session.is_publishing() => {
-                tracing::warn!(%peer, conn, "closing RTMP connection: idle for {}s", IDLE_TIMEOUT.as_secs());
-                break;
-            }
-            Err(_) => {
-                metrics::counter!("ingest_rtmp_refused_total", "reason" => "publish_deadline")
-                    .increment(1);
-                tracing::warn!(%peer, conn, "closing RTMP connection: no accepted publish within {}s of connecting", ctx.limits().publish_deadline.as_secs());
-                break;
-            }
+        let until = io_deadline(&session, deadline);
+        let Some(n) = publisher
+            .receive(&mut stream, &mut buf, session.is_publishing(), until)
+            .await
+        else {
+            break;
         };
         let output = {
             let keys = read(&ctx.keys).clone();
@@ -332,95 +317,18 @@ async fn handle_connection<S: AsyncRead + AsyncWrite + Unpin>(
             }
         };
         if !output.send.is_empty() {
-            let until = if session.is_publishing() {
-                Instant::now() + IDLE_TIMEOUT
-            } else {
-                deadline
-            };
+            let until = io_deadline(&session, deadline);
             match tokio::time::timeout_at(until, stream.write_all(&output.send)).await {
                 Ok(Ok(())) => {}
                 _ => break,
             }
         }
         for event in output.events {
-            let (kind, timestamp_ms, data) = match event {
-                SessionEvent::PublishAccepted(mut request) => {
-                    let tx = read(&ctx.channels).get(&request.channel).cloned();
-                    let Some(tx) = tx else {
-                        tracing::warn!(%peer, channel = %request.channel, "refused publish: channel has a key but is not configured");
-                        metrics::counter!("ingest_publishes_refused_total").increment(1);
-                        return;
-                    };
-                    tracing::info!(%peer, conn, channel = %request.channel, source = request.source.as_deref().unwrap_or("-"), anchor_ms = ?request.anchor_ms, relayed = request.relayed, "publish accepted");
-                    metrics::counter!("ingest_publishes_accepted_total").increment(1);
-                    if request.source.is_none() {
-                        request.source = Some(PLAIN_SOURCE.to_string());
-                    }
-                    channel = Some((request.channel.clone(), tx));
-                    joining = Some(request);
-                    continue;
-                }
-                SessionEvent::PublishRefused { channel, reason } => {
-                    tracing::warn!(%peer, conn, "{}", refusal_line(channel.as_deref(), &reason));
-                    metrics::counter!("ingest_publishes_refused_total").increment(1);
-                    continue;
-                }
-                SessionEvent::PublishFinished => continue,
-                SessionEvent::Video { timestamp_ms, data } => (TagKind::Video, timestamp_ms, data),
-                SessionEvent::Audio { timestamp_ms, data } => (TagKind::Audio, timestamp_ms, data),
-            };
-            if let Some(request) = joining.take() {
-                // A plain publisher (no anchor): its media time 0 is "now minus this first
-                // timestamp", fixed once here so the relay carries exactly the anchor we use.
-                let anchor_ms = request
-                    .anchor_ms
-                    .unwrap_or_else(|| unix_now_ms().saturating_sub(u64::from(timestamp_ms)));
-                let source = request.source.clone().unwrap_or_default();
-                if !request.relayed {
-                    let peers = read(&ctx.peers).clone();
-                    if let Some(peers) = peers.filter(|p| !p.is_empty()) {
-                        let stream = RelayStream {
-                            channel: request.channel.clone(),
-                            publish_name: relay_publish_name(
-                                &request.channel,
-                                &request.key,
-                                &source,
-                                anchor_ms,
-                            ),
-                            source: source.clone(),
-                            anchor_ms,
-                        };
-                        relays = Some(Relays::start(&stream, &peers, lifecycle));
-                    }
-                }
-                let joined = ChannelMsg::Joined {
-                    conn,
-                    source,
-                    anchor_ms,
-                    relayed: request.relayed,
-                    peer,
-                };
-                if let Some((_, tx)) = &channel
-                    && tx.send(joined).await.is_err()
-                {
-                    break;
-                }
-            }
-            if let Some(relays) = &mut relays {
-                relays.push(kind, timestamp_ms, &data);
-            }
-            if let Some((_, tx)) = &channel
-                && tx
-                    .send(ChannelMsg::Media {
-                        conn,
-                        kind,
-                        timestamp_ms,
-                        data,
-                    })
-                    .await
-                    .is_err()
-            {
-                break;
+            match publisher.on_event(event).await {
+                ControlFlow::Continue(()) => {}
+                // The channel task ends only at shutdown, which the next read sees.
+                ControlFlow::Break(Stop::ChannelGone) => break,
+                ControlFlow::Break(Stop::Unconfigured) => return,
             }
         }
         if output.close {
@@ -429,9 +337,174 @@ async fn handle_connection<S: AsyncRead + AsyncWrite + Unpin>(
             break;
         }
     }
-    if let Some((name, tx)) = channel {
+    if let Some((name, tx)) = publisher.channel {
         tracing::debug!(%peer, conn, channel = %name, "RTMP connection closed");
         let _ = tx.send(ChannelMsg::Left { conn }).await;
+    }
+}
+
+/// Until the publish is accepted one deadline covers everything, reads and writes alike; a
+/// publisher then only has to keep sending.
+fn io_deadline(session: &RtmpSession, deadline: Instant) -> Instant {
+    if session.is_publishing() {
+        Instant::now() + IDLE_TIMEOUT
+    } else {
+        deadline
+    }
+}
+
+/// Why a connection stops handling the events of one read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stop {
+    /// The channel task is gone (shutdown): the rest of the batch has nowhere to go.
+    ChannelGone,
+    /// A publish was accepted for a channel with a key but no configuration: the connection
+    /// ends at once, without telling any channel.
+    Unconfigured,
+}
+
+/// What one connection has become as a publisher: the channel it feeds, the publish waiting
+/// for its first media tag, and the relays to the peer ingests.
+struct Publisher<'a> {
+    peer: SocketAddr,
+    conn: u64,
+    ctx: &'a RtmpContext,
+    lifecycle: &'a Lifecycle,
+    channel: Option<(String, mpsc::Sender<ChannelMsg>)>,
+    /// Accepted, waiting for the first media tag to fix the anchor before joining the channel.
+    joining: Option<PublishRequest>,
+    relays: Option<Relays>,
+}
+
+impl Publisher<'_> {
+    /// Reads what the peer sent by `until`; `None` ends the connection (closed, failed, idle,
+    /// or no accepted publish by the deadline, each logged), or shutdown.
+    async fn receive<S: AsyncRead + Unpin>(
+        &self,
+        stream: &mut S,
+        buf: &mut [u8],
+        publishing: bool,
+        until: Instant,
+    ) -> Option<usize> {
+        let (peer, conn) = (self.peer, self.conn);
+        let received = tokio::select! {
+            _ = self.lifecycle.shutdown() => return None,
+            r = tokio::time::timeout_at(until, stream.read(buf)) => r,
+        };
+        match received {
+            Ok(Ok(0)) => None,
+            Ok(Ok(n)) => Some(n),
+            Ok(Err(e)) => {
+                tracing::debug!(%peer, conn, "RTMP read error: {e}");
+                None
+            }
+            Err(_) if publishing => {
+                tracing::warn!(%peer, conn, "closing RTMP connection: idle for {}s", IDLE_TIMEOUT.as_secs());
+                None
+            }
+            Err(_) => {
+                metrics::counter!("ingest_rtmp_refused_total", "reason" => "publish_deadline")
+                    .increment(1);
+                tracing::warn!(%peer, conn, "closing RTMP connection: no accepted publish within {}s of connecting", self.ctx.limits().publish_deadline.as_secs());
+                None
+            }
+        }
+    }
+
+    /// One session event: a publish accepted or refused, or a media tag for the channel and
+    /// the relays.
+    async fn on_event(&mut self, event: SessionEvent) -> ControlFlow<Stop> {
+        let (peer, conn) = (self.peer, self.conn);
+        let (kind, timestamp_ms, data) = match event {
+            SessionEvent::PublishAccepted(request) => return self.accept(request),
+            SessionEvent::PublishRefused { channel, reason } => {
+                tracing::warn!(%peer, conn, "{}", refusal_line(channel.as_deref(), &reason));
+                metrics::counter!("ingest_publishes_refused_total").increment(1);
+                return ControlFlow::Continue(());
+            }
+            SessionEvent::PublishFinished => return ControlFlow::Continue(()),
+            SessionEvent::Video { timestamp_ms, data } => (TagKind::Video, timestamp_ms, data),
+            SessionEvent::Audio { timestamp_ms, data } => (TagKind::Audio, timestamp_ms, data),
+        };
+        if let Some(request) = self.joining.take() {
+            self.join(request, timestamp_ms).await?;
+        }
+        if let Some(relays) = &mut self.relays {
+            relays.push(kind, timestamp_ms, &data);
+        }
+        let media = ChannelMsg::Media {
+            conn,
+            kind,
+            timestamp_ms,
+            data,
+        };
+        if let Some((_, tx)) = &self.channel
+            && tx.send(media).await.is_err()
+        {
+            return ControlFlow::Break(Stop::ChannelGone);
+        }
+        ControlFlow::Continue(())
+    }
+
+    /// A publish the keys allow: it joins its channel at the first media tag ([`Self::join`]).
+    /// A channel with a key but no configuration is refused here.
+    fn accept(&mut self, mut request: PublishRequest) -> ControlFlow<Stop> {
+        let (peer, conn) = (self.peer, self.conn);
+        let tx = read(&self.ctx.channels).get(&request.channel).cloned();
+        let Some(tx) = tx else {
+            tracing::warn!(%peer, channel = %request.channel, "refused publish: channel has a key but is not configured");
+            metrics::counter!("ingest_publishes_refused_total").increment(1);
+            return ControlFlow::Break(Stop::Unconfigured);
+        };
+        tracing::info!(%peer, conn, channel = %request.channel, source = request.source.as_deref().unwrap_or("-"), anchor_ms = ?request.anchor_ms, relayed = request.relayed, "publish accepted");
+        metrics::counter!("ingest_publishes_accepted_total").increment(1);
+        if request.source.is_none() {
+            request.source = Some(PLAIN_SOURCE.to_string());
+        }
+        self.channel = Some((request.channel.clone(), tx));
+        self.joining = Some(request);
+        ControlFlow::Continue(())
+    }
+
+    /// At the first media tag: fix the anchor, start relaying a publisher that reached only us,
+    /// and join the channel.
+    async fn join(&mut self, request: PublishRequest, timestamp_ms: u32) -> ControlFlow<Stop> {
+        // A plain publisher (no anchor): its media time 0 is "now minus this first
+        // timestamp", fixed once here so the relay carries exactly the anchor we use.
+        let anchor_ms = request
+            .anchor_ms
+            .unwrap_or_else(|| unix_now_ms().saturating_sub(u64::from(timestamp_ms)));
+        let source = request.source.clone().unwrap_or_default();
+        if !request.relayed {
+            let peers = read(&self.ctx.peers).clone();
+            if let Some(peers) = peers.filter(|p| !p.is_empty()) {
+                let stream = RelayStream {
+                    channel: request.channel.clone(),
+                    publish_name: relay_publish_name(
+                        &request.channel,
+                        &request.key,
+                        &source,
+                        anchor_ms,
+                    ),
+                    source: source.clone(),
+                    anchor_ms,
+                };
+                self.relays = Some(Relays::start(&stream, &peers, self.lifecycle));
+            }
+        }
+        let joined = ChannelMsg::Joined {
+            conn: self.conn,
+            source,
+            anchor_ms,
+            relayed: request.relayed,
+            peer: self.peer,
+        };
+        if let Some((_, tx)) = &self.channel
+            && tx.send(joined).await.is_err()
+        {
+            return ControlFlow::Break(Stop::ChannelGone);
+        }
+        ControlFlow::Continue(())
     }
 }
 

@@ -285,118 +285,9 @@ impl RtmpSession {
             return Err(SessionError::Protocol("command before connect"));
         }
         match name {
-            "connect" => {
-                if self.connected {
-                    return Err(SessionError::Protocol("second connect"));
-                }
-                let app = values
-                    .get(2)
-                    .and_then(|o| o.property("app"))
-                    .and_then(Value::as_str)
-                    .ok_or(SessionError::Protocol("connect without an app name"))?;
-                if app.strip_suffix('/').unwrap_or(app) == APP {
-                    self.connected = true;
-                    let mut bandwidth = OUR_WINDOW.to_be_bytes().to_vec();
-                    bandwidth.push(2); // dynamic
-                    control(&mut out.send, SET_PEER_BANDWIDTH, &bandwidth);
-                    command(
-                        &mut out.send,
-                        COMMAND_CSID,
-                        0,
-                        &[
-                            amf0::string("_result"),
-                            Value::Number(transaction),
-                            amf0::object([
-                                ("fmsVer", amf0::string("FMS/3,0,1,123")),
-                                ("capabilities", Value::Number(31.0)),
-                            ]),
-                            amf0::object([
-                                ("level", amf0::string("status")),
-                                ("code", amf0::string("NetConnection.Connect.Success")),
-                                ("description", amf0::string("Connection succeeded.")),
-                                // We speak AMF0 only, whatever the client offered.
-                                ("objectEncoding", Value::Number(0.0)),
-                            ]),
-                        ],
-                    );
-                } else {
-                    out.close = true;
-                    out.events.push(SessionEvent::PublishRefused {
-                        channel: None,
-                        reason: Refusal::BadName(PublishNameError::BadChannel),
-                    });
-                    command(
-                        &mut out.send,
-                        COMMAND_CSID,
-                        0,
-                        &[
-                            amf0::string("_error"),
-                            Value::Number(transaction),
-                            Value::Null,
-                            status(
-                                "error",
-                                "NetConnection.Connect.Rejected",
-                                "unknown application",
-                            ),
-                        ],
-                    );
-                }
-            }
-            "createStream" => {
-                if self.streams_created >= MAX_STREAMS {
-                    return Err(SessionError::Protocol("too many createStream"));
-                }
-                self.streams_created += 1;
-                command(
-                    &mut out.send,
-                    COMMAND_CSID,
-                    0,
-                    &[
-                        amf0::string("_result"),
-                        Value::Number(transaction),
-                        Value::Null,
-                        Value::Number(f64::from(self.streams_created)),
-                    ],
-                );
-            }
-            "publish" => {
-                if stream_id == 0 || stream_id > self.streams_created {
-                    return Err(SessionError::Protocol("publish on a stream never created"));
-                }
-                let name = values
-                    .get(3)
-                    .and_then(Value::as_str)
-                    .ok_or(SessionError::Protocol("publish without a name"))?;
-                match self.decide(name, authorize) {
-                    Ok(request) => {
-                        self.publishing = true;
-                        out.events.push(SessionEvent::PublishAccepted(request));
-                        let mut begin = vec![0, 0]; // StreamBegin
-                        begin.extend_from_slice(&stream_id.to_be_bytes());
-                        control(&mut out.send, USER_CONTROL, &begin);
-                        on_status(
-                            out,
-                            stream_id,
-                            "status",
-                            "NetStream.Publish.Start",
-                            "publishing",
-                        );
-                    }
-                    Err((channel, reason)) => {
-                        out.close = true;
-                        let description = reason.to_string();
-                        out.events
-                            .push(SessionEvent::PublishRefused { channel, reason });
-                        on_status(
-                            out,
-                            stream_id,
-                            "error",
-                            "NetStream.Publish.BadName",
-                            &description,
-                        );
-                    }
-                }
-            }
+            "connect" => self.on_connect(values, transaction, out)?,
+            "createStream" => self.on_create_stream(transaction, out)?,
+            "publish" => self.on_publish(values, stream_id, out, authorize)?,
             "play" => {
                 out.close = true;
                 on_status(
@@ -415,6 +306,140 @@ impl RtmpSession {
             // releaseStream, FCPublish, FCUnpublish, _checkbw, answers to nothing we asked: the
             // publishers we serve do not wait for a reply to these.
             _ => {}
+        }
+        Ok(())
+    }
+
+    /// `connect`: only our application name is accepted (anything else is refused and the
+    /// connection closed); the answer tells the client we speak AMF0.
+    fn on_connect(
+        &mut self,
+        values: &[Value],
+        transaction: f64,
+        out: &mut Output,
+    ) -> Result<(), SessionError> {
+        if self.connected {
+            return Err(SessionError::Protocol("second connect"));
+        }
+        let app = values
+            .get(2)
+            .and_then(|o| o.property("app"))
+            .and_then(Value::as_str)
+            .ok_or(SessionError::Protocol("connect without an app name"))?;
+        if app.strip_suffix('/').unwrap_or(app) == APP {
+            self.connected = true;
+            let mut bandwidth = OUR_WINDOW.to_be_bytes().to_vec();
+            bandwidth.push(2); // dynamic
+            control(&mut out.send, SET_PEER_BANDWIDTH, &bandwidth);
+            command(
+                &mut out.send,
+                COMMAND_CSID,
+                0,
+                &[
+                    amf0::string("_result"),
+                    Value::Number(transaction),
+                    amf0::object([
+                        ("fmsVer", amf0::string("FMS/3,0,1,123")),
+                        ("capabilities", Value::Number(31.0)),
+                    ]),
+                    amf0::object([
+                        ("level", amf0::string("status")),
+                        ("code", amf0::string("NetConnection.Connect.Success")),
+                        ("description", amf0::string("Connection succeeded.")),
+                        // We speak AMF0 only, whatever the client offered.
+                        ("objectEncoding", Value::Number(0.0)),
+                    ]),
+                ],
+            );
+        } else {
+            out.close = true;
+            out.events.push(SessionEvent::PublishRefused {
+                channel: None,
+                reason: Refusal::BadName(PublishNameError::BadChannel),
+            });
+            command(
+                &mut out.send,
+                COMMAND_CSID,
+                0,
+                &[
+                    amf0::string("_error"),
+                    Value::Number(transaction),
+                    Value::Null,
+                    status(
+                        "error",
+                        "NetConnection.Connect.Rejected",
+                        "unknown application",
+                    ),
+                ],
+            );
+        }
+        Ok(())
+    }
+
+    /// `createStream`: a few streams per connection at most (a publisher needs one).
+    fn on_create_stream(&mut self, transaction: f64, out: &mut Output) -> Result<(), SessionError> {
+        if self.streams_created >= MAX_STREAMS {
+            return Err(SessionError::Protocol("too many createStream"));
+        }
+        self.streams_created += 1;
+        command(
+            &mut out.send,
+            COMMAND_CSID,
+            0,
+            &[
+                amf0::string("_result"),
+                Value::Number(transaction),
+                Value::Null,
+                Value::Number(f64::from(self.streams_created)),
+            ],
+        );
+        Ok(())
+    }
+
+    /// `publish` on a created stream: the name is parsed and authorized ([`Self::decide`]);
+    /// a refusal closes the connection after telling the client why.
+    fn on_publish(
+        &mut self,
+        values: &[Value],
+        stream_id: u32,
+        out: &mut Output,
+        authorize: &dyn Fn(&PublishRequest) -> Result<(), Refusal>,
+    ) -> Result<(), SessionError> {
+        if stream_id == 0 || stream_id > self.streams_created {
+            return Err(SessionError::Protocol("publish on a stream never created"));
+        }
+        let name = values
+            .get(3)
+            .and_then(Value::as_str)
+            .ok_or(SessionError::Protocol("publish without a name"))?;
+        match self.decide(name, authorize) {
+            Ok(request) => {
+                self.publishing = true;
+                out.events.push(SessionEvent::PublishAccepted(request));
+                let mut begin = vec![0, 0]; // StreamBegin
+                begin.extend_from_slice(&stream_id.to_be_bytes());
+                control(&mut out.send, USER_CONTROL, &begin);
+                on_status(
+                    out,
+                    stream_id,
+                    "status",
+                    "NetStream.Publish.Start",
+                    "publishing",
+                );
+            }
+            Err((channel, reason)) => {
+                out.close = true;
+                let description = reason.to_string();
+                out.events
+                    .push(SessionEvent::PublishRefused { channel, reason });
+                on_status(
+                    out,
+                    stream_id,
+                    "error",
+                    "NetStream.Publish.BadName",
+                    &description,
+                );
+            }
         }
         Ok(())
     }

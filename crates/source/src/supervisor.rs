@@ -287,7 +287,7 @@ fn run_and_watch(
     shared: &Shared,
     spec: &EncodeSpec,
     anchor_ms: u64,
-    mut check_lag: bool,
+    check_lag: bool,
 ) -> Result<String, i64> {
     // Read at every start, so a renewed CA bundle applies from the next run on.
     let tls = match streaming_rtmp_publish::client_config(&spec.ca_cert) {
@@ -327,6 +327,30 @@ fn run_and_watch(
         options,
         shared.lifecycle.clone(),
     ));
+    mark_started(shared, spec, pid, anchor_ms);
+    let late = match child.iter() {
+        Ok(events) => watch_log(shared, events, pid, anchor_ms, check_lag),
+        Err(e) => {
+            tracing::error!("cannot read ffmpeg's log: {e}");
+            None
+        }
+    };
+    // The log ended: ffmpeg exited (or closed stderr). Forget the pid before reaping it.
+    lock(&shared.control).pid = None;
+    let _ = child.as_inner_mut().kill();
+    let exit = match child.wait() {
+        Ok(status) => format!("{status}"),
+        Err(e) => format!("wait failed: {e}"),
+    };
+    match late {
+        Some(lag_ms) => Err(lag_ms),
+        None => Ok(exit),
+    }
+}
+
+/// Records a started run: its pid for stop() and replace() (applying one that came while it
+/// started), and the status and gauges `/status` and `/metrics` show.
+fn mark_started(shared: &Shared, spec: &EncodeSpec, pid: u32, anchor_ms: u64) {
     {
         let mut control = lock(&shared.control);
         control.pid = Some(pid);
@@ -350,75 +374,69 @@ fn run_and_watch(
     metrics::gauge!("source_ffmpeg_running").set(1.0);
     metrics::gauge!("source_anchor_ms").set(anchor_ms as f64);
     tracing::info!(pid, anchor_ms, ?spec, "ffmpeg encode started");
+}
 
+/// Follows ffmpeg's log until it ends: progress feeds the watchdog and the status, warnings and
+/// errors are logged (each line at most once per [`REPEAT_LOG_INTERVAL`]). With `check_lag`,
+/// one look a second into the media: a run that started too far behind its anchor is ended and
+/// its lag returned.
+fn watch_log(
+    shared: &Shared,
+    events: impl Iterator<Item = FfmpegEvent>,
+    pid: u32,
+    anchor_ms: u64,
+    mut check_lag: bool,
+) -> Option<i64> {
     let mut last_logged: HashMap<String, Instant> = HashMap::new();
-    let mut late = None;
-    match child.iter() {
-        Ok(events) => {
-            for event in events {
-                match event {
-                    FfmpegEvent::Progress(p) => {
-                        shared.last_progress_ms.store(
-                            shared.epoch.elapsed().as_millis() as u64 + 1,
-                            Ordering::Relaxed,
-                        );
-                        lock(&shared.status).frames = u64::from(p.frame);
-                        metrics::gauge!("source_frames").set(f64::from(p.frame));
-                        // One look, a second into the media: how far behind its anchor is it?
-                        if let Some(media_ms) = parse_media_time_ms(&p.time)
-                            && check_lag
-                            && media_ms >= 1000
-                        {
-                            check_lag = false;
-                            let wall_ms = streaming_hls::timeline::unix_now_ms() as i64;
-                            let lag_ms = wall_ms - anchor_ms as i64 - media_ms;
-                            metrics::gauge!("source_start_lag_ms").set(lag_ms as f64);
-                            tracing::info!(lag_ms, "media time against the anchor");
-                            if lag_ms > MAX_START_LAG_MS {
-                                late = Some(lag_ms);
-                                terminate(Some(pid));
-                                break;
-                            }
-                        }
+    for event in events {
+        match event {
+            FfmpegEvent::Progress(p) => {
+                shared.last_progress_ms.store(
+                    shared.epoch.elapsed().as_millis() as u64 + 1,
+                    Ordering::Relaxed,
+                );
+                lock(&shared.status).frames = u64::from(p.frame);
+                metrics::gauge!("source_frames").set(f64::from(p.frame));
+                if let Some(media_ms) = parse_media_time_ms(&p.time)
+                    && check_lag
+                    && media_ms >= 1000
+                {
+                    check_lag = false;
+                    let wall_ms = streaming_hls::timeline::unix_now_ms() as i64;
+                    let lag_ms = wall_ms - anchor_ms as i64 - media_ms;
+                    metrics::gauge!("source_start_lag_ms").set(lag_ms as f64);
+                    tracing::info!(lag_ms, "media time against the anchor");
+                    if lag_ms > MAX_START_LAG_MS {
+                        terminate(Some(pid));
+                        return Some(lag_ms);
                     }
-                    FfmpegEvent::Log(
-                        level @ (LogLevel::Warning | LogLevel::Error | LogLevel::Fatal),
-                        line,
-                    ) => {
-                        let now = Instant::now();
-                        let fresh = last_logged
-                            .get(&line)
-                            .is_none_or(|t| now.duration_since(*t) > REPEAT_LOG_INTERVAL);
-                        if fresh {
-                            if last_logged.len() > 256 {
-                                last_logged.clear();
-                            }
-                            last_logged.insert(line.clone(), now);
-                            if level == LogLevel::Warning {
-                                tracing::warn!(target: "ffmpeg", "{line}");
-                            } else {
-                                tracing::error!(target: "ffmpeg", "{line}");
-                            }
-                        }
-                    }
-                    FfmpegEvent::Error(e) => tracing::debug!(target: "ffmpeg", "log parser: {e}"),
-                    _ => {}
                 }
             }
+            FfmpegEvent::Log(
+                level @ (LogLevel::Warning | LogLevel::Error | LogLevel::Fatal),
+                line,
+            ) => {
+                let now = Instant::now();
+                let fresh = last_logged
+                    .get(&line)
+                    .is_none_or(|t| now.duration_since(*t) > REPEAT_LOG_INTERVAL);
+                if fresh {
+                    if last_logged.len() > 256 {
+                        last_logged.clear();
+                    }
+                    last_logged.insert(line.clone(), now);
+                    if level == LogLevel::Warning {
+                        tracing::warn!(target: "ffmpeg", "{line}");
+                    } else {
+                        tracing::error!(target: "ffmpeg", "{line}");
+                    }
+                }
+            }
+            FfmpegEvent::Error(e) => tracing::debug!(target: "ffmpeg", "log parser: {e}"),
+            _ => {}
         }
-        Err(e) => tracing::error!("cannot read ffmpeg's log: {e}"),
     }
-    // The log ended: ffmpeg exited (or closed stderr). Forget the pid before reaping it.
-    lock(&shared.control).pid = None;
-    let _ = child.as_inner_mut().kill();
-    let exit = match child.wait() {
-        Ok(status) => format!("{status}"),
-        Err(e) => format!("wait failed: {e}"),
-    };
-    match late {
-        Some(lag_ms) => Err(lag_ms),
-        None => Ok(exit),
-    }
+    None
 }
 
 /// Reads ffmpeg's FLV from `stdout` and publishes every tag to every ingest until ffmpeg exits.
