@@ -22,7 +22,7 @@ use crate::segments::RunTimeline;
 use crate::select::{
     Coverage, MAX_MEDIA_GAP_MS, SLOT_EDGE_TOLERANCE_MS, Selector, SlotFact, rank_of,
 };
-use crate::transcode::{FeedError, RunExit, RunHandle, RunSpec, start_run};
+use crate::transcode::{FeedError, RunEvent, RunExit, RunHandle, RunSpec, start_run};
 use streaming_core::sync::{lock, write};
 
 /// How long after a slot ends we wait for its live segments (ffmpeg finishes a segment when the
@@ -86,21 +86,19 @@ pub enum ChannelMsg {
     Left {
         conn: u64,
     },
-    Segment {
-        run_id: u64,
-        rendition: usize,
-        slot: u64,
-        data: Bytes,
-    },
-    RunExited {
-        run_id: u64,
-        exit: RunExit,
-    },
+    /// What the channel's current (or an old) ffmpeg run reports.
+    Run(RunEvent),
     /// New config after SIGHUP: ranked source names and the channel's settings.
     Reconfigure {
         sources: Vec<String>,
         config: ChannelConfig,
     },
+}
+
+impl From<RunEvent> for ChannelMsg {
+    fn from(event: RunEvent) -> Self {
+        ChannelMsg::Run(event)
+    }
 }
 
 /// One rendition's published segments.
@@ -385,13 +383,13 @@ impl ChannelTask {
                 timestamp_ms,
                 data,
             } => self.media(conn, kind, timestamp_ms, data),
-            ChannelMsg::Segment {
+            ChannelMsg::Run(RunEvent::Segment {
                 run_id,
                 rendition,
                 slot,
                 data,
-            } => self.segment(run_id, rendition, slot, data),
-            ChannelMsg::RunExited { run_id, exit } => self.run_exited(run_id, exit),
+            }) => self.segment(run_id, rendition, slot, data),
+            ChannelMsg::Run(RunEvent::Exited { run_id, exit }) => self.run_exited(run_id, exit),
             ChannelMsg::Reconfigure { sources, config } => {
                 for p in self.publishers.values_mut() {
                     p.rank = rank_of(Some(&p.key.source), &sources);

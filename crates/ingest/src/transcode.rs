@@ -17,7 +17,6 @@ use bytes::Bytes;
 use streaming_core::config::ChannelConfig;
 use tokio::sync::mpsc;
 
-use crate::channel::ChannelMsg;
 use crate::segments::{RunTimeline, parse_csv_line};
 use streaming_core::sync::lock;
 
@@ -214,8 +213,27 @@ pub struct RunSpec {
     pub dir: PathBuf,
 }
 
-/// Starts a run: work dir, supervisor thread (child + stdin writer), segment poller.
-pub fn start_run(spec: RunSpec, events: mpsc::Sender<ChannelMsg>) -> std::io::Result<RunHandle> {
+/// What a run reports to whoever started it. Its own type, so the transcoder knows nothing of
+/// the channel task that consumes it (the channel wraps it in its message type).
+#[derive(Debug)]
+pub enum RunEvent {
+    /// A finished segment, placed on the shared timeline.
+    Segment {
+        run_id: u64,
+        rendition: usize,
+        slot: u64,
+        data: Bytes,
+    },
+    /// The run ended; no segment of it follows.
+    Exited { run_id: u64, exit: RunExit },
+}
+
+/// Starts a run: work dir, supervisor thread (child + stdin writer), segment poller, which
+/// reports on `events`.
+pub fn start_run<M>(spec: RunSpec, events: mpsc::Sender<M>) -> std::io::Result<RunHandle>
+where
+    M: From<RunEvent> + Send + 'static,
+{
     std::fs::create_dir_all(&spec.dir)?;
     let args = ladder_args(
         &spec.config,
@@ -336,10 +354,10 @@ fn supervise(
 }
 
 /// Reads the CSV lists of a run until the child exited, forwarding placed segments.
-async fn poll_segments(
+async fn poll_segments<M: From<RunEvent>>(
     spec: RunSpec,
     exit: Arc<Mutex<Option<RunExit>>>,
-    events: mpsc::Sender<ChannelMsg>,
+    events: mpsc::Sender<M>,
 ) {
     let n = spec.config.ladder.len();
     let mut consumed = vec![0usize; n];
@@ -362,13 +380,13 @@ async fn poll_segments(
                 match spec.timeline.place(index, &entry) {
                     Ok(slot) => match tokio::fs::read(&path).await {
                         Ok(data) => {
-                            let msg = ChannelMsg::Segment {
+                            let msg = RunEvent::Segment {
                                 run_id: spec.run_id,
                                 rendition,
                                 slot,
                                 data: Bytes::from(data),
                             };
-                            if events.send(msg).await.is_err() {
+                            if events.send(msg.into()).await.is_err() {
                                 return;
                             }
                         }
@@ -385,12 +403,11 @@ async fn poll_segments(
         }
         if let Some(result) = finished {
             let _ = tokio::fs::remove_dir_all(&spec.dir).await;
-            let _ = events
-                .send(ChannelMsg::RunExited {
-                    run_id: spec.run_id,
-                    exit: result,
-                })
-                .await;
+            let exited = RunEvent::Exited {
+                run_id: spec.run_id,
+                exit: result,
+            };
+            let _ = events.send(exited.into()).await;
             return;
         }
         tokio::time::sleep(POLL_EVERY).await;
