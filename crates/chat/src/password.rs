@@ -230,15 +230,7 @@ mod tests {
     async fn a_flood_is_refused_beyond_the_queue() {
         let gate = Arc::new(Gate::new(2, 6));
         let flood = 40;
-        let tasks: Vec<_> = (0..flood)
-            .map(|i| {
-                let gate = gate.clone();
-                tokio::spawn(async move {
-                    gate.run(move || hash_blocking(&format!("password {i}")))
-                        .await
-                })
-            })
-            .collect();
+        let tasks = hash_at_once(&gate, flood);
         let (mut done, mut busy) = (0, 0);
         for t in tasks {
             match t.await.unwrap() {
@@ -260,6 +252,22 @@ mod tests {
         assert!(h.starts_with("$argon2id$"));
     }
 
+    /// `n` registrations arriving together: each hashes its own password through the gate.
+    fn hash_at_once(
+        gate: &Arc<Gate>,
+        n: usize,
+    ) -> Vec<tokio::task::JoinHandle<Result<Result<String, HashError>, HashError>>> {
+        (0..n)
+            .map(|i| {
+                let gate = gate.clone();
+                tokio::spawn(async move {
+                    gate.run(move || hash_blocking(&format!("password {i}")))
+                        .await
+                })
+            })
+            .collect()
+    }
+
     fn peak_rss_mib() -> f64 {
         let status = std::fs::read_to_string("/proc/self/status").unwrap();
         let kib: f64 = status
@@ -279,15 +287,7 @@ mod tests {
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
         let gate = Arc::new(Gate::new(cores, cores * QUEUE_PER_CORE));
         let start = peak_rss_mib();
-        let tasks: Vec<_> = (0..300)
-            .map(|i| {
-                let gate = gate.clone();
-                tokio::spawn(async move {
-                    gate.run(move || hash_blocking(&format!("password {i}")))
-                        .await
-                })
-            })
-            .collect();
+        let tasks = hash_at_once(&gate, 300);
         let mut busy = 0;
         for t in tasks {
             if matches!(t.await.unwrap(), Err(HashError::Busy)) {

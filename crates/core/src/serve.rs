@@ -65,6 +65,29 @@ impl From<&LimitsConfig> for HttpLimits {
     }
 }
 
+/// The next connection on `listener`, or `None` at shutdown. An accept error (out of file
+/// descriptors, a connection reset before it was accepted) is logged as `{what} accept failed`
+/// and retried after a short pause, so a burst of them cannot spin the loop. For the raw TCP
+/// listeners (RTMP, RTMPS, the LB's publish front).
+pub async fn accept_until_shutdown(
+    listener: &TcpListener,
+    lifecycle: &Lifecycle,
+    what: &str,
+) -> Option<(TcpStream, SocketAddr)> {
+    loop {
+        tokio::select! {
+            () = lifecycle.shutdown() => return None,
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => return Some(accepted),
+                Err(e) => {
+                    tracing::warn!("{what} accept failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            },
+        }
+    }
+}
+
 /// Binds `addr` and serves `app` until shutdown; re-reads the certificate on every SIGHUP.
 pub async fn serve_https(
     app: axum::Router,

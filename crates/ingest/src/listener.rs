@@ -15,9 +15,11 @@
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::ops::ControlFlow;
+
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
+use streaming_core::serve::accept_until_shutdown;
 
 use streaming_core::config::LimitsConfig;
 use streaming_core::conn_limit::LogThrottle;
@@ -229,16 +231,9 @@ pub async fn accept_loop(
     tls: Option<watch::Receiver<tokio_rustls::TlsAcceptor>>,
 ) -> anyhow::Result<()> {
     loop {
-        let (stream, peer) = tokio::select! {
-            _ = lifecycle.shutdown() => return Ok(()),
-            accepted = listener.accept() => match accepted {
-                Ok(x) => x,
-                Err(e) => {
-                    tracing::warn!("RTMP accept failed: {e}");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            },
+        let Some((stream, peer)) = accept_until_shutdown(&listener, &lifecycle, "RTMP").await
+        else {
+            return Ok(());
         };
         let limits = ctx.limits();
         let slot = match ctx.admit(peer.ip().to_canonical()) {

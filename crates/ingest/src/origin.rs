@@ -45,6 +45,35 @@ impl OriginState {
     fn authorized(&self, headers: &HeaderMap) -> bool {
         has_bearer(headers, &read(&self.cluster_key))
     }
+
+    /// The channel a broadcast asks for, once its cluster key is checked: 401 without the key
+    /// (before anything about channels is told), 404 for an unknown channel.
+    fn authorized_channel(
+        &self,
+        headers: &HeaderMap,
+        name: &str,
+    ) -> Result<Arc<ChannelShared>, Refused> {
+        if !self.authorized(headers) {
+            return Err(Refused::Unauthorized);
+        }
+        self.channel(name).ok_or(Refused::NoChannel)
+    }
+}
+
+/// Why a playlist or segment request got no channel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Refused {
+    Unauthorized,
+    NoChannel,
+}
+
+impl IntoResponse for Refused {
+    fn into_response(self) -> Response {
+        match self {
+            Refused::Unauthorized => unauthorized(),
+            Refused::NoChannel => text_error(StatusCode::NOT_FOUND, "no such channel"),
+        }
+    }
 }
 
 pub fn router(state: OriginState) -> Router {
@@ -89,11 +118,9 @@ async fn master(
     Path(channel): Path<String>,
     headers: HeaderMap,
 ) -> Response {
-    if !s.authorized(&headers) {
-        return unauthorized();
-    }
-    let Some(ch) = s.channel(&channel) else {
-        return text_error(StatusCode::NOT_FOUND, "no such channel");
+    let ch = match s.authorized_channel(&headers, &channel) {
+        Ok(ch) => ch,
+        Err(refused) => return refused.into_response(),
     };
     let body = {
         let out = read(&ch.output);
@@ -114,11 +141,9 @@ async fn media_or_segment(
     Query(query): Query<MediaQuery>,
     headers: HeaderMap,
 ) -> Response {
-    if !s.authorized(&headers) {
-        return unauthorized();
-    }
-    let Some(ch) = s.channel(&channel) else {
-        return text_error(StatusCode::NOT_FOUND, "no such channel");
+    let ch = match s.authorized_channel(&headers, &channel) {
+        Ok(ch) => ch,
+        Err(refused) => return refused.into_response(),
     };
     if !is_safe_name(&rendition) {
         return text_error(StatusCode::NOT_FOUND, "no such rendition");

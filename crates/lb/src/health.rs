@@ -193,10 +193,6 @@ pub fn candidates(
         .collect()
 }
 
-async fn poll_one(client: &reqwest::Client, url: &str) -> Result<BroadcastStatus, String> {
-    fetch_status(client, url).await
-}
-
 /// `GET <url>/status` within [`POLL_TIMEOUT`], at most [`MAX_STATUS_BYTES`], parsed as `T`:
 /// the one way the LB asks a host how it is (broadcasts, and ingests for the publish front).
 pub(crate) async fn fetch_status<T: serde::de::DeserializeOwned>(
@@ -221,37 +217,86 @@ pub(crate) async fn fetch_status<T: serde::de::DeserializeOwned>(
     serde_json::from_slice(&body).map_err(|e| format!("bad status JSON: {e}"))
 }
 
+/// The poll clock shared by the broadcast and ingest pollers: one round per [`POLL_INTERVAL`],
+/// a late round delaying the next rather than bunching them.
+pub(crate) struct PollTicks(tokio::time::Interval);
+
+impl PollTicks {
+    pub(crate) fn new() -> Self {
+        let mut tick = tokio::time::interval(POLL_INTERVAL);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        Self(tick)
+    }
+
+    /// Waits for the next round; false at shutdown.
+    pub(crate) async fn next(&mut self, lifecycle: &streaming_core::lifecycle::Lifecycle) -> bool {
+        tokio::select! {
+            _ = lifecycle.shutdown() => false,
+            _ = self.0.tick() => true,
+        }
+    }
+}
+
+/// The hosts of one role a poll round asks: (name, base URL) in config order.
+pub(crate) struct PollTargets(Vec<(String, String)>);
+
+impl PollTargets {
+    pub(crate) fn of(config: &HostConfig, role: Role) -> Self {
+        Self(
+            config
+                .cluster
+                .hosts_with_role(role)
+                .map(|h| (h.name.clone(), h.url.clone()))
+                .collect(),
+        )
+    }
+
+    pub(crate) fn names(&self) -> Vec<String> {
+        self.0.iter().map(|(n, _)| n.clone()).collect()
+    }
+
+    /// Asks every target's `/status` at once ([`fetch_status`]); answers come as they arrive.
+    pub(crate) fn poll<T>(self, client: &reqwest::Client) -> PollAnswers<T>
+    where
+        T: serde::de::DeserializeOwned + Send + 'static,
+    {
+        let mut polls = tokio::task::JoinSet::new();
+        for (name, url) in self.0 {
+            let client = client.clone();
+            polls.spawn(async move { (name, fetch_status(&client, &url).await) });
+        }
+        PollAnswers(polls)
+    }
+}
+
+/// The answers of one poll round, by host name.
+pub(crate) struct PollAnswers<T>(tokio::task::JoinSet<(String, Result<T, String>)>);
+
+impl<T: 'static> PollAnswers<T> {
+    pub(crate) async fn next(&mut self) -> Option<(String, Result<T, String>)> {
+        loop {
+            match self.0.join_next().await? {
+                Ok(answer) => return Some(answer),
+                Err(_) => continue,
+            }
+        }
+    }
+}
+
 /// Polls every broadcast of the current config, in parallel, once per [`POLL_INTERVAL`].
 pub async fn poll_loop(
     health: Arc<Health>,
     config: impl Fn() -> (Arc<HostConfig>, reqwest::Client),
     lifecycle: streaming_core::lifecycle::Lifecycle,
 ) {
-    let mut tick = tokio::time::interval(POLL_INTERVAL);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut ticks = PollTicks::new();
     let mut was_eligible: BTreeMap<String, bool> = BTreeMap::new();
-    loop {
-        tokio::select! {
-            _ = lifecycle.shutdown() => break,
-            _ = tick.tick() => {}
-        }
+    while ticks.next(&lifecycle).await {
         let (config, client) = config();
-        let targets: Vec<(String, String)> = config
-            .cluster
-            .hosts_with_role(Role::Broadcast)
-            .map(|h| (h.name.clone(), h.url.clone()))
-            .collect();
-        health.retain(&targets.iter().map(|(n, _)| n.clone()).collect::<Vec<_>>());
-        let mut polls = tokio::task::JoinSet::new();
-        for (name, url) in targets {
-            let client = client.clone();
-            polls.spawn(async move {
-                let result = poll_one(&client, &url).await;
-                (name, result)
-            });
-        }
-        while let Some(done) = polls.join_next().await {
-            let Ok((name, result)) = done else { continue };
+        let targets = PollTargets::of(&config, Role::Broadcast);
+        health.retain(&targets.names());
+        let mut polls = targets.poll::<BroadcastStatus>(&client);
+        while let Some((name, result)) = polls.next().await {
             let outcome = if result.is_ok() { "ok" } else { "failed" };
             metrics::counter!("lb_polls_total", "broadcast" => name.clone(), "result" => outcome)
                 .increment(1);

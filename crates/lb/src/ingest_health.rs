@@ -11,7 +11,7 @@ use std::time::Instant;
 
 use streaming_core::config::{HostConfig, HostEntry, Role};
 
-use crate::health::{MAX_POLL_AGE, POLL_INTERVAL};
+use crate::health::{MAX_POLL_AGE, PollTargets, PollTicks};
 use streaming_core::sync::{read, write};
 
 /// One ingest as seen by this LB.
@@ -108,39 +108,21 @@ pub fn outside_publishers(status: &serde_json::Value) -> Result<u64, String> {
         .sum())
 }
 
-async fn poll_one(client: &reqwest::Client, url: &str) -> Result<u64, String> {
-    let status: serde_json::Value = crate::health::fetch_status(client, url).await?;
-    outside_publishers(&status)
-}
-
-/// Polls every ingest of the current config, in parallel, once per [`POLL_INTERVAL`].
+/// Polls every ingest of the current config, in parallel, once per [`crate::health::POLL_INTERVAL`].
 pub async fn poll_loop(
     ingests: Arc<Ingests>,
     config: impl Fn() -> (Arc<HostConfig>, reqwest::Client),
     lifecycle: streaming_core::lifecycle::Lifecycle,
 ) {
-    let mut tick = tokio::time::interval(POLL_INTERVAL);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut ticks = PollTicks::new();
     let mut was_fresh: BTreeMap<String, bool> = BTreeMap::new();
-    loop {
-        tokio::select! {
-            _ = lifecycle.shutdown() => break,
-            _ = tick.tick() => {}
-        }
+    while ticks.next(&lifecycle).await {
         let (config, client) = config();
-        let targets: Vec<(String, String)> = config
-            .cluster
-            .hosts_with_role(Role::Ingest)
-            .map(|h| (h.name.clone(), h.url.clone()))
-            .collect();
-        ingests.retain(&targets.iter().map(|(n, _)| n.clone()).collect::<Vec<_>>());
-        let mut polls = tokio::task::JoinSet::new();
-        for (name, url) in targets {
-            let client = client.clone();
-            polls.spawn(async move { (name, poll_one(&client, &url).await) });
-        }
-        while let Some(done) = polls.join_next().await {
-            let Ok((name, result)) = done else { continue };
+        let targets = PollTargets::of(&config, Role::Ingest);
+        ingests.retain(&targets.names());
+        let mut polls = targets.poll::<serde_json::Value>(&client);
+        while let Some((name, status)) = polls.next().await {
+            let result = status.and_then(|s| outside_publishers(&s));
             let outcome = if result.is_ok() { "ok" } else { "failed" };
             metrics::counter!("lb_ingest_polls_total", "ingest" => name.clone(), "result" => outcome)
                 .increment(1);

@@ -37,35 +37,34 @@ fn load(config: HostConfig) -> anyhow::Result<Current> {
     })
 }
 
+/// What a poller reads at each round: the current config and client, so a reload applies from
+/// the next round on.
+fn poll_view(
+    current: &Arc<RwLock<Current>>,
+) -> impl Fn() -> (Arc<HostConfig>, reqwest::Client) + use<> {
+    let current = current.clone();
+    move || {
+        let c = read(&current);
+        (c.config.clone(), c.client.clone())
+    }
+}
+
 /// Runs the LB until shutdown.
 pub async fn run(ctx: ServiceContext) -> anyhow::Result<()> {
     let current = Arc::new(RwLock::new(load(ctx.config.clone())?));
     let health = Arc::new(Health::default());
 
-    {
-        let current = current.clone();
-        tokio::spawn(health::poll_loop(
-            health.clone(),
-            move || {
-                let c = read(&current);
-                (c.config.clone(), c.client.clone())
-            },
-            ctx.lifecycle.clone(),
-        ));
-    }
-
+    tokio::spawn(health::poll_loop(
+        health.clone(),
+        poll_view(&current),
+        ctx.lifecycle.clone(),
+    ));
     let ingests = Arc::new(ingest_health::Ingests::default());
-    {
-        let current = current.clone();
-        tokio::spawn(ingest_health::poll_loop(
-            ingests.clone(),
-            move || {
-                let c = read(&current);
-                (c.config.clone(), c.client.clone())
-            },
-            ctx.lifecycle.clone(),
-        ));
-    }
+    tokio::spawn(ingest_health::poll_loop(
+        ingests.clone(),
+        poll_view(&current),
+        ctx.lifecycle.clone(),
+    ));
     let front = rtmp_front::Front::new(
         rtmp_front::FrontConfig::load(Arc::new(ctx.config.clone()))?,
         ingests,

@@ -165,16 +165,10 @@ pub async fn accept_loop(
     // A flood of refusals costs one log line a second.
     let refusals = LogThrottle::per_second();
     loop {
-        let (stream, peer) = tokio::select! {
-            _ = lifecycle.shutdown() => return Ok(()),
-            accepted = listener.accept() => match accepted {
-                Ok(x) => x,
-                Err(e) => {
-                    tracing::warn!("RTMP front accept failed: {e}");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            },
+        let Some((stream, peer)) =
+            streaming_core::serve::accept_until_shutdown(&listener, &lifecycle, "RTMP front").await
+        else {
+            return Ok(());
         };
         let permit = read(&front.limiter).admit(peer.ip());
         let permit = match permit {
