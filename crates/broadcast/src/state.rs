@@ -262,49 +262,30 @@ pub(crate) mod test_support {
 
     /// A two-broadcast, one-ingest-pair cluster as the generator would emit it.
     pub fn config() -> HostConfig {
-        let host = |name: &str, role: &str, addr: &str, extra: serde_json::Value| {
-            let mut h = serde_json::json!({
-                "name": name, "role": role, "fqdn": format!("{name}.streaming-cluster.test"),
-                "address": addr,
-                "ports": {"https": 8443, "rtmp": 1935, "rtmps": 1936, "patroni": 8008, "postgres": 5432,
-                          "etcd_client": 2379, "etcd_peer": 2380},
-                "url": format!("https://{addr}:8443"), "uplink_mbps": null, "preferred_ingest": null,
-                "channel": null, "priority": null, "etcd_witness": false, "drain": false
-            });
-            if let (Some(h), Some(extra)) = (h.as_object_mut(), extra.as_object()) {
-                for (k, v) in extra {
-                    h.insert(k.clone(), v.clone());
-                }
-            }
+        use serde_json::json;
+        use streaming_core::fixture::{host, host_config};
+        let broadcast = |name: &str, addr: &str, uplink: u32, preferred: &str| {
+            let mut h = host(name, "broadcast", addr);
+            h["uplink_mbps"] = uplink.into();
+            h["preferred_ingest"] = preferred.into();
             h
         };
-        let json = serde_json::json!({
-            "name": "broadcast1",
-            "cluster": {
-                "site": "streaming-cluster.test", "profile": "local",
-                "site_urls": ["https://127.79.1.1:8443", "https://127.79.1.2:8443"],
-                "timeline": {"segment_seconds": 2, "playlist_segments": 6, "cache_segments": 12, "primary_return_seconds": 6},
-                "hosts": [
-                    host("lb1", "lb", "127.79.1.1", serde_json::json!({})),
-                    host("lb2", "lb", "127.79.1.2", serde_json::json!({})),
-                    host("broadcast1", "broadcast", "127.79.2.1",
-                         serde_json::json!({"uplink_mbps": 100, "preferred_ingest": "ingest2"})),
-                    host("broadcast2", "broadcast", "127.79.2.2",
-                         serde_json::json!({"uplink_mbps": 1000, "preferred_ingest": "ingest1"})),
-                    host("ingest1", "ingest", "127.79.4.1", serde_json::json!({})),
-                    host("ingest2", "ingest", "127.79.4.2", serde_json::json!({})),
-                ],
-                "channels": [{"name": "test", "fps": 25, "preset": "ultrafast", "audio_kbps": 96, "ladder": [
-                    {"name": "360p", "width": 640, "height": 360, "video_kbps": 800},
-                    {"name": "144p", "width": 256, "height": 144, "video_kbps": 200}
-                ]}],
-                "database": {"name": "streaming", "user": "streaming", "ttl": 10}
-            },
-            "paths": {"state_dir": "/nonexistent", "log_dir": null, "tls_cert": "/x", "tls_key": "/x",
-                      "ca_cert": "/x", "token_key": "/x", "cluster_key": "/x", "stream_keys_dir": "/x", "db_password": "/x",
-                      "db_superuser_password": "/x", "db_replication_password": "/x", "admin_password": "/x"},
-            "telemetry": {"json_logs": false, "otlp_endpoint": null}
-        });
+        let hosts = vec![
+            host("lb1", "lb", "127.79.1.1"),
+            host("lb2", "lb", "127.79.1.2"),
+            broadcast("broadcast1", "127.79.2.1", 100, "ingest2"),
+            broadcast("broadcast2", "127.79.2.2", 1000, "ingest1"),
+            host("ingest1", "ingest", "127.79.4.1"),
+            host("ingest2", "ingest", "127.79.4.2"),
+        ];
+        let mut json = host_config("broadcast1", hosts);
+        json["cluster"]["site_urls"] =
+            json!(["https://127.79.1.1:8443", "https://127.79.1.2:8443"]);
+        json["cluster"]["channels"][0]["ladder"] = json!([
+            {"name": "360p", "width": 640, "height": 360, "video_kbps": 800},
+            {"name": "144p", "width": 256, "height": 144, "video_kbps": 200}
+        ]);
+        json["paths"]["state_dir"] = "/nonexistent".into();
         let config: HostConfig = serde_json::from_value(json).expect("test config parses");
         config.validate().expect("test config is valid");
         config

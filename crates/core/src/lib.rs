@@ -4,6 +4,8 @@
 pub mod client;
 pub mod config;
 pub mod conn_limit;
+#[cfg(any(test, feature = "test-fixtures"))]
+pub mod fixture;
 pub mod http;
 pub mod lifecycle;
 pub mod ops_auth;

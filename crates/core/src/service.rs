@@ -190,31 +190,12 @@ mod tests {
 
     /// A minimal valid host config for `name`, with two LBs in the cluster.
     fn config_json(name: &str) -> String {
-        let host = |name: &str, addr: &str| {
-            serde_json::json!({
-                "name": name, "role": "lb", "fqdn": "x", "address": addr,
-                "ports": {"https": 8443, "rtmp": 1935, "rtmps": 1936, "patroni": 8008, "postgres": 5432,
-                          "etcd_client": 2379, "etcd_peer": 2380},
-                "url": format!("https://{addr}:8443"), "uplink_mbps": null,
-                "preferred_ingest": null, "channel": null, "priority": null, "etcd_witness": false, "drain": false
-            })
-        };
-        serde_json::json!({
-            "name": name,
-            "cluster": {
-                "site": "s", "profile": "local", "site_urls": [],
-                "timeline": {"segment_seconds": 2, "playlist_segments": 6, "cache_segments": 12, "primary_return_seconds": 6},
-                "hosts": [host("lb1", "127.79.1.1"), host("lb2", "127.79.1.2")],
-                "channels": [{"name": "test", "fps": 25, "preset": "ultrafast", "audio_kbps": 96,
-                              "ladder": [{"name": "360p", "width": 640, "height": 360, "video_kbps": 800}]}],
-                "database": {"name": "streaming", "user": "streaming", "ttl": 10}
-            },
-            "paths": {"state_dir": "/x", "log_dir": null, "tls_cert": "/x", "tls_key": "/x", "ca_cert": "/x",
-                      "token_key": "/x", "cluster_key": "/x", "stream_keys_dir": "/x", "db_password": "/x",
-                      "db_superuser_password": "/x", "db_replication_password": "/x", "admin_password": "/x"},
-            "telemetry": {"json_logs": false, "otlp_endpoint": null}
-        })
-        .to_string()
+        use crate::fixture::{host, host_config};
+        let hosts = vec![
+            host("lb1", "lb", "127.79.1.1"),
+            host("lb2", "lb", "127.79.1.2"),
+        ];
+        host_config(name, hosts).to_string()
     }
 
     #[test]

@@ -327,14 +327,10 @@ mod tests {
     use super::*;
 
     fn host(name: &str, drain: bool) -> HostEntry {
-        serde_json::from_value(serde_json::json!({
-            "name": name, "role": "broadcast", "fqdn": "x", "address": "127.79.2.1",
-            "ports": {"https": 8443, "rtmp": 1935, "rtmps": 1936, "patroni": 8008, "postgres": 5432,
-                      "etcd_client": 2379, "etcd_peer": 2380},
-            "url": "https://127.79.2.1:8443/", "uplink_mbps": 100, "preferred_ingest": null,
-            "channel": null, "priority": null, "etcd_witness": false, "drain": drain
-        }))
-        .unwrap()
+        let mut json = streaming_core::fixture::host(name, "broadcast", "127.79.2.1");
+        json["uplink_mbps"] = 100.into();
+        json["drain"] = drain.into();
+        serde_json::from_value(json).unwrap()
     }
 
     fn status(name: &str, live: bool, draining: bool, free: u64) -> BroadcastStatus {

@@ -153,36 +153,17 @@ mod tests {
     use super::*;
 
     fn config() -> HostConfig {
-        let host = |name: &str, role: &str, last: u8, drain: bool| {
-            serde_json::json!({
-                "name": name, "role": role, "fqdn": format!("{name}.x"),
-                "address": format!("127.85.4.{last}"),
-                "ports": {"https": 8443, "rtmp": 1935, "rtmps": 1936, "patroni": 8008,
-                          "postgres": 5432, "etcd_client": 2379, "etcd_peer": 2380},
-                "url": format!("https://127.85.4.{last}:8443/"), "uplink_mbps": null,
-                "preferred_ingest": null, "channel": null, "priority": null,
-                "etcd_witness": false, "drain": drain
-            })
-        };
-        serde_json::from_value(serde_json::json!({
-            "name": "lb1",
-            "cluster": {
-                "site": "s", "profile": "local", "site_urls": ["https://127.85.1.1:8443"],
-                "timeline": {"segment_seconds": 2, "playlist_segments": 6, "cache_segments": 12, "primary_return_seconds": 6},
-                "hosts": [host("lb1", "lb", 1, false),
-                          host("ingest1", "ingest", 11, false),
-                          host("ingest2", "ingest", 12, false),
-                          host("ingest3", "ingest", 13, true)],
-                "channels": [{"name": "test", "fps": 25, "preset": "ultrafast", "audio_kbps": 96,
-                              "ladder": [{"name": "360p", "width": 640, "height": 360, "video_kbps": 800}]}],
-                "database": {"name": "streaming", "user": "streaming", "ttl": 10}
-            },
-            "paths": {"state_dir": "/x", "log_dir": null, "tls_cert": "/x", "tls_key": "/x", "ca_cert": "/x",
-                      "token_key": "/x", "cluster_key": "/x", "stream_keys_dir": "/x", "db_password": "/x",
-                      "db_superuser_password": "/x", "db_replication_password": "/x", "admin_password": "/x"},
-            "telemetry": {"json_logs": false, "otlp_endpoint": null}
-        }))
-        .unwrap()
+        use streaming_core::fixture::{host, host_config};
+        let mut hosts = vec![
+            host("lb1", "lb", "127.85.4.1"),
+            host("ingest1", "ingest", "127.85.4.11"),
+            host("ingest2", "ingest", "127.85.4.12"),
+            host("ingest3", "ingest", "127.85.4.13"),
+        ];
+        hosts[3]["drain"] = true.into();
+        let mut json = host_config("lb1", hosts);
+        json["cluster"]["site_urls"] = serde_json::json!(["https://127.85.1.1:8443"]);
+        serde_json::from_value(json).unwrap()
     }
 
     fn names(hosts: &[HostEntry]) -> Vec<&str> {

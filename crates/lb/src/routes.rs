@@ -413,34 +413,19 @@ mod tests {
     const KEY: &[u8] = b"k";
 
     fn config() -> HostConfig {
-        let host = |name: &str, role: &str, addr: &str, drain: bool| {
-            serde_json::json!({
-                "name": name, "role": role, "fqdn": "x", "address": addr,
-                "ports": {"https": 8443, "rtmp": 1935, "rtmps": 1936, "patroni": 8008, "postgres": 5432,
-                          "etcd_client": 2379, "etcd_peer": 2380},
-                "url": format!("https://{addr}:8443"),
-                "uplink_mbps": if role == "broadcast" { Some(100) } else { None },
-                "preferred_ingest": null, "channel": null, "priority": null, "etcd_witness": false, "drain": drain
-            })
-        };
-        serde_json::from_value(serde_json::json!({
-            "name": "lb1",
-            "cluster": {
-                "site": "s", "profile": "local", "site_urls": ["https://127.79.1.1:8443"],
-                "timeline": {"segment_seconds": 2, "playlist_segments": 6, "cache_segments": 12, "primary_return_seconds": 6},
-                "hosts": [host("lb1", "lb", "127.79.1.1", false),
-                          host("broadcast1", "broadcast", "127.79.2.1", false),
-                          host("broadcast2", "broadcast", "127.79.2.2", false)],
-                "channels": [{"name": "test", "fps": 25, "preset": "ultrafast", "audio_kbps": 96,
-                              "ladder": [{"name": "360p", "width": 640, "height": 360, "video_kbps": 800}]}],
-                "database": {"name": "streaming", "user": "streaming", "ttl": 10}
-            },
-            "paths": {"state_dir": "/x", "log_dir": null, "tls_cert": "/x", "tls_key": "/x", "ca_cert": "/x",
-                      "token_key": "/x", "cluster_key": "/x", "stream_keys_dir": "/x", "db_password": "/x",
-                      "db_superuser_password": "/x", "db_replication_password": "/x", "admin_password": "/x"},
-            "telemetry": {"json_logs": false, "otlp_endpoint": null}
-        }))
-        .unwrap()
+        use streaming_core::fixture::{host, host_config};
+        let mut hosts = vec![
+            host("lb1", "lb", "127.79.1.1"),
+            host("broadcast1", "broadcast", "127.79.2.1"),
+            host("broadcast2", "broadcast", "127.79.2.2"),
+        ];
+        for h in &mut hosts[1..] {
+            h["uplink_mbps"] = 100.into();
+        }
+        let mut json = host_config("lb1", hosts);
+        json["cluster"]["site"] = "s".into();
+        json["cluster"]["site_urls"] = serde_json::json!(["https://127.79.1.1:8443"]);
+        serde_json::from_value(json).unwrap()
     }
 
     fn app(free: &[(&str, u64)]) -> App {

@@ -422,35 +422,16 @@ mod tests {
     }
 
     fn config(dir: &std::path::Path, ingest_rtmps: u16, limits: serde_json::Value) -> HostConfig {
-        let host = |name: &str, role: &str, rtmps: u16| {
-            serde_json::json!({
-                "name": name, "role": role, "fqdn": "x", "address": "127.0.0.1",
-                "ports": {"https": 8443, "rtmp": 1935, "rtmps": rtmps, "patroni": 8008,
-                          "postgres": 5432, "etcd_client": 2379, "etcd_peer": 2380},
-                "url": "https://127.0.0.1:8443", "uplink_mbps": null,
-                "preferred_ingest": null, "channel": null, "priority": null,
-                "etcd_witness": false, "drain": false
-            })
-        };
+        use streaming_core::fixture::{host, host_config};
+        let mut ingest = host("ingest1", "ingest", "127.0.0.1");
+        ingest["ports"]["rtmps"] = ingest_rtmps.into();
+        let mut json = host_config("lb1", vec![host("lb1", "lb", "127.0.0.1"), ingest]);
+        json["cluster"]["limits"] = limits;
         let path = |f: &str| dir.join(f).display().to_string();
-        serde_json::from_value(serde_json::json!({
-            "name": "lb1",
-            "cluster": {
-                "site": "s", "profile": "local", "site_urls": ["https://127.0.0.1:8443"],
-                "timeline": {"segment_seconds": 2, "playlist_segments": 6, "cache_segments": 12, "primary_return_seconds": 6},
-                "hosts": [host("lb1", "lb", 1936), host("ingest1", "ingest", ingest_rtmps)],
-                "channels": [{"name": "test", "fps": 25, "preset": "ultrafast", "audio_kbps": 96,
-                              "ladder": [{"name": "360p", "width": 640, "height": 360, "video_kbps": 800}]}],
-                "database": {"name": "streaming", "user": "streaming", "ttl": 10},
-                "limits": limits
-            },
-            "paths": {"state_dir": "/x", "log_dir": null, "tls_cert": path("host.crt"),
-                      "tls_key": path("host.key"), "ca_cert": path("ca.crt"),
-                      "token_key": "/x", "cluster_key": "/x", "stream_keys_dir": "/x", "db_password": "/x",
-                      "db_superuser_password": "/x", "db_replication_password": "/x", "admin_password": "/x"},
-            "telemetry": {"json_logs": false, "otlp_endpoint": null}
-        }))
-        .unwrap()
+        json["paths"]["tls_cert"] = path("host.crt").into();
+        json["paths"]["tls_key"] = path("host.key").into();
+        json["paths"]["ca_cert"] = path("ca.crt").into();
+        serde_json::from_value(json).unwrap()
     }
 
     /// An "ingest" that answers every byte it gets over TLS with the same byte plus one.
