@@ -1,6 +1,46 @@
-//! What a broadcast reports on `/status`, and what LBs and `streamctl status` read.
+//! What broadcasts and ingests report on `/status`, defined once for the servers that write it
+//! and the LBs and `streamctl status` that read it.
+
+use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
+
+/// What an ingest reports on `/status`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IngestStatus {
+    pub name: String,
+    /// Always `ingest`.
+    pub role: String,
+    pub channels: BTreeMap<String, IngestChannelStatus>,
+}
+
+impl IngestStatus {
+    /// Outside publishers over all channels: where the LBs' publish front sends the next one.
+    pub fn outside_publishers(&self) -> u64 {
+        self.channels
+            .values()
+            .map(|c| c.outside_publishers as u64)
+            .sum()
+    }
+}
+
+/// One channel of an ingest, as operators and the LBs see it. Fields an older (or newer)
+/// ingest does not send read as their default.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct IngestChannelStatus {
+    pub active_source: Option<String>,
+    pub live: bool,
+    pub last_slot: Option<u64>,
+    pub ffmpeg_restarts: u64,
+    pub publishers_connected: usize,
+    /// Outside publishers (OBS: not one of the channel's sources, not a peer's relay)
+    /// connected to this ingest itself. The LBs send a new publisher where this is non-zero,
+    /// and `streamctl status` shows where the channel's publisher is.
+    pub outside_publishers: usize,
+    pub segments_live: u64,
+    pub segments_slate: u64,
+}
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct BroadcastStatus {
@@ -23,7 +63,7 @@ pub struct BroadcastStatus {
     pub live: bool,
     pub draining: bool,
     /// Ingest each channel is currently pulled from.
-    pub origins: std::collections::BTreeMap<String, String>,
+    pub origins: BTreeMap<String, String>,
 }
 
 /// Share of the uplink we allow to fill; the rest is headroom for playlists, TLS and TCP
@@ -108,5 +148,18 @@ mod tests {
         });
         let s: BroadcastStatus = serde_json::from_value(json).unwrap();
         assert_eq!((s.viewers, s.segment_egress_mbps), (3, 0.0));
+    }
+
+    #[test]
+    fn ingest_status_sums_outside_publishers_and_tolerates_missing_fields() {
+        let json = serde_json::json!({"name": "ingest1", "role": "ingest", "channels": {
+            "a": {"outside_publishers": 1, "active_source": "plain"},
+            "b": {"outside_publishers": 2},
+            "c": {}
+        }});
+        let s: IngestStatus = serde_json::from_value(json).unwrap();
+        assert_eq!(s.outside_publishers(), 3);
+        assert_eq!(s.channels["a"].active_source.as_deref(), Some("plain"));
+        assert!(serde_json::from_value::<IngestStatus>(serde_json::json!({"name": "x"})).is_err());
     }
 }

@@ -12,8 +12,8 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use serde::Serialize;
 use streaming_core::config::ChannelConfig;
+use streaming_core::status::IngestChannelStatus;
 use streaming_hls::{SegmentInfo, SegmentWindow, SlotClock, Variant, unix_now_ms};
 use tokio::sync::{mpsc, watch};
 
@@ -113,29 +113,13 @@ pub struct ChannelOutput {
     pub variants: Vec<Variant>,
 }
 
-/// Operator view of a channel (`/status`).
-#[derive(Debug, Clone, Default, Serialize)]
-pub struct ChannelStatus {
-    pub active_source: Option<String>,
-    pub live: bool,
-    pub last_slot: Option<u64>,
-    pub ffmpeg_restarts: u64,
-    pub publishers_connected: usize,
-    /// Outside publishers (OBS: not one of the channel's sources, not a peer's relay)
-    /// connected to this ingest itself. The LBs send a new publisher where this is non-zero,
-    /// and `streamctl status` shows where the channel's publisher is.
-    pub outside_publishers: usize,
-    pub segments_live: u64,
-    pub segments_slate: u64,
-}
-
 /// The part of a channel shared with the origin.
 pub struct ChannelShared {
     pub name: String,
     pub output: RwLock<ChannelOutput>,
     /// Last decided slot; origin requests with `_HLS_msn` wait on it.
     pub last_slot: watch::Sender<Option<u64>>,
-    pub status: Mutex<ChannelStatus>,
+    pub status: Mutex<IngestChannelStatus>,
 }
 
 impl ChannelShared {
@@ -167,7 +151,7 @@ impl ChannelShared {
                 variants,
             }),
             last_slot: watch::channel(None).0,
-            status: Mutex::new(ChannelStatus::default()),
+            status: Mutex::new(IngestChannelStatus::default()),
         })
     }
 }

@@ -14,6 +14,7 @@ use metrics_exporter_prometheus::PrometheusHandle;
 use serde::Deserialize;
 use streaming_core::config::is_safe_name;
 use streaming_core::http::{has_bearer, metrics_response, text_error};
+use streaming_core::status::IngestStatus;
 
 use crate::channel::ChannelShared;
 use streaming_core::sync::{lock, read};
@@ -195,11 +196,13 @@ async fn status(State(s): State<OriginState>) -> Response {
         .iter()
         .map(|(k, v)| (k.clone(), v.clone()))
         .collect();
-    let mut map = serde_json::Map::new();
-    for (name, ch) in channels {
-        let st = lock(&ch.status).clone();
-        map.insert(name, serde_json::to_value(st).unwrap_or_default());
-    }
-    axum::Json(serde_json::json!({ "name": s.host, "role": "ingest", "channels": map }))
-        .into_response()
+    let status = IngestStatus {
+        name: s.host.clone(),
+        role: "ingest".to_owned(),
+        channels: channels
+            .into_iter()
+            .map(|(name, ch)| (name, lock(&ch.status).clone()))
+            .collect(),
+    };
+    axum::Json(status).into_response()
 }

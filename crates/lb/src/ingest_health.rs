@@ -10,6 +10,7 @@ use std::sync::{Arc, RwLock};
 use std::time::Instant;
 
 use streaming_core::config::{HostConfig, HostEntry, Role};
+use streaming_core::status::IngestStatus;
 
 use crate::health::{MAX_POLL_AGE, PollTargets, PollTicks};
 use streaming_core::sync::{read, write};
@@ -95,19 +96,6 @@ pub fn ranked(
     hosts.into_iter().map(|(_, _, _, h)| h.clone()).collect()
 }
 
-/// Outside publishers in an ingest's `/status`
-/// (`{"channels": {"<name>": {"outside_publishers": n}}}`).
-pub fn outside_publishers(status: &serde_json::Value) -> Result<u64, String> {
-    let channels = status
-        .get("channels")
-        .and_then(|c| c.as_object())
-        .ok_or("status without channels")?;
-    Ok(channels
-        .values()
-        .filter_map(|c| c.get("outside_publishers").and_then(|n| n.as_u64()))
-        .sum())
-}
-
 /// Polls every ingest of the current config, in parallel, once per [`crate::health::POLL_INTERVAL`].
 pub async fn poll_loop(
     ingests: Arc<Ingests>,
@@ -120,9 +108,9 @@ pub async fn poll_loop(
         let (config, client) = config();
         let targets = PollTargets::of(&config, Role::Ingest);
         ingests.retain(&targets.names());
-        let mut polls = targets.poll::<serde_json::Value>(&client);
+        let mut polls = targets.poll::<IngestStatus>(&client);
         while let Some((name, status)) = polls.next().await {
-            let result = status.and_then(|s| outside_publishers(&s));
+            let result = status.map(|s| s.outside_publishers());
             let outcome = if result.is_ok() { "ok" } else { "failed" };
             metrics::counter!("lb_ingest_polls_total", "ingest" => name.clone(), "result" => outcome)
                 .increment(1);
@@ -200,16 +188,5 @@ mod tests {
         let much_later = later + MAX_POLL_AGE;
         assert!(!ingests.should_leave("ingest2", much_later));
         assert!(!ingests.should_leave("ingest1", much_later));
-    }
-
-    #[test]
-    fn outside_publishers_are_summed_over_channels() {
-        let status = serde_json::json!({"name": "ingest1", "role": "ingest", "channels": {
-            "a": {"outside_publishers": 1, "active_source": "plain"},
-            "b": {"outside_publishers": 2},
-            "c": {}
-        }});
-        assert_eq!(outside_publishers(&status), Ok(3));
-        assert!(outside_publishers(&serde_json::json!({"name": "x"})).is_err());
     }
 }
