@@ -7,12 +7,11 @@
 use arbitrary::{Arbitrary, Unstructured};
 use libfuzzer_sys::fuzz_target;
 use streaming_chat::session::{SessionClaims, SessionError, SessionSigner};
+use streaming_core::signed::MAX_SIGNED_LEN as MAX_TOKEN_LEN;
 
 /// Key and clock the committed seed tokens were made with.
 const KEY: &[u8] = b"fuzz key of the cluster";
 const NOW: u64 = 1_800_000_000;
-/// The verifier's cap (private in the crate): longer tokens are refused before decoding.
-const MAX_TOKEN_LEN: usize = 512;
 
 #[derive(Debug, Arbitrary)]
 struct Claims {
