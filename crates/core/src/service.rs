@@ -22,7 +22,7 @@ pub struct ServiceArgs {
 
 /// What a role's `run` function receives.
 pub struct ServiceContext {
-    /// Re-read this path on SIGHUP ([`ServiceContext::reload_config`]).
+    /// Re-read this path on SIGHUP ([`ServiceContext::reload_loop`]).
     pub config_path: PathBuf,
     pub config: HostConfig,
     pub lifecycle: Lifecycle,
@@ -47,15 +47,8 @@ impl ServiceContext {
         )
     }
 
-    /// Re-reads the config file; the caller keeps the old one when this fails. A config that
-    /// names another host is refused: the file was swapped for another machine's, and applying
-    /// it would make this process impersonate that host.
-    pub fn reload_config(&self) -> Result<HostConfig, ReloadError> {
-        reload_config(&self.config_path, &self.config.name)
-    }
-
     /// The one SIGHUP path of every role: on each reload signal, re-read the config
-    /// ([`ServiceContext::reload_config`]) and hand it to `apply`. A refused config or a failed
+    /// ([`reload_config`]) and hand it to `apply`. A refused config or a failed
     /// `apply` is logged and the service keeps running on what it had. Resolves at shutdown;
     /// spawn it beside the role's servers.
     pub fn reload_loop<F, Fut>(&self, mut apply: F) -> impl Future<Output = ()> + Send + use<F, Fut>
@@ -106,6 +99,9 @@ pub enum ReloadError {
     OtherHost { expected: String, found: String },
 }
 
+/// Re-reads the config file of host `name`. A config that names another host is refused: the
+/// file was swapped for another machine's, and applying it would make this process act as that
+/// host.
 fn reload_config(path: &std::path::Path, name: &str) -> Result<HostConfig, ReloadError> {
     let config = HostConfig::load(path)?;
     if config.name != name {
