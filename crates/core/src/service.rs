@@ -215,4 +215,47 @@ mod tests {
             Err(ReloadError::Config(_))
         ));
     }
+
+    /// The whole SIGHUP path with a real signal: another host's config is refused and never
+    /// reaches the role; its own config does; shutdown ends the loop.
+    #[tokio::test]
+    async fn sighup_hands_the_reloaded_config_to_the_role_unless_it_names_another_host() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("host.json");
+        std::fs::write(&path, config_json("lb1")).unwrap();
+        let ctx = ServiceContext {
+            config_path: path.clone(),
+            config: HostConfig::load(&path).unwrap(),
+            lifecycle: Lifecycle::from_signals().unwrap(),
+            metrics: metrics_exporter_prometheus::PrometheusBuilder::new()
+                .build_recorder()
+                .handle(),
+        };
+        let (tx, mut applied) = tokio::sync::mpsc::unbounded_channel();
+        let reloads = tokio::spawn(ctx.reload_loop(move |config| {
+            let _ = tx.send(config.name);
+            std::future::ready(Ok(()))
+        }));
+        let hup = || {
+            // SAFETY: kill with our own pid and a signal tokio handles.
+            let sent = unsafe { libc::kill(libc::getpid(), libc::SIGHUP) };
+            assert_eq!(sent, 0);
+        };
+        let wait = std::time::Duration::from_millis(500);
+
+        std::fs::write(&path, config_json("lb2")).unwrap();
+        hup();
+        assert!(tokio::time::timeout(wait, applied.recv()).await.is_err());
+
+        std::fs::write(&path, config_json("lb1")).unwrap();
+        hup();
+        let name = tokio::time::timeout(wait * 10, applied.recv()).await;
+        assert_eq!(name.unwrap().as_deref(), Some("lb1"));
+
+        ctx.lifecycle.request_shutdown();
+        tokio::time::timeout(wait * 10, reloads)
+            .await
+            .expect("the reload loop ends at shutdown")
+            .unwrap();
+    }
 }
