@@ -1333,7 +1333,7 @@ pub async fn load(mut opts: LoadOptions) -> anyhow::Result<LoadOutcome> {
                 }
                 bail!(
                     "only {ready} of {} chat clients could register and connect within {} s \
-                     (is the chat up? RUST_LOG=streaming_streamctl=info shows why)",
+                     (is the chat up? RUST_LOG=streaming_clients=info shows why)",
                     opts.clients,
                     SETUP_TIMEOUT.as_secs()
                 );

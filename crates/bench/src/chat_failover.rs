@@ -1,6 +1,6 @@
 //! `streamctl bench chat-failover`: chat durability while the database primary fails.
 //!
-//! Against a running local cluster, the chat load of [`crate::chat`] runs while the current
+//! Against a running local cluster, the chat load of [`streaming_clients::chat`] runs while the current
 //! PostgreSQL primary is killed (SIGKILL of Patroni and PostgreSQL, `streamctl kill dbN
 //! --postgres`; with `--whole-host` the host's etcd member dies too), restored and left to
 //! rejoin as a synchronous standby; then the new primary is killed the same way; then the
@@ -10,20 +10,24 @@
 //! checks that every acked (user, id) is stored exactly once under its acked seq.
 //! The issue's target: 0 lost, 0 duplicates, outage <= ttl + 2 s.
 
-use std::collections::HashMap;
 use std::fmt::Write as _;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use serde::Serialize;
-use sqlx::Connection as _;
 use streaming_core::config::{ClusterConfig, HostEntry, Role};
 use tokio::sync::{oneshot, watch};
 
-use crate::chat::{self, AckedMessage, ChatReport, LoadOptions, Outage, Target};
-use crate::cluster::Layout;
+use streaming_clients::chat::{self, ChatReport, LoadOptions, Outage, Target};
+use streaming_runner::cluster::Layout;
+use streaming_runner::hosts::Blow;
+
+use crate::database::{
+    DbCheck, Stored, check_db, find_primary, most_primaries, patroni_says, wait_for_primary,
+};
+use crate::faults;
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct ChatFailoverArgs {
@@ -122,27 +126,6 @@ pub struct FaultRow {
     pub primaries_max: usize,
 }
 
-/// The database side of the check.
-#[derive(Debug, Clone, Default, Serialize)]
-pub struct DbCheck {
-    /// The db host read (the primary after the run).
-    pub host: String,
-    /// Acked messages looked up.
-    pub checked: u64,
-    /// Message rows of this run's accounts.
-    pub rows: u64,
-    /// Acked and not stored.
-    pub lost: u64,
-    /// Acked and stored under another seq than the ack said.
-    pub wrong_seq: u64,
-    /// Acked and stored more than once.
-    pub duplicates: u64,
-    /// Seqs used twice in the channel (any account).
-    pub seq_duplicates: u64,
-    /// Stored but never acked (the ack was lost with a socket; allowed, and delivered anyway).
-    pub stored_unacked: u64,
-}
-
 #[derive(Debug, Clone, Serialize)]
 pub struct ChatFailoverReport {
     /// Patroni's leader lease (config.cluster.database.ttl).
@@ -154,24 +137,6 @@ pub struct ChatFailoverReport {
     pub db: DbCheck,
     /// 0 lost, 0 duplicates, every client got everything in order, every outage within target.
     pub passed: bool,
-}
-
-/// `GET https://<addr>:<patroni>/<check>` answered 200 (`replica`, `sync`).
-async fn patroni_says(http: &reqwest::Client, host: &HostEntry, check: &str) -> bool {
-    let url = format!("{}/{check}", crate::db::rest_url(host));
-    matches!(http.get(url).send().await, Ok(r) if r.status().is_success())
-}
-
-/// The db host among `dbs` that is primary now (Patroni's `/primary`, through
-/// [`crate::db::primary_in`]).
-async fn find_primary(
-    http: &reqwest::Client,
-    cluster: &ClusterConfig,
-    dbs: &[HostEntry],
-) -> Option<String> {
-    let mut only = cluster.clone();
-    only.hosts.retain(|h| dbs.iter().any(|d| d.name == h.name));
-    crate::db::primary_in(http, &only).await
 }
 
 /// Polls `check` every 200 ms until it holds or `limit` passes; the seconds it took.
@@ -192,18 +157,6 @@ where
     }
 }
 
-/// Runs `streamctl <args> --state <state>` (kill and start go through the operator's commands).
-async fn streamctl(state: &Path, args: &[&str]) -> anyhow::Result<String> {
-    let state = state.to_owned();
-    let args: Vec<String> = args.iter().map(|a| (*a).to_owned()).collect();
-    tokio::task::spawn_blocking(move || {
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        crate::bench::streamctl(&state, &args)
-    })
-    .await
-    .context("streamctl task")?
-}
-
 /// The longest outage overlapping `[from_s, to_s)`, and all of them.
 pub fn outages_in(outages: &[Outage], from_s: f64, to_s: f64) -> (f64, Vec<Outage>) {
     let inside: Vec<Outage> = outages
@@ -213,98 +166,6 @@ pub fn outages_in(outages: &[Outage], from_s: f64, to_s: f64) -> (f64, Vec<Outag
         .collect();
     let longest = inside.iter().map(|o| o.duration_s).fold(0.0, f64::max);
     (longest, inside)
-}
-
-/// Per acked message: how many rows hold its (user, id), and whether one has its seq.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Stored {
-    Once,
-    Missing,
-    WrongSeq,
-    Twice,
-}
-
-/// Compares the acks with the rows `(user, client_id, seq)` read from the database.
-pub fn compare(acked: &[AckedMessage], rows: &[(String, String, i64)]) -> Vec<Stored> {
-    let mut by_id: HashMap<(&str, &str), Vec<i64>> = HashMap::new();
-    for (user, id, seq) in rows {
-        by_id.entry((user, id)).or_default().push(*seq);
-    }
-    acked
-        .iter()
-        .map(|m| match by_id.get(&(m.user.as_str(), m.id.as_str())) {
-            None => Stored::Missing,
-            Some(seqs) if seqs.len() > 1 => Stored::Twice,
-            Some(seqs) if seqs[0] == m.seq as i64 => Stored::Once,
-            Some(_) => Stored::WrongSeq,
-        })
-        .collect()
-}
-
-/// Reads this run's messages from the primary as the services' role and checks every ack.
-pub(crate) async fn check_db(
-    layout: &Layout,
-    dbs: &[HostEntry],
-    primary: &str,
-    channel: &str,
-    user_prefix: &str,
-    acked: &[AckedMessage],
-) -> anyhow::Result<(DbCheck, Vec<Stored>)> {
-    let config = layout.load_configs()?;
-    let any = config.first().context("no host config")?;
-    let database = &any.cluster.database;
-    let password = streaming_core::secrets::read_secret(&any.paths.db_password)
-        .with_context(|| format!("db password {}", any.paths.db_password.display()))?;
-    let host = dbs
-        .iter()
-        .find(|h| h.name == primary)
-        .with_context(|| format!("{primary} is not a db host"))?;
-    let options = sqlx::postgres::PgConnectOptions::new()
-        .host(&host.address.to_string())
-        .port(host.ports.postgres)
-        .username(&database.user)
-        .password(&password)
-        .database(&database.name)
-        .ssl_mode(sqlx::postgres::PgSslMode::VerifyFull)
-        .ssl_root_cert(&any.paths.ca_cert)
-        .application_name("streamctl-chat-failover");
-    let mut conn = tokio::time::timeout(
-        Duration::from_secs(10),
-        sqlx::postgres::PgConnection::connect_with(&options),
-    )
-    .await
-    .context("connecting to PostgreSQL: timeout")?
-    .with_context(|| format!("connecting to PostgreSQL on {primary} as {}", database.user))?;
-    let rows: Vec<(String, String, i64)> = sqlx::query_as(
-        "SELECT u.name, e.client_id, e.seq FROM chat_events e JOIN users u ON u.id = e.user_id \
-         WHERE e.channel = $1 AND e.kind = 'message' AND starts_with(u.name, $2)",
-    )
-    .bind(channel)
-    .bind(user_prefix)
-    .fetch_all(&mut conn)
-    .await
-    .context("reading chat_events")?;
-    let (seq_duplicates,): (i64,) =
-        sqlx::query_as("SELECT count(*) - count(DISTINCT seq) FROM chat_events WHERE channel = $1")
-            .bind(channel)
-            .fetch_one(&mut conn)
-            .await
-            .context("counting seqs")?;
-    let _ = conn.close().await;
-    let stored = compare(acked, &rows);
-    let count = |s: Stored| stored.iter().filter(|x| **x == s).count() as u64;
-    let matched = count(Stored::Once) + count(Stored::WrongSeq) + count(Stored::Twice);
-    let check = DbCheck {
-        host: primary.to_owned(),
-        checked: acked.len() as u64,
-        rows: rows.len() as u64,
-        lost: count(Stored::Missing),
-        wrong_seq: count(Stored::WrongSeq),
-        duplicates: count(Stored::Twice),
-        seq_duplicates: seq_duplicates.max(0) as u64,
-        stored_unacked: (rows.len() as u64).saturating_sub(matched),
-    };
-    Ok((check, stored))
 }
 
 /// One fault from injection to the failed host being a synchronous standby again.
@@ -341,20 +202,22 @@ async fn one_fault(
     if kind == FaultKind::Partition {
         // Its replicas and every etcd member not on itself: its own member is then a
         // minority of one.
-        let mut cut = vec!["partition", host.as_str(), "--from", "db"];
-        for witness in cluster.hosts.iter().filter(|h| h.etcd_witness) {
-            cut.extend(["--from", witness.name.as_str()]);
-        }
-        streamctl(&args.state, &cut).await?;
+        let mut from = vec!["db".to_owned()];
+        from.extend(
+            cluster
+                .hosts
+                .iter()
+                .filter(|h| h.etcd_witness)
+                .map(|h| h.name.clone()),
+        );
+        faults::cut(&args.state, &host, &from).await?;
     } else {
-        let mut kill = vec!["kill", host.as_str()];
-        if kind == FaultKind::Hang {
-            kill.push("--hang");
-        }
-        if !args.whole_host {
-            kill.push("--postgres");
-        }
-        streamctl(&args.state, &kill).await?;
+        let blow = Blow {
+            hang: kind == FaultKind::Hang,
+            postgres: !args.whole_host,
+            ..Blow::default()
+        };
+        faults::kill(&args.state, &host, blow).await?;
     }
     let result = async {
         let others: Vec<HostEntry> = dbs.iter().filter(|h| h.name != host).cloned().collect();
@@ -388,9 +251,9 @@ async fn one_fault(
     let restored_after_s = fault_at.elapsed().as_secs_f64();
     eprintln!("bench: {name}: restoring {host}");
     if kind == FaultKind::Partition {
-        streamctl(&args.state, &["heal", &host]).await?;
+        faults::heal(&args.state, &host).await?;
     } else {
-        streamctl(&args.state, &["start", &host]).await?;
+        faults::start(&args.state, &host).await?;
     }
     let restored = Instant::now();
     let (new_primary, new_primary_after_s) = result?;
@@ -467,47 +330,6 @@ async fn one_fault(
     })
 }
 
-/// The most db hosts that answered `/primary` with 200 in one poll, until `stop` turns true.
-pub(crate) async fn most_primaries(
-    http: reqwest::Client,
-    dbs: Vec<HostEntry>,
-    mut stop: watch::Receiver<bool>,
-) -> usize {
-    let mut most = 0;
-    while !*stop.borrow() {
-        let polls = dbs.iter().map(|h| patroni_says(&http, h, "primary"));
-        let now = futures::future::join_all(polls)
-            .await
-            .into_iter()
-            .filter(|p| *p)
-            .count();
-        most = most.max(now);
-        tokio::select! {
-            _ = stop.changed() => {}
-            _ = tokio::time::sleep(Duration::from_millis(200)) => {}
-        }
-    }
-    most
-}
-
-pub(crate) async fn wait_for_primary(
-    http: &reqwest::Client,
-    cluster: &ClusterConfig,
-    dbs: &[HostEntry],
-    limit: Duration,
-) -> Option<String> {
-    let start = Instant::now();
-    loop {
-        if let Some(p) = find_primary(http, cluster, dbs).await {
-            return Some(p);
-        }
-        if start.elapsed() >= limit {
-            return None;
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-}
-
 /// Runs the bench; the report (also for the end-to-end test, through `--json`).
 pub async fn bench(args: &ChatFailoverArgs) -> anyhow::Result<ChatFailoverReport> {
     let layout = Layout::new(&args.state)?;
@@ -521,7 +343,7 @@ pub async fn bench(args: &ChatFailoverArgs) -> anyhow::Result<ChatFailoverReport
             dbs.len()
         );
     }
-    let http = crate::db::rest_client(any)?;
+    let http = streaming_runner::db::rest_client(any)?;
     let cluster = &any.cluster;
     // A primary with a synchronous standby, or the first kill has nobody to promote.
     let whole = wait_until(Duration::from_secs(90), || async {
@@ -795,41 +617,6 @@ pub async fn run(args: ChatFailoverArgs) -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn acked(user: &str, id: &str, seq: u64) -> AckedMessage {
-        AckedMessage {
-            user: user.into(),
-            id: id.into(),
-            seq,
-            acked_s: 0.0,
-        }
-    }
-
-    #[test]
-    fn compare_finds_missing_wrong_seq_and_doubles() {
-        let acks = vec![
-            acked("a", "a-1", 1),
-            acked("a", "a-2", 2),
-            acked("b", "b-1", 3),
-            acked("b", "b-2", 4),
-        ];
-        let rows = vec![
-            ("a".to_owned(), "a-1".to_owned(), 1),
-            ("b".to_owned(), "b-1".to_owned(), 5),
-            ("b".to_owned(), "b-2".to_owned(), 4),
-            ("b".to_owned(), "b-2".to_owned(), 6),
-            ("c".to_owned(), "c-1".to_owned(), 7),
-        ];
-        assert_eq!(
-            compare(&acks, &rows),
-            vec![
-                Stored::Once,
-                Stored::Missing,
-                Stored::WrongSeq,
-                Stored::Twice
-            ]
-        );
-    }
 
     #[test]
     fn outages_are_attributed_to_the_fault_window_they_overlap() {

@@ -22,10 +22,10 @@ use anyhow::{Context, bail};
 use streaming_core::config::Role;
 use tokio::sync::{oneshot, watch};
 
-use crate::chat::{self, LoadOptions, Target as ChatTarget};
-use crate::cluster::Layout;
 use report::{ChaosReport, StepRow, Totals};
 use schedule::{Bounds, Kind, Shape, Step, Target};
+use streaming_clients::chat::{self, LoadOptions, Target as ChatTarget};
+use streaming_runner::cluster::Layout;
 
 /// The longest wait for the cluster to be whole, before a step and after its restores.
 const WHOLE_LIMIT: Duration = Duration::from_secs(120);
@@ -123,7 +123,7 @@ impl ChaosArgs {
 
 /// The hosts of the running cluster the schedule draws from (drained ones left out), by name.
 fn targets(layout: &Layout) -> anyhow::Result<Vec<Target>> {
-    let drained = crate::cluster::read_drained(layout)?;
+    let drained = streaming_runner::cluster::read_drained(layout)?;
     let mut hosts: Vec<Target> = layout
         .load_configs()?
         .iter()
@@ -213,7 +213,11 @@ pub async fn bench(
         .iter()
         .flat_map(|s| &s.faults)
         .any(|f| f.kind == Kind::Partition);
-    if cuts && configs.iter().all(|c| crate::cgroup::existing(c).is_none()) {
+    if cuts
+        && configs
+            .iter()
+            .all(|c| streaming_runner::cgroup::existing(c).is_none())
+    {
         bail!(
             "the schedule has partitions, but no host of this cluster has a cgroup of its own \
              (partitions need root, cgroup v2 and nft when `streamctl up` ran): start the \
@@ -225,7 +229,7 @@ pub async fn bench(
         broadcasts,
         chat: ChatTarget::resolve(None, &args.state, None, None)?,
         ack_timeout: Duration::from_secs(u64::from(cluster.database.ttl) + 10),
-        db_http: crate::db::rest_client(any)?,
+        db_http: streaming_runner::db::rest_client(any)?,
         cluster,
         dbs,
         args: args.clone(),
@@ -317,7 +321,7 @@ async fn run_step(ctx: &StepContext, step: &Step) -> anyhow::Result<StepRow> {
             Ok(_) => bail!("the chat load ended before sending"),
         };
     }
-    let watch_args = crate::watch::WatchArgs {
+    let watch_args = streaming_clients::watch::WatchArgs {
         url: None,
         // Every LB of the local cluster, in turn, as a browser would.
         lb: Vec::new(),
@@ -330,11 +334,11 @@ async fn run_step(ctx: &StepContext, step: &Step) -> anyhow::Result<StepRow> {
         pin: Some(ctx.broadcasts.join(",")),
         json: true,
     };
-    let viewers = tokio::spawn(async move { crate::watch::watch(&watch_args).await });
+    let viewers = tokio::spawn(async move { streaming_clients::watch::watch(&watch_args).await });
     tokio::time::sleep(Duration::from_secs(args.lead_in)).await;
 
     let (primaries_stop, primaries_rx) = watch::channel(false);
-    let primaries = tokio::spawn(crate::chat_failover::most_primaries(
+    let primaries = tokio::spawn(crate::database::most_primaries(
         ctx.db_http.clone(),
         ctx.dbs.clone(),
         primaries_rx,
@@ -348,7 +352,7 @@ async fn run_step(ctx: &StepContext, step: &Step) -> anyhow::Result<StepRow> {
             .map(|shape| shape.from_words(fault.role, &ctx.targets))
             .unwrap_or_default();
         if fault.shape == Some(Shape::PrimaryFromReplicaAndEtcd) {
-            fault.host = crate::chat_failover::wait_for_primary(
+            fault.host = crate::database::wait_for_primary(
                 &ctx.db_http,
                 &ctx.cluster,
                 &ctx.dbs,
@@ -396,7 +400,7 @@ async fn run_step(ctx: &StepContext, step: &Step) -> anyhow::Result<StepRow> {
     let watched = viewers.await.context("viewer task")??;
     let _ = stop_tx.send(true);
     let outcome = load.await.context("chat load task")??;
-    let primary = crate::chat_failover::wait_for_primary(
+    let primary = crate::database::wait_for_primary(
         &ctx.db_http,
         &ctx.cluster,
         &ctx.dbs,
@@ -404,7 +408,7 @@ async fn run_step(ctx: &StepContext, step: &Step) -> anyhow::Result<StepRow> {
     )
     .await
     .context("no database primary to check the step's messages on")?;
-    let (db, _) = crate::chat_failover::check_db(
+    let (db, _) = crate::database::check_db(
         &ctx.layout,
         &ctx.dbs,
         &primary,

@@ -18,11 +18,11 @@ use tokio::io::AsyncRead;
 use tokio::sync::mpsc;
 
 /// Tags read ahead of the connection (a few seconds of video).
-pub(crate) const QUEUE_TAGS: usize = 256;
+pub const QUEUE_TAGS: usize = 256;
 
 /// Why [`forward_media`] stopped.
 #[derive(Debug, PartialEq, Eq)]
-pub(crate) enum MediaEnd {
+pub enum MediaEnd {
     /// The FLV input ended.
     InputEnded,
     /// The publishing side dropped its receiver (its connection is gone).
@@ -31,7 +31,7 @@ pub(crate) enum MediaEnd {
 
 /// Reads FLV from `input` and sends its media tags to `tx`, until either side ends. Media
 /// only: the script tag (onMetaData) has no place in the publish.
-pub(crate) async fn forward_media(
+pub async fn forward_media(
     input: impl AsyncRead + Unpin,
     tx: mpsc::Sender<Tag>,
 ) -> Result<MediaEnd, FlvError> {

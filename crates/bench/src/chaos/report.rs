@@ -6,9 +6,9 @@ use std::fmt::Write as _;
 use serde::Serialize;
 
 use super::schedule::{Bounds, Step};
-use crate::chat::{ChatReport, Outage};
-use crate::chat_failover::DbCheck;
-use crate::watch::WatchReport;
+use crate::database::DbCheck;
+use streaming_clients::chat::{ChatReport, Outage};
+use streaming_clients::watch::WatchReport;
 
 /// One step: its faults and what the viewers and chat clients felt meanwhile.
 #[derive(Debug, Clone, Default, Serialize)]

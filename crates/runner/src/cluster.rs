@@ -2,8 +2,6 @@
 //! secrets and the state directory layout that every other subcommand reads back.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -200,7 +198,7 @@ pub fn write_drained(layout: &Layout, drained: &BTreeSet<String>) -> anyhow::Res
         text.push_str(name);
         text.push('\n');
     }
-    write_file(&layout.drained_file(), text.as_bytes(), false)
+    crate::files::write_file(&layout.drained_file(), text.as_bytes(), false)
         .with_context(|| format!("write {}", layout.drained_file().display()))
 }
 
@@ -257,7 +255,7 @@ impl Source {
     }
 
     pub fn save(&self, layout: &Layout) -> anyhow::Result<()> {
-        write_file(
+        crate::files::write_file(
             &layout.source_file(),
             &serde_json::to_vec_pretty(self)?,
             false,
@@ -332,7 +330,7 @@ pub fn materialise(layout: &Layout, configs: &BTreeMap<String, HostConfig>) -> a
     ensure_secrets(configs)?;
     for (name, config) in configs {
         let json = serde_json::to_vec_pretty(config)?;
-        write_file(&layout.config_file(name), &json, false)?;
+        crate::files::write_file(&layout.config_file(name), &json, false)?;
     }
     Ok(())
 }
@@ -363,7 +361,7 @@ pub fn ensure_secrets(configs: &BTreeMap<String, HostConfig>) -> anyhow::Result<
     }
     for file in files {
         if !file.exists() {
-            write_file(&file, format!("{}\n", random_secret()).as_bytes(), true)?;
+            crate::files::write_file(&file, format!("{}\n", random_secret()).as_bytes(), true)?;
         }
     }
     Ok(())
@@ -373,24 +371,6 @@ pub fn ensure_secrets(configs: &BTreeMap<String, HostConfig>) -> anyhow::Result<
 pub fn random_secret() -> String {
     let bytes: [u8; 32] = rand::random();
     bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-/// Creates parents and writes the file (atomically via a temp file); private files get 0600.
-pub fn write_file(path: &Path, bytes: &[u8], private: bool) -> std::io::Result<()> {
-    if let Some(parent) = path.parent() {
-        std::fs::create_dir_all(parent)?;
-    }
-    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
-    {
-        let mut file = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(if private { 0o600 } else { 0o644 })
-            .open(&tmp)?;
-        file.write_all(bytes)?;
-    }
-    std::fs::rename(&tmp, path)
 }
 
 #[cfg(test)]

@@ -146,7 +146,7 @@ pub fn spawn_with_args(host: &HostProcess<'_>, leading: &[&str]) -> anyhow::Resu
     let pid = i32::try_from(child.id()).context("pid out of range")?;
     // The child is not waited for: it outlives this command. `down` finds it by its pid file.
     drop(child);
-    crate::cluster::write_file(host.pid_file, format!("{pid}\n").as_bytes(), false)
+    crate::files::write_file(host.pid_file, format!("{pid}\n").as_bytes(), false)
         .with_context(|| format!("write {}", host.pid_file.display()))?;
     Ok(pid)
 }

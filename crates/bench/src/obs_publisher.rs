@@ -20,8 +20,8 @@ use streaming_rtmp_publish::{
 };
 use tokio::sync::{mpsc, watch};
 
-use crate::cluster::Layout;
-use crate::publish::{MediaEnd, QUEUE_TAGS, forward_media};
+use streaming_clients::publish::{MediaEnd, QUEUE_TAGS, forward_media};
+use streaming_runner::cluster::Layout;
 
 /// OBS waits a few seconds before reconnecting after a drop.
 pub const RECONNECT_DELAY: Duration = Duration::from_secs(2);
@@ -172,7 +172,7 @@ impl Drop for ObsPublisher {
 pub async fn ingest_channels(state: &Path) -> anyhow::Result<Vec<(String, serde_json::Value)>> {
     let layout = Layout::new(state)?;
     let configs: Vec<HostConfig> = layout.load_configs()?;
-    let client = crate::probe::client(&layout.ca().cert, Duration::from_secs(1))?;
+    let client = streaming_runner::probe::client(&layout.ca().cert, Duration::from_secs(1))?;
     let token = configs
         .first()
         .and_then(|c| c.paths.metrics_token.as_deref())
@@ -181,7 +181,9 @@ pub async fn ingest_channels(state: &Path) -> anyhow::Result<Vec<(String, serde_
     for config in configs.iter().filter(|c| c.me().role == Role::Ingest) {
         let me = config.me();
         let url = me.url.trim_end_matches('/');
-        if let Some(json) = crate::probe::status_json(&client, url, token.as_deref()).await {
+        if let Some(json) =
+            streaming_runner::probe::status_json(&client, url, token.as_deref()).await
+        {
             out.push((me.name.clone(), json["channels"][CHANNEL].clone()));
         }
     }

@@ -10,32 +10,18 @@
 
 use std::fmt::Write as _;
 use std::path::PathBuf;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use serde::Serialize;
 
-use crate::watch::{WatchArgs, WatchReport, watch};
+use streaming_clients::watch::{WatchArgs, WatchReport, watch};
+use streaming_core::config::Role;
+use streaming_runner::cluster::Layout;
+use streaming_runner::hosts::Blow;
+
+use crate::faults;
 use crate::whole::wait_whole;
-
-#[derive(Debug, Clone, clap::Args)]
-pub struct BenchArgs {
-    #[command(subcommand)]
-    pub what: BenchKind,
-}
-
-#[derive(Debug, Clone, clap::Subcommand)]
-pub enum BenchKind {
-    /// Inject every single-host fault (and one double fault) while viewers watch.
-    Failover(FailoverArgs),
-    /// Chat load while the database primary is killed twice and hung once: write outage per
-    /// failover, and every acked message checked in PostgreSQL.
-    ChatFailover(crate::chat_failover::ChatFailoverArgs),
-    /// A random fault schedule from a seed (kills, hangs, crashes; single and in pairs) while
-    /// viewers watch and chat clients write: per step and total figures.
-    Chaos(crate::chaos::ChaosArgs),
-}
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct FailoverArgs {
@@ -187,15 +173,9 @@ struct PublisherRow {
 
 impl PublisherRow {
     async fn setup(state: &std::path::Path) -> anyhow::Result<Self> {
-        let text = streamctl(state, &["status", "--json"])?;
-        let hosts: Vec<serde_json::Value> = serde_json::from_str(&text)?;
-        let sources: Vec<String> = hosts
-            .iter()
-            .filter(|h| h["role"] == "source")
-            .filter_map(|h| h["name"].as_str().map(str::to_owned))
-            .collect();
+        let sources = hosts_of(state, Role::Source).await?;
         for source in &sources {
-            streamctl(state, &["kill", source])?;
+            faults::kill(state, source, Blow::default()).await?;
         }
         let publisher = crate::obs_publisher::ObsPublisher::start(state)?;
         let ingest = crate::obs_publisher::wait_live(state, Duration::from_secs(60)).await?;
@@ -226,10 +206,10 @@ impl PublisherRow {
 
     /// Once the viewers are done (so that the row measures the fault, not this teardown): the
     /// publisher stops and the sources start again.
-    fn finish(self, state: &std::path::Path) -> anyhow::Result<()> {
+    async fn finish(self, state: &std::path::Path) -> anyhow::Result<()> {
         drop(self.publisher);
         for source in &self.sources {
-            streamctl(state, &["start", source])?;
+            faults::start(state, source).await?;
         }
         Ok(())
     }
@@ -240,9 +220,9 @@ async fn resolve_hosts(state: &std::path::Path, fault: &Fault) -> anyhow::Result
     let mut hosts = Vec::new();
     for host in &fault.hosts {
         if host == DB_PRIMARY {
-            let configs = crate::cluster::Layout::new(state)?.load_configs()?;
+            let configs = Layout::new(state)?.load_configs()?;
             hosts.push(
-                crate::db::primary(&configs)
+                streaming_runner::db::primary(&configs)
                     .await
                     .context("no database primary to cut off")?,
             );
@@ -282,50 +262,53 @@ impl Row {
     }
 }
 
-/// Runs `streamctl <args> --state <state>`: faults and restores go through the operator's
-/// commands, as a person would type them.
-pub(crate) fn streamctl(state: &std::path::Path, args: &[&str]) -> anyhow::Result<String> {
-    let exe = crate::procs::own_binary()?;
-    let output = Command::new(exe)
-        .args(args)
-        .arg("--state")
-        .arg(state)
-        .output()
-        .with_context(|| format!("streamctl {}", args.join(" ")))?;
-    if !output.status.success() {
-        bail!(
-            "streamctl {} failed: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&output.stderr).trim()
-        );
-    }
-    Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+/// The hosts of one role, as `streamctl status` lists them.
+async fn hosts_of(state: &std::path::Path, role: Role) -> anyhow::Result<Vec<String>> {
+    Ok(faults::statuses(state)
+        .await?
+        .into_iter()
+        .filter(|h| h.role == role)
+        .map(|h| h.name)
+        .collect())
 }
 
-fn inject(state: &std::path::Path, fault: &Fault, hosts: &[String]) -> anyhow::Result<()> {
+/// Injects the row's fault into `hosts`.
+async fn inject(state: &std::path::Path, fault: &Fault, hosts: &[String]) -> anyhow::Result<()> {
     for host in hosts {
-        match fault.mode {
-            Mode::Kill => streamctl(state, &["kill", host])?,
-            Mode::Hang => streamctl(state, &["kill", host, "--hang"])?,
-            Mode::Ffmpeg => streamctl(state, &["kill", host, "--ffmpeg"])?,
-            Mode::FfmpegHang => streamctl(state, &["kill", host, "--ffmpeg", "--hang"])?,
-            Mode::Crash => streamctl(state, &["kill", host, "--crash"])?,
+        let blow = match fault.mode {
             Mode::Partition => {
-                let mut args = vec!["partition", host.as_str()];
-                for peer in &fault.from {
-                    args.extend(["--from", peer.as_str()]);
-                }
-                streamctl(state, &args)?
+                faults::cut(state, host, &fault.from).await?;
+                continue;
             }
+            Mode::Kill => Blow::default(),
+            Mode::Hang => Blow {
+                hang: true,
+                ..Blow::default()
+            },
+            Mode::Ffmpeg => Blow {
+                ffmpeg: true,
+                ..Blow::default()
+            },
+            Mode::FfmpegHang => Blow {
+                ffmpeg: true,
+                hang: true,
+                ..Blow::default()
+            },
+            Mode::Crash => Blow {
+                crash: true,
+                ..Blow::default()
+            },
         };
+        faults::kill(state, host, blow).await?;
     }
     Ok(())
 }
 
-fn restore(state: &std::path::Path, fault: &Fault, hosts: &[String]) -> anyhow::Result<()> {
+/// Undoes the row's fault where the cluster does not undo it itself.
+async fn restore(state: &std::path::Path, fault: &Fault, hosts: &[String]) -> anyhow::Result<()> {
     if fault.mode == Mode::Partition {
         for host in hosts {
-            streamctl(state, &["heal", host])?;
+            faults::heal(state, host).await?;
         }
         return Ok(());
     }
@@ -335,7 +318,7 @@ fn restore(state: &std::path::Path, fault: &Fault, hosts: &[String]) -> anyhow::
         return Ok(());
     }
     for host in hosts {
-        streamctl(state, &["start", host])?;
+        faults::start(state, host).await?;
     }
     Ok(())
 }
@@ -362,55 +345,21 @@ pub async fn run_fault(args: &FailoverArgs, fault: &Fault) -> anyhow::Result<Row
         },
         None => fault.clone(),
     };
-    let broadcasts: Vec<String> = {
-        let text = streamctl(&state, &["status", "--json"])?;
-        let hosts: Vec<serde_json::Value> = serde_json::from_str(&text)?;
-        hosts
-            .iter()
-            .filter(|h| h["role"] == "broadcast")
-            .filter_map(|h| h["name"].as_str().map(str::to_owned))
-            .collect()
-    };
-    // Viewers spread over every broadcast, and one more on the faulty path.
-    let mut pins = broadcasts.clone();
-    pins.push(fault.path.clone());
-    let viewers = args.viewers.max(pins.len());
-    let watch_args = WatchArgs {
-        url: None,
-        lb: Vec::new(),
-        state: state.clone(),
-        ca: None,
-        seconds: args.seconds,
-        viewers: viewers + 1,
-        renditions: "all".into(),
-        pin: Some(
-            (0..=viewers)
-                .map(|i| {
-                    if i == viewers {
-                        fault.path.clone()
-                    } else {
-                        broadcasts[i % broadcasts.len()].clone()
-                    }
-                })
-                .collect::<Vec<_>>()
-                .join(","),
-        ),
-        json: true,
-    };
+    let watch_args = viewers_for(args, fault, &hosts_of(&state, Role::Broadcast).await?);
     let viewers_task = tokio::spawn(async move { watch(&watch_args).await });
     tokio::time::sleep(Duration::from_secs(args.fault_after)).await;
     tracing::info!(fault = %fault.name, "injecting");
     let hosts = resolve_hosts(&state, fault).await?;
-    let before = service_pids(&state, &hosts)?;
+    let before = service_pids(&state, &hosts).await?;
     if let Some(p) = &mut publisher {
         p.slate_before = crate::obs_publisher::slate_counts(&state).await;
     }
     let injected = Instant::now();
     let (first, later) = hosts.split_at(hosts.len().min(1));
-    inject(&state, fault, first)?;
+    inject(&state, fault, first).await?;
     if !later.is_empty() {
         tokio::time::sleep(Duration::from_secs_f64(fault.stagger_s)).await;
-        inject(&state, fault, later)?;
+        inject(&state, fault, later).await?;
     }
     let mut restarted_s = None;
     let mut whole_again_s = None;
@@ -430,7 +379,7 @@ pub async fn run_fault(args: &FailoverArgs, fault: &Fault) -> anyhow::Result<Row
         Some(p) => Some(p.slate_s(&state, segment_seconds(&state)).await),
         None => None,
     };
-    restore(&state, fault, &hosts)?;
+    restore(&state, fault, &hosts).await?;
     if fault.mode != Mode::Crash {
         whole_again_s = wait_whole(&state, &stopped, Duration::from_secs(60))
             .await
@@ -438,7 +387,7 @@ pub async fn run_fault(args: &FailoverArgs, fault: &Fault) -> anyhow::Result<Row
     }
     let report: WatchReport = viewers_task.await.context("viewer task")??;
     if let Some(p) = publisher {
-        p.finish(&state)?;
+        p.finish(&state).await?;
     }
     Ok(Row {
         fault: fault.clone(),
@@ -457,9 +406,37 @@ pub async fn run_fault(args: &FailoverArgs, fault: &Fault) -> anyhow::Result<Row
     })
 }
 
+/// The row's viewers: spread over every broadcast, and one more on the faulty path.
+fn viewers_for(args: &FailoverArgs, fault: &Fault, broadcasts: &[String]) -> WatchArgs {
+    let mut pins = broadcasts.to_vec();
+    pins.push(fault.path.clone());
+    let viewers = args.viewers.max(pins.len());
+    WatchArgs {
+        url: None,
+        lb: Vec::new(),
+        state: args.state.clone(),
+        ca: None,
+        seconds: args.seconds,
+        viewers: viewers + 1,
+        renditions: "all".into(),
+        pin: Some(
+            (0..=viewers)
+                .map(|i| {
+                    if i == viewers {
+                        fault.path.clone()
+                    } else {
+                        broadcasts[i % broadcasts.len()].clone()
+                    }
+                })
+                .collect::<Vec<_>>()
+                .join(","),
+        ),
+        json: true,
+    }
+}
 /// The cluster's segment duration (2 s unless cluster.nix says otherwise).
 fn segment_seconds(state: &std::path::Path) -> f64 {
-    crate::cluster::Layout::new(state)
+    Layout::new(state)
         .and_then(|l| l.load_configs())
         .ok()
         .and_then(|c| {
@@ -470,19 +447,18 @@ fn segment_seconds(state: &std::path::Path) -> f64 {
 }
 
 /// The service pid of each host (`streamctl status`), to see when a crashed one was replaced.
-fn service_pids(
+async fn service_pids(
     state: &std::path::Path,
     hosts: &[String],
-) -> anyhow::Result<Vec<(String, Option<i64>)>> {
-    let text = streamctl(state, &["status", "--json"])?;
-    let all: Vec<serde_json::Value> = serde_json::from_str(&text)?;
+) -> anyhow::Result<Vec<(String, Option<i32>)>> {
+    let all = faults::statuses(state).await?;
     Ok(hosts
         .iter()
         .map(|name| {
             let pid = all
                 .iter()
-                .find(|h| h["name"] == name.as_str())
-                .and_then(|h| h["service_pid"].as_i64());
+                .find(|h| h.name == *name)
+                .and_then(|h| h.service_pid);
             (name.clone(), pid)
         })
         .collect())
@@ -491,18 +467,13 @@ fn service_pids(
 /// Seconds until every host of `before` runs a service with another pid than before.
 async fn wait_restarted(
     state: &std::path::Path,
-    before: &[(String, Option<i64>)],
+    before: &[(String, Option<i32>)],
     limit: Duration,
 ) -> Option<f64> {
     let start = Instant::now();
     let hosts: Vec<String> = before.iter().map(|(h, _)| h.clone()).collect();
     while start.elapsed() < limit {
-        let (state, hosts) = (state.to_owned(), hosts.clone());
-        let now = tokio::task::spawn_blocking(move || service_pids(&state, &hosts))
-            .await
-            .ok()
-            .and_then(Result::ok);
-        if let Some(now) = now
+        if let Ok(now) = service_pids(state, &hosts).await
             && now
                 .iter()
                 .zip(before)
@@ -584,15 +555,8 @@ pub fn markdown(args: &FailoverArgs, rows: &[Row]) -> String {
     out
 }
 
-pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
-    match args.what {
-        BenchKind::Failover(args) => failover(args).await,
-        BenchKind::ChatFailover(args) => crate::chat_failover::run(args).await,
-        BenchKind::Chaos(args) => crate::chaos::run(args).await,
-    }
-}
-
-async fn failover(args: FailoverArgs) -> anyhow::Result<()> {
+/// `streamctl bench failover`: every row (or those of `--only`), then the table.
+pub async fn run(args: FailoverArgs) -> anyhow::Result<()> {
     let wanted: Option<Vec<&str>> = args.only.as_deref().map(|o| o.split(',').collect());
     let faults: Vec<Fault> = matrix()
         .into_iter()

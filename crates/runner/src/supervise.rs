@@ -29,16 +29,14 @@ pub const BACKOFF_RESET_AFTER: Duration = Duration::from_secs(60);
 /// blocking wait) means a signal arriving just before the wait is never left unforwarded.
 const POLL: Duration = Duration::from_millis(50);
 
-#[derive(Debug, clap::Args)]
-pub struct SuperviseArgs {
+/// What one supervisor runs: `streamctl supervise`'s arguments.
+#[derive(Debug, Clone)]
+pub struct Supervised {
     /// The host's config file (`<state>/config/<host>.json`), passed on to the service.
-    #[arg(long)]
     pub config: PathBuf,
     /// The role's service binary.
-    #[arg(long)]
     pub binary: PathBuf,
     /// Where the service's pid and the restart count are written.
-    #[arg(long)]
     pub service_file: PathBuf,
 }
 
@@ -60,7 +58,7 @@ impl ServiceState {
 
     fn write(&self, path: &Path) {
         let bytes = serde_json::to_vec(self).unwrap_or_default();
-        if let Err(e) = crate::cluster::write_file(path, &bytes, false) {
+        if let Err(e) = crate::files::write_file(path, &bytes, false) {
             eprintln!("streamctl supervise: cannot write {}: {e}", path.display());
         }
     }
@@ -154,7 +152,7 @@ fn sleep_unless_stopped(delay: Duration) -> bool {
 }
 
 /// The body of `streamctl supervise`.
-pub fn run(args: &SuperviseArgs) -> anyhow::Result<()> {
+pub fn run(args: &Supervised) -> anyhow::Result<()> {
     let config = HostConfig::load(&args.config)?;
     let name = config.name.clone();
     let log_file = config

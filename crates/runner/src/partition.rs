@@ -114,7 +114,7 @@ fn save(layout: &Layout, cuts: &[Cut]) -> Result<(), PartitionError> {
         };
     }
     let bytes = serde_json::to_vec_pretty(cuts).unwrap_or_default();
-    crate::cluster::write_file(&path, &bytes, false).map_err(io(&path))
+    crate::files::write_file(&path, &bytes, false).map_err(io(&path))
 }
 
 /// The nftables table of the cluster on `prefix` (`127.92` -> `streamctl_127_92`).
@@ -461,25 +461,6 @@ fn heal_now(state: &Path, host: Option<&str>) -> Result<Vec<Cut>, PartitionError
     save(&layout, &kept)?;
     apply(&layout)?;
     Ok(healed)
-}
-
-/// `streamctl partition`.
-pub async fn run_partition(args: crate::cli::PartitionArgs) -> anyhow::Result<()> {
-    let cut = partition(&args.state.dir, &args.name, &args.from, args.one_way).await?;
-    println!("cut: {cut} (`streamctl heal {}` lifts it)", args.name);
-    Ok(())
-}
-
-/// `streamctl heal`.
-pub async fn run_heal(args: crate::cli::HealArgs) -> anyhow::Result<()> {
-    let healed = heal(&args.state.dir, args.name.as_deref()).await?;
-    if healed.is_empty() {
-        println!("no cut to lift");
-    }
-    for cut in healed {
-        println!("healed: {cut}");
-    }
-    Ok(())
 }
 
 /// The cuts a host is part of, for `status`.

@@ -197,7 +197,7 @@ fn read(path: &Path) -> Result<String, PkiError> {
 
 /// Writes a file, private ones with mode 0600.
 pub fn write(path: &Path, bytes: &[u8], private: bool) -> Result<(), PkiError> {
-    crate::cluster::write_file(path, bytes, private).map_err(|source| PkiError::Io {
+    crate::files::write_file(path, bytes, private).map_err(|source| PkiError::Io {
         path: path.to_owned(),
         source,
     })
