@@ -1,6 +1,7 @@
 //! Shared building blocks of streaming-cluster: the config schema every service reads, viewer
-//! tokens, TLS, secrets, telemetry, HTTPS serving and the signals that drive shutdown and reload.
+//! tokens, the chat protocol, TLS, secrets, telemetry, HTTPS serving and the signals that drive shutdown and reload.
 
+pub mod chat_protocol;
 pub mod config;
 pub mod conn_limit;
 pub mod http;
