@@ -11,8 +11,8 @@ flake:
 }:
 let
   cfg = config.services.streaming-cluster.lb;
-  ports = config.services.streaming-cluster.hostConfig.cluster.hosts;
-  me = lib.findFirst (h: h.name == config.services.streaming-cluster.hostName) null ports;
+  hosts = config.services.streaming-cluster.hostConfig.cluster.hosts;
+  me = lib.findFirst (h: h.name == config.services.streaming-cluster.hostName) null hosts;
 in
 {
   options.services.streaming-cluster.lb = {
