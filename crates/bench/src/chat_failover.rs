@@ -20,7 +20,7 @@ use serde::Serialize;
 use streaming_core::config::{ClusterConfig, HostEntry, Role};
 use tokio::sync::{oneshot, watch};
 
-use streaming_clients::chat::{self, ChatReport, LoadOptions, Outage, Target};
+use streaming_clients::chat::{self, ChatReport, LoadOptions, LoadOutcome, Outage, Target};
 use streaming_runner::cluster::Layout;
 use streaming_runner::hosts::Blow;
 
@@ -168,60 +168,148 @@ pub fn outages_in(outages: &[Outage], from_s: f64, to_s: f64) -> (f64, Vec<Outag
     (longest, inside)
 }
 
-/// One fault from injection to the failed host being a synchronous standby again.
-#[allow(clippy::too_many_arguments)]
-async fn one_fault(
-    args: &ChatFailoverArgs,
-    cluster: &ClusterConfig,
-    http: &reqwest::Client,
-    dbs: &[HostEntry],
+/// What every fault of one run shares.
+struct Run<'a> {
+    args: &'a ChatFailoverArgs,
+    cluster: &'a ClusterConfig,
+    http: &'a reqwest::Client,
+    dbs: &'a [HostEntry],
     epoch: Instant,
-    live: &chat::Live,
-    number: usize,
-    kind: FaultKind,
+    live: &'a chat::Live,
     ttl_s: u32,
-) -> anyhow::Result<FaultRow> {
-    let host = wait_for_primary(http, cluster, dbs, Duration::from_secs(30))
-        .await
-        .context("no primary before the fault")?;
-    let name = match kind {
-        FaultKind::Kill => format!("kill {number}"),
-        FaultKind::Hang => "hang".to_owned(),
-        FaultKind::Partition => "partition".to_owned(),
-    };
-    let entry = dbs
-        .iter()
-        .find(|h| h.name == host)
-        .context("primary is not a db host")?
-        .clone();
-    eprintln!("bench: {name}: {host} is the primary; failing it");
-    let at_s = epoch.elapsed().as_secs_f64();
-    let fault_at = Instant::now();
-    let (watching_tx, watching_rx) = watch::channel(false);
-    let split_brain = tokio::spawn(most_primaries(http.clone(), dbs.to_vec(), watching_rx));
-    if kind == FaultKind::Partition {
-        // Its replicas and every etcd member not on itself: its own member is then a
-        // minority of one.
-        let mut from = vec!["db".to_owned()];
-        from.extend(
-            cluster
-                .hosts
-                .iter()
-                .filter(|h| h.etcd_witness)
-                .map(|h| h.name.clone()),
-        );
-        faults::cut(&args.state, &host, &from).await?;
-    } else {
-        let blow = Blow {
-            hang: kind == FaultKind::Hang,
-            postgres: !args.whole_host,
-            ..Blow::default()
+}
+
+/// Where the failed host stands after its restore.
+#[derive(Default)]
+struct Rejoin {
+    replica_s: Option<f64>,
+    sync_s: Option<f64>,
+    leader: Option<String>,
+}
+
+impl Run<'_> {
+    /// One fault from injection to the failed host being a synchronous standby again.
+    async fn one_fault(&self, number: usize, kind: FaultKind) -> anyhow::Result<FaultRow> {
+        let (args, http) = (self.args, self.http);
+        let host = wait_for_primary(http, self.cluster, self.dbs, Duration::from_secs(30))
+            .await
+            .context("no primary before the fault")?;
+        let name = match kind {
+            FaultKind::Kill => format!("kill {number}"),
+            FaultKind::Hang => "hang".to_owned(),
+            FaultKind::Partition => "partition".to_owned(),
         };
-        faults::kill(&args.state, &host, blow).await?;
+        let entry = self
+            .dbs
+            .iter()
+            .find(|h| h.name == host)
+            .context("primary is not a db host")?
+            .clone();
+        eprintln!("bench: {name}: {host} is the primary; failing it");
+        let at_s = self.epoch.elapsed().as_secs_f64();
+        let fault_at = Instant::now();
+        let (watching_tx, watching_rx) = watch::channel(false);
+        let split_brain =
+            tokio::spawn(most_primaries(http.clone(), self.dbs.to_vec(), watching_rx));
+        self.fail(&host, kind).await?;
+        let result = self.await_failover(&name, &host, fault_at).await;
+        // The host comes back whatever happened above.
+        let restored_after_s = fault_at.elapsed().as_secs_f64();
+        eprintln!("bench: {name}: restoring {host}");
+        if kind == FaultKind::Partition {
+            faults::heal(&args.state, &host).await?;
+        } else {
+            faults::start(&args.state, &host).await?;
+        }
+        let (new_primary, new_primary_after_s) = result?;
+        let rejoin = self.await_rejoin(&entry).await;
+        // Only after a promotion elsewhere: a host that stayed the only candidate (nobody was
+        // promoted while it was away) rewinds nothing by leading again.
+        let took_leader_back =
+            new_primary.is_some() && rejoin.leader.as_deref() == Some(host.as_str());
+        if took_leader_back {
+            eprintln!(
+                "bench: {name}: {host} TOOK THE LEADER BACK after its restore: the new primary's \
+                 writes since the failover were rewound"
+            );
+        }
+        eprintln!(
+            "bench: {name}: {host} replica after {}, synchronous standby after {}",
+            rejoin
+                .replica_s
+                .map_or("-".into(), |s: f64| format!("{s:.1} s")),
+            rejoin
+                .sync_s
+                .map_or("-".into(), |s: f64| format!("{s:.1} s"))
+        );
+        let _ = watching_tx.send(true);
+        let primaries_max = split_brain.await.unwrap_or(0);
+        if primaries_max > 1 {
+            eprintln!("bench: {name}: SPLIT BRAIN: {primaries_max} db hosts were primary at once");
+        }
+        tokio::time::sleep(Duration::from_secs(args.settle)).await;
+        Ok(FaultRow {
+            fault: name,
+            kind,
+            host,
+            at_s,
+            new_primary,
+            new_primary_after_s,
+            outage_s: 0.0,
+            outages: Vec::new(),
+            restored_after_s,
+            replica_after_restore_s: rejoin.replica_s,
+            sync_after_restore_s: rejoin.sync_s,
+            leader_after_restore: rejoin.leader,
+            took_leader_back,
+            acked: 0,
+            lost: 0,
+            duplicates: 0,
+            primaries_max,
+        })
     }
-    let result = async {
-        let others: Vec<HostEntry> = dbs.iter().filter(|h| h.name != host).cloned().collect();
-        let new_primary = wait_for_primary(http, cluster, &others, Duration::from_secs(60)).await;
+
+    /// Kills, hangs or cuts off the primary.
+    async fn fail(&self, host: &str, kind: FaultKind) -> anyhow::Result<()> {
+        if kind == FaultKind::Partition {
+            // Its replicas and every etcd member not on itself: its own member is then a
+            // minority of one.
+            let mut from = vec!["db".to_owned()];
+            from.extend(
+                self.cluster
+                    .hosts
+                    .iter()
+                    .filter(|h| h.etcd_witness)
+                    .map(|h| h.name.clone()),
+            );
+            faults::cut(&self.args.state, host, &from).await?;
+        } else {
+            let hang = kind == FaultKind::Hang;
+            let blow = match (self.args.whole_host, hang) {
+                (false, hang) => Blow::Postgres { hang },
+                (true, true) => Blow::Hang,
+                (true, false) => Blow::Kill,
+            };
+            faults::kill(&self.args.state, host, blow).await?;
+        }
+        Ok(())
+    }
+
+    /// Another db host promoted (and when), then writes flowing again for a few seconds.
+    async fn await_failover(
+        &self,
+        name: &str,
+        host: &str,
+        fault_at: Instant,
+    ) -> anyhow::Result<(Option<String>, Option<f64>)> {
+        let others: Vec<HostEntry> = self
+            .dbs
+            .iter()
+            .filter(|h| h.name != host)
+            .cloned()
+            .collect();
+        let new_primary =
+            wait_for_primary(self.http, self.cluster, &others, Duration::from_secs(60)).await;
         let new_primary_after_s = new_primary
             .as_ref()
             .map(|_| fault_at.elapsed().as_secs_f64());
@@ -231,8 +319,9 @@ async fn one_fault(
             new_primary_after_s.map_or("-".into(), |s| format!("{s:.1} s"))
         );
         // Writes flow again (an ack after the promotion), then a few seconds of them.
-        let promoted_s = epoch.elapsed().as_secs_f64();
-        let patience = Duration::from_secs(u64::from(ttl_s.max(10)) * 3);
+        let promoted_s = self.epoch.elapsed().as_secs_f64();
+        let patience = Duration::from_secs(u64::from(self.ttl_s.max(10)) * 3);
+        let live = self.live;
         let resumed = wait_until(patience, || async {
             live.last_ack_s().is_some_and(|t| t > promoted_s)
         })
@@ -243,91 +332,107 @@ async fn one_fault(
                 patience.as_secs()
             );
         }
-        tokio::time::sleep(Duration::from_secs(args.settle)).await;
-        anyhow::Ok((new_primary, new_primary_after_s))
+        tokio::time::sleep(Duration::from_secs(self.args.settle)).await;
+        Ok((new_primary, new_primary_after_s))
     }
-    .await;
-    // The host comes back whatever happened above.
-    let restored_after_s = fault_at.elapsed().as_secs_f64();
-    eprintln!("bench: {name}: restoring {host}");
-    if kind == FaultKind::Partition {
-        faults::heal(&args.state, &host).await?;
-    } else {
-        faults::start(&args.state, &host).await?;
-    }
-    let restored = Instant::now();
-    let (new_primary, new_primary_after_s) = result?;
-    // Whole again: the restored host a synchronous standby of the primary — or, if it took the
-    // leader back (it must not: the writes of the new primary would be rewound), primary with
-    // a synchronous standby. The next fault may only come then (synchronous_mode promotes
-    // only the synchronous standby).
-    let mut replica_after_restore_s = None;
-    let mut sync_after_restore_s = None;
-    let mut leader_after_restore = None;
-    let limit = Duration::from_secs(90);
-    while restored.elapsed() < limit {
-        if replica_after_restore_s.is_none() && patroni_says(http, &entry, "replica").await {
-            replica_after_restore_s = Some(restored.elapsed().as_secs_f64());
-        }
-        if patroni_says(http, &entry, "sync").await {
-            sync_after_restore_s = Some(restored.elapsed().as_secs_f64());
-            leader_after_restore = find_primary(http, cluster, dbs).await;
-            break;
-        }
-        if let Some(primary) = find_primary(http, cluster, dbs).await
-            && primary == host
-        {
-            let mut has_sync = false;
-            for other in dbs.iter().filter(|h| h.name != host) {
-                has_sync |= patroni_says(http, other, "sync").await;
+
+    /// Whole again: the restored host a synchronous standby of the primary — or, if it took
+    /// the leader back (it must not: the writes of the new primary would be rewound), primary
+    /// with a synchronous standby. The next fault may only come then (synchronous_mode
+    /// promotes only the synchronous standby).
+    async fn await_rejoin(&self, entry: &HostEntry) -> Rejoin {
+        let (http, cluster, dbs) = (self.http, self.cluster, self.dbs);
+        let restored = Instant::now();
+        let mut rejoin = Rejoin::default();
+        while restored.elapsed() < Duration::from_secs(90) {
+            if rejoin.replica_s.is_none() && patroni_says(http, entry, "replica").await {
+                rejoin.replica_s = Some(restored.elapsed().as_secs_f64());
             }
-            if has_sync {
-                leader_after_restore = Some(primary);
+            if patroni_says(http, entry, "sync").await {
+                rejoin.sync_s = Some(restored.elapsed().as_secs_f64());
+                rejoin.leader = find_primary(http, cluster, dbs).await;
                 break;
             }
+            if let Some(primary) = find_primary(http, cluster, dbs).await
+                && primary == entry.name
+            {
+                let mut has_sync = false;
+                for other in dbs.iter().filter(|h| h.name != entry.name) {
+                    has_sync |= patroni_says(http, other, "sync").await;
+                }
+                if has_sync {
+                    rejoin.leader = Some(primary);
+                    break;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
         }
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        rejoin
     }
-    // Only after a promotion elsewhere: a host that stayed the only candidate (nobody was
-    // promoted while it was away) rewinds nothing by leading again.
-    let took_leader_back =
-        new_primary.is_some() && leader_after_restore.as_deref() == Some(host.as_str());
-    if took_leader_back {
-        eprintln!(
-            "bench: {name}: {host} TOOK THE LEADER BACK after its restore: the new primary's \
-             writes since the failover were rewound"
-        );
-    }
-    eprintln!(
-        "bench: {name}: {host} replica after {}, synchronous standby after {}",
-        replica_after_restore_s.map_or("-".into(), |s: f64| format!("{s:.1} s")),
-        sync_after_restore_s.map_or("-".into(), |s: f64| format!("{s:.1} s"))
-    );
-    let _ = watching_tx.send(true);
-    let primaries_max = split_brain.await.unwrap_or(0);
-    if primaries_max > 1 {
-        eprintln!("bench: {name}: SPLIT BRAIN: {primaries_max} db hosts were primary at once");
-    }
-    tokio::time::sleep(Duration::from_secs(args.settle)).await;
-    Ok(FaultRow {
-        fault: name,
-        kind,
-        host,
-        at_s,
-        new_primary,
-        new_primary_after_s,
-        outage_s: 0.0,
-        outages: Vec::new(),
-        restored_after_s,
-        replica_after_restore_s,
-        sync_after_restore_s,
-        leader_after_restore,
-        took_leader_back,
-        acked: 0,
-        lost: 0,
-        duplicates: 0,
-        primaries_max,
+}
+
+/// A primary with a synchronous standby (or the first kill has nobody to promote).
+async fn wait_sync_standby(
+    http: &reqwest::Client,
+    cluster: &ClusterConfig,
+    dbs: &[HostEntry],
+) -> anyhow::Result<()> {
+    let whole = wait_until(Duration::from_secs(90), || async {
+        let Some(p) = find_primary(http, cluster, dbs).await else {
+            return false;
+        };
+        for h in dbs.iter().filter(|h| h.name != p) {
+            if patroni_says(http, h, "sync").await {
+                return true;
+            }
+        }
+        false
     })
+    .await;
+    if whole.is_none() {
+        bail!("no primary with a synchronous standby within 90 s (see `streamctl status`)");
+    }
+    Ok(())
+}
+
+/// Per fault, the outages and the acked messages of its window, which runs until the next
+/// fault (the last one until the end).
+fn attribute(rows: &mut [FaultRow], outcome: &LoadOutcome, stored: &[Stored], end_s: f64) {
+    let starts: Vec<f64> = rows.iter().map(|r| r.at_s).collect();
+    for (i, row) in rows.iter_mut().enumerate() {
+        let from = starts[i];
+        let to = starts.get(i + 1).copied().unwrap_or(end_s);
+        let (longest, inside) = outages_in(&outcome.report.write_outages, from - 0.5, to);
+        row.outage_s = longest;
+        row.outages = inside;
+        for (m, s) in outcome.acked.iter().zip(stored) {
+            if m.acked_s >= from && m.acked_s < to {
+                row.acked += 1;
+                match s {
+                    Stored::Missing | Stored::WrongSeq => row.lost += 1,
+                    Stored::Twice => row.duplicates += 1,
+                    Stored::Once => {}
+                }
+            }
+        }
+    }
+}
+
+/// The promise: nothing acked lost or doubled, everyone got everything in order, every outage
+/// within target, never two primaries, never the leader taken back.
+fn passed(db: &DbCheck, load: &ChatReport, rows: &[FaultRow], target_outage_s: f64) -> bool {
+    db.lost == 0
+        && db.wrong_seq == 0
+        && db.duplicates == 0
+        && db.seq_duplicates == 0
+        && load.missing == 0
+        && load.duplicates == 0
+        && load.out_of_order == 0
+        && load.delivered
+        && load.seq_conflicts == 0
+        && rows
+            .iter()
+            .all(|r| r.outage_s <= target_outage_s && !r.took_leader_back && r.primaries_max <= 1)
 }
 
 /// Runs the bench; the report (also for the end-to-end test, through `--json`).
@@ -345,25 +450,7 @@ pub async fn bench(args: &ChatFailoverArgs) -> anyhow::Result<ChatFailoverReport
     }
     let http = streaming_runner::db::rest_client(any)?;
     let cluster = &any.cluster;
-    // A primary with a synchronous standby, or the first kill has nobody to promote.
-    let whole = wait_until(Duration::from_secs(90), || async {
-        match find_primary(&http, cluster, &dbs).await {
-            Some(p) => {
-                let others = dbs.iter().filter(|h| h.name != p);
-                for h in others {
-                    if patroni_says(&http, h, "sync").await {
-                        return true;
-                    }
-                }
-                false
-            }
-            None => false,
-        }
-    })
-    .await;
-    if whole.is_none() {
-        bail!("no primary with a synchronous standby within 90 s (see `streamctl status`)");
-    }
+    wait_sync_standby(&http, cluster, &dbs).await?;
     let target = Target::resolve(None, &args.state, None, None)?;
     let channel = target.channel.clone();
     let epoch = Instant::now();
@@ -396,21 +483,18 @@ pub async fn bench(args: &ChatFailoverArgs) -> anyhow::Result<ChatFailoverReport
         args.clients, args.rate
     );
     tokio::time::sleep(Duration::from_secs(args.settle)).await;
+    let run = Run {
+        args,
+        cluster,
+        http: &http,
+        dbs: &dbs,
+        epoch,
+        live: &live,
+        ttl_s,
+    };
     let mut rows = Vec::new();
     for (i, kind) in args.faults.iter().enumerate() {
-        match one_fault(
-            args,
-            cluster,
-            &http,
-            &dbs,
-            epoch,
-            &live,
-            i + 1,
-            *kind,
-            ttl_s,
-        )
-        .await
-        {
+        match run.one_fault(i + 1, *kind).await {
             Ok(row) => rows.push(row),
             Err(e) => {
                 let _ = stop_tx.send(true);
@@ -437,40 +521,10 @@ pub async fn bench(args: &ChatFailoverArgs) -> anyhow::Result<ChatFailoverReport
         &outcome.acked,
     )
     .await?;
-    // Per fault: its window runs until the next fault (the last one until the end).
-    let end_s = epoch.elapsed().as_secs_f64();
-    let starts: Vec<f64> = rows.iter().map(|r| r.at_s).collect();
-    for (i, row) in rows.iter_mut().enumerate() {
-        let from = starts[i];
-        let to = starts.get(i + 1).copied().unwrap_or(end_s);
-        let (longest, inside) = outages_in(&outcome.report.write_outages, from - 0.5, to);
-        row.outage_s = longest;
-        row.outages = inside;
-        for (m, s) in outcome.acked.iter().zip(&stored) {
-            if m.acked_s >= from && m.acked_s < to {
-                row.acked += 1;
-                match s {
-                    Stored::Missing | Stored::WrongSeq => row.lost += 1,
-                    Stored::Twice => row.duplicates += 1,
-                    Stored::Once => {}
-                }
-            }
-        }
-    }
+    attribute(&mut rows, &outcome, &stored, epoch.elapsed().as_secs_f64());
     let target_outage_s = f64::from(ttl_s) + 2.0;
+    let passed = passed(&db, &outcome.report, &rows, target_outage_s);
     let load_report = outcome.report;
-    let passed = db.lost == 0
-        && db.wrong_seq == 0
-        && db.duplicates == 0
-        && db.seq_duplicates == 0
-        && load_report.missing == 0
-        && load_report.duplicates == 0
-        && load_report.out_of_order == 0
-        && load_report.delivered
-        && load_report.seq_conflicts == 0
-        && rows
-            .iter()
-            .all(|r| r.outage_s <= target_outage_s && !r.took_leader_back && r.primaries_max <= 1);
     Ok(ChatFailoverReport {
         ttl_s,
         target_outage_s,
@@ -521,6 +575,43 @@ pub fn markdown(args: &ChatFailoverArgs, report: &ChatFailoverReport) -> String 
             faults.join(",")
         );
     }
+    fault_table(&mut out, report);
+    let _ = writeln!(
+        out,
+        "Clients: {} sent, {} acked, {} never acked; deliveries missing {}, duplicated {}, out \
+         of order {}; seqs given to two messages {}; {} reconnects, {} resends; longest wait for \
+         an ack {:.1} s. Database: {} rows of the run on {}, {} of them stored but never acked \
+         (ack lost with a socket).",
+        load.sent,
+        load.acked,
+        load.unacked,
+        load.missing,
+        load.duplicates,
+        load.out_of_order,
+        load.seq_conflicts,
+        load.reconnects,
+        load.resends,
+        load.max_ack_wait_s,
+        report.db.rows,
+        report.db.host,
+        report.db.stored_unacked
+    );
+    let rejoin: Vec<String> = report.faults.iter().map(rejoin_line).collect();
+    let _ = writeln!(out, "\nRejoin: {}.", rejoin.join("; "));
+    let _ = writeln!(
+        out,
+        "\nResult: {}.",
+        if report.passed {
+            "target met"
+        } else {
+            "TARGET MISSED"
+        }
+    );
+    out
+}
+
+/// One row per fault, then the whole run's database check.
+fn fault_table(out: &mut String, report: &ChatFailoverReport) {
     out.push_str(
         "| fault | host | outage s | new primary after s | acked | lost | duplicates | most primaries at once |\n",
     );
@@ -547,57 +638,24 @@ pub fn markdown(args: &ChatFailoverArgs, report: &ChatFailoverReport) -> String 
         report.db.lost + report.db.wrong_seq,
         report.db.duplicates + report.db.seq_duplicates
     );
-    let _ = writeln!(
-        out,
-        "Clients: {} sent, {} acked, {} never acked; deliveries missing {}, duplicated {}, out \
-         of order {}; seqs given to two messages {}; {} reconnects, {} resends; longest wait for \
-         an ack {:.1} s. Database: {} rows of the run on {}, {} of them stored but never acked \
-         (ack lost with a socket).",
-        load.sent,
-        load.acked,
-        load.unacked,
-        load.missing,
-        load.duplicates,
-        load.out_of_order,
-        load.seq_conflicts,
-        load.reconnects,
-        load.resends,
-        load.max_ack_wait_s,
-        report.db.rows,
-        report.db.host,
-        report.db.stored_unacked
-    );
-    let rejoin: Vec<String> = report
-        .faults
-        .iter()
-        .map(|r| {
-            format!(
-                "{} ({}): {}replica {} / synchronous standby {} after the restore",
-                r.fault,
-                r.host,
-                if r.took_leader_back {
-                    "TOOK THE LEADER BACK (writes of the new primary rewound), "
-                } else {
-                    ""
-                },
-                r.replica_after_restore_s
-                    .map_or("-".into(), |s| format!("{s:.1} s")),
-                r.sync_after_restore_s
-                    .map_or("-".into(), |s| format!("{s:.1} s"))
-            )
-        })
-        .collect();
-    let _ = writeln!(out, "\nRejoin: {}.", rejoin.join("; "));
-    let _ = writeln!(
-        out,
-        "\nResult: {}.",
-        if report.passed {
-            "target met"
+}
+
+/// How a failed host came back: replica, then synchronous standby (or the leader taken back).
+fn rejoin_line(r: &FaultRow) -> String {
+    format!(
+        "{} ({}): {}replica {} / synchronous standby {} after the restore",
+        r.fault,
+        r.host,
+        if r.took_leader_back {
+            "TOOK THE LEADER BACK (writes of the new primary rewound), "
         } else {
-            "TARGET MISSED"
-        }
-    );
-    out
+            ""
+        },
+        r.replica_after_restore_s
+            .map_or("-".into(), |s| format!("{s:.1} s")),
+        r.sync_after_restore_s
+            .map_or("-".into(), |s| format!("{s:.1} s"))
+    )
 }
 
 pub async fn run(args: ChatFailoverArgs) -> anyhow::Result<()> {

@@ -175,7 +175,7 @@ impl PublisherRow {
     async fn setup(state: &std::path::Path) -> anyhow::Result<Self> {
         let sources = hosts_of(state, Role::Source).await?;
         for source in &sources {
-            faults::kill(state, source, Blow::default()).await?;
+            faults::kill(state, source, Blow::Kill).await?;
         }
         let publisher = crate::obs_publisher::ObsPublisher::start(state)?;
         let ingest = crate::obs_publisher::wait_live(state, Duration::from_secs(60)).await?;
@@ -280,24 +280,11 @@ async fn inject(state: &std::path::Path, fault: &Fault, hosts: &[String]) -> any
                 faults::cut(state, host, &fault.from).await?;
                 continue;
             }
-            Mode::Kill => Blow::default(),
-            Mode::Hang => Blow {
-                hang: true,
-                ..Blow::default()
-            },
-            Mode::Ffmpeg => Blow {
-                ffmpeg: true,
-                ..Blow::default()
-            },
-            Mode::FfmpegHang => Blow {
-                ffmpeg: true,
-                hang: true,
-                ..Blow::default()
-            },
-            Mode::Crash => Blow {
-                crash: true,
-                ..Blow::default()
-            },
+            Mode::Kill => Blow::Kill,
+            Mode::Hang => Blow::Hang,
+            Mode::Ffmpeg => Blow::Ffmpeg { hang: false },
+            Mode::FfmpegHang => Blow::Ffmpeg { hang: true },
+            Mode::Crash => Blow::Crash,
         };
         faults::kill(state, host, blow).await?;
     }
@@ -393,13 +380,13 @@ pub async fn run_fault(args: &FailoverArgs, fault: &Fault) -> anyhow::Result<Row
         fault: fault.clone(),
         hosts,
         viewers: report.viewers,
-        stalls: report.stalls,
-        stall_s: report.stall_s,
-        errors: report.errors,
-        failovers: report.failovers,
-        request_failures: report.request_failures,
-        discontinuities: report.discontinuities,
-        latency_max_s: report.latency_max_s,
+        stalls: report.felt.stalls,
+        stall_s: report.felt.stall_s,
+        errors: report.felt.errors,
+        failovers: report.felt.failovers,
+        request_failures: report.felt.request_failures,
+        discontinuities: report.felt.discontinuities,
+        latency_max_s: report.felt.latency_max_s,
         whole_again_s,
         restarted_s,
         slate_s,

@@ -198,15 +198,18 @@ pub fn host_liveness(
 
 /// What `streamctl kill` does to a host.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Blow {
-    /// SIGSTOP instead of SIGKILL: the host hangs, alive and answering nothing.
-    pub hang: bool,
-    /// Only one ffmpeg child of the host (an ingest's transcoder first).
-    pub ffmpeg: bool,
-    /// Db hosts: only Patroni and PostgreSQL; the host and its etcd member stay up.
-    pub postgres: bool,
+pub enum Blow {
+    /// SIGKILL to the whole host (a db host: its postmaster and backends too).
+    #[default]
+    Kill,
+    /// SIGSTOP instead: the host hangs, alive and answering nothing; `start` resumes it.
+    Hang,
     /// SIGABRT to the host's service process alone; its supervisor restarts it.
-    pub crash: bool,
+    Crash,
+    /// SIGKILL (or SIGSTOP) to one ffmpeg child of the host (an ingest's transcoder first).
+    Ffmpeg { hang: bool },
+    /// Db hosts: only Patroni and PostgreSQL; the host and its etcd member stay up.
+    Postgres { hang: bool },
 }
 
 /// The fault of `streamctl kill` (the benches inject it in-process): what was done, as the
@@ -215,24 +218,28 @@ pub fn kill(layout: &Layout, name: &str, blow: Blow) -> anyhow::Result<String> {
     let config = layout.load_config(name)?;
     let pid = procs::live_pid(&layout.pid_file(name), &layout.config_file(name))
         .with_context(|| format!("{name} is not running"))?;
-    if blow.postgres && config.patroni.is_none() {
-        bail!("{name} is not a db host: --postgres applies to db hosts");
-    }
-    if blow.crash {
-        crash_service(layout, name)
-    } else if blow.ffmpeg {
-        kill_ffmpeg(&config, pid, blow.hang)
-    } else if config.patroni.is_some() {
-        kill_db_host(&config, pid, blow)
-    } else if blow.hang {
-        procs::signal_group(pid, libc::SIGSTOP);
-        Ok(format!(
-            "{name}: hung (SIGSTOP to group {pid}); `streamctl start {name}` resumes it"
-        ))
-    } else {
-        procs::signal_group(pid, libc::SIGKILL);
-        procs::wait_group_gone(pid, Duration::from_secs(2));
-        Ok(format!("{name}: killed (SIGKILL to group {pid})"))
+    let db_host = config.patroni.is_some();
+    match blow {
+        Blow::Postgres { .. } if !db_host => {
+            bail!("{name} is not a db host: --postgres applies to db hosts")
+        }
+        Blow::Crash => crash_service(layout, name),
+        Blow::Ffmpeg { hang } => kill_ffmpeg(&config, pid, hang),
+        Blow::Postgres { hang } => kill_db_host(&config, pid, db::Scope::Database, hang),
+        Blow::Kill | Blow::Hang if db_host => {
+            kill_db_host(&config, pid, db::Scope::Host, blow == Blow::Hang)
+        }
+        Blow::Hang => {
+            procs::signal_group(pid, libc::SIGSTOP);
+            Ok(format!(
+                "{name}: hung (SIGSTOP to group {pid}); `streamctl start {name}` resumes it"
+            ))
+        }
+        Blow::Kill => {
+            procs::signal_group(pid, libc::SIGKILL);
+            procs::wait_group_gone(pid, Duration::from_secs(2));
+            Ok(format!("{name}: killed (SIGKILL to group {pid})"))
+        }
     }
 }
 
@@ -274,16 +281,17 @@ fn kill_ffmpeg(config: &HostConfig, pid: i32, hang: bool) -> anyhow::Result<Stri
 }
 
 /// A db host's postmaster and backends are in sessions of their own: the group is not enough.
-fn kill_db_host(config: &HostConfig, pid: i32, blow: Blow) -> anyhow::Result<String> {
+fn kill_db_host(
+    config: &HostConfig,
+    pid: i32,
+    scope: db::Scope,
+    hang: bool,
+) -> anyhow::Result<String> {
     let name = &config.name;
-    let scope = if blow.postgres {
-        db::Scope::Database
-    } else {
-        db::Scope::Host
-    };
-    if blow.hang {
+    let database_only = scope == db::Scope::Database;
+    if hang {
         let stopped = db::hang_host(config, Some(pid), scope);
-        let what = if blow.postgres {
+        let what = if database_only {
             "Patroni, the postmaster and its children"
         } else {
             "the whole host"
@@ -297,7 +305,7 @@ fn kill_db_host(config: &HostConfig, pid: i32, blow: Blow) -> anyhow::Result<Str
     if !survivors.is_empty() {
         bail!("{name}: processes survived SIGKILL: {survivors:?}");
     }
-    Ok(if blow.postgres {
+    Ok(if database_only {
         format!(
             "{name}: killed Patroni and PostgreSQL (SIGKILL); etcd and the host stay up, \
              `streamctl start {name}` runs Patroni again"

@@ -16,12 +16,12 @@ pub async fn inject(state: &Path, fault: &Fault, from: &[String]) -> anyhow::Res
         let cut = faults::cut(state, &fault.host, from).await?;
         return Ok(format!("{}: cut ({cut})", fault.host));
     }
-    let blow = Blow {
-        hang: fault.kind == Kind::Hang,
-        ffmpeg: false,
+    let blow = match fault.kind {
+        Kind::Hang => Blow::Hang,
         // A db host's service is Patroni and PostgreSQL: they have no supervisor to abort.
-        postgres: fault.kind == Kind::Crash && fault.role == Role::Db,
-        crash: fault.kind == Kind::Crash && fault.role != Role::Db,
+        Kind::Crash if fault.role == Role::Db => Blow::Postgres { hang: false },
+        Kind::Crash => Blow::Crash,
+        _ => Blow::Kill,
     };
     faults::kill(state, &fault.host, blow).await
 }

@@ -23,7 +23,7 @@ use streaming_core::config::Role;
 use tokio::sync::{oneshot, watch};
 
 use report::{ChaosReport, StepRow, Totals};
-use schedule::{Bounds, Kind, Shape, Step, Target};
+use schedule::{Bounds, Fault, Kind, Shape, Step, Target};
 use streaming_clients::chat::{self, LoadOptions, Target as ChatTarget};
 use streaming_runner::cluster::Layout;
 
@@ -139,6 +139,76 @@ fn targets(layout: &Layout) -> anyhow::Result<Vec<Target>> {
         .collect();
     hosts.sort_by(|a, b| a.name.cmp(&b.name));
     Ok(hosts)
+}
+
+/// The step's faults with their peers, the database primary resolved where a fault aims at it.
+async fn plan(
+    ctx: &StepContext,
+    step: &Step,
+    row: &mut StepRow,
+) -> anyhow::Result<Vec<(Fault, Vec<String>)>> {
+    let mut planned = Vec::new();
+    for fault in &step.faults {
+        let mut fault = fault.clone();
+        let from = fault
+            .shape
+            .map(|shape| shape.from_words(fault.role, &ctx.targets))
+            .unwrap_or_default();
+        if fault.shape == Some(Shape::PrimaryFromReplicaAndEtcd) {
+            fault.host = crate::database::wait_for_primary(
+                &ctx.db_http,
+                &ctx.cluster,
+                &ctx.dbs,
+                Duration::from_secs(30),
+            )
+            .await
+            .context("no database primary to cut off")?;
+            row.actions
+                .push(format!("the db primary is {}", fault.host));
+        }
+        planned.push((fault, from));
+    }
+    Ok(planned)
+}
+
+/// Every fault on its own clock (injected at its start, restored after its length, unless the
+/// runner restores it); what was done and what failed go into the row.
+async fn play(
+    state: &std::path::Path,
+    planned: Vec<(Fault, Vec<String>)>,
+    row: &mut StepRow,
+) -> anyhow::Result<()> {
+    let tasks: Vec<_> = planned
+        .into_iter()
+        .map(|(fault, from)| {
+            let state = state.to_owned();
+            tokio::spawn(async move {
+                let mut lines = Vec::new();
+                let mut errors = Vec::new();
+                tokio::time::sleep(Duration::from_secs_f64(fault.start_s)).await;
+                match inject::inject(&state, &fault, &from).await {
+                    Ok(line) => lines.push(line),
+                    Err(e) => errors.push(format!("{fault}: inject: {e:#}")),
+                }
+                if fault.restores_itself() {
+                    // "Whole again" then counts from the crash.
+                    return (lines, errors);
+                }
+                tokio::time::sleep(Duration::from_secs_f64(fault.restore_after_s)).await;
+                match inject::restore(&state, &fault).await {
+                    Ok(line) => lines.extend(line),
+                    Err(e) => errors.push(format!("{fault}: restore: {e:#}")),
+                }
+                (lines, errors)
+            })
+        })
+        .collect();
+    for task in tasks {
+        let (lines, errors) = task.await.context("fault task")?;
+        row.actions.extend(lines);
+        row.fault_errors.extend(errors);
+    }
+    Ok(())
 }
 
 /// Everything a step needs that does not change between steps.
@@ -344,55 +414,8 @@ async fn run_step(ctx: &StepContext, step: &Step) -> anyhow::Result<StepRow> {
         primaries_rx,
     ));
     let mut row = StepRow::default();
-    let mut planned = Vec::new();
-    for fault in &step.faults {
-        let mut fault = fault.clone();
-        let from = fault
-            .shape
-            .map(|shape| shape.from_words(fault.role, &ctx.targets))
-            .unwrap_or_default();
-        if fault.shape == Some(Shape::PrimaryFromReplicaAndEtcd) {
-            fault.host = crate::database::wait_for_primary(
-                &ctx.db_http,
-                &ctx.cluster,
-                &ctx.dbs,
-                Duration::from_secs(30),
-            )
-            .await
-            .context("no database primary to cut off")?;
-            row.actions
-                .push(format!("the db primary is {}", fault.host));
-        }
-        planned.push((fault, from));
-    }
-    let faults = planned.into_iter().map(|(fault, from)| {
-        let state = args.state.clone();
-        tokio::spawn(async move {
-            let mut lines = Vec::new();
-            let mut errors = Vec::new();
-            tokio::time::sleep(Duration::from_secs_f64(fault.start_s)).await;
-            match inject::inject(&state, &fault, &from).await {
-                Ok(line) => lines.push(line),
-                Err(e) => errors.push(format!("{fault}: inject: {e:#}")),
-            }
-            if fault.restores_itself() {
-                // "Whole again" then counts from the crash.
-                return (lines, errors);
-            }
-            tokio::time::sleep(Duration::from_secs_f64(fault.restore_after_s)).await;
-            match inject::restore(&state, &fault).await {
-                Ok(line) => lines.extend(line),
-                Err(e) => errors.push(format!("{fault}: restore: {e:#}")),
-            }
-            (lines, errors)
-        })
-    });
-    let faults: Vec<_> = faults.collect();
-    for task in faults {
-        let (lines, errors) = task.await.context("fault task")?;
-        row.actions.extend(lines);
-        row.fault_errors.extend(errors);
-    }
+    let planned = plan(ctx, step, &mut row).await?;
+    play(&args.state, planned, &mut row).await?;
     let whole = crate::whole::wait_whole(&args.state, &[], WHOLE_LIMIT).await;
     let _ = primaries_stop.send(true);
     let max_primaries = primaries.await.context("primary poll task")?;

@@ -8,7 +8,6 @@ use std::time::{Duration, Instant};
 
 use super::book::ClientBook;
 use super::bucket::TokenBucket;
-use super::load::Live;
 use super::net::{Assignment, CLOSE_WAIT, Net, Ws, close_socket};
 use super::{
     CONNECT_TIMEOUT, FAILED_MEMORY, IDLE_TIMEOUT, MAX_PENDING, RETRY_AFTER_S, TICK, WELCOME_TIMEOUT,
@@ -22,6 +21,35 @@ use tokio_tungstenite::tungstenite::Message;
 /// A seq as the book counts them (the protocol's are never negative).
 fn seq_of(seq: i64) -> u64 {
     u64::try_from(seq).unwrap_or(0)
+}
+
+/// Figures a bench reads while the load runs.
+#[derive(Debug, Default)]
+pub struct Live {
+    inner: Mutex<LiveInner>,
+}
+
+#[derive(Debug, Default, Clone, Copy)]
+struct LiveInner {
+    acked: u64,
+    last_ack_s: Option<f64>,
+}
+
+impl Live {
+    pub(super) fn on_ack(&self, at_s: f64) {
+        if let Ok(mut l) = self.inner.lock() {
+            l.acked += 1;
+            l.last_ack_s = Some(l.last_ack_s.map_or(at_s, |t| t.max(at_s)));
+        }
+    }
+    /// Messages acked so far (first acks only).
+    pub fn acked(&self) -> u64 {
+        self.inner.lock().map(|l| l.acked).unwrap_or(0)
+    }
+    /// Time of the latest ack, seconds since the epoch.
+    pub fn last_ack_s(&self) -> Option<f64> {
+        self.inner.lock().ok().and_then(|l| l.last_ack_s)
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

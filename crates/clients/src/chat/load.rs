@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use super::book::{AckedMessage, ChatReport, ClientBook, acked_messages, analyse};
 use super::bucket::TokenBucket;
-use super::client::{Client, Phase, Progress};
+use super::client::{Client, Live, Phase, Progress};
 use super::net::{Assignment, Net};
 use super::{SETUP_TIMEOUT, Target, USER_BURST, USER_RATE};
 use anyhow::bail;
@@ -33,35 +33,6 @@ pub struct LoadOptions {
     pub sending: Option<oneshot::Sender<()>>,
     /// Live figures for a bench watching the run.
     pub live: Arc<Live>,
-}
-
-/// Figures a bench reads while the load runs.
-#[derive(Debug, Default)]
-pub struct Live {
-    inner: Mutex<LiveInner>,
-}
-
-#[derive(Debug, Default, Clone, Copy)]
-struct LiveInner {
-    acked: u64,
-    last_ack_s: Option<f64>,
-}
-
-impl Live {
-    pub(super) fn on_ack(&self, at_s: f64) {
-        if let Ok(mut l) = self.inner.lock() {
-            l.acked += 1;
-            l.last_ack_s = Some(l.last_ack_s.map_or(at_s, |t| t.max(at_s)));
-        }
-    }
-    /// Messages acked so far (first acks only).
-    pub fn acked(&self) -> u64 {
-        self.inner.lock().map(|l| l.acked).unwrap_or(0)
-    }
-    /// Time of the latest ack, seconds since the epoch.
-    pub fn last_ack_s(&self) -> Option<f64> {
-        self.inner.lock().ok().and_then(|l| l.last_ack_s)
-    }
 }
 
 /// The report plus what a bench checks against the database.

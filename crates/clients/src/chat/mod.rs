@@ -32,7 +32,8 @@ pub use book::{
 };
 pub use bucket::TokenBucket;
 
-pub use load::{Live, LoadOptions, LoadOutcome, load, user_prefix};
+pub use client::Live;
+pub use load::{LoadOptions, LoadOutcome, load, user_prefix};
 pub use net::{Assignment, Net, Ws, close_socket};
 
 /// An interval of more than this without any ack while something was pending is an outage.
@@ -111,7 +112,7 @@ impl Target {
         ca: Option<&Path>,
         channel: Option<&str>,
     ) -> anyhow::Result<Self> {
-        let config = first_config(state);
+        let config = crate::local::any_config(state);
         let lbs: Vec<Url> = match url {
             Some(url) => vec![Url::parse(url).with_context(|| format!("bad URL {url}"))?],
             None => {
@@ -141,21 +142,6 @@ impl Target {
             channel,
         })
     }
-}
-
-fn first_config(state: &Path) -> anyhow::Result<streaming_core::config::HostConfig> {
-    let dir = state.join("config");
-    let entry = std::fs::read_dir(&dir)
-        .with_context(|| {
-            format!(
-                "no cluster state in {} (run `streamctl up` first or give a URL)",
-                dir.display()
-            )
-        })?
-        .filter_map(Result::ok)
-        .find(|e| e.path().extension().is_some_and(|x| x == "json"))
-        .context("no host config in the state dir")?;
-    Ok(streaming_core::config::HostConfig::load(&entry.path())?)
 }
 
 /// The human summary.

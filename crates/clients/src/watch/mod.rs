@@ -25,7 +25,7 @@ mod report;
 mod viewer;
 
 pub use buffer::BufferModel;
-pub use report::{ViewerReport, WatchReport};
+pub use report::{Experience, ViewerReport, WatchReport};
 
 pub const START_BEHIND_SEGMENTS: u64 = 3;
 /// Largest segment or playlist body we accept.
@@ -85,18 +85,7 @@ fn viewer_client(
 /// The local cluster's entry URL (through its first LB) and every LB, from the configs
 /// `streamctl up` wrote.
 fn local_defaults(state: &std::path::Path) -> anyhow::Result<(String, Vec<String>)> {
-    let dir = state.join("config");
-    let entry = std::fs::read_dir(&dir)
-        .with_context(|| {
-            format!(
-                "no cluster state in {} (run `streamctl up` first or give a URL)",
-                dir.display()
-            )
-        })?
-        .filter_map(Result::ok)
-        .find(|e| e.path().extension().is_some_and(|x| x == "json"))
-        .context("no host config in the state dir")?;
-    let config = streaming_core::config::HostConfig::load(&entry.path())?;
+    let config = crate::local::any_config(state)?;
     let lbs = config.cluster.lb_urls();
     let first = lbs.first().context("cluster has no LB")?;
     let channel = config
@@ -116,26 +105,28 @@ pub async fn run(args: WatchArgs) -> anyhow::Result<()> {
             "{} viewer(s), {} s: startup {:.2} s, {} stalls ({:.2} s), {} errors, {} request failures, {} failovers, {} switches, {} segments, latency {:.2} s (max {:.2} s)",
             report.viewers,
             report.seconds,
-            report.startup_s,
-            report.stalls,
-            report.stall_s,
-            report.errors,
-            report.request_failures,
-            report.failovers,
-            report.switches,
-            report.segments,
-            report.latency_s,
-            report.latency_max_s
+            report.felt.startup_s,
+            report.felt.stalls,
+            report.felt.stall_s,
+            report.felt.errors,
+            report.felt.request_failures,
+            report.felt.failovers,
+            report.felt.switches,
+            report.felt.segments,
+            report.felt.latency_s,
+            report.felt.latency_max_s
         );
         println!(
             "renditions: {}; broadcasts: {}",
             report
+                .felt
                 .renditions
                 .iter()
                 .cloned()
                 .collect::<Vec<_>>()
                 .join(", "),
             report
+                .felt
                 .broadcasts
                 .iter()
                 .cloned()
@@ -228,9 +219,6 @@ pub async fn watch(args: &WatchArgs) -> anyhow::Result<WatchReport> {
 
 /// The base URL of a broadcast named in the local cluster's config.
 fn pin_url(state: &std::path::Path, name: &str) -> anyhow::Result<Url> {
-    let config = streaming_core::config::HostConfig::load(
-        &state.join("config").join(format!("{name}.json")),
-    )
-    .with_context(|| format!("--pin {name}: no such host in {}", state.display()))?;
+    let config = crate::local::host_config(state, name).context("--pin")?;
     Ok(origin_of(&Url::parse(&config.me().url)?))
 }

@@ -4,19 +4,21 @@ use std::collections::BTreeSet;
 
 use serde::Serialize;
 
-/// What one viewer experienced.
+/// What viewers experienced, one viewer's or everyone's: the same figures either way (a
+/// sum, a maximum or, for startup and latency, a mean over viewers).
 #[derive(Debug, Clone, Default, Serialize)]
-pub struct ViewerReport {
-    pub viewer: usize,
+pub struct Experience {
     pub startup_s: f64,
     pub stalls: u64,
     pub stall_s: f64,
-    /// Segments that could not be had from any broadcast (a hole the viewer saw or skipped).
+    /// Segments that could not be had from any broadcast (a hole the viewer saw or skipped);
+    /// for everyone, viewers that could not start at all count too.
     pub errors: u64,
     /// Requests that failed or timed out (each one triggered a failover).
     pub request_failures: u64,
     pub failovers: u64,
-    /// LBs that failed to answer within [`LB_ATTEMPT`] (entry or `/api/assign`).
+    /// LBs that failed to answer within [`LB_ATTEMPT`](super::LB_ATTEMPT) (entry or
+    /// `/api/assign`).
     pub lb_failures: u64,
     /// Longest time from a failed request to the next broadcast (asking the LBs in turn).
     pub reassign_max_s: f64,
@@ -31,59 +33,55 @@ pub struct ViewerReport {
     pub latency_max_s: f64,
     pub renditions: BTreeSet<String>,
     pub broadcasts: BTreeSet<String>,
+}
+
+/// What one viewer experienced.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct ViewerReport {
+    pub viewer: usize,
+    #[serde(flatten)]
+    pub felt: Experience,
     /// Set when the viewer could not start at all.
     pub fatal: Option<String>,
 }
 
-/// The whole run: sums over viewers, startup and latency averaged.
+/// The whole run.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct WatchReport {
     pub viewers: usize,
     pub seconds: u64,
-    pub startup_s: f64,
-    pub stalls: u64,
-    pub stall_s: f64,
-    pub errors: u64,
-    pub request_failures: u64,
-    pub failovers: u64,
-    pub lb_failures: u64,
-    pub reassign_max_s: f64,
-    pub switches: u64,
-    pub segments: u64,
-    pub discontinuities: u64,
-    pub latency_s: f64,
-    pub latency_max_s: f64,
-    pub renditions: BTreeSet<String>,
-    pub broadcasts: BTreeSet<String>,
+    #[serde(flatten)]
+    pub felt: Experience,
     pub per_viewer: Vec<ViewerReport>,
 }
 
 impl WatchReport {
     pub(super) fn from_viewers(seconds: u64, per_viewer: Vec<ViewerReport>) -> Self {
         let n = per_viewer.len().max(1) as f64;
-        let mut report = WatchReport {
+        let mut all = Experience::default();
+        for v in &per_viewer {
+            let one = &v.felt;
+            all.startup_s += one.startup_s / n;
+            all.latency_s += one.latency_s / n;
+            all.latency_max_s = all.latency_max_s.max(one.latency_max_s);
+            all.stalls += one.stalls;
+            all.stall_s += one.stall_s;
+            all.errors += one.errors + u64::from(v.fatal.is_some());
+            all.request_failures += one.request_failures;
+            all.failovers += one.failovers;
+            all.lb_failures += one.lb_failures;
+            all.reassign_max_s = all.reassign_max_s.max(one.reassign_max_s);
+            all.switches += one.switches;
+            all.segments += one.segments;
+            all.discontinuities += one.discontinuities;
+            all.renditions.extend(one.renditions.iter().cloned());
+            all.broadcasts.extend(one.broadcasts.iter().cloned());
+        }
+        WatchReport {
             viewers: per_viewer.len(),
             seconds,
-            ..Default::default()
-        };
-        for v in &per_viewer {
-            report.startup_s += v.startup_s / n;
-            report.latency_s += v.latency_s / n;
-            report.latency_max_s = report.latency_max_s.max(v.latency_max_s);
-            report.stalls += v.stalls;
-            report.stall_s += v.stall_s;
-            report.errors += v.errors + u64::from(v.fatal.is_some());
-            report.request_failures += v.request_failures;
-            report.failovers += v.failovers;
-            report.lb_failures += v.lb_failures;
-            report.reassign_max_s = report.reassign_max_s.max(v.reassign_max_s);
-            report.switches += v.switches;
-            report.segments += v.segments;
-            report.discontinuities += v.discontinuities;
-            report.renditions.extend(v.renditions.iter().cloned());
-            report.broadcasts.extend(v.broadcasts.iter().cloned());
+            felt: all,
+            per_viewer,
         }
-        report.per_viewer = per_viewer;
-        report
     }
 }

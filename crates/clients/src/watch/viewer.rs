@@ -150,7 +150,7 @@ impl Viewer {
                         return Ok(found);
                     }
                     Err(e) => {
-                        self.report.lb_failures += 1;
+                        self.report.felt.lb_failures += 1;
                         tracing::warn!(viewer = self.index, lb = %self.lbs[index], "entry failed: {e:#}");
                         why = e;
                     }
@@ -270,7 +270,7 @@ impl Viewer {
                     });
                 }
                 Err(e) => {
-                    self.report.lb_failures += 1;
+                    self.report.felt.lb_failures += 1;
                     tracing::warn!(viewer = self.index, lb = %self.lbs[index], "assign failed: {e}");
                 }
             }
@@ -336,11 +336,11 @@ impl Viewer {
             }
         }
         p.buffer.finish(Instant::now());
-        self.report.stalls = p.buffer.stalls;
-        self.report.stall_s = p.buffer.stall_s;
+        self.report.felt.stalls = p.buffer.stalls;
+        self.report.felt.stall_s = p.buffer.stall_s;
         if !p.latencies.is_empty() {
-            self.report.latency_s = p.latencies.iter().sum::<f64>() / p.latencies.len() as f64;
-            self.report.latency_max_s = p.latencies.iter().copied().fold(0.0, f64::max);
+            self.report.felt.latency_s = p.latencies.iter().sum::<f64>() / p.latencies.len() as f64;
+            self.report.felt.latency_max_s = p.latencies.iter().copied().fold(0.0, f64::max);
         }
         Ok(())
     }
@@ -366,7 +366,10 @@ impl Viewer {
         }
         let variant = self.choose_variant(&variants, None);
         let media_url = master_url.join(&variants[variant].uri)?;
-        self.report.broadcasts.insert(assignment.broadcast.clone());
+        self.report
+            .felt
+            .broadcasts
+            .insert(assignment.broadcast.clone());
         Ok(Playback {
             assignment,
             master_url,
@@ -408,7 +411,7 @@ impl Viewer {
                     && n < first.seq
                 {
                     // Fell out of the window (a long outage): skip ahead, and say so.
-                    self.report.errors += first.seq - n;
+                    self.report.felt.errors += first.seq - n;
                     p.next_seq = Some(first.seq);
                 }
                 p.playlist = Some(parsed);
@@ -464,17 +467,17 @@ impl Viewer {
         p.timeline
             .push((start_pos, segment.duration_s, segment.program_date_time_ms));
         if p.deadline.is_none() {
-            self.report.startup_s = now.duration_since(started).as_secs_f64();
+            self.report.felt.startup_s = now.duration_since(started).as_secs_f64();
             p.deadline = Some(now + Duration::from_secs(seconds));
         }
-        self.report.segments += 1;
-        self.report.discontinuities += u64::from(segment.discontinuity);
+        self.report.felt.segments += 1;
+        self.report.felt.discontinuities += u64::from(segment.discontinuity);
         let rendition = p.variants[p.variant]
             .uri
             .split('/')
             .next()
             .unwrap_or_default();
-        self.report.renditions.insert(rendition.to_owned());
+        self.report.felt.renditions.insert(rendition.to_owned());
         p.next_seq = Some(segment.seq + 1);
         p.failures_this_segment = 0;
         if let Some(latency) = latency_at(&p.timeline, p.buffer.position_s()) {
@@ -486,7 +489,7 @@ impl Viewer {
             p.variant = choice;
             p.media_url = p.master_url.join(&p.variants[p.variant].uri)?;
             p.playlist = None;
-            self.report.switches += 1;
+            self.report.felt.switches += 1;
         }
         Ok(())
     }
@@ -500,18 +503,19 @@ impl Viewer {
         error: &FetchError,
         failures_in_a_row: &mut u32,
     ) {
-        self.report.request_failures += 1;
+        self.report.felt.request_failures += 1;
         *failures_in_a_row += 1;
         tracing::warn!(viewer = self.index, broadcast = %assignment.broadcast, "request failed: {error}");
         let asked = Instant::now();
         match self.reassign(assignment).await {
             Some(next) => {
-                self.report.reassign_max_s = self
+                self.report.felt.reassign_max_s = self
                     .report
+                    .felt
                     .reassign_max_s
                     .max(asked.elapsed().as_secs_f64());
-                self.report.failovers += 1;
-                self.report.broadcasts.insert(next.broadcast.clone());
+                self.report.felt.failovers += 1;
+                self.report.felt.broadcasts.insert(next.broadcast.clone());
                 *assignment = next;
             }
             None => {

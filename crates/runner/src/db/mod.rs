@@ -64,17 +64,17 @@ const HOST_COMMANDS: &[&str] = &[
     "setpriv",
 ];
 
-mod files;
 mod host;
 mod readiness;
 mod rest;
+mod settings;
 mod signals;
 mod sql;
 
-pub use files::*;
 pub use host::*;
 pub use readiness::*;
 pub use rest::*;
+pub use settings::*;
 pub use signals::*;
 pub use sql::*;
 

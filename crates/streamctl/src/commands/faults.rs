@@ -9,11 +9,16 @@ use crate::cli::{HealArgs, KillArgs, PartitionArgs, StartArgs};
 /// `streamctl kill`.
 pub fn kill(args: KillArgs) -> anyhow::Result<()> {
     let layout = Layout::new(&args.state.dir)?;
-    let blow = Blow {
-        hang: args.hang,
-        ffmpeg: args.ffmpeg,
-        postgres: args.postgres,
-        crash: args.crash,
+    let blow = if args.crash {
+        Blow::Crash
+    } else if args.ffmpeg {
+        Blow::Ffmpeg { hang: args.hang }
+    } else if args.postgres {
+        Blow::Postgres { hang: args.hang }
+    } else if args.hang {
+        Blow::Hang
+    } else {
+        Blow::Kill
     };
     println!("{}", hosts::kill(&layout, &args.name, blow)?);
     Ok(())

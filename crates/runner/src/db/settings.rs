@@ -1,4 +1,4 @@
-//! The files of a db host: Patroni's and etcd's settings, PostgreSQL's directories, and
+//! The settings and files of a db host: Patroni's and etcd's settings, PostgreSQL's directories, and
 //! postgres-owned copies of what it must read.
 
 use std::path::{Path, PathBuf};
