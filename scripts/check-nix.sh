@@ -224,22 +224,41 @@ def after_prefix(path):
     return None, None
 
 
+# A role file (`import ./role.nix { role = "<role>"; options = ...; ... }`) declares its own
+# options through `options`, and role.nix declares the same few for every role under
+# services.streaming-cluster.${role}.
+ROLE_HELPER = "nixos-modules/role.nix"
+ROLE_FILE = re.compile(r"\(import \S+/nixos-modules/role\.nix ")
 declared, used = set(), []
+per_role, roles = set(), set()
 for f, text in parsed.items():
     in_modules = f.startswith("nixos-modules/")
     if not (in_modules or f.startswith(("hosts/", "vm-tests/")) or f == "flake.nix"):
         continue
-    for path, value in bindings(text):
+    found = bindings(text)
+    role = None
+    if in_modules and ROLE_FILE.match(text):
+        names = [m.group(1) for p, v in found if p == ["role"] for m in [re.match(r'"(\w+)"', v)] if m]
+        if len(names) != 1:
+            fail(f"{f} calls role.nix without one literal `role = \"<role>\";`")
+        else:
+            role = names[0]
+            roles.add(role)
+    for path, value in found:
+        if role and DECL.search(value):
+            declared.add((role, *path))
+            continue
         k, opt = after_prefix(path)
         if opt is None or not opt:
             continue
         if in_modules and k > 0 and path[k - 1] == "options":
             if DECL.search(value):
-                declared.add(opt)
+                (per_role if f == ROLE_HELPER else declared).add(opt)
         else:
             used.append((f, opt))
     for m in re.finditer(r"\bservices\.streaming-cluster((?:\.[A-Za-z_][A-Za-z0-9_'-]*)+)", text):
         used.append((f, tuple(m.group(1)[1:].split("."))))
+declared |= {(role, *opt) for role in roles for opt in per_role}
 if not declared:
     fail("no services.streaming-cluster option declarations found in nixos-modules/")
 

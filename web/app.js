@@ -378,14 +378,13 @@
 
   // ---- total viewer count ----------------------------------------------------
   // GET <lb>/api/stats -> {"viewers","broadcasts"} every 5 s, LBs in turn; an LB without the
-  // endpoint or unreachable just hides the count. The chat's "stats" events also update it.
+  // endpoint or unreachable just hides the count.
   function showViewers(n) {
     if (!Number.isFinite(n) || n < 0) return;
     state.viewers = n;
     viewersEl.textContent = `${n} watching`;
     viewersEl.hidden = false;
   }
-  state.showViewers = showViewers;
   let statsLb = 0;
   async function pollStats() {
     const lbs = await lbList();

@@ -2,7 +2,8 @@
 // styles). Everything from the network is rendered with textContent, never as HTML: names and
 // messages are data, so "<img src=x onerror=...>" shows as those characters.
 //
-// Protocol (crates/chat/src/ws.rs): wss://<broadcast>/api/chat/<channel>; first frame
+// Protocol (crates/core/src/chat_protocol.rs, whose tests check that this file sends and handles
+// exactly its frames): wss://<broadcast>/api/chat/<channel>; first frame
 // {"type":"hello","session","since"}; events carry a per-channel seq; a send carries a
 // client-made id and is acked after commit; unacked sends are resent with the same id after a
 // reconnect, so the server stores each once.
@@ -364,9 +365,6 @@
       case 'unban':
         if (!fresh(ev)) break;
         renderNotice(`${ev.user} was unbanned by ${ev.by}.`);
-        break;
-      case 'stats':
-        if (typeof player.showViewers === 'function') player.showViewers(Number(ev.viewers));
         break;
       case 'ack':
         delivered(ev.id);

@@ -1,7 +1,7 @@
-//! A chat WebSocket text frame from anyone (a `hello` needs no account). The frame type the
-//! server deserialises into is private to the chat crate, so this target parses the frame as
-//! JSON under the same size cap and runs the public validators on every string field the way
-//! the server's checks do, asserting what each validator promises.
+//! A chat WebSocket text frame from anyone (a `hello` needs no account): parsed into the
+//! protocol's `ClientFrame` as the server does (an accepted frame must serialise back to one
+//! that parses the same), and, as JSON under the same size cap, every string field through the
+//! public validators the server's checks use, asserting what each validator promises.
 
 #![no_main]
 
@@ -10,6 +10,7 @@ use serde_json::Value;
 use streaming_chat::limits::{
     MAX_FRAME_BYTES, MAX_MESSAGE_CHARS, check_name, check_password, check_text, valid_client_id,
 };
+use streaming_core::chat_protocol::ClientFrame;
 
 fn check_string(s: &str) {
     if check_text(s).is_ok() {
@@ -57,6 +58,10 @@ fuzz_target!(|data: &[u8]| {
     check_string(frame);
     if frame.len() > MAX_FRAME_BYTES {
         return;
+    }
+    if let Ok(parsed) = serde_json::from_str::<ClientFrame>(frame) {
+        let again = serde_json::to_string(&parsed).unwrap();
+        assert_eq!(serde_json::from_str::<ClientFrame>(&again).unwrap(), parsed);
     }
     let Ok(value) = serde_json::from_str::<Value>(frame) else {
         return;

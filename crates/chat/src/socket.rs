@@ -184,8 +184,12 @@ pub(crate) fn shutting_down() -> End {
 }
 
 fn error_frame(code: &str, message: &str) -> Message {
-    let json = serde_json::json!({ "type": "error", "id": null, "code": code, "message": message });
-    Message::Text(Utf8Bytes::from(json.to_string()))
+    let frame = streaming_core::chat_protocol::ServerFrame::Error {
+        id: None,
+        code: code.to_owned(),
+        message: message.to_owned(),
+    };
+    Message::Text(Utf8Bytes::from(frame.to_json()))
 }
 
 /// The close handshake, then the socket is dropped (TCP closes). `during` says where the

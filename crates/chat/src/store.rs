@@ -18,51 +18,7 @@ pub const NOTIFY_CHANNEL: &str = "chat_events";
 
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum UserRole {
-    Viewer,
-    Moderator,
-    Admin,
-}
-
-impl UserRole {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            UserRole::Viewer => "viewer",
-            UserRole::Moderator => "moderator",
-            UserRole::Admin => "admin",
-        }
-    }
-
-    fn parse(s: &str) -> Self {
-        match s {
-            "admin" => UserRole::Admin,
-            "moderator" => UserRole::Moderator,
-            _ => UserRole::Viewer,
-        }
-    }
-
-    pub fn moderates(self) -> bool {
-        matches!(self, UserRole::Moderator | UserRole::Admin)
-    }
-
-    fn rank(self) -> u8 {
-        match self {
-            UserRole::Viewer => 0,
-            UserRole::Moderator => 1,
-            UserRole::Admin => 2,
-        }
-    }
-
-    /// Moderation goes down the ranks only: moderators act on viewers, admins on viewers and
-    /// moderators, and nobody on an admin (an admin account is the operator's, managed through
-    /// its secret or the database). Otherwise one rogue or stolen moderator account could
-    /// silence every other moderator, and the admins.
-    pub fn may_moderate(self, target: UserRole) -> bool {
-        self.moderates() && target.rank() < self.rank()
-    }
-}
+pub use streaming_core::chat_protocol::{Event, UserRole};
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct User {
@@ -70,53 +26,6 @@ pub struct User {
     pub id: i64,
     pub name: String,
     pub role: UserRole,
-}
-
-/// One chat event as clients receive it (see the protocol in ws.rs).
-#[derive(Debug, Clone, PartialEq, Serialize)]
-#[serde(tag = "type", rename_all = "lowercase")]
-pub enum Event {
-    Message {
-        seq: i64,
-        id: String,
-        user: String,
-        role: UserRole,
-        text: String,
-        at: String,
-    },
-    Delete {
-        seq: i64,
-        target: i64,
-        by: String,
-    },
-    Mute {
-        seq: i64,
-        user: String,
-        until: String,
-        by: String,
-    },
-    Ban {
-        seq: i64,
-        user: String,
-        by: String,
-    },
-    Unban {
-        seq: i64,
-        user: String,
-        by: String,
-    },
-}
-
-impl Event {
-    pub fn seq(&self) -> i64 {
-        match self {
-            Event::Message { seq, .. }
-            | Event::Delete { seq, .. }
-            | Event::Mute { seq, .. }
-            | Event::Ban { seq, .. }
-            | Event::Unban { seq, .. } => *seq,
-        }
-    }
 }
 
 /// What a user asks to append to a channel.

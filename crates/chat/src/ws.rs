@@ -1,10 +1,6 @@
-//! The chat WebSocket, `wss://<broadcast>/api/chat/<channel>`: JSON text frames.
-//!
-//! Client -> server: first `{"type":"hello","session":<token|null>,"since":<seq|null>}`, then
-//! `send {id, text}`, moderators' `delete {id, target}`, `mute {id, user, seconds}`,
-//! `ban {id, user}`, `unban {id, user}`, and `ping`. Server -> client: `welcome`, the channel's
-//! events in seq order (`message`, `delete`, `mute`, `ban`, `unban`; see store::Event), `ack
-//! {id, seq}` once committed, `error {id, code, message}`, `pong`.
+//! The chat WebSocket, `wss://<broadcast>/api/chat/<channel>`: the frames of
+//! `streaming_core::chat_protocol` (hello, writes and moderation in; welcome, events, acks and
+//! errors out).
 //!
 //! A client keeps the highest seq it saw and sends it as `since` after a reconnect (to any
 //! broadcast): the gap is replayed, from this broadcast's memory or from the database, and
@@ -21,7 +17,7 @@ use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use futures::stream::SplitSink;
 use futures::{SinkExt, StreamExt};
-use serde::Deserialize;
+use streaming_core::chat_protocol::{ClientFrame, Member, ServerFrame};
 use tokio::sync::{broadcast, mpsc};
 
 use crate::Chat;
@@ -119,37 +115,6 @@ async fn upgrade(
         })
 }
 
-#[derive(Debug, Deserialize)]
-#[serde(tag = "type", rename_all = "lowercase")]
-enum ClientMessage {
-    Hello {
-        session: Option<String>,
-        since: Option<i64>,
-    },
-    Send {
-        id: String,
-        text: String,
-    },
-    Delete {
-        id: String,
-        target: i64,
-    },
-    Mute {
-        id: String,
-        user: String,
-        seconds: u32,
-    },
-    Ban {
-        id: String,
-        user: String,
-    },
-    Unban {
-        id: String,
-        user: String,
-    },
-    Ping,
-}
-
 /// Where a client's replay starts when the server chooses: the last `HISTORY` events for a
 /// fresh client, and for an anonymous one asking for more, at most `ANONYMOUS_REPLAY`.
 fn replay_from(since: Option<i64>, last: i64) -> i64 {
@@ -166,7 +131,12 @@ struct Op {
 }
 
 fn error_json(id: Option<&str>, code: &str, message: &str) -> String {
-    serde_json::json!({ "type": "error", "id": id, "code": code, "message": message }).to_string()
+    ServerFrame::Error {
+        id: id.map(str::to_owned),
+        code: code.to_owned(),
+        message: message.to_owned(),
+    }
+    .to_json()
 }
 
 fn text(s: String) -> Message {
@@ -245,12 +215,12 @@ impl Connection {
         };
         let hello = match hello {
             Ok(Ok(Message::Text(t))) if t.len() <= limits::MAX_FRAME_BYTES => {
-                serde_json::from_str::<ClientMessage>(&t).ok()
+                serde_json::from_str::<ClientFrame>(&t).ok()
             }
             Ok(Err(end)) => return Err(end),
             _ => None,
         };
-        let Some(ClientMessage::Hello { session, since }) = hello else {
+        let Some(ClientFrame::Hello { session, since }) = hello else {
             return Err(expected_hello);
         };
         if let Some(token) = session.filter(|t| !t.is_empty()) {
@@ -275,14 +245,16 @@ impl Connection {
             }
         };
         self.last_sent = after;
-        let welcome = serde_json::json!({
-            "type": "welcome",
-            "channel": self.channel,
-            "broadcast": self.chat.broadcast,
-            "user": self.user,
-            "last_seq": self.chat.hub.last_seq(&self.channel),
-        });
-        self.send(text(welcome.to_string())).await?;
+        let welcome = ServerFrame::Welcome {
+            channel: self.channel.clone(),
+            broadcast: self.chat.broadcast.clone(),
+            user: self.user.as_ref().map(|u| Member {
+                name: u.name.clone(),
+                role: u.role,
+            }),
+            last_seq: self.chat.hub.last_seq(&self.channel),
+        };
+        self.send(text(welcome.to_json())).await?;
         self.catch_up().await
     }
 
@@ -420,7 +392,7 @@ impl Connection {
                 "frames are limited to 4 KiB",
             ));
         }
-        let message = match serde_json::from_str::<ClientMessage>(raw) {
+        let message = match serde_json::from_str::<ClientFrame>(raw) {
             Ok(m) => m,
             Err(_) => {
                 return self
@@ -429,23 +401,23 @@ impl Connection {
             }
         };
         let (id, action) = match message {
-            ClientMessage::Ping => return self.send(text(r#"{"type":"pong"}"#.into())).await,
-            ClientMessage::Hello { .. } => {
+            ClientFrame::Ping => return self.send(text(ServerFrame::Pong.to_json())).await,
+            ClientFrame::Hello { .. } => {
                 return self
                     .send(text(error_json(None, "bad_request", "already said hello")))
                     .await;
             }
-            ClientMessage::Send { id, text } => (id, Action::Message { text }),
-            ClientMessage::Delete { id, target } => (id, Action::Delete { target }),
-            ClientMessage::Mute { id, user, seconds } => (
+            ClientFrame::Send { id, text } => (id, Action::Message { text }),
+            ClientFrame::Delete { id, target } => (id, Action::Delete { target }),
+            ClientFrame::Mute { id, user, seconds } => (
                 id,
                 Action::Mute {
                     user,
                     seconds: seconds.clamp(1, 7 * 24 * 3600),
                 },
             ),
-            ClientMessage::Ban { id, user } => (id, Action::Ban { user }),
-            ClientMessage::Unban { id, user } => (id, Action::Unban { user }),
+            ClientFrame::Ban { id, user } => (id, Action::Ban { user }),
+            ClientFrame::Unban { id, user } => (id, Action::Unban { user }),
         };
         if let Err((code, why)) = self.check(&id, &action) {
             let id = limits::valid_client_id(&id).then_some(id.as_str());
@@ -518,7 +490,11 @@ async fn write_worker(
         let reply = match result {
             Ok(appended) => {
                 metrics::counter!("chat_appends_total", "duplicate" => appended.duplicate.to_string()).increment(1);
-                serde_json::json!({ "type": "ack", "id": op.id, "seq": appended.seq }).to_string()
+                ServerFrame::Ack {
+                    id: op.id,
+                    seq: appended.seq,
+                }
+                .to_json()
             }
             Err(e) => {
                 let (code, message) = match &e {
@@ -551,25 +527,25 @@ mod tests {
 
     #[test]
     fn protocol_messages_parse() {
-        let hello: ClientMessage =
+        let hello: ClientFrame =
             serde_json::from_str(r#"{"type":"hello","session":null,"since":12}"#).unwrap();
         assert!(matches!(
             hello,
-            ClientMessage::Hello {
+            ClientFrame::Hello {
                 session: None,
                 since: Some(12)
             }
         ));
-        let send: ClientMessage =
+        let send: ClientFrame =
             serde_json::from_str(r#"{"type":"send","id":"a1","text":"<b>hi</b>"}"#).unwrap();
-        assert!(matches!(send, ClientMessage::Send { ref text, .. } if text == "<b>hi</b>"));
+        assert!(matches!(send, ClientFrame::Send { ref text, .. } if text == "<b>hi</b>"));
         for bad in [
             r#"{"type":"drop"}"#,
             r#"{"type":"send","id":"a"}"#,
             "[]",
             "garbage",
         ] {
-            assert!(serde_json::from_str::<ClientMessage>(bad).is_err(), "{bad}");
+            assert!(serde_json::from_str::<ClientFrame>(bad).is_err(), "{bad}");
         }
     }
 
@@ -580,33 +556,5 @@ mod tests {
         assert_eq!(replay_from(Some(0), 30), 0);
         assert_eq!(replay_from(None, 10_000), 10_000 - HISTORY);
         assert_eq!(replay_from(None, 10), 0);
-    }
-
-    #[test]
-    fn events_serialise_to_the_protocol() {
-        let e = Event::Message {
-            seq: 7,
-            id: "c1".into(),
-            user: "alice".into(),
-            role: store::UserRole::Moderator,
-            text: "<script>x</script>".into(),
-            at: "2026-11-25T00:00:00Z".into(),
-        };
-        let v: serde_json::Value = serde_json::to_value(&e).unwrap();
-        assert_eq!(v["type"], "message");
-        assert_eq!(v["seq"], 7);
-        assert_eq!(v["role"], "moderator");
-        assert_eq!(
-            v["text"], "<script>x</script>",
-            "text stays data, escaped only by JSON"
-        );
-        let d = serde_json::to_value(Event::Delete {
-            seq: 8,
-            target: 7,
-            by: "m".into(),
-        })
-        .unwrap();
-        assert_eq!(d["type"], "delete");
-        assert_eq!(d["target"], 7);
     }
 }

@@ -1,6 +1,8 @@
 //! Shared building blocks of streaming-cluster: the config schema every service reads, viewer
-//! tokens, TLS, secrets, telemetry, HTTPS serving and the signals that drive shutdown and reload.
+//! tokens, the chat protocol, TLS, secrets, telemetry, HTTPS serving and the signals that drive
+//! shutdown and reload, the cluster HTTPS client and the Patroni client.
 
+pub mod chat_protocol;
 pub mod client;
 pub mod config;
 pub mod conn_limit;

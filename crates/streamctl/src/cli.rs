@@ -40,7 +40,7 @@ pub enum Command {
     /// Print /etc/hosts lines for the cluster's names (hosts and the site name).
     Hosts(HostsArgs),
     /// HLS viewer simulator (startup, stalls, failovers, latency).
-    Watch(crate::watch::WatchArgs),
+    Watch(streaming_clients::watch::WatchArgs),
     /// After adding a host's entry to the cluster file: regenerate every config, create its
     /// certificate, start it, and SIGHUP the others so they use it without restarts.
     /// On a drained host: take it back into service.
@@ -54,13 +54,13 @@ pub enum Command {
     /// running host, and stop hosts whose entry was removed.
     Sync(SyncArgs),
     /// Load and comparison benchmarks.
-    Bench(crate::bench::BenchArgs),
+    Bench(BenchArgs),
     /// Chat load: registered clients on several broadcasts send messages, reconnect through the
     /// LB on failures, and check that every acked message reached everyone once and in order.
-    Chat(crate::chat::ChatArgs),
+    Chat(streaming_clients::chat::ChatArgs),
     /// Publish FLV from stdin (`ffmpeg ... -f flv pipe:1 |`) over RTMPS, the stream key read
     /// from a file so that it is on no command line; one connection, exit 1 when it fails.
-    Publish(crate::publish::PublishArgs),
+    Publish(streaming_clients::publish::PublishArgs),
     /// Internal: one local db host (its etcd member and Patroni), started by `up`/`start` as
     /// the leader of the host's process group.
     #[command(hide = true)]
@@ -69,7 +69,38 @@ pub enum Command {
     /// `Restart=on-failure` would; started by `up`/`start`/`add` as the leader of the host's
     /// process group.
     #[command(hide = true)]
-    Supervise(crate::supervise::SuperviseArgs),
+    Supervise(SuperviseArgs),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct BenchArgs {
+    #[command(subcommand)]
+    pub what: BenchKind,
+}
+
+#[derive(Debug, Clone, Subcommand)]
+pub enum BenchKind {
+    /// Inject every single-host fault (and one double fault) while viewers watch.
+    Failover(streaming_bench::failover::FailoverArgs),
+    /// Chat load while the database primary is killed twice and hung once: write outage per
+    /// failover, and every acked message checked in PostgreSQL.
+    ChatFailover(streaming_bench::chat_failover::ChatFailoverArgs),
+    /// A random fault schedule from a seed (kills, hangs, crashes; single and in pairs) while
+    /// viewers watch and chat clients write: per step and total figures.
+    Chaos(streaming_bench::chaos::ChaosArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct SuperviseArgs {
+    /// The host's config file (`<state>/config/<host>.json`), passed on to the service.
+    #[arg(long)]
+    pub config: PathBuf,
+    /// The role's service binary.
+    #[arg(long)]
+    pub binary: PathBuf,
+    /// Where the service's pid and the restart count are written.
+    #[arg(long)]
+    pub service_file: PathBuf,
 }
 
 #[derive(Debug, Args)]

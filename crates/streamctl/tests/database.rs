@@ -24,10 +24,10 @@ use std::time::{Duration, Instant};
 
 use futures::{SinkExt, StreamExt};
 use serde_json::{Value, json};
+use streaming_clients::chat::{Net, Target, Ws};
 use streaming_core::config::HostConfig;
-use streaming_streamctl::chat::{Net, Target, Ws};
-use streaming_streamctl::cluster::Layout;
-use streaming_streamctl::db;
+use streaming_runner::cluster::Layout;
+use streaming_runner::db;
 use tokio_tungstenite::tungstenite::Message;
 
 /// Loopback prefix of this test's cluster (127.76 and 127.73 are the other tests').

@@ -166,7 +166,7 @@ fn any_one_host_may_fail_and_the_topology_may_change() {
     // The failover matrix, short windows: every fault once, 0 stalls and 0 errors; but the
     // rows other end-to-end tests already run with the same assertions (the publisher's
     // ingest: publish_failover; the cut-off database primary: partition), to keep CI short.
-    let rows_run: Vec<String> = streaming_streamctl::bench::matrix()
+    let rows_run: Vec<String> = streaming_bench::failover::matrix()
         .into_iter()
         .map(|f| f.name)
         .filter(|n| !n.starts_with("publisher-") && !n.starts_with("db-primary-cut"))

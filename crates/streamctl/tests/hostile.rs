@@ -23,11 +23,11 @@ use std::time::{Duration, Instant};
 
 use futures::{SinkExt, StreamExt};
 use serde_json::{Value, json};
+use streaming_bench::obs_publisher::{self, ObsPublisher};
 use streaming_core::config::{HostConfig, LimitsConfig};
-use streaming_streamctl::cluster::Layout;
-use streaming_streamctl::obs_publisher::{self, ObsPublisher};
-use streaming_streamctl::procs;
-use streaming_streamctl::supervise::ServiceState;
+use streaming_runner::cluster::Layout;
+use streaming_runner::procs;
+use streaming_runner::supervise::ServiceState;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
 use tokio_tungstenite::tungstenite::Message;

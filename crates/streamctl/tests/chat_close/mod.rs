@@ -9,9 +9,9 @@ use std::time::{Duration, Instant};
 
 use futures::{SinkExt, StreamExt};
 use serde_json::{Value, json};
+use streaming_clients::chat::{Net, Target, Ws};
 use streaming_core::config::HostConfig;
-use streaming_streamctl::chat::{Net, Target, Ws};
-use streaming_streamctl::db;
+use streaming_runner::db;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;

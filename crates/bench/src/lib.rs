@@ -1,0 +1,18 @@
+//! The benchmarks of a running local cluster: faults injected through the runner while
+//! simulated viewers and chat clients measure what they feel.
+//!
+//! - [`failover`]: the failover matrix, one fault (or pair) per row.
+//! - [`chat_failover`]: chat durability while the database primary fails.
+//! - [`chaos`]: a random fault schedule from a seed.
+//! - [`faults`]: injecting and undoing a fault, as `streamctl kill/start/partition/heal` do;
+//!   [`whole`]: when the cluster is whole again after one; [`database`]: who is primary and
+//!   whether every acked chat message is stored; [`obs_publisher`]: the OBS-like publisher of
+//!   the single-publisher rows.
+
+pub mod chaos;
+pub mod chat_failover;
+pub mod database;
+pub mod failover;
+pub mod faults;
+pub mod obs_publisher;
+pub mod whole;

@@ -1,0 +1,87 @@
+//! What the viewers felt: per viewer and for all of them.
+
+use std::collections::BTreeSet;
+
+use serde::Serialize;
+
+/// What viewers experienced, one viewer's or everyone's: the same figures either way (a
+/// sum, a maximum or, for startup and latency, a mean over viewers).
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Experience {
+    pub startup_s: f64,
+    pub stalls: u64,
+    pub stall_s: f64,
+    /// Segments that could not be had from any broadcast (a hole the viewer saw or skipped);
+    /// for everyone, viewers that could not start at all count too.
+    pub errors: u64,
+    /// Requests that failed or timed out (each one triggered a failover).
+    pub request_failures: u64,
+    pub failovers: u64,
+    /// LBs that failed to answer within [`LB_ATTEMPT`](super::LB_ATTEMPT) (entry or
+    /// `/api/assign`).
+    pub lb_failures: u64,
+    /// Longest time from a failed request to the next broadcast (asking the LBs in turn).
+    pub reassign_max_s: f64,
+    /// Rendition changes after the first choice.
+    pub switches: u64,
+    pub segments: u64,
+    /// Segments played that began with EXT-X-DISCONTINUITY (a source switch or a slate): a
+    /// picture change the viewer sees, though not a stall.
+    pub discontinuities: u64,
+    /// Mean of now − PROGRAM-DATE-TIME at the play head, sampled at every segment.
+    pub latency_s: f64,
+    pub latency_max_s: f64,
+    pub renditions: BTreeSet<String>,
+    pub broadcasts: BTreeSet<String>,
+}
+
+/// What one viewer experienced.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct ViewerReport {
+    pub viewer: usize,
+    #[serde(flatten)]
+    pub felt: Experience,
+    /// Set when the viewer could not start at all.
+    pub fatal: Option<String>,
+}
+
+/// The whole run.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct WatchReport {
+    pub viewers: usize,
+    pub seconds: u64,
+    #[serde(flatten)]
+    pub felt: Experience,
+    pub per_viewer: Vec<ViewerReport>,
+}
+
+impl WatchReport {
+    pub(super) fn from_viewers(seconds: u64, per_viewer: Vec<ViewerReport>) -> Self {
+        let n = per_viewer.len().max(1) as f64;
+        let mut all = Experience::default();
+        for v in &per_viewer {
+            let one = &v.felt;
+            all.startup_s += one.startup_s / n;
+            all.latency_s += one.latency_s / n;
+            all.latency_max_s = all.latency_max_s.max(one.latency_max_s);
+            all.stalls += one.stalls;
+            all.stall_s += one.stall_s;
+            all.errors += one.errors + u64::from(v.fatal.is_some());
+            all.request_failures += one.request_failures;
+            all.failovers += one.failovers;
+            all.lb_failures += one.lb_failures;
+            all.reassign_max_s = all.reassign_max_s.max(one.reassign_max_s);
+            all.switches += one.switches;
+            all.segments += one.segments;
+            all.discontinuities += one.discontinuities;
+            all.renditions.extend(one.renditions.iter().cloned());
+            all.broadcasts.extend(one.broadcasts.iter().cloned());
+        }
+        WatchReport {
+            viewers: per_viewer.len(),
+            seconds,
+            felt: all,
+            per_viewer,
+        }
+    }
+}
