@@ -7,6 +7,7 @@
 //! `/primary`. The REST API is HTTPS with the cluster's certificates; reads need no client
 //! certificate.
 
+use std::borrow::Borrow;
 use std::path::Path;
 use std::time::Duration;
 
@@ -99,9 +100,10 @@ impl Patroni {
     /// The hosts among `hosts` that answer 200 on `/primary`, in the given order, all asked at
     /// once. More than one means a split the caller must resolve (Patroni's own lock makes it
     /// short-lived); none means a failover is under way.
-    pub async fn leaders<'a>(&self, hosts: &'a [HostEntry]) -> Vec<&'a HostEntry> {
+    /// `hosts` may be owned entries or references (`&[HostEntry]`, `&[&HostEntry]`).
+    pub async fn leaders<'a, H: Borrow<HostEntry>>(&self, hosts: &'a [H]) -> Vec<&'a H> {
         let answers = futures::future::join_all(hosts.iter().map(|h| async move {
-            let leads = matches!(self.check(h, Check::Primary).await, Ok(true));
+            let leads = matches!(self.check(h.borrow(), Check::Primary).await, Ok(true));
             leads.then_some(h)
         }))
         .await;
@@ -109,7 +111,7 @@ impl Patroni {
     }
 
     /// The first of `hosts` (in order) that answers 200 on `/primary`.
-    pub async fn primary<'a>(&self, hosts: &'a [HostEntry]) -> Option<&'a HostEntry> {
+    pub async fn primary<'a, H: Borrow<HostEntry>>(&self, hosts: &'a [H]) -> Option<&'a H> {
         self.leaders(hosts).await.into_iter().next()
     }
 

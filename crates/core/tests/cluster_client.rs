@@ -137,6 +137,9 @@ async fn cluster_client_and_patroni_against_real_servers() {
         ["db2"]
     );
     assert_eq!(patroni.primary(&hosts).await.unwrap().name, "db2");
+    // References work too, as a caller filtering the config's hosts has them.
+    let refs: Vec<&HostEntry> = hosts.iter().collect();
+    assert_eq!(patroni.primary(&refs).await.unwrap().name, "db2");
     assert!(patroni.check(&hosts[1], Check::Health).await.unwrap());
     assert!(!patroni.check(&hosts[1], Check::Primary).await.unwrap());
     assert!(patroni.check(&hosts[0], Check::Health).await.is_err());
