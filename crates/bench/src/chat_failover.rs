@@ -21,6 +21,7 @@ use streaming_core::config::{ClusterConfig, HostEntry, Role};
 use tokio::sync::{oneshot, watch};
 
 use streaming_clients::chat::{self, ChatReport, LoadOptions, LoadOutcome, Outage, Target};
+use streaming_core::patroni::{Check, Patroni};
 use streaming_runner::cluster::Layout;
 use streaming_runner::hosts::Blow;
 
@@ -172,7 +173,7 @@ pub fn outages_in(outages: &[Outage], from_s: f64, to_s: f64) -> (f64, Vec<Outag
 struct Run<'a> {
     args: &'a ChatFailoverArgs,
     cluster: &'a ClusterConfig,
-    http: &'a reqwest::Client,
+    http: &'a Patroni,
     dbs: &'a [HostEntry],
     epoch: Instant,
     live: &'a chat::Live,
@@ -191,7 +192,7 @@ impl Run<'_> {
     /// One fault from injection to the failed host being a synchronous standby again.
     async fn one_fault(&self, number: usize, kind: FaultKind) -> anyhow::Result<FaultRow> {
         let (args, http) = (self.args, self.http);
-        let host = wait_for_primary(http, self.cluster, self.dbs, Duration::from_secs(30))
+        let host = wait_for_primary(http, self.dbs, Duration::from_secs(30))
             .await
             .context("no primary before the fault")?;
         let name = match kind {
@@ -308,8 +309,7 @@ impl Run<'_> {
             .filter(|h| h.name != host)
             .cloned()
             .collect();
-        let new_primary =
-            wait_for_primary(self.http, self.cluster, &others, Duration::from_secs(60)).await;
+        let new_primary = wait_for_primary(self.http, &others, Duration::from_secs(60)).await;
         let new_primary_after_s = new_primary
             .as_ref()
             .map(|_| fault_at.elapsed().as_secs_f64());
@@ -341,24 +341,24 @@ impl Run<'_> {
     /// with a synchronous standby. The next fault may only come then (synchronous_mode
     /// promotes only the synchronous standby).
     async fn await_rejoin(&self, entry: &HostEntry) -> Rejoin {
-        let (http, cluster, dbs) = (self.http, self.cluster, self.dbs);
+        let (http, dbs) = (self.http, self.dbs);
         let restored = Instant::now();
         let mut rejoin = Rejoin::default();
         while restored.elapsed() < Duration::from_secs(90) {
-            if rejoin.replica_s.is_none() && patroni_says(http, entry, "replica").await {
+            if rejoin.replica_s.is_none() && patroni_says(http, entry, Check::Replica).await {
                 rejoin.replica_s = Some(restored.elapsed().as_secs_f64());
             }
-            if patroni_says(http, entry, "sync").await {
+            if patroni_says(http, entry, Check::Sync).await {
                 rejoin.sync_s = Some(restored.elapsed().as_secs_f64());
-                rejoin.leader = find_primary(http, cluster, dbs).await;
+                rejoin.leader = find_primary(http, dbs).await;
                 break;
             }
-            if let Some(primary) = find_primary(http, cluster, dbs).await
+            if let Some(primary) = find_primary(http, dbs).await
                 && primary == entry.name
             {
                 let mut has_sync = false;
                 for other in dbs.iter().filter(|h| h.name != entry.name) {
-                    has_sync |= patroni_says(http, other, "sync").await;
+                    has_sync |= patroni_says(http, other, Check::Sync).await;
                 }
                 if has_sync {
                     rejoin.leader = Some(primary);
@@ -372,17 +372,13 @@ impl Run<'_> {
 }
 
 /// A primary with a synchronous standby (or the first kill has nobody to promote).
-async fn wait_sync_standby(
-    http: &reqwest::Client,
-    cluster: &ClusterConfig,
-    dbs: &[HostEntry],
-) -> anyhow::Result<()> {
+async fn wait_sync_standby(http: &Patroni, dbs: &[HostEntry]) -> anyhow::Result<()> {
     let whole = wait_until(Duration::from_secs(90), || async {
-        let Some(p) = find_primary(http, cluster, dbs).await else {
+        let Some(p) = find_primary(http, dbs).await else {
             return false;
         };
         for h in dbs.iter().filter(|h| h.name != p) {
-            if patroni_says(http, h, "sync").await {
+            if patroni_says(http, h, Check::Sync).await {
                 return true;
             }
         }
@@ -450,7 +446,7 @@ pub async fn bench(args: &ChatFailoverArgs) -> anyhow::Result<ChatFailoverReport
     }
     let http = streaming_runner::db::rest_client(any)?;
     let cluster = &any.cluster;
-    wait_sync_standby(&http, cluster, &dbs).await?;
+    wait_sync_standby(&http, &dbs).await?;
     let target = Target::resolve(None, &args.state, None, None)?;
     let channel = target.channel.clone();
     let epoch = Instant::now();
@@ -509,7 +505,7 @@ pub async fn bench(args: &ChatFailoverArgs) -> anyhow::Result<ChatFailoverReport
     }
     let _ = stop_tx.send(true);
     let outcome = load.await.context("chat load task")??;
-    let primary = wait_for_primary(&http, cluster, &dbs, Duration::from_secs(30))
+    let primary = wait_for_primary(&http, &dbs, Duration::from_secs(30))
         .await
         .context("no primary to check the stored messages on")?;
     let (db, stored) = check_db(

@@ -8,9 +8,9 @@ use anyhow::Context;
 use serde::Serialize;
 use sqlx::Connection as _;
 use streaming_clients::chat::AckedMessage;
-use streaming_core::config::{ClusterConfig, HostEntry};
+use streaming_core::config::HostEntry;
+use streaming_core::patroni::{Check, Patroni};
 use streaming_runner::cluster::Layout;
-use streaming_runner::db;
 use tokio::sync::watch;
 
 /// The database side of the check.
@@ -34,22 +34,14 @@ pub struct DbCheck {
     pub stored_unacked: u64,
 }
 
-/// `GET https://<addr>:<patroni>/<check>` answered 200 (`replica`, `sync`).
-pub async fn patroni_says(http: &reqwest::Client, host: &HostEntry, check: &str) -> bool {
-    let url = format!("{}/{check}", db::rest_url(host));
-    matches!(http.get(url).send().await, Ok(r) if r.status().is_success())
+/// Patroni's `check` endpoint of `host` answered 200.
+pub async fn patroni_says(http: &Patroni, host: &HostEntry, check: Check) -> bool {
+    matches!(http.check(host, check).await, Ok(true))
 }
 
-/// The db host among `dbs` that is primary now (Patroni's `/primary`, through
-/// [`db::primary_in`]).
-pub async fn find_primary(
-    http: &reqwest::Client,
-    cluster: &ClusterConfig,
-    dbs: &[HostEntry],
-) -> Option<String> {
-    let mut only = cluster.clone();
-    only.hosts.retain(|h| dbs.iter().any(|d| d.name == h.name));
-    db::primary_in(http, &only).await
+/// The db host among `dbs` that is primary now (Patroni's `/primary`).
+pub async fn find_primary(http: &Patroni, dbs: &[HostEntry]) -> Option<String> {
+    http.primary(dbs).await.map(|h| h.name.clone())
 }
 
 /// Per acked message: how many rows hold its (user, id), and whether one has its seq.
@@ -146,13 +138,13 @@ pub async fn check_db(
 
 /// The most db hosts that answered `/primary` with 200 in one poll, until `stop` turns true.
 pub async fn most_primaries(
-    http: reqwest::Client,
+    http: Patroni,
     dbs: Vec<HostEntry>,
     mut stop: watch::Receiver<bool>,
 ) -> usize {
     let mut most = 0;
     while !*stop.borrow() {
-        let polls = dbs.iter().map(|h| patroni_says(&http, h, "primary"));
+        let polls = dbs.iter().map(|h| patroni_says(&http, h, Check::Primary));
         let now = futures::future::join_all(polls)
             .await
             .into_iter()
@@ -168,14 +160,13 @@ pub async fn most_primaries(
 }
 
 pub async fn wait_for_primary(
-    http: &reqwest::Client,
-    cluster: &ClusterConfig,
+    http: &Patroni,
     dbs: &[HostEntry],
     limit: Duration,
 ) -> Option<String> {
     let start = Instant::now();
     loop {
-        if let Some(p) = find_primary(http, cluster, dbs).await {
+        if let Some(p) = find_primary(http, dbs).await {
             return Some(p);
         }
         if start.elapsed() >= limit {

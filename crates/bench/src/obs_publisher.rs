@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use streaming_core::config::{HostConfig, Role};
+use streaming_core::status::{IngestChannelStatus, IngestStatus};
 use streaming_rtmp_publish::{
     Backoff, PublishOptions, Stream, Target, client_config, publish_once,
 };
@@ -169,7 +170,7 @@ impl Drop for ObsPublisher {
 }
 
 /// [`CHANNEL`]'s status on every ingest that answers, by ingest name.
-pub async fn ingest_channels(state: &Path) -> anyhow::Result<Vec<(String, serde_json::Value)>> {
+pub async fn ingest_channels(state: &Path) -> anyhow::Result<Vec<(String, IngestChannelStatus)>> {
     let layout = Layout::new(state)?;
     let configs: Vec<HostConfig> = layout.load_configs()?;
     let client = streaming_runner::probe::client(&layout.ca().cert, Duration::from_secs(1))?;
@@ -181,10 +182,11 @@ pub async fn ingest_channels(state: &Path) -> anyhow::Result<Vec<(String, serde_
     for config in configs.iter().filter(|c| c.me().role == Role::Ingest) {
         let me = config.me();
         let url = me.url.trim_end_matches('/');
-        if let Some(json) =
-            streaming_runner::probe::status_json(&client, url, token.as_deref()).await
+        if let Some(mut ingest) =
+            streaming_runner::probe::status::<IngestStatus>(&client, url, token.as_deref()).await
         {
-            out.push((me.name.clone(), json["channels"][CHANNEL].clone()));
+            let channel = ingest.channels.remove(CHANNEL).unwrap_or_default();
+            out.push((me.name.clone(), channel));
         }
     }
     Ok(out)
@@ -196,7 +198,7 @@ pub async fn publisher_ingest(state: &Path) -> Option<String> {
         .await
         .ok()?
         .into_iter()
-        .find(|(_, s)| s["outside_publishers"].as_u64() > Some(0) && s["live"] == true)
+        .find(|(_, s)| s.outside_publishers > 0 && s.live)
         .map(|(name, _)| name)
 }
 
@@ -221,6 +223,6 @@ pub async fn slate_counts(state: &Path) -> Vec<(String, u64)> {
         .await
         .unwrap_or_default()
         .into_iter()
-        .map(|(name, s)| (name, s["segments_slate"].as_u64().unwrap_or(0)))
+        .map(|(name, s)| (name, s.segments_slate))
         .collect()
 }

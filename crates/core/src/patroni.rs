@@ -25,6 +25,8 @@ pub enum Check {
     Primary,
     /// `/replica`: a running replica.
     Replica,
+    /// `/sync`: the synchronous standby (`synchronous_mode`), the one Patroni may promote.
+    Sync,
     /// `/health`: PostgreSQL is up.
     Health,
 }
@@ -34,6 +36,7 @@ impl Check {
         match self {
             Check::Primary => "/primary",
             Check::Replica => "/replica",
+            Check::Sync => "/sync",
             Check::Health => "/health",
         }
     }

@@ -13,15 +13,11 @@ pub const MAX_SEGMENT_BYTES: usize = 32 * 1024 * 1024;
 
 /// A client that trusts the cluster CA and follows redirects (LB -> broadcast), like a player.
 pub fn client(ca_cert: &Path, timeout: Duration) -> anyhow::Result<reqwest::Client> {
-    let mut builder = reqwest::Client::builder()
-        .use_rustls_tls()
-        .connect_timeout(timeout)
-        .timeout(timeout)
-        .redirect(reqwest::redirect::Policy::limited(5));
-    for cert in streaming_core::tls::load_certs(ca_cert)? {
-        builder = builder.add_root_certificate(reqwest::Certificate::from_der(&cert)?);
-    }
-    Ok(builder.build()?)
+    Ok(
+        streaming_core::client::cluster_client_builder(ca_cert, timeout)?
+            .redirect(reqwest::redirect::Policy::limited(5))
+            .build()?,
+    )
 }
 
 /// GET with a body size limit; returns the final URL (after redirects) and the body.
@@ -84,25 +80,21 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
     text
 }
 
-/// `GET /status` as JSON, with the metrics token (`/status` answers cluster hosts only,
-/// and we call from elsewhere).
-pub async fn status_json(
+/// `GET /status` with the ops token, as the typed document of the host's role
+/// (`streaming_core::status`); `None` when it does not answer or answers something else.
+pub async fn status<T: serde::de::DeserializeOwned>(
     client: &reqwest::Client,
     base_url: &str,
     token: Option<&str>,
-) -> Option<serde_json::Value> {
+) -> Option<T> {
     let mut request = client.get(format!("{base_url}/status"));
     if let Some(token) = token {
         request = request.bearer_auth(token);
     }
-    let mut response = request.send().await.ok()?.error_for_status().ok()?;
-    let mut body = Vec::new();
-    while let Some(chunk) = response.chunk().await.ok()? {
-        if body.len() + chunk.len() > MAX_PLAYLIST_BYTES {
-            return None;
-        }
-        body.extend_from_slice(&chunk);
-    }
+    let response = request.send().await.ok()?.error_for_status().ok()?;
+    let body = streaming_core::client::read_limited(response, MAX_PLAYLIST_BYTES)
+        .await
+        .ok()?;
     serde_json::from_slice(&body).ok()
 }
 

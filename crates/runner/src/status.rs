@@ -4,6 +4,7 @@ use std::time::Duration;
 
 use serde::Serialize;
 use streaming_core::config::{HostConfig, Role};
+use streaming_core::status::{BroadcastStatus, IngestStatus};
 
 use crate::cluster::Layout;
 use crate::db;
@@ -159,52 +160,35 @@ async fn host_status(
     if !matches!(me.role, Role::Broadcast | Role::Ingest) || process != Liveness::Running {
         return status;
     }
-    let Some(json) = probe::status_json(client, &me.url, token).await else {
-        return status;
-    };
-    match me.role {
-        Role::Broadcast => {
-            status.viewers = json["viewers"].as_u64();
-            status.egress_mbps = json["egress_mbps"].as_f64();
-            status.free_viewers = json["free_viewers"].as_u64();
+    if me.role == Role::Broadcast {
+        if let Some(load) = probe::status::<BroadcastStatus>(client, &me.url, token).await {
+            status.viewers = Some(load.viewers);
+            status.egress_mbps = Some(load.egress_mbps);
+            status.free_viewers = Some(load.free_viewers);
         }
-        _ => {
-            status.active_source = active_source(&json);
-            status.publisher_of = Some(publisher_of(&json));
-        }
+    } else if let Some(ingest) = probe::status::<IngestStatus>(client, &me.url, token).await {
+        status.active_source = active_source(&ingest);
+        status.publisher_of = Some(publisher_of(&ingest));
     }
     status
 }
 
-/// The active source of each channel from an ingest's `/status`
-/// (`{"channels": {"<name>": {"active_source": ...}}}`), as `test=source1`.
-pub fn active_source(json: &serde_json::Value) -> Option<String> {
-    let channels = json.get("channels")?.as_object()?;
-    let parts: Vec<String> = channels
+/// The active source of each channel of an ingest, as `test=source1`.
+pub fn active_source(ingest: &IngestStatus) -> Option<String> {
+    let parts: Vec<String> = ingest
+        .channels
         .iter()
-        .map(|(name, v)| {
-            let source = v
-                .get("active_source")
-                .and_then(|s| s.as_str())
-                .unwrap_or("none");
-            format!("{name}={source}")
-        })
+        .map(|(name, c)| format!("{name}={}", c.active_source.as_deref().unwrap_or("none")))
         .collect();
     (!parts.is_empty()).then(|| parts.join(" "))
 }
 
-/// The channels with an outside publisher connected to an ingest, from its `/status`
-/// (`{"channels": {"<name>": {"outside_publishers": n}}}`).
-pub fn publisher_of(json: &serde_json::Value) -> Vec<String> {
-    json.get("channels")
-        .and_then(|c| c.as_object())
-        .into_iter()
-        .flatten()
-        .filter(|(_, v)| {
-            v.get("outside_publishers")
-                .and_then(|n| n.as_u64())
-                .is_some_and(|n| n > 0)
-        })
+/// The channels with an outside publisher connected to an ingest.
+pub fn publisher_of(ingest: &IngestStatus) -> Vec<String> {
+    ingest
+        .channels
+        .iter()
+        .filter(|(_, c)| c.outside_publishers > 0)
         .map(|(name, _)| name.clone())
         .collect()
 }
@@ -214,15 +198,23 @@ mod tests {
     use super::*;
 
     #[test]
-    fn active_source_per_channel() {
-        let status = serde_json::json!({"channels": {
-            "test": {"active_source": "source2"},
-            "idle": {"active_source": null}
-        }});
+    fn active_source_and_publisher_per_channel() {
+        let ingest: IngestStatus = serde_json::from_value(serde_json::json!({
+            "name": "ingest1", "role": "ingest", "channels": {
+                "test": {"active_source": "source2", "outside_publishers": 1},
+                "idle": {"active_source": null}
+            }
+        }))
+        .unwrap();
         assert_eq!(
-            active_source(&status).as_deref(),
+            active_source(&ingest).as_deref(),
             Some("idle=none test=source2")
         );
-        assert_eq!(active_source(&serde_json::json!({"x": 1})), None);
+        assert_eq!(publisher_of(&ingest), ["test"]);
+        let empty: IngestStatus = serde_json::from_value(
+            serde_json::json!({"name": "ingest1", "role": "ingest", "channels": {}}),
+        )
+        .unwrap();
+        assert_eq!(active_source(&empty), None);
     }
 }

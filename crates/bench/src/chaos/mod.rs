@@ -25,6 +25,7 @@ use tokio::sync::{oneshot, watch};
 use report::{ChaosReport, StepRow, Totals};
 use schedule::{Bounds, Fault, Kind, Shape, Step, Target};
 use streaming_clients::chat::{self, LoadOptions, Target as ChatTarget};
+use streaming_core::patroni::Patroni;
 use streaming_runner::cluster::Layout;
 
 /// The longest wait for the cluster to be whole, before a step and after its restores.
@@ -155,14 +156,10 @@ async fn plan(
             .map(|shape| shape.from_words(fault.role, &ctx.targets))
             .unwrap_or_default();
         if fault.shape == Some(Shape::PrimaryFromReplicaAndEtcd) {
-            fault.host = crate::database::wait_for_primary(
-                &ctx.db_http,
-                &ctx.cluster,
-                &ctx.dbs,
-                Duration::from_secs(30),
-            )
-            .await
-            .context("no database primary to cut off")?;
+            fault.host =
+                crate::database::wait_for_primary(&ctx.db_http, &ctx.dbs, Duration::from_secs(30))
+                    .await
+                    .context("no database primary to cut off")?;
             row.actions
                 .push(format!("the db primary is {}", fault.host));
         }
@@ -219,8 +216,7 @@ struct StepContext {
     /// Longer than the broadcasts' retry window (Patroni ttl + 5 s), so a write outage ends in
     /// an ack or an `unavailable` answer before a client gives up on its socket.
     ack_timeout: Duration,
-    db_http: reqwest::Client,
-    cluster: streaming_core::config::ClusterConfig,
+    db_http: Patroni,
     dbs: Vec<streaming_core::config::HostEntry>,
     broadcasts: Vec<String>,
     targets: Vec<Target>,
@@ -300,7 +296,6 @@ pub async fn bench(
         chat: ChatTarget::resolve(None, &args.state, None, None)?,
         ack_timeout: Duration::from_secs(u64::from(cluster.database.ttl) + 10),
         db_http: streaming_runner::db::rest_client(any)?,
-        cluster,
         dbs,
         args: args.clone(),
         layout,
@@ -423,14 +418,10 @@ async fn run_step(ctx: &StepContext, step: &Step) -> anyhow::Result<StepRow> {
     let watched = viewers.await.context("viewer task")??;
     let _ = stop_tx.send(true);
     let outcome = load.await.context("chat load task")??;
-    let primary = crate::database::wait_for_primary(
-        &ctx.db_http,
-        &ctx.cluster,
-        &ctx.dbs,
-        Duration::from_secs(30),
-    )
-    .await
-    .context("no database primary to check the step's messages on")?;
+    let primary =
+        crate::database::wait_for_primary(&ctx.db_http, &ctx.dbs, Duration::from_secs(30))
+            .await
+            .context("no database primary to check the step's messages on")?;
     let (db, _) = crate::database::check_db(
         &ctx.layout,
         &ctx.dbs,

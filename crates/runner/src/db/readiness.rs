@@ -6,7 +6,7 @@ use serde::Serialize;
 
 use streaming_core::config::{ClusterConfig, HostConfig, Role};
 
-use super::{REPLICA_GRACE, log_files, member, members, primary_in, rest_client};
+use super::{Patroni, REPLICA_GRACE, log_files, member, members, primary_in, rest_client};
 use crate::cluster::Layout;
 
 /// What `up` learned about the database while it waited.
@@ -24,12 +24,7 @@ pub struct Readiness {
 
 impl Readiness {
     /// One round of checks (each request bounded by [`REST_TIMEOUT`]).
-    pub async fn poll(
-        &mut self,
-        client: &reqwest::Client,
-        cluster: &ClusterConfig,
-        started: Instant,
-    ) {
+    pub async fn poll(&mut self, client: &Patroni, cluster: &ClusterConfig, started: Instant) {
         if self.primary.is_none() {
             self.primary = primary_in(client, cluster).await;
             if self.primary.is_some() {

@@ -1,9 +1,10 @@
 //! Asking Patroni and etcd over their HTTPS APIs: who is primary, who streams, is etcd healthy.
 
-use std::path::Path;
-
 use anyhow::Context;
 use serde::Serialize;
+use streaming_core::client::{cluster_client_builder, read_limited};
+use streaming_core::patroni::PatroniError;
+pub use streaming_core::patroni::{Patroni, rest_url};
 
 use serde_json::Value;
 use streaming_core::config::{ClusterConfig, EtcdConfig, HostConfig, HostEntry, Role};
@@ -58,84 +59,39 @@ pub fn parse_member(json: &Value) -> Option<Member> {
     })
 }
 
-fn https_client(
-    ca_cert: &Path,
-    identity: Option<(&Path, &Path)>,
-) -> anyhow::Result<reqwest::Client> {
-    let ca = std::fs::read(ca_cert).with_context(|| format!("read {}", ca_cert.display()))?;
-    let mut builder = reqwest::Client::builder()
-        .connect_timeout(REST_TIMEOUT)
-        .timeout(REST_TIMEOUT)
-        .no_proxy()
-        .https_only(true)
-        .tls_built_in_root_certs(false)
-        .add_root_certificate(
-            reqwest::Certificate::from_pem(&ca)
-                .with_context(|| format!("{} is no PEM certificate", ca_cert.display()))?,
-        );
-    if let Some((cert, key)) = identity {
-        let mut pem = std::fs::read(cert).with_context(|| format!("read {}", cert.display()))?;
-        pem.extend(std::fs::read(key).with_context(|| format!("read {}", key.display()))?);
-        builder = builder.identity(
-            reqwest::Identity::from_pem(&pem)
-                .with_context(|| format!("{} + {}", cert.display(), key.display()))?,
-        );
-    }
-    builder.build().context("build the HTTPS client")
-}
-
-/// An HTTPS client for Patroni's REST API (never through a proxy), trusting only the cluster CA.
-/// It shows no client certificate: reads need none.
-pub fn rest_client(config: &HostConfig) -> anyhow::Result<reqwest::Client> {
-    https_client(&config.paths.ca_cert, None)
+/// A client of Patroni's REST API, trusting only the cluster CA. It shows no client
+/// certificate: reads need none.
+pub fn rest_client(config: &HostConfig) -> anyhow::Result<Patroni> {
+    Ok(Patroni::new(&config.paths.ca_cert, REST_TIMEOUT)?)
 }
 
 /// An HTTPS client for etcd, which refuses clients without a certificate from the cluster CA:
 /// it shows the host's own.
 pub fn etcd_client(config: &HostConfig) -> anyhow::Result<reqwest::Client> {
-    https_client(
-        &config.paths.ca_cert,
-        Some((&config.paths.tls_cert, &config.paths.tls_key)),
-    )
-}
-
-/// Patroni's REST base URL of a db host.
-pub fn rest_url(host: &HostEntry) -> String {
-    format!("https://{}", host.socket(host.ports.patroni))
-}
-
-async fn get_small(client: &reqwest::Client, url: &str) -> Result<(u16, Vec<u8>), String> {
-    let mut response = client.get(url).send().await.map_err(|e| {
-        if e.is_timeout() {
-            "timeout".to_owned()
-        } else if e.is_connect() {
-            "no answer (connect failed)".to_owned()
-        } else {
-            crate::probe::error_chain(&e.without_url())
-        }
-    })?;
-    let status = response.status().as_u16();
-    let mut body = Vec::new();
-    while let Some(chunk) = response.chunk().await.map_err(|e| e.to_string())? {
-        if body.len() + chunk.len() > MAX_REST_BYTES {
-            return Err(format!("answer larger than {MAX_REST_BYTES} bytes"));
-        }
-        body.extend_from_slice(&chunk);
-    }
-    Ok((status, body))
+    let paths = &config.paths;
+    let mut pem = std::fs::read(&paths.tls_cert)
+        .with_context(|| format!("read {}", paths.tls_cert.display()))?;
+    pem.extend(
+        std::fs::read(&paths.tls_key)
+            .with_context(|| format!("read {}", paths.tls_key.display()))?,
+    );
+    let identity = reqwest::Identity::from_pem(&pem)
+        .with_context(|| format!("{} + {}", paths.tls_cert.display(), paths.tls_key.display()))?;
+    Ok(cluster_client_builder(&paths.ca_cert, REST_TIMEOUT)?
+        .https_only(true)
+        .identity(identity)
+        .build()?)
 }
 
 /// `GET /patroni` of one db host.
-pub async fn member(client: &reqwest::Client, host: &HostEntry) -> Result<Member, String> {
-    let (status, body) = get_small(client, &format!("{}/patroni", rest_url(host))).await?;
-    let json: Value =
-        serde_json::from_slice(&body).map_err(|e| format!("HTTP {status}, not JSON: {e}"))?;
+pub async fn member(client: &Patroni, host: &HostEntry) -> Result<Member, String> {
+    let (status, json) = client.document(host).await.map_err(|e| e.to_string())?;
     parse_member(&json).ok_or_else(|| format!("HTTP {status} without role/state: {json}"))
 }
 
 /// Every db host of the cluster with its Patroni state (asked concurrently).
 pub async fn members(
-    client: &reqwest::Client,
+    client: &Patroni,
     cluster: &ClusterConfig,
 ) -> Vec<(String, Result<Member, String>)> {
     let hosts: Vec<&HostEntry> = cluster.hosts_with_role(Role::Db).collect();
@@ -152,18 +108,9 @@ pub async fn members(
 }
 
 /// The db host whose Patroni answers 200 on `GET /primary` (it holds the leader lock).
-pub async fn primary_in(client: &reqwest::Client, cluster: &ClusterConfig) -> Option<String> {
+pub async fn primary_in(client: &Patroni, cluster: &ClusterConfig) -> Option<String> {
     let hosts: Vec<&HostEntry> = cluster.hosts_with_role(Role::Db).collect();
-    let urls: Vec<String> = hosts
-        .iter()
-        .map(|h| format!("{}/primary", rest_url(h)))
-        .collect();
-    let answers = futures::future::join_all(urls.iter().map(|url| get_small(client, url))).await;
-    hosts
-        .iter()
-        .zip(answers)
-        .find(|(_, answer)| matches!(answer, Ok((200, _))))
-        .map(|(h, _)| h.name.clone())
+    client.primary(&hosts).await.map(|h| h.name.clone())
 }
 
 /// The name of the db host that is the primary now, from any host configs of the cluster
@@ -175,7 +122,15 @@ pub async fn primary(configs: &[HostConfig]) -> Option<String> {
 
 /// `GET <client_url>/health` of an etcd member: `Ok` when it answers `"health":"true"`.
 pub async fn etcd_health(client: &reqwest::Client, etcd: &EtcdConfig) -> Result<(), String> {
-    let (status, body) = get_small(client, &format!("{}/health", etcd.client_url)).await?;
+    let response = client
+        .get(format!("{}/health", etcd.client_url))
+        .send()
+        .await
+        .map_err(|e| PatroniError::from(e).to_string())?;
+    let status = response.status().as_u16();
+    let body = read_limited(response, MAX_REST_BYTES)
+        .await
+        .map_err(|e| e.to_string())?;
     let json: Value = serde_json::from_slice(&body).unwrap_or_default();
     if status == 200 && json["health"] == "true" {
         Ok(())
