@@ -61,24 +61,3 @@ pub fn server_config(cert: &Path, key: &Path) -> Result<Arc<ServerConfig>, TlsEr
         .with_single_cert(load_certs(cert)?, load_key(key)?)?;
     Ok(Arc::new(config))
 }
-
-/// HTTPS client for peer traffic trusting the cluster CA: [`crate::client::cluster_client`].
-pub fn peer_client(
-    ca_cert: &Path,
-    timeout: std::time::Duration,
-) -> Result<reqwest::Client, TlsError> {
-    crate::client::cluster_client(ca_cert, timeout)
-}
-
-/// [`peer_client`] whose connections leave from `local`, the host's cluster address: peers
-/// that open `/status` to cluster hosts only recognise it (on loopback the kernel would
-/// otherwise pick 127.0.0.1 for every host).
-pub fn peer_client_from(
-    ca_cert: &Path,
-    timeout: std::time::Duration,
-    local: Option<std::net::IpAddr>,
-) -> Result<reqwest::Client, TlsError> {
-    Ok(crate::client::cluster_client_builder(ca_cert, timeout)?
-        .local_address(local)
-        .build()?)
-}

@@ -128,7 +128,7 @@ fn viewers_and_steering_outlive_an_lb_and_then_their_broadcast() {
     let rt = tokio::runtime::Runtime::new().unwrap();
     streaming_core::tls::install_crypto_provider();
     let client =
-        streaming_core::tls::peer_client(&state.join("tls/ca.crt"), Duration::from_secs(10))
+        streaming_core::client::cluster_client(&state.join("tls/ca.crt"), Duration::from_secs(10))
             .unwrap();
 
     let mut figures = Vec::new();

@@ -42,8 +42,11 @@ impl Net {
 
     /// A client whose HTTP requests and chat sockets leave from `local`.
     pub fn from_address(target: Target, local: Option<std::net::IpAddr>) -> anyhow::Result<Self> {
-        let http = streaming_core::tls::peer_client_from(&target.ca, Duration::from_secs(5), local)
-            .with_context(|| format!("loading CA {}", target.ca.display()))?;
+        let http =
+            streaming_core::client::cluster_client_builder(&target.ca, Duration::from_secs(5))
+                .with_context(|| format!("loading CA {}", target.ca.display()))?
+                .local_address(local)
+                .build()?;
         let mut roots = rustls::RootCertStore::empty();
         for cert in streaming_core::tls::load_certs(&target.ca)? {
             roots.add(cert)?;

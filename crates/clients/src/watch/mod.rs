@@ -78,8 +78,9 @@ fn viewer_client(
     ca: &std::path::Path,
     local: Option<std::net::IpAddr>,
 ) -> anyhow::Result<reqwest::Client> {
-    streaming_core::tls::peer_client_from(ca, Duration::from_secs(10), local)
-        .with_context(|| format!("loading CA {}", ca.display()))
+    let builder = streaming_core::client::cluster_client_builder(ca, Duration::from_secs(10))
+        .with_context(|| format!("loading CA {}", ca.display()))?;
+    Ok(builder.local_address(local).build()?)
 }
 
 /// The local cluster's entry URL (through its first LB) and every LB, from the configs
