@@ -16,6 +16,9 @@ echo "== format and lints"
 cargo fmt --all --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
 
+echo "== shape: no source file over 800 lines, no function over 100 outside tests"
+scripts/shape.sh
+
 echo "== Nix: files parse, generator and lock check out, hosts/modules/options/secrets line up"
 scripts/check-nix.sh
 

@@ -229,7 +229,7 @@ pub fn tail(path: &Path, lines: usize) -> String {
 }
 
 /// This very binary, also when a rebuild replaced it while it runs (the kernel then names the
-/// running one "<path> (deleted)"; the new file at the path is the same program).
+/// running one "`<path> (deleted)`"; the new file at the path is the same program).
 pub fn own_binary() -> anyhow::Result<PathBuf> {
     let exe = std::env::current_exe().context("locating streamctl")?;
     if exe.exists() {

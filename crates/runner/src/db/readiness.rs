@@ -23,7 +23,7 @@ pub struct Readiness {
 }
 
 impl Readiness {
-    /// One round of checks (each request bounded by [`REST_TIMEOUT`]).
+    /// One round of checks (each request bounded by [`REST_TIMEOUT`](super::REST_TIMEOUT)).
     pub async fn poll(&mut self, client: &Patroni, cluster: &ClusterConfig, started: Instant) {
         if self.primary.is_none() {
             self.primary = primary_in(client, cluster).await;
