@@ -94,15 +94,8 @@ pub async fn up(
         .context("cluster has no channel")?
         .name
         .clone();
-    let ready = wait_ready(
-        layout,
-        any,
-        &lb_url,
-        &channel,
-        started + options.timeout,
-        say,
-    )
-    .await?;
+    let target = (lb_url.as_str(), channel.as_str());
+    let ready = wait_ready(layout, any, target, started, options.timeout, say).await?;
     let Some((first_segment, startup_s)) = ready.played else {
         bail!(
             "no playable stream through {lb_url} after {} s: {}\n{}cluster did not come up \
@@ -187,21 +180,22 @@ struct Ready {
 }
 
 /// Polls the LB (a segment must play) and Patroni (a primary, then a streaming replica) every
-/// half second until both are there or the deadline passes.
+/// half second until both are there or `timeout` since `started` (the start of `up`, which the
+/// figures count from) passes.
 async fn wait_ready(
     layout: &Layout,
     any: &HostConfig,
-    lb_url: &str,
-    channel: &str,
-    deadline: Instant,
+    (lb_url, channel): (&str, &str),
+    started: Instant,
+    timeout: Duration,
     say: &dyn Fn(&str),
 ) -> anyhow::Result<Ready> {
-    let started = Instant::now();
+    let deadline = started + timeout;
     let client = probe::client(&layout.ca().cert, PLAY_TIMEOUT)?;
     let has_db = any.cluster.hosts_with_role(Role::Db).next().is_some();
     say(&format!(
         "waiting up to {} s for {lb_url}/live/{channel}/master.m3u8 to play{} ...",
-        deadline.saturating_duration_since(started).as_secs(),
+        timeout.as_secs(),
         if has_db {
             " and for a database primary"
         } else {
