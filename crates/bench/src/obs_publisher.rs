@@ -174,10 +174,7 @@ pub async fn ingest_channels(state: &Path) -> anyhow::Result<Vec<(String, Ingest
     let layout = Layout::new(state)?;
     let configs: Vec<HostConfig> = layout.load_configs()?;
     let client = streaming_runner::probe::client(&layout.ca().cert, Duration::from_secs(1))?;
-    let token = configs
-        .first()
-        .and_then(|c| c.paths.metrics_token.as_deref())
-        .and_then(|p| streaming_core::secrets::read_secret(p).ok());
+    let token = streaming_runner::status::ops_token(&configs);
     let mut out = Vec::new();
     for config in configs.iter().filter(|c| c.me().role == Role::Ingest) {
         let me = config.me();

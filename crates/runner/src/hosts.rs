@@ -129,11 +129,7 @@ fn stop_one(
     pid_file: &std::path::Path,
     config: Option<&HostConfig>,
 ) -> (String, bool) {
-    let host = pid_file
-        .file_stem()
-        .and_then(|s| s.to_str())
-        .unwrap_or_default()
-        .to_owned();
+    let host = host_of(pid_file);
     let pid = procs::live_pid(pid_file, &layout.config_file(&host));
     let outcome = if let Some(config) = config.filter(|c| c.etcd.is_some()) {
         // The etcd witness shares its host's group; etcd may need ~9 s on SIGTERM, so it gets

@@ -68,15 +68,20 @@ pub struct HostStatus {
     pub partitions: Vec<String>,
 }
 
+/// The ops token `/status` asks for. Every host reads the same token file; a cluster from
+/// before it existed has none yet.
+pub fn ops_token(configs: &[HostConfig]) -> Option<String> {
+    configs
+        .first()
+        .and_then(|c| c.paths.metrics_token.as_deref())
+        .and_then(|path| streaming_core::secrets::read_secret(path).ok())
+}
+
 /// Every host's status, asked in parallel (a hung host costs [`PROBE_TIMEOUT`], not more).
 pub async fn collect(layout: &Layout) -> anyhow::Result<Vec<HostStatus>> {
     let configs = layout.load_configs()?;
     let client = probe::client(&layout.ca().cert, PROBE_TIMEOUT)?;
-    // Every host reads the same token file; a cluster from before it existed has none yet.
-    let token = configs
-        .first()
-        .and_then(|c| c.paths.metrics_token.as_deref())
-        .and_then(|path| streaming_core::secrets::read_secret(path).ok());
+    let token = ops_token(&configs);
     let checks = configs
         .iter()
         .map(|config| host_status(layout, &client, config, token.as_deref()));
