@@ -16,7 +16,7 @@ use streaming_core::client::{BodyError, read_limited};
 use streaming_core::config::{HostConfig, Role};
 use streaming_core::lifecycle::Lifecycle;
 use streaming_hls::parse::MAX_PLAYLIST_BYTES;
-use streaming_hls::{ParsedMedia, SegmentInfo, SlotClock, parse_media};
+use streaming_hls::{ParsedMedia, ParsedSegment, SegmentInfo, SlotClock, names, parse_media};
 
 use crate::state::{Broadcast, ChannelState, RenditionState, lock, read, write};
 
@@ -25,6 +25,8 @@ use crate::state::{Broadcast, ChannelState, RenditionState, lock, read, write};
 pub const FIRST_FILL_SEGMENTS: usize = 4;
 /// No segment of ours comes near this; a bigger body is a broken or hostile origin.
 pub const MAX_SEGMENT_BYTES: usize = 16 * 1024 * 1024;
+/// Largest init segment accepted (ours are about 1 KiB: two track headers and the SPS/PPS).
+pub const MAX_INIT_BYTES: usize = 64 * 1024;
 /// How often a puller that failed over asks its preferred ingest whether it is back.
 pub const PREFERRED_PROBE_INTERVAL: Duration = Duration::from_secs(5);
 /// Pause after every ingest failed in a row, so a dead cluster does not make us spin.
@@ -43,6 +45,8 @@ pub enum PullError {
     TooLarge(usize),
     #[error("playlist is not UTF-8")]
     Utf8,
+    #[error("the playlist names {0:?} as its init segment, not a name of ours")]
+    BadInit(String),
     #[error(transparent)]
     Parse(#[from] streaming_hls::parse::ParseError),
 }
@@ -461,7 +465,18 @@ impl Puller {
                     "segment failed on every ingest: skipping it (discontinuity)");
                 continue;
             }
-            let url = format!("{}/origin/{path}/{}.ts", origin.url, segment.seq);
+            let map = match self.take_init(client, key, origin, path, segment, d).await {
+                Ok(map) => map,
+                Err(e) => {
+                    self.failed_seq = Some((segment.seq, 1));
+                    return Err(e);
+                }
+            };
+            let url = format!(
+                "{}/origin/{path}/{}",
+                origin.url,
+                names::segment(segment.seq)
+            );
             let bytes = match fetch_limited(
                 client,
                 &url,
@@ -488,12 +503,15 @@ impl Puller {
                 program_date_time_ms: segment
                     .program_date_time_ms
                     .unwrap_or(clock.slot_start_ms(segment.seq)),
+                map,
             };
             let size = bytes.len();
             let mut window = write(&self.rendition.window);
             window.start_discontinuity_sequence(segment.discontinuity_sequence);
             let pushed = window.push(info, bytes);
+            let needed: Vec<String> = window.iter().filter_map(|(i, _)| i.map.clone()).collect();
             drop(window);
+            write(&self.rendition.inits).retain(|name, _| needed.contains(name));
             match pushed {
                 Ok(()) => {
                     *lock(&self.rendition.last_new) = Some(Instant::now());
@@ -507,6 +525,32 @@ impl Puller {
             self.failed_seq = None;
         }
         Ok(added)
+    }
+
+    /// The init segment a listed segment names, fetched once (names are content-derived, so
+    /// one fetched from either ingest serves both). Returns its name.
+    async fn take_init(
+        &self,
+        client: &reqwest::Client,
+        key: &str,
+        origin: &Origin,
+        path: &str,
+        segment: &ParsedSegment,
+        d: Duration,
+    ) -> Result<Option<String>, PullError> {
+        let Some(name) = segment.map.as_deref() else {
+            return Ok(None);
+        };
+        if !names::is_init(name) {
+            return Err(PullError::BadInit(name.to_owned()));
+        }
+        if read(&self.rendition.inits).contains_key(name) {
+            return Ok(Some(name.to_owned()));
+        }
+        let url = format!("{}/origin/{path}/{name}", origin.url);
+        let bytes = fetch_limited(client, &url, key, d, MAX_INIT_BYTES).await?;
+        write(&self.rendition.inits).insert(name.to_owned(), bytes);
+        Ok(Some(name.to_owned()))
     }
 
     /// The current ingest listed nothing new for 1.5·D. That is not always its fault: when the

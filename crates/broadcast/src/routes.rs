@@ -15,14 +15,15 @@ use streaming_core::http::{hsts_layer, text_error};
 use streaming_core::ops_auth::{self, OpsGuard};
 use streaming_core::rate_limit::RateLimiter;
 use streaming_core::token::{TOKEN_TTL_SECS, TokenError, TokenSigner, ViewerClaims, unix_now};
-use streaming_hls::{SegmentWindow, Variant, render_master};
+use streaming_hls::{SegmentWindow, Variant, names, render_master};
 use tower_http::cors::{AllowOrigin, CorsLayer};
 use tower_http::set_header::SetResponseHeaderLayer;
 
 use crate::state::{Broadcast, read};
 
 pub const PLAYLIST_TYPE: &str = "application/vnd.apple.mpegurl";
-pub const SEGMENT_TYPE: &str = "video/mp2t";
+/// Fragmented MP4: media segments and their init segments.
+pub const SEGMENT_TYPE: &str = "video/mp4";
 
 #[derive(Clone)]
 pub struct App {
@@ -218,18 +219,7 @@ pub fn media_playlist<T>(
     target_s: u32,
     token: &str,
 ) -> String {
-    window.render(list_len, target_s, |info| {
-        format!("{}.ts?t={token}", info.seq)
-    })
-}
-
-/// `<seq>.ts` with a plain decimal seq; anything else is not a segment name of ours.
-pub fn parse_segment_name(file: &str) -> Option<u64> {
-    let digits = file.strip_suffix(".ts")?;
-    if digits.is_empty() || digits.len() > 19 || !digits.bytes().all(|b| b.is_ascii_digit()) {
-        return None;
-    }
-    digits.parse().ok()
+    window.render(list_len, target_s, |name| format!("{name}?t={token}"))
 }
 
 fn forbidden(e: TokenError) -> Response {
@@ -320,8 +310,9 @@ async fn media_or_segment(
 ) -> Response {
     let bc = &app.bc;
     let is_playlist = file == "index.m3u8";
-    let seq = parse_segment_name(&file);
-    if !is_safe_name(&rendition) || (!is_playlist && seq.is_none()) {
+    let seq = names::parse_segment(&file);
+    let is_init = names::is_init(&file);
+    if !is_safe_name(&rendition) || (!is_playlist && seq.is_none() && !is_init) {
         return text_error(StatusCode::NOT_FOUND, "not found");
     }
     let (channel_config, claims) = match admit(bc, &channel, &query) {
@@ -337,6 +328,21 @@ async fn media_or_segment(
     };
     let config = bc.config();
     let timeline = &config.cluster.timeline;
+    if is_init {
+        // Named by its content, so it never changes: cacheable for as long as players like.
+        let Some(bytes) = read(&state.inits).get(&file).cloned() else {
+            return text_error(StatusCode::NOT_FOUND, "init segment not in the window");
+        };
+        bc.count_egress(bytes.len());
+        return (
+            [
+                (header::CONTENT_TYPE, SEGMENT_TYPE),
+                (header::CACHE_CONTROL, "private, max-age=86400, immutable"),
+            ],
+            bytes,
+        )
+            .into_response();
+    }
     if let Some(seq) = seq {
         let found = read(&state.window).get(seq).map(|(_, bytes)| bytes.clone());
         let Some(bytes) = found else {

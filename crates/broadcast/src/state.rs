@@ -1,7 +1,7 @@
 //! The broadcast's shared state: current config and secrets (swapped on SIGHUP), the segment
 //! windows per channel and rendition, and the viewer/egress accounting.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
@@ -21,6 +21,8 @@ pub(crate) use streaming_core::sync::{lock, read, write};
 pub struct RenditionState {
     pub name: String,
     pub window: RwLock<SegmentWindow<Bytes>>,
+    /// Init segments by name, those the window's segments name (`EXT-X-MAP`).
+    pub inits: RwLock<HashMap<String, Bytes>>,
     /// When the newest segment arrived (liveness and staleness are judged on our own clock, so
     /// a skewed origin clock cannot make us look live or dead).
     pub last_new: Mutex<Option<Instant>>,
@@ -31,6 +33,7 @@ impl RenditionState {
         Self {
             name: name.to_owned(),
             window: RwLock::new(SegmentWindow::new(capacity)),
+            inits: RwLock::new(HashMap::new()),
             last_new: Mutex::new(None),
         }
     }

@@ -2,6 +2,7 @@
 //! segment window with its media playlist, the master playlist, and playlist parsing.
 
 pub mod master;
+pub mod names;
 pub mod parse;
 pub mod timeline;
 pub mod window;

@@ -27,6 +27,8 @@ pub struct ParsedSegment {
     pub discontinuity_sequence: u64,
     pub program_date_time_ms: Option<u64>,
     pub uri: String,
+    /// URI of the init segment in force (the last `EXT-X-MAP` before this segment).
+    pub map: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -70,6 +72,7 @@ fn media_of(text: &str) -> Result<ParsedMedia, ParseError> {
     let media_sequence = playlist.media_sequence as u64;
     let mut discontinuity_sequence = playlist.discontinuity_sequence as u64;
     let out_of_range = || ParseError::Invalid("sequence number out of range".into());
+    let mut map: Option<String> = None;
     let segments = playlist
         .segments
         .iter()
@@ -79,6 +82,9 @@ fn media_of(text: &str) -> Result<ParsedMedia, ParseError> {
                 discontinuity_sequence = discontinuity_sequence
                     .checked_add(1)
                     .ok_or_else(out_of_range)?;
+            }
+            if let Some(m) = &segment.map {
+                map = Some(m.uri().to_string());
             }
             Ok(ParsedSegment {
                 seq: media_sequence
@@ -92,6 +98,7 @@ fn media_of(text: &str) -> Result<ParsedMedia, ParseError> {
                     .as_ref()
                     .and_then(|p| parse_program_date_time(&p.date_time)),
                 uri: segment.uri().to_string(),
+                map: map.clone(),
             })
         })
         .collect::<Result<_, ParseError>>()?;

@@ -17,6 +17,8 @@ pub struct SegmentInfo {
     /// EXT-X-DISCONTINUITY before this segment (input switch, slate, gap).
     pub discontinuity: bool,
     pub program_date_time_ms: u64,
+    /// File name of the init segment (`EXT-X-MAP`) this segment needs.
+    pub map: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -122,13 +124,13 @@ impl<T> SegmentWindow<T> {
         self.segments.iter().map(|(i, p)| (i, p))
     }
 
-    /// Renders the media playlist of the newest `list_len` segments. `uri` names each segment
-    /// (the broadcast appends the viewer token there).
+    /// Renders the media playlist of the newest `list_len` segments. `uri` turns a file name
+    /// ([`crate::names`]) into the URI written (the broadcast appends the viewer token there).
     pub fn render(
         &self,
         list_len: usize,
         target_duration_s: u32,
-        uri: impl Fn(&SegmentInfo) -> String,
+        uri: impl Fn(&str) -> String,
     ) -> String {
         // Media sequence numbers are implicit in a playlist (first + index), so only the newest
         // gap-free run can be listed; older segments stay fetchable by URI.
@@ -168,15 +170,22 @@ impl<T> SegmentWindow<T> {
         out.push_str(&format!(
             "#EXT-X-DISCONTINUITY-SEQUENCE:{discontinuity_sequence}\n"
         ));
+        let mut map: Option<&str> = None;
         for (index, info) in listed.iter().enumerate() {
             if info.discontinuity && index > 0 {
                 out.push_str("#EXT-X-DISCONTINUITY\n");
+            }
+            if let Some(name) = info.map.as_deref()
+                && map != Some(name)
+            {
+                out.push_str(&format!("#EXT-X-MAP:URI=\"{}\"\n", uri(name)));
+                map = Some(name);
             }
             out.push_str(&format!(
                 "#EXT-X-PROGRAM-DATE-TIME:{}\n#EXTINF:{:.3},\n{}\n",
                 format_program_date_time(info.program_date_time_ms),
                 info.duration_s,
-                uri(info)
+                uri(&crate::names::segment(info.seq))
             ));
         }
         out
@@ -194,6 +203,7 @@ mod tests {
             duration_s: 2.0,
             discontinuity,
             program_date_time_ms: seq * 2000,
+            map: Some(format!("init-{:016x}.mp4", seq / 3)),
         }
     }
 
@@ -219,7 +229,7 @@ mod tests {
         w.push(info(2, false), ()).unwrap();
         w.push(info(5, false), ()).unwrap(); // gap: 3 and 4 missing
         w.push(info(6, true), ()).unwrap();
-        let text = w.render(3, 2, |i| format!("{}.ts", i.seq));
+        let text = w.render(3, 2, |name| name.to_owned());
         let parsed = parse_media(&text).unwrap();
         // Only the run after the gap is listed, so sequence numbers stay true.
         assert_eq!(parsed.media_sequence, 5);
@@ -229,12 +239,15 @@ mod tests {
             .iter()
             .map(|s| (s.seq, s.uri.clone()))
             .collect();
-        assert_eq!(listed, vec![(5, "5.ts".to_owned()), (6, "6.ts".to_owned())]);
+        assert_eq!(
+            listed,
+            vec![(5, "5.m4s".to_owned()), (6, "6.m4s".to_owned())]
+        );
         assert!(parsed.segments[1].discontinuity);
         // Once segment 5 (a discontinuity) leaves the listed part, the sequence counts it.
         w.push(info(7, false), ()).unwrap();
         w.push(info(8, false), ()).unwrap();
-        let parsed = parse_media(&w.render(2, 2, |i| format!("{}.ts", i.seq))).unwrap();
+        let parsed = parse_media(&w.render(2, 2, |name| name.to_owned())).unwrap();
         assert_eq!(parsed.media_sequence, 7);
         assert_eq!(parsed.discontinuity_sequence, 2);
         assert_eq!(w.get(2).map(|(i, _)| i.seq), None);
@@ -255,7 +268,7 @@ mod tests {
         ] {
             origin.push(info(seq, d), ()).unwrap();
         }
-        let parsed = parse_media(&origin.render(4, 2, |i| format!("{}.ts", i.seq))).unwrap();
+        let parsed = parse_media(&origin.render(4, 2, |name| name.to_owned())).unwrap();
         let numbers: Vec<(u64, u64)> = parsed
             .segments
             .iter()
@@ -268,8 +281,8 @@ mod tests {
         for s in &parsed.segments[1..] {
             edge.push(info(s.seq, s.discontinuity), ()).unwrap();
         }
-        let theirs = parse_media(&origin.render(2, 2, |i| format!("{}.ts", i.seq))).unwrap();
-        let ours = parse_media(&edge.render(2, 2, |i| format!("{}.ts", i.seq))).unwrap();
+        let theirs = parse_media(&origin.render(2, 2, |name| name.to_owned())).unwrap();
+        let ours = parse_media(&edge.render(2, 2, |name| name.to_owned())).unwrap();
         assert_eq!(ours.discontinuity_sequence, theirs.discontinuity_sequence);
         assert_eq!(ours.media_sequence, theirs.media_sequence);
     }
@@ -280,11 +293,22 @@ mod tests {
         for seq in 882_000_000..882_000_004 {
             w.push(info(seq, false), ()).unwrap();
         }
-        let text = w.render(6, 2, |i| format!("{}.ts?t=abc", i.seq));
+        let text = w.render(6, 2, |name| format!("{name}?t=abc"));
         let parsed = parse_media(&text).unwrap();
         assert_eq!(parsed.target_duration_s, 2.0);
         assert_eq!(parsed.segments.len(), 4);
-        assert_eq!(parsed.segments[0].uri, "882000000.ts?t=abc");
+        assert_eq!(parsed.segments[0].uri, "882000000.m4s?t=abc");
+        // The init segment is named where it changes, and applies to what follows.
+        assert_eq!(text.matches("#EXT-X-MAP:").count(), 2);
+        assert_eq!(
+            parsed.segments[0].map.as_deref(),
+            Some("init-0000000011861580.mp4?t=abc")
+        );
+        assert_eq!(parsed.segments[2].map, parsed.segments[0].map);
+        assert_eq!(
+            parsed.segments[3].map.as_deref(),
+            Some("init-0000000011861581.mp4?t=abc")
+        );
         assert_eq!(parsed.segments[0].seq, 882_000_000);
         assert_eq!(
             parsed.segments[3].program_date_time_ms,

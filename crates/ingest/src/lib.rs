@@ -10,14 +10,15 @@
 pub mod amf0;
 pub mod channel;
 pub mod chunk;
+pub mod cut;
 pub mod flv;
 pub mod listener;
 pub mod origin;
 pub mod publish;
 pub mod relay;
 pub mod rtmp;
-pub mod segments;
 pub mod select;
+pub mod slate;
 pub mod transcode;
 
 use std::collections::HashMap;
@@ -153,15 +154,13 @@ async fn start_channel(
     lifecycle: &Lifecycle,
 ) -> anyhow::Result<(Arc<ChannelShared>, mpsc::Sender<ChannelMsg>)> {
     let timeline = &config.cluster.timeline;
-    let slate_dir = config.paths.state_dir.join("slate").join(&channel.name);
+    let clock = part_clock(timeline.segment_seconds, channel.fps);
     let mut slates = Vec::new();
     for i in 0..channel.ladder.len() {
-        let (c, d) = (channel.clone(), slate_dir.clone());
-        let seconds = timeline.segment_seconds;
-        let slate =
-            tokio::task::spawn_blocking(move || transcode::encode_slate(&c, i, seconds, &d))
-                .await
-                .context("slate encoder")??;
+        let c = channel.clone();
+        let slate = tokio::task::spawn_blocking(move || slate::Slate::encode(&c, i, clock))
+            .await
+            .context("slate encoder")??;
         slates.push(slate);
     }
     tracing::info!(channel = %channel.name, renditions = channel.ladder.len(), "slate encoded");
@@ -171,13 +170,25 @@ async fn start_channel(
         config: channel.clone(),
         sources: ranked_sources(config, &channel.name),
         clock: SlotClock::new(timeline.segment_seconds),
-        work_dir: config.paths.state_dir.join("work").join(&channel.name),
+        parts: clock,
         slates,
         primary_return_slots: timeline.primary_return_slots(),
     };
     let task = ChannelTask::new(setup, out.clone(), tx.clone(), timeline.cache_segments);
     tasks.spawn(task.run(rx, lifecycle.clone()));
     Ok((out, tx))
+}
+
+/// Part duration on the shared timeline (fixed for now; LL-HLS makes it `timeline.partSeconds`).
+pub const PART_MS: u64 = 500;
+
+/// The part clock of a channel.
+pub fn part_clock(segment_seconds: u32, fps: u32) -> streaming_media::PartClock {
+    streaming_media::PartClock {
+        segment_ms: u64::from(segment_seconds) * 1000,
+        part_ms: PART_MS,
+        frame_ms: 1000.0 / f64::from(fps.max(1)),
+    }
 }
 
 /// What a SIGHUP changes in a running ingest.

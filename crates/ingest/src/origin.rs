@@ -15,11 +15,14 @@ use serde::Deserialize;
 use streaming_core::config::is_safe_name;
 use streaming_core::http::{has_bearer, metrics_response, text_error};
 use streaming_core::status::IngestStatus;
+use streaming_hls::names;
 
 use crate::channel::ChannelShared;
 use streaming_core::sync::{lock, read};
 
 const PLAYLIST_TYPE: &str = "application/vnd.apple.mpegurl";
+/// Init segments and fragmented MP4 media segments.
+pub const MP4_TYPE: &str = "video/mp4";
 /// A blocking playlist request may ask for a segment at most this many slots ahead.
 const MAX_MSN_AHEAD: u64 = 2;
 
@@ -164,30 +167,27 @@ async fn media_or_segment(
         let Some(r) = out.renditions.iter().find(|r| r.name == rendition) else {
             return text_error(StatusCode::NOT_FOUND, "no such rendition");
         };
-        let body = r
-            .window
-            .render(s.playlist_segments as usize, s.segment_seconds, |i| {
-                format!("{}.ts", i.seq)
-            });
+        let body = r.window.render(
+            s.playlist_segments as usize,
+            s.segment_seconds,
+            str::to_owned,
+        );
         return playlist(body);
     }
-    let Some(seq) = file
-        .strip_suffix(".ts")
-        .filter(|n| !n.is_empty() && n.len() <= 20 && n.bytes().all(|b| b.is_ascii_digit()))
-        .and_then(|n| n.parse::<u64>().ok())
-    else {
+    let out = read(&ch.output);
+    let Some(r) = out.renditions.iter().find(|r| r.name == rendition) else {
+        return text_error(StatusCode::NOT_FOUND, "no such rendition");
+    };
+    let data = if let Some(seq) = names::parse_segment(&file) {
+        r.window.get(seq).map(|(_, d)| d.clone())
+    } else if names::is_init(&file) {
+        r.inits.get(&file).cloned()
+    } else {
         return text_error(StatusCode::NOT_FOUND, "no such file");
     };
-    let data = {
-        let out = read(&ch.output);
-        out.renditions
-            .iter()
-            .find(|r| r.name == rendition)
-            .and_then(|r| r.window.get(seq).map(|(_, d)| d.clone()))
-    };
     match data {
-        Some(data) => ([(header::CONTENT_TYPE, "video/mp2t")], data).into_response(),
-        None => text_error(StatusCode::NOT_FOUND, "segment not in the window"),
+        Some(data) => ([(header::CONTENT_TYPE, MP4_TYPE)], data).into_response(),
+        None => text_error(StatusCode::NOT_FOUND, "not in the window"),
     }
 }
 

@@ -1,30 +1,28 @@
 //! The ffmpeg ladder: one child per *run* (a run = one continuous FLV input from one publisher),
-//! fed FLV on stdin, writing MPEG-TS segments cut at forced keyframes on slot boundaries.
+//! fed FLV on stdin, writing one MPEG-TS on stdout: every rendition's video with keyframes forced
+//! on slot boundaries, and one shared audio stream, all with the publish's timestamps.
 //!
 //! Each run has a supervisor thread that spawns the child (so `die_with_parent` ties the child
 //! to a thread that lives exactly as long as it), a writer thread that copies FLV tags to stdin,
-//! and a tokio task (`poll_segments`) that reads ffmpeg's CSV segment lists and hands finished
-//! segments to the channel as `Bytes`, deleting the files.
+//! and a reader thread that cuts stdout into fragmented MP4 parts and segments on the shared
+//! timeline (streaming-media) and hands them to the channel.
 
 use std::collections::VecDeque;
 use std::io::{BufRead, Write};
-use std::path::{Path, PathBuf};
 use std::sync::mpsc::{SyncSender, TrySendError};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use bytes::Bytes;
 use streaming_core::config::ChannelConfig;
+use streaming_media::{InitSegment, PartClock};
 use tokio::sync::mpsc;
 
-use crate::segments::{RunTimeline, parse_csv_line};
+use crate::cut::RunCutter;
 use streaming_core::sync::lock;
 
 /// FLV tags buffered towards a run's stdin: about 20 s of a 25 fps stream with audio. More means
 /// ffmpeg stalled; the run is then restarted rather than buffering without bound.
 pub const INPUT_QUEUE_TAGS: usize = 1024;
-/// How often the CSV segment lists are read.
-pub const POLL_EVERY: Duration = Duration::from_millis(100);
 /// stderr lines kept for the crash report.
 const STDERR_TAIL: usize = 12;
 
@@ -32,9 +30,9 @@ const STDERR_TAIL: usize = 12;
 /// codec parameters as the live ones: Main profile level 4.0 with CABAC (ultrafast would
 /// otherwise signal Constrained Baseline while the master playlist announces Main,
 /// streaming_hls::master::CODECS), constant bitrate, and no keyframes but the forced ones.
-fn x264_args(preset: &str, video_kbps: u32) -> Vec<String> {
-    let vb = format!("{video_kbps}k");
-    [
+/// `bitrates` holds one video bitrate per output video stream, in order.
+pub fn x264_args(preset: &str, bitrates: &[u32]) -> Vec<String> {
+    let mut args: Vec<String> = [
         "-c:v",
         "libx264",
         "-preset",
@@ -45,12 +43,6 @@ fn x264_args(preset: &str, video_kbps: u32) -> Vec<String> {
         "4.0",
         "-coder",
         "1",
-        "-b:v",
-        &vb,
-        "-maxrate",
-        &vb,
-        "-bufsize",
-        &vb,
         "-g",
         "9999",
         "-sc_threshold",
@@ -58,18 +50,39 @@ fn x264_args(preset: &str, video_kbps: u32) -> Vec<String> {
     ]
     .iter()
     .map(|s| s.to_string())
-    .collect()
+    .collect();
+    for (i, kbps) in bitrates.iter().enumerate() {
+        let vb = format!("{kbps}k");
+        for option in ["-b", "-maxrate", "-bufsize"] {
+            args.push(format!("{option}:v:{i}"));
+            args.push(vb.clone());
+        }
+    }
+    args
 }
 
-/// The ffmpeg arguments of a ladder run (exactly the flags the timeline spike measured).
-/// `first_frame_s` is C: the time of the first frame fed, so forced keyframes land on absolute
-/// multiples of `segment_s`.
-pub fn ladder_args(
-    channel: &ChannelConfig,
-    segment_s: u32,
-    first_frame_s: f64,
-    dir: &Path,
-) -> Vec<String> {
+/// MPEG-TS as streaming-media reads it, sent as soon as it is made: no mux delay, every PES
+/// with its length (a picture is complete when its bytes are in, not when the next begins),
+/// one AAC frame per PES, and a flush per packet.
+pub const TS_OUTPUT_ARGS: [&str; 12] = [
+    "-muxdelay",
+    "0",
+    "-muxpreload",
+    "0",
+    "-omit_video_pes_length",
+    "0",
+    "-pes_payload_size",
+    "0",
+    "-flush_packets",
+    "1",
+    "-f",
+    "mpegts",
+];
+
+/// The ffmpeg arguments of a ladder run. `first_frame_s` is C: the time of the first frame
+/// fed, so forced keyframes land on absolute multiples of `segment_s`. Output streams: the
+/// renditions' video in ladder order, then the audio they share.
+pub fn ladder_args(channel: &ChannelConfig, segment_s: u32, first_frame_s: f64) -> Vec<String> {
     let n = channel.ladder.len();
     let mut filter = format!("[0:v]split={n}");
     for i in 0..n {
@@ -99,52 +112,30 @@ pub fn ladder_args(
     .map(|s| s.to_string())
     .collect();
     args.push(filter);
-    for (i, r) in channel.ladder.iter().enumerate() {
-        let list = dir.join(format!("r{i}.csv")).display().to_string();
-        let pattern = dir.join(format!("r{i}_%05d.ts")).display().to_string();
-        let map_v = format!("[v{i}]");
-        let ab = format!("{}k", channel.audio_kbps);
-        args.extend(
-            ["-map", &map_v, "-map", "0:a"]
-                .iter()
-                .map(|s| s.to_string()),
-        );
-        args.extend(x264_args(&channel.preset, r.video_kbps));
-        let part: &[&str] = &[
-            "-forced-idr",
-            "1",
-            "-force_key_frames",
-            &force,
-            "-fps_mode",
-            "passthrough",
-            "-enc_time_base",
-            "1:1000",
-            "-c:a",
-            "aac",
-            "-b:a",
-            &ab,
-            "-muxdelay",
-            "0",
-            "-muxpreload",
-            "0",
-            "-f",
-            "segment",
-            "-segment_time",
-            "0.1",
-            "-segment_format",
-            "mpegts",
-            "-reset_timestamps",
-            "0",
-            "-segment_list",
-            &list,
-            "-segment_list_type",
-            "csv",
-            "-segment_list_flags",
-            "live",
-            &pattern,
-        ];
-        args.extend(part.iter().map(|s| s.to_string()));
+    for i in 0..n {
+        args.extend(["-map".to_owned(), format!("[v{i}]")]);
     }
+    args.extend(["-map".to_owned(), "0:a".to_owned()]);
+    let bitrates: Vec<u32> = channel.ladder.iter().map(|r| r.video_kbps).collect();
+    args.extend(x264_args(&channel.preset, &bitrates));
+    let ab = format!("{}k", channel.audio_kbps);
+    let rest: &[&str] = &[
+        "-forced-idr",
+        "1",
+        "-force_key_frames",
+        &force,
+        "-fps_mode",
+        "passthrough",
+        "-enc_time_base",
+        "1:1000",
+        "-c:a",
+        "aac",
+        "-b:a",
+        &ab,
+    ];
+    args.extend(rest.iter().map(|s| s.to_string()));
+    args.extend(TS_OUTPUT_ARGS.iter().map(|s| s.to_string()));
+    args.push("pipe:1".to_owned());
     args
 }
 
@@ -208,9 +199,18 @@ pub struct RunSpec {
     pub channel_name: String,
     pub run_id: u64,
     pub config: ChannelConfig,
-    pub segment_s: u32,
-    pub timeline: RunTimeline,
-    pub dir: PathBuf,
+    pub clock: PartClock,
+    /// The publish's epoch: FLV (and so MPEG-TS) time 0 is this Unix time in ms.
+    pub epoch_ms: u64,
+    /// C, ms after the epoch.
+    pub first_frame_ms: f64,
+}
+
+/// A segment as the origin serves it: its bytes and the init segment they need.
+#[derive(Debug, Clone)]
+pub struct SegmentMedia {
+    pub init: Arc<InitSegment>,
+    pub data: Bytes,
 }
 
 /// What a run reports to whoever started it. Its own type, so the transcoder knows nothing of
@@ -222,51 +222,42 @@ pub enum RunEvent {
         run_id: u64,
         rendition: usize,
         slot: u64,
-        data: Bytes,
+        media: SegmentMedia,
     },
     /// The run ended; no segment of it follows.
     Exited { run_id: u64, exit: RunExit },
 }
 
-/// Starts a run: work dir, supervisor thread (child + stdin writer), segment poller, which
-/// reports on `events`.
+/// Starts a run: a supervisor thread (child, stdin writer, stdout cutter) that reports on
+/// `events`, the exit last.
 pub fn start_run<M>(spec: RunSpec, events: mpsc::Sender<M>) -> std::io::Result<RunHandle>
 where
     M: From<RunEvent> + Send + 'static,
 {
-    std::fs::create_dir_all(&spec.dir)?;
     let args = ladder_args(
         &spec.config,
-        spec.segment_s,
-        spec.timeline.first_frame_ms / 1000.0,
-        &spec.dir,
+        (spec.clock.segment_ms / 1000) as u32,
+        spec.first_frame_ms / 1000.0,
     );
     let (input_tx, input_rx) = std::sync::mpsc::sync_channel::<Bytes>(INPUT_QUEUE_TAGS);
     let pid = Arc::new(Mutex::new(None));
-    let exit: Arc<Mutex<Option<RunExit>>> = Arc::new(Mutex::new(None));
-    {
-        let (pid, exit, channel, run_id) = (
-            pid.clone(),
-            exit.clone(),
-            spec.channel_name.clone(),
-            spec.run_id,
-        );
-        std::thread::Builder::new()
-            .name(format!("ffmpeg-{channel}-{run_id}"))
-            .spawn(move || {
-                let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                    supervise(&args, input_rx, &pid)
-                }))
-                .unwrap_or_else(|_| RunExit {
-                    status: "supervisor panicked".into(),
-                    success: false,
-                    stderr_tail: Vec::new(),
-                });
-                *lock(&exit) = Some(result);
-            })?;
-    }
     let run_id = spec.run_id;
-    tokio::spawn(poll_segments(spec, exit, events));
+    {
+        let pid = pid.clone();
+        let name = format!("ffmpeg-{}-{run_id}", spec.channel_name);
+        std::thread::Builder::new().name(name).spawn(move || {
+            let cutter = RunCutter::new(&spec);
+            let exit = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                supervise(&args, input_rx, &pid, cutter, &events)
+            }))
+            .unwrap_or_else(|_| RunExit {
+                status: "supervisor panicked".into(),
+                success: false,
+                stderr_tail: Vec::new(),
+            });
+            let _ = events.blocking_send(RunEvent::Exited { run_id, exit }.into());
+        })?;
+    }
     Ok(RunHandle {
         run_id,
         input: Some(input_tx),
@@ -275,11 +266,14 @@ where
     })
 }
 
-/// Body of the supervisor thread: runs the child to its end.
-fn supervise(
+/// Body of the supervisor thread: runs the child to its end; every segment its output made has
+/// been handed over when this returns.
+fn supervise<M: From<RunEvent> + Send + 'static>(
     args: &[String],
     input: std::sync::mpsc::Receiver<Bytes>,
     pid_slot: &Mutex<Option<u32>>,
+    cutter: RunCutter,
+    events: &mpsc::Sender<M>,
 ) -> RunExit {
     let mut command = ffmpeg_sidecar::command::FfmpegCommand::new();
     command.args(args);
@@ -295,12 +289,13 @@ fn supervise(
         }
     };
     *lock(pid_slot) = Some(child.as_inner().id());
-    // ffmpeg-sidecar insists on a piped stdout; our outputs are files, so just drain it.
-    if let Some(mut stdout) = child.take_stdout() {
-        let _ = std::thread::Builder::new()
+    let reader = child.take_stdout().and_then(|stdout| {
+        let events = events.clone();
+        std::thread::Builder::new()
             .name("ffmpeg-stdout".into())
-            .spawn(move || std::io::copy(&mut stdout, &mut std::io::sink()));
-    }
+            .spawn(move || cutter.run(stdout, &events))
+            .ok()
+    });
     if let Some(mut stdin) = child.take_stdin() {
         let _ = std::thread::Builder::new()
             .name("ffmpeg-stdin".into())
@@ -339,6 +334,9 @@ fn supervise(
     }
     let status = child.wait();
     *lock(pid_slot) = None;
+    if let Some(reader) = reader {
+        let _ = reader.join();
+    }
     match status {
         Ok(s) => RunExit {
             status: s.to_string(),
@@ -351,146 +349,6 @@ fn supervise(
             stderr_tail: tail.into(),
         },
     }
-}
-
-/// Reads the CSV lists of a run until the child exited, forwarding placed segments.
-async fn poll_segments<M: From<RunEvent>>(
-    spec: RunSpec,
-    exit: Arc<Mutex<Option<RunExit>>>,
-    events: mpsc::Sender<M>,
-) {
-    let n = spec.config.ladder.len();
-    let mut consumed = vec![0usize; n];
-    loop {
-        let finished = lock(&exit).clone();
-        for (rendition, done) in consumed.iter_mut().enumerate() {
-            let list = spec.dir.join(format!("r{rendition}.csv"));
-            let Ok(text) = tokio::fs::read_to_string(&list).await else {
-                continue;
-            };
-            // Only complete lines: ffmpeg may be mid-write.
-            let complete = text.rfind('\n').map_or("", |end| &text[..end]);
-            for (index, line) in complete.lines().enumerate().skip(*done) {
-                *done = index + 1;
-                let Some(entry) = parse_csv_line(line) else {
-                    tracing::warn!(channel = %spec.channel_name, run = spec.run_id, "unreadable segment list line {line:?}");
-                    continue;
-                };
-                let path = spec.dir.join(&entry.file);
-                match spec.timeline.place(index, &entry) {
-                    Ok(slot) => match tokio::fs::read(&path).await {
-                        Ok(data) => {
-                            let msg = RunEvent::Segment {
-                                run_id: spec.run_id,
-                                rendition,
-                                slot,
-                                data: Bytes::from(data),
-                            };
-                            if events.send(msg.into()).await.is_err() {
-                                return;
-                            }
-                        }
-                        Err(e) => {
-                            tracing::warn!(channel = %spec.channel_name, file = %path.display(), "cannot read segment: {e}")
-                        }
-                    },
-                    Err(why) => {
-                        tracing::debug!(channel = %spec.channel_name, run = spec.run_id, file = %entry.file, "segment dropped: {why:?}")
-                    }
-                }
-                let _ = tokio::fs::remove_file(&path).await;
-            }
-        }
-        if let Some(result) = finished {
-            let _ = tokio::fs::remove_dir_all(&spec.dir).await;
-            let exited = RunEvent::Exited {
-                run_id: spec.run_id,
-                exit: result,
-            };
-            let _ = events.send(exited.into()).await;
-            return;
-        }
-        tokio::time::sleep(POLL_EVERY).await;
-    }
-}
-
-/// Font for the slate's text (Debian `fonts-dejavu-core`); without it the slate is plain.
-pub const SLATE_FONT: &str = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf";
-
-/// Encodes the "NO SIGNAL" slate of one rendition: D seconds of video with silence, the same
-/// codec parameters as the ladder, as one MPEG-TS segment starting with a keyframe.
-/// Blocking: call from `spawn_blocking`.
-pub fn encode_slate(
-    channel: &ChannelConfig,
-    rendition: usize,
-    segment_s: u32,
-    dir: &Path,
-) -> anyhow::Result<Bytes> {
-    use anyhow::Context;
-    let r = &channel.ladder[rendition];
-    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    let out = dir.join(format!("slate-{}.ts", r.name));
-    let mut vf = String::from("format=yuv420p");
-    if Path::new(SLATE_FONT).exists() {
-        vf.push_str(&format!(
-            ",drawtext=fontfile={SLATE_FONT}:text='NO SIGNAL':fontcolor=white:fontsize=h/8:x=(w-text_w)/2:y=(h-text_h)/2"
-        ));
-    }
-    let mut command = std::process::Command::new("ffmpeg");
-    command
-        .args([
-            "-hide_banner",
-            "-nostdin",
-            "-loglevel",
-            "error",
-            "-y",
-            "-f",
-            "lavfi",
-            "-i",
-        ])
-        .arg(format!(
-            "color=c=0x202030:s={}x{}:r={}:d={segment_s}",
-            r.width, r.height, channel.fps
-        ))
-        .args([
-            "-f",
-            "lavfi",
-            "-i",
-            "anullsrc=r=48000:cl=stereo",
-            "-t",
-            &segment_s.to_string(),
-            "-vf",
-            &vf,
-        ])
-        .args(x264_args(&channel.preset, r.video_kbps))
-        .args([
-            "-c:a",
-            "aac",
-            "-b:a",
-            &format!("{}k", channel.audio_kbps),
-            "-muxdelay",
-            "0",
-            "-muxpreload",
-            "0",
-        ])
-        .args(["-f", "mpegts"])
-        .arg(&out)
-        .stdin(std::process::Stdio::null());
-    streaming_core::process::die_with_parent(&mut command);
-    let output = command
-        .output()
-        .context("cannot run ffmpeg for the slate")?;
-    if !output.status.success() {
-        anyhow::bail!(
-            "ffmpeg slate for {} failed ({}): {}",
-            r.name,
-            output.status,
-            String::from_utf8_lossy(&output.stderr).trim()
-        );
-    }
-    let data = std::fs::read(&out).with_context(|| format!("cannot read {}", out.display()))?;
-    let _ = std::fs::remove_file(&out);
-    Ok(Bytes::from(data))
 }
 
 #[cfg(test)]
@@ -528,8 +386,8 @@ mod tests {
     }
 
     #[test]
-    fn ladder_args_follow_the_measured_command() {
-        let args = ladder_args(&channel(), 2, 13.37, Path::new("/w"));
+    fn ladder_args_write_one_transport_stream() {
+        let args = ladder_args(&channel(), 2, 13.37);
         let joined = args.join(" ");
         assert!(joined.starts_with(
             "-hide_banner -nostdin -loglevel warning -copyts -f flv -i pipe:0 -filter_complex "
@@ -540,10 +398,12 @@ mod tests {
         assert!(args.contains(
             &"expr:if(isnan(prev_forced_t),1,gte(floor((t+13.370)/2),floor((prev_forced_t+13.370)/2)+1))".to_string()
         ));
-        assert_eq!(args.iter().filter(|a| *a == "-segment_list").count(), 3);
-        assert!(joined.contains("-map [v1] -map 0:a -c:v libx264 -preset ultrafast -profile:v main -level:v 4.0 -coder 1 -b:v 400k -maxrate 400k -bufsize 400k"));
-        assert!(joined.contains(
-            "-segment_list /w/r2.csv -segment_list_type csv -segment_list_flags live /w/r2_%05d.ts"
+        // Video in ladder order, then the one audio stream every rendition shares.
+        assert!(joined.contains("-map [v0] -map [v1] -map [v2] -map 0:a -c:v libx264 -preset ultrafast -profile:v main -level:v 4.0 -coder 1"));
+        assert!(joined.contains("-b:v:1 400k -maxrate:v:1 400k -bufsize:v:1 400k"));
+        assert_eq!(args.iter().filter(|a| *a == "-c:a").count(), 1);
+        assert!(joined.ends_with(
+            "-omit_video_pes_length 0 -pes_payload_size 0 -flush_packets 1 -f mpegts pipe:1"
         ));
     }
 }

@@ -53,7 +53,8 @@ pub fn frames(data: &[u8]) -> Result<Vec<(AudioConfig, &[u8])>, AdtsError> {
         if usize::from(config.frequency_index) >= FREQUENCIES.len() {
             return Err(AdtsError::BadFrequency(at));
         }
-        let length = (usize::from(h[3] & 0x03) << 11) | (usize::from(h[4]) << 3) | usize::from(h[5] >> 5);
+        let length =
+            (usize::from(h[3] & 0x03) << 11) | (usize::from(h[4]) << 3) | usize::from(h[5] >> 5);
         let header = if protection_absent { 7 } else { 9 };
         if length < header || at + length > data.len() {
             return Err(AdtsError::Truncated(at));

@@ -238,12 +238,15 @@ impl Cutter {
         self.release()
     }
 
-    /// Closes everything up to `end` as if the next picture and audio started there (the slate,
-    /// whose length is known).
-    pub fn finish_at(&mut self, end: u64) -> Result<Vec<Cut>, CutError> {
-        self.close_part(end, true);
-        self.audio_until = Some(self.audio_until.map_or(end, |u| u.max(end)));
-        self.release()
+    /// Closes the open part as if the next picture were decoded at `next_dts`, and hands over
+    /// everything with the audio there is: for a stream whose end is known (the slate).
+    pub fn finish(&mut self, next_dts: u64) -> Result<Vec<Cut>, CutError> {
+        self.close_part(next_dts, true);
+        let mut out = Vec::new();
+        while let Some(part) = self.waiting.pop_front() {
+            self.hand_over(part, &mut out)?;
+        }
+        Ok(out)
     }
 
     fn open_part(&mut self, slot: u64, index: u32, segment_start: u64, first: Picture) {
@@ -300,7 +303,9 @@ impl Cutter {
             if !audio_in && !gave_up {
                 break;
             }
-            let Some(waiting) = self.waiting.pop_front() else { break };
+            let Some(waiting) = self.waiting.pop_front() else {
+                break;
+            };
             self.hand_over(waiting, &mut out)?;
         }
         Ok(out)

@@ -3,9 +3,9 @@
 
 use bytes::Bytes;
 use mp4_atom::{
-    Audio, Avc1, Avcc, Dinf, Dref, Encode, Esds, Ftyp, Hdlr, Mdat, Mdhd, Mdia, Mfhd, Minf,
-    Moof, Moov, Mp4a, Mvex, Mvhd, Smhd, Stbl, Stco, Stsc, Stsd, Stsz, Stts, Tfdt, Tfhd, Tkhd,
-    Traf, Trak, Trex, Trun, TrunEntry, Url, Visual, Vmhd, esds,
+    Audio, Avc1, Avcc, Dinf, Dref, Encode, Esds, Ftyp, Hdlr, Mdat, Mdhd, Mdia, Mfhd, Minf, Moof,
+    Moov, Mp4a, Mvex, Mvhd, Smhd, Stbl, Stco, Stsc, Stsd, Stsz, Stts, Tfdt, Tfhd, Tkhd, Traf, Trak,
+    Trex, Trun, TrunEntry, Url, Visual, Vmhd, esds,
 };
 use sha2::{Digest, Sha256};
 
@@ -56,7 +56,10 @@ impl InitSegment {
         let digest = Sha256::digest(&bytes);
         let name = format!(
             "init-{}.mp4",
-            digest[..8].iter().map(|b| format!("{b:02x}")).collect::<String>()
+            digest[..8]
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect::<String>()
         );
         Ok(Self {
             name,
@@ -282,11 +285,15 @@ pub fn fragment(sequence: u32, track_id: u32, samples: &[Sample]) -> Result<Vec<
     let mut sized = Vec::new();
     moof.encode(&mut sized)?;
     moof.traf[0].trun[0].data_offset = Some(sized.len() as i32 + 8);
-    let mut out = Vec::with_capacity(sized.len() + 8 + samples.iter().map(|s| s.data.len()).sum::<usize>());
+    let mut out =
+        Vec::with_capacity(sized.len() + 8 + samples.iter().map(|s| s.data.len()).sum::<usize>());
     moof.encode(&mut out)?;
     set_default_base_is_moof(&mut out);
     let mdat = Mdat {
-        data: samples.iter().flat_map(|s| s.data.iter().copied()).collect(),
+        data: samples
+            .iter()
+            .flat_map(|s| s.data.iter().copied())
+            .collect(),
     };
     mdat.encode(&mut out)?;
     Ok(out)
@@ -300,6 +307,12 @@ fn set_default_base_is_moof(moof: &mut [u8]) {
     if moof.get(TFHD + 4..TFHD + 8) == Some(&b"tfhd"[..]) {
         moof[TFHD + 9] |= DEFAULT_BASE_IS_MOOF;
     }
+}
+
+/// True when `data` starts with a movie fragment (`moof`): what a media segment or part of ours
+/// starts with.
+pub fn starts_with_fragment(data: &[u8]) -> bool {
+    data.len() > 8 && &data[4..8] == b"moof"
 }
 
 /// Reads back the boxes of a fragment stream (tests and checks): (type, tfdt) per `moof`.

@@ -135,8 +135,7 @@ impl<R: Read> Demuxer<R> {
                 // The PTS is within a few seconds of its DTS: unwrap it next to it.
                 let pts = unwrap(Some(dts), pts);
                 let expected = (pes.pes_packet_len != 0).then(|| {
-                    usize::from(pes.pes_packet_len)
-                        .saturating_sub(optional_header_len(&pes.header))
+                    usize::from(pes.pes_packet_len).saturating_sub(optional_header_len(&pes.header))
                 });
                 let open = Open {
                     stream,

@@ -27,14 +27,27 @@ fn ladder_ts(start_s: f64, seconds: u32) -> Vec<u8> {
         .args(["-output_ts_offset", &start_s.to_string()])
         .args(["-filter_complex", "[0:v]split=2[a][b];[b]scale=160:90[c]"])
         .args(["-map", "[a]", "-map", "[c]", "-map", "1:a"])
-        .args(["-c:v", "libx264", "-preset", "veryfast", "-g", "9999", "-sc_threshold", "0"])
+        .args([
+            "-c:v",
+            "libx264",
+            "-preset",
+            "veryfast",
+            "-g",
+            "9999",
+            "-sc_threshold",
+            "0",
+        ])
         .args(["-forced-idr", "1", "-force_key_frames", &force])
         .args(["-c:a", "aac", "-muxdelay", "0", "-muxpreload", "0"])
         .args(["-omit_video_pes_length", "0", "-pes_payload_size", "0"])
         .args(["-f", "mpegts", "pipe:1"])
         .output()
         .expect("ffmpeg runs");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     out.stdout
 }
 
@@ -45,9 +58,11 @@ fn cut(ts: &[u8]) -> Vec<Cut> {
     let mut cuts = Vec::new();
     while let Some(pes) = demuxer.next_pes().unwrap() {
         match (pes.kind, pes.stream) {
-            (StreamKind::H264, 0) => {
-                cuts.extend(cutter.push_video(pes.dts, pes.pts, access_unit(&pes.data)).unwrap())
-            }
+            (StreamKind::H264, 0) => cuts.extend(
+                cutter
+                    .push_video(pes.dts, pes.pts, access_unit(&pes.data))
+                    .unwrap(),
+            ),
             (StreamKind::Aac, _) => {
                 let frames = aac::frames(&pes.data).unwrap();
                 cuts.extend(cutter.push_audio(pes.pts, &frames).unwrap());
@@ -83,7 +98,10 @@ fn parts_follow_the_slot_clock_and_add_up_to_segments() {
     assert_eq!(segments, vec![(6, true), (7, true), (8, true), (9, true)]);
     let target = CLOCK.part_target_s();
     for slot in 6..=9 {
-        let of_slot: Vec<&Part> = parts(&cuts).into_iter().filter(|p| p.slot == slot).collect();
+        let of_slot: Vec<&Part> = parts(&cuts)
+            .into_iter()
+            .filter(|p| p.slot == slot)
+            .collect();
         let indexes: Vec<u32> = of_slot.iter().map(|p| p.index).collect();
         assert_eq!(indexes, vec![0, 1, 2, 3], "slot {slot}");
         assert!(of_slot[0].independent && !of_slot[1].independent);
@@ -91,7 +109,11 @@ fn parts_follow_the_slot_clock_and_add_up_to_segments() {
         assert!((total - 2.0).abs() < 0.001, "slot {slot} lasts {total}");
         for p in &of_slot {
             assert!(p.duration_s <= target + 1e-9, "{} > {target}", p.duration_s);
-            assert!(p.duration_s >= 0.85 * target || p.index == 3, "{}", p.duration_s);
+            assert!(
+                p.duration_s >= 0.85 * target || p.index == 3,
+                "{}",
+                p.duration_s
+            );
         }
     }
 }
@@ -104,7 +126,9 @@ fn parts_follow_the_slot_clock_and_add_up_to_segments() {
 fn two_ingests_cut_the_same_parts() {
     let one = cut(&ladder_ts(11.37, 9));
     let two = cut(&ladder_ts(13.37, 7));
-    let spans = |cuts: &[Cut]| -> Vec<(u64, u32, Vec<(u32, u64)>, u64)> {
+    /// (slot, part, (track, tfdt) per fragment, duration in 90 kHz ticks)
+    type Span = (u64, u32, Vec<(u32, u64)>, u64);
+    let spans = |cuts: &[Cut]| -> Vec<Span> {
         parts(cuts)
             .iter()
             .filter(|p| p.slot >= 7)
@@ -143,17 +167,29 @@ fn a_segment_made_of_parts_plays() {
     std::fs::write(&file, bytes).unwrap();
     let probe = Command::new("ffprobe")
         .args(["-v", "error", "-count_frames", "-show_entries"])
-        .args(["stream=codec_name,nb_read_frames,start_time", "-of", "csv=p=0"])
+        .args([
+            "stream=codec_name,nb_read_frames,start_time",
+            "-of",
+            "csv=p=0",
+        ])
         .arg(&file)
         .output()
         .unwrap();
     let text = String::from_utf8_lossy(&probe.stdout);
-    assert!(probe.status.success(), "{}", String::from_utf8_lossy(&probe.stderr));
+    assert!(
+        probe.status.success(),
+        "{}",
+        String::from_utf8_lossy(&probe.stderr)
+    );
     let lines: Vec<&str> = text.lines().collect();
     assert_eq!(lines.len(), 2, "{text}");
     let fields = |line: &str| -> (String, f64, u32) {
         let f: Vec<&str> = line.split(',').collect();
-        (f[0].to_owned(), f[1].parse().unwrap(), f[2].parse().unwrap())
+        (
+            f[0].to_owned(),
+            f[1].parse().unwrap(),
+            f[2].parse().unwrap(),
+        )
     };
     // Slot 7 starts at 14 s; the input's pictures fall 10 ms after each 40 ms step, so the
     // forced keyframe is the one at 14.01 s.

@@ -99,7 +99,7 @@ pub async fn status<T: serde::de::DeserializeOwned>(
 }
 
 /// One full play through the LB: master -> first variant -> newest segment, which must be
-/// MPEG-TS. Returns the segment's URL.
+/// fragmented MP4. Returns the segment's URL.
 pub async fn plays(
     client: &reqwest::Client,
     lb_url: &str,
@@ -115,9 +115,9 @@ pub async fn plays(
     let segment = last_uri(media).context("media playlist lists no segment yet")?;
     let segment_url = media_at.join(segment)?;
     let (_, bytes) = get_limited(client, segment_url.as_str(), MAX_SEGMENT_BYTES).await?;
-    if bytes.len() < 188 || bytes[0] != 0x47 {
+    if !streaming_media::fmp4::starts_with_fragment(&bytes) {
         bail!(
-            "segment {segment_url} is not MPEG-TS ({} bytes)",
+            "segment {segment_url} is not a fragmented MP4 segment ({} bytes)",
             bytes.len()
         );
     }
@@ -148,8 +148,8 @@ mod tests {
     fn playlist_uris() {
         let master = "#EXTM3U\n#EXT-X-STREAM-INF:BANDWIDTH=1\n360p/index.m3u8?t=a\n#EXT-X-STREAM-INF:BANDWIDTH=2\n240p/index.m3u8?t=a\n";
         assert_eq!(first_uri(master), Some("360p/index.m3u8?t=a"));
-        let media = "#EXTM3U\n#EXT-X-TARGETDURATION:2\n#EXTINF:2.0,\n10.ts?t=x\n#EXTINF:2.0,\n11.ts?t=x\n\n";
-        assert_eq!(last_uri(media), Some("11.ts?t=x"));
+        let media = "#EXTM3U\n#EXT-X-TARGETDURATION:2\n#EXTINF:2.0,\n10.m4s?t=x\n#EXTINF:2.0,\n11.m4s?t=x\n\n";
+        assert_eq!(last_uri(media), Some("11.m4s?t=x"));
         assert_eq!(last_uri("#EXTM3U\n"), None);
     }
 }

@@ -142,17 +142,20 @@ fn any_one_host_may_fail_and_the_topology_may_change() {
         );
     }
     let (a, _) = common[common.len() - 2];
+    // Init segment + segment: what a player reads.
     let segment = |ingest: u8| {
-        curl(
-            &state,
-            &format!(
-                "https://{PREFIX}.4.{ingest}:8443/origin/test/360p/{}.ts",
-                a.seq
-            ),
-            Some(key),
-        )
+        let file = |name: &str| {
+            curl(
+                &state,
+                &format!("https://{PREFIX}.4.{ingest}:8443/origin/test/360p/{name}"),
+                Some(key),
+            )
+        };
+        let mut bytes = file(a.map.as_deref().expect("segments name their init segment"));
+        bytes.extend(file(&streaming_hls::names::segment(a.seq)));
+        bytes
     };
-    let scratch = tmp.path().join("segment.ts");
+    let scratch = tmp.path().join("segment.mp4");
     let (pts1, pts2) = (
         first_video_pts(&segment(1), &scratch),
         first_video_pts(&segment(2), &scratch),

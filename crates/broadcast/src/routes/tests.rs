@@ -33,6 +33,7 @@ fn app_with(config: HostConfig) -> App {
 
 /// A viewer's address, not one of the cluster's.
 const VIEWER: &str = "203.0.113.7:40000";
+const INIT: &str = "init-00112233aabbccdd.mp4";
 
 fn fill(app: &App, seqs: std::ops::Range<u64>) {
     fill_with(app, seqs, |seq| Bytes::from(format!("ts-{seq}")));
@@ -49,9 +50,15 @@ fn fill_with(app: &App, seqs: std::ops::Range<u64>, body: impl Fn(u64) -> Bytes)
                 duration_s: 2.0,
                 discontinuity: false,
                 program_date_time_ms: seq * 2000,
+                map: Some(INIT.to_owned()),
             };
             state.window.write().unwrap().push(info, body(seq)).unwrap();
         }
+        state
+            .inits
+            .write()
+            .unwrap()
+            .insert(INIT.to_owned(), Bytes::from_static(b"init"));
         *state.last_new.lock().unwrap() = Some(std::time::Instant::now());
         channel
             .renditions
@@ -147,7 +154,7 @@ async fn playlists_carry_renewed_tokens_in_every_uri() {
     assert_eq!(media.media_sequence, 104);
     assert_eq!(media.segments.len(), 6);
     for s in &media.segments {
-        assert!(s.uri.starts_with(&format!("{}.ts?t=", s.seq)));
+        assert!(s.uri.starts_with(&format!("{}.m4s?t=", s.seq)));
         assert_eq!(
             signer.verify(&t_of(&s.uri), now).unwrap().viewer,
             "viewer-a"
@@ -164,6 +171,22 @@ async fn playlists_carry_renewed_tokens_in_every_uri() {
     assert_eq!(headers[header::CONTENT_TYPE], SEGMENT_TYPE);
     assert_eq!(headers[header::CACHE_CONTROL], "private, max-age=24");
     assert_eq!(headers[header::X_CONTENT_TYPE_OPTIONS], "nosniff");
+    // The init segment is named once, carries the token too, and needs it.
+    let map = media.segments[0].map.clone().unwrap();
+    assert!(map.starts_with(&format!("{INIT}?t=")), "{map}");
+    assert_eq!(media.segments[5].map.as_deref(), Some(map.as_str()));
+    let (status, headers, init) = get(&app, &format!("/live/test/360p/{map}"), None).await;
+    assert_eq!((status, init.as_str()), (StatusCode::OK, "init"));
+    assert_eq!(headers[header::CONTENT_TYPE], SEGMENT_TYPE);
+    let (status, _, _) = get(&app, &format!("/live/test/360p/{INIT}"), None).await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    let (status, _, _) = get(
+        &app,
+        &format!("/live/test/360p/init-ffffffffffffffff.mp4?t={}", t_of(&map)),
+        None,
+    )
+    .await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
     // One viewer, however many requests.
     assert_eq!(app.bc.status().viewers, 1);
 }
@@ -191,12 +214,12 @@ async fn bad_tokens_are_refused_with_a_reason() {
         ),
         (
             format!(
-                "/live/test/360p/1.ts?t={}",
+                "/live/test/360p/1.m4s?t={}",
                 token("broadcast1", "other", "v", now + 100)
             ),
             "channel",
         ),
-        ("/live/test/360p/1.ts?t=garbage".to_owned(), "malformed"),
+        ("/live/test/360p/1.m4s?t=garbage".to_owned(), "malformed"),
     ];
     for (uri, reason) in cases {
         let (status, _, body) = get(&app, &uri, None).await;
@@ -214,9 +237,9 @@ async fn unknown_or_unsafe_paths_are_404() {
     for uri in [
         format!("/live/nope/master.m3u8?t={t}"),
         format!("/live/test/720p/index.m3u8?t={t}"),
-        format!("/live/test/360p/99.ts?t={t}"),
+        format!("/live/test/360p/99.m4s?t={t}"),
         format!("/live/test/360p/1.mp4?t={t}"),
-        format!("/live/test/360p/-1.ts?t={t}"),
+        format!("/live/test/360p/-1.m4s?t={t}"),
         format!("/live/test/..%2F..%2Fetc/index.m3u8?t={t}"),
         format!("/live/test/other.m3u8?t={t}"),
         "/no-such-file.js".to_owned(),
@@ -319,7 +342,7 @@ async fn playlist_fetchers_are_no_viewers_and_cost_no_capacity() {
     assert_eq!(app.bc.viewers.lock().unwrap().tracked(), 0);
     // One real viewer downloading a segment counts.
     let t = token("broadcast1", "test", "real", now + 100);
-    let (status, _, body) = get(&app, &format!("/live/test/360p/3.ts?t={t}"), None).await;
+    let (status, _, body) = get(&app, &format!("/live/test/360p/3.m4s?t={t}"), None).await;
     assert_eq!((status, body.as_str()), (StatusCode::OK, "ts-3"));
     let after = status_now(&app);
     assert_eq!((after.viewers, after.free_viewers), (1, 80));
@@ -334,7 +357,7 @@ async fn capacity_follows_measured_segment_egress() {
     let t = token("broadcast1", "test", "v", unix_now() + 100);
     for seq in 1..11 {
         let (status, headers, body) =
-            get(&app, &format!("/live/test/360p/{seq}.ts?t={t}"), None).await;
+            get(&app, &format!("/live/test/360p/{seq}.m4s?t={t}"), None).await;
         assert_eq!((status, body.len()), (StatusCode::OK, 1_000_000));
         assert_eq!(headers[header::CONTENT_LENGTH], "1000000");
     }
@@ -355,7 +378,7 @@ async fn a_segment_not_read_to_the_end_makes_no_viewer() {
     let t = token("broadcast1", "test", "v", unix_now() + 100);
     let response = router(app.clone(), None)
         .oneshot(
-            Request::get(format!("/live/test/360p/1.ts?t={t}"))
+            Request::get(format!("/live/test/360p/1.m4s?t={t}"))
                 .body(Body::empty())
                 .unwrap(),
         )
@@ -538,7 +561,7 @@ async fn draining_moves_viewers_at_their_next_playlist_request() {
     assert_eq!(headers[header::RETRY_AFTER], "2");
     assert!(body.contains("draining"), "{body}");
     // A segment already listed is still served (the download in flight completes).
-    let (status, _, body) = get(&app, &format!("/live/test/360p/105.ts?t={t}"), None).await;
+    let (status, _, body) = get(&app, &format!("/live/test/360p/105.m4s?t={t}"), None).await;
     assert_eq!((status, body.as_str()), (StatusCode::OK, "ts-105"));
     assert!(app.bc.status().draining);
     // The master steers to the others only.
@@ -547,21 +570,6 @@ async fn draining_moves_viewers_at_their_next_playlist_request() {
         body.contains("PATHWAY-ID=\"broadcast2\"") && !body.contains("\"broadcast1\""),
         "{body}"
     );
-}
-
-#[test]
-fn segment_names() {
-    assert_eq!(parse_segment_name("882000000.ts"), Some(882_000_000));
-    for bad in [
-        "",
-        ".ts",
-        "+1.ts",
-        "1.ts.ts",
-        "99999999999999999999.ts",
-        "1",
-    ] {
-        assert_eq!(parse_segment_name(bad), None, "{bad}");
-    }
 }
 
 #[tokio::test]

@@ -448,8 +448,8 @@ impl Viewer {
                 return Ok(());
             }
         };
-        if body.first() != Some(&0x47) {
-            bail!("segment {} is not MPEG-TS", segment.seq);
+        if !streaming_media::fmp4::starts_with_fragment(&body) {
+            bail!("segment {} is not a fragmented MP4 segment", segment.seq);
         }
         let now = Instant::now();
         let start_pos = p.buffer.buffer_ahead_s() + p.buffer.position_s();

@@ -1,15 +1,22 @@
 //! Emission: segments from the runs, and each slot decided once at its deadline, live or slate,
 //! in every rendition; the status the origin shows.
 
-use bytes::Bytes;
 use streaming_hls::{SegmentInfo, unix_now_ms};
 
 use streaming_core::sync::{lock, write};
 
+use crate::transcode::SegmentMedia;
+
 use super::{ChannelTask, LastPushed, PendingSlot, publish_at_ms};
 
 impl ChannelTask {
-    pub(super) fn segment(&mut self, run_id: u64, rendition: usize, slot: u64, data: Bytes) {
+    pub(super) fn segment(
+        &mut self,
+        run_id: u64,
+        rendition: usize,
+        slot: u64,
+        media: SegmentMedia,
+    ) {
         let n = self.setup.slates.len();
         if rendition >= n {
             return;
@@ -32,7 +39,7 @@ impl ChannelTask {
             parts: vec![None; n],
         });
         if entry.run_id == run_id {
-            entry.parts[rendition] = Some(data);
+            entry.parts[rendition] = Some(media);
             self.run_progress_ms = unix_now_ms();
         }
         self.emit_complete();
@@ -78,24 +85,25 @@ impl ChannelTask {
         self.pending.retain(|s, _| *s > slot);
         let segment_s = self.setup.clock.segment_seconds();
         let pdt = self.setup.clock.slot_start_ms(slot);
-        let (parts, kind): (Vec<Bytes>, LastPushed) = match live {
+        let (parts, kind): (Vec<SegmentMedia>, LastPushed) = match live {
             Some(p) => (
                 p.parts.into_iter().flatten().collect(),
                 LastPushed::Live(p.run_id),
             ),
-            None => (self.setup.slates.clone(), LastPushed::Slate),
+            None => (self.slate_segments(slot), LastPushed::Slate),
         };
         let discontinuity = kind == LastPushed::Slate || self.last_pushed != Some(kind);
         {
             let mut out = write(&self.shared.output);
-            for (r, data) in out.renditions.iter_mut().zip(parts) {
+            for (r, media) in out.renditions.iter_mut().zip(parts) {
                 let info = SegmentInfo {
                     seq: slot,
                     duration_s: segment_s,
                     discontinuity,
                     program_date_time_ms: pdt,
+                    map: None,
                 };
-                if let Err(e) = r.window.push(info, data) {
+                if let Err(e) = r.push(info, media) {
                     tracing::error!(channel = %self.setup.config.name, "timeline: {e}");
                 }
             }
@@ -114,6 +122,21 @@ impl ChannelTask {
             }
         }
         self.shared.last_slot.send_replace(Some(slot));
+    }
+
+    /// The slate of every rendition, cut for this slot. A rendition whose slate cannot be cut
+    /// (it was cut once at start, so this is not expected) misses the slot.
+    fn slate_segments(&self, slot: u64) -> Vec<SegmentMedia> {
+        self.setup
+            .slates
+            .iter()
+            .filter_map(|slate| {
+                slate
+                    .segment(slot)
+                    .map_err(|e| tracing::error!(channel = %self.setup.config.name, slot, "slate: {e:#}"))
+                    .ok()
+            })
+            .collect()
     }
 
     pub(super) fn update_status(&self) {

@@ -7,19 +7,20 @@
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use streaming_core::config::ChannelConfig;
 use streaming_core::status::IngestChannelStatus;
-use streaming_hls::{SegmentWindow, SlotClock, Variant, unix_now_ms};
+use streaming_hls::{SegmentInfo, SegmentWindow, SlotClock, Variant, unix_now_ms};
 use tokio::sync::{mpsc, watch};
 
 use crate::flv::{self, TagKind};
 use crate::select::{Coverage, Selector, rank_of};
-use crate::transcode::{RunEvent, RunHandle};
+use crate::slate::Slate;
+use crate::transcode::{RunEvent, RunHandle, SegmentMedia};
+use streaming_media::PartClock;
 
 mod emit;
 mod input;
@@ -101,10 +102,30 @@ impl From<RunEvent> for ChannelMsg {
     }
 }
 
-/// One rendition's published segments.
+/// One rendition's published segments and the init segments they name.
 pub struct RenditionOutput {
     pub name: String,
     pub window: SegmentWindow<Bytes>,
+    pub inits: HashMap<String, Bytes>,
+}
+
+impl RenditionOutput {
+    /// Publishes a segment; init segments no segment of the window needs any more go.
+    pub fn push(
+        &mut self,
+        mut info: SegmentInfo,
+        media: SegmentMedia,
+    ) -> Result<(), streaming_hls::WindowError> {
+        info.map = Some(media.init.name.clone());
+        self.window.push(info, media.data)?;
+        self.inits
+            .entry(media.init.name.clone())
+            .or_insert_with(|| media.init.bytes.clone());
+        let window = &self.window;
+        self.inits
+            .retain(|name, _| window.iter().any(|(i, _)| i.map.as_deref() == Some(name)));
+        Ok(())
+    }
 }
 
 /// What the origin serves for a channel.
@@ -130,6 +151,7 @@ impl ChannelShared {
             .map(|r| RenditionOutput {
                 name: r.name.clone(),
                 window: SegmentWindow::new(cache_segments),
+                inits: HashMap::new(),
             })
             .collect();
         let bandwidth = streaming_core::config::Rendition::bandwidth_bps_with(config.audio_kbps);
@@ -212,7 +234,7 @@ enum LastPushed {
 
 struct PendingSlot {
     run_id: u64,
-    parts: Vec<Option<Bytes>>,
+    parts: Vec<Option<SegmentMedia>>,
 }
 
 /// Settings fixed for the channel task's life (the ladder shape is, see `Reconfigure`).
@@ -220,8 +242,9 @@ pub struct ChannelSetup {
     pub config: ChannelConfig,
     pub sources: Vec<String>,
     pub clock: SlotClock,
-    pub work_dir: PathBuf,
-    pub slates: Vec<Bytes>,
+    /// Segment and part durations, as the cutters use them.
+    pub parts: PartClock,
+    pub slates: Vec<Slate>,
     /// Whole slots a better source must deliver before it is taken back.
     pub primary_return_slots: u32,
 }
@@ -286,7 +309,6 @@ impl ChannelTask {
         mut rx: mpsc::Receiver<ChannelMsg>,
         lifecycle: streaming_core::lifecycle::Lifecycle,
     ) {
-        let _ = std::fs::remove_dir_all(&self.setup.work_dir);
         loop {
             let now = unix_now_ms();
             let emit_at =
@@ -371,8 +393,8 @@ impl ChannelTask {
                 run_id,
                 rendition,
                 slot,
-                data,
-            }) => self.segment(run_id, rendition, slot, data),
+                media,
+            }) => self.segment(run_id, rendition, slot, media),
             ChannelMsg::Run(RunEvent::Exited { run_id, exit }) => self.run_exited(run_id, exit),
             ChannelMsg::Reconfigure { sources, config } => {
                 for p in self.publishers.values_mut() {

@@ -7,7 +7,6 @@ use bytes::Bytes;
 use streaming_hls::unix_now_ms;
 
 use crate::flv::{self, TagKind};
-use crate::segments::RunTimeline;
 use crate::transcode::{RunExit, RunSpec, start_run};
 use streaming_core::sync::lock;
 
@@ -31,19 +30,13 @@ impl ChannelTask {
         let first_frame_ms = f64::from(flv_ts) + f64::from(flv::composition_time_ms(keyframe));
         // C is passed with 3 decimals: round here so the boundary check sees the same value.
         let first_frame_ms = (first_frame_ms).round();
-        let timeline = RunTimeline {
-            clock: self.setup.clock,
-            epoch_ms: feed.epoch_ms,
-            first_frame_ms,
-            frame_ms: 1000.0 / f64::from(self.setup.config.fps.max(1)),
-        };
         let spec = RunSpec {
             channel_name: self.setup.config.name.clone(),
             run_id,
             config: self.setup.config.clone(),
-            segment_s: self.setup.clock.segment_ms() as u32 / 1000,
-            timeline,
-            dir: self.setup.work_dir.join(run_id.to_string()),
+            clock: self.setup.parts,
+            epoch_ms: feed.epoch_ms,
+            first_frame_ms,
         };
         match start_run(spec, self.tx.clone()) {
             Ok(run) => {

@@ -1,0 +1,53 @@
+//! File names of a rendition, the same on ingests and broadcasts: `<seq>.m4s` for segment
+//! `seq`, and the init segments' own content-derived names (`init-<16 hex>.mp4`).
+
+/// The file name of segment `seq`.
+pub fn segment(seq: u64) -> String {
+    format!("{seq}.m4s")
+}
+
+/// `<seq>.m4s` with a plain decimal seq; anything else is not a segment name of ours.
+pub fn parse_segment(file: &str) -> Option<u64> {
+    let digits = file.strip_suffix(".m4s")?;
+    if digits.is_empty() || digits.len() > 19 || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    digits.parse().ok()
+}
+
+/// True for an init segment name as streaming-media makes them.
+pub fn is_init(file: &str) -> bool {
+    file.strip_prefix("init-")
+        .and_then(|rest| rest.strip_suffix(".mp4"))
+        .is_some_and(|hex| hex.len() == 16 && hex.bytes().all(|b| b.is_ascii_hexdigit()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_round_trip_and_nothing_else_passes() {
+        assert_eq!(parse_segment(&segment(882_000_000)), Some(882_000_000));
+        for bad in [
+            "",
+            ".m4s",
+            "+1.m4s",
+            "1.m4s.m4s",
+            "99999999999999999999.m4s",
+            "1.ts",
+            "../1.m4s",
+        ] {
+            assert_eq!(parse_segment(bad), None, "{bad}");
+        }
+        assert!(is_init("init-0123456789abcdef.mp4"));
+        for bad in [
+            "init-.mp4",
+            "init-0123456789abcdeg.mp4",
+            "init-0123456789abcdef.mp4/",
+            "x.mp4",
+        ] {
+            assert!(!is_init(bad), "{bad}");
+        }
+    }
+}
