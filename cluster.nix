@@ -15,6 +15,10 @@
     # After a failover to a backup source, go back to the primary once it has delivered this
     # long without a gap.
     primaryReturnSeconds = 6;
+    # Low-latency HLS (docs/latency.md): each segment is also published as parts of this
+    # length, and players start this many parts behind the newest one (PART-HOLD-BACK).
+    partSeconds = 0.5;
+    partHoldBackParts = 3;
   };
 
   # Accounts and chat: PostgreSQL 15 under Patroni on the db hosts, etcd on them and lb1.

@@ -6,6 +6,7 @@ pub mod pull;
 pub mod routes;
 pub mod state;
 pub mod steering;
+mod take;
 pub mod viewers;
 pub mod web;
 

@@ -16,9 +16,10 @@ use streaming_core::client::{BodyError, read_limited};
 use streaming_core::config::{HostConfig, Role};
 use streaming_core::lifecycle::Lifecycle;
 use streaming_hls::parse::MAX_PLAYLIST_BYTES;
-use streaming_hls::{ParsedMedia, ParsedSegment, SegmentInfo, SlotClock, names, parse_media};
+use streaming_hls::{ParsedMedia, RenditionMedia, parse_media};
 
 use crate::state::{Broadcast, ChannelState, RenditionState, lock, read, write};
+use crate::take::Source;
 
 /// The first fill (or a refill after a gap) takes only this many of the newest segments: enough
 /// for a player to start 3 segments behind the edge, without downloading a stale backlog.
@@ -115,8 +116,49 @@ impl OriginChoice {
     }
 }
 
-/// True when an origin whose newest segment is `last` has one we do not hold.
-pub fn has_newer(held: Option<u64>, last: Option<u64>) -> bool {
+/// Where a rendition's media ends: the newest segment, and how many parts of the one after it
+/// exist ([`Position::of`]). Ordered: more parts of the next segment is newer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Position {
+    pub seq: u64,
+    pub parts_after: u32,
+}
+
+impl Position {
+    /// What a playlist holds (`None`: nothing yet).
+    pub fn of(playlist: &ParsedMedia) -> Option<Self> {
+        let parts_after = |seq| playlist.low_latency.parts_of(seq).count() as u32;
+        match (playlist.low_latency.building.as_ref(), playlist.last_seq()) {
+            (Some(b), _) => Some(Self {
+                seq: b.seq - 1,
+                parts_after: parts_after(b.seq),
+            }),
+            (None, Some(last)) => Some(Self {
+                seq: last,
+                parts_after: 0,
+            }),
+            (None, None) => None,
+        }
+    }
+
+    /// What we hold.
+    pub fn held(media: &RenditionMedia) -> Option<Self> {
+        match (media.building(), media.window().last_seq()) {
+            (Some(b), _) => Some(Self {
+                seq: b.info.seq - 1,
+                parts_after: b.parts.len() as u32,
+            }),
+            (None, Some(last)) => Some(Self {
+                seq: last,
+                parts_after: 0,
+            }),
+            (None, None) => None,
+        }
+    }
+}
+
+/// True when an origin whose media ends at `last` has some we do not hold.
+pub fn has_newer<T: Ord>(held: Option<T>, last: Option<T>) -> bool {
     match (held, last) {
         (Some(h), Some(l)) => l > h,
         (None, l) => l.is_some(),
@@ -156,7 +198,7 @@ struct Round<'a> {
     origins: &'a [Origin],
     origin: &'a Origin,
     path: &'a str,
-    held: Option<u64>,
+    held: Option<Position>,
     d: Duration,
     stale_at: Instant,
 }
@@ -168,7 +210,7 @@ async fn preferred_is_back(
     key: &str,
     preferred: &Origin,
     path: &str,
-    held: Option<u64>,
+    held: Option<Position>,
     d: Duration,
 ) -> bool {
     let answer = fetch_playlist(
@@ -180,7 +222,7 @@ async fn preferred_is_back(
         d.min(Duration::from_secs(2)),
     )
     .await;
-    answer.is_ok_and(|p| match (held, p.last_seq()) {
+    answer.is_ok_and(|p| match (held, Position::of(&p)) {
         (Some(h), Some(last)) => last >= h,
         (None, _) => true,
         (Some(_), None) => false,
@@ -188,7 +230,7 @@ async fn preferred_is_back(
 }
 
 /// GET with a bearer key, a timeout and a body size limit.
-async fn fetch_limited(
+pub(crate) async fn fetch_limited(
     client: &reqwest::Client,
     url: &str,
     key: &str,
@@ -210,17 +252,26 @@ async fn fetch_limited(
     })
 }
 
+/// What a blocking playlist request waits for: segment `msn`, or part `part` of it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Want {
+    pub msn: u64,
+    pub part: Option<u32>,
+}
+
 async fn fetch_playlist(
     client: &reqwest::Client,
     key: &str,
     origin: &Origin,
     path: &str,
-    msn: Option<u64>,
+    want: Option<Want>,
     timeout: Duration,
 ) -> Result<ParsedMedia, PullError> {
-    let url = match msn {
-        Some(n) => format!("{}/origin/{path}/index.m3u8?_HLS_msn={n}", origin.url),
-        None => format!("{}/origin/{path}/index.m3u8", origin.url),
+    let base = format!("{}/origin/{path}/index.m3u8", origin.url);
+    let url = match want {
+        Some(Want { msn, part: Some(p) }) => format!("{base}?_HLS_msn={msn}&_HLS_part={p}"),
+        Some(Want { msn, part: None }) => format!("{base}?_HLS_msn={msn}"),
+        None => base,
     };
     let body = fetch_limited(client, &url, key, timeout, MAX_PLAYLIST_BYTES).await?;
     let text = std::str::from_utf8(&body).map_err(|_| PullError::Utf8)?;
@@ -251,18 +302,18 @@ pub fn spawn_missing(bc: &Arc<Broadcast>, lifecycle: &Lifecycle) {
 }
 
 /// The pulling state machine of one rendition.
-struct Puller {
+pub(crate) struct Puller {
     bc: Arc<Broadcast>,
-    channel: String,
-    channel_state: Arc<ChannelState>,
-    rendition: Arc<RenditionState>,
+    pub(crate) channel: String,
+    pub(crate) channel_state: Arc<ChannelState>,
+    pub(crate) rendition: Arc<RenditionState>,
     choice: OriginChoice,
     switched_at: Instant,
     last_probe: Instant,
     consecutive_failures: usize,
     /// A segment that failed to download, and on how many tries: after one try per ingest we
     /// give up on it (the window then marks the gap as a discontinuity).
-    failed_seq: Option<(u64, usize)>,
+    pub(crate) failed_seq: Option<(u64, usize)>,
 }
 
 enum Step {
@@ -331,14 +382,27 @@ impl Puller {
         let preferred = origins[0].clone();
         let (client, key) = (self.bc.client(), self.bc.cluster_key());
         let path = format!("{}/{}", self.channel, self.rendition.name);
-        let held = read(&self.rendition.window).last_seq();
+        let held = Position::held(&read(&self.rendition.media));
+        let part_target = *lock(&self.rendition.part_target_s);
 
-        // Stale = no new segment for 1.5·D since the last one (or since we switched here).
+        // Stale = no news for 1.5·D since the last (or since we switched here); with parts, for
+        // three part targets.
         let now = Instant::now();
         let progress =
             (*lock(&self.rendition.last_new)).map_or(self.switched_at, |t| t.max(self.switched_at));
-        let stale_at = progress + d * 3 / 2;
-        let wait_until = stale_at.max(now + d / 2).min(now + 3 * d);
+        let stale_after = part_target.map_or(d * 3 / 2, |p| Duration::from_secs_f64(p * 3.0));
+        let stale_at = progress + stale_after;
+        let wait_until = stale_at.max(now + stale_after / 3).min(now + 3 * d);
+        let want = held.map(|h| match part_target {
+            Some(_) => Want {
+                msn: h.seq + 1,
+                part: Some(h.parts_after),
+            },
+            None => Want {
+                msn: h.seq + 1,
+                part: None,
+            },
+        });
         let main = tokio::time::timeout_at(
             wait_until.into(),
             fetch_playlist(
@@ -346,7 +410,7 @@ impl Puller {
                 &key,
                 &origin,
                 &path,
-                held.map(|s| s + 1),
+                want,
                 3 * d + Duration::from_secs(1),
             ),
         );
@@ -420,10 +484,14 @@ impl Puller {
                 metrics::counter!("broadcast_pulls_total", "origin" => origin.name.clone(), "result" => "ok")
                     .increment(1);
                 *lock(&self.channel_state.origin) = Some(origin.name.clone());
-                match self
-                    .take_segments(client, key, origin, path, &playlist, d, origins.len())
-                    .await
-                {
+                let source = Source {
+                    client,
+                    key,
+                    origin,
+                    path,
+                    d,
+                };
+                match self.take(source, &playlist, origins.len()).await {
                     Ok(0) => {
                         if Instant::now() >= stale_at {
                             self.on_stale(client, key, origins, origin, path, held)
@@ -441,118 +509,6 @@ impl Puller {
         }
     }
 
-    /// Downloads and stores the segments we miss; returns how many were added.
-    #[allow(clippy::too_many_arguments)]
-    async fn take_segments(
-        &mut self,
-        client: &reqwest::Client,
-        key: &str,
-        origin: &Origin,
-        path: &str,
-        playlist: &ParsedMedia,
-        d: Duration,
-        origin_count: usize,
-    ) -> Result<usize, PullError> {
-        let held = read(&self.rendition.window).last_seq();
-        let clock = SlotClock::new(d.as_secs() as u32);
-        let mut added = 0;
-        for segment in segments_to_fetch(playlist, held) {
-            if let Some((seq, tries)) = self.failed_seq
-                && seq == segment.seq
-                && tries >= origin_count
-            {
-                tracing::warn!(channel = %self.channel, rendition = %self.rendition.name, seq,
-                    "segment failed on every ingest: skipping it (discontinuity)");
-                continue;
-            }
-            let map = match self.take_init(client, key, origin, path, segment, d).await {
-                Ok(map) => map,
-                Err(e) => {
-                    self.failed_seq = Some((segment.seq, 1));
-                    return Err(e);
-                }
-            };
-            let url = format!(
-                "{}/origin/{path}/{}",
-                origin.url,
-                names::segment(segment.seq)
-            );
-            let bytes = match fetch_limited(
-                client,
-                &url,
-                key,
-                2 * d + Duration::from_secs(1),
-                MAX_SEGMENT_BYTES,
-            )
-            .await
-            {
-                Ok(b) => b,
-                Err(e) => {
-                    let tries = match self.failed_seq {
-                        Some((seq, n)) if seq == segment.seq => n + 1,
-                        _ => 1,
-                    };
-                    self.failed_seq = Some((segment.seq, tries));
-                    return Err(e);
-                }
-            };
-            let info = SegmentInfo {
-                seq: segment.seq,
-                duration_s: segment.duration_s,
-                discontinuity: segment.discontinuity,
-                program_date_time_ms: segment
-                    .program_date_time_ms
-                    .unwrap_or(clock.slot_start_ms(segment.seq)),
-                map,
-            };
-            let size = bytes.len();
-            let mut window = write(&self.rendition.window);
-            window.start_discontinuity_sequence(segment.discontinuity_sequence);
-            let pushed = window.push(info, bytes);
-            let needed: Vec<String> = window.iter().filter_map(|(i, _)| i.map.clone()).collect();
-            drop(window);
-            write(&self.rendition.inits).retain(|name, _| needed.contains(name));
-            match pushed {
-                Ok(()) => {
-                    *lock(&self.rendition.last_new) = Some(Instant::now());
-                    added += 1;
-                    tracing::debug!(channel = %self.channel, rendition = %self.rendition.name,
-                        seq = segment.seq, size, ingest = %origin.name, "segment pulled");
-                }
-                // Only possible if the window moved meanwhile; the timeline never goes back.
-                Err(e) => tracing::debug!("{e}"),
-            }
-            self.failed_seq = None;
-        }
-        Ok(added)
-    }
-
-    /// The init segment a listed segment names, fetched once (names are content-derived, so
-    /// one fetched from either ingest serves both). Returns its name.
-    async fn take_init(
-        &self,
-        client: &reqwest::Client,
-        key: &str,
-        origin: &Origin,
-        path: &str,
-        segment: &ParsedSegment,
-        d: Duration,
-    ) -> Result<Option<String>, PullError> {
-        let Some(name) = segment.map.as_deref() else {
-            return Ok(None);
-        };
-        if !names::is_init(name) {
-            return Err(PullError::BadInit(name.to_owned()));
-        }
-        if read(&self.rendition.inits).contains_key(name) {
-            return Ok(Some(name.to_owned()));
-        }
-        let url = format!("{}/origin/{path}/{name}", origin.url);
-        let bytes = fetch_limited(client, &url, key, d, MAX_INIT_BYTES).await?;
-        write(&self.rendition.inits).insert(name.to_owned(), bytes);
-        Ok(Some(name.to_owned()))
-    }
-
     /// The current ingest listed nothing new for 1.5·D. That is not always its fault: when the
     /// source both ingests had died or hung, each lists the slot as slate only at its deadline
     /// (the slot's end plus the ingest's `EMIT_GRACE`, 1.5 s), which can come just after
@@ -567,14 +523,14 @@ impl Puller {
         origins: &[Origin],
         origin: &Origin,
         path: &str,
-        held: Option<u64>,
+        held: Option<Position>,
     ) {
         let Some(next) = self.choice.next(origins).filter(|n| n.name != origin.name) else {
             self.fail(origins, origin, STALE);
             return;
         };
         let answer = fetch_playlist(client, key, next, path, None, STALE_PROBE_TIMEOUT).await;
-        if answer.is_ok_and(|p| has_newer(held, p.last_seq())) {
+        if answer.is_ok_and(|p| has_newer(held, Position::of(&p))) {
             self.fail(origins, origin, STALE);
         } else {
             tracing::debug!(channel = %self.channel, rendition = %self.rendition.name,
@@ -635,7 +591,12 @@ mod tests {
         assert!(!has_newer(Some(10), Some(9)));
         assert!(!has_newer(Some(10), None), "an empty playlist");
         assert!(has_newer(None, Some(1)));
-        assert!(!has_newer(None, None));
+        assert!(!has_newer::<u64>(None, None));
+        // With parts: one more part of the segment being made is newer.
+        let at = |seq, parts_after| Some(Position { seq, parts_after });
+        assert!(has_newer(at(10, 1), at(10, 2)));
+        assert!(has_newer(at(10, 3), at(11, 0)));
+        assert!(!has_newer(at(10, 2), at(10, 2)));
     }
 
     #[test]
@@ -678,7 +639,7 @@ mod tests {
             "#EXTM3U\n#EXT-X-VERSION:6\n#EXT-X-TARGETDURATION:2\n#EXT-X-MEDIA-SEQUENCE:{first}\n"
         );
         for seq in first..first + n {
-            text.push_str(&format!("#EXTINF:2.000,\n{seq}.ts\n"));
+            text.push_str(&format!("#EXTINF:2.000,\n{seq}.m4s\n"));
         }
         parse_media(&text).unwrap()
     }

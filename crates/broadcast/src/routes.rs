@@ -3,6 +3,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::Router;
 use axum::extract::{Path, Query, State};
@@ -15,11 +16,13 @@ use streaming_core::http::{hsts_layer, text_error};
 use streaming_core::ops_auth::{self, OpsGuard};
 use streaming_core::rate_limit::RateLimiter;
 use streaming_core::token::{TOKEN_TTL_SECS, TokenError, TokenSigner, ViewerClaims, unix_now};
-use streaming_hls::{SegmentWindow, Variant, names, render_master};
+use streaming_hls::{
+    PlaylistShape, RenditionMedia, RenditionReport, Variant, names, render_master,
+};
 use tower_http::cors::{AllowOrigin, CorsLayer};
 use tower_http::set_header::SetResponseHeaderLayer;
 
-use crate::state::{Broadcast, read};
+use crate::state::{Broadcast, ChannelState, RenditionState, lock, read};
 
 pub const PLAYLIST_TYPE: &str = "application/vnd.apple.mpegurl";
 /// Fragmented MP4: media segments and their init segments.
@@ -212,14 +215,20 @@ pub fn steered_master_playlist(
     out
 }
 
-/// The media playlist of a rendition, each segment URI carrying the token.
-pub fn media_playlist<T>(
-    window: &SegmentWindow<T>,
-    list_len: usize,
-    target_s: u32,
+/// The media playlist of a rendition, every URI carrying the token: low-latency once the
+/// origin announced parts (`shape.part_target_s` > 0), classic before.
+pub fn media_playlist(
+    media: &RenditionMedia,
+    shape: &PlaylistShape,
+    reports: Vec<RenditionReport>,
     token: &str,
 ) -> String {
-    window.render(list_len, target_s, |name| format!("{name}?t={token}"))
+    let uri = |name: &str| format!("{name}?t={token}");
+    if shape.part_target_s > 0.0 {
+        media.low_latency_playlist(shape, reports, uri)
+    } else {
+        media.classic_playlist(shape, uri)
+    }
 }
 
 fn forbidden(e: TokenError) -> Response {
@@ -309,18 +318,18 @@ async fn media_or_segment(
     Query(query): Query<HashMap<String, String>>,
 ) -> Response {
     let bc = &app.bc;
-    let is_playlist = file == "index.m3u8";
-    let seq = names::parse_segment(&file);
-    let is_init = names::is_init(&file);
-    if !is_safe_name(&rendition) || (!is_playlist && seq.is_none() && !is_init) {
+    let kind = FileKind::of(&file);
+    if !is_safe_name(&rendition) || kind.is_none() {
         return text_error(StatusCode::NOT_FOUND, "not found");
     }
     let (channel_config, claims) = match admit(bc, &channel, &query) {
         Ok(x) => x,
         Err(r) => return r.into_response(),
     };
-    let state = bc.channel(&channel).and_then(|c| c.rendition(&rendition));
-    let (Some(state), true) = (
+    let channel_state = bc.channel(&channel);
+    let state = channel_state.as_ref().and_then(|c| c.rendition(&rendition));
+    let (Some(channel_state), Some(state), true) = (
+        channel_state,
         state,
         channel_config.ladder.iter().any(|r| r.name == rendition),
     ) else {
@@ -328,83 +337,178 @@ async fn media_or_segment(
     };
     let config = bc.config();
     let timeline = &config.cluster.timeline;
-    if is_init {
-        // Named by its content, so it never changes: cacheable for as long as players like.
-        let Some(bytes) = read(&state.inits).get(&file).cloned() else {
-            return text_error(StatusCode::NOT_FOUND, "init segment not in the window");
-        };
-        bc.count_egress(bytes.len());
-        return (
-            [
-                (header::CONTENT_TYPE, SEGMENT_TYPE),
-                (header::CACHE_CONTROL, "private, max-age=86400, immutable"),
-            ],
-            bytes,
-        )
-            .into_response();
+    let part_target = lock(&state.part_target_s).unwrap_or(0.0);
+    match kind {
+        Some(FileKind::Init) => {
+            // Named by its content, so it never changes: cacheable for as long as players like.
+            let Some(bytes) = read(&state.media).init(&file) else {
+                return text_error(StatusCode::NOT_FOUND, "init segment not in the window");
+            };
+            bc.count_egress(bytes.len());
+            (
+                [
+                    (header::CONTENT_TYPE, SEGMENT_TYPE),
+                    (header::CACHE_CONTROL, "private, max-age=86400, immutable"),
+                ],
+                bytes,
+            )
+                .into_response()
+        }
+        Some(FileKind::Segment(seq)) => {
+            let found = read(&state.media).window().get(seq).map(|(_, b)| b.clone());
+            let cache = timeline.cache_segments * timeline.segment_seconds;
+            media_response(bc, claims.viewer, found, cache)
+        }
+        Some(FileKind::Part(seq, index)) => {
+            // The hinted part (the next one) is answered as soon as it exists.
+            let hold = Duration::from_secs_f64(part_target * HOLD_TARGETS);
+            wait_for(&channel_state, &state, seq, Some(index), hold).await;
+            let found = read(&state.media).part(seq, index);
+            media_response(bc, claims.viewer, found, timeline.segment_seconds)
+        }
+        Some(FileKind::Playlist) | None => {
+            if config.me().drain {
+                return draining();
+            }
+            let want = blocking_request(&query);
+            if let Some((msn, part)) = want {
+                let last = read(&state.media).window().last_seq();
+                if last.is_some_and(|l| msn > l + MAX_MSN_AHEAD) {
+                    return text_error(
+                        StatusCode::BAD_REQUEST,
+                        "_HLS_msn is too far in the future",
+                    );
+                }
+                let hold = Duration::from_secs(u64::from(timeline.segment_seconds)) * 3;
+                wait_for(&channel_state, &state, msn, part, hold).await;
+            }
+            let token = renew(&bc.signer(), &claims, &bc.name, unix_now());
+            let shape = PlaylistShape {
+                list_len: timeline.playlist_segments as usize,
+                target_s: timeline.segment_seconds,
+                part_target_s: part_target,
+                part_hold_back_s: part_target * f64::from(timeline.part_hold_back_parts),
+            };
+            let reports = read(&channel_state.renditions)
+                .values()
+                .filter(|r| r.name != rendition)
+                .filter_map(|r| read(&r.media).report(format!("../{}/index.m3u8", r.name)))
+                .collect();
+            let body = {
+                let media = read(&state.media);
+                (!media.window().is_empty())
+                    .then(|| media_playlist(&media, &shape, reports, &token))
+            };
+            match body {
+                Some(body) => playlist_response(bc, body),
+                None => {
+                    let mut r = text_error(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "channel is not live here yet",
+                    );
+                    r.headers_mut()
+                        .insert(header::RETRY_AFTER, HeaderValue::from_static("2"));
+                    r
+                }
+            }
+        }
     }
-    if let Some(seq) = seq {
-        let found = read(&state.window).get(seq).map(|(_, bytes)| bytes.clone());
-        let Some(bytes) = found else {
-            return text_error(StatusCode::NOT_FOUND, "segment not in the window");
-        };
-        let cache = format!(
-            "private, max-age={}",
-            timeline.cache_segments * timeline.segment_seconds
-        );
-        let length = bytes.len();
-        let mut response = (
-            [
-                (header::CONTENT_TYPE, SEGMENT_TYPE.to_owned()),
-                (header::CACHE_CONTROL, cache),
-            ],
-            segment_body(bc.clone(), claims.viewer, bytes),
-        )
-            .into_response();
-        // A streamed body has no length of its own; players like to know it.
-        response
-            .headers_mut()
-            .insert(header::CONTENT_LENGTH, HeaderValue::from(length));
-        return response;
-    }
-    if config.me().drain {
-        // Draining: the viewer's next playlist request moves it (the page and `watch` fail
-        // over through an LB on any error; steering players already left by pathway).
-        metrics::counter!("broadcast_drain_refusals_total").increment(1);
-        let mut r = text_error(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "broadcast is draining: ask an LB for another one",
-        );
-        r.headers_mut()
-            .insert(header::RETRY_AFTER, HeaderValue::from_static("2"));
-        return r;
-    }
-    let token = renew(&bc.signer(), &claims, &bc.name, unix_now());
-    let body = {
-        let window = read(&state.window);
-        if window.is_empty() {
-            None
+}
+
+/// A blocking playlist request may ask for a segment at most this many ahead of the newest.
+const MAX_MSN_AHEAD: u64 = 2;
+/// A blocking request is held at most this many target durations (parts: part targets).
+const HOLD_TARGETS: f64 = 3.0;
+
+/// What a viewer asks for in a rendition.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum FileKind {
+    Playlist,
+    Segment(u64),
+    Part(u64, u32),
+    Init,
+}
+
+impl FileKind {
+    fn of(file: &str) -> Option<Self> {
+        if file == "index.m3u8" {
+            Some(Self::Playlist)
+        } else if let Some(seq) = names::parse_segment(file) {
+            Some(Self::Segment(seq))
+        } else if let Some((seq, part)) = names::parse_part(file) {
+            Some(Self::Part(seq, part))
         } else {
-            Some(media_playlist(
-                &window,
-                timeline.playlist_segments as usize,
-                timeline.segment_seconds,
-                &token,
-            ))
-        }
-    };
-    match body {
-        Some(body) => playlist_response(bc, body),
-        None => {
-            let mut r = text_error(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "channel is not live here yet",
-            );
-            r.headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from_static("2"));
-            r
+            names::is_init(file).then_some(Self::Init)
         }
     }
+}
+
+/// `_HLS_msn` (and `_HLS_part`) of a blocking playlist request; malformed values are ignored.
+fn blocking_request(query: &HashMap<String, String>) -> Option<(u64, Option<u32>)> {
+    let msn = query.get("_HLS_msn")?.parse().ok()?;
+    Some((msn, query.get("_HLS_part").and_then(|p| p.parse().ok())))
+}
+
+/// Holds a request until part `part` of segment `msn` (the whole segment without `part`) is
+/// here, or `hold` passed.
+async fn wait_for(
+    channel: &ChannelState,
+    rendition: &RenditionState,
+    msn: u64,
+    part: Option<u32>,
+    hold: Duration,
+) {
+    let mut rx = channel.published.subscribe();
+    let _ = tokio::time::timeout(hold, async {
+        while !read(&rendition.media).has(msn, part) {
+            if rx.changed().await.is_err() {
+                return;
+            }
+        }
+    })
+    .await;
+}
+
+/// Draining: the viewer's next playlist request moves it (the page and `watch` fail over
+/// through an LB on any error; steering players already left by pathway).
+fn draining() -> Response {
+    metrics::counter!("broadcast_drain_refusals_total").increment(1);
+    let mut r = text_error(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "broadcast is draining: ask an LB for another one",
+    );
+    r.headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from_static("2"));
+    r
+}
+
+/// A segment or part, counted for the viewer as it is taken.
+fn media_response(
+    bc: &Arc<Broadcast>,
+    viewer: String,
+    found: Option<bytes::Bytes>,
+    max_age_s: u32,
+) -> Response {
+    let Some(bytes) = found else {
+        return text_error(StatusCode::NOT_FOUND, "not in the window");
+    };
+    let length = bytes.len();
+    let mut response = (
+        [
+            (header::CONTENT_TYPE, SEGMENT_TYPE.to_owned()),
+            (
+                header::CACHE_CONTROL,
+                format!("private, max-age={max_age_s}"),
+            ),
+        ],
+        segment_body(bc.clone(), viewer, bytes),
+    )
+        .into_response();
+    // A streamed body has no length of its own; players like to know it.
+    response
+        .headers_mut()
+        .insert(header::CONTENT_LENGTH, HeaderValue::from(length));
+    response
 }
 
 /// Chunk size of a segment body: hyper asks for the next chunk only when its write buffer has

@@ -1,28 +1,29 @@
 //! The broadcast's shared state: current config and secrets (swapped on SIGHUP), the segment
 //! windows per channel and rendition, and the viewer/egress accounting.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
 use streaming_core::config::{HostConfig, Rendition};
 use streaming_core::status::{BroadcastStatus, free_viewers, viewer_capacity};
 use streaming_core::token::TokenSigner;
-use streaming_hls::SegmentWindow;
+use streaming_hls::RenditionMedia;
+use tokio::sync::watch;
 
 use crate::viewers::{EgressMeter, ViewerTracker};
 
 /// The poison-tolerant lock helpers every module of the edge takes from here.
 pub(crate) use streaming_core::sync::{lock, read, write};
 
-/// One rendition's pulled segments.
+/// One rendition's pulled media.
 #[derive(Debug)]
 pub struct RenditionState {
     pub name: String,
-    pub window: RwLock<SegmentWindow<Bytes>>,
-    /// Init segments by name, those the window's segments name (`EXT-X-MAP`).
-    pub inits: RwLock<HashMap<String, Bytes>>,
+    pub media: RwLock<RenditionMedia>,
+    /// PART-TARGET as the origin announces it: our low-latency playlists repeat it (`None`
+    /// until an origin announced parts: then our playlists are classic).
+    pub part_target_s: Mutex<Option<f64>>,
     /// When the newest segment arrived (liveness and staleness are judged on our own clock, so
     /// a skewed origin clock cannot make us look live or dead).
     pub last_new: Mutex<Option<Instant>>,
@@ -32,8 +33,8 @@ impl RenditionState {
     pub fn new(name: &str, capacity: usize) -> Self {
         Self {
             name: name.to_owned(),
-            window: RwLock::new(SegmentWindow::new(capacity)),
-            inits: RwLock::new(HashMap::new()),
+            media: RwLock::new(RenditionMedia::new(capacity)),
+            part_target_s: Mutex::new(None),
             last_new: Mutex::new(None),
         }
     }
@@ -44,15 +45,32 @@ impl RenditionState {
 }
 
 /// One channel: its renditions and the ingest it is currently pulled from.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct ChannelState {
     pub renditions: RwLock<BTreeMap<String, Arc<RenditionState>>>,
     pub origin: Mutex<Option<String>>,
+    /// Bumped whenever a segment or part arrives: blocking playlist and part requests wait on it.
+    pub published: watch::Sender<u64>,
+}
+
+impl Default for ChannelState {
+    fn default() -> Self {
+        Self {
+            renditions: RwLock::default(),
+            origin: Mutex::default(),
+            published: watch::channel(0).0,
+        }
+    }
 }
 
 impl ChannelState {
     pub fn rendition(&self, name: &str) -> Option<Arc<RenditionState>> {
         read(&self.renditions).get(name).cloned()
+    }
+
+    /// Wakes the requests waiting for news.
+    pub fn announce(&self) {
+        self.published.send_modify(|n| *n = n.wrapping_add(1));
     }
 
     /// Age of the freshest segment over all renditions.

@@ -240,6 +240,21 @@ pub struct TimelineConfig {
     /// How long a higher-priority source must have delivered without a gap before the ingests
     /// go back to it (rounded up to whole segments).
     pub primary_return_seconds: u32,
+    /// Low-latency HLS part duration P in milliseconds (docs/latency.md).
+    #[serde(default = "default_part_ms")]
+    pub part_ms: u32,
+    /// How far behind the newest part players start: PART-HOLD-BACK in parts (at least 2, the
+    /// spec's minimum; 3 recommended).
+    #[serde(default = "default_part_hold_back_parts")]
+    pub part_hold_back_parts: u32,
+}
+
+fn default_part_ms() -> u32 {
+    500
+}
+
+fn default_part_hold_back_parts() -> u32 {
+    3
 }
 
 impl TimelineConfig {
@@ -451,6 +466,13 @@ impl ClusterConfig {
         if self.timeline.segment_seconds == 0 || self.timeline.playlist_segments < 3 {
             return Err("timeline needs segment_seconds >= 1 and playlist_segments >= 3".into());
         }
+        let t = &self.timeline;
+        if t.part_ms < 100 || t.part_ms > t.segment_seconds * 1000 || t.part_hold_back_parts < 2 {
+            return Err(
+                "timeline needs 100 ms <= part_ms <= segment_seconds and part_hold_back_parts >= 2"
+                    .into(),
+            );
+        }
         if self.timeline.cache_segments < self.timeline.playlist_segments {
             return Err("timeline.cache_segments must be >= playlist_segments".into());
         }
@@ -497,6 +519,8 @@ mod tests {
             playlist_segments: 6,
             cache_segments: 12,
             primary_return_seconds: seconds,
+            part_ms: 500,
+            part_hold_back_parts: 3,
         };
         assert_eq!(timeline(6).primary_return_slots(), 3);
         assert_eq!(timeline(7).primary_return_slots(), 4);

@@ -1,5 +1,6 @@
 //! File names of a rendition, the same on ingests and broadcasts: `<seq>.m4s` for segment
-//! `seq`, and the init segments' own content-derived names (`init-<16 hex>.mp4`).
+//! `seq`, `<seq>.<part>.m4s` for its parts, and the init segments' own content-derived names
+//! (`init-<16 hex>.mp4`).
 
 /// The file name of segment `seq`.
 pub fn segment(seq: u64) -> String {
@@ -13,6 +14,23 @@ pub fn parse_segment(file: &str) -> Option<u64> {
         return None;
     }
     digits.parse().ok()
+}
+
+/// The file name of part `part` of segment `seq`.
+pub fn part(seq: u64, part: u32) -> String {
+    format!("{seq}.{part}.m4s")
+}
+
+/// `<seq>.<part>.m4s` with plain decimal numbers.
+pub fn parse_part(file: &str) -> Option<(u64, u32)> {
+    let (seq, part) = file.strip_suffix(".m4s")?.split_once('.')?;
+    let plain = |n: &str, max: usize| {
+        !n.is_empty() && n.len() <= max && n.bytes().all(|b| b.is_ascii_digit())
+    };
+    if !plain(seq, 19) || !plain(part, 4) {
+        return None;
+    }
+    Some((seq.parse().ok()?, part.parse().ok()?))
 }
 
 /// True for an init segment name as streaming-media makes them.
@@ -39,6 +57,12 @@ mod tests {
             "../1.m4s",
         ] {
             assert_eq!(parse_segment(bad), None, "{bad}");
+        }
+        assert_eq!(parse_part(&part(882_000_000, 3)), Some((882_000_000, 3)));
+        assert_eq!(parse_segment(&part(1, 3)), None);
+        assert_eq!(parse_part(&segment(1)), None);
+        for bad in ["1..m4s", ".1.m4s", "1.+1.m4s", "1.99999.m4s", "1.2.3.m4s"] {
+            assert_eq!(parse_part(bad), None, "{bad}");
         }
         assert!(is_init("init-0123456789abcdef.mp4"));
         for bad in [

@@ -1,4 +1,4 @@
-//! A sliding window of segments, numbered by slot, and the media playlist it renders.
+//! A sliding window of segments, numbered by slot, and what its media playlist lists.
 //!
 //! Ingests keep one per rendition for the segments they made; broadcasts keep one per rendition
 //! for the segments they pulled. Both render their own playlists from it, so the discontinuity
@@ -6,7 +6,16 @@
 
 use std::collections::VecDeque;
 
-use crate::timeline::format_program_date_time;
+use crate::playlist::{Listing, render};
+
+/// One part of a segment (low-latency HLS): the segment's bytes are its parts in order.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PartInfo {
+    pub duration_s: f64,
+    /// Starts with a keyframe.
+    pub independent: bool,
+    pub len: usize,
+}
 
 /// What a playlist says about one segment.
 #[derive(Debug, Clone, PartialEq)]
@@ -19,6 +28,17 @@ pub struct SegmentInfo {
     pub program_date_time_ms: u64,
     /// File name of the init segment (`EXT-X-MAP`) this segment needs.
     pub map: Option<String>,
+    /// Its parts, when it was made of parts (empty otherwise).
+    pub parts: Vec<PartInfo>,
+}
+
+impl SegmentInfo {
+    /// Byte range of part `index` in the segment's bytes.
+    pub fn part_range(&self, index: u32) -> Option<std::ops::Range<usize>> {
+        let index = index as usize;
+        let start: usize = self.parts.get(..index)?.iter().map(|p| p.len).sum();
+        Some(start..start + self.parts.get(index)?.len)
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -124,14 +144,8 @@ impl<T> SegmentWindow<T> {
         self.segments.iter().map(|(i, p)| (i, p))
     }
 
-    /// Renders the media playlist of the newest `list_len` segments. `uri` turns a file name
-    /// ([`crate::names`]) into the URI written (the broadcast appends the viewer token there).
-    pub fn render(
-        &self,
-        list_len: usize,
-        target_duration_s: u32,
-        uri: impl Fn(&str) -> String,
-    ) -> String {
+    /// What the media playlist of the newest `list_len` segments lists.
+    pub fn listing(&self, list_len: usize, target_duration_s: u32) -> Listing<'_> {
         // Media sequence numbers are implicit in a playlist (first + index), so only the newest
         // gap-free run can be listed; older segments stay fetchable by URI.
         let run_start = self
@@ -144,7 +158,7 @@ impl<T> SegmentWindow<T> {
             .last()
             .unwrap_or(0);
         let skip = self.segments.len().saturating_sub(list_len).max(run_start);
-        let listed: Vec<&SegmentInfo> = self.segments.iter().skip(skip).map(|(i, _)| i).collect();
+        let segments: Vec<&SegmentInfo> = self.segments.iter().skip(skip).map(|(i, _)| i).collect();
         // A discontinuity before the first listed segment is not written as a tag (nothing
         // precedes it in this playlist) but counted in its discontinuity sequence number.
         let discontinuity_sequence = self.dropped_discontinuities
@@ -154,41 +168,24 @@ impl<T> SegmentWindow<T> {
                 .take(skip)
                 .filter(|(i, _)| i.discontinuity)
                 .count() as u64
-            + u64::from(listed.first().is_some_and(|i| i.discontinuity));
-        let media_sequence = listed.first().map_or(0, |i| i.seq);
-        // TARGETDURATION must be >= every EXTINF rounded to the nearest integer (RFC 8216 4.3.3.1).
-        let target = listed
-            .iter()
-            .map(|i| i.duration_s.round() as u32)
-            .max()
-            .unwrap_or(0)
-            .max(target_duration_s);
-        let mut out = String::with_capacity(160 + listed.len() * 120);
-        out.push_str("#EXTM3U\n#EXT-X-VERSION:6\n#EXT-X-INDEPENDENT-SEGMENTS\n");
-        out.push_str(&format!("#EXT-X-TARGETDURATION:{target}\n"));
-        out.push_str(&format!("#EXT-X-MEDIA-SEQUENCE:{media_sequence}\n"));
-        out.push_str(&format!(
-            "#EXT-X-DISCONTINUITY-SEQUENCE:{discontinuity_sequence}\n"
-        ));
-        let mut map: Option<&str> = None;
-        for (index, info) in listed.iter().enumerate() {
-            if info.discontinuity && index > 0 {
-                out.push_str("#EXT-X-DISCONTINUITY\n");
-            }
-            if let Some(name) = info.map.as_deref()
-                && map != Some(name)
-            {
-                out.push_str(&format!("#EXT-X-MAP:URI=\"{}\"\n", uri(name)));
-                map = Some(name);
-            }
-            out.push_str(&format!(
-                "#EXT-X-PROGRAM-DATE-TIME:{}\n#EXTINF:{:.3},\n{}\n",
-                format_program_date_time(info.program_date_time_ms),
-                info.duration_s,
-                uri(&crate::names::segment(info.seq))
-            ));
+            + u64::from(segments.first().is_some_and(|i| i.discontinuity));
+        Listing {
+            media_sequence: segments.first().map_or(0, |i| i.seq),
+            discontinuity_sequence,
+            target_duration_s,
+            segments,
         }
-        out
+    }
+
+    /// Renders the media playlist of the newest `list_len` segments. `uri` turns a file name
+    /// ([`crate::names`]) into the URI written (the broadcast appends the viewer token there).
+    pub fn render(
+        &self,
+        list_len: usize,
+        target_duration_s: u32,
+        uri: impl Fn(&str) -> String,
+    ) -> String {
+        render(&self.listing(list_len, target_duration_s), None, uri)
     }
 }
 
@@ -204,6 +201,7 @@ mod tests {
             discontinuity,
             program_date_time_ms: seq * 2000,
             map: Some(format!("init-{:016x}.mp4", seq / 3)),
+            parts: Vec::new(),
         }
     }
 

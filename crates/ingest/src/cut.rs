@@ -1,16 +1,14 @@
-//! A run's MPEG-TS output cut into fragmented MP4 parts and segments for the channel
-//! (streaming-media does the cutting; this file routes the streams and gathers segments).
+//! A run's MPEG-TS output cut into fragmented MP4 parts for the channel (streaming-media does
+//! the cutting; this file routes the streams and reports each part as soon as it is made).
 
-use std::collections::BTreeMap;
 use std::io::Read;
 
-use bytes::{Bytes, BytesMut};
 use streaming_media::avc::access_unit;
 use streaming_media::ts::{Demuxer, Pes, StreamKind};
-use streaming_media::{Cut, Cutter, Part, aac};
+use streaming_media::{Cut, Cutter, aac};
 use tokio::sync::mpsc;
 
-use crate::transcode::{RunEvent, RunSpec, SegmentMedia};
+use crate::transcode::{RunEvent, RunSpec};
 
 /// Bytes read from ffmpeg's stdout at a time.
 const READ_BUFFER: usize = 64 * 1024;
@@ -22,8 +20,15 @@ pub struct RunCutter {
     /// The publish epoch in 90 kHz ticks: MPEG-TS time 0.
     epoch_ticks: u64,
     cutters: Vec<Cutter>,
-    /// Parts of the segments being made, per rendition and slot.
-    gathering: Vec<BTreeMap<u64, Vec<Part>>>,
+    /// Where each rendition's parts are, to tell a segment with a gap.
+    tracks: Vec<PartTrack>,
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+struct PartTrack {
+    slot: u64,
+    next: u32,
+    gap: bool,
 }
 
 impl RunCutter {
@@ -38,7 +43,7 @@ impl RunCutter {
             channel: spec.channel_name.clone(),
             run_id: spec.run_id,
             epoch_ticks: spec.epoch_ms * 90,
-            gathering: vec![BTreeMap::new(); cutters.len()],
+            tracks: vec![PartTrack::default(); cutters.len()],
             cutters,
         }
     }
@@ -64,9 +69,8 @@ impl RunCutter {
                 }
             };
             for (rendition, cut) in cuts {
-                if let Some(event) = self.gather(rendition, cut)
-                    && events.blocking_send(event.into()).is_err()
-                {
+                let event = self.event(rendition, cut);
+                if events.blocking_send(event.into()).is_err() {
                     return;
                 }
             }
@@ -95,48 +99,48 @@ impl RunCutter {
         Ok(out)
     }
 
-    /// Keeps parts until their segment is done; a complete segment becomes an event.
-    fn gather(&mut self, rendition: usize, cut: Cut) -> Option<RunEvent> {
-        let gathering = &mut self.gathering[rendition];
+    /// The event a cut becomes: parts go out as they are made; a segment's end says whether
+    /// its parts cover the slot (a run that starts late or ends early makes partial ones).
+    fn event(&mut self, rendition: usize, cut: Cut) -> RunEvent {
         match cut {
             Cut::Part(part) => {
-                gathering.entry(part.slot).or_default().push(part);
-                None
+                let track = &mut self.tracks[rendition];
+                if part.index == 0 {
+                    *track = PartTrack {
+                        slot: part.slot,
+                        next: 1,
+                        gap: false,
+                    };
+                } else if track.slot == part.slot && track.next == part.index {
+                    track.next += 1;
+                } else {
+                    // Pictures missing inside a segment: its end will not count.
+                    track.gap = true;
+                }
+                RunEvent::Part {
+                    run_id: self.run_id,
+                    rendition,
+                    part,
+                }
             }
             Cut::Segment {
                 slot,
                 complete,
                 duration_s,
             } => {
-                let parts = gathering.remove(&slot).unwrap_or_default();
-                // Parts of older slots can only be leftovers of a segment that never ended.
-                gathering.retain(|s, _| *s > slot);
-                let contiguous = parts.iter().enumerate().all(|(i, p)| p.index as usize == i);
-                let media = join(&parts).filter(|_| complete && contiguous);
-                if media.is_none() {
+                let track = self.tracks[rendition];
+                let contiguous = track.slot == slot && !track.gap;
+                if !complete || !contiguous {
                     tracing::debug!(channel = %self.channel, run = self.run_id, rendition, slot, duration_s,
-                        "segment dropped: it does not cover its slot");
+                        "segment incomplete: it does not cover its slot");
                 }
-                Some(RunEvent::Segment {
+                RunEvent::SegmentEnd {
                     run_id: self.run_id,
                     rendition,
                     slot,
-                    media: media?,
-                })
+                    complete: complete && contiguous,
+                }
             }
         }
     }
-}
-
-/// A segment is its parts, one after the other (`None` without parts).
-pub fn join(parts: &[Part]) -> Option<SegmentMedia> {
-    let init = parts.last()?.init.clone();
-    let mut data = BytesMut::with_capacity(parts.iter().map(|p| p.data.len()).sum());
-    for part in parts {
-        data.extend_from_slice(&part.data);
-    }
-    Some(SegmentMedia {
-        init,
-        data: Bytes::from(data),
-    })
 }

@@ -25,7 +25,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 
 use anyhow::Context;
-use streaming_core::config::{ChannelConfig, HostConfig};
+use streaming_core::config::{ChannelConfig, HostConfig, TimelineConfig};
 use streaming_core::lifecycle::Lifecycle;
 use streaming_core::secrets::read_secret;
 use streaming_core::service::ServiceContext;
@@ -75,7 +75,6 @@ fn tls_acceptor(config: &HostConfig) -> anyhow::Result<tokio_rustls::TlsAcceptor
 pub async fn run(ctx: ServiceContext) -> anyhow::Result<()> {
     let config = ctx.config.clone();
     let me = config.me().clone();
-    let timeline = config.cluster.timeline.clone();
     let cluster_key = read_secret(&config.paths.cluster_key).context("cluster key")?;
     let rtmp = RtmpContext::new(load_keys(&config), &config.cluster.limits);
     rtmp.set_forwarders(lb_addresses(&config));
@@ -98,8 +97,6 @@ pub async fn run(ctx: ServiceContext) -> anyhow::Result<()> {
         channels: shared,
         cluster_key: cluster_key.clone(),
         metrics: ctx.metrics.clone(),
-        segment_seconds: timeline.segment_seconds,
-        playlist_segments: timeline.playlist_segments,
         host: config.name.clone(),
         ops: streaming_core::ops_auth::for_service(&ctx)?,
     };
@@ -154,7 +151,7 @@ async fn start_channel(
     lifecycle: &Lifecycle,
 ) -> anyhow::Result<(Arc<ChannelShared>, mpsc::Sender<ChannelMsg>)> {
     let timeline = &config.cluster.timeline;
-    let clock = part_clock(timeline.segment_seconds, channel.fps);
+    let clock = part_clock(timeline, channel.fps);
     let mut slates = Vec::new();
     for i in 0..channel.ladder.len() {
         let c = channel.clone();
@@ -164,7 +161,7 @@ async fn start_channel(
         slates.push(slate);
     }
     tracing::info!(channel = %channel.name, renditions = channel.ladder.len(), "slate encoded");
-    let out = ChannelShared::new(channel, timeline.cache_segments as usize);
+    let out = ChannelShared::new(channel, timeline);
     let (tx, rx) = mpsc::channel(CHANNEL_QUEUE);
     let setup = ChannelSetup {
         config: channel.clone(),
@@ -179,14 +176,11 @@ async fn start_channel(
     Ok((out, tx))
 }
 
-/// Part duration on the shared timeline (fixed for now; LL-HLS makes it `timeline.partSeconds`).
-pub const PART_MS: u64 = 500;
-
-/// The part clock of a channel.
-pub fn part_clock(segment_seconds: u32, fps: u32) -> streaming_media::PartClock {
+/// The part clock of a channel: the timeline's segment and part durations at its frame rate.
+pub fn part_clock(timeline: &TimelineConfig, fps: u32) -> streaming_media::PartClock {
     streaming_media::PartClock {
-        segment_ms: u64::from(segment_seconds) * 1000,
-        part_ms: PART_MS,
+        segment_ms: u64::from(timeline.segment_seconds) * 1000,
+        part_ms: u64::from(timeline.part_ms),
         frame_ms: 1000.0 / f64::from(fps.max(1)),
     }
 }

@@ -25,14 +25,15 @@ const PLAYLIST_TYPE: &str = "application/vnd.apple.mpegurl";
 pub const MP4_TYPE: &str = "video/mp4";
 /// A blocking playlist request may ask for a segment at most this many slots ahead.
 const MAX_MSN_AHEAD: u64 = 2;
+/// A blocking request is held at most this many target durations (rfc8216bis 6.2.5.2), a
+/// request for the hinted part at most this many part targets; then it gets what there is.
+const HOLD_TARGETS: f64 = 3.0;
 
 #[derive(Clone)]
 pub struct OriginState {
     pub channels: Arc<RwLock<HashMap<String, Arc<ChannelShared>>>>,
     pub cluster_key: Arc<RwLock<String>>,
     pub metrics: PrometheusHandle,
-    pub segment_seconds: u32,
-    pub playlist_segments: u32,
     pub host: String,
     /// Who may read `/status` and `/metrics`.
     pub ops: Arc<streaming_core::ops_auth::OpsGuard>,
@@ -137,6 +138,8 @@ async fn master(
 struct MediaQuery {
     #[serde(rename = "_HLS_msn")]
     msn: Option<u64>,
+    #[serde(rename = "_HLS_part")]
+    part: Option<u32>,
 }
 
 async fn media_or_segment(
@@ -149,39 +152,41 @@ async fn media_or_segment(
         Ok(ch) => ch,
         Err(refused) => return refused.into_response(),
     };
-    if !is_safe_name(&rendition) {
+    if !is_safe_name(&rendition) || read(&ch.output).rendition(&rendition).is_none() {
         return text_error(StatusCode::NOT_FOUND, "no such rendition");
     }
     if file == "index.m3u8" {
         if let Some(msn) = query.msn {
-            let mut rx = ch.last_slot.subscribe();
-            let last = *rx.borrow();
+            let last = read(&ch.output)
+                .rendition(&rendition)
+                .and_then(|r| r.media.window().last_seq());
             if last.is_some_and(|l| msn > l + MAX_MSN_AHEAD) {
                 return text_error(StatusCode::BAD_REQUEST, "_HLS_msn is too far in the future");
             }
-            // Bounded: about three target durations, then answer with what we have.
-            let wait = Duration::from_secs(u64::from(s.segment_seconds) * 3);
-            let _ = tokio::time::timeout(wait, rx.wait_for(|l| l.is_some_and(|l| l >= msn))).await;
+            let hold = Duration::from_secs_f64(f64::from(ch.shape.target_s) * HOLD_TARGETS);
+            wait_for(&ch, &rendition, msn, query.part, hold).await;
         }
-        let out = read(&ch.output);
-        let Some(r) = out.renditions.iter().find(|r| r.name == rendition) else {
-            return text_error(StatusCode::NOT_FOUND, "no such rendition");
+        let body = read(&ch.output).media_playlist(&rendition, &ch.shape);
+        return match body {
+            Some(body) => playlist(body),
+            None => text_error(StatusCode::NOT_FOUND, "no such rendition"),
         };
-        let body = r.window.render(
-            s.playlist_segments as usize,
-            s.segment_seconds,
-            str::to_owned,
-        );
-        return playlist(body);
+    }
+    if let Some((seq, index)) = names::parse_part(&file) {
+        // The hinted part (the next one) is answered as soon as it exists.
+        let hold = Duration::from_secs_f64(ch.shape.part_target_s * HOLD_TARGETS);
+        wait_for(&ch, &rendition, seq, Some(index), hold).await;
     }
     let out = read(&ch.output);
-    let Some(r) = out.renditions.iter().find(|r| r.name == rendition) else {
+    let Some(r) = out.rendition(&rendition) else {
         return text_error(StatusCode::NOT_FOUND, "no such rendition");
     };
     let data = if let Some(seq) = names::parse_segment(&file) {
-        r.window.get(seq).map(|(_, d)| d.clone())
+        r.media.window().get(seq).map(|(_, d)| d.clone())
+    } else if let Some((seq, index)) = names::parse_part(&file) {
+        r.media.part(seq, index)
     } else if names::is_init(&file) {
-        r.inits.get(&file).cloned()
+        r.media.init(&file)
     } else {
         return text_error(StatusCode::NOT_FOUND, "no such file");
     };
@@ -189,6 +194,31 @@ async fn media_or_segment(
         Some(data) => ([(header::CONTENT_TYPE, MP4_TYPE)], data).into_response(),
         None => text_error(StatusCode::NOT_FOUND, "not in the window"),
     }
+}
+
+/// Holds a request until part `part` of segment `msn` (the whole segment without `part`) is
+/// published, or `hold` passed.
+async fn wait_for(
+    ch: &ChannelShared,
+    rendition: &str,
+    msn: u64,
+    part: Option<u32>,
+    hold: Duration,
+) {
+    let mut rx = ch.published.subscribe();
+    let published = || {
+        read(&ch.output)
+            .rendition(rendition)
+            .is_some_and(|r| r.media.has(msn, part))
+    };
+    let _ = tokio::time::timeout(hold, async {
+        while !published() {
+            if rx.changed().await.is_err() {
+                return;
+            }
+        }
+    })
+    .await;
 }
 
 async fn status(State(s): State<OriginState>) -> Response {

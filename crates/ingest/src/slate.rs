@@ -9,7 +9,6 @@ use streaming_media::avc::access_unit;
 use streaming_media::ts::{Demuxer, Pes, StreamKind};
 use streaming_media::{Cutter, PartClock, aac};
 
-use crate::cut::join;
 use crate::transcode::{SegmentMedia, TS_OUTPUT_ARGS, x264_args};
 
 /// Font for the slate's text (Debian `fonts-dejavu-core`); without it the slate is plain.
@@ -129,6 +128,6 @@ impl Slate {
                 streaming_media::Cut::Segment { .. } => None,
             })
             .collect();
-        join(&parts).context("the slate made no part")
+        SegmentMedia::from_parts(&parts).context("the slate made no part")
     }
 }

@@ -12,9 +12,10 @@ use std::io::{BufRead, Write};
 use std::sync::mpsc::{SyncSender, TrySendError};
 use std::sync::{Arc, Mutex};
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use streaming_core::config::ChannelConfig;
-use streaming_media::{InitSegment, PartClock};
+use streaming_hls::PartInfo;
+use streaming_media::{InitSegment, Part, PartClock};
 use tokio::sync::mpsc;
 
 use crate::cut::RunCutter;
@@ -206,23 +207,47 @@ pub struct RunSpec {
     pub first_frame_ms: f64,
 }
 
-/// A segment as the origin serves it: its bytes and the init segment they need.
+/// A segment as the origin serves it: its bytes (its parts one after the other), its parts and
+/// the init segment they need.
 #[derive(Debug, Clone)]
 pub struct SegmentMedia {
     pub init: Arc<InitSegment>,
     pub data: Bytes,
+    pub parts: Vec<PartInfo>,
+}
+
+impl SegmentMedia {
+    /// The segment made of these parts (`None` without parts).
+    pub fn from_parts(parts: &[Part]) -> Option<Self> {
+        let init = parts.last()?.init.clone();
+        let mut data = BytesMut::with_capacity(parts.iter().map(|p| p.data.len()).sum());
+        for part in parts {
+            data.extend_from_slice(&part.data);
+        }
+        Some(Self {
+            init,
+            data: data.freeze(),
+            parts: parts.iter().map(crate::channel::part_info).collect(),
+        })
+    }
 }
 
 /// What a run reports to whoever started it. Its own type, so the transcoder knows nothing of
 /// the channel task that consumes it (the channel wraps it in its message type).
 #[derive(Debug)]
 pub enum RunEvent {
-    /// A finished segment, placed on the shared timeline.
-    Segment {
+    /// A part, placed on the shared timeline, as soon as it is made.
+    Part {
+        run_id: u64,
+        rendition: usize,
+        part: Part,
+    },
+    /// Every part of this slot's segment was sent; `complete` when they cover the slot.
+    SegmentEnd {
         run_id: u64,
         rendition: usize,
         slot: u64,
-        media: SegmentMedia,
+        complete: bool,
     },
     /// The run ended; no segment of it follows.
     Exited { run_id: u64, exit: RunExit },

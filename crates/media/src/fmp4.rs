@@ -315,6 +315,35 @@ pub fn starts_with_fragment(data: &[u8]) -> bool {
     data.len() > 8 && &data[4..8] == b"moof"
 }
 
+/// Byte lengths of the parts of a segment of ours: a part starts at each video fragment.
+pub fn part_lengths(data: &[u8]) -> Vec<usize> {
+    let mut starts = Vec::new();
+    let mut at = 0usize;
+    while at + 8 <= data.len() {
+        let size =
+            u32::from_be_bytes([data[at], data[at + 1], data[at + 2], data[at + 3]]) as usize;
+        if size < 8 || at + size > data.len() {
+            break;
+        }
+        // moof (8) + mfhd (16) + traf header (8) + tfhd header (12), then the track id.
+        let track = data
+            .get(at + 44..at + 48)
+            .map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]));
+        if &data[at + 4..at + 8] == b"moof" && track == Some(VIDEO_TRACK) {
+            starts.push(at);
+        }
+        at += size;
+    }
+    if at != data.len() || starts.first() != Some(&0) {
+        return Vec::new();
+    }
+    starts
+        .iter()
+        .zip(starts.iter().skip(1).chain(std::iter::once(&data.len())))
+        .map(|(start, end)| end - start)
+        .collect()
+}
+
 /// Reads back the boxes of a fragment stream (tests and checks): (type, tfdt) per `moof`.
 pub fn fragment_times(data: &[u8]) -> Vec<(u32, u64)> {
     let mut out = Vec::new();

@@ -51,14 +51,12 @@ fn fill_with(app: &App, seqs: std::ops::Range<u64>, body: impl Fn(u64) -> Bytes)
                 discontinuity: false,
                 program_date_time_ms: seq * 2000,
                 map: Some(INIT.to_owned()),
+                parts: Vec::new(),
             };
-            state.window.write().unwrap().push(info, body(seq)).unwrap();
+            let mut media = state.media.write().unwrap();
+            media.add_init(INIT, Bytes::from_static(b"init"));
+            media.push(info, body(seq)).unwrap();
         }
-        state
-            .inits
-            .write()
-            .unwrap()
-            .insert(INIT.to_owned(), Bytes::from_static(b"init"));
         *state.last_new.lock().unwrap() = Some(std::time::Instant::now());
         channel
             .renditions

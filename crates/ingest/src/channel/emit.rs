@@ -1,48 +1,93 @@
-//! Emission: segments from the runs, and each slot decided once at its deadline, live or slate,
-//! in every rendition; the status the origin shows.
+//! Emission: parts from the runs shown as they come, and each slot decided once (when complete,
+//! or at its deadline), live or slate, in every rendition; the status the origin shows.
 
 use streaming_hls::{SegmentInfo, unix_now_ms};
 
 use streaming_core::sync::{lock, write};
 
+use streaming_media::Part;
+
 use crate::transcode::SegmentMedia;
 
-use super::{ChannelTask, LastPushed, PendingSlot, publish_at_ms};
+use super::{ChannelTask, LastPushed, PendingRendition, PendingSlot, publish_at_ms};
 
 impl ChannelTask {
-    pub(super) fn segment(
-        &mut self,
-        run_id: u64,
-        rendition: usize,
-        slot: u64,
-        media: SegmentMedia,
-    ) {
+    /// A part from a run: kept for its slot's decision, and shown at once when its slot is the
+    /// next to be decided (low-latency playlists list it before the segment is complete).
+    pub(super) fn part(&mut self, run_id: u64, rendition: usize, part: Part) {
         let n = self.setup.slates.len();
-        if rendition >= n {
+        let slot = part.slot;
+        if rendition >= n || !self.accepts(slot) {
             return;
         }
-        let now_slot = self.setup.clock.slot_at(unix_now_ms());
-        if slot < self.next_slot {
-            tracing::debug!(channel = %self.setup.config.name, slot, "live segment arrived after its slot was decided: dropped");
-            metrics::counter!("ingest_segments_late_total").increment(1);
-            return;
-        }
-        if slot > now_slot + 1 {
-            tracing::warn!(channel = %self.setup.config.name, slot, now_slot, "live segment from the future (bad anchor?): dropped");
-            return;
-        }
-        let after_slot_end_ms =
-            unix_now_ms() as i64 - self.setup.clock.slot_start_ms(slot + 1) as i64;
-        tracing::debug!(channel = %self.setup.config.name, run = run_id, rendition, slot, after_slot_end_ms, "live segment received");
         let entry = self.pending.entry(slot).or_insert_with(|| PendingSlot {
             run_id,
-            parts: vec![None; n],
+            renditions: vec![PendingRendition::default(); n],
         });
-        if entry.run_id == run_id {
-            entry.parts[rendition] = Some(media);
-            self.run_progress_ms = unix_now_ms();
+        if entry.run_id != run_id {
+            return;
+        }
+        let parts = &mut entry.renditions[rendition].parts;
+        if part.index as usize != parts.len() {
+            // A gap: the segment will not be complete, and parts after it cannot be listed.
+            return;
+        }
+        parts.push(part);
+        self.run_progress_ms = unix_now_ms();
+        if slot == self.next_slot {
+            self.show_building(rendition);
+        }
+    }
+
+    /// The transcoder is done with a slot in one rendition.
+    pub(super) fn segment_end(&mut self, run_id: u64, rendition: usize, slot: u64, complete: bool) {
+        if !self.accepts(slot) {
+            return;
+        }
+        if let Some(entry) = self.pending.get_mut(&slot)
+            && entry.run_id == run_id
+            && let Some(r) = entry.renditions.get_mut(rendition)
+        {
+            r.complete = complete;
+            let after_slot_end_ms =
+                unix_now_ms() as i64 - self.setup.clock.slot_start_ms(slot + 1) as i64;
+            tracing::debug!(channel = %self.setup.config.name, run = run_id, rendition, slot, complete, after_slot_end_ms, "live segment made");
         }
         self.emit_complete();
+    }
+
+    /// Media for a slot still to be decided, and not from the future.
+    fn accepts(&self, slot: u64) -> bool {
+        let now_slot = self.setup.clock.slot_at(unix_now_ms());
+        if slot < self.next_slot {
+            tracing::debug!(channel = %self.setup.config.name, slot, "live media arrived after its slot was decided: dropped");
+            metrics::counter!("ingest_segments_late_total").increment(1);
+            return false;
+        }
+        if slot > now_slot + 1 {
+            tracing::warn!(channel = %self.setup.config.name, slot, now_slot, "live media from the future (bad anchor?): dropped");
+            return false;
+        }
+        true
+    }
+
+    /// Shows the parts of the next slot made so far in one rendition.
+    fn show_building(&mut self, rendition: usize) {
+        let slot = self.next_slot;
+        let Some(entry) = self.pending.get(&slot) else {
+            return;
+        };
+        let info = SegmentInfo {
+            seq: slot,
+            duration_s: 0.0,
+            discontinuity: self.last_pushed != Some(LastPushed::Live(entry.run_id)),
+            program_date_time_ms: self.setup.clock.slot_start_ms(slot),
+            map: None,
+            parts: Vec::new(),
+        };
+        let parts = &entry.renditions[rendition].parts;
+        write(&self.shared.output).renditions[rendition].show_building(info, parts);
+        self.shared.announce();
     }
 
     /// Publishes the next slots as soon as every rendition's live segment is in and the slot
@@ -55,7 +100,6 @@ impl ChannelTask {
         {
             let slot = self.next_slot;
             self.decide(slot);
-            self.next_slot += 1;
         }
     }
 
@@ -72,25 +116,37 @@ impl ChannelTask {
         while self.deadline_ms(self.next_slot) <= now {
             let slot = self.next_slot;
             self.decide(slot);
-            self.next_slot += 1;
         }
         self.kill_stalled_run(now);
     }
 
+    /// Publishes slot `slot` (the next one) in every rendition, then shows the parts of the
+    /// one after it made so far. Live when the run made parts for it: a segment cut short (the
+    /// run ended inside the slot) is published short rather than replaced, since players may
+    /// have played its parts; a rendition without any part gets the slate.
     pub(super) fn decide(&mut self, slot: u64) {
-        let live = self
-            .pending
-            .remove(&slot)
-            .filter(|p| p.parts.iter().all(Option::is_some));
+        let pending = self.pending.remove(&slot);
         self.pending.retain(|s, _| *s > slot);
-        let segment_s = self.setup.clock.segment_seconds();
         let pdt = self.setup.clock.slot_start_ms(slot);
-        let (parts, kind): (Vec<SegmentMedia>, LastPushed) = match live {
-            Some(p) => (
-                p.parts.into_iter().flatten().collect(),
-                LastPushed::Live(p.run_id),
-            ),
-            None => (self.slate_segments(slot), LastPushed::Slate),
+        let slates = || self.slate_segments(slot);
+        let (parts, kind): (Vec<SegmentMedia>, LastPushed) = match pending {
+            Some(p) if p.renditions.iter().any(|r| !r.parts.is_empty()) => {
+                let mut slate = None;
+                let media = p
+                    .renditions
+                    .iter()
+                    .enumerate()
+                    .filter_map(|(i, r)| {
+                        SegmentMedia::from_parts(&r.parts)
+                            .or_else(|| slate.get_or_insert_with(slates).get(i).cloned())
+                    })
+                    .collect();
+                if !p.complete() {
+                    tracing::warn!(channel = %self.setup.config.name, slot, "live segment cut short: published as far as it goes");
+                }
+                (media, LastPushed::Live(p.run_id))
+            }
+            _ => (slates(), LastPushed::Slate),
         };
         let discontinuity = kind == LastPushed::Slate || self.last_pushed != Some(kind);
         {
@@ -98,10 +154,11 @@ impl ChannelTask {
             for (r, media) in out.renditions.iter_mut().zip(parts) {
                 let info = SegmentInfo {
                     seq: slot,
-                    duration_s: segment_s,
+                    duration_s: media.parts.iter().map(|p| p.duration_s).sum(),
                     discontinuity,
                     program_date_time_ms: pdt,
                     map: None,
+                    parts: Vec::new(),
                 };
                 if let Err(e) = r.push(info, media) {
                     tracing::error!(channel = %self.setup.config.name, "timeline: {e}");
@@ -121,7 +178,11 @@ impl ChannelTask {
                 status.segments_slate += 1
             }
         }
-        self.shared.last_slot.send_replace(Some(slot));
+        self.next_slot = slot + 1;
+        for rendition in 0..self.setup.slates.len() {
+            self.show_building(rendition);
+        }
+        self.shared.announce();
     }
 
     /// The slate of every rendition, cut for this slot. A rendition whose slate cannot be cut

@@ -7,22 +7,24 @@
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use streaming_core::config::ChannelConfig;
-use streaming_core::status::IngestChannelStatus;
-use streaming_hls::{SegmentInfo, SegmentWindow, SlotClock, Variant, unix_now_ms};
-use tokio::sync::{mpsc, watch};
+use streaming_hls::{SlotClock, unix_now_ms};
+use tokio::sync::mpsc;
 
 use crate::flv::{self, TagKind};
 use crate::select::{Coverage, Selector, rank_of};
 use crate::slate::Slate;
-use crate::transcode::{RunEvent, RunHandle, SegmentMedia};
-use streaming_media::PartClock;
+use crate::transcode::{RunEvent, RunHandle};
+use streaming_media::{Part, PartClock};
 
 mod emit;
+mod output;
+
+pub use output::{ChannelOutput, ChannelShared, RenditionOutput, part_info, playlist_shape};
 mod input;
 mod runs;
 
@@ -102,82 +104,6 @@ impl From<RunEvent> for ChannelMsg {
     }
 }
 
-/// One rendition's published segments and the init segments they name.
-pub struct RenditionOutput {
-    pub name: String,
-    pub window: SegmentWindow<Bytes>,
-    pub inits: HashMap<String, Bytes>,
-}
-
-impl RenditionOutput {
-    /// Publishes a segment; init segments no segment of the window needs any more go.
-    pub fn push(
-        &mut self,
-        mut info: SegmentInfo,
-        media: SegmentMedia,
-    ) -> Result<(), streaming_hls::WindowError> {
-        info.map = Some(media.init.name.clone());
-        self.window.push(info, media.data)?;
-        self.inits
-            .entry(media.init.name.clone())
-            .or_insert_with(|| media.init.bytes.clone());
-        let window = &self.window;
-        self.inits
-            .retain(|name, _| window.iter().any(|(i, _)| i.map.as_deref() == Some(name)));
-        Ok(())
-    }
-}
-
-/// What the origin serves for a channel.
-pub struct ChannelOutput {
-    pub renditions: Vec<RenditionOutput>,
-    pub variants: Vec<Variant>,
-}
-
-/// The part of a channel shared with the origin.
-pub struct ChannelShared {
-    pub name: String,
-    pub output: RwLock<ChannelOutput>,
-    /// Last decided slot; origin requests with `_HLS_msn` wait on it.
-    pub last_slot: watch::Sender<Option<u64>>,
-    pub status: Mutex<IngestChannelStatus>,
-}
-
-impl ChannelShared {
-    pub fn new(config: &ChannelConfig, cache_segments: usize) -> Arc<Self> {
-        let renditions = config
-            .ladder
-            .iter()
-            .map(|r| RenditionOutput {
-                name: r.name.clone(),
-                window: SegmentWindow::new(cache_segments),
-                inits: HashMap::new(),
-            })
-            .collect();
-        let bandwidth = streaming_core::config::Rendition::bandwidth_bps_with(config.audio_kbps);
-        let variants = config
-            .ladder
-            .iter()
-            .map(|r| Variant {
-                name: r.name.clone(),
-                bandwidth_bps: bandwidth(r),
-                width: r.width,
-                height: r.height,
-                fps: config.fps,
-            })
-            .collect();
-        Arc::new(Self {
-            name: config.name.clone(),
-            output: RwLock::new(ChannelOutput {
-                renditions,
-                variants,
-            }),
-            last_slot: watch::channel(None).0,
-            status: Mutex::new(IngestChannelStatus::default()),
-        })
-    }
-}
-
 /// One stream as every ingest sees it: a source name and an anchor. A relayed copy and the
 /// direct connection of the same publish share it; two OBS publishers do not.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -232,9 +158,23 @@ enum LastPushed {
     Live(u64),
 }
 
+/// The parts of a slot the transcoder made, per rendition, before the slot is decided.
 struct PendingSlot {
     run_id: u64,
-    parts: Vec<Option<SegmentMedia>>,
+    renditions: Vec<PendingRendition>,
+}
+
+#[derive(Default, Clone)]
+struct PendingRendition {
+    parts: Vec<Part>,
+    /// The transcoder finished the segment and its parts cover the slot.
+    complete: bool,
+}
+
+impl PendingSlot {
+    fn complete(&self) -> bool {
+        self.renditions.iter().all(|r| r.complete)
+    }
 }
 
 /// Settings fixed for the channel task's life (the ladder shape is, see `Reconfigure`).
@@ -345,7 +285,7 @@ impl ChannelTask {
     fn next_slot_complete(&self) -> bool {
         self.pending
             .get(&self.next_slot)
-            .is_some_and(|p| p.parts.iter().all(Option::is_some))
+            .is_some_and(PendingSlot::complete)
     }
 
     fn handle(&mut self, msg: ChannelMsg) {
@@ -389,12 +329,17 @@ impl ChannelTask {
                 timestamp_ms,
                 data,
             } => self.media(conn, kind, timestamp_ms, data),
-            ChannelMsg::Run(RunEvent::Segment {
+            ChannelMsg::Run(RunEvent::Part {
+                run_id,
+                rendition,
+                part,
+            }) => self.part(run_id, rendition, part),
+            ChannelMsg::Run(RunEvent::SegmentEnd {
                 run_id,
                 rendition,
                 slot,
-                media,
-            }) => self.segment(run_id, rendition, slot, media),
+                complete,
+            }) => self.segment_end(run_id, rendition, slot, complete),
             ChannelMsg::Run(RunEvent::Exited { run_id, exit }) => self.run_exited(run_id, exit),
             ChannelMsg::Reconfigure { sources, config } => {
                 for p in self.publishers.values_mut() {
