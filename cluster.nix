@@ -16,9 +16,10 @@
     # long without a gap.
     primaryReturnSeconds = 6;
     # Low-latency HLS (docs/latency.md): each segment is also published as parts of this
-    # length, and players start this many parts behind the newest one (PART-HOLD-BACK).
-    partSeconds = 0.5;
-    partHoldBackParts = 3;
+    # length (a whole number of frames: 0.4 s is 10 at 25 fps), and players start this many
+    # parts behind the newest one (PART-HOLD-BACK).
+    partSeconds = 0.4;
+    partHoldBackParts = 10;
   };
 
   # Accounts and chat: PostgreSQL 15 under Patroni on the db hosts, etcd on them and lb1.

@@ -245,8 +245,42 @@
       load(context, config, callbacks) {
         context.url = rewrite(context.url);
         for (const o of [context, context.frag, context.part]) if (o) gens.set(o, state.failovers);
-        super.load(context, config, callbacks);
+        const watchdog = blockingWatchdog(context.url);
+        const done = (fn) => (...args) => { clearTimeout(watchdog); return fn && fn(...args); };
+        super.load(context, config, {
+          ...callbacks,
+          onSuccess: done(callbacks.onSuccess),
+          onError: done(callbacks.onError),
+          onTimeout: done(callbacks.onTimeout),
+          onAbort: done(callbacks.onAbort),
+        });
       }
+    }
+    // Low latency leaves about PART-HOLD-BACK of buffer, less than hls.js takes to give up on
+    // a blocking reload. A new part is due every part target, so a blocking reload unanswered
+    // for two asks the broadcast a plain question; one that cannot answer it in 300 ms is
+    // dead or hung (a source outage still answers at once).
+    function blockingWatchdog(url) {
+      if (!url.includes('_HLS_msn=')) return undefined;
+      const details = hls.levels && hls.levels[Math.max(hls.currentLevel, 0)] && hls.levels[Math.max(hls.currentLevel, 0)].details;
+      const partTarget = (details && details.partTarget) || 0.5;
+      const generation = state.failovers;
+      return setTimeout(async () => {
+        const plain = new URL(url);
+        plain.searchParams.delete('_HLS_msn');
+        plain.searchParams.delete('_HLS_part');
+        plain.searchParams.delete('_HLS_skip');
+        const ctl = new AbortController();
+        const timer = setTimeout(() => ctl.abort(), 300);
+        try {
+          const r = await fetch(plain, { cache: 'no-store', signal: ctl.signal });
+          if (!r.ok && r.status >= 500) throw new Error(`HTTP ${r.status}`);
+        } catch (e) {
+          if (generation === state.failovers) failover('blocking reload unanswered');
+        } finally {
+          clearTimeout(timer);
+        }
+      }, 2000 * partTarget);
     }
     const hls = new Hls({
       loader: FailoverLoader,

@@ -18,6 +18,7 @@
 // ok, errors[], a_broadcast, b_broadcast, a_broadcast_after, startup_s, stall_before_kill_s,
 // stall_s (waiting -> playing after the kill), frozen_s (play head still while not paused),
 // failover_s, chat_reconnect_s, chat_reconnects, chat_roundtrip_ms[], html_inert, latency_s,
+// low_latency (hls.js plays parts), latency_text (what the page shows),
 // moderator_delete, logout, csp_violations[], page_errors[], hls_fatal[], screenshot,
 // screenshot_phone, lb_phases[] (the LB A asks first hung, then another one dead, each followed
 // by the death of A's broadcast: {lb_fault, lb, victim, broadcast_after, failover_s, stall_s,
@@ -281,6 +282,14 @@ async function main() {
     });
     const st = await a.evaluate(() => window.__stall.read());
     result.latency_s = await a.evaluate(() => window.scPlayer.latency);
+    // hls.js plays parts: low-latency mode is on and the playlist it plays lists parts.
+    result.low_latency = await a.evaluate(() => {
+      const h = window.scPlayer.hls;
+      const lvl = h && h.levels && h.levels[Math.max(h.currentLevel, 0)];
+      const details = (h && h.latestLevelDetails) || (lvl && lvl.details);
+      return !!(h && h.lowLatencyMode && details && details.partList && details.partList.length > 0);
+    });
+    result.latency_text = await a.evaluate(() => document.getElementById('latency').textContent);
     result.stall_s = secs(st.stallMs);
     result.frozen_s = secs(st.frozenMs);
     log(`after kill: stall ${result.stall_s} s, frozen ${result.frozen_s} s, events ${JSON.stringify(st.events)}`);

@@ -49,6 +49,9 @@ pub struct FailoverArgs {
     /// Print the rows as JSON.
     #[arg(long)]
     pub json: bool,
+    /// Viewers play low-latency HLS (parts, blocking reloads), as `watch --low-latency`.
+    #[arg(long)]
+    pub low_latency: bool,
 }
 
 /// One way a host can fail.
@@ -406,6 +409,7 @@ fn viewers_for(args: &FailoverArgs, fault: &Fault, broadcasts: &[String]) -> Wat
         seconds: args.seconds,
         viewers: viewers + 1,
         renditions: "all".into(),
+        low_latency: args.low_latency,
         pin: Some(
             (0..=viewers)
                 .map(|i| {
@@ -499,7 +503,7 @@ pub fn markdown(args: &FailoverArgs, rows: &[Row]) -> String {
     let mut out = String::from("# Failover matrix\n\n");
     let _ = writeln!(
         out,
-        "Made by `streamctl bench failover --viewers {} --seconds {} --fault-after {} --fault-for {}` \
+        "Made by `streamctl bench failover --viewers {} --seconds {} --fault-after {} --fault-for {}{}` \
          against a local cluster started with `streamctl up` (2-core machine). Each row: viewers \
          spread over every broadcast plus one pinned to the faulty host's path watch for {} s; the \
          fault starts after {} s and the host is restored (`streamctl start`) {} s later; a \
@@ -512,6 +516,11 @@ pub fn markdown(args: &FailoverArgs, rows: &[Row]) -> String {
         args.seconds,
         args.fault_after,
         args.fault_for,
+        if args.low_latency {
+            " --low-latency"
+        } else {
+            ""
+        },
         args.seconds,
         args.fault_after,
         args.fault_for

@@ -34,7 +34,7 @@ pub const PREFERRED_PROBE_INTERVAL: Duration = Duration::from_secs(5);
 const ALL_FAILED_PAUSE: Duration = Duration::from_millis(500);
 /// How long a stale puller waits for the other ingest's playlist before it stays where it is.
 const STALE_PROBE_TIMEOUT: Duration = Duration::from_millis(500);
-const STALE: &str = "stale: no new segment in 1.5 target durations";
+const STALE: &str = "stale: no news in 1.5 target durations (with parts: two part targets)";
 
 #[derive(Debug, thiserror::Error)]
 pub enum PullError {
@@ -386,11 +386,11 @@ impl Puller {
         let part_target = *lock(&self.rendition.part_target_s);
 
         // Stale = no news for 1.5·D since the last (or since we switched here); with parts, for
-        // three part targets.
+        // two part targets (a part is due every part target).
         let now = Instant::now();
         let progress =
             (*lock(&self.rendition.last_new)).map_or(self.switched_at, |t| t.max(self.switched_at));
-        let stale_after = part_target.map_or(d * 3 / 2, |p| Duration::from_secs_f64(p * 3.0));
+        let stale_after = part_target.map_or(d * 3 / 2, |p| Duration::from_secs_f64(p * 2.0));
         let stale_at = progress + stale_after;
         let wait_until = stale_at.max(now + stale_after / 3).min(now + 3 * d);
         let want = held.map(|h| match part_target {

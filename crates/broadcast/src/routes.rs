@@ -370,8 +370,10 @@ async fn media_or_segment(
             if config.me().drain {
                 return draining();
             }
-            let want = blocking_request(&query);
-            if let Some((msn, part)) = want {
+            if query.contains_key("_HLS_part") && !query.contains_key("_HLS_msn") {
+                return text_error(StatusCode::BAD_REQUEST, "_HLS_part needs _HLS_msn");
+            }
+            if let Some((msn, part)) = blocking_request(&query) {
                 let last = read(&state.media).window().last_seq();
                 if last.is_some_and(|l| msn > l + MAX_MSN_AHEAD) {
                     return text_error(

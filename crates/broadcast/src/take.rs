@@ -187,10 +187,13 @@ impl Puller {
             .filter(|held| held.info.seq == b.seq)
             .map(|held| held.parts.clone())
             .unwrap_or_default();
+        // A listed part is complete at the origin: it comes at link speed, or the origin hangs.
+        let part_target = playlist.low_latency.part_target_s.unwrap_or(0.5);
+        let timeout = Duration::from_secs_f64((2.0 * part_target).max(0.5));
         let mut added = 0;
         while parts.len() < listed.len() {
             let file = names::part(b.seq, parts.len() as u32);
-            parts.push(source.fetch(&file, source.d, MAX_SEGMENT_BYTES).await?);
+            parts.push(source.fetch(&file, timeout, MAX_SEGMENT_BYTES).await?);
             added += 1;
             let building = building(b, map.clone(), &listed, &parts, source.d);
             write(&self.rendition.media).set_building(Some(building));

@@ -250,7 +250,7 @@ pub struct TimelineConfig {
 }
 
 fn default_part_ms() -> u32 {
-    500
+    400
 }
 
 fn default_part_hold_back_parts() -> u32 {
@@ -519,7 +519,7 @@ mod tests {
             playlist_segments: 6,
             cache_segments: 12,
             primary_return_seconds: seconds,
-            part_ms: 500,
+            part_ms: 400,
             part_hold_back_parts: 3,
         };
         assert_eq!(timeline(6).primary_return_slots(), 3);

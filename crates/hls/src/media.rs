@@ -112,8 +112,15 @@ impl RenditionMedia {
     }
 
     /// True once part `index` of segment `seq` (the whole segment when `index` is `None`) is
-    /// published, or anything after it.
+    /// published, or anything after it. A part index past a full segment's last part means the
+    /// next segment's first part (rfc8216bis 6.2.5.2).
     pub fn has(&self, seq: u64, index: Option<u32>) -> bool {
+        if let (Some(index), Some((info, _))) = (index, self.window.get(seq))
+            && index as usize >= info.parts.len()
+            && !info.parts.is_empty()
+        {
+            return self.has(seq + 1, Some(0));
+        }
         if self.window.last_seq().is_some_and(|last| last >= seq) {
             return true;
         }
@@ -206,6 +213,8 @@ mod tests {
         assert_eq!(m.part(1, 1).as_deref(), Some(&b"bbb"[..]));
         assert_eq!(m.part(1, 2), None);
         assert!(m.has(1, None) && !m.has(2, Some(0)));
+        // Past the last part of a full segment: the next segment's first part.
+        assert!(m.has(1, Some(1)) && !m.has(1, Some(2)));
         m.add_init("init-0000000000000002.mp4", Bytes::from_static(b"i2"));
         m.set_building(Some(Building {
             info: info(2, &[1]),

@@ -156,6 +156,9 @@ async fn media_or_segment(
         return text_error(StatusCode::NOT_FOUND, "no such rendition");
     }
     if file == "index.m3u8" {
+        if query.part.is_some() && query.msn.is_none() {
+            return text_error(StatusCode::BAD_REQUEST, "_HLS_part needs _HLS_msn");
+        }
         if let Some(msn) = query.msn {
             let last = read(&ch.output)
                 .rendition(&rendition)

@@ -1,5 +1,6 @@
 //! The "NO SIGNAL" slate: encoded once per rendition at start, then cut for each slot it stands
-//! in for, with that slot's times, into the same kind of parts as live media.
+//! in for, with that slot's times, into the same kind of parts as live media (shown part by part
+//! at the clock's pace, so low-latency viewers see it as soon as live parts stop).
 
 use std::path::Path;
 
@@ -7,7 +8,7 @@ use anyhow::Context;
 use streaming_core::config::ChannelConfig;
 use streaming_media::avc::access_unit;
 use streaming_media::ts::{Demuxer, Pes, StreamKind};
-use streaming_media::{Cutter, PartClock, aac};
+use streaming_media::{Cutter, Part, PartClock, aac};
 
 use crate::transcode::{SegmentMedia, TS_OUTPUT_ARGS, x264_args};
 
@@ -99,6 +100,11 @@ impl Slate {
 
     /// The slate as segment `slot`: its first picture presented at the slot's start.
     pub fn segment(&self, slot: u64) -> anyhow::Result<SegmentMedia> {
+        SegmentMedia::from_parts(&self.parts(slot)?).context("the slate made no part")
+    }
+
+    /// The parts of the slate as segment `slot`.
+    pub fn parts(&self, slot: u64) -> anyhow::Result<Vec<Part>> {
         let first_pts = self
             .packets
             .iter()
@@ -121,13 +127,12 @@ impl Slate {
             parts.extend(cuts);
         }
         parts.extend(cutter.finish(shift(last_dts + self.frame_ticks))?);
-        let parts: Vec<_> = parts
+        Ok(parts
             .into_iter()
             .filter_map(|c| match c {
                 streaming_media::Cut::Part(p) => Some(p),
                 streaming_media::Cut::Segment { .. } => None,
             })
-            .collect();
-        SegmentMedia::from_parts(&parts).context("the slate made no part")
+            .collect())
     }
 }

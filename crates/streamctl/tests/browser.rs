@@ -244,6 +244,17 @@ fn page_plays_chats_and_survives_its_broadcast_in_chromium() {
         report["failover_s"], report["chat_reconnect_s"], roundtrips
     );
     assert!(stall < 2.0, "stall after the kill: {stall} s");
+    // In low-latency mode, with the latency on the page (the figure goes to docs/latency.md).
+    assert_eq!(
+        report["low_latency"], true,
+        "hls.js plays parts: {report:#}"
+    );
+    let shown = report["latency_text"].as_str().unwrap_or_default();
+    assert!(
+        shown.starts_with("Latency: ") && shown.ends_with(" s"),
+        "{shown:?}"
+    );
+    eprintln!("latency {} s (page shows {shown:?})", report["latency_s"]);
     assert!(frozen < 2.0, "play head stood still for {frozen} s");
     assert!(f64_of(&report["failover_s"]) < 15.0, "{report:#}");
 

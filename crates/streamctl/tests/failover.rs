@@ -141,6 +141,29 @@ fn any_one_host_may_fail_and_the_topology_may_change() {
             a.seq
         );
     }
+    // And the same parts: the slots whose parts both list have the same number of parts with
+    // the same durations and the same independent part.
+    let parts = |p: &streaming_hls::ParsedMedia, seq| -> Vec<(u32, String, bool)> {
+        p.low_latency
+            .parts_of(seq)
+            .map(|part| {
+                (
+                    part.index,
+                    format!("{:.3}", part.duration_s),
+                    part.independent,
+                )
+            })
+            .collect()
+    };
+    let with_parts: Vec<u64> = common
+        .iter()
+        .map(|(a, _)| a.seq)
+        .filter(|seq| !parts(&one, *seq).is_empty() && !parts(&two, *seq).is_empty())
+        .collect();
+    assert!(!with_parts.is_empty(), "no slot with parts on both ingests");
+    for seq in with_parts {
+        assert_eq!(parts(&one, seq), parts(&two, seq), "parts of slot {seq}");
+    }
     let (a, _) = common[common.len() - 2];
     // Init segment + segment: what a player reads.
     let segment = |ingest: u8| {

@@ -179,8 +179,13 @@ fn assert_key_stays_secret_and_sources_use_rtmps(state: &Path, key: &str) {
 }
 
 fn watch(state: &Path, seconds: u64, viewers: usize) -> Value {
+    watch_with(state, seconds, viewers, &[])
+}
+
+fn watch_with(state: &Path, seconds: u64, viewers: usize, extra: &[&str]) -> Value {
     json_of(&run(streamctl()
         .args(["watch", "--json", "--renditions", "all"])
+        .args(extra)
         .arg("--seconds")
         .arg(seconds.to_string())
         .arg("--viewers")
@@ -256,6 +261,20 @@ fn local_cluster_streams_end_to_end() {
     );
     let latency = report["latency_s"].as_f64().unwrap();
     assert!(latency > 0.0, "latency is measured: {latency}");
+
+    // The same in low-latency mode: parts, blocking reloads and preload hints, every rendition,
+    // no stall, and a latency figure (measured, not asserted: docs/latency.md).
+    let low = watch_with(&state, 12, 3, &["--low-latency"]);
+    eprintln!("watch --low-latency: {low:#}");
+    assert_eq!(low["stalls"], 0, "low latency: stalls in {low:#}");
+    assert_eq!(low["errors"], 0, "low latency: errors in {low:#}");
+    assert!(
+        low["parts"].as_u64().unwrap() > 3 * 12,
+        "parts played: {low:#}"
+    );
+    assert_eq!(low["renditions"].as_array().unwrap().len(), 3, "{low:#}");
+    let low_latency = low["latency_s"].as_f64().unwrap();
+    assert!(low_latency > 0.0, "latency is measured: {low_latency}");
 
     let key = std::fs::read_to_string(state.join("secrets/stream-keys/test.key")).unwrap();
     let key = key.trim();

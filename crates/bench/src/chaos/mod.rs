@@ -395,6 +395,7 @@ async fn run_step(ctx: &StepContext, step: &Step) -> anyhow::Result<StepRow> {
         seconds: args.lead_in + step.length_s().ceil() as u64 + args.settle,
         viewers: args.viewers,
         renditions: "all".into(),
+        low_latency: false,
         // Spread over every broadcast, so a broadcast's fault always has viewers to move.
         pin: Some(ctx.broadcasts.join(",")),
         json: true,

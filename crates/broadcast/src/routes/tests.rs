@@ -602,3 +602,81 @@ async fn steering_skips_a_hung_lb_and_answers_when_none_is_left() {
         "{took:?}"
     );
 }
+
+/// Shows the parts made so far of segment `seq` (after the filled window) in every rendition.
+fn show_parts(app: &App, seq: u64, parts: &[&'static [u8]]) {
+    let channel = app.bc.channel("test").unwrap();
+    for r in channel.renditions.read().unwrap().values() {
+        *r.part_target_s.lock().unwrap() = Some(0.4);
+        let info = SegmentInfo {
+            seq,
+            duration_s: 0.4 * parts.len() as f64,
+            discontinuity: false,
+            program_date_time_ms: seq * 2000,
+            map: Some(INIT.to_owned()),
+            parts: parts
+                .iter()
+                .enumerate()
+                .map(|(i, p)| streaming_hls::PartInfo {
+                    duration_s: 0.4,
+                    independent: i == 0,
+                    len: p.len(),
+                })
+                .collect(),
+        };
+        let building = streaming_hls::Building {
+            info,
+            parts: parts.iter().map(|p| Bytes::from_static(p)).collect(),
+        };
+        r.media.write().unwrap().set_building(Some(building));
+    }
+    channel.announce();
+}
+
+#[tokio::test]
+async fn low_latency_requests_wait_for_the_part_they_ask_for() {
+    let app = app();
+    fill(&app, 100..110);
+    show_parts(&app, 110, &[b"p0"]);
+    let t = token("broadcast1", "test", "viewer-a", unix_now() + 60);
+    let playlist = format!("/live/test/360p/index.m3u8?t={t}");
+    let (status, _, body) = get(&app, &playlist, None).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let parsed = parse_media(&body).unwrap();
+    let low = &parsed.low_latency;
+    assert_eq!(low.part_target_s, Some(0.4));
+    let last = low.parts.last().unwrap();
+    assert_eq!((last.seq, last.index), (110, 0));
+    assert!(last.uri.starts_with("110.0.m4s?t="), "{body}");
+    let hint = low.preload_hint.clone().unwrap();
+    assert!(hint.starts_with("110.1.m4s?t="), "{body}");
+    assert_eq!(
+        body.matches("#EXT-X-RENDITION-REPORT:").count(),
+        app.bc.config().cluster.channels[0].ladder.len() - 1,
+        "{body}"
+    );
+    // A blocking reload for part 1 and the hinted part itself wait until part 1 exists.
+    let ask = |uri: String| {
+        let app = app.clone();
+        tokio::spawn(async move { get(&app, &uri, None).await })
+    };
+    let blocking = ask(format!(
+        "/live/test/360p/index.m3u8?_HLS_msn=110&_HLS_part=1&t={t}"
+    ));
+    let hinted = ask(format!("/live/test/360p/{hint}"));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!blocking.is_finished() && !hinted.is_finished());
+    show_parts(&app, 110, &[b"p0", b"p1"]);
+    let (status, _, body) = blocking.await.unwrap();
+    assert_eq!(status, StatusCode::OK);
+    let parts = parse_media(&body).unwrap().low_latency.parts;
+    assert!(parts.iter().any(|p| (p.seq, p.index) == (110, 1)), "{body}");
+    let (status, headers, part) = hinted.await.unwrap();
+    assert_eq!((status, part.as_str()), (StatusCode::OK, "p1"));
+    assert_eq!(headers[header::CONTENT_TYPE], SEGMENT_TYPE);
+    // Asking too far ahead, or for a part without its segment, is a client error.
+    for bad in ["_HLS_msn=113&_HLS_part=0", "_HLS_part=1"] {
+        let (status, _, _) = get(&app, &format!("{playlist}&{bad}"), None).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{bad}");
+    }
+}

@@ -21,6 +21,7 @@ use url::Url;
 use viewer::{Viewer, origin_of};
 
 mod buffer;
+mod parts;
 mod report;
 mod viewer;
 
@@ -67,6 +68,10 @@ pub struct WatchArgs {
     /// i-th modulo their number) instead of the LB's choice. They still fail over through the LB.
     #[arg(long)]
     pub pin: Option<String>,
+    /// Play like hls.js in low-latency mode: parts from PART-HOLD-BACK behind the newest,
+    /// blocking playlist reloads, and the preload-hinted part asked for before it exists.
+    #[arg(long)]
+    pub low_latency: bool,
     /// Print one JSON object instead of text.
     #[arg(long)]
     pub json: bool,
@@ -103,7 +108,7 @@ pub async fn run(args: WatchArgs) -> anyhow::Result<()> {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
         println!(
-            "{} viewer(s), {} s: startup {:.2} s, {} stalls ({:.2} s), {} errors, {} request failures, {} failovers, {} switches, {} segments, latency {:.2} s (max {:.2} s)",
+            "{} viewer(s), {} s: startup {:.2} s, {} stalls ({:.2} s), {} errors, {} request failures, {} failovers, {} switches, {} segments, {} parts, latency {:.2} s (max {:.2} s)",
             report.viewers,
             report.seconds,
             report.felt.startup_s,
@@ -114,6 +119,7 @@ pub async fn run(args: WatchArgs) -> anyhow::Result<()> {
             report.felt.failovers,
             report.felt.switches,
             report.felt.segments,
+            report.felt.parts,
             report.felt.latency_s,
             report.felt.latency_max_s
         );
@@ -199,6 +205,7 @@ pub async fn watch(args: &WatchArgs) -> anyhow::Result<WatchReport> {
             },
             channel: channel.clone(),
             rendition_mode: args.renditions.clone(),
+            low_latency: args.low_latency,
             pin: (!pins.is_empty()).then(|| pins[index % pins.len()].clone()),
             failed: Default::default(),
             report: ViewerReport {

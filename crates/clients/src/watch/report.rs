@@ -25,6 +25,9 @@ pub struct Experience {
     /// Rendition changes after the first choice.
     pub switches: u64,
     pub segments: u64,
+    /// Parts played (low-latency mode; a part-less segment counts in `segments`).
+    #[serde(default)]
+    pub parts: u64,
     /// Segments played that began with EXT-X-DISCONTINUITY (a source switch or a slate): a
     /// picture change the viewer sees, though not a stall.
     pub discontinuities: u64,
@@ -73,6 +76,7 @@ impl WatchReport {
             all.reassign_max_s = all.reassign_max_s.max(one.reassign_max_s);
             all.switches += one.switches;
             all.segments += one.segments;
+            all.parts += one.parts;
             all.discontinuities += one.discontinuities;
             all.renditions.extend(one.renditions.iter().cloned());
             all.broadcasts.extend(one.broadcasts.iter().cloned());

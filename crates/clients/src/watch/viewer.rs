@@ -4,7 +4,7 @@
 use std::time::{Duration, Instant};
 
 use super::buffer::BufferModel;
-use super::report::ViewerReport;
+use super::report::{Experience, ViewerReport};
 use super::{LB_ATTEMPT, MAX_BACKOFF, MAX_BODY_BYTES, MAX_REDIRECTS, START_BEHIND_SEGMENTS};
 use anyhow::{Context, bail};
 use streaming_hls::{
@@ -14,7 +14,7 @@ use url::Url;
 
 /// Where a viewer currently gets its media from.
 #[derive(Debug, Clone)]
-struct Assignment {
+pub(super) struct Assignment {
     /// Origin of the broadcast, e.g. `https://127.77.2.1:8443`.
     base: Url,
     broadcast: String,
@@ -23,7 +23,7 @@ struct Assignment {
 
 /// Rewrites a URL to another broadcast's origin and token, keeping its path: segment and
 /// playlist paths are the same on every broadcast.
-fn rebase(url: &Url, assignment: &Assignment) -> Url {
+pub(super) fn rebase(url: &Url, assignment: &Assignment) -> Url {
     let mut out = assignment.base.clone();
     out.set_path(url.path());
     let pairs: Vec<(String, String)> = url
@@ -66,6 +66,7 @@ pub(super) struct Viewer {
     pub(super) next_lb: usize,
     pub(super) channel: String,
     pub(super) rendition_mode: String,
+    pub(super) low_latency: bool,
     pub(super) pin: Option<Url>,
     /// Broadcasts that failed this viewer recently: all are excluded at the next assignment,
     /// since an LB may not have noticed a death yet.
@@ -80,7 +81,7 @@ const MAX_LBS: usize = 16;
 const FAILED_MEMORY: Duration = Duration::from_secs(30);
 
 #[derive(Debug, thiserror::Error)]
-enum FetchError {
+pub(super) enum FetchError {
     #[error("no first byte within {0:?}")]
     Timeout(Duration),
     #[error("HTTP {0}")]
@@ -92,28 +93,69 @@ enum FetchError {
 }
 
 /// One viewing session: where it plays from and what it has played so far.
-struct Playback {
-    assignment: Assignment,
-    master_url: Url,
-    variants: Vec<ParsedVariant>,
-    variant: usize,
-    media_url: Url,
-    buffer: BufferModel,
-    latencies: Vec<f64>,
-    /// Per segment played: (media position where it starts, duration, its PDT), for the
-    /// latency at the play head.
-    timeline: Vec<(f64, f64, Option<u64>)>,
-    next_seq: Option<u64>,
-    target: Duration,
+pub(super) struct Playback {
+    pub(super) assignment: Assignment,
+    pub(super) master_url: Url,
+    pub(super) variants: Vec<ParsedVariant>,
+    pub(super) variant: usize,
+    pub(super) media_url: Url,
+    pub(super) buffer: BufferModel,
+    pub(super) latencies: Vec<f64>,
+    /// Per segment or part played: (media position where it starts, duration, its PDT), for
+    /// the latency at the play head.
+    pub(super) timeline: Vec<(f64, f64, Option<u64>)>,
+    pub(super) next_seq: Option<u64>,
+    /// Low-latency mode: the next part to play, (segment, part index).
+    pub(super) next_part: Option<(u64, u32)>,
+    /// The preload-hinted part, fetched before it was listed.
+    pub(super) hinted: Option<((u64, u32), bytes::Bytes)>,
+    pub(super) target: Duration,
     /// When the run ends: `seconds` after the first segment played.
-    deadline: Option<Instant>,
-    playlist: Option<ParsedMedia>,
-    failures_this_segment: u32,
+    pub(super) deadline: Option<Instant>,
+    pub(super) playlist: Option<ParsedMedia>,
+    pub(super) failures_this_segment: u32,
+}
+
+impl Playback {
+    /// Media of `duration_s` entered the buffer at `now`: where it sits on the play head's
+    /// timeline (for the latency), the run's deadline from the first media on, the rendition.
+    pub(super) fn took(
+        &mut self,
+        felt: &mut Experience,
+        now: Instant,
+        duration_s: f64,
+        pdt: Option<u64>,
+        started: Instant,
+        seconds: u64,
+    ) {
+        let start_pos = self.buffer.buffer_ahead_s() + self.buffer.position_s();
+        self.buffer.advance(now);
+        self.buffer.add_segment(now, duration_s);
+        self.timeline.push((start_pos, duration_s, pdt));
+        if self.deadline.is_none() {
+            felt.startup_s = now.duration_since(started).as_secs_f64();
+            self.deadline = Some(now + Duration::from_secs(seconds));
+        }
+        let rendition = self.variants[self.variant]
+            .uri
+            .split('/')
+            .next()
+            .unwrap_or_default();
+        felt.renditions.insert(rendition.to_owned());
+        self.failures_this_segment = 0;
+        if let Some(latency) = latency_at(&self.timeline, self.buffer.position_s()) {
+            self.latencies.push(latency);
+        }
+    }
 }
 
 impl Viewer {
     /// GET with a time-to-first-byte limit and a whole-body limit.
-    async fn fetch(&self, url: &Url, first_byte: Duration) -> Result<bytes::Bytes, FetchError> {
+    pub(super) async fn fetch(
+        &self,
+        url: &Url,
+        first_byte: Duration,
+    ) -> Result<bytes::Bytes, FetchError> {
         let response = tokio::time::timeout(first_byte, self.client.get(url.clone()).send())
             .await
             .map_err(|_| FetchError::Timeout(first_byte))?
@@ -321,6 +363,10 @@ impl Viewer {
             if p.deadline.is_none() && started.elapsed() > Duration::from_secs(30 + seconds) {
                 bail!("no segment could be played within 30 s");
             }
+            if self.low_latency {
+                self.step_low_latency(&mut p, started, seconds).await?;
+                continue;
+            }
             // Find the next segment in the current playlist, refreshing it when needed.
             let listed = p.playlist.as_ref().and_then(|list| {
                 p.next_seq
@@ -380,6 +426,8 @@ impl Viewer {
             latencies: Vec::new(),
             timeline: Vec::new(),
             next_seq: None,
+            next_part: None,
+            hinted: None,
             target: Duration::from_secs(2),
             deadline: None,
             playlist: None,
@@ -452,37 +500,25 @@ impl Viewer {
             bail!("segment {} is not a fragmented MP4 segment", segment.seq);
         }
         let now = Instant::now();
-        let start_pos = p.buffer.buffer_ahead_s() + p.buffer.position_s();
         let stalls_before = p.buffer.stalls;
-        p.buffer.advance(now);
-        let ahead_s = p.buffer.buffer_ahead_s();
-        p.buffer.add_segment(now, segment.duration_s);
+        p.took(
+            &mut self.report.felt,
+            now,
+            segment.duration_s,
+            segment.program_date_time_ms,
+            started,
+            seconds,
+        );
         tracing::debug!(viewer = self.index, broadcast = %p.assignment.broadcast,
             seq = segment.seq, fetch_ms = now.duration_since(t0).as_millis() as u64,
-            ahead_s, "segment");
+            ahead_s = p.buffer.buffer_ahead_s(), "segment");
         if p.buffer.stalls > stalls_before {
             tracing::info!(viewer = self.index, broadcast = %p.assignment.broadcast,
                 seq = segment.seq, "stalled until this segment arrived");
         }
-        p.timeline
-            .push((start_pos, segment.duration_s, segment.program_date_time_ms));
-        if p.deadline.is_none() {
-            self.report.felt.startup_s = now.duration_since(started).as_secs_f64();
-            p.deadline = Some(now + Duration::from_secs(seconds));
-        }
         self.report.felt.segments += 1;
         self.report.felt.discontinuities += u64::from(segment.discontinuity);
-        let rendition = p.variants[p.variant]
-            .uri
-            .split('/')
-            .next()
-            .unwrap_or_default();
-        self.report.felt.renditions.insert(rendition.to_owned());
         p.next_seq = Some(segment.seq + 1);
-        p.failures_this_segment = 0;
-        if let Some(latency) = latency_at(&p.timeline, p.buffer.position_s()) {
-            p.latencies.push(latency);
-        }
         let elapsed = now.duration_since(t0).as_secs_f64().max(1e-3);
         let choice = self.choose_variant(&p.variants, Some(body.len() as f64 * 8.0 / elapsed));
         if choice != p.variant {
@@ -497,7 +533,7 @@ impl Viewer {
     /// A request failed: ask the LBs for another broadcast. Never gives up: with no answer
     /// from any LB, waits a little longer each time (at most [`MAX_BACKOFF`]) and the caller
     /// tries again, until the run ends.
-    async fn on_failure(
+    pub(super) async fn on_failure(
         &mut self,
         assignment: &mut Assignment,
         error: &FetchError,

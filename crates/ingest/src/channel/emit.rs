@@ -9,7 +9,9 @@ use streaming_media::Part;
 
 use crate::transcode::SegmentMedia;
 
-use super::{ChannelTask, LastPushed, PendingRendition, PendingSlot, publish_at_ms};
+use super::{
+    ChannelTask, LastPushed, PendingRendition, PendingSlot, SLATE_PART_GRACE, publish_at_ms,
+};
 
 impl ChannelTask {
     /// A part from a run: kept for its slot's decision, and shown at once when its slot is the
@@ -17,8 +19,22 @@ impl ChannelTask {
     pub(super) fn part(&mut self, run_id: u64, rendition: usize, part: Part) {
         let n = self.setup.slates.len();
         let slot = part.slot;
-        if rendition >= n || !self.accepts(slot) {
+        if rendition >= n
+            || !self.accepts(slot)
+            || self.slating.as_ref().is_some_and(|(s, _)| *s == slot)
+        {
             return;
+        }
+        // A newer run delivers a later slot: the run that left the next slot short will add
+        // nothing to it, so it is published now, as far as it goes, instead of at its deadline
+        // (low-latency viewers would wait for it with only PART-HOLD-BACK of buffer).
+        if slot > self.next_slot
+            && self
+                .pending
+                .get(&self.next_slot)
+                .is_some_and(|p| p.run_id != run_id)
+        {
+            self.publish_short_slot();
         }
         let entry = self.pending.entry(slot).or_insert_with(|| PendingSlot {
             run_id,
@@ -32,6 +48,13 @@ impl ChannelTask {
             // A gap: the segment will not be complete, and parts after it cannot be listed.
             return;
         }
+        // How long after the end of its media a part is published: the transcoder's and the
+        // cutter's share of the latency (docs/latency.md).
+        let end_ms = self.setup.clock.slot_start_ms(slot) as f64
+            + f64::from(part.index) * self.setup.parts.part_ms as f64
+            + part.duration_s * 1000.0;
+        metrics::histogram!("ingest_part_delay_seconds", "channel" => self.setup.config.name.clone())
+            .record((unix_now_ms() as f64 - end_ms).max(0.0) / 1000.0);
         parts.push(part);
         self.run_progress_ms = unix_now_ms();
         if slot == self.next_slot {
@@ -69,6 +92,94 @@ impl ChannelTask {
             return false;
         }
         true
+    }
+
+    /// Publishes the next slot now, as far as its live parts go, when it has some and is not
+    /// complete (its run will add nothing more).
+    pub(super) fn publish_short_slot(&mut self) {
+        let slot = self.next_slot;
+        if self.has_live_parts(slot) && !self.next_slot_complete() {
+            self.decide(slot);
+        }
+    }
+
+    /// Slates the next slot part by part when no live part of it came in time: each slate part
+    /// is shown [`SLATE_PART_GRACE`] after its end, and the slot is decided once all are.
+    fn slate_due(&mut self, now: u64) {
+        let slot = self.next_slot;
+        let start = self.setup.clock.slot_start_ms(slot);
+        let (part_ms, grace) = (
+            self.setup.parts.part_ms.max(1),
+            SLATE_PART_GRACE.as_millis() as u64,
+        );
+        if self.slating.as_ref().map(|(s, _)| *s) != Some(slot) {
+            if self.has_live_parts(slot) || now < start + part_ms + grace {
+                return;
+            }
+            let parts = self
+                .setup
+                .slates
+                .iter()
+                .map(|slate| slate.parts(slot).unwrap_or_default())
+                .collect();
+            tracing::info!(channel = %self.setup.config.name, slot, "no live part in time: slate shown part by part");
+            self.pending.remove(&slot);
+            self.slating = Some((slot, parts));
+        }
+        let due = (now.saturating_sub(start + grace) / part_ms) as usize;
+        let Some((_, parts)) = &self.slating else {
+            return;
+        };
+        let info = SegmentInfo {
+            seq: slot,
+            duration_s: 0.0,
+            discontinuity: true,
+            program_date_time_ms: start,
+            map: None,
+            parts: Vec::new(),
+        };
+        let all_shown = parts.iter().all(|p| p.len() <= due);
+        {
+            let mut out = write(&self.shared.output);
+            for (r, slate) in out.renditions.iter_mut().zip(parts) {
+                r.show_building(info.clone(), &slate[..due.min(slate.len())]);
+            }
+        }
+        self.shared.announce();
+        if all_shown && now >= self.setup.clock.slot_start_ms(slot + 1) + grace {
+            self.slating = None;
+            self.decide(slot);
+        }
+    }
+
+    /// When the slating of the next slot has something to do next (unix ms).
+    pub(super) fn next_slate_ms(&self) -> u64 {
+        let slot = self.next_slot;
+        let start = self.setup.clock.slot_start_ms(slot);
+        let (part_ms, grace) = (
+            self.setup.parts.part_ms.max(1),
+            SLATE_PART_GRACE.as_millis() as u64,
+        );
+        match &self.slating {
+            Some((s, parts)) if *s == slot => {
+                let now = unix_now_ms();
+                let due = now.saturating_sub(start + grace) / part_ms + 1;
+                let most = parts.iter().map(Vec::len).max().unwrap_or(0) as u64;
+                if due > most {
+                    self.setup.clock.slot_start_ms(slot + 1) + grace
+                } else {
+                    start + grace + due * part_ms
+                }
+            }
+            _ if self.has_live_parts(slot) => u64::MAX,
+            _ => start + part_ms + grace,
+        }
+    }
+
+    fn has_live_parts(&self, slot: u64) -> bool {
+        self.pending
+            .get(&slot)
+            .is_some_and(|p| p.renditions.iter().any(|r| !r.parts.is_empty()))
     }
 
     /// Shows the parts of the next slot made so far in one rendition.
@@ -113,6 +224,7 @@ impl ChannelTask {
             self.next_slot = now_slot - self.cache_segments;
         }
         self.emit_complete();
+        self.slate_due(now);
         while self.deadline_ms(self.next_slot) <= now {
             let slot = self.next_slot;
             self.decide(slot);

@@ -47,6 +47,16 @@ impl ChannelTask {
             }
         }
         if self.feed.as_ref().is_some_and(|f| f.publisher == conn) {
+            if kind == TagKind::Video
+                && let Some(p) = self.publishers.get(&conn)
+            {
+                // How long after its wall-clock time a picture reaches us: the source's and the
+                // network's share of the latency (docs/latency.md).
+                let media_ms = p.key.anchor_ms.saturating_add(u64::from(timestamp_ms));
+                let late_ms = unix_now_ms().saturating_sub(media_ms);
+                metrics::histogram!("ingest_media_arrival_delay_seconds", "channel" => self.setup.config.name.clone())
+                    .record(late_ms as f64 / 1000.0);
+            }
             self.route(kind, timestamp_ms, data);
         }
     }
@@ -185,6 +195,10 @@ impl ChannelTask {
         self.silence_checked = Some(slot);
         let facts = self.facts(slot);
         let Some(next) = self.selector.replace_active(&facts) else {
+            // Nobody takes over: the slot the silent source left short gets nothing more, so it
+            // is published now and the slate follows part by part (low-latency viewers hold
+            // only PART-HOLD-BACK); the source's return starts a later slot.
+            self.publish_short_slot();
             return;
         };
         tracing::warn!(channel = %self.setup.config.name, source = %feed.label, silent_ms, slot,

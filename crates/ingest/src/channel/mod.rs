@@ -50,6 +50,11 @@ const MAX_RECENT_TAGS: usize = 2000;
 const STALLED_AFTER_SEGMENTS: u64 = 3;
 const MAX_RECENT_BYTES: usize = 32 * 1024 * 1024;
 
+/// A slot without any live part this long after its first part should have ended is slated,
+/// and its slate parts are shown at the clock's pace, each this long after its end: more than
+/// the transcoder takes to make a part (a low-latency viewer's buffer is only PART-HOLD-BACK).
+pub const SLATE_PART_GRACE: Duration = Duration::from_millis(1000);
+
 /// When slot `slot` goes into the playlists: at its end on the wall clock when its live
 /// segments are all in, else at the deadline (live if they arrived by then, or the slate).
 ///
@@ -199,6 +204,8 @@ pub struct ChannelTask {
     crashes_in_row: u32,
     backoff_until: Option<Instant>,
     pending: BTreeMap<u64, PendingSlot>,
+    /// The slot being slated part by part, with the slate's parts of every rendition.
+    slating: Option<(u64, Vec<Vec<Part>>)>,
     next_slot: u64,
     last_pushed: Option<LastPushed>,
     cache_segments: u64,
@@ -232,6 +239,7 @@ impl ChannelTask {
             crashes_in_row: 0,
             backoff_until: None,
             pending: BTreeMap::new(),
+            slating: None,
             next_slot,
             last_pushed: None,
             cache_segments: u64::from(cache_segments),
@@ -252,7 +260,8 @@ impl ChannelTask {
         loop {
             let now = unix_now_ms();
             let emit_at =
-                publish_at_ms(self.setup.clock, self.next_slot, self.next_slot_complete());
+                publish_at_ms(self.setup.clock, self.next_slot, self.next_slot_complete())
+                    .min(self.next_slate_ms());
             let wait = Duration::from_millis(emit_at.saturating_sub(now));
             let decide_at = self.decision_ms(self.next_decision);
             let decide_wait = Duration::from_millis(decide_at.saturating_sub(now));
