@@ -55,7 +55,10 @@ impl RunCutter {
         loop {
             let pes = match demuxer.next_pes() {
                 Ok(Some(pes)) => pes,
-                Ok(None) => return,
+                Ok(None) => {
+                    self.flush(events);
+                    return;
+                }
                 Err(e) => {
                     tracing::error!(channel = %self.channel, run = self.run_id, "transcoder output: {e}");
                     return;
@@ -69,6 +72,25 @@ impl RunCutter {
                 }
             };
             for (rendition, cut) in cuts {
+                let event = self.event(rendition, cut);
+                if events.blocking_send(event.into()).is_err() {
+                    return;
+                }
+            }
+        }
+    }
+
+    /// The end of ffmpeg's output: the last part of every rendition goes out too.
+    fn flush<M: From<RunEvent>>(&mut self, events: &mpsc::Sender<M>) {
+        for rendition in 0..self.cutters.len() {
+            let cuts = match self.cutters[rendition].flush() {
+                Ok(cuts) => cuts,
+                Err(e) => {
+                    tracing::warn!(channel = %self.channel, run = self.run_id, "cannot cut the last part: {e}");
+                    continue;
+                }
+            };
+            for cut in cuts {
                 let event = self.event(rendition, cut);
                 if events.blocking_send(event.into()).is_err() {
                     return;

@@ -146,6 +146,8 @@ pub struct Cutter {
     /// Presentation time of the newest audio frame and newest picture.
     audio_until: Option<u64>,
     video_until: u64,
+    /// Decode time of the newest picture.
+    last_dts: Option<u64>,
     /// Video ticks handed over per slot, for the completeness check.
     segment_ticks: u64,
 }
@@ -166,6 +168,7 @@ impl Cutter {
             audio: VecDeque::new(),
             audio_until: None,
             video_until: 0,
+            last_dts: None,
             segment_ticks: 0,
         }
     }
@@ -179,6 +182,7 @@ impl Cutter {
             self.pps = au.pps.clone();
         }
         self.video_until = self.video_until.max(pts);
+        self.last_dts = Some(dts);
         let starts = au
             .keyframe
             .then(|| self.clock.slot_starting_at(pts))
@@ -236,6 +240,17 @@ impl Cutter {
             }
         }
         self.release()
+    }
+
+    /// The end of the input (a transcoder that finished its input flushes its last pictures):
+    /// the open part closes with its last picture lasting one frame, and everything goes out
+    /// with the audio there is. A run that ended on a slot boundary so completes its last slot.
+    pub fn flush(&mut self) -> Result<Vec<Cut>, CutError> {
+        let Some(last) = self.last_dts else {
+            return Ok(Vec::new());
+        };
+        let frame = (self.clock.frame_ms * TICKS_PER_MS as f64).round() as u64;
+        self.finish(last + frame)
     }
 
     /// Closes the open part as if the next picture were decoded at `next_dts`, and hands over

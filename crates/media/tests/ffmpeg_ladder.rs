@@ -51,8 +51,8 @@ fn ladder_ts(start_s: f64, seconds: u32) -> Vec<u8> {
     out.stdout
 }
 
-/// Cuts the first rendition of a ladder stream.
-fn cut(ts: &[u8]) -> Vec<Cut> {
+/// Cuts the first rendition of a ladder stream, then flushes at its end when `flush`.
+fn cut_with(ts: &[u8], flush: bool) -> Vec<Cut> {
     let mut demuxer = Demuxer::new(ts);
     let mut cutter = Cutter::new(CLOCK, 320, 180);
     let mut cuts = Vec::new();
@@ -70,7 +70,14 @@ fn cut(ts: &[u8]) -> Vec<Cut> {
             _ => {}
         }
     }
+    if flush {
+        cuts.extend(cutter.flush().unwrap());
+    }
     cuts
+}
+
+fn cut(ts: &[u8]) -> Vec<Cut> {
+    cut_with(ts, false)
 }
 
 fn parts(cuts: &[Cut]) -> Vec<&Part> {
@@ -116,6 +123,23 @@ fn parts_follow_the_slot_clock_and_add_up_to_segments() {
             );
         }
     }
+}
+
+/// A transcoder whose input ends on a slot boundary (a source switch, a clean stop) flushes its
+/// last part: its last slot is complete, not cut short.
+#[test]
+fn a_run_that_ends_on_a_boundary_completes_its_last_slot() {
+    // 12.0 s to 20.0 s: slots 6 to 9, whole.
+    let cuts = cut_with(&ladder_ts(12.0, 8), true);
+    let segments: Vec<(u64, bool)> = cuts
+        .iter()
+        .filter_map(|c| match c {
+            Cut::Segment { slot, complete, .. } => Some((*slot, *complete)),
+            Cut::Part(_) => None,
+        })
+        .collect();
+    assert_eq!(segments, vec![(6, true), (7, true), (8, true), (9, true)]);
+    assert_eq!(parts(&cuts).iter().filter(|p| p.slot == 9).count(), 4);
 }
 
 /// Two ingests start their transcoders at different keyframes of the same publish: part j of
