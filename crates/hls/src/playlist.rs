@@ -42,7 +42,11 @@ pub struct LowLatency<'a> {
 impl LowLatency<'_> {
     /// The next part to be made: what the preload hint names and a blocking request waits for.
     pub fn next_part(&self, listing: &Listing) -> (u64, u32) {
+        // A segment being made whose parts already cover its slot (it is decided a moment
+        // later) gets no more parts: the next one is the next segment's first.
+        let full = f64::from(listing.target_duration_s) - self.part_target_s / 2.0;
         match (self.building, listing.segments.last()) {
+            (Some(b), _) if b.duration_s >= full => (b.seq + 1, 0),
             (Some(b), _) => (b.seq, b.parts.len() as u32),
             (None, Some(last)) => (last.seq + 1, 0),
             (None, None) => (0, 0),
@@ -189,7 +193,8 @@ mod tests {
         for seq in 10..14 {
             w.push(info(seq, 4), ()).unwrap();
         }
-        let building = info(14, 2);
+        let mut building = info(14, 2);
+        building.duration_s = 1.0;
         let ll = LowLatency {
             part_target_s: 0.52,
             part_hold_back_s: 1.56,
@@ -233,6 +238,18 @@ mod tests {
         assert_eq!((b.seq, b.program_date_time_ms), (14, Some(28_000)));
         assert_eq!(b.map.as_deref(), Some("init-00112233aabbccdd.mp4?t=x"));
         assert_eq!(low.preload_hint.as_deref(), Some("14.2.m4s?t=x"));
+        // Once the segment being made has all its parts, the hint names the next segment's.
+        let mut whole = info(14, 4);
+        whole.duration_s = 2.0;
+        let ll_whole = LowLatency {
+            building: Some(&whole),
+            ..ll.clone()
+        };
+        let text_whole = render(&w.listing(6, 2), Some(&ll_whole), str::to_owned);
+        assert!(
+            text_whole.contains("#EXT-X-PRELOAD-HINT:TYPE=PART,URI=\"15.0.m4s\""),
+            "{text_whole}"
+        );
         // Spec rules: every part within PART-TARGET; parts of a segment add up to it;
         // PART-HOLD-BACK at least twice PART-TARGET; HOLD-BACK at least three target durations.
         for seq in [12, 13] {
