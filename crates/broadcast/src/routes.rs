@@ -16,6 +16,7 @@ use streaming_core::http::{hsts_layer, text_error};
 use streaming_core::ops_auth::{self, OpsGuard};
 use streaming_core::rate_limit::RateLimiter;
 use streaming_core::token::{TOKEN_TTL_SECS, TokenError, TokenSigner, ViewerClaims, unix_now};
+use streaming_hls::playlist::{HOLD_TARGETS, MAX_MSN_AHEAD};
 use streaming_hls::{
     PlaylistShape, RenditionMedia, RenditionReport, Variant, names, render_master,
 };
@@ -318,7 +319,7 @@ async fn media_or_segment(
     Query(query): Query<HashMap<String, String>>,
 ) -> Response {
     let bc = &app.bc;
-    let kind = FileKind::of(&file);
+    let kind = names::File::of(&file);
     if !is_safe_name(&rendition) || kind.is_none() {
         return text_error(StatusCode::NOT_FOUND, "not found");
     }
@@ -339,7 +340,7 @@ async fn media_or_segment(
     let timeline = &config.cluster.timeline;
     let part_target = lock(&state.part_target_s).unwrap_or(0.0);
     match kind {
-        Some(FileKind::Init) => {
+        Some(names::File::Init) => {
             // Named by its content, so it never changes: cacheable for as long as players like.
             let Some(bytes) = read(&state.media).init(&file) else {
                 return text_error(StatusCode::NOT_FOUND, "init segment not in the window");
@@ -354,19 +355,19 @@ async fn media_or_segment(
             )
                 .into_response()
         }
-        Some(FileKind::Segment(seq)) => {
+        Some(names::File::Segment(seq)) => {
             let found = read(&state.media).window().get(seq).map(|(_, b)| b.clone());
             let cache = timeline.cache_segments * timeline.segment_seconds;
             media_response(bc, claims.viewer, found, cache)
         }
-        Some(FileKind::Part(seq, index)) => {
+        Some(names::File::Part(seq, index)) => {
             // The hinted part (the next one) is answered as soon as it exists.
             let hold = Duration::from_secs_f64(part_target * HOLD_TARGETS);
             wait_for(&channel_state, &state, seq, Some(index), hold).await;
             let found = read(&state.media).part(seq, index);
             media_response(bc, claims.viewer, found, timeline.segment_seconds)
         }
-        Some(FileKind::Playlist) | None => {
+        Some(names::File::Playlist) | None => {
             if config.me().drain {
                 return draining();
             }
@@ -385,12 +386,12 @@ async fn media_or_segment(
                 wait_for(&channel_state, &state, msn, part, hold).await;
             }
             let token = renew(&bc.signer(), &claims, &bc.name, unix_now());
-            let shape = PlaylistShape {
-                list_len: timeline.playlist_segments as usize,
-                target_s: timeline.segment_seconds,
-                part_target_s: part_target,
-                part_hold_back_s: part_target * f64::from(timeline.part_hold_back_parts),
-            };
+            let shape = PlaylistShape::new(
+                timeline.playlist_segments as usize,
+                timeline.segment_seconds,
+                part_target,
+                timeline.part_hold_back_parts,
+            );
             let reports = read(&channel_state.renditions)
                 .values()
                 .filter(|r| r.name != rendition)
@@ -417,34 +418,6 @@ async fn media_or_segment(
     }
 }
 
-/// A blocking playlist request may ask for a segment at most this many ahead of the newest.
-const MAX_MSN_AHEAD: u64 = 2;
-/// A blocking request is held at most this many target durations (parts: part targets).
-const HOLD_TARGETS: f64 = 3.0;
-
-/// What a viewer asks for in a rendition.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum FileKind {
-    Playlist,
-    Segment(u64),
-    Part(u64, u32),
-    Init,
-}
-
-impl FileKind {
-    fn of(file: &str) -> Option<Self> {
-        if file == "index.m3u8" {
-            Some(Self::Playlist)
-        } else if let Some(seq) = names::parse_segment(file) {
-            Some(Self::Segment(seq))
-        } else if let Some((seq, part)) = names::parse_part(file) {
-            Some(Self::Part(seq, part))
-        } else {
-            names::is_init(file).then_some(Self::Init)
-        }
-    }
-}
-
 /// `_HLS_msn` (and `_HLS_part`) of a blocking playlist request; malformed values are ignored.
 fn blocking_request(query: &HashMap<String, String>) -> Option<(u64, Option<u32>)> {
     let msn = query.get("_HLS_msn")?.parse().ok()?;
@@ -460,15 +433,10 @@ async fn wait_for(
     part: Option<u32>,
     hold: Duration,
 ) {
-    let mut rx = channel.published.subscribe();
-    let _ = tokio::time::timeout(hold, async {
-        while !read(&rendition.media).has(msn, part) {
-            if rx.changed().await.is_err() {
-                return;
-            }
-        }
-    })
-    .await;
+    channel
+        .published
+        .wait_until(hold, || read(&rendition.media).has(msn, part))
+        .await;
 }
 
 /// Draining: the viewer's next playlist request moves it (the page and `watch` fail over

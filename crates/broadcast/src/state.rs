@@ -6,10 +6,10 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use streaming_core::config::{HostConfig, Rendition};
+use streaming_core::news::News;
 use streaming_core::status::{BroadcastStatus, free_viewers, viewer_capacity};
 use streaming_core::token::TokenSigner;
 use streaming_hls::RenditionMedia;
-use tokio::sync::watch;
 
 use crate::viewers::{EgressMeter, ViewerTracker};
 
@@ -45,32 +45,18 @@ impl RenditionState {
 }
 
 /// One channel: its renditions and the ingest it is currently pulled from.
-#[derive(Debug)]
+#[derive(Debug, Default)]
 pub struct ChannelState {
     pub renditions: RwLock<BTreeMap<String, Arc<RenditionState>>>,
     pub origin: Mutex<Option<String>>,
-    /// Bumped whenever a segment or part arrives: blocking playlist and part requests wait on it.
-    pub published: watch::Sender<u64>,
-}
-
-impl Default for ChannelState {
-    fn default() -> Self {
-        Self {
-            renditions: RwLock::default(),
-            origin: Mutex::default(),
-            published: watch::channel(0).0,
-        }
-    }
+    /// Announced whenever a segment or part arrives: blocking playlist and part requests wait
+    /// on it.
+    pub published: News,
 }
 
 impl ChannelState {
     pub fn rendition(&self, name: &str) -> Option<Arc<RenditionState>> {
         read(&self.renditions).get(name).cloned()
-    }
-
-    /// Wakes the requests waiting for news.
-    pub fn announce(&self) {
-        self.published.send_modify(|n| *n = n.wrapping_add(1));
     }
 
     /// Age of the freshest segment over all renditions.

@@ -49,7 +49,7 @@ impl Puller {
         let added = *segments.as_ref().unwrap_or(&0) + *parts.as_ref().unwrap_or(&0);
         if added > 0 {
             *lock(&self.rendition.last_new) = Some(Instant::now());
-            self.channel_state.announce();
+            self.channel_state.published.announce();
         }
         segments?;
         parts?;
@@ -197,7 +197,7 @@ impl Puller {
             added += 1;
             let building = building(b, map.clone(), &listed, &parts, source.d);
             write(&self.rendition.media).set_building(Some(building));
-            self.channel_state.announce();
+            self.channel_state.published.announce();
         }
         Ok(added)
     }

@@ -10,6 +10,7 @@ pub mod conn_limit;
 pub mod fixture;
 pub mod http;
 pub mod lifecycle;
+pub mod news;
 pub mod ops_auth;
 pub mod patroni;
 pub mod process;

@@ -29,6 +29,19 @@ pub struct PlaylistShape {
     pub part_hold_back_s: f64,
 }
 
+impl PlaylistShape {
+    /// `list_len` segments of `target_s`; parts of at most `part_target_s` (0: none), players
+    /// starting `hold_back_parts` of them behind the newest.
+    pub fn new(list_len: usize, target_s: u32, part_target_s: f64, hold_back_parts: u32) -> Self {
+        Self {
+            list_len,
+            target_s,
+            part_target_s,
+            part_hold_back_s: part_target_s * f64::from(hold_back_parts),
+        }
+    }
+}
+
 #[derive(Debug)]
 pub struct RenditionMedia {
     window: SegmentWindow<Bytes>,

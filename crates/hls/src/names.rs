@@ -2,6 +2,33 @@
 //! `seq`, `<seq>.<part>.m4s` for its parts, and the init segments' own content-derived names
 //! (`init-<16 hex>.mp4`).
 
+/// What a file name of a rendition asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum File {
+    Playlist,
+    Segment(u64),
+    Part(u64, u32),
+    Init,
+}
+
+impl File {
+    /// The file a name asks for; `None` for anything that is not a name of ours.
+    pub fn of(name: &str) -> Option<Self> {
+        if name == PLAYLIST {
+            Some(Self::Playlist)
+        } else if let Some(seq) = parse_segment(name) {
+            Some(Self::Segment(seq))
+        } else if let Some((seq, part)) = parse_part(name) {
+            Some(Self::Part(seq, part))
+        } else {
+            is_init(name).then_some(Self::Init)
+        }
+    }
+}
+
+/// The media playlist of a rendition.
+pub const PLAYLIST: &str = "index.m3u8";
+
 /// The file name of segment `seq`.
 pub fn segment(seq: u64) -> String {
     format!("{seq}.m4s")
@@ -65,6 +92,11 @@ mod tests {
             assert_eq!(parse_part(bad), None, "{bad}");
         }
         assert!(is_init("init-0123456789abcdef.mp4"));
+        assert_eq!(File::of("index.m3u8"), Some(File::Playlist));
+        assert_eq!(File::of("7.m4s"), Some(File::Segment(7)));
+        assert_eq!(File::of("7.2.m4s"), Some(File::Part(7, 2)));
+        assert_eq!(File::of("init-0123456789abcdef.mp4"), Some(File::Init));
+        assert_eq!(File::of("index.m3u8.bak"), None);
         for bad in [
             "init-.mp4",
             "init-0123456789abcdeg.mp4",

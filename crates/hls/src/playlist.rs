@@ -6,6 +6,13 @@ use crate::names;
 use crate::timeline::format_program_date_time;
 use crate::window::SegmentInfo;
 
+/// A blocking playlist request may ask for a segment at most this many ahead of the newest
+/// (rfc8216bis 6.2.5.2: 400 beyond).
+pub const MAX_MSN_AHEAD: u64 = 2;
+/// A blocking playlist request is held at most this many target durations, a request for the
+/// hinted part this many part targets; then it gets what there is.
+pub const HOLD_TARGETS: f64 = 3.0;
+
 /// The segments a playlist lists and the numbers it starts with.
 #[derive(Debug, Clone)]
 pub struct Listing<'a> {

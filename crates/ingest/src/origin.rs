@@ -16,6 +16,7 @@ use streaming_core::config::is_safe_name;
 use streaming_core::http::{has_bearer, metrics_response, text_error};
 use streaming_core::status::IngestStatus;
 use streaming_hls::names;
+use streaming_hls::playlist::{HOLD_TARGETS, MAX_MSN_AHEAD};
 
 use crate::channel::ChannelShared;
 use streaming_core::sync::{lock, read};
@@ -23,11 +24,6 @@ use streaming_core::sync::{lock, read};
 const PLAYLIST_TYPE: &str = "application/vnd.apple.mpegurl";
 /// Init segments and fragmented MP4 media segments.
 pub const MP4_TYPE: &str = "video/mp4";
-/// A blocking playlist request may ask for a segment at most this many slots ahead.
-const MAX_MSN_AHEAD: u64 = 2;
-/// A blocking request is held at most this many target durations (rfc8216bis 6.2.5.2), a
-/// request for the hinted part at most this many part targets; then it gets what there is.
-const HOLD_TARGETS: f64 = 3.0;
 
 #[derive(Clone)]
 pub struct OriginState {
@@ -155,7 +151,10 @@ async fn media_or_segment(
     if !is_safe_name(&rendition) || read(&ch.output).rendition(&rendition).is_none() {
         return text_error(StatusCode::NOT_FOUND, "no such rendition");
     }
-    if file == "index.m3u8" {
+    let Some(kind) = names::File::of(&file) else {
+        return text_error(StatusCode::NOT_FOUND, "no such file");
+    };
+    if kind == names::File::Playlist {
         if query.part.is_some() && query.msn.is_none() {
             return text_error(StatusCode::BAD_REQUEST, "_HLS_part needs _HLS_msn");
         }
@@ -175,7 +174,7 @@ async fn media_or_segment(
             None => text_error(StatusCode::NOT_FOUND, "no such rendition"),
         };
     }
-    if let Some((seq, index)) = names::parse_part(&file) {
+    if let names::File::Part(seq, index) = kind {
         // The hinted part (the next one) is answered as soon as it exists.
         let hold = Duration::from_secs_f64(ch.shape.part_target_s * HOLD_TARGETS);
         wait_for(&ch, &rendition, seq, Some(index), hold).await;
@@ -184,14 +183,11 @@ async fn media_or_segment(
     let Some(r) = out.rendition(&rendition) else {
         return text_error(StatusCode::NOT_FOUND, "no such rendition");
     };
-    let data = if let Some(seq) = names::parse_segment(&file) {
-        r.media.window().get(seq).map(|(_, d)| d.clone())
-    } else if let Some((seq, index)) = names::parse_part(&file) {
-        r.media.part(seq, index)
-    } else if names::is_init(&file) {
-        r.media.init(&file)
-    } else {
-        return text_error(StatusCode::NOT_FOUND, "no such file");
+    let data = match kind {
+        names::File::Segment(seq) => r.media.window().get(seq).map(|(_, d)| d.clone()),
+        names::File::Part(seq, index) => r.media.part(seq, index),
+        names::File::Init => r.media.init(&file),
+        names::File::Playlist => None,
     };
     match data {
         Some(data) => ([(header::CONTENT_TYPE, MP4_TYPE)], data).into_response(),
@@ -208,20 +204,13 @@ async fn wait_for(
     part: Option<u32>,
     hold: Duration,
 ) {
-    let mut rx = ch.published.subscribe();
-    let published = || {
-        read(&ch.output)
-            .rendition(rendition)
-            .is_some_and(|r| r.media.has(msn, part))
-    };
-    let _ = tokio::time::timeout(hold, async {
-        while !published() {
-            if rx.changed().await.is_err() {
-                return;
-            }
-        }
-    })
-    .await;
+    ch.published
+        .wait_until(hold, || {
+            read(&ch.output)
+                .rendition(rendition)
+                .is_some_and(|r| r.media.has(msn, part))
+        })
+        .await;
 }
 
 async fn status(State(s): State<OriginState>) -> Response {

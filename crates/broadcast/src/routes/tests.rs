@@ -630,7 +630,7 @@ fn show_parts(app: &App, seq: u64, parts: &[&'static [u8]]) {
         };
         r.media.write().unwrap().set_building(Some(building));
     }
-    channel.announce();
+    channel.published.announce();
 }
 
 #[tokio::test]

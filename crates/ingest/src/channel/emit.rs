@@ -145,7 +145,7 @@ impl ChannelTask {
                 r.show_building(info.clone(), &slate[..due.min(slate.len())]);
             }
         }
-        self.shared.announce();
+        self.shared.published.announce();
         if all_shown && now >= self.setup.clock.slot_start_ms(slot + 1) + grace {
             self.slating = None;
             self.decide(slot);
@@ -198,7 +198,7 @@ impl ChannelTask {
         };
         let parts = &entry.renditions[rendition].parts;
         write(&self.shared.output).renditions[rendition].show_building(info, parts);
-        self.shared.announce();
+        self.shared.published.announce();
     }
 
     /// Publishes the next slots as soon as every rendition's live segment is in and the slot
@@ -294,7 +294,7 @@ impl ChannelTask {
         for rendition in 0..self.setup.slates.len() {
             self.show_building(rendition);
         }
-        self.shared.announce();
+        self.shared.published.announce();
     }
 
     /// The slate of every rendition, cut for this slot. A rendition whose slate cannot be cut

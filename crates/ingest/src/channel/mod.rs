@@ -24,7 +24,7 @@ use streaming_media::{Part, PartClock};
 mod emit;
 mod output;
 
-pub use output::{ChannelOutput, ChannelShared, RenditionOutput, part_info, playlist_shape};
+pub use output::{ChannelOutput, ChannelShared, RenditionOutput, part_info};
 mod input;
 mod runs;
 

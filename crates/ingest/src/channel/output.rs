@@ -4,12 +4,12 @@
 use std::sync::{Arc, Mutex, RwLock};
 
 use streaming_core::config::{ChannelConfig, TimelineConfig};
+use streaming_core::news::News;
 use streaming_core::status::IngestChannelStatus;
 use streaming_hls::{
     Building, PartInfo, PlaylistShape, RenditionMedia, SegmentInfo, Variant, WindowError,
 };
 use streaming_media::Part;
-use tokio::sync::watch;
 
 use crate::transcode::SegmentMedia;
 
@@ -60,16 +60,6 @@ pub fn part_info(part: &Part) -> PartInfo {
     }
 }
 
-/// The playlist shape of a channel: the timeline's, with its part target.
-pub fn playlist_shape(timeline: &TimelineConfig, part_target_s: f64) -> PlaylistShape {
-    PlaylistShape {
-        list_len: timeline.playlist_segments as usize,
-        target_s: timeline.segment_seconds,
-        part_target_s,
-        part_hold_back_s: part_target_s * f64::from(timeline.part_hold_back_parts),
-    }
-}
-
 /// What the origin serves for a channel.
 pub struct ChannelOutput {
     pub renditions: Vec<RenditionOutput>,
@@ -99,8 +89,8 @@ pub struct ChannelShared {
     pub name: String,
     pub shape: PlaylistShape,
     pub output: RwLock<ChannelOutput>,
-    /// Bumped whenever a segment or part is published: blocking requests wait on it.
-    pub published: watch::Sender<u64>,
+    /// Announced whenever a segment or part is published: blocking requests wait on it.
+    pub published: News,
     pub status: Mutex<IngestChannelStatus>,
 }
 
@@ -129,18 +119,18 @@ impl ChannelShared {
             .collect();
         Arc::new(Self {
             name: config.name.clone(),
-            shape: playlist_shape(timeline, part_target_s),
+            shape: PlaylistShape::new(
+                timeline.playlist_segments as usize,
+                timeline.segment_seconds,
+                part_target_s,
+                timeline.part_hold_back_parts,
+            ),
             output: RwLock::new(ChannelOutput {
                 renditions,
                 variants,
             }),
-            published: watch::channel(0).0,
+            published: News::default(),
             status: Mutex::new(IngestChannelStatus::default()),
         })
-    }
-
-    /// Wakes the requests waiting for news.
-    pub fn announce(&self) {
-        self.published.send_modify(|n| *n = n.wrapping_add(1));
     }
 }
