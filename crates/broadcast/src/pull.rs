@@ -310,6 +310,10 @@ pub(crate) struct Puller {
     choice: OriginChoice,
     switched_at: Instant,
     last_probe: Instant,
+    /// The question to the preferred ingest in flight, if any. It runs beside the pulling, never
+    /// in its way: a hung preferred ingest takes the whole probe timeout to not answer, and a
+    /// low-latency viewer holds only PART-HOLD-BACK of buffer.
+    preferred_probe: Option<tokio::task::JoinHandle<bool>>,
     consecutive_failures: usize,
     /// A segment that failed to download, and on how many tries: after one try per ingest we
     /// give up on it (the window then marks the gap as a discontinuity).
@@ -337,6 +341,7 @@ impl Puller {
             choice: OriginChoice::default(),
             switched_at: now,
             last_probe: now,
+            preferred_probe: None,
             consecutive_failures: 0,
             failed_seq: None,
         }
@@ -414,18 +419,25 @@ impl Puller {
                 3 * d + Duration::from_secs(1),
             ),
         );
-        let probe_due =
-            origin != preferred && now.duration_since(self.last_probe) >= PREFERRED_PROBE_INTERVAL;
-        let probe = async {
-            if !probe_due {
-                return None;
+        let probe = match self.preferred_probe.take() {
+            Some(task) if task.is_finished() => task.await.ok(),
+            other => {
+                self.preferred_probe = other;
+                None
             }
-            Some(preferred_is_back(&client, &key, &preferred, &path, held, d).await)
         };
-        let (main, probe) = tokio::join!(main, probe);
-        if probe.is_some() {
-            self.last_probe = Instant::now();
+        if self.preferred_probe.is_none()
+            && origin != preferred
+            && now.duration_since(self.last_probe) >= PREFERRED_PROBE_INTERVAL
+        {
+            self.last_probe = now;
+            let (client, key, preferred, path) =
+                (client.clone(), key.clone(), preferred.clone(), path.clone());
+            self.preferred_probe = Some(tokio::spawn(async move {
+                preferred_is_back(&client, &key, &preferred, &path, held, d).await
+            }));
         }
+        let main = main.await;
 
         let round = Round {
             client: &client,
