@@ -224,6 +224,7 @@ impl Viewer {
         if !streaming_media::fmp4::starts_with_fragment(&body) {
             bail!("a part is not fragmented MP4");
         }
+        let stalls_before = p.buffer.stalls;
         p.took(
             &mut self.report.felt,
             Instant::now(),
@@ -232,6 +233,15 @@ impl Viewer {
             started,
             seconds,
         );
+        tracing::debug!(
+            viewer = self.index,
+            pdt,
+            ahead_s = p.buffer.buffer_ahead_s(),
+            "part"
+        );
+        if p.buffer.stalls > stalls_before {
+            tracing::info!(viewer = self.index, pdt, "stalled until this part arrived");
+        }
         Ok(())
     }
 }
