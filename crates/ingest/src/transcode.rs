@@ -62,6 +62,30 @@ pub fn x264_args(preset: &str, bitrates: &[u32]) -> Vec<String> {
     args
 }
 
+/// Encoder timing and audio format shared by the ladder and its slate. With the same x264
+/// settings they make the same SPS (its timing info follows the encoder's time base) and the
+/// same AAC configuration whatever the publisher sends, so the slate's init segment is the live
+/// one's and a slate part can follow live parts inside one segment (`channel::emit`).
+pub fn shared_format_args(audio_kbps: u32) -> Vec<String> {
+    [
+        "-fps_mode",
+        "passthrough",
+        "-enc_time_base",
+        "1:1000",
+        "-c:a",
+        "aac",
+        "-b:a",
+        &format!("{audio_kbps}k"),
+        "-ar",
+        "48000",
+        "-ac",
+        "2",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
+}
+
 /// MPEG-TS as streaming-media reads it, sent as soon as it is made: no mux delay, every PES
 /// with its length (a picture is complete when its bytes are in, not when the next begins),
 /// one AAC frame per PES, and a flush per packet.
@@ -90,7 +114,12 @@ pub fn ladder_args(channel: &ChannelConfig, segment_s: u32, first_frame_s: f64) 
         filter.push_str(&format!("[s{i}]"));
     }
     for (i, r) in channel.ladder.iter().enumerate() {
-        filter.push_str(&format!(";[s{i}]scale={}:{}[v{i}]", r.width, r.height));
+        // Square pixels, as the slate has: 16:9 scaled to 426x240 would otherwise signal a
+        // sample aspect ratio and make a different SPS.
+        filter.push_str(&format!(
+            ";[s{i}]scale={}:{},setsar=1[v{i}]",
+            r.width, r.height
+        ));
     }
     let c = format!("{first_frame_s:.3}");
     let d = segment_s;
@@ -119,22 +148,13 @@ pub fn ladder_args(channel: &ChannelConfig, segment_s: u32, first_frame_s: f64) 
     args.extend(["-map".to_owned(), "0:a".to_owned()]);
     let bitrates: Vec<u32> = channel.ladder.iter().map(|r| r.video_kbps).collect();
     args.extend(x264_args(&channel.preset, &bitrates));
-    let ab = format!("{}k", channel.audio_kbps);
-    let rest: &[&str] = &[
-        "-forced-idr",
-        "1",
-        "-force_key_frames",
-        &force,
-        "-fps_mode",
-        "passthrough",
-        "-enc_time_base",
-        "1:1000",
-        "-c:a",
-        "aac",
-        "-b:a",
-        &ab,
-    ];
-    args.extend(rest.iter().map(|s| s.to_string()));
+    args.extend([
+        "-forced-idr".to_owned(),
+        "1".to_owned(),
+        "-force_key_frames".to_owned(),
+        force,
+    ]);
+    args.extend(shared_format_args(channel.audio_kbps));
     args.extend(TS_OUTPUT_ARGS.iter().map(|s| s.to_string()));
     args.push("pipe:1".to_owned());
     args
@@ -377,7 +397,7 @@ fn supervise<M: From<RunEvent> + Send + 'static>(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use streaming_core::config::Rendition;
 
@@ -418,7 +438,7 @@ mod tests {
             "-hide_banner -nostdin -loglevel warning -copyts -f flv -i pipe:0 -filter_complex "
         ));
         assert!(args.contains(
-            &"[0:v]split=3[s0][s1][s2];[s0]scale=640:360[v0];[s1]scale=426:240[v1];[s2]scale=256:144[v2]".to_string()
+            &"[0:v]split=3[s0][s1][s2];[s0]scale=640:360,setsar=1[v0];[s1]scale=426:240,setsar=1[v1];[s2]scale=256:144,setsar=1[v2]".to_string()
         ));
         assert!(args.contains(
             &"expr:if(isnan(prev_forced_t),1,gte(floor((t+13.370)/2),floor((prev_forced_t+13.370)/2)+1))".to_string()

@@ -47,6 +47,15 @@ impl PartClock {
         ((self.part_ms as f64 / frame).ceil() * frame / 1000.0).min(self.segment_ms as f64 / 1000.0)
     }
 
+    /// Whether a part at `index` of its segment lasts what the clock gives it, within one
+    /// picture. A run that ended inside a part (its input stopped) makes a shorter one, and a
+    /// hole in the input a longer one (its last picture lasts until the next).
+    pub fn fits(&self, index: u32, duration_s: f64) -> bool {
+        let start = u64::from(index) * self.part_ms;
+        let nominal = self.part_ms.min(self.segment_ms.saturating_sub(start)) as f64;
+        (duration_s * 1000.0 - nominal).abs() <= self.frame_ms + 1.0
+    }
+
     /// The slot whose start this presentation time is, within one picture; `None` off a
     /// boundary.
     fn slot_starting_at(&self, pts: u64) -> Option<u64> {
@@ -413,5 +422,24 @@ impl Cutter {
         let init = Arc::new(init);
         self.init = Some(init.clone());
         Ok(init)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::PartClock;
+
+    #[test]
+    fn a_part_fits_its_place_within_one_picture() {
+        let clock = PartClock {
+            segment_ms: 2000,
+            part_ms: 480,
+            frame_ms: 40.0,
+        };
+        assert!(clock.fits(0, 0.48) && clock.fits(1, 0.44) && clock.fits(2, 0.52));
+        // The last part holds what is left of the segment.
+        assert!(clock.fits(4, 0.08) && !clock.fits(4, 0.48));
+        // Cut short by the end of its run, or stretched over a hole in the input.
+        assert!(!clock.fits(2, 0.36) && !clock.fits(2, 1.2));
     }
 }

@@ -1,6 +1,7 @@
 //! High availability end to end through the real binaries: both ingests publish one timeline,
-//! the failover matrix (short windows) leaves viewers with 0 stalls and 0 errors, and a broadcast
-//! and an ingest are added and removed while the cluster runs.
+//! the failover matrix (short windows) leaves viewers with 0 stalls and 0 errors, a broadcast
+//! and an ingest are added and removed while the cluster runs, and live media that stops inside
+//! a slot is followed by the slate in the same segment.
 //!
 //! `#[ignore]`d in a bare `cargo test` (needs ffmpeg, ffprobe, nix-instantiate and the workspace
 //! binaries); scripts/test.sh runs it with `--include-ignored`, one cluster at a time.
@@ -80,6 +81,28 @@ fn watch(state: &Path, seconds: u64, pin: Option<&str>) -> Value {
         command.args(["--pin", pin]);
     }
     json_of(&run(&mut command))
+}
+
+fn watch_low_latency(state: &Path, seconds: u64) -> Value {
+    json_of(&run(streamctl()
+        .args([
+            "watch",
+            "--json",
+            "--low-latency",
+            "--viewers",
+            "2",
+            "--seconds",
+        ])
+        .arg(seconds.to_string())
+        .arg("--state")
+        .arg(state)))
+}
+
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64
 }
 
 fn lb_broadcasts(state: &Path) -> Vec<(String, bool)> {
@@ -316,4 +339,51 @@ fn any_one_host_may_fail_and_the_topology_may_change() {
             .any(|h| h["name"] == "ingest3" || h["name"] == "broadcast5"),
         "removed hosts are gone: {status:#}"
     );
+
+    // Live media that stops inside a slot, with nobody to take over (both sources hung), leaves
+    // no hole: the slate finishes that slot from the next part on, inside the same segment,
+    // and low-latency viewers keep playing.
+    let viewers = {
+        let state = state.clone();
+        std::thread::spawn(move || watch_low_latency(&state, 14))
+    };
+    std::thread::sleep(std::time::Duration::from_secs(5));
+    while !(800..1000).contains(&(unix_ms() % 2000)) {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let hung_slot = unix_ms() / 2000;
+    for source in ["source1", "source2"] {
+        run(streamctl()
+            .args(["kill", source, "--hang", "--state"])
+            .arg(&state));
+    }
+    let listed = (hung_slot + 1) * 2000 + 1500;
+    std::thread::sleep(std::time::Duration::from_millis(
+        listed.saturating_sub(unix_ms()),
+    ));
+    let after_hang = playlist(1);
+    let segment = after_hang
+        .segments
+        .iter()
+        .find(|s| s.seq == hung_slot)
+        .unwrap_or_else(|| panic!("slot {hung_slot} is listed: {after_hang:#?}"));
+    assert!(
+        (segment.duration_s - 2.0).abs() < 0.05,
+        "the slot the sources stopped in is whole: {segment:?}"
+    );
+    let hung_parts: Vec<_> = after_hang.low_latency.parts_of(hung_slot).collect();
+    assert_eq!(hung_parts.len(), 5, "{hung_parts:#?}");
+    assert!(
+        hung_parts[0].independent && hung_parts[1..].iter().any(|p| p.independent),
+        "live parts, then slate parts from a keyframe: {hung_parts:#?}"
+    );
+    let watched = viewers.join().unwrap();
+    assert_eq!(
+        (watched["stalls"].as_u64(), watched["errors"].as_u64()),
+        (Some(0), Some(0)),
+        "{watched:#}"
+    );
+    for source in ["source1", "source2"] {
+        run(streamctl().args(["start", source, "--state"]).arg(&state));
+    }
 }

@@ -10,7 +10,8 @@ use streaming_media::Part;
 use crate::transcode::SegmentMedia;
 
 use super::{
-    ChannelTask, LastPushed, PendingRendition, PendingSlot, SLATE_PART_GRACE, publish_at_ms,
+    ChannelTask, LastPushed, PendingRendition, PendingSlot, SLATE_PART_GRACE, Slating,
+    publish_at_ms,
 };
 
 impl ChannelTask {
@@ -21,8 +22,21 @@ impl ChannelTask {
         let slot = part.slot;
         if rendition >= n
             || !self.accepts(slot)
-            || self.slating.as_ref().is_some_and(|(s, _)| *s == slot)
+            || self.slating.as_ref().is_some_and(|s| s.slot == slot)
         {
+            return;
+        }
+        if !self.setup.parts.fits(part.index, part.duration_s)
+            && self.setup.slates[rendition].can_follow(&part)
+        {
+            // Cut short by the end of its run, or stretched over a hole in the input: the
+            // slate stands in from this part on, so the timeline keeps every part whole.
+            tracing::info!(channel = %self.setup.config.name, run = run_id, rendition, slot,
+                index = part.index, duration_s = part.duration_s, "live part does not fill its place: the slate takes over from it");
+            if slot == self.next_slot && self.pending.get(&slot).is_some_and(|p| p.run_id == run_id)
+            {
+                self.publish_short_slot();
+            }
             return;
         }
         // A newer run delivers a later slot: the run that left the next slot short will add
@@ -94,85 +108,169 @@ impl ChannelTask {
         true
     }
 
-    /// Publishes the next slot now, as far as its live parts go, when it has some and is not
-    /// complete (its run will add nothing more).
+    /// The run of the next slot will add nothing more to it: the slate finishes it part by
+    /// part from where its live parts stop, each slate part shown as soon as its time has
+    /// come. When the slate cannot follow those parts (another init segment), the slot is
+    /// published now as far as its live parts go.
     pub(super) fn publish_short_slot(&mut self) {
         let slot = self.next_slot;
-        if self.has_live_parts(slot) && !self.next_slot_complete() {
+        if let Some(slating) = self.slating.as_mut().filter(|s| s.slot == slot) {
+            slating.lag_ms = 0;
+        } else if !self.has_live_parts(slot) || self.next_slot_complete() {
+            return;
+        } else if !self.start_slating(0) {
             self.decide(slot);
+            return;
+        }
+        self.show_slating(unix_now_ms());
+    }
+
+    /// The run that made the next slot's parts so far, if any.
+    pub(super) fn next_slot_run(&self) -> Option<u64> {
+        let slot = self.next_slot;
+        match &self.slating {
+            Some(s) if s.slot == slot => s.run_id,
+            _ => self.pending.get(&slot).map(|p| p.run_id),
         }
     }
 
-    /// Slates the next slot part by part when no live part of it came in time: each slate part
-    /// is shown [`SLATE_PART_GRACE`] after its end, and the slot is decided once all are.
+    /// When the next slot's live media is late enough for the slate (unix ms): the end of the
+    /// first part some rendition is missing, plus [`SLATE_PART_GRACE`]. Never while live
+    /// parts that the slate cannot follow are there (they are published short instead).
+    fn live_late_ms(&self) -> u64 {
+        let slot = self.next_slot;
+        if self.next_slot_complete() {
+            return u64::MAX;
+        }
+        let start = self.setup.clock.slot_start_ms(slot);
+        let clock = self.setup.parts;
+        let grace = SLATE_PART_GRACE.as_millis() as u64;
+        let pending = self.pending.get(&slot);
+        let mut late = u64::MAX;
+        for (r, slate) in self.setup.slates.iter().enumerate() {
+            let live = pending.map_or(&[][..], |p| &p.renditions[r].parts[..]);
+            if live.last().is_some_and(|last| !slate.can_follow(last)) {
+                return u64::MAX;
+            }
+            if live.len() < clock.parts_per_segment() as usize {
+                let end = ((live.len() as u64 + 1) * clock.part_ms).min(clock.segment_ms);
+                late = late.min(start + end + grace);
+            }
+        }
+        late
+    }
+
+    /// Starts finishing the next slot with the slate (see [`super::Slating`]). False when the
+    /// slate cannot follow its live parts.
+    fn start_slating(&mut self, lag_ms: u64) -> bool {
+        let slot = self.next_slot;
+        let pending = self.pending.get(&slot);
+        let (mut parts, mut live) = (Vec::new(), Vec::new());
+        for (r, slate) in self.setup.slates.iter().enumerate() {
+            let own = pending.map_or(&[][..], |p| &p.renditions[r].parts[..]);
+            let slate_parts = match slate.parts(slot) {
+                Ok(parts) => parts,
+                Err(e) => {
+                    tracing::error!(channel = %self.setup.config.name, slot, "slate: {e:#}");
+                    return false;
+                }
+            };
+            let rest: Vec<Part> = slate_parts.into_iter().skip(own.len()).collect();
+            let joins = own.last().is_none_or(|last| slate.can_follow(last))
+                && rest.first().is_none_or(|p| p.independent);
+            if !joins {
+                return false;
+            }
+            live.push(own.len());
+            parts.push(own.iter().cloned().chain(rest).collect());
+        }
+        let run_id = pending
+            .filter(|_| live.iter().any(|n| *n > 0))
+            .map(|p| p.run_id);
+        tracing::info!(channel = %self.setup.config.name, slot, ?live, lag_ms, "live parts stop: the slate finishes the slot part by part");
+        self.pending.remove(&slot);
+        self.slating = Some(Slating {
+            slot,
+            parts,
+            live,
+            run_id,
+            lag_ms,
+        });
+        true
+    }
+
+    /// Finishes the next slot with the slate once a live part of it is late (see
+    /// [`Self::live_late_ms`]), and shows the slate parts that are due.
     fn slate_due(&mut self, now: u64) {
         let slot = self.next_slot;
-        let start = self.setup.clock.slot_start_ms(slot);
-        let (part_ms, grace) = (
-            self.setup.parts.part_ms.max(1),
-            SLATE_PART_GRACE.as_millis() as u64,
-        );
-        if self.slating.as_ref().map(|(s, _)| *s) != Some(slot) {
-            if self.has_live_parts(slot) || now < start + part_ms + grace {
+        if self.slating.as_ref().is_none_or(|s| s.slot != slot) {
+            if now < self.live_late_ms() {
                 return;
             }
-            let parts = self
-                .setup
-                .slates
-                .iter()
-                .map(|slate| slate.parts(slot).unwrap_or_default())
-                .collect();
-            tracing::info!(channel = %self.setup.config.name, slot, "no live part in time: slate shown part by part");
-            self.pending.remove(&slot);
-            self.slating = Some((slot, parts));
+            if !self.start_slating(SLATE_PART_GRACE.as_millis() as u64) {
+                // Only a slate that cannot be cut gets here (it was cut once at start): the
+                // slot goes as it is rather than this being asked again at once.
+                self.decide(slot);
+                return;
+            }
         }
-        let due = (now.saturating_sub(start + grace) / part_ms) as usize;
-        let Some((_, parts)) = &self.slating else {
+        self.show_slating(now);
+    }
+
+    /// Shows the parts of the slot being slated whose time has come, and decides the slot once
+    /// all are shown and its end has passed.
+    fn show_slating(&mut self, now: u64) {
+        let Some(slating) = self.slating.as_ref().filter(|s| s.slot == self.next_slot) else {
             return;
         };
+        let slot = slating.slot;
+        let start = self.setup.clock.slot_start_ms(slot);
+        let due =
+            (now.saturating_sub(start + slating.lag_ms) / self.setup.parts.part_ms.max(1)) as usize;
         let info = SegmentInfo {
             seq: slot,
             duration_s: 0.0,
-            discontinuity: true,
+            discontinuity: slating
+                .run_id
+                .is_none_or(|run| self.last_pushed != Some(LastPushed::Live(run))),
             program_date_time_ms: start,
             map: None,
             parts: Vec::new(),
         };
-        let all_shown = parts.iter().all(|p| p.len() <= due);
+        let mut all_shown = true;
         {
             let mut out = write(&self.shared.output);
-            for (r, slate) in out.renditions.iter_mut().zip(parts) {
-                r.show_building(info.clone(), &slate[..due.min(slate.len())]);
+            for ((r, parts), live) in out
+                .renditions
+                .iter_mut()
+                .zip(&slating.parts)
+                .zip(&slating.live)
+            {
+                let shown = due.max(*live).min(parts.len());
+                all_shown &= shown == parts.len();
+                r.show_building(info.clone(), &parts[..shown]);
             }
         }
         self.shared.published.announce();
-        if all_shown && now >= self.setup.clock.slot_start_ms(slot + 1) + grace {
-            self.slating = None;
+        if all_shown && now >= self.setup.clock.slot_start_ms(slot + 1) + slating.lag_ms {
             self.decide(slot);
         }
     }
 
-    /// When the slating of the next slot has something to do next (unix ms).
+    /// When the next slot's slating has something to do next (unix ms).
     pub(super) fn next_slate_ms(&self) -> u64 {
         let slot = self.next_slot;
-        let start = self.setup.clock.slot_start_ms(slot);
-        let (part_ms, grace) = (
-            self.setup.parts.part_ms.max(1),
-            SLATE_PART_GRACE.as_millis() as u64,
-        );
-        match &self.slating {
-            Some((s, parts)) if *s == slot => {
-                let now = unix_now_ms();
-                let due = now.saturating_sub(start + grace) / part_ms + 1;
-                let most = parts.iter().map(Vec::len).max().unwrap_or(0) as u64;
-                if due > most {
-                    self.setup.clock.slot_start_ms(slot + 1) + grace
-                } else {
-                    start + grace + due * part_ms
-                }
-            }
-            _ if self.has_live_parts(slot) => u64::MAX,
-            _ => start + part_ms + grace,
+        let Some(slating) = self.slating.as_ref().filter(|s| s.slot == slot) else {
+            return self.live_late_ms();
+        };
+        let start = self.setup.clock.slot_start_ms(slot) + slating.lag_ms;
+        let part_ms = self.setup.parts.part_ms.max(1);
+        let due = unix_now_ms().saturating_sub(start) / part_ms + 1;
+        let most = slating.parts.iter().map(Vec::len).max().unwrap_or(0) as u64;
+        if due > most {
+            self.setup.clock.slot_start_ms(slot + 1) + slating.lag_ms
+        } else {
+            start + due * part_ms
         }
     }
 
@@ -239,10 +337,22 @@ impl ChannelTask {
     pub(super) fn decide(&mut self, slot: u64) {
         let pending = self.pending.remove(&slot);
         self.pending.retain(|s, _| *s > slot);
+        let slating = self.slating.take().filter(|s| s.slot == slot);
         let pdt = self.setup.clock.slot_start_ms(slot);
         let slates = || self.slate_segments(slot);
-        let (parts, kind): (Vec<SegmentMedia>, LastPushed) = match pending {
-            Some(p) if p.renditions.iter().any(|r| !r.parts.is_empty()) => {
+        let (parts, kind): (Vec<SegmentMedia>, LastPushed) = match (slating, pending) {
+            (Some(slating), _) => {
+                let media = slating
+                    .parts
+                    .iter()
+                    .filter_map(|parts| SegmentMedia::from_parts(parts))
+                    .collect();
+                (
+                    media,
+                    slating.run_id.map_or(LastPushed::Slate, LastPushed::Live),
+                )
+            }
+            (None, Some(p)) if p.renditions.iter().any(|r| !r.parts.is_empty()) => {
                 let mut slate = None;
                 let media = p
                     .renditions

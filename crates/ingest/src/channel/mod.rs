@@ -1,9 +1,10 @@
 //! One channel: its publishers, the input switch, the transcoder runs and the slot emission.
 //!
 //! A single tokio task owns all of it (no locks on the media path); the origin reads the
-//! published windows through [`ChannelShared`]. Every slot k is decided once, at
-//! (k+1)·D + [`EMIT_GRACE`]: the live segments of all renditions if they all arrived, otherwise
-//! the slate in every rendition. So the playlists advance every D seconds whatever the input does.
+//! published windows through [`ChannelShared`]. Every slot k is decided once, by
+//! (k+1)·D + [`EMIT_GRACE`] at the latest: live parts as far as they came, and the slate for the
+//! rest of the slot in every rendition (part by part, see [`SLATE_PART_GRACE`]). So the
+//! playlists advance at the clock's pace whatever the input does.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::net::SocketAddr;
@@ -50,9 +51,10 @@ const MAX_RECENT_TAGS: usize = 2000;
 const STALLED_AFTER_SEGMENTS: u64 = 3;
 const MAX_RECENT_BYTES: usize = 32 * 1024 * 1024;
 
-/// A slot without any live part this long after its first part should have ended is slated,
-/// and its slate parts are shown at the clock's pace, each this long after its end: more than
-/// the transcoder takes to make a part (a low-latency viewer's buffer is only PART-HOLD-BACK).
+/// A live part missing this long after its media should have ended is replaced by the slate
+/// from there to the end of its slot, and the slate parts are shown at the clock's pace, each
+/// this long after its end: more than the transcoder takes to make a part, well within a
+/// low-latency viewer's buffer (PART-HOLD-BACK).
 pub const SLATE_PART_GRACE: Duration = Duration::from_millis(1000);
 
 /// When slot `slot` goes into the playlists: at its end on the wall clock when its live
@@ -182,6 +184,20 @@ impl PendingSlot {
     }
 }
 
+/// The next slot finished by the slate, part by part: per rendition, the live parts it has
+/// (none when no live part came in time) followed by the slate's parts from there on.
+struct Slating {
+    slot: u64,
+    parts: Vec<Vec<Part>>,
+    /// Live parts at the front of each rendition's `parts`.
+    live: Vec<usize>,
+    /// The run that made them; `None` when the whole slot is slate.
+    run_id: Option<u64>,
+    /// A slate part is shown this long after the end of its media: [`SLATE_PART_GRACE`] when
+    /// live media is late (it may still be coming), 0 once its run is known to add nothing.
+    lag_ms: u64,
+}
+
 /// Settings fixed for the channel task's life (the ladder shape is, see `Reconfigure`).
 pub struct ChannelSetup {
     pub config: ChannelConfig,
@@ -204,8 +220,8 @@ pub struct ChannelTask {
     crashes_in_row: u32,
     backoff_until: Option<Instant>,
     pending: BTreeMap<u64, PendingSlot>,
-    /// The slot being slated part by part, with the slate's parts of every rendition.
-    slating: Option<(u64, Vec<Vec<Part>>)>,
+    /// The slot being finished by the slate part by part.
+    slating: Option<Slating>,
     next_slot: u64,
     last_pushed: Option<LastPushed>,
     cache_segments: u64,

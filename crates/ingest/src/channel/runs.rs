@@ -80,11 +80,7 @@ impl ChannelTask {
     pub(super) fn run_exited(&mut self, run_id: u64, exit: RunExit) {
         // Everything this run made has been handed over: a slot it left short is published now
         // rather than at its deadline (low-latency viewers hold only PART-HOLD-BACK).
-        if self
-            .pending
-            .get(&self.next_slot)
-            .is_some_and(|p| p.run_id == run_id)
-        {
+        if self.next_slot_run() == Some(run_id) {
             self.publish_short_slot();
         }
         let current = self
