@@ -7,6 +7,7 @@ use streaming_core::sync::{lock, write};
 
 use streaming_media::Part;
 
+use crate::select::MAX_MEDIA_GAP_MS;
 use crate::transcode::SegmentMedia;
 
 use super::{
@@ -134,8 +135,24 @@ impl ChannelTask {
         }
     }
 
+    /// How long after its end a slate part is shown when live media is missing: the grace a
+    /// late part gets while some publisher sends media, none when none does (nothing can come
+    /// for the slot, and a low-latency viewer's buffer is better kept full).
+    fn slate_lag_ms(&self) -> u64 {
+        let now = unix_now_ms();
+        let sending = self
+            .publishers
+            .values()
+            .any(|p| p.usable() && now.saturating_sub(p.last_arrival_ms) <= MAX_MEDIA_GAP_MS);
+        if sending {
+            SLATE_PART_GRACE.as_millis() as u64
+        } else {
+            0
+        }
+    }
+
     /// When the next slot's live media is late enough for the slate (unix ms): the end of the
-    /// first part some rendition is missing, plus [`SLATE_PART_GRACE`]. Never while live
+    /// first part some rendition is missing, plus [`Self::slate_lag_ms`]. Never while live
     /// parts that the slate cannot follow are there (they are published short instead).
     fn live_late_ms(&self) -> u64 {
         let slot = self.next_slot;
@@ -144,7 +161,7 @@ impl ChannelTask {
         }
         let start = self.setup.clock.slot_start_ms(slot);
         let clock = self.setup.parts;
-        let grace = SLATE_PART_GRACE.as_millis() as u64;
+        let grace = self.slate_lag_ms();
         let pending = self.pending.get(&slot);
         let mut late = u64::MAX;
         for (r, slate) in self.setup.slates.iter().enumerate() {
@@ -207,7 +224,7 @@ impl ChannelTask {
             if now < self.live_late_ms() {
                 return;
             }
-            if !self.start_slating(SLATE_PART_GRACE.as_millis() as u64) {
+            if !self.start_slating(self.slate_lag_ms()) {
                 // Only a slate that cannot be cut gets here (it was cut once at start): the
                 // slot goes as it is rather than this being asked again at once.
                 self.decide(slot);

@@ -46,6 +46,13 @@ impl ChannelTask {
                 }
             }
         }
+        if self.feed.as_ref().is_some_and(|f| f.publisher == conn)
+            && kind == TagKind::Video
+            && !flv::is_avc_sequence_header(&data)
+            && let Some(p) = self.publishers.get(&conn)
+        {
+            self.switch_if_planned(p.key.anchor_ms.saturating_add(u64::from(timestamp_ms)));
+        }
         if self.feed.as_ref().is_some_and(|f| f.publisher == conn) {
             if kind == TagKind::Video
                 && let Some(p) = self.publishers.get(&conn)
@@ -226,10 +233,45 @@ impl ChannelTask {
     /// The per-slot rule (`select`): which stream feeds slot `slot`, from who delivered the
     /// whole previous slot. On a change, ends the current run and starts the new source at its
     /// keyframe at or before the slot boundary (replayed from its recent media).
+    ///
+    /// A switch away from a source that delivered the previous slot and still sends is planned
+    /// for the next slot boundary instead (see `planned_switch`): the choice is made after the
+    /// boundary, when the current run is already inside this slot.
     pub(super) fn choose_source(&mut self, slot: u64) {
         let facts = self.facts(slot);
         let chosen = self.selector.decide(&facts);
+        let overdue = self.planned_switch.take().is_some_and(|(at, _)| at <= slot);
+        let now = unix_now_ms();
+        let current_delivers = self.feed.as_ref().is_some_and(|f| {
+            f.run.is_some()
+                && facts.iter().any(|x| x.key == f.key && x.delivered)
+                && self.publishers.values().any(|p| {
+                    p.key == f.key && now.saturating_sub(p.last_arrival_ms) <= MAX_MEDIA_GAP_MS
+                })
+        });
+        if let Some(next) = chosen.as_ref()
+            && !overdue
+            && current_delivers
+            && self.feed.as_ref().is_some_and(|f| &f.key != next)
+        {
+            tracing::info!(channel = %self.setup.config.name, slot = slot + 1, to = %next.source,
+                "input switch planned at the next slot boundary");
+            self.planned_switch = Some((slot + 1, next.clone()));
+            return;
+        }
         self.switch_feed(slot, chosen, &facts);
+    }
+
+    /// Makes the planned switch when the current source's media reaches its slot.
+    fn switch_if_planned(&mut self, wall_ms: u64) {
+        let Some((slot, key)) = self.planned_switch.clone() else {
+            return;
+        };
+        if wall_ms < self.setup.clock.slot_start_ms(slot) {
+            return;
+        }
+        let facts = self.facts(slot);
+        self.switch_feed(slot, Some(key), &facts);
     }
 
     /// What the rule knows for deciding `slot`: per stream, whether it delivered the slot
@@ -261,6 +303,7 @@ impl ChannelTask {
     ) {
         let clock = self.setup.clock;
         let prev = slot.saturating_sub(1);
+        self.planned_switch = None;
         if self.feed.as_ref().map(|f| &f.key) == chosen.as_ref() {
             return;
         }

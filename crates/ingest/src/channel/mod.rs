@@ -230,6 +230,10 @@ pub struct ChannelTask {
     next_decision: u64,
     /// The last slot for which a silent active source was looked at (once per slot).
     silence_checked: Option<u64>,
+    /// A switch away from a source that still delivers, made when its media reaches the start
+    /// of this slot: its run then completes the slot it is in (a run ended inside a slot
+    /// leaves the rest of that slot to the slate).
+    planned_switch: Option<(u64, SourceKey)>,
     /// When the task last looked for a silent source (unix ms).
     last_wake_ms: u64,
     /// When the current run started or last delivered a segment (unix ms): the hang watchdog.
@@ -262,6 +266,7 @@ impl ChannelTask {
             selector,
             next_decision: next_slot + 1,
             silence_checked: None,
+            planned_switch: None,
             last_wake_ms: unix_now_ms(),
             run_progress_ms: 0,
         }
