@@ -39,6 +39,11 @@ pub const PROGRESS_STALE: Duration = Duration::from_secs(5);
 /// machine can take seconds after the spawn. A run whose media lags the anchor by more than this
 /// is restarted with the anchor moved by the lag measured.
 pub const MAX_START_LAG_MS: i64 = 300;
+/// The other way: media ahead of its anchor by more than this (this start was quicker than
+/// the one the delay was measured on) claims wall-clock times it has not reached, so every
+/// PROGRAM-DATE-TIME and every latency figure would understate the real delay by as much.
+/// Corrected the same way.
+pub const MAX_START_LEAD_MS: i64 = 150;
 /// Restarts for a late start before the lag is accepted (and logged).
 const MAX_LAG_CORRECTIONS: u32 = 3;
 /// Tags queued per ingest before a stuck one starts dropping (about 3.5 s at 25 fps + audio).
@@ -209,8 +214,8 @@ fn supervise(shared: &Shared) {
                 tracing::warn!(
                     lag_ms,
                     start_delay_ms,
-                    "ffmpeg's media started {lag_ms} ms after its anchor (slow start): restarting \
-                     with the anchor {start_delay_ms} ms after the spawn"
+                    "ffmpeg's media started {lag_ms} ms after its anchor (negative: before it): \
+                     restarting with the anchor {start_delay_ms} ms after the spawn"
                 );
                 continue;
             }
@@ -255,7 +260,7 @@ fn supervise(shared: &Shared) {
 enum RunEnd {
     /// It exited; how, for the log.
     Exited(String),
-    /// Stopped on purpose: its media time lagged the anchor by `lag_ms`.
+    /// Stopped on purpose: its media time lagged the anchor by `lag_ms` (or led it: negative).
     Late { lag_ms: i64 },
 }
 
@@ -406,7 +411,7 @@ fn watch_log(
                     let lag_ms = wall_ms - anchor_ms as i64 - media_ms;
                     metrics::gauge!("source_start_lag_ms").set(lag_ms as f64);
                     tracing::info!(lag_ms, "media time against the anchor");
-                    if lag_ms > MAX_START_LAG_MS {
+                    if lag_ms > MAX_START_LAG_MS || lag_ms < -MAX_START_LEAD_MS {
                         terminate(Some(pid));
                         return Some(lag_ms);
                     }
