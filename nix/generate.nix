@@ -118,7 +118,7 @@ let
       cache_segments = cluster.timeline.cacheSegments;
       primary_return_seconds = cluster.timeline.primaryReturnSeconds or 6;
       part_ms = builtins.floor ((cluster.timeline.partSeconds or 0.4) * 1000 + 0.5);
-      part_hold_back_parts = cluster.timeline.partHoldBackParts or 3;
+      part_hold_back_parts = cluster.timeline.partHoldBackParts or 5;
     };
     hosts = map hostEntry cluster.hosts;
     channels = map channel cluster.channels;

@@ -410,6 +410,22 @@
   });
   setInterval(renderLive, 1000);
 
+  // hls.js speeds up towards its target latency only while it is less than one target
+  // duration beyond it (further back it takes the viewer to have chosen to be there), so a
+  // start that lands further back stays there: measured once in ten pages, 7 s behind at a 2 s
+  // target. In the first seconds of playback, before the viewer could have moved, such a start
+  // jumps to the live sync position instead.
+  let playingSince = null;
+  video.addEventListener('playing', () => { if (playingSince === null) playingSince = Date.now(); });
+  setInterval(() => {
+    const h = state.hls;
+    if (!h || playingSince === null || video.paused || Date.now() - playingSince > 15000) return;
+    const late = h.latency - h.targetLatency;
+    if (Number.isFinite(late) && late > targetDuration() && Number.isFinite(h.liveSyncPosition)) {
+      video.currentTime = h.liveSyncPosition;
+    }
+  }, 1000);
+
   // ---- total viewer count ----------------------------------------------------
   // GET <lb>/api/stats -> {"viewers","broadcasts"} every 5 s, LBs in turn; an LB without the
   // endpoint or unreachable just hides the count.

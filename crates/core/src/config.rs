@@ -244,7 +244,8 @@ pub struct TimelineConfig {
     #[serde(default = "default_part_ms")]
     pub part_ms: u32,
     /// How far behind the newest part players start: PART-HOLD-BACK in parts (at least 2, the
-    /// spec's minimum; 3 recommended).
+    /// spec's minimum). The default, 5 (2.0 s of 0.4 s parts), is the lowest that kept every
+    /// row of the failover matrix at 0 s of stall (docs/latency.md).
     #[serde(default = "default_part_hold_back_parts")]
     pub part_hold_back_parts: u32,
 }
@@ -254,7 +255,7 @@ fn default_part_ms() -> u32 {
 }
 
 fn default_part_hold_back_parts() -> u32 {
-    3
+    5
 }
 
 impl TimelineConfig {
