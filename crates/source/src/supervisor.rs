@@ -411,7 +411,7 @@ fn watch_log(
                     let lag_ms = wall_ms - anchor_ms as i64 - media_ms;
                     metrics::gauge!("source_start_lag_ms").set(lag_ms as f64);
                     tracing::info!(lag_ms, "media time against the anchor");
-                    if lag_ms > MAX_START_LAG_MS || lag_ms < -MAX_START_LEAD_MS {
+                    if !(-MAX_START_LEAD_MS..=MAX_START_LAG_MS).contains(&lag_ms) {
                         terminate(Some(pid));
                         return Some(lag_ms);
                     }
