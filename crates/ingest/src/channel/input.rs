@@ -270,6 +270,11 @@ impl ChannelTask {
         if wall_ms < self.setup.clock.slot_start_ms(slot) {
             return;
         }
+        if !self.publishers.values().any(|p| p.usable() && p.key == key) {
+            // The source it was for left meanwhile: the current one goes on.
+            self.planned_switch = None;
+            return;
+        }
         let facts = self.facts(slot);
         self.switch_feed(slot, Some(key), &facts);
     }
