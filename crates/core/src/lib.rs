@@ -2,6 +2,7 @@
 //! tokens, the chat protocol, TLS, secrets, telemetry, HTTPS serving and the signals that drive
 //! shutdown and reload, the cluster HTTPS client and the Patroni client.
 
+pub mod capacity;
 pub mod chat_protocol;
 pub mod client;
 pub mod config;

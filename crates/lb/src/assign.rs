@@ -2,7 +2,13 @@
 //!
 //! A viewer with a valid token goes back to the broadcast it names while that one stays
 //! eligible (its player's buffer and the broadcast's viewer count stay where they are); anyone
-//! else goes to the eligible broadcast with the most free viewer slots.
+//! else goes to an eligible broadcast drawn at random in proportion to its free viewer slots.
+//!
+//! In proportion, not "the most free slots": with one big broadcast (10 Gbit/s among 1 Gbit/s
+//! ones) the most-free rule sends nearly every viewer there, and its failure then moves nearly
+//! the whole audience at once onto hosts with a tenth of the room. Drawn in proportion, each
+//! broadcast holds a share of the audience that matches its room, a failure moves that share
+//! only, and the draw needs no state shared between the LBs.
 
 /// What the LB knows about one broadcast at the moment of choosing.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
@@ -18,12 +24,13 @@ pub struct Candidate {
     pub reason: String,
 }
 
-/// Picks a broadcast: the sticky one if eligible and not excluded, else the eligible one with
-/// the most free viewers (ties by name, so every LB breaks them alike).
+/// Picks a broadcast: the sticky one if eligible and not excluded, else one of the eligible
+/// ones drawn with a probability proportional to its free viewers.
 pub fn choose<'a>(
     candidates: &'a [Candidate],
     sticky: Option<&str>,
     exclude: &[String],
+    rng: &mut impl rand::Rng,
 ) -> Option<&'a Candidate> {
     let allowed = |c: &&Candidate| c.eligible && !exclude.iter().any(|e| e == &c.name);
     if let Some(name) = sticky
@@ -31,10 +38,28 @@ pub fn choose<'a>(
     {
         return Some(c);
     }
-    candidates.iter().filter(allowed).max_by(|a, b| {
-        a.free_viewers
-            .cmp(&b.free_viewers)
-            .then_with(|| b.name.cmp(&a.name))
+    let allowed: Vec<&Candidate> = candidates.iter().filter(allowed).collect();
+    draw_by_free_viewers(&allowed, rng).map(|i| allowed[i])
+}
+
+/// An index into `candidates`, each drawn with probability `free_viewers / total`. An eligible
+/// broadcast always weighs at least 1, so one reported full a moment ago can still be drawn
+/// (its eligibility already says whether it has room).
+pub fn draw_by_free_viewers(candidates: &[&Candidate], rng: &mut impl rand::Rng) -> Option<usize> {
+    let weight = |c: &Candidate| c.free_viewers.max(1);
+    let total: u64 = candidates.iter().map(|c| weight(c)).sum();
+    if total == 0 {
+        return None;
+    }
+    let mut ticket = rng.random_range(0..total);
+    candidates.iter().position(|c| {
+        let w = weight(c);
+        if ticket < w {
+            true
+        } else {
+            ticket -= w;
+            false
+        }
     })
 }
 
@@ -52,6 +77,10 @@ pub fn parse_exclude(value: Option<&str>) -> Vec<String> {
 
 #[cfg(test)]
 pub(crate) mod tests {
+    use std::collections::BTreeMap;
+
+    use rand::SeedableRng;
+
     use super::*;
 
     /// A candidate named `name` at `https://<name>`; also used by the routes' tests.
@@ -67,23 +96,61 @@ pub(crate) mod tests {
 
     fn pick(cands: &[Candidate], sticky: Option<&str>, exclude: &[&str]) -> Option<String> {
         let exclude: Vec<String> = exclude.iter().map(|s| s.to_string()).collect();
-        choose(cands, sticky, &exclude).map(|c| c.name.clone())
+        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+        choose(cands, sticky, &exclude, &mut rng).map(|c| c.name.clone())
+    }
+
+    /// How many of `draws` new viewers each candidate gets.
+    fn shares(cands: &[Candidate], draws: usize) -> BTreeMap<String, usize> {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(42);
+        let mut got = BTreeMap::new();
+        for _ in 0..draws {
+            let c = choose(cands, None, &[], &mut rng).unwrap();
+            *got.entry(c.name.clone()).or_default() += 1;
+        }
+        got
     }
 
     #[test]
-    fn most_free_capacity_wins() {
+    fn new_viewers_spread_in_proportion_to_free_capacity() {
+        // The default list: three 1 Gbit/s broadcasts and one 10 Gbit/s one.
         let cands = [
-            c("broadcast1", true, 10),
-            c("broadcast2", true, 500),
-            c("broadcast3", true, 40),
+            c("broadcast1", true, 100),
+            c("broadcast2", true, 100),
+            c("broadcast3", true, 1000),
+            c("broadcast4", true, 100),
         ];
-        assert_eq!(pick(&cands, None, &[]).as_deref(), Some("broadcast2"));
+        let got = shares(&cands, 13_000);
+        // Expected 1,000 / 10,000 / 1,000 / 1,000: within 10 %.
+        for (name, expected) in [
+            ("broadcast1", 1000),
+            ("broadcast2", 1000),
+            ("broadcast3", 10000),
+            ("broadcast4", 1000),
+        ] {
+            let n = got[name];
+            assert!(
+                n.abs_diff(expected) * 10 <= expected,
+                "{name}: {n} of 13000, expected about {expected} ({got:?})"
+            );
+        }
     }
 
     #[test]
-    fn ties_go_to_the_first_name() {
-        let cands = [c("broadcast2", true, 10), c("broadcast1", true, 10)];
-        assert_eq!(pick(&cands, None, &[]).as_deref(), Some("broadcast1"));
+    fn ineligible_and_excluded_broadcasts_get_nobody() {
+        let cands = [
+            c("broadcast1", false, 1000),
+            c("broadcast2", true, 10),
+            c("broadcast3", true, 0),
+        ];
+        let got = shares(&cands, 1000);
+        assert!(!got.contains_key("broadcast1"), "{got:?}");
+        // Eligible but reported full a moment ago: weight 1 against 10.
+        assert!(got["broadcast3"] < 200, "{got:?}");
+        assert_eq!(
+            pick(&cands, None, &["broadcast2", "broadcast3"]).as_deref(),
+            None
+        );
     }
 
     #[test]

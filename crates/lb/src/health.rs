@@ -12,9 +12,10 @@ use std::collections::{BTreeMap, VecDeque};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
+use streaming_core::capacity::BroadcastLoad;
 use streaming_core::client::{BodyError, read_limited};
 use streaming_core::config::{HostConfig, HostEntry, Role};
-use streaming_core::status::BroadcastStatus;
+use streaming_core::status::{BroadcastStatus, viewer_capacity};
 
 use crate::assign::Candidate;
 use streaming_core::sync::{read, write};
@@ -162,22 +163,37 @@ pub fn judge(host: &HostEntry, health: Option<&BroadcastHealth>, now: Instant) -
     candidate
 }
 
-/// Viewers on the configured broadcasts that answered within `MAX_POLL_AGE`, and how many did.
-pub fn audience(
+/// The configured broadcasts that answered within `MAX_POLL_AGE`, as counted for headroom:
+/// their viewers, and the viewers of the costliest top rendition their uplink holds.
+pub fn loads(
     config: &HostConfig,
     health: &BTreeMap<String, BroadcastHealth>,
     now: Instant,
-) -> (u64, usize) {
+) -> Vec<BroadcastLoad> {
+    // A viewer may pick the most expensive channel: plan for that, as the broadcasts do.
+    let top = config
+        .cluster
+        .channels
+        .iter()
+        .map(|c| c.top_bandwidth_bps())
+        .max()
+        .unwrap_or(0);
     config
         .cluster
         .hosts_with_role(Role::Broadcast)
-        .filter_map(|h| health.get(&h.name))
-        .filter(|h| {
-            h.last_ok
+        .filter_map(|h| Some((h, health.get(&h.name)?)))
+        .filter(|(_, b)| {
+            b.last_ok
                 .is_some_and(|t| now.saturating_duration_since(t) < MAX_POLL_AGE)
         })
-        .filter_map(|h| h.status.as_ref())
-        .fold((0, 0), |(viewers, n), s| (viewers + s.viewers, n + 1))
+        .filter_map(|(h, b)| Some((h, b.status.as_ref()?)))
+        .map(|(h, s)| BroadcastLoad {
+            name: h.name.clone(),
+            capacity: viewer_capacity(s.uplink_mbps, top),
+            viewers: s.viewers,
+            serving: !(h.drain || s.draining),
+        })
+        .collect()
 }
 
 /// Every configured broadcast, judged.

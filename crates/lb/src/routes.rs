@@ -20,7 +20,7 @@ use streaming_core::token::{TOKEN_TTL_SECS, TokenSigner, ViewerClaims, new_viewe
 use tower_http::cors::{AllowOrigin, CorsLayer};
 use tower_http::set_header::SetResponseHeaderLayer;
 
-use crate::assign::{Candidate, choose, parse_exclude};
+use crate::assign::{Candidate, choose, draw_by_free_viewers, parse_exclude};
 use crate::health::{Health, candidates};
 use streaming_core::sync::read;
 
@@ -104,7 +104,7 @@ impl App {
         let config = self.config();
         let cands = candidates(&config, &self.health.snapshot(), Instant::now());
         let sticky = claims.as_ref().map(|c| c.broadcast.as_str());
-        let Some(chosen) = choose(&cands, sticky, &exclude) else {
+        let Some(chosen) = choose(&cands, sticky, &exclude, &mut rand::rng()) else {
             metrics::counter!("lb_no_broadcast_total").increment(1);
             return Err(AssignError::NoBroadcast);
         };
@@ -139,23 +139,29 @@ pub const STEERING_TTL_SECS: u64 = 10;
 
 /// `PATHWAY-PRIORITY` of the steering manifest: the viewer's current pathway first while it is
 /// eligible (steering must not move everyone to the emptiest broadcast every TTL), then every
-/// other eligible broadcast, most free capacity first. With nothing eligible the current
-/// pathway (or every broadcast) is kept, so the player does not jump to a dead one.
-pub fn pathway_priority(cands: &[Candidate], current: Option<&str>) -> Vec<String> {
-    let mut eligible: Vec<&Candidate> = cands.iter().filter(|c| c.eligible).collect();
-    eligible.sort_by(|a, b| {
-        b.free_viewers
-            .cmp(&a.free_viewers)
-            .then_with(|| a.name.cmp(&b.name))
-    });
-    if let Some(cur) = current
-        && let Some(i) = eligible.iter().position(|c| c.name == cur)
-    {
-        let c = eligible.remove(i);
-        eligible.insert(0, c);
+/// other eligible broadcast in an order drawn in proportion to free capacity (as assignments
+/// are: when a broadcast dies, its steering players spread like new viewers would). With
+/// nothing eligible the current pathway (or every broadcast) is kept, so the player does not
+/// jump to a dead one.
+pub fn pathway_priority(
+    cands: &[Candidate],
+    current: Option<&str>,
+    rng: &mut impl rand::Rng,
+) -> Vec<String> {
+    let mut rest: Vec<&Candidate> = cands
+        .iter()
+        .filter(|c| c.eligible && Some(c.name.as_str()) != current)
+        .collect();
+    let mut order: Vec<String> = cands
+        .iter()
+        .filter(|c| c.eligible && Some(c.name.as_str()) == current)
+        .map(|c| c.name.clone())
+        .collect();
+    while let Some(i) = draw_by_free_viewers(&rest, rng) {
+        order.push(rest.swap_remove(i).name.clone());
     }
-    if !eligible.is_empty() {
-        return eligible.into_iter().map(|c| c.name.clone()).collect();
+    if !order.is_empty() {
+        return order;
     }
     match current.filter(|cur| cands.iter().any(|c| c.name == *cur)) {
         Some(cur) => vec![cur.to_owned()],
@@ -164,11 +170,15 @@ pub fn pathway_priority(cands: &[Candidate], current: Option<&str>) -> Vec<Strin
 }
 
 /// The HLS Content Steering manifest (version 1) for a player currently on `current`.
-pub fn steering_manifest(cands: &[Candidate], current: Option<&str>) -> serde_json::Value {
+pub fn steering_manifest(
+    cands: &[Candidate],
+    current: Option<&str>,
+    rng: &mut impl rand::Rng,
+) -> serde_json::Value {
     serde_json::json!({
         "VERSION": 1,
         "TTL": STEERING_TTL_SECS,
-        "PATHWAY-PRIORITY": pathway_priority(cands, current),
+        "PATHWAY-PRIORITY": pathway_priority(cands, current, rng),
     })
 }
 
@@ -318,14 +328,18 @@ async fn api_assign(
 
 /// `GET /api/stats`: the audience the page shows (viewers on every broadcast that answers).
 async fn api_stats(State(app): State<App>) -> Response {
-    let (viewers, broadcasts) =
-        crate::health::audience(&app.config(), &app.health.snapshot(), Instant::now());
+    let loads = crate::health::loads(&app.config(), &app.health.snapshot(), Instant::now());
+    let headroom = streaming_core::capacity::headroom(&loads);
     (
         [
             (header::ACCESS_CONTROL_ALLOW_ORIGIN, "*"),
             (header::CACHE_CONTROL, "no-store"),
         ],
-        axum::Json(serde_json::json!({ "viewers": viewers, "broadcasts": broadcasts })),
+        axum::Json(serde_json::json!({
+            "viewers": headroom.viewers,
+            "broadcasts": loads.len(),
+            "headroom": headroom,
+        })),
     )
         .into_response()
 }
@@ -351,7 +365,7 @@ async fn steering(
             (header::ACCESS_CONTROL_ALLOW_ORIGIN, "*"),
             (header::CACHE_CONTROL, "no-store"),
         ],
-        axum::Json(steering_manifest(&cands, current)),
+        axum::Json(steering_manifest(&cands, current, &mut rand::rng())),
     )
         .into_response()
 }

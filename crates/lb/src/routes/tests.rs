@@ -109,7 +109,8 @@ fn claims_of(location: &str) -> ViewerClaims {
 
 #[tokio::test]
 async fn redirects_carry_a_token_for_the_chosen_broadcast() {
-    let app = app(&[("broadcast1", 5), ("broadcast2", 50)]);
+    // broadcast1 is full: broadcast2 is the only choice.
+    let app = app(&[("broadcast1", 0), ("broadcast2", 50)]);
     let (status, headers, _) = get(&app, "/live/test/master.m3u8").await;
     assert_eq!(status, StatusCode::FOUND);
     let loc = headers[header::LOCATION].to_str().unwrap();
@@ -144,6 +145,17 @@ async fn stats_sum_the_viewers_of_answering_broadcasts() {
         (v["viewers"].as_u64(), v["broadcasts"].as_u64()),
         (Some(145), Some(2))
     );
+    // 100 Mbit/s each, 0.99 Mbit/s top rendition: 81 viewers each under the 80 % rule.
+    let h = &v["headroom"];
+    assert_eq!(
+        (h["capacity"].as_u64(), h["free"].as_i64()),
+        (Some(162), Some(17))
+    );
+    // Either one down (equal: the first by name), the other cannot take 145 viewers.
+    assert_eq!(
+        h["without_largest"],
+        serde_json::json!({"name": "broadcast1", "capacity": 81, "free": -64, "holds": false})
+    );
     let silent = app(&[("broadcast1", 5)]);
     let (_, _, body) = get(&silent, "/api/stats").await;
     let v: serde_json::Value = serde_json::from_str(&body).unwrap();
@@ -151,6 +163,8 @@ async fn stats_sum_the_viewers_of_answering_broadcasts() {
         (v["viewers"].as_u64(), v["broadcasts"].as_u64()),
         (Some(95), Some(1))
     );
+    assert_eq!(v["headroom"]["free"].as_i64(), Some(81 - 95));
+    assert!(v["headroom"]["without_largest"].is_null());
 }
 
 #[tokio::test]
@@ -210,16 +224,25 @@ async fn valid_token_is_sticky_and_keeps_the_viewer_id() {
 #[tokio::test]
 async fn bursts_spread_before_the_next_poll_but_do_not_fill_the_cluster() {
     let app = app(&[("broadcast1", 10), ("broadcast2", 16)]);
-    let mut got = Vec::new();
-    for _ in 0..8 {
-        let (_, _, body) = get(&app, "/api/assign").await;
-        let a: serde_json::Value = serde_json::from_str(&body).unwrap();
-        got.push(a["broadcast"].as_str().unwrap().to_owned());
-    }
-    // broadcast2 until both look alike (10 left), then in turn.
-    let mut expected = vec!["broadcast2"; 6];
-    expected.extend(["broadcast1", "broadcast2"]);
-    assert_eq!(got, expected);
+    let free = |body: String| -> Vec<(Option<bool>, Option<u64>)> {
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        v["broadcasts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|b| (b["eligible"].as_bool(), b["free_viewers"].as_u64()))
+            .collect()
+    };
+    // One new viewer: one slot fewer on the broadcast it went to, before any poll shows it.
+    let (_, _, body) = get(&app, "/api/assign").await;
+    let a: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let (_, _, body) = get_from(&app, "/status", "127.79.1.1:5000", &[]).await;
+    let expected = if a["broadcast"] == "broadcast1" {
+        [(Some(true), Some(9)), (Some(true), Some(16))]
+    } else {
+        [(Some(true), Some(10)), (Some(true), Some(15))]
+    };
+    assert_eq!(free(body), expected);
     // Assignments nobody uses (fake viewers, here from a thousand addresses, past the
     // per-address rate limit) take at most half the reported room: the cluster stays open
     // until the broadcasts themselves report it full.
@@ -229,15 +252,7 @@ async fn bursts_spread_before_the_next_poll_but_do_not_fill_the_cluster() {
         assert_eq!(status, StatusCode::OK);
     }
     let (_, _, body) = get_from(&app, "/status", "127.79.1.1:5000", &[]).await;
-    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
-    let free: Vec<_> = v["broadcasts"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|b| (b["eligible"].as_bool(), b["free_viewers"].as_u64()))
-        .collect();
-    // broadcast2 took the rest once it stayed ahead at half its reported 16.
-    assert_eq!(free, [(Some(true), Some(7)), (Some(true), Some(8))]);
+    assert_eq!(free(body), [(Some(true), Some(5)), (Some(true), Some(8))]);
 }
 
 #[tokio::test]
@@ -278,33 +293,51 @@ use crate::assign::tests::c as cand;
 
 #[test]
 fn steering_keeps_the_current_pathway_while_eligible() {
+    use rand::SeedableRng;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(1);
     let cands = [
         cand("broadcast1", true, 5),
         cand("broadcast2", true, 50),
         cand("broadcast3", false, 500),
         cand("broadcast4", true, 20),
     ];
-    assert_eq!(
-        pathway_priority(&cands, None),
-        ["broadcast2", "broadcast4", "broadcast1"]
-    );
-    assert_eq!(
-        pathway_priority(&cands, Some("broadcast1")),
-        ["broadcast1", "broadcast2", "broadcast4"]
-    );
-    // The current one died, hung or drains: it is left out, the best one leads.
-    assert_eq!(
-        pathway_priority(&cands, Some("broadcast3")),
-        ["broadcast2", "broadcast4", "broadcast1"]
-    );
+    let sorted = |mut v: Vec<String>| {
+        v.sort();
+        v
+    };
+    let order = pathway_priority(&cands, Some("broadcast1"), &mut rng);
+    assert_eq!(order[0], "broadcast1");
+    assert_eq!(sorted(order), ["broadcast1", "broadcast2", "broadcast4"]);
+    // The current one died, hung or drains: it is left out, and who leads is drawn in
+    // proportion to free capacity (broadcast2: 50 of 75).
+    let mut leads = HashMap::<String, u32>::new();
+    for _ in 0..3000 {
+        let order = pathway_priority(&cands, Some("broadcast3"), &mut rng);
+        assert_eq!(
+            sorted(order.clone()),
+            ["broadcast1", "broadcast2", "broadcast4"]
+        );
+        *leads.entry(order[0].clone()).or_default() += 1;
+    }
+    for (name, expected) in [
+        ("broadcast1", 200),
+        ("broadcast2", 2000),
+        ("broadcast4", 800),
+    ] {
+        let n = leads[name];
+        assert!(n.abs_diff(expected) * 5 <= expected, "{name}: {leads:?}");
+    }
     // Nothing eligible: stay put rather than jump to a dead broadcast.
     let dead = [cand("broadcast1", false, 0), cand("broadcast2", false, 0)];
-    assert_eq!(pathway_priority(&dead, Some("broadcast2")), ["broadcast2"]);
     assert_eq!(
-        pathway_priority(&dead, Some("nope")),
+        pathway_priority(&dead, Some("broadcast2"), &mut rng),
+        ["broadcast2"]
+    );
+    assert_eq!(
+        pathway_priority(&dead, Some("nope"), &mut rng),
         ["broadcast1", "broadcast2"]
     );
-    let m = steering_manifest(&cands, Some("broadcast4"));
+    let m = steering_manifest(&cands, Some("broadcast4"), &mut rng);
     assert_eq!(m["VERSION"], 1);
     assert_eq!(m["TTL"], STEERING_TTL_SECS);
     assert_eq!(m["PATHWAY-PRIORITY"][0], "broadcast4");
