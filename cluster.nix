@@ -76,6 +76,8 @@
     { name = "lb2"; role = "lb"; address = "192.0.2.12"; }
 
     # uplinkMbps caps viewers: viewers x top rendition bandwidth stays under 80 % of it.
+    # Any host may also declare `cores = N;`: `streamctl plan` then checks the measured cost
+    # of its share of an audience against them.
     { name = "broadcast1"; role = "broadcast"; address = "192.0.2.21"; uplinkMbps = 1000; }
     { name = "broadcast2"; role = "broadcast"; address = "192.0.2.22"; uplinkMbps = 1000; }
     { name = "broadcast3"; role = "broadcast"; address = "192.0.2.23"; uplinkMbps = 10000; }

@@ -89,6 +89,7 @@ let
     inherit ports;
     url = url host;
     uplink_mbps = host.uplinkMbps or null;
+    cores = host.cores or null;
     preferred_ingest = preferredIngest host;
     channel = host.channel or null;
     priority = host.priority or null;

@@ -294,6 +294,10 @@ pub struct HostEntry {
     pub url: String,
     /// Broadcasts: uplink that caps how many viewers the LBs send here.
     pub uplink_mbps: Option<u32>,
+    /// CPU cores of the machine, when declared: `streamctl plan` checks the measured cost of
+    /// its load against them (nothing at run time reads it).
+    #[serde(default)]
+    pub cores: Option<u32>,
     /// Broadcasts: the ingest pulled first (spread across broadcasts by the generator).
     pub preferred_ingest: Option<String>,
     /// Sources: the channel this source publishes.

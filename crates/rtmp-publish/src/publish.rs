@@ -656,6 +656,7 @@ mod tests {
             },
             url: url.into(),
             uplink_mbps: None,
+            cores: None,
             preferred_ingest: None,
             channel: None,
             priority: None,

@@ -138,6 +138,37 @@ pub fn evaluate(
     state_dir: &Path,
     address_prefix: &str,
 ) -> anyhow::Result<BTreeMap<String, HostConfig>> {
+    let mut args: Vec<std::ffi::OsString> = vec!["--argstr".into(), "profile".into()];
+    args.extend(["local".into(), "--argstr".into(), "stateDir".into()]);
+    args.push(state_dir.into());
+    args.extend(["--argstr".into(), "addressPrefix".into()]);
+    args.push(address_prefix.into());
+    run_generator(generator, cluster_file, &args)
+}
+
+/// The cluster as production hosts see it (`production` profile: the full ladder, the
+/// addresses and uplinks of `cluster.nix`), for planning rather than running.
+pub fn evaluate_production(
+    generator: &Path,
+    cluster_file: &Path,
+) -> anyhow::Result<streaming_core::config::ClusterConfig> {
+    let configs = run_generator(
+        generator,
+        cluster_file,
+        &["--argstr".into(), "profile".into(), "production".into()],
+    )?;
+    configs
+        .into_values()
+        .next()
+        .map(|c| c.cluster)
+        .context("the cluster file declares no host")
+}
+
+fn run_generator(
+    generator: &Path,
+    cluster_file: &Path,
+    profile_args: &[std::ffi::OsString],
+) -> anyhow::Result<BTreeMap<String, HostConfig>> {
     let cluster_file = std::fs::canonicalize(cluster_file)
         .with_context(|| format!("cluster file {}", cluster_file.display()))?;
     let output = Command::new("nix-instantiate")
@@ -146,9 +177,7 @@ pub fn evaluate(
         .arg("--arg")
         .arg("cluster")
         .arg(format!("import {}", nix_path(&cluster_file)?))
-        .args(["--argstr", "profile", "local", "--argstr", "stateDir"])
-        .arg(state_dir)
-        .args(["--argstr", "addressPrefix", address_prefix])
+        .args(profile_args)
         .output()
         .context("cannot run nix-instantiate (Debian: apt install nix-bin)")?;
     if !output.status.success() {

@@ -55,6 +55,10 @@ pub enum Command {
     Sync(SyncArgs),
     /// Load and comparison benchmarks.
     Bench(BenchArgs),
+    /// Capacity plan from the cluster file and the measured per-core figures: egress, room on
+    /// the broadcasts (80 % of each uplink), cores for ingests, broadcasts and LBs, and whether
+    /// the host list holds the audience with its largest host of each role down.
+    Plan(PlanArgs),
     /// Chat load: registered clients on several broadcasts send messages, reconnect through the
     /// LB on failures, and check that every acked message reached everyone once and in order.
     Chat(streaming_clients::chat::ChatArgs),
@@ -70,6 +74,31 @@ pub enum Command {
     /// process group.
     #[command(hide = true)]
     Supervise(SuperviseArgs),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct PlanArgs {
+    /// The cluster file (its production profile: full ladders, declared uplinks).
+    #[arg(long, default_value = "cluster.nix")]
+    pub cluster: PathBuf,
+    /// Viewers in all, shared evenly by the channels planned for. Several values
+    /// (`1000,5000`) print one line per case.
+    #[arg(long, value_delimiter = ',', required = true)]
+    pub viewers: Vec<u64>,
+    /// A channel to plan for (repeat for several); default: every channel of the file.
+    #[arg(long)]
+    pub channel: Vec<String>,
+    /// Count each viewer at this many Mbit/s instead of its channel's top rendition. Several
+    /// values (`1,2,3.5,5`) print one line per case.
+    #[arg(long, value_delimiter = ',')]
+    pub bitrate_mbps: Vec<f64>,
+    /// Measured per-core figures [default: docs/capacity-figures.json beside the cluster file,
+    /// in the working directory, or in the source tree].
+    #[arg(long)]
+    pub figures: Option<PathBuf>,
+    /// Print the plans as JSON.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Debug, Clone, Args)]

@@ -1,8 +1,8 @@
 //! streamctl: the operator's command line of streaming-cluster. Each subcommand parses its
 //! arguments ([`cli`]) and hands the work to a library: the local runner
 //! (`streaming_runner`: up, down, status, kill, start, partition, add, drain, sync), the
-//! simulated clients (`streaming_clients`: watch, chat, publish) or the benchmarks
-//! (`streaming_bench`).
+//! simulated clients (`streaming_clients`: watch, chat, publish), the benchmarks
+//! (`streaming_bench`) or the capacity planner (`streaming_plan`).
 
 pub mod cli;
 mod commands;
@@ -30,6 +30,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             BenchKind::ChatFailover(args) => streaming_bench::chat_failover::run(args).await,
             BenchKind::Chaos(args) => streaming_bench::chaos::run(args).await,
         },
+        Command::Plan(args) => commands::plan(args),
         Command::Chat(args) => streaming_clients::chat::run(args).await,
         Command::Publish(args) => streaming_clients::publish::run(args).await,
         Command::DbHost(args) => streaming_runner::db::run_host(&args.config),

@@ -2,11 +2,13 @@
 //! work, the result printed for the operator (plain text, or JSON with `--json`).
 
 mod faults;
+mod plan;
 mod status;
 mod topology;
 mod up;
 
 pub use faults::{heal, kill, partition, start};
+pub use plan::plan;
 pub use status::status;
 pub use topology::{add, drain, hosts, sync};
 pub use up::{down, up};
