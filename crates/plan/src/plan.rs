@@ -134,33 +134,11 @@ pub fn plan(
     target: &Target,
     figures: &Figures,
 ) -> Result<Plan, PlanError> {
-    let mut channels = Vec::new();
-    for (name, &viewers) in &target.viewers {
-        let channel = cluster.channel(name).ok_or_else(|| {
-            let known: Vec<&str> = cluster.channels.iter().map(|c| c.name.as_str()).collect();
-            PlanError::UnknownChannel(name.clone(), known.join(", "))
-        })?;
-        let per_viewer_bps = target.bitrate_bps.unwrap_or(channel.top_bandwidth_bps());
-        let output_mpx_s: f64 = channel
-            .ladder
-            .iter()
-            .map(|r| f64::from(r.width) * f64::from(r.height) * f64::from(channel.fps) / 1e6)
-            .sum();
-        let ingest_cores = figures
-            .ingest_cores_per_output_mpx_s
-            .get(&channel.preset)
-            .map(|f| output_mpx_s * f.value);
-        channels.push(ChannelPlan {
-            name: name.clone(),
-            viewers,
-            per_viewer_bps,
-            egress_bps: viewers.saturating_mul(per_viewer_bps),
-            preset: channel.preset.clone(),
-            renditions: channel.ladder.len(),
-            output_mpx_s,
-            ingest_cores,
-        });
-    }
+    let channels = target
+        .viewers
+        .iter()
+        .map(|(name, &viewers)| channel_plan(cluster, name, viewers, target, figures))
+        .collect::<Result<Vec<_>, _>>()?;
     let per_viewer_bps = target.bitrate_bps.unwrap_or_else(|| {
         cluster
             .channels
@@ -174,21 +152,6 @@ pub fn plan(
     }
     let viewers: u64 = channels.iter().map(|c| c.viewers).sum();
     let egress_bps: u64 = channels.iter().map(|c| c.egress_bps).sum();
-    // What one byte-per-second of egress costs in cores, per viewer too.
-    let core_cost = |viewers: f64, egress_bps: f64| -> Option<f64> {
-        let by_bytes = figures
-            .broadcast_serve_gbps_per_core
-            .as_ref()
-            .map(|f| egress_bps / 1e9 / f.value);
-        let by_viewers = figures
-            .broadcast_viewers_per_core
-            .as_ref()
-            .map(|f| viewers / f.value);
-        match (by_bytes, by_viewers) {
-            (Some(a), Some(b)) => Some(a.max(b)),
-            (a, b) => a.or(b),
-        }
-    };
 
     let hosts: Vec<&HostEntry> = cluster
         .hosts_with_role(Role::Broadcast)
@@ -206,15 +169,106 @@ pub fn plan(
             serving: !h.drain,
         })
         .collect();
-    let total_capacity: u64 = loads.iter().filter(|l| l.serving).map(|l| l.capacity).sum();
     let mean_viewer_bps = if viewers == 0 {
         per_viewer_bps as f64
     } else {
         egress_bps as f64 / viewers as f64
     };
-    let broadcasts: Vec<BroadcastPlan> = hosts
+    let broadcasts = broadcast_plans(
+        &hosts,
+        &loads,
+        viewers,
+        mean_viewer_bps,
+        per_viewer_bps,
+        figures,
+    );
+    // The audience as if placed: headroom needs viewers somewhere, and where they sit does
+    // not change the totals.
+    let mut placed = loads.clone();
+    if let Some(first) = placed.iter_mut().find(|l| l.serving) {
+        first.viewers = viewers;
+    }
+    let headroom = headroom(&placed);
+    let broadcasts_to_add = most_common_uplink(&hosts).map(|uplink| BroadcastsToAdd {
+        uplink_mbps: uplink,
+        count: to_add(&loads, viewers, viewer_capacity(uplink, per_viewer_bps)),
+    });
+    Ok(Plan {
+        viewers,
+        per_viewer_bps,
+        egress_bps,
+        broadcasts,
+        headroom,
+        broadcasts_needed: broadcasts_needed(&hosts, viewers, per_viewer_bps),
+        broadcasts_to_add,
+        ingests: ingest_plan(cluster, &channels),
+        lbs: lb_plan(cluster, viewers, figures),
+        channels,
+    })
+}
+
+fn channel_plan(
+    cluster: &ClusterConfig,
+    name: &str,
+    viewers: u64,
+    target: &Target,
+    figures: &Figures,
+) -> Result<ChannelPlan, PlanError> {
+    let channel = cluster.channel(name).ok_or_else(|| {
+        let known: Vec<&str> = cluster.channels.iter().map(|c| c.name.as_str()).collect();
+        PlanError::UnknownChannel(name.to_owned(), known.join(", "))
+    })?;
+    let per_viewer_bps = target.bitrate_bps.unwrap_or(channel.top_bandwidth_bps());
+    let output_mpx_s: f64 = channel
+        .ladder
         .iter()
-        .zip(&loads)
+        .map(|r| f64::from(r.width) * f64::from(r.height) * f64::from(channel.fps) / 1e6)
+        .sum();
+    let ingest_cores = figures
+        .ingest_cores_per_output_mpx_s
+        .get(&channel.preset)
+        .map(|f| output_mpx_s * f.value);
+    Ok(ChannelPlan {
+        name: name.to_owned(),
+        viewers,
+        per_viewer_bps,
+        egress_bps: viewers.saturating_mul(per_viewer_bps),
+        preset: channel.preset.clone(),
+        renditions: channel.ladder.len(),
+        output_mpx_s,
+        ingest_cores,
+    })
+}
+
+/// Cores a broadcast needs for `viewers` sending `egress_bps`: the larger of the byte cost
+/// and the per-viewer cost, each if measured.
+fn broadcast_cores(figures: &Figures, viewers: f64, egress_bps: f64) -> Option<f64> {
+    let by_bytes = figures
+        .broadcast_serve_gbps_per_core
+        .as_ref()
+        .map(|f| egress_bps / 1e9 / f.value);
+    let by_viewers = figures
+        .broadcast_viewers_per_core
+        .as_ref()
+        .map(|f| viewers / f.value);
+    match (by_bytes, by_viewers) {
+        (Some(a), Some(b)) => Some(a.max(b)),
+        (a, b) => a.or(b),
+    }
+}
+
+fn broadcast_plans(
+    hosts: &[&HostEntry],
+    loads: &[BroadcastLoad],
+    viewers: u64,
+    mean_viewer_bps: f64,
+    per_viewer_bps: u64,
+    figures: &Figures,
+) -> Vec<BroadcastPlan> {
+    let total_capacity: u64 = loads.iter().filter(|l| l.serving).map(|l| l.capacity).sum();
+    hosts
+        .iter()
+        .zip(loads)
         .map(|(h, l)| {
             let share = if l.serving && total_capacity > 0 {
                 (viewers as f64 * l.capacity as f64 / total_capacity as f64).min(l.capacity as f64)
@@ -229,24 +283,28 @@ pub fn plan(
                 capacity: l.capacity,
                 viewers: share,
                 egress_bps: share * mean_viewer_bps,
-                cores_at_target: core_cost(share, share * mean_viewer_bps),
-                cores_when_full: core_cost(full_bps / per_viewer_bps as f64, full_bps),
+                cores_at_target: broadcast_cores(figures, share, share * mean_viewer_bps),
+                cores_when_full: broadcast_cores(
+                    figures,
+                    full_bps / per_viewer_bps as f64,
+                    full_bps,
+                ),
                 cores_declared: h.cores,
             }
         })
-        .collect();
-    // The audience as if placed: headroom needs viewers somewhere, and where they sit does
-    // not change the totals.
-    let mut placed = loads.clone();
-    if let Some(first) = placed.iter_mut().find(|l| l.serving) {
-        first.viewers = viewers;
-    }
-    let headroom = headroom(&placed);
+        .collect()
+}
 
+/// For each uplink size of the list: how many broadcasts of that size alone carry `viewers`.
+fn broadcasts_needed(
+    hosts: &[&HostEntry],
+    viewers: u64,
+    per_viewer_bps: u64,
+) -> Vec<BroadcastsNeeded> {
     let mut uplinks: Vec<u32> = hosts.iter().filter_map(|h| h.uplink_mbps).collect();
     uplinks.sort_unstable();
     uplinks.dedup();
-    let broadcasts_needed = uplinks
+    uplinks
         .iter()
         .map(|&uplink| {
             let capacity_each = viewer_capacity(uplink, per_viewer_bps);
@@ -262,45 +320,34 @@ pub fn plan(
                 count_with_one_down: count.saturating_add(1),
             }
         })
-        .collect();
-    let broadcasts_to_add = most_common_uplink(&hosts).map(|uplink| BroadcastsToAdd {
-        uplink_mbps: uplink,
-        count: to_add(&loads, viewers, viewer_capacity(uplink, per_viewer_bps)),
-    });
+        .collect()
+}
 
-    let ingest_hosts: Vec<&HostEntry> = cluster.hosts_with_role(Role::Ingest).collect();
-    let ingest_cores: Option<f64> = channels.iter().map(|c| c.ingest_cores).sum();
-    let ingests = IngestPlan {
-        hosts: ingest_hosts.iter().map(|h| h.name.clone()).collect(),
-        cores_each: ingest_cores,
-        short_of_cores: short_of(&ingest_hosts, ingest_cores),
-        holds_with_one_down: ingest_hosts.len() >= 2,
-    };
-    let lb_hosts: Vec<&HostEntry> = cluster.hosts_with_role(Role::Lb).collect();
+fn ingest_plan(cluster: &ClusterConfig, channels: &[ChannelPlan]) -> IngestPlan {
+    let hosts: Vec<&HostEntry> = cluster.hosts_with_role(Role::Ingest).collect();
+    let cores: Option<f64> = channels.iter().map(|c| c.ingest_cores).sum();
+    IngestPlan {
+        hosts: hosts.iter().map(|h| h.name.clone()).collect(),
+        cores_each: cores,
+        short_of_cores: short_of(&hosts, cores),
+        holds_with_one_down: hosts.len() >= 2,
+    }
+}
+
+fn lb_plan(cluster: &ClusterConfig, viewers: u64, figures: &Figures) -> LbPlan {
+    let hosts: Vec<&HostEntry> = cluster.hosts_with_role(Role::Lb).collect();
     let requests_per_second = viewers as f64 / PAGE_STATS_INTERVAL_SECS;
-    let lb_cores = figures
+    let cores = figures
         .lb_requests_per_second_per_core
         .as_ref()
         .map(|f| requests_per_second / f.value);
-    let lbs = LbPlan {
-        hosts: lb_hosts.iter().map(|h| h.name.clone()).collect(),
+    LbPlan {
+        hosts: hosts.iter().map(|h| h.name.clone()).collect(),
         requests_per_second,
-        cores_each: lb_cores,
-        short_of_cores: short_of(&lb_hosts, lb_cores),
-        holds_with_one_down: lb_hosts.len() >= 2,
-    };
-    Ok(Plan {
-        viewers,
-        per_viewer_bps,
-        egress_bps,
-        channels,
-        broadcasts,
-        headroom,
-        broadcasts_needed,
-        broadcasts_to_add,
-        ingests,
-        lbs,
-    })
+        cores_each: cores,
+        short_of_cores: short_of(&hosts, cores),
+        holds_with_one_down: hosts.len() >= 2,
+    }
 }
 
 /// The uplink most broadcasts have (ties: the larger), the natural size of the next one.

@@ -117,6 +117,11 @@ fn print_plan(p: &Plan, bitrate_given: bool) {
         );
     }
 
+    print_broadcasts(p);
+    print_ingests_and_lbs(p);
+}
+
+fn print_broadcasts(p: &Plan) {
     println!(
         "\nBroadcasts (viewers held under 80 % of the uplink; new viewers spread in proportion to room)"
     );
@@ -177,7 +182,9 @@ fn print_plan(p: &Plan, bitrate_given: bool) {
         })
         .collect();
     println!("  of one size alone: {}", sizes.join(", "));
+}
 
+fn print_ingests_and_lbs(p: &Plan) {
     println!("\nIngests (each transcodes every channel: one down leaves the same work to another)");
     for c in &p.channels {
         let cost = match c.ingest_cores {
