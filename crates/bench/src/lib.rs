@@ -4,6 +4,7 @@
 //! - [`failover`]: the failover matrix, one fault (or pair) per row.
 //! - [`chat_failover`]: chat durability while the database primary fails.
 //! - [`chaos`]: a random fault schedule from a seed.
+//! - [`serve`]: one broadcast against nginx serving the same segment.
 //! - [`faults`]: injecting and undoing a fault, as `streamctl kill/start/partition/heal` do;
 //!   [`whole`]: when the cluster is whole again after one; [`database`]: who is primary and
 //!   whether every acked chat message is stored; [`obs_publisher`]: the OBS-like publisher of
@@ -15,4 +16,5 @@ pub mod database;
 pub mod failover;
 pub mod faults;
 pub mod obs_publisher;
+pub mod serve;
 pub mod whole;

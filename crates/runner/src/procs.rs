@@ -65,6 +65,27 @@ pub fn group_members(pgid: i32) -> Vec<Stat> {
         .collect()
 }
 
+/// CPU seconds (user + system) spent so far by the live members of a process group: sampled
+/// before and after a measurement, the difference over the wall time is the cores it used.
+pub fn group_cpu_seconds(pgid: i32) -> f64 {
+    // SAFETY: plain libc query.
+    let ticks_per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    let ticks: u64 = group_members(pgid)
+        .iter()
+        .filter_map(|m| {
+            let line = std::fs::read_to_string(format!("/proc/{}/stat", m.pid)).ok()?;
+            // After ") ": state ppid pgrp session tty tpgid flags minflt cminflt majflt
+            // cmajflt utime stime.
+            let rest = line.get(line.rfind(')')? + 2..)?;
+            let mut fields = rest.split_whitespace().skip(11);
+            let utime: u64 = fields.next()?.parse().ok()?;
+            let stime: u64 = fields.next()?.parse().ok()?;
+            Some(utime + stime)
+        })
+        .sum();
+    ticks as f64 / ticks_per_second
+}
+
 /// How a host's main process is doing.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "lowercase")]

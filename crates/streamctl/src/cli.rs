@@ -117,6 +117,10 @@ pub enum BenchKind {
     /// A random fault schedule from a seed (kills, hangs, crashes; single and in pairs) while
     /// viewers watch and chat clients write: per step and total figures.
     Chaos(streaming_bench::chaos::ChaosArgs),
+    /// One broadcast against nginx serving the same segment to wrk over HTTPS, in alternating
+    /// rounds: requests/s, Gbit/s, p99, and Gbit/s per core used (the sources and ingests are
+    /// hung meanwhile, then resumed).
+    Serve(streaming_bench::serve::ServeArgs),
 }
 
 #[derive(Debug, Args)]

@@ -29,6 +29,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             BenchKind::Failover(args) => streaming_bench::failover::run(args).await,
             BenchKind::ChatFailover(args) => streaming_bench::chat_failover::run(args).await,
             BenchKind::Chaos(args) => streaming_bench::chaos::run(args).await,
+            BenchKind::Serve(args) => streaming_bench::serve::run(args).await,
         },
         Command::Plan(args) => commands::plan(args),
         Command::Chat(args) => streaming_clients::chat::run(args).await,

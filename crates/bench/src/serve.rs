@@ -1,0 +1,563 @@
+//! `streamctl bench serve`: one broadcast against nginx serving the same segment bytes.
+//!
+//! Against a running local cluster: the bench signs a viewer token for the broadcast (with the
+//! cluster's token key, as an LB would), takes the newest segment of a rendition from it, and
+//! writes those bytes under an nginx root at the same path. nginx (Debian's, `worker_processes`
+//! = cores, TLS 1.3 only, the broadcast's own certificate, sendfile, no access log: how an
+//! nginx edge is usually set up) listens beside the broadcast. Then wrk asks each server for
+//! that segment over HTTPS with the same connections for the same time, in alternating rounds,
+//! broadcast first. The sources and ingests are hung meanwhile (their transcoders would take
+//! the cores the servers compete for; the broadcast keeps its window of segments) and resumed
+//! at the end, whatever happens.
+//!
+//! Each round gives requests per second, Gbit/s, the 99th percentile of the request time and
+//! the CPU the server used (its whole process group, from /proc): Gbit/s per core of the
+//! broadcast is the figure `streamctl plan` sizes broadcasts with.
+
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use serde::Serialize;
+
+use streaming_core::config::{HostConfig, Role};
+use streaming_core::token::{TokenSigner, ViewerClaims, new_viewer_id, unix_now};
+use streaming_runner::cluster::Layout;
+use streaming_runner::hosts::Blow;
+use streaming_runner::procs;
+
+use crate::faults;
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct ServeArgs {
+    /// State directory of the running cluster.
+    #[arg(long, default_value = ".streamctl")]
+    pub state: PathBuf,
+    /// The broadcast to measure.
+    #[arg(long, default_value = "broadcast1")]
+    pub broadcast: String,
+    /// The rendition whose segment is served [default: the channel's top one].
+    #[arg(long)]
+    pub rendition: Option<String>,
+    /// Open connections, each asking for the segment again as soon as it has it.
+    #[arg(long, default_value_t = 200)]
+    pub connections: u32,
+    /// Seconds per round and server.
+    #[arg(long, default_value_t = 10)]
+    pub seconds: u64,
+    /// Rounds: each measures the broadcast, then nginx.
+    #[arg(long, default_value_t = 3)]
+    pub rounds: u32,
+    /// Leave the sources and ingests running during the rounds.
+    #[arg(long)]
+    pub keep_transcoding: bool,
+    /// Write the Markdown table here.
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// Print the report as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ServeReport {
+    pub broadcast: String,
+    pub rendition: String,
+    pub segment_bytes: usize,
+    pub connections: u32,
+    pub seconds: u64,
+    pub cores: usize,
+    pub rounds: Vec<ServeRound>,
+    /// Broadcast requests per second over nginx's, per round.
+    pub ratios: Vec<f64>,
+    /// The broadcast's Gbit/s per core it used, median over its rounds.
+    pub broadcast_gbps_per_core: f64,
+    pub nginx_gbps_per_core: f64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ServeRound {
+    pub round: u32,
+    pub server: String,
+    pub requests_per_second: f64,
+    pub gbps: f64,
+    pub p99_ms: f64,
+    /// Answers other than 2xx/3xx plus socket errors.
+    pub errors: u64,
+    /// Cores the server's processes used during the round.
+    pub server_cores: f64,
+}
+
+/// Runs the bench and prints (or writes) its report.
+pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
+    for tool in ["wrk", "nginx"] {
+        which(tool).with_context(|| {
+            format!("{tool} is needed (Debian: apt-get install -y wrk nginx-light)")
+        })?;
+    }
+    let layout = Layout::new(&args.state)?;
+    let configs = layout.load_configs()?;
+    let config = configs
+        .iter()
+        .find(|c| c.name == args.broadcast && c.me().role == Role::Broadcast)
+        .with_context(|| format!("no broadcast named {} in this cluster", args.broadcast))?
+        .clone();
+    let quiet: Vec<String> = if args.keep_transcoding {
+        Vec::new()
+    } else {
+        configs
+            .iter()
+            .filter(|c| matches!(c.me().role, Role::Source | Role::Ingest))
+            .map(|c| c.name.clone())
+            .collect()
+    };
+    let work = tempdir()?;
+    let segment = fetch_segment(&config, args.rendition.as_deref()).await?;
+    // Hung only once the segment is in hand; resumed whatever the rounds did.
+    for host in &quiet {
+        faults::kill(&args.state, host, Blow::Hang).await?;
+    }
+    let result = measure(&args, &layout, &config, &segment, &work).await;
+    for host in &quiet {
+        if let Err(e) = faults::start(&args.state, host).await {
+            tracing::warn!(%host, "cannot resume: {e:#}");
+        }
+    }
+    let _ = std::fs::remove_dir_all(&work);
+    let report = result?;
+    let table = markdown(&report);
+    if let Some(out) = &args.out {
+        std::fs::write(out, &table).with_context(|| format!("write {}", out.display()))?;
+    }
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{table}");
+    }
+    Ok(())
+}
+
+/// The segment both servers serve: its URL path on the broadcast, its bytes and the token.
+struct Segment {
+    rendition: String,
+    path: String,
+    bytes: Vec<u8>,
+    token: String,
+}
+
+async fn fetch_segment(config: &HostConfig, rendition: Option<&str>) -> anyhow::Result<Segment> {
+    let channel = config
+        .cluster
+        .channels
+        .first()
+        .context("the cluster has no channel")?;
+    let rendition = match rendition {
+        Some(r) => r.to_owned(),
+        None => channel
+            .ladder
+            .first()
+            .map(|r| r.name.clone())
+            .context("the channel has no rendition")?,
+    };
+    let key = streaming_core::secrets::read_secret(&config.paths.token_key)?;
+    let token = TokenSigner::new(key.as_bytes()).sign(&ViewerClaims {
+        broadcast: config.name.clone(),
+        channel: channel.name.clone(),
+        viewer: new_viewer_id(),
+        expires: unix_now() + 3600,
+    });
+    let client =
+        streaming_core::client::cluster_client(&config.paths.ca_cert, Duration::from_secs(10))?;
+    let base = format!("{}/live/{}/{rendition}", config.me().url, channel.name);
+    let playlist = client
+        .get(format!("{base}/index.m3u8?t={token}"))
+        .send()
+        .await?
+        .error_for_status()
+        .context("media playlist")?
+        .text()
+        .await?;
+    let newest = playlist
+        .lines()
+        .rfind(|l| !l.starts_with('#') && !l.trim().is_empty())
+        .context("the media playlist lists no segment yet: is the cluster live?")?;
+    let file = newest.split('?').next().unwrap_or(newest).to_owned();
+    let bytes = client
+        .get(format!("{base}/{file}?t={token}"))
+        .send()
+        .await?
+        .error_for_status()
+        .context("segment")?
+        .bytes()
+        .await?
+        .to_vec();
+    Ok(Segment {
+        path: format!("/live/{}/{rendition}/{file}", channel.name),
+        rendition,
+        bytes,
+        token,
+    })
+}
+
+async fn measure(
+    args: &ServeArgs,
+    layout: &Layout,
+    config: &HostConfig,
+    segment: &Segment,
+    work: &Path,
+) -> anyhow::Result<ServeReport> {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let broadcast_pgid = procs::live_pid(
+        &layout.pid_file(&config.name),
+        &layout.config_file(&config.name),
+    )
+    .context("the broadcast is not running")?;
+    let nginx_addr = SocketAddr::new(config.me().address, config.me().ports.https + 1000);
+    let mut nginx = Nginx::start(config, segment, nginx_addr, cores, work)?;
+    let broadcast_url = format!("{}{}?t={}", config.me().url, segment.path, segment.token);
+    let nginx_url = format!("https://{nginx_addr}{}?t={}", segment.path, segment.token);
+    let mut rounds = Vec::new();
+    for round in 1..=args.rounds {
+        for (server, url, pgid) in [
+            ("broadcast", &broadcast_url, broadcast_pgid),
+            ("nginx", &nginx_url, nginx.pgid()),
+        ] {
+            let cpu0 = procs::group_cpu_seconds(pgid);
+            let t0 = Instant::now();
+            let wrk = run_wrk(url, args.connections, args.seconds, cores).await?;
+            let cpu = procs::group_cpu_seconds(pgid) - cpu0;
+            let wall = t0.elapsed().as_secs_f64();
+            let ok = wrk.requests.saturating_sub(wrk.non_success);
+            rounds.push(ServeRound {
+                round,
+                server: server.to_owned(),
+                requests_per_second: wrk.requests_per_second,
+                gbps: ok as f64 * segment.bytes.len() as f64 * 8.0 / wrk.seconds / 1e9,
+                p99_ms: wrk.p99_ms,
+                errors: wrk.non_success + wrk.socket_errors,
+                server_cores: cpu / wall,
+            });
+        }
+    }
+    nginx.stop();
+    Ok(summarise(args, config, segment, cores, rounds))
+}
+
+fn summarise(
+    args: &ServeArgs,
+    config: &HostConfig,
+    segment: &Segment,
+    cores: usize,
+    rounds: Vec<ServeRound>,
+) -> ServeReport {
+    let of = |server: &str| -> Vec<&ServeRound> {
+        rounds.iter().filter(|r| r.server == server).collect()
+    };
+    let ratios = of("broadcast")
+        .iter()
+        .zip(of("nginx"))
+        .map(|(b, n)| b.requests_per_second / n.requests_per_second.max(f64::MIN_POSITIVE))
+        .collect();
+    let per_core = |server: &str| {
+        median(
+            of(server)
+                .iter()
+                .map(|r| r.gbps / r.server_cores.max(1e-3))
+                .collect(),
+        )
+    };
+    ServeReport {
+        broadcast: config.name.clone(),
+        rendition: segment.rendition.clone(),
+        segment_bytes: segment.bytes.len(),
+        connections: args.connections,
+        seconds: args.seconds,
+        cores,
+        ratios,
+        broadcast_gbps_per_core: per_core("broadcast"),
+        nginx_gbps_per_core: per_core("nginx"),
+        rounds,
+    }
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    match v.len() {
+        0 => 0.0,
+        n if n % 2 == 1 => v[n / 2],
+        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    }
+}
+
+/// Debian's nginx, run by us in the foreground with its own process group.
+struct Nginx {
+    child: Child,
+}
+
+impl Nginx {
+    fn start(
+        config: &HostConfig,
+        segment: &Segment,
+        addr: SocketAddr,
+        workers: usize,
+        work: &Path,
+    ) -> anyhow::Result<Self> {
+        let root = work.join("root");
+        let file = root.join(segment.path.trim_start_matches('/'));
+        std::fs::create_dir_all(file.parent().context("segment path")?)?;
+        std::fs::write(&file, &segment.bytes)?;
+        let conf = work.join("nginx.conf");
+        std::fs::write(&conf, nginx_conf(config, addr, workers, work, &root))?;
+        let log = std::fs::File::create(work.join("nginx.out"))?;
+        let child = std::os::unix::process::CommandExt::process_group(
+            Command::new("nginx")
+                .arg("-p")
+                .arg(work)
+                .arg("-c")
+                .arg(&conf)
+                .arg("-e")
+                .arg(work.join("error.log"))
+                .stdin(Stdio::null())
+                .stdout(log.try_clone()?)
+                .stderr(log),
+            0,
+        )
+        .spawn()
+        .context("cannot start nginx")?;
+        let nginx = Self { child };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_err() {
+            if Instant::now() > deadline {
+                let out = std::fs::read_to_string(work.join("nginx.out")).unwrap_or_default();
+                bail!("nginx did not listen on {addr}: {out}");
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Ok(nginx)
+    }
+
+    fn pgid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    fn stop(&mut self) {
+        procs::stop_group(self.pgid(), Duration::from_secs(3));
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Nginx {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            self.stop();
+        }
+    }
+}
+
+fn nginx_conf(
+    config: &HostConfig,
+    addr: SocketAddr,
+    workers: usize,
+    work: &Path,
+    root: &Path,
+) -> String {
+    let w = work.display();
+    format!(
+        "daemon off;\nmaster_process on;\nworker_processes {workers};\npid {w}/nginx.pid;\n\
+         events {{ worker_connections 4096; }}\n\
+         http {{\n  access_log off;\n  sendfile on;\n  tcp_nopush on;\n  keepalive_requests 100000;\n\
+           keepalive_timeout 60;\n  client_body_temp_path {w}/body;\n  proxy_temp_path {w}/proxy;\n\
+           fastcgi_temp_path {w}/fastcgi;\n  uwsgi_temp_path {w}/uwsgi;\n  scgi_temp_path {w}/scgi;\n\
+           types {{ video/mp4 m4s; }}\n\
+           server {{\n    listen {addr} ssl;\n    ssl_protocols TLSv1.3;\n\
+             ssl_certificate {};\n    ssl_certificate_key {};\n    root {};\n\
+             add_header Cache-Control \"private, max-age=24\";\n  }}\n}}\n",
+        config.paths.tls_cert.display(),
+        config.paths.tls_key.display(),
+        root.display(),
+    )
+}
+
+/// What one wrk run reported.
+#[derive(Debug, Default, PartialEq)]
+struct WrkResult {
+    requests: u64,
+    seconds: f64,
+    requests_per_second: f64,
+    p99_ms: f64,
+    non_success: u64,
+    socket_errors: u64,
+}
+
+async fn run_wrk(
+    url: &str,
+    connections: u32,
+    seconds: u64,
+    threads: usize,
+) -> anyhow::Result<WrkResult> {
+    let output = tokio::process::Command::new("wrk")
+        .arg(format!("-t{threads}"))
+        .arg(format!("-c{connections}"))
+        .arg(format!("-d{seconds}s"))
+        .arg("--latency")
+        .arg(url)
+        .kill_on_drop(true)
+        .output()
+        .await
+        .context("cannot run wrk")?;
+    let text = String::from_utf8_lossy(&output.stdout);
+    if !output.status.success() {
+        bail!(
+            "wrk failed: {text}{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    parse_wrk(&text).with_context(|| format!("cannot read wrk's report:\n{text}"))
+}
+
+fn parse_wrk(text: &str) -> Option<WrkResult> {
+    let mut r = WrkResult::default();
+    for line in text.lines().map(str::trim) {
+        let words: Vec<&str> = line.split_whitespace().collect();
+        match words.as_slice() {
+            [n, "requests", "in", secs, ..] => {
+                r.requests = n.parse().ok()?;
+                r.seconds = secs
+                    .trim_end_matches(',')
+                    .trim_end_matches('s')
+                    .parse()
+                    .ok()?;
+            }
+            ["Requests/sec:", v] => r.requests_per_second = v.parse().ok()?,
+            ["99%", v] => r.p99_ms = duration_ms(v)?,
+            ["Non-2xx", "or", "3xx", "responses:", n] => r.non_success = n.parse().ok()?,
+            ["Socket", "errors:", rest @ ..] => {
+                r.socket_errors = rest
+                    .iter()
+                    .filter_map(|w| w.trim_end_matches(',').parse::<u64>().ok())
+                    .sum();
+            }
+            _ => {}
+        }
+    }
+    (r.seconds > 0.0).then_some(r)
+}
+
+/// wrk's durations: `850.00us`, `12.34ms`, `1.02s`, `2.00m`.
+fn duration_ms(v: &str) -> Option<f64> {
+    let split = v.find(|c: char| c.is_ascii_alphabetic())?;
+    let (n, unit) = v.split_at(split);
+    let n: f64 = n.parse().ok()?;
+    Some(match unit {
+        "us" => n / 1000.0,
+        "ms" => n,
+        "s" => n * 1000.0,
+        "m" => n * 60_000.0,
+        _ => return None,
+    })
+}
+
+fn which(tool: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|d| d.join(tool))
+            .find(|p| p.is_file())
+    })
+}
+
+fn tempdir() -> anyhow::Result<PathBuf> {
+    let dir = std::env::temp_dir().join(format!("bench-serve-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    Ok(dir)
+}
+
+fn markdown(r: &ServeReport) -> String {
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "{} ({} rendition, one {:.2} MB segment), {} connections, {} s per round, {} cores shared with wrk\n",
+        r.broadcast,
+        r.rendition,
+        r.segment_bytes as f64 / 1e6,
+        r.connections,
+        r.seconds,
+        r.cores
+    );
+    let _ = writeln!(
+        s,
+        "| round | server | requests/s | Gbit/s | p99 | errors | server cores | Gbit/s per core |"
+    );
+    let _ = writeln!(s, "|---|---|---|---|---|---|---|---|");
+    for x in &r.rounds {
+        let _ = writeln!(
+            s,
+            "| {} | {} | {:.0} | {:.2} | {:.0} ms | {} | {:.2} | {:.2} |",
+            x.round,
+            x.server,
+            x.requests_per_second,
+            x.gbps,
+            x.p99_ms,
+            x.errors,
+            x.server_cores,
+            x.gbps / x.server_cores.max(1e-3)
+        );
+    }
+    let ratios: Vec<String> = r.ratios.iter().map(|x| format!("{x:.2}")).collect();
+    let _ = writeln!(
+        s,
+        "\nBroadcast / nginx requests per second, per round: {}. Gbit/s per core used (median): broadcast {:.2}, nginx {:.2}.",
+        ratios.join(", "),
+        r.broadcast_gbps_per_core,
+        r.nginx_gbps_per_core
+    );
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wrk_reports_are_read() {
+        let text = "Running 10s test @ https://127.75.2.1:8443/live/test/360p/1.m4s?t=x
+  2 threads and 200 connections
+  Thread Stats   Avg      Stdev     Max   +/- Stdev
+    Latency   120.50ms   30.20ms   1.20s    80.00%
+    Req/Sec   830.10    100.20     1.00k    70.00%
+  Latency Distribution
+     50%  110.00ms
+     75%  130.00ms
+     90%  160.00ms
+     99%    1.02s
+  16602 requests in 10.01s, 9.10GB read
+  Socket errors: connect 0, read 2, write 0, timeout 3
+  Non-2xx or 3xx responses: 4
+Requests/sec:   1658.54
+Transfer/sec:    930.90MB
+";
+        assert_eq!(
+            parse_wrk(text),
+            Some(WrkResult {
+                requests: 16602,
+                seconds: 10.01,
+                requests_per_second: 1658.54,
+                p99_ms: 1020.0,
+                non_success: 4,
+                socket_errors: 5,
+            })
+        );
+        assert_eq!(parse_wrk("garbage"), None);
+        assert_eq!(duration_ms("850.00us"), Some(0.85));
+        assert_eq!(duration_ms("2.00m"), Some(120_000.0));
+    }
+
+    #[test]
+    fn medians() {
+        assert_eq!(median(vec![3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median(vec![4.0, 1.0]), 2.5);
+        assert_eq!(median(Vec::new()), 0.0);
+    }
+}
