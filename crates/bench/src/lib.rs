@@ -5,6 +5,7 @@
 //! - [`chat_failover`]: chat durability while the database primary fails.
 //! - [`chaos`]: a random fault schedule from a seed.
 //! - [`serve`]: one broadcast against nginx serving the same segment.
+//! - [`viewers`]: how many simulated viewers one broadcast holds, and their cost.
 //! - [`faults`]: injecting and undoing a fault, as `streamctl kill/start/partition/heal` do;
 //!   [`whole`]: when the cluster is whole again after one; [`database`]: who is primary and
 //!   whether every acked chat message is stored; [`obs_publisher`]: the OBS-like publisher of
@@ -17,4 +18,5 @@ pub mod failover;
 pub mod faults;
 pub mod obs_publisher;
 pub mod serve;
+pub mod viewers;
 pub mod whole;

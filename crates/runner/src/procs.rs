@@ -68,22 +68,69 @@ pub fn group_members(pgid: i32) -> Vec<Stat> {
 /// CPU seconds (user + system) spent so far by the live members of a process group: sampled
 /// before and after a measurement, the difference over the wall time is the cores it used.
 pub fn group_cpu_seconds(pgid: i32) -> f64 {
-    // SAFETY: plain libc query.
-    let ticks_per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
-    let ticks: u64 = group_members(pgid)
+    group_members(pgid)
         .iter()
-        .filter_map(|m| {
-            let line = std::fs::read_to_string(format!("/proc/{}/stat", m.pid)).ok()?;
-            // After ") ": state ppid pgrp session tty tpgid flags minflt cminflt majflt
-            // cmajflt utime stime.
-            let rest = line.get(line.rfind(')')? + 2..)?;
-            let mut fields = rest.split_whitespace().skip(11);
-            let utime: u64 = fields.next()?.parse().ok()?;
-            let stime: u64 = fields.next()?.parse().ok()?;
-            Some(utime + stime)
-        })
-        .sum();
-    ticks as f64 / ticks_per_second
+        .filter_map(|m| process_usage(m.pid))
+        .map(|u| u.cpu_seconds)
+        .sum()
+}
+
+/// Resident memory of the live members of a process group, in bytes.
+pub fn group_rss_bytes(pgid: i32) -> u64 {
+    group_members(pgid)
+        .iter()
+        .filter_map(|m| process_usage(m.pid))
+        .map(|u| u.rss_bytes)
+        .sum()
+}
+
+/// What one process has used: CPU seconds so far and resident memory now.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Usage {
+    pub cpu_seconds: f64,
+    pub rss_bytes: u64,
+}
+
+/// `pid`'s usage from `/proc` (`None` once it is gone).
+pub fn process_usage(pid: i32) -> Option<Usage> {
+    // SAFETY: plain libc queries.
+    let (ticks_per_second, page) = unsafe {
+        (
+            libc::sysconf(libc::_SC_CLK_TCK).max(1) as f64,
+            libc::sysconf(libc::_SC_PAGESIZE).max(1) as u64,
+        )
+    };
+    let line = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // After ") ": state ppid pgrp session tty tpgid flags minflt cminflt majflt cmajflt utime
+    // stime.
+    let rest = line.get(line.rfind(')')? + 2..)?;
+    let mut fields = rest.split_whitespace().skip(11);
+    let utime: u64 = fields.next()?.parse().ok()?;
+    let stime: u64 = fields.next()?.parse().ok()?;
+    let statm = std::fs::read_to_string(format!("/proc/{pid}/statm")).ok()?;
+    let resident: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
+    Some(Usage {
+        cpu_seconds: (utime + stime) as f64 / ticks_per_second,
+        rss_bytes: resident * page,
+    })
+}
+
+/// Raises this process's open-file limit to its hard limit, as systemd's `LimitNOFILE` does
+/// for the services: the hosts it starts inherit it, and a broadcast with a few thousand
+/// viewers (or a bench simulating them) needs more sockets than Debian's default 1,024.
+pub fn raise_open_files_limit() {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: plain syscalls on a local struct.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && limit.rlim_cur < limit.rlim_max
+        {
+            limit.rlim_cur = limit.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
+        }
+    }
 }
 
 /// How a host's main process is doing.

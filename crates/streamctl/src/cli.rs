@@ -121,6 +121,9 @@ pub enum BenchKind {
     /// rounds: requests/s, Gbit/s, p99, and Gbit/s per core used (the sources and ingests are
     /// hung meanwhile, then resumed).
     Serve(streaming_bench::serve::ServeArgs),
+    /// Simulated viewers on one broadcast in growing steps until one stalls: stalls, segment
+    /// fetch p50/p99, the broadcast's cores and memory per viewer, the generator's own cores.
+    Viewers(streaming_bench::viewers::ViewersArgs),
 }
 
 #[derive(Debug, Args)]

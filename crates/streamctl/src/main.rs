@@ -18,6 +18,7 @@ fn main() -> ExitCode {
             libc::signal(libc::SIGPIPE, libc::SIG_DFL);
         }
     }
+    streaming_runner::procs::raise_open_files_limit();
     streaming_core::tls::install_crypto_provider();
     tracing_init();
     let runtime = match tokio::runtime::Runtime::new() {

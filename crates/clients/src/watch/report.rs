@@ -46,6 +46,9 @@ pub struct ViewerReport {
     pub felt: Experience,
     /// Set when the viewer could not start at all.
     pub fatal: Option<String>,
+    /// Seconds each segment took from request to last byte (load benches read percentiles).
+    #[serde(skip)]
+    pub segment_fetch_s: Vec<f32>,
 }
 
 /// The whole run.
@@ -55,6 +58,9 @@ pub struct WatchReport {
     pub seconds: u64,
     #[serde(flatten)]
     pub felt: Experience,
+    /// Segment fetch time over every viewer's segments: median and 99th percentile.
+    pub segment_fetch_p50_s: f64,
+    pub segment_fetch_p99_s: f64,
     pub per_viewer: Vec<ViewerReport>,
 }
 
@@ -81,10 +87,23 @@ impl WatchReport {
             all.renditions.extend(one.renditions.iter().cloned());
             all.broadcasts.extend(one.broadcasts.iter().cloned());
         }
+        let mut fetches: Vec<f32> = per_viewer
+            .iter()
+            .flat_map(|v| v.segment_fetch_s.iter().copied())
+            .collect();
+        fetches.sort_by(f32::total_cmp);
+        let percentile = |p: f64| -> f64 {
+            match fetches.len() {
+                0 => 0.0,
+                n => f64::from(fetches[((n - 1) as f64 * p).round() as usize]),
+            }
+        };
         WatchReport {
             viewers: per_viewer.len(),
             seconds,
             felt: all,
+            segment_fetch_p50_s: percentile(0.5),
+            segment_fetch_p99_s: percentile(0.99),
             per_viewer,
         }
     }

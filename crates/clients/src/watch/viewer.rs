@@ -517,6 +517,9 @@ impl Viewer {
                 seq = segment.seq, "stalled until this segment arrived");
         }
         self.report.felt.segments += 1;
+        self.report
+            .segment_fetch_s
+            .push(now.duration_since(t0).as_secs_f32());
         self.report.felt.discontinuities += u64::from(segment.discontinuity);
         p.next_seq = Some(segment.seq + 1);
         let elapsed = now.duration_since(t0).as_secs_f64().max(1e-3);
