@@ -73,7 +73,10 @@
   hosts = [
     # lb1 also carries the third etcd member (the witness of the two db hosts).
     { name = "lb1"; role = "lb"; address = "192.0.2.11"; etcdWitness = true; }
-    { name = "lb2"; role = "lb"; address = "192.0.2.12"; }
+    # monitoring = true (any host; off when left out): Prometheus and Grafana run there
+    # (docs/monitoring.md). lb2 rather than lb1: Prometheus's disk writes beside the etcd
+    # witness would slow etcd's fsyncs, and losing one host should cost one extra duty at most.
+    { name = "lb2"; role = "lb"; address = "192.0.2.12"; monitoring = true; }
 
     # uplinkMbps caps viewers: viewers x top rendition bandwidth stays under 80 % of it.
     # Any host may also declare `cores = N;`: `streamctl plan` then checks the measured cost

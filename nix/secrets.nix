@@ -58,14 +58,36 @@ let
     else
       throw "unknown role ${host.role} of ${host.name}";
 
-  all = concatMap forHost cluster.hosts;
+  # Prometheus and Grafana on a host flagged `monitoring` (nixos-modules/monitoring.nix), each
+  # secret owned by the service that reads it: Prometheus gets its own copy of the metrics
+  # token rather than the group that also reads the viewer token key on an LB.
+  monitoring = [
+    {
+      name = "prometheus-metrics-token";
+      file = "metrics-token.age";
+      owner = "prometheus";
+    }
+    {
+      name = "grafana-admin-password";
+      file = "grafana-admin-password.age";
+      owner = "grafana";
+    }
+    {
+      name = "grafana-secret-key";
+      file = "grafana-secret-key.age";
+      owner = "grafana";
+    }
+  ];
+  readBy = host: forHost host ++ (if host.monitoring or false then monitoring else [ ]);
+
+  all = concatMap readBy cluster.hosts;
   files = builtins.attrNames (listToAttrs (map (s: {
     name = s.file;
     value = null;
   }) all));
 in
 {
-  inherit forHost files;
+  inherit forHost monitoring files;
   # Host names that read `file`.
-  readers = file: map (h: h.name) (filter (h: elem file (map (s: s.file) (forHost h))) cluster.hosts);
+  readers = file: map (h: h.name) (filter (h: elem file (map (s: s.file) (readBy h))) cluster.hosts);
 }

@@ -32,13 +32,21 @@ let
   internalCaOnly = entry.role == "db" || (entry.etcdWitness or false);
 
   # Secrets this host reads (nix/secrets.nix: the same mapping secrets/secrets.nix encrypts by).
-  wanted = (import ../nix/secrets.nix { inherit (cfg) cluster; }).forHost entry;
+  secrets = import ../nix/secrets.nix { inherit (cfg) cluster; };
+  wanted = secrets.forHost entry ++ lib.optionals cfg.monitoring.enable secrets.monitoring;
   present = lib.filter (s: builtins.pathExists (cfg.secrets.directory + "/${s.file}")) wanted;
   missing = lib.filter (s: !builtins.pathExists (cfg.secrets.directory + "/${s.file}")) wanted;
   # Patroni (user patroni) reads the db passwords; the cluster's services read theirs through
-  # the streaming-cluster group.
+  # the streaming-cluster group; Prometheus's and Grafana's name their own user.
   secretOwner =
-    if entry.role == "db" then
+    s:
+    if s ? owner then
+      {
+        inherit (s) owner;
+        group = s.owner;
+        mode = "0400";
+      }
+    else if entry.role == "db" then
       {
         owner = "patroni";
         group = "patroni";
@@ -167,7 +175,8 @@ in
         description = ''
           Directory of the agenix files (`token-key.age`, `cluster-key.age`,
           `stream-key-<channel>.age`, `db-password.age`, `db-superuser-password.age`,
-          `db-replication-password.age`, `admin-password.age`, `metrics-token.age`); see
+          `db-replication-password.age`, `admin-password.age`, `metrics-token.age`; on a
+          monitoring host also `grafana-admin-password.age`, `grafana-secret-key.age`); see
           secrets/README.md.
         '';
       };
@@ -256,7 +265,7 @@ in
             value = {
               file = cfg.secrets.directory + "/${s.file}";
             }
-            // secretOwner;
+            // secretOwner s;
           }) present
         );
 

@@ -36,8 +36,11 @@ let
     install -m 0644 -o ${patroniUser} -g ${patroniGroup} ${paths.ca_cert} ${patroni.restapi.cafile}
   '';
   # Who may reach this host's PostgreSQL (broadcasts, the other db hosts' replication) and
-  # Patroni (the other db hosts, broadcasts asking GET /primary).
+  # Patroni (the other db hosts, broadcasts asking GET /primary, and the monitoring hosts'
+  # Prometheus reading its /metrics: nixos-modules/monitoring.nix).
   clients = map (h: h.address) (lib.filter (h: h.role == "db" || h.role == "broadcast") hosts);
+  monitors = map (h: h.name) (lib.filter (h: h.monitoring or false) top.cluster.hosts);
+  patroniReaders = clients ++ map (h: h.address) (lib.filter (h: lib.elem h.name monitors) hosts);
   firewall = import ./internal-ports.nix lib [
     {
       port = me.ports.postgres;
@@ -45,7 +48,7 @@ let
     }
     {
       port = me.ports.patroni;
-      from = lib.remove me.address clients;
+      from = lib.remove me.address (lib.unique patroniReaders);
     }
   ];
 

@@ -22,6 +22,7 @@ in
     ./common.nix
     ./fonts.nix
     ./etcd.nix
+    ./monitoring.nix
     (withFlake ./lb.nix)
     (withFlake ./broadcast.nix)
     (withFlake ./ingest.nix)

@@ -311,7 +311,7 @@ ok(f"secrets: {len(files)} agenix files with rules; VM test secrets and {len(vm_
    + ("" if openssl else " (SANs unchecked: no openssl)"))
 
 # 7. The VM test script.
-prelude = "STREAMCTL = CA = STATE = CHANNEL = ''\nLB_URLS = ['']\nHOSTS = [{}]\n"
+prelude = "STREAMCTL = CA = STATE = CHANNEL = ''\nLB_URLS = MONITORING = ['']\nHOSTS = [{}]\n"
 try:
     compile(prelude + open("vm-tests/failover.py").read(), "vm-tests/failover.py", "exec")
 except SyntaxError as e:
@@ -319,7 +319,7 @@ except SyntaxError as e:
 nodes = sorted(vm_hosts) + ["client"]
 driver = ["start_all", "join_all", "subtest", "machines", "driver", "Machine", "retry",
           "serial_stdout_on", "serial_stdout_off", "polling_condition",
-          "STREAMCTL", "CA", "STATE", "CHANNEL", "LB_URLS", "HOSTS"]
+          "STREAMCTL", "CA", "STATE", "CHANNEL", "LB_URLS", "MONITORING", "HOSTS"]
 r = subprocess.run([sys.executable, "-m", "pyflakes", "vm-tests/failover.py"], capture_output=True,
                    text=True, env={**os.environ, "PYFLAKES_BUILTINS": ",".join(driver + nodes)})
 if "No module named pyflakes" in r.stderr:

@@ -24,6 +24,12 @@ command -v etcd >/dev/null || need+=(etcd-server)
 [ -x /usr/bin/chromium ] || need+=(chromium)
 # Network partitions of the local runner (`streamctl partition`) are nftables rules.
 command -v nft >/dev/null || [ -x /usr/sbin/nft ] || need+=(nftables)
+# promtool checks the monitoring configuration (scripts/check-monitoring.sh); Debian ships it
+# only with the Prometheus server, whose service is stopped and disabled below.
+command -v promtool >/dev/null || need+=(prometheus)
+# `streamctl bench serve` measures a broadcast against nginx with wrk.
+command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || need+=(nginx-light)
+command -v wrk >/dev/null || need+=(wrk)
 
 if [ ${#need[@]} -gt 0 ]; then
   echo "setup: installing ${need[*]}"
@@ -31,6 +37,18 @@ if [ ${#need[@]} -gt 0 ]; then
   [ "$(id -u)" -eq 0 ] || sudo_cmd="sudo"
   $sudo_cmd apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $sudo_cmd apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+  # Their postinsts enable and start servers (Prometheus on :9090, nginx on :80) that have
+  # nothing to do here: only promtool is used, and the serve bench runs its own nginx.
+  for service in prometheus nginx; do
+    if [[ " ${need[*]} " == *" $service"* ]]; then
+      $sudo_cmd systemctl disable --quiet "$service.service" 2>/dev/null || true
+      if [ -d /run/systemd/system ]; then
+        $sudo_cmd systemctl stop "$service.service"
+      else
+        $sudo_cmd "/etc/init.d/$service" stop >/dev/null 2>&1 || true
+      fi
+    fi
+  done
 fi
 
 # Patroni from PyPI, pinned: Debian 12's 3.0.2 can take the leader key back after a hang

@@ -22,6 +22,9 @@ scripts/shape.sh
 echo "== Nix: files parse, generator and lock check out, hosts/modules/options/secrets line up"
 scripts/check-nix.sh
 
+echo "== monitoring: prometheus.yml, alert rules and their unit tests (promtool), metric names"
+scripts/check-monitoring.sh
+
 echo "== vendored hls.js matches its pinned npm release"
 scripts/check-vendored.sh
 

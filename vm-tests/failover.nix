@@ -19,7 +19,9 @@ let
   ca = "${testSecrets}/tls/ca.crt";
   entryOf = name: lib.findFirst (h: h.name == name) null generated.${name}.cluster.hosts;
 
-  # Guest RAM (MiB) and vCPUs per role: about 8.8 GiB for the thirteen VMs.
+  # Guest RAM (MiB) and vCPUs per role, plus Prometheus and Grafana on the monitoring host:
+  # about 9.3 GiB for the thirteen VMs.
+  monitoringMemory = 512;
   memory = {
     lb = 512;
     broadcast = 512;
@@ -54,7 +56,8 @@ let
     in
     {
       imports = [ (addressed me.address) ];
-      virtualisation.memorySize = memory.${host.role};
+      virtualisation.memorySize =
+        memory.${host.role} + (if host.monitoring or false then monitoringMemory else 0);
       virtualisation.cores = cores.${host.role};
       services.streaming-cluster = {
         enable = true;
@@ -194,6 +197,7 @@ in
     CHANNEL = "${channel}"
     SITE = "${anyConfig.cluster.site}"
     LB_URLS = ${builtins.toJSON (map (h: h.url) lbs)}
+    MONITORING = ${builtins.toJSON (map (h: h.name) (lib.filter (h: h.monitoring or false) cluster.hosts))}
     HOSTS = ${
       builtins.toJSON (
         map (h: {

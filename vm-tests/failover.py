@@ -1,6 +1,7 @@
 # The VM failover test's script. vm-tests/failover.nix prepends the constants STREAMCTL, CA,
-# STATE, CHANNEL, SITE, LB_URLS and HOSTS (name, role, url of every cluster host); the NixOS test
-# driver provides start_all, subtest, machines and one variable per VM (lb1 ... client).
+# STATE, CHANNEL, SITE, LB_URLS, MONITORING (the hosts running Prometheus and Grafana) and HOSTS
+# (name, role, url of every cluster host); the NixOS test driver provides start_all, subtest,
+# machines and one variable per VM (lb1 ... client).
 #
 # Each fault runs while `streamctl watch` (4 viewers through lb1) and `streamctl chat` (6 chat
 # clients spread over the broadcasts) run on the client: the fault comes ~15 s in, the host comes
@@ -311,3 +312,30 @@ with subtest("the whole cluster is back"):
             wait_healthy(h["name"])
     start_load("final")
     finish_load("final")
+
+
+# nixos-modules/monitoring.nix's defaults: both on loopback, reached here from the host itself.
+PROMETHEUS = "http://127.0.0.1:9090"
+GRAFANA = "http://127.0.0.1:3000"
+
+with subtest("monitoring: Prometheus reads every host and has the alert rules, Grafana the dashboard"):
+    for name in MONITORING:
+        monitor = vm(name)
+        monitor.wait_until_succeeds(f"curl -sf {PROMETHEUS}/-/ready", timeout=120)
+
+        def every_target_up(_last_try):
+            answer = json.loads(monitor.succeed(f"curl -sf {PROMETHEUS}/api/v1/targets"))
+            targets = answer["data"]["activeTargets"]
+            down = [t["labels"]["host"] for t in targets if t["health"] != "up"]
+            monitor.log(f"targets: {len(targets)}, down: {down}")
+            return len(targets) == len(HOSTS) and not down
+
+        retry(every_target_up, timeout=120)
+        groups = json.loads(monitor.succeed(f"curl -sf {PROMETHEUS}/api/v1/rules"))["data"]["groups"]
+        assert {"hosts", "viewers", "ingest", "chat", "limits"} <= {g["name"] for g in groups}, groups
+        # The admin password goes through stdin, never argv.
+        monitor.wait_until_succeeds(
+            "printf 'Authorization: Basic %s' \"$(printf 'admin:%s' \"$(cat /run/agenix/grafana-admin-password)\" | base64 -w0)\""
+            f" | curl -sf -H @- {GRAFANA}/api/dashboards/uid/streaming-cluster-overview -o /dev/null",
+            timeout=120,
+        )

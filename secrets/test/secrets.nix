@@ -9,6 +9,8 @@ in
   "db-password.age".publicKeys = [ testHost ];
   "db-replication-password.age".publicKeys = [ testHost ];
   "db-superuser-password.age".publicKeys = [ testHost ];
+  "grafana-admin-password.age".publicKeys = [ testHost ];
+  "grafana-secret-key.age".publicKeys = [ testHost ];
   "metrics-token.age".publicKeys = [ testHost ];
   "stream-key-test.age".publicKeys = [ testHost ];
   "token-key.age".publicKeys = [ testHost ];

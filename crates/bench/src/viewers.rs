@@ -154,8 +154,9 @@ async fn steps(args: &ViewersArgs, rendition: &str, pgid: i32) -> anyhow::Result
             json: true,
         };
         let watching = tokio::spawn(async move { watch(&watch_args).await });
-        // The steady window: after every viewer has started, before the first ones stop.
-        let warmup = Duration::from_secs(10.min(args.seconds / 3).max(2));
+        // The steady window: after every viewer has started (`watch` spreads arrivals over 5 s),
+        // before the first ones stop.
+        let warmup = Duration::from_secs(8.max(args.seconds / 3));
         tokio::time::sleep(warmup).await;
         let (cpu0, gen0) = (procs::group_cpu_seconds(pgid), own_cpu(me));
         let window = Duration::from_secs(args.seconds.saturating_sub(2)).saturating_sub(warmup);

@@ -385,6 +385,50 @@ fn local_cluster_streams_end_to_end() {
         "the relayed publish is marked as relayed"
     );
 
+    // The capacity benches in short form (docs/benchmarks.md has the real runs): both servers
+    // answer every request, the viewers step holds, and the hosts they hang come back.
+    let serve = json_of(&run(streamctl()
+        .args([
+            "bench",
+            "serve",
+            "--rounds",
+            "1",
+            "--seconds",
+            "2",
+            "--connections",
+            "20",
+        ])
+        .args(["--json", "--state"])
+        .arg(&state)));
+    for round in serve["rounds"].as_array().unwrap() {
+        assert!(
+            round["requests_per_second"].as_f64().unwrap() > 0.0 && round["errors"] == 0,
+            "bench serve: {serve:#}"
+        );
+    }
+    assert_eq!(serve["rounds"].as_array().unwrap().len(), 2, "{serve:#}");
+    let viewers = json_of(&run(streamctl()
+        .args([
+            "bench",
+            "viewers",
+            "--steps",
+            "20",
+            "--seconds",
+            "8",
+            "--json",
+            "--state",
+        ])
+        .arg(&state)));
+    assert_eq!(viewers[0]["holds"], true, "bench viewers: {viewers:#}");
+    assert!(
+        viewers[0]["segments"].as_u64().unwrap() >= 20,
+        "{viewers:#}"
+    );
+    assert_clean_watch(
+        &watch(&state, 8, 1),
+        "after the benches resumed their hosts",
+    );
+
     // Down leaves nothing behind: hosts and ffmpeg children.
     let processes: Vec<u32> = cluster_processes(&state)
         .into_iter()

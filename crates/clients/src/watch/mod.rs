@@ -38,6 +38,8 @@ const MAX_REDIRECTS: usize = 5;
 pub const LB_ATTEMPT: Duration = Duration::from_millis(1500);
 /// Longest pause between two rounds over every LB when none gave a broadcast.
 const MAX_BACKOFF: Duration = Duration::from_secs(4);
+/// Every viewer has started within this long of the first one.
+const ARRIVAL_SPREAD: Duration = Duration::from_secs(5);
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct WatchArgs {
@@ -215,8 +217,10 @@ pub async fn watch(args: &WatchArgs) -> anyhow::Result<WatchReport> {
         };
         let seconds = args.seconds;
         tasks.push(tokio::spawn(viewer.run(seconds)));
-        // Spread starts a little, as real viewers arrive.
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        // Spread starts a little, as real viewers arrive, but all within ARRIVAL_SPREAD: load
+        // benches count on the whole audience watching at once after that.
+        let gap = ARRIVAL_SPREAD / u32::try_from(args.viewers.max(1)).unwrap_or(u32::MAX);
+        tokio::time::sleep(gap.min(Duration::from_millis(50))).await;
     }
     let mut reports = Vec::new();
     for task in tasks {
