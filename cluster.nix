@@ -47,6 +47,8 @@
     chatSockets = 4096;                # chat WebSockets per broadcast
   };
 
+  # The first channel is the site's front page; each one has its own stream key
+  # (secrets/README.md), ladder and sources, and its own page (/live/<name>/) and chat.
   channels = [
     {
       name = "test";
@@ -65,6 +67,21 @@
       smallLadder = [
         { name = "360p"; width = 640; height = 360; videoKbps = 800; }
         { name = "240p"; width = 426; height = 240; videoKbps = 400; }
+        { name = "144p"; width = 256; height = 144; videoKbps = 200; }
+      ];
+    }
+    {
+      # A second, cheaper channel: two renditions in production, a single small one locally.
+      name = "backstage";
+      fps = 25;
+      audioKbps = 64;
+      preset = "veryfast";
+      ladder = [
+        { name = "480p"; width = 854; height = 480; videoKbps = 1400; }
+        { name = "240p"; width = 426; height = 240; videoKbps = 400; }
+      ];
+      smallPreset = "ultrafast";
+      smallLadder = [
         { name = "144p"; width = 256; height = 144; videoKbps = 200; }
       ];
     }
@@ -92,8 +109,9 @@
     { name = "ingest1"; role = "ingest"; address = "192.0.2.41"; }
     { name = "ingest2"; role = "ingest"; address = "192.0.2.42"; }
 
-    # Sources publish a test pattern to every ingest; lower priority number is preferred.
-    { name = "source1"; role = "source"; address = "192.0.2.51"; channel = "test"; priority = 1; }
-    { name = "source2"; role = "source"; address = "192.0.2.52"; channel = "test"; priority = 2; }
+    # Sources publish a test pattern of each of their channels to every ingest; for each
+    # channel the lower priority number is preferred.
+    { name = "source1"; role = "source"; address = "192.0.2.51"; channels = [ "test" "backstage" ]; priority = 1; }
+    { name = "source2"; role = "source"; address = "192.0.2.52"; channels = [ "test" "backstage" ]; priority = 2; }
   ];
 }

@@ -91,7 +91,7 @@ let
     uplink_mbps = host.uplinkMbps or null;
     cores = host.cores or null;
     preferred_ingest = preferredIngest host;
-    channel = host.channel or null;
+    channels = host.channels or [ ];
     priority = host.priority or null;
     etcd_witness = host.etcdWitness or false;
     drain = host.drain or false;

@@ -737,13 +737,24 @@ let
           (timeseries {
             title = "Viewers per broadcast";
             description = "Distinct viewers that downloaded a whole segment in the last two segment durations.";
-            targets = [ (query "broadcast_viewers" "{{host}}") ];
+            targets = [ (query "sum by (host) (broadcast_viewers)" "{{host}}") ];
+          })
+          (timeseries {
+            title = "Viewers per channel";
+            description = "The same viewers, added up over the broadcasts by the channel they watch.";
+            targets = [ (query "sum by (channel) (broadcast_viewers)" "{{channel}}") ];
           })
           (timeseries {
             title = "Egress per broadcast";
             description = "Everything sent to viewers: playlists and segments.";
             unit = "bps";
-            targets = [ (query "rate(broadcast_egress_bytes_total[1m]) * 8" "{{host}}") ];
+            targets = [ (query "sum by (host) (rate(broadcast_egress_bytes_total[1m])) * 8" "{{host}}") ];
+          })
+          (timeseries {
+            title = "Egress per channel";
+            description = "Which channel fills the uplinks: a viewer of a channel commits its top rendition to its broadcast's uplink.";
+            unit = "bps";
+            targets = [ (query "sum by (channel) (rate(broadcast_egress_bytes_total[1m])) * 8" "{{channel}}") ];
           })
           (timeseries {
             title = "Free viewers per broadcast, at each LB";

@@ -45,10 +45,7 @@ let
       ]
       ++ map streamKey channels
     else if host.role == "source" then
-      [
-        (streamKey host.channel)
-        (secret "metrics-token")
-      ]
+      map streamKey (host.channels or [ ]) ++ [ (secret "metrics-token") ]
     else if host.role == "db" then
       map secret [
         "db-password"

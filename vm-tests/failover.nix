@@ -195,6 +195,7 @@ in
     CA = "${ca}"
     STATE = "${clientState}"
     CHANNEL = "${channel}"
+    CHANNELS = ${builtins.toJSON (map (c: c.name) anyConfig.cluster.channels)}
     SITE = "${anyConfig.cluster.site}"
     LB_URLS = ${builtins.toJSON (map (h: h.url) lbs)}
     MONITORING = ${builtins.toJSON (map (h: h.name) (lib.filter (h: h.monitoring or false) cluster.hosts))}

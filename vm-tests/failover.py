@@ -1,5 +1,5 @@
 # The VM failover test's script. vm-tests/failover.nix prepends the constants STREAMCTL, CA,
-# STATE, CHANNEL, SITE, LB_URLS, MONITORING (the hosts running Prometheus and Grafana) and HOSTS
+# STATE, CHANNEL (the first channel), CHANNELS (all, in order), SITE, LB_URLS, MONITORING (the hosts running Prometheus and Grafana) and HOSTS
 # (name, role, url of every cluster host); the NixOS test driver provides start_all, subtest,
 # machines and one variable per VM (lb1 ... client).
 #
@@ -168,6 +168,20 @@ with subtest("the cluster comes up from nothing"):
     client.wait_until_succeeds(
         f"{chat_cmd(5)} | jq -e '.acked > 0 and .missing == 0 and .duplicates == 0'", timeout=300
     )
+
+with subtest("every channel plays through the LB and has its own page"):
+    for channel in CHANNELS:
+        w = json.loads(
+            client.succeed(
+                f"{STREAMCTL} watch {LB}/live/{channel}/master.m3u8 --state {STATE} --ca {CA}"
+                " --seconds 8 --viewers 1 --json"
+            )
+        )
+        assert w["segments"] > 0 and w["stalls"] == 0 and w["errors"] == 0, f"{channel}: {w}"
+        page = client.succeed(f"{CURL} -o /dev/null -w '%{{redirect_url}}' {LB}/live/{channel}/").strip()
+        assert urlsplit(page).path == f"/live/{channel}/", f"{channel}: redirected to {page}"
+        listed = [c["name"] for c in get_json(f"{urlsplit(page).scheme}://{urlsplit(page).netloc}/api/cluster")["channels"]]
+        assert listed == CHANNELS, f"page lists {listed}"
 
 with subtest("the database layer refuses strangers"):
     db = names("db")[0]

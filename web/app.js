@@ -11,10 +11,14 @@
   const goLiveEl = $('golive');
   const viewersEl = $('viewers');
 
+  // A channel's page is /live/<channel>/ (the broadcast sends / there); tokens name their
+  // channel, so each channel keeps its own.
   const params = new URLSearchParams(location.search);
-  const channel = params.get('channel') || 'test';
-  let token = params.get('t') || sessionStorage.getItem('sc.token') || '';
-  if (token) sessionStorage.setItem('sc.token', token);
+  const fromPath = location.pathname.match(/^\/live\/([a-z0-9-]{1,63})\/$/);
+  const channel = fromPath ? fromPath[1] : (params.get('channel') || '');
+  const tokenKey = `sc.token.${channel}`;
+  let token = params.get('t') || sessionStorage.getItem(tokenKey) || '';
+  if (token) sessionStorage.setItem(tokenKey, token);
   $('channel').textContent = channel;
 
   // Live state, exposed for tests.
@@ -74,10 +78,28 @@
       const c = await r.json();
       if (typeof c.broadcast === 'string' && c.broadcast && state.failovers === 0) state.broadcast = c.broadcast;
       render();
-      return { lbs: Array.isArray(c.lbs) ? c.lbs.filter((x) => typeof x === 'string').map((x) => x.replace(/\/+$/, '')) : [] };
+      const lbs = Array.isArray(c.lbs) ? c.lbs.filter((x) => typeof x === 'string').map((x) => x.replace(/\/+$/, '')) : [];
+      showChannels(Array.isArray(c.channels) ? c.channels : [], lbs);
+      return { lbs };
     } finally {
       clearTimeout(timer);
     }
+  }
+  // Every channel, each a link to its address on an LB (which picks a broadcast for it and
+  // hands over a token); the current one marked, those not live here marked offline.
+  function showChannels(channels, lbs) {
+    const nav = $('channels');
+    const list = channels.filter((c) => c && typeof c.name === 'string' && /^[a-z0-9-]{1,63}$/.test(c.name));
+    if (list.length < 2) return;
+    const base = lbs.length ? lbs[firstLb % lbs.length] : '';
+    nav.replaceChildren(...list.map((c) => {
+      const a = document.createElement('a');
+      a.href = `${base}/live/${c.name}/`;
+      a.textContent = c.live === false ? `${c.name} (offline)` : c.name;
+      if (c.name === channel) a.setAttribute('aria-current', 'page');
+      return a;
+    }));
+    nav.hidden = false;
   }
   let clusterInfo = fetchClusterInfo(location.origin)
     .catch((e) => { console.warn('api/cluster failed', e); return { lbs: [] }; });
@@ -197,11 +219,11 @@
     state.token = token = a.token;
     state.broadcast = typeof a.broadcast === 'string' && a.broadcast ? a.broadcast : new URL(a.base_url).host;
     state.failovers++;
-    sessionStorage.setItem('sc.token', token);
+    sessionStorage.setItem(tokenKey, token);
     const q = new URLSearchParams(location.search);
     q.set('t', token);
-    q.set('channel', channel);
-    history.replaceState(history.state, '', `${location.pathname}?${q}`);
+    q.delete('channel');
+    history.replaceState(history.state, '', `/live/${channel}/?${q}`);
     state.events.dispatchEvent(new CustomEvent('broadcast', {
       detail: { broadcast: state.broadcast, baseUrl: state.baseUrl },
     }));
@@ -461,8 +483,15 @@
 
   syncMute();
   render();
-  if (!token) setPlayback('error: missing access token (t=…)');
-  if (typeof Hls !== 'undefined' && Hls.isSupported()) startHls();
+  if (!channel) setPlayback('error: no channel in the address (/live/<channel>/)');
+  else if (!token) {
+    // Come in through an LB, which picks a broadcast for this channel and hands a token.
+    setPlayback('getting an access token…');
+    lbList().then((lbs) => {
+      if (lbs.length) location.replace(`${lbs[firstLb % lbs.length]}/live/${channel}/`);
+      else setPlayback('error: missing access token (t=…) and no load balancer known');
+    });
+  } else if (typeof Hls !== 'undefined' && Hls.isSupported()) startHls();
   else if (video.canPlayType('application/vnd.apple.mpegurl')) startNative();
   else setPlayback('error: this browser cannot play HLS');
 })();

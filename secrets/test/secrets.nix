@@ -12,6 +12,7 @@ in
   "grafana-admin-password.age".publicKeys = [ testHost ];
   "grafana-secret-key.age".publicKeys = [ testHost ];
   "metrics-token.age".publicKeys = [ testHost ];
+  "stream-key-backstage.age".publicKeys = [ testHost ];
   "stream-key-test.age".publicKeys = [ testHost ];
   "token-key.age".publicKeys = [ testHost ];
 }

@@ -71,6 +71,7 @@ pub fn router(app: App, chat: Option<Arc<streaming_chat::Chat>>) -> Router {
         .route("/healthz", get(healthz))
         .route("/status", get(status).layer(ops.clone()))
         .route("/metrics", get(metrics).layer(ops))
+        .route("/live/{channel}/", get(channel_page))
         .fallback(page)
         .with_state(app)
         .merge(cross_origin)
@@ -236,8 +237,8 @@ fn forbidden(e: TokenError) -> Response {
     text_error(StatusCode::FORBIDDEN, e.to_string())
 }
 
-fn playlist_response(bc: &Broadcast, body: String) -> Response {
-    bc.count_egress(body.len());
+fn playlist_response(bc: &Broadcast, channel: &str, body: String) -> Response {
+    bc.count_egress(channel, body.len());
     (
         [
             (header::CONTENT_TYPE, PLAYLIST_TYPE),
@@ -310,7 +311,7 @@ async fn master(
         Some(plan) => steered_master_playlist(&channel_config, &token, &plan),
         None => master_playlist(&channel_config, &token),
     };
-    playlist_response(&app.bc, body)
+    playlist_response(&app.bc, &channel, body)
 }
 
 async fn media_or_segment(
@@ -345,7 +346,7 @@ async fn media_or_segment(
             let Some(bytes) = read(&state.media).init(&file) else {
                 return text_error(StatusCode::NOT_FOUND, "init segment not in the window");
             };
-            bc.count_egress(bytes.len());
+            bc.count_egress(&channel, bytes.len());
             (
                 [
                     (header::CONTENT_TYPE, SEGMENT_TYPE),
@@ -358,14 +359,14 @@ async fn media_or_segment(
         Some(names::File::Segment(seq)) => {
             let found = read(&state.media).window().get(seq).map(|(_, b)| b.clone());
             let cache = timeline.cache_segments * timeline.segment_seconds;
-            media_response(bc, claims.viewer, found, cache)
+            media_response(bc, claims, found, cache)
         }
         Some(names::File::Part(seq, index)) => {
             // The hinted part (the next one) is answered as soon as it exists.
             let hold = Duration::from_secs_f64(part_target * HOLD_TARGETS);
             wait_for(&channel_state, &state, seq, Some(index), hold).await;
             let found = read(&state.media).part(seq, index);
-            media_response(bc, claims.viewer, found, timeline.segment_seconds)
+            media_response(bc, claims, found, timeline.segment_seconds)
         }
         Some(names::File::Playlist) | None => {
             if config.me().drain {
@@ -403,7 +404,7 @@ async fn media_or_segment(
                     .then(|| media_playlist(&media, &shape, reports, &token))
             };
             match body {
-                Some(body) => playlist_response(bc, body),
+                Some(body) => playlist_response(bc, &channel, body),
                 None => {
                     let mut r = text_error(
                         StatusCode::SERVICE_UNAVAILABLE,
@@ -455,7 +456,7 @@ fn draining() -> Response {
 /// A segment or part, counted for the viewer as it is taken.
 fn media_response(
     bc: &Arc<Broadcast>,
-    viewer: String,
+    viewer: ViewerClaims,
     found: Option<bytes::Bytes>,
     max_age_s: u32,
 ) -> Response {
@@ -489,7 +490,7 @@ const SEGMENT_CHUNK: usize = 16 * 1024;
 /// takes it, and the viewer counts once the last chunk is taken. A client that asks for a segment
 /// but does not read it (or closes early) gets no viewer slot and costs at most what its
 /// connection buffers hold.
-fn segment_body(bc: Arc<Broadcast>, viewer: String, bytes: bytes::Bytes) -> axum::body::Body {
+fn segment_body(bc: Arc<Broadcast>, viewer: ViewerClaims, bytes: bytes::Bytes) -> axum::body::Body {
     use futures::StreamExt;
     let total = bytes.len();
     let chunks = total.div_ceil(SEGMENT_CHUNK).max(1);
@@ -497,9 +498,9 @@ fn segment_body(bc: Arc<Broadcast>, viewer: String, bytes: bytes::Bytes) -> axum
     let stream = futures::stream::iter(0..chunks).map(move |i| {
         let end = ((i + 1) * SEGMENT_CHUNK).min(total);
         let chunk = bytes.slice((i * SEGMENT_CHUNK).min(end)..end);
-        bc.count_segment_egress(chunk.len());
+        bc.count_segment_egress(&viewer.channel, chunk.len());
         if i + 1 == chunks {
-            bc.segment_fetched(&viewer);
+            bc.segment_fetched(&viewer.channel, &viewer.viewer);
         }
         Ok::<_, std::convert::Infallible>(chunk)
     });
@@ -508,10 +509,19 @@ fn segment_body(bc: Arc<Broadcast>, viewer: String, bytes: bytes::Bytes) -> axum
 
 async fn cluster(State(app): State<App>) -> Response {
     let config = app.bc.config();
+    let live = app.bc.live_channels();
+    // Every channel, the front page's first: the page's channel list.
+    let channels: Vec<serde_json::Value> = config
+        .cluster
+        .channels
+        .iter()
+        .map(|c| serde_json::json!({"name": c.name, "live": live.contains(&c.name)}))
+        .collect();
     let body = serde_json::json!({
         "broadcast": app.bc.name,
         "lbs": config.cluster.lb_urls(),
-        "channel": config.cluster.channels.first().map(|c| c.name.clone()),
+        "channel": config.cluster.default_channel().map(|c| c.name.clone()),
+        "channels": channels,
     });
     ([(header::CACHE_CONTROL, "no-store")], axum::Json(body)).into_response()
 }
@@ -546,9 +556,56 @@ async fn metrics(State(app): State<App>) -> Response {
     streaming_core::http::metrics_response(&app.metrics)
 }
 
-async fn page(State(app): State<App>, method: Method, uri: Uri) -> Response {
+/// `/` is the page of the `?channel=` asked for, by default the first one: its own address,
+/// `/live/<channel>/`, keeping the token.
+fn front_page_redirect(app: &App, query: &HashMap<String, String>) -> Response {
+    let config = app.bc.config();
+    let channel = match query.get("channel") {
+        Some(asked) => config.cluster.channel(asked),
+        None => config.cluster.default_channel(),
+    };
+    let Some(channel) = channel else {
+        return text_error(StatusCode::NOT_FOUND, "unknown channel");
+    };
+    let mut location = format!("/live/{}/", channel.name);
+    // Tokens are base64url and dots; anything else is no token of ours and is left behind.
+    if let Some(token) = query.get("t").filter(|t| {
+        t.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+    }) {
+        location.push_str("?t=");
+        location.push_str(token);
+    }
+    match HeaderValue::from_str(&location) {
+        Ok(value) => (StatusCode::FOUND, [(header::LOCATION, value)]).into_response(),
+        Err(_) => text_error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "bad channel name in config",
+        ),
+    }
+}
+
+/// A channel's page: the viewer page, which reads the channel from its address.
+async fn channel_page(State(app): State<App>, Path(channel): Path<String>) -> Response {
+    if app.bc.config().cluster.channel(&channel).is_none() {
+        return text_error(StatusCode::NOT_FOUND, "unknown channel");
+    }
+    let mut connect = app.bc.allowed_origins();
+    connect.retain(|o| !o.is_empty());
+    crate::web::serve("index.html", &connect)
+}
+
+async fn page(
+    State(app): State<App>,
+    method: Method,
+    uri: Uri,
+    Query(query): Query<HashMap<String, String>>,
+) -> Response {
     if method != Method::GET && method != Method::HEAD {
         return text_error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed");
+    }
+    if uri.path() == "/" {
+        return front_page_redirect(&app, &query);
     }
     let mut connect = app.bc.allowed_origins();
     connect.retain(|o| !o.is_empty());

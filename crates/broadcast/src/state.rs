@@ -149,34 +149,41 @@ impl Broadcast {
         ))
     }
 
-    /// Counts a playlist body towards egress (Prometheus counter and the /status rate).
-    pub fn count_egress(&self, bytes: usize) {
-        metrics::counter!("broadcast_egress_bytes_total").increment(bytes as u64);
+    /// Counts a playlist body of `channel` towards egress (Prometheus counter and the /status
+    /// rate).
+    pub fn count_egress(&self, channel: &str, bytes: usize) {
+        metrics::counter!("broadcast_egress_bytes_total", "channel" => channel.to_owned())
+            .increment(bytes as u64);
         lock(&self.egress).add(bytes as u64, Instant::now());
     }
 
-    /// Counts part of a segment body as it is handed to the connection.
-    pub fn count_segment_egress(&self, bytes: usize) {
-        self.count_egress(bytes);
+    /// Counts part of a segment body of `channel` as it is handed to the connection.
+    pub fn count_segment_egress(&self, channel: &str, bytes: usize) {
+        self.count_egress(channel, bytes);
         lock(&self.segment_egress).add(bytes as u64, Instant::now());
     }
 
-    /// Notes that `viewer` was handed a whole segment: this, not a token, makes a viewer.
-    pub fn segment_fetched(&self, viewer: &str) {
-        if !lock(&self.viewers).fetched_segment(viewer, Instant::now()) {
+    /// Notes that `viewer` was handed a whole segment of `channel`: this, not a token, makes a
+    /// viewer.
+    pub fn segment_fetched(&self, channel: &str, viewer: &str) {
+        if !lock(&self.viewers).fetched_segment(channel, viewer, Instant::now()) {
             metrics::counter!("broadcast_viewers_untracked_total").increment(1);
         }
     }
 
-    /// Prunes stale viewers and returns the current count (also published as a gauge).
-    pub fn viewer_count(&self) -> u64 {
+    /// Prunes stale viewers and returns the current count per channel (also published as
+    /// gauges, every configured channel included so a channel that lost its viewers reads 0).
+    pub fn viewer_count(&self) -> BTreeMap<String, u64> {
         self.viewer_count_at(Instant::now())
     }
 
-    fn viewer_count_at(&self, now: Instant) -> u64 {
-        let n = lock(&self.viewers).prune(now);
-        metrics::gauge!("broadcast_viewers").set(n as f64);
-        n
+    fn viewer_count_at(&self, now: Instant) -> BTreeMap<String, u64> {
+        let counts = lock(&self.viewers).prune(now);
+        for channel in &self.config().cluster.channels {
+            let n = counts.get(&channel.name).copied().unwrap_or(0);
+            metrics::gauge!("broadcast_viewers", "channel" => channel.name.clone()).set(n as f64);
+        }
+        counts
     }
 
     /// True when at least one channel has a segment younger than 3·D.
@@ -199,15 +206,17 @@ impl Broadcast {
         let config = self.config();
         let me = config.me();
         let uplink = me.uplink_mbps.unwrap_or(0);
-        // With several channels a viewer may pick the most expensive one: plan for that.
-        let top = config
-            .cluster
-            .channels
+        let top = config.cluster.costliest_top_bandwidth_bps();
+        let channel_viewers = self.viewer_count_at(now);
+        // Each viewer may switch up to its own channel's top rendition.
+        let committed_bps: u64 = channel_viewers
             .iter()
-            .map(|c| c.top_bandwidth_bps())
-            .max()
-            .unwrap_or(0);
-        let viewers = self.viewer_count_at(now);
+            .map(|(name, n)| {
+                let channel_top = config.cluster.channel(name).map(|c| c.top_bandwidth_bps());
+                n.saturating_mul(channel_top.unwrap_or(top))
+            })
+            .sum();
+        let live_channels = self.live_channels();
         let origins = read(&self.channels)
             .iter()
             .filter_map(|(name, c)| lock(&c.origin).clone().map(|o| (name.clone(), o)))
@@ -215,12 +224,14 @@ impl Broadcast {
         let segment_egress_mbps = lock(&self.segment_egress).mbps(now);
         BroadcastStatus {
             name: self.name.clone(),
-            viewers,
+            viewers: channel_viewers.values().sum(),
             egress_mbps: lock(&self.egress).mbps(now),
             segment_egress_mbps,
             uplink_mbps: uplink,
-            free_viewers: free_viewers(uplink, top, viewers, segment_egress_mbps),
-            live: !self.live_channels().is_empty(),
+            free_viewers: free_viewers(uplink, top, committed_bps, segment_egress_mbps),
+            channel_viewers,
+            live: !live_channels.is_empty(),
+            live_channels,
             draining: me.drain,
             origins,
         }

@@ -8,19 +8,23 @@
 //! bound. Egress is measured from the bodies we hand out, over a short sliding window, which is
 //! what the uplink actually carries.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};
 
 /// A full map is pruned at most this often on the insert path, so a flood of fresh ids does not
 /// turn every segment request into a scan of the whole map.
 const PRUNE_EVERY: Duration = Duration::from_secs(1);
 
-/// Distinct viewer ids with the last time each finished downloading a segment.
+/// Distinct viewer ids per channel with the last time each finished downloading a segment.
 #[derive(Debug)]
 pub struct ViewerTracker {
     window: Duration,
     cap: usize,
-    last_fetch: HashMap<String, Instant>,
+    /// channel → viewer id → last whole segment. Per channel because a viewer commits its own
+    /// channel's top rendition to the uplink, and one id may watch two channels at once.
+    last_fetch: HashMap<String, HashMap<String, Instant>>,
+    /// Ids held over all channels, stale ones included.
+    tracked: usize,
     last_prune: Option<Instant>,
 }
 
@@ -31,6 +35,7 @@ impl ViewerTracker {
             window,
             cap,
             last_fetch: HashMap::new(),
+            tracked: 0,
             last_prune: None,
         }
     }
@@ -42,41 +47,57 @@ impl ViewerTracker {
         self.cap = cap;
     }
 
-    /// Notes that `viewer` finished downloading a whole segment. Returns false when the id was
-    /// not tracked because the map is full of viewers still within the window (its bytes still
-    /// count as egress, which bounds capacity on its own).
-    pub fn fetched_segment(&mut self, viewer: &str, now: Instant) -> bool {
-        if let Some(t) = self.last_fetch.get_mut(viewer) {
+    /// Notes that `viewer` finished downloading a whole segment of `channel`. Returns false
+    /// when the id was not tracked because the map is full of viewers still within the window
+    /// (its bytes still count as egress, which bounds capacity on its own).
+    pub fn fetched_segment(&mut self, channel: &str, viewer: &str, now: Instant) -> bool {
+        if let Some(t) = self
+            .last_fetch
+            .get_mut(channel)
+            .and_then(|viewers| viewers.get_mut(viewer))
+        {
             *t = (*t).max(now);
             return true;
         }
-        if self.last_fetch.len() >= self.cap {
+        if self.tracked >= self.cap {
             let due = self
                 .last_prune
                 .is_none_or(|t| now.saturating_duration_since(t) >= PRUNE_EVERY);
             if due {
                 self.prune(now);
             }
-            if self.last_fetch.len() >= self.cap {
+            if self.tracked >= self.cap {
                 return false;
             }
         }
-        self.last_fetch.insert(viewer.to_owned(), now);
+        let viewers = match self.last_fetch.get_mut(channel) {
+            Some(viewers) => viewers,
+            None => self.last_fetch.entry(channel.to_owned()).or_default(),
+        };
+        viewers.insert(viewer.to_owned(), now);
+        self.tracked += 1;
         true
     }
 
-    /// Forgets viewers without a download within the window and returns how many remain.
-    pub fn prune(&mut self, now: Instant) -> u64 {
+    /// Forgets viewers without a download within the window and returns how many remain on
+    /// each channel (channels without any are left out).
+    pub fn prune(&mut self, now: Instant) -> BTreeMap<String, u64> {
         let window = self.window;
-        self.last_fetch
-            .retain(|_, fetched| now.saturating_duration_since(*fetched) < window);
+        for viewers in self.last_fetch.values_mut() {
+            viewers.retain(|_, fetched| now.saturating_duration_since(*fetched) < window);
+        }
+        self.last_fetch.retain(|_, viewers| !viewers.is_empty());
         self.last_prune = Some(now);
-        self.last_fetch.len() as u64
+        self.tracked = self.last_fetch.values().map(HashMap::len).sum();
+        self.last_fetch
+            .iter()
+            .map(|(channel, viewers)| (channel.clone(), viewers.len() as u64))
+            .collect()
     }
 
     /// Ids currently held, stale ones included (the memory bound).
     pub fn tracked(&self) -> usize {
-        self.last_fetch.len()
+        self.tracked
     }
 }
 
@@ -143,14 +164,21 @@ mod tests {
     fn distinct_segment_fetchers_within_the_window() {
         let t0 = Instant::now();
         let mut v = ViewerTracker::new(Duration::from_secs(4), 100);
-        assert!(v.fetched_segment("a", t0));
-        v.fetched_segment("a", t0 + Duration::from_secs(1));
-        v.fetched_segment("b", t0 + Duration::from_secs(1));
-        assert_eq!(v.prune(t0 + Duration::from_secs(2)), 2);
-        v.fetched_segment("a", t0 + Duration::from_secs(3));
-        // b last fetched at 1 s: gone at 5 s; a (3 s) still counts.
-        assert_eq!(v.prune(t0 + Duration::from_secs(5)), 1);
-        assert_eq!(v.prune(t0 + Duration::from_secs(8)), 0);
+        let counts = |v: &mut ViewerTracker, s| {
+            let counts = v.prune(t0 + Duration::from_secs(s));
+            (counts.get("main").copied(), counts.get("side").copied())
+        };
+        assert!(v.fetched_segment("main", "a", t0));
+        v.fetched_segment("main", "a", t0 + Duration::from_secs(1));
+        v.fetched_segment("main", "b", t0 + Duration::from_secs(1));
+        // The same id on another channel is another viewer of that channel.
+        v.fetched_segment("side", "a", t0 + Duration::from_secs(1));
+        assert_eq!(counts(&mut v, 2), (Some(2), Some(1)));
+        v.fetched_segment("main", "a", t0 + Duration::from_secs(3));
+        // b and side's a last fetched at 1 s: gone at 5 s; main's a (3 s) still counts.
+        assert_eq!(counts(&mut v, 5), (Some(1), None));
+        assert_eq!(counts(&mut v, 8), (None, None));
+        assert_eq!(v.tracked(), 0);
     }
 
     #[test]
@@ -160,16 +188,24 @@ mod tests {
         let mut v = ViewerTracker::new(Duration::from_secs(4), cap);
         // 100,000 distinct ids, each downloading a segment within the same second.
         let tracked = (0..100_000)
-            .filter(|i| v.fetched_segment(&format!("fake-{i}"), t0 + Duration::from_micros(*i)))
+            .filter(|i| {
+                let at = t0 + Duration::from_micros(*i);
+                v.fetched_segment("main", &format!("fake-{i}"), at)
+            })
             .count();
         assert_eq!(tracked, cap);
         assert_eq!(v.tracked(), cap);
         // Ids already tracked keep being refreshed while the map is full.
-        assert!(v.fetched_segment("fake-0", t0 + Duration::from_secs(2)));
+        assert!(v.fetched_segment("main", "fake-0", t0 + Duration::from_secs(2)));
         // Once the window has passed, room is made for new viewers (pruned on insert).
         let later = t0 + Duration::from_secs(5);
-        assert!(v.fetched_segment("real", later));
-        assert_eq!(v.prune(later), 2, "fake-0 (2 s) and real remain");
+        assert!(v.fetched_segment("side", "real", later));
+        let left = v.prune(later);
+        assert_eq!(
+            left.values().sum::<u64>(),
+            2,
+            "fake-0 (2 s) and real remain"
+        );
     }
 
     #[test]

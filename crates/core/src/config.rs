@@ -300,9 +300,10 @@ pub struct HostEntry {
     pub cores: Option<u32>,
     /// Broadcasts: the ingest pulled first (spread across broadcasts by the generator).
     pub preferred_ingest: Option<String>,
-    /// Sources: the channel this source publishes.
-    pub channel: Option<String>,
-    /// Sources: lower is preferred.
+    /// Sources: the channels this source publishes, one encode each.
+    #[serde(default)]
+    pub channels: Vec<String>,
+    /// Sources: lower is preferred, for every channel the source publishes.
     pub priority: Option<u32>,
     /// Non-db host carrying the third etcd member.
     pub etcd_witness: bool,
@@ -423,11 +424,26 @@ impl ClusterConfig {
         self.channels.iter().find(|c| c.name == name)
     }
 
+    /// The channel of the site's front page: the first one declared.
+    pub fn default_channel(&self) -> Option<&ChannelConfig> {
+        self.channels.first()
+    }
+
+    /// The top rendition's bandwidth of the costliest channel: a new viewer may pick any
+    /// channel and any rendition, so room for "one more viewer" is counted in this unit.
+    pub fn costliest_top_bandwidth_bps(&self) -> u64 {
+        self.channels
+            .iter()
+            .map(ChannelConfig::top_bandwidth_bps)
+            .max()
+            .unwrap_or(0)
+    }
+
     /// Sources of a channel, best first.
     pub fn sources_of(&self, channel: &str) -> Vec<&HostEntry> {
         let mut sources: Vec<_> = self
             .hosts_with_role(Role::Source)
-            .filter(|h| h.channel.as_deref() == Some(channel))
+            .filter(|h| h.channels.iter().any(|c| c == channel))
             .collect();
         sources.sort_by_key(|h| (h.priority.unwrap_or(u32::MAX), h.name.clone()));
         sources
@@ -447,10 +463,13 @@ impl ClusterConfig {
                     return Err(format!("broadcast {} needs uplink_mbps > 0", host.name));
                 }
                 Role::Source => {
-                    let channel = host.channel.as_deref().unwrap_or_default();
-                    if self.channel(channel).is_none() {
+                    if host.channels.is_empty() {
+                        return Err(format!("source {} publishes no channel", host.name));
+                    }
+                    if let Some(unknown) = host.channels.iter().find(|c| self.channel(c).is_none())
+                    {
                         return Err(format!(
-                            "source {} publishes unknown channel {channel:?}",
+                            "source {} publishes unknown channel {unknown:?}",
                             host.name
                         ));
                     }

@@ -12,7 +12,7 @@ pub fn host(name: &str, role: &str, addr: &str) -> Value {
         "ports": {"https": 8443, "rtmp": 1935, "rtmps": 1936, "patroni": 8008, "postgres": 5432,
                   "etcd_client": 2379, "etcd_peer": 2380},
         "url": format!("https://{addr}:8443"), "uplink_mbps": null, "preferred_ingest": null,
-        "channel": null, "priority": null, "etcd_witness": false, "drain": false
+        "channels": [], "priority": null, "etcd_witness": false, "drain": false
     })
 }
 

@@ -2,6 +2,10 @@
 
 use std::process::Command;
 
+/// Environment variable naming the channel an ffmpeg child works for (sources and ingests run
+/// one per channel): operators' tools read it from `/proc/<pid>/environ` to pick the right one.
+pub const CHANNEL_ENV: &str = "STREAMING_CHANNEL";
+
 /// Makes the child receive SIGKILL when the spawning *thread* dies (Linux `PR_SET_PDEATHSIG`).
 ///
 /// Spawn from a thread that lives as long as the child (a supervisor thread), never from a

@@ -59,8 +59,15 @@ pub struct BroadcastStatus {
     /// How many more viewers of the top rendition fit under 80 % of the uplink: see
     /// [`free_viewers`].
     pub free_viewers: u64,
+    /// Viewers per channel, adding up to `viewers`. Absent from older broadcasts.
+    #[serde(default)]
+    pub channel_viewers: BTreeMap<String, u64>,
     /// True when at least one channel has a fresh playlist.
     pub live: bool,
+    /// The channels with a fresh playlist: the LBs send a channel's viewers only where it is
+    /// live. Absent from older broadcasts (read as empty: then `live` stands for every channel).
+    #[serde(default)]
+    pub live_channels: Vec<String>,
     pub draining: bool,
     /// Ingest each channel is currently pulled from.
     pub origins: BTreeMap<String, String>,
@@ -79,34 +86,39 @@ pub fn viewer_capacity(uplink_mbps: u32, top_bandwidth_bps: u64) -> u64 {
     ((f64::from(uplink_mbps) * 1e6 * UPLINK_FILL) / top_bandwidth_bps as f64).floor() as u64
 }
 
-/// Free viewer slots, the number the LBs balance on: the smaller of two estimates.
+/// Free viewer slots, the number the LBs balance on: the smaller of two estimates, both in
+/// viewers of `top_bandwidth_bps` (the costliest channel's top rendition, which a new viewer
+/// may pick).
 ///
 /// - By measured egress: `floor((0.8 · uplink − segment egress) / top)`, where the segment
 ///   egress is what really left over the last few seconds. Someone holding a token who fetches
 ///   nothing (or only playlists) costs nothing here; a real viewer costs what its rendition
 ///   costs.
-/// - By count: `floor(0.8 · uplink / top) − viewers`, where `viewers` counts only those who
-///   downloaded a whole segment recently. This bounds the first estimate from above because a
-///   viewer on a small rendition may switch to the top one at any time, and viewers that just
-///   started (or paused) send less than they will.
+/// - By count: `floor((0.8 · uplink − committed) / top)`, where `committed_bps` is the sum over
+///   the counted viewers of their own channel's top rendition, and only those who downloaded
+///   a whole segment recently count. This bounds the first estimate from above because a
+///   viewer on a small rendition may switch to its channel's top one at any time, and viewers
+///   that just started (or paused) send less than they will. A viewer of a cheap channel
+///   commits only that channel's top: a broadcast serving several channels holds the sum of
+///   what each costs.
 ///
 /// A broadcast that just started has no egress and no viewers, so both estimates are the plain
 /// capacity: neither full nor unlimited. With no declared uplink or no ladder it is full.
 pub fn free_viewers(
     uplink_mbps: u32,
     top_bandwidth_bps: u64,
-    viewers: u64,
+    committed_bps: u64,
     segment_egress_mbps: f64,
 ) -> u64 {
     if top_bandwidth_bps == 0 {
         return 0;
     }
-    let by_count = viewer_capacity(uplink_mbps, top_bandwidth_bps).saturating_sub(viewers);
     let budget_bps = f64::from(uplink_mbps) * 1e6 * UPLINK_FILL;
-    // `max` also turns a NaN into 0; the cast saturates.
-    let room_bps = (budget_bps - segment_egress_mbps * 1e6).max(0.0);
-    let by_egress = (room_bps / top_bandwidth_bps as f64).floor() as u64;
-    by_count.min(by_egress)
+    let room = |used_bps: f64| {
+        // `max` also turns a NaN into 0; the cast saturates.
+        ((budget_bps - used_bps).max(0.0) / top_bandwidth_bps as f64).floor() as u64
+    };
+    room(committed_bps as f64).min(room(segment_egress_mbps * 1e6))
 }
 
 #[cfg(test)]
@@ -122,19 +134,22 @@ mod tests {
 
     #[test]
     fn free_viewers_follow_measured_egress_and_never_exceed_the_count() {
+        const TOP: u64 = 5_000_000;
         // Just started: nothing sent, nobody counted: the plain capacity.
-        assert_eq!(free_viewers(100, 5_000_000, 0, 0.0), 16);
+        assert_eq!(free_viewers(100, TOP, 0, 0.0), 16);
         // 4 counted viewers on the top rendition sending 20 Mbit/s: 12 left by either estimate.
-        assert_eq!(free_viewers(100, 5_000_000, 4, 20.0), 12);
+        assert_eq!(free_viewers(100, TOP, 4 * TOP, 20.0), 12);
         // 10 viewers on a 1 Mbit/s rendition (10 Mbit/s): egress leaves 14, but any of them may
         // switch to the top rendition, so the count bounds it to 6.
-        assert_eq!(free_viewers(100, 5_000_000, 10, 10.0), 6);
+        assert_eq!(free_viewers(100, TOP, 10 * TOP, 10.0), 6);
+        // The same 10 viewers watching a channel whose top is 1 Mbit/s commit only that: 14.
+        assert_eq!(free_viewers(100, TOP, 10 * 1_000_000, 10.0), 14);
         // Uncounted downloaders (a flood of fresh ids beyond what is tracked) still cost their
         // egress: 60 Mbit/s leaves room for 4.
-        assert_eq!(free_viewers(100, 5_000_000, 0, 60.0), 4);
+        assert_eq!(free_viewers(100, TOP, 0, 60.0), 4);
         // Over budget, by egress or by count: full, never wrapped around.
-        assert_eq!(free_viewers(100, 5_000_000, 0, 95.0), 0);
-        assert_eq!(free_viewers(100, 5_000_000, 40, 0.0), 0);
+        assert_eq!(free_viewers(100, TOP, 0, 95.0), 0);
+        assert_eq!(free_viewers(100, TOP, 40 * TOP, 0.0), 0);
         assert_eq!(free_viewers(100, 5_000_000, 0, f64::NAN), 0);
         assert_eq!(free_viewers(100, 0, 0, 0.0), 0);
         assert_eq!(free_viewers(0, 5_000_000, 0, 0.0), 0);
@@ -148,6 +163,7 @@ mod tests {
         });
         let s: BroadcastStatus = serde_json::from_value(json).unwrap();
         assert_eq!((s.viewers, s.segment_egress_mbps), (3, 0.0));
+        assert!(s.live_channels.is_empty() && s.channel_viewers.is_empty());
     }
 
     #[test]

@@ -80,7 +80,7 @@ fn db_host(name: &str, patroni: u16) -> HostEntry {
         "ports": {"https": 1, "rtmp": 1, "rtmps": 1, "patroni": patroni, "postgres": 1,
                   "etcd_client": 1, "etcd_peer": 1},
         "url": "https://127.0.0.1:1", "uplink_mbps": null, "preferred_ingest": null,
-        "channel": null, "priority": null, "etcd_witness": false, "drain": false
+        "channels": [], "priority": null, "etcd_witness": false, "drain": false
     }))
     .unwrap()
 }

@@ -290,10 +290,11 @@ where
     {
         let pid = pid.clone();
         let name = format!("ffmpeg-{}-{run_id}", spec.channel_name);
+        let channel = spec.channel_name.clone();
         std::thread::Builder::new().name(name).spawn(move || {
             let cutter = RunCutter::new(&spec);
             let exit = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                supervise(&args, input_rx, &pid, cutter, &events)
+                supervise(&args, &channel, input_rx, &pid, cutter, &events)
             }))
             .unwrap_or_else(|_| RunExit {
                 status: "supervisor panicked".into(),
@@ -315,6 +316,7 @@ where
 /// been handed over when this returns.
 fn supervise<M: From<RunEvent> + Send + 'static>(
     args: &[String],
+    channel: &str,
     input: std::sync::mpsc::Receiver<Bytes>,
     pid_slot: &Mutex<Option<u32>>,
     cutter: RunCutter,
@@ -322,6 +324,10 @@ fn supervise<M: From<RunEvent> + Send + 'static>(
 ) -> RunExit {
     let mut command = ffmpeg_sidecar::command::FfmpegCommand::new();
     command.args(args);
+    // Which channel this transcoder is, for operators' tools (`streamctl kill --ffmpeg`).
+    command
+        .as_inner_mut()
+        .env(streaming_core::process::CHANNEL_ENV, channel);
     streaming_core::process::die_with_parent(command.as_inner_mut());
     let mut child = match command.spawn() {
         Ok(child) => child,

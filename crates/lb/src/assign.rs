@@ -22,6 +22,33 @@ pub struct Candidate {
     pub free_viewers: u64,
     /// Why it is not eligible (empty when it is), for `/status` and logs.
     pub reason: String,
+    /// The channels live there; `None` from a broadcast too old to say (then every channel
+    /// counts as live while it is).
+    pub live_channels: Option<Vec<String>>,
+}
+
+impl Candidate {
+    /// Whether `channel` is live on it.
+    pub fn plays(&self, channel: &str) -> bool {
+        self.live_channels
+            .as_ref()
+            .is_none_or(|live| live.iter().any(|c| c == channel))
+    }
+}
+
+/// The candidates for a viewer of `channel`: a broadcast that is eligible but does not have
+/// this channel live (its ingest pull for it failing, say) is not eligible for its viewers.
+pub fn for_channel(candidates: Vec<Candidate>, channel: &str) -> Vec<Candidate> {
+    candidates
+        .into_iter()
+        .map(|mut c| {
+            if c.eligible && !c.plays(channel) {
+                c.eligible = false;
+                c.reason = format!("{channel} not live");
+            }
+            c
+        })
+        .collect()
 }
 
 /// Picks a broadcast: the sticky one if eligible and not excluded, else one of the eligible
@@ -91,7 +118,26 @@ pub(crate) mod tests {
             eligible,
             free_viewers: free,
             reason: String::new(),
+            live_channels: None,
         }
+    }
+
+    #[test]
+    fn viewers_of_a_channel_go_only_where_it_is_live() {
+        let mut both = c("broadcast1", true, 10);
+        both.live_channels = Some(vec!["main".into(), "side".into()]);
+        let mut main_only = c("broadcast2", true, 1000);
+        main_only.live_channels = Some(vec!["main".into()]);
+        let older = c("broadcast3", true, 10);
+        let side = for_channel(vec![both, main_only, older], "side");
+        let eligible: Vec<&str> = side
+            .iter()
+            .filter(|c| c.eligible)
+            .map(|c| c.name.as_str())
+            .collect();
+        assert_eq!(eligible, ["broadcast1", "broadcast3"]);
+        assert_eq!(side[1].reason, "side not live");
+        assert_eq!(pick(&side[1..2], Some("broadcast2"), &[]), None);
     }
 
     fn pick(cands: &[Candidate], sticky: Option<&str>, exclude: &[&str]) -> Option<String> {

@@ -132,6 +132,7 @@ pub fn judge(host: &HostEntry, health: Option<&BroadcastHealth>, now: Instant) -
         eligible: false,
         free_viewers: 0,
         reason: String::new(),
+        live_channels: None,
     };
     let fresh = health
         .and_then(|h| h.last_ok.map(|t| (h, t)))
@@ -144,6 +145,9 @@ pub fn judge(host: &HostEntry, health: Option<&BroadcastHealth>, now: Instant) -
         },
         (Some((h, _)), Some(status)) => {
             let reported = status.free_viewers;
+            if !status.live_channels.is_empty() {
+                candidate.live_channels = Some(status.live_channels.clone());
+            }
             candidate.free_viewers = reported - h.recent.count(now).min(reported / 2);
             if status.name != host.name {
                 format!("answers as {:?}", status.name)
@@ -170,14 +174,7 @@ pub fn loads(
     health: &BTreeMap<String, BroadcastHealth>,
     now: Instant,
 ) -> Vec<BroadcastLoad> {
-    // A viewer may pick the most expensive channel: plan for that, as the broadcasts do.
-    let top = config
-        .cluster
-        .channels
-        .iter()
-        .map(|c| c.top_bandwidth_bps())
-        .max()
-        .unwrap_or(0);
+    let top = config.cluster.costliest_top_bandwidth_bps();
     config
         .cluster
         .hosts_with_role(Role::Broadcast)
@@ -359,6 +356,8 @@ mod tests {
             free_viewers: free,
             live,
             draining,
+            channel_viewers: Default::default(),
+            live_channels: Vec::new(),
             origins: Default::default(),
         }
     }

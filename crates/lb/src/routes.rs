@@ -20,7 +20,7 @@ use streaming_core::token::{TOKEN_TTL_SECS, TokenSigner, ViewerClaims, new_viewe
 use tower_http::cors::{AllowOrigin, CorsLayer};
 use tower_http::set_header::SetResponseHeaderLayer;
 
-use crate::assign::{Candidate, choose, draw_by_free_viewers, parse_exclude};
+use crate::assign::{Candidate, choose, draw_by_free_viewers, for_channel, parse_exclude};
 use crate::health::{Health, candidates};
 use streaming_core::sync::read;
 
@@ -80,8 +80,7 @@ impl App {
             Some(_) => Err(AssignError::UnknownChannel),
             None => config
                 .cluster
-                .channels
-                .first()
+                .default_channel()
                 .map(|c| c.name.clone())
                 .ok_or(AssignError::UnknownChannel),
         }
@@ -102,7 +101,10 @@ impl App {
             .filter(|c| c.channel == channel);
         let exclude = parse_exclude(query.get("exclude").map(String::as_str));
         let config = self.config();
-        let cands = candidates(&config, &self.health.snapshot(), Instant::now());
+        let cands = for_channel(
+            candidates(&config, &self.health.snapshot(), Instant::now()),
+            &channel,
+        );
         let sticky = claims.as_ref().map(|c| c.broadcast.as_str());
         let Some(chosen) = choose(&cands, sticky, &exclude, &mut rand::rng()) else {
             metrics::counter!("lb_no_broadcast_total").increment(1);
@@ -199,6 +201,7 @@ pub fn router(app: App) -> Router {
     let ops = axum::middleware::from_fn_with_state(app.ops.clone(), ops_auth::require);
     Router::new()
         .route("/", get(page).layer(limited.clone()))
+        .route("/live/{channel}/", get(channel_page).layer(limited.clone()))
         .route("/steering", get(steering))
         .route("/live/{channel}/{file}", get(hls).layer(limited.clone()))
         .route(
@@ -253,9 +256,11 @@ const FULL_PAGE: &str = "<!doctype html>
 This page retries by itself in a few seconds.</p></body></html>
 ";
 
+/// `/` (the first channel, or `?channel=`) and `/live/<channel>/`: the viewer is sent to the
+/// channel's page on the broadcast chosen for it, token in hand.
 async fn page(State(app): State<App>, Query(query): Query<HashMap<String, String>>) -> Response {
     match app.assign(&query) {
-        Ok((channel, a)) => redirect(format!("{}/?t={}&channel={channel}", a.base_url, a.token)),
+        Ok((channel, a)) => redirect(format!("{}/live/{channel}/?t={}", a.base_url, a.token)),
         Err(AssignError::UnknownChannel) => text_error(StatusCode::NOT_FOUND, "unknown channel"),
         Err(AssignError::NoBroadcast) => with_retry_after(
             (
@@ -272,6 +277,15 @@ async fn page(State(app): State<App>, Query(query): Query<HashMap<String, String
                 .into_response(),
         ),
     }
+}
+
+async fn channel_page(
+    state: State<App>,
+    Path(channel): Path<String>,
+    Query(mut query): Query<HashMap<String, String>>,
+) -> Response {
+    query.insert("channel".into(), channel);
+    page(state, Query(query)).await
 }
 
 async fn hls(
@@ -350,15 +364,18 @@ async fn steering(
     State(app): State<App>,
     Query(query): Query<HashMap<String, String>>,
 ) -> Response {
-    if let Err(AssignError::UnknownChannel) = app.channel(query.get("channel")) {
+    let Ok(channel) = app.channel(query.get("channel")) else {
         return text_error(StatusCode::NOT_FOUND, "unknown channel");
-    }
+    };
     let current = query
         .get("_HLS_pathway")
         .map(String::as_str)
         .filter(|p| is_safe_name(p));
     let config = app.config();
-    let cands = candidates(&config, &app.health.snapshot(), Instant::now());
+    let cands = for_channel(
+        candidates(&config, &app.health.snapshot(), Instant::now()),
+        &channel,
+    );
     metrics::counter!("lb_steering_total").increment(1);
     (
         [
@@ -401,6 +418,8 @@ async fn status(State(app): State<App>) -> Response {
                 "viewers": st.map(|s| s.viewers),
                 "egress_mbps": st.map(|s| s.egress_mbps),
                 "live": st.map(|s| s.live),
+                "live_channels": c.live_channels,
+                "channel_viewers": st.map(|s| &s.channel_viewers),
                 "draining": st.map(|s| s.draining),
                 "recent_assignments": h.map_or(0, |h| h.recent.count(now)),
                 "last_poll_age_s": h.and_then(|h| h.last_ok).map(|t| now.saturating_duration_since(t).as_secs_f64()),

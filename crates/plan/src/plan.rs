@@ -139,19 +139,18 @@ pub fn plan(
         .iter()
         .map(|(name, &viewers)| channel_plan(cluster, name, viewers, target, figures))
         .collect::<Result<Vec<_>, _>>()?;
-    let per_viewer_bps = target.bitrate_bps.unwrap_or_else(|| {
-        cluster
-            .channels
-            .iter()
-            .map(|c| c.top_bandwidth_bps())
-            .max()
-            .unwrap_or(0)
-    });
+    let viewers: u64 = channels.iter().map(|c| c.viewers).sum();
+    let egress_bps: u64 = channels.iter().map(|c| c.egress_bps).sum();
+    // Room is counted in viewers of this audience's mix of channels: each viewer commits its
+    // own channel's top rendition, as the broadcasts count it.
+    let per_viewer_bps = match target.bitrate_bps {
+        Some(bps) => bps,
+        None if viewers > 0 => egress_bps.div_ceil(viewers),
+        None => cluster.costliest_top_bandwidth_bps(),
+    };
     if per_viewer_bps == 0 {
         return Err(PlanError::FreeViewer);
     }
-    let viewers: u64 = channels.iter().map(|c| c.viewers).sum();
-    let egress_bps: u64 = channels.iter().map(|c| c.egress_bps).sum();
 
     let hosts: Vec<&HostEntry> = cluster
         .hosts_with_role(Role::Broadcast)

@@ -658,7 +658,7 @@ mod tests {
             uplink_mbps: None,
             cores: None,
             preferred_ingest: None,
-            channel: None,
+            channels: Vec::new(),
             priority: None,
             etcd_witness: false,
             drain: false,

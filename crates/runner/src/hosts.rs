@@ -259,7 +259,8 @@ fn crash_service(layout: &Layout, name: &str) -> anyhow::Result<String> {
 /// SIGKILL (or SIGSTOP) to one ffmpeg child: the host's watchdog must notice.
 fn kill_ffmpeg(config: &HostConfig, pid: i32, hang: bool) -> anyhow::Result<String> {
     let name = &config.name;
-    let children = procs::ffmpeg_children(pid);
+    let default_channel = config.cluster.default_channel().map(|c| c.name.as_str());
+    let children = procs::ffmpeg_children(pid, default_channel);
     let (child, cmdline) = children.first().with_context(|| {
         format!(
             "{name} ({}) has no ffmpeg child right now",

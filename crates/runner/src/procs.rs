@@ -263,20 +263,37 @@ pub fn wait_group_gone(pgid: i32, timeout: Duration) -> bool {
 }
 
 /// ffmpeg processes of a host (members of its group), the one to kill first first: for an ingest
-/// the transcoder (the ffmpeg writing HLS), else the oldest.
-pub fn ffmpeg_children(pgid: i32) -> Vec<(i32, String)> {
-    let mut found: Vec<(i32, String)> = group_members(pgid)
+/// the transcoder (the ffmpeg writing HLS), the one of `preferred_channel` (with several
+/// channels, tests and operators mean the front page's), else the oldest.
+pub fn ffmpeg_children(pgid: i32, preferred_channel: Option<&str>) -> Vec<(i32, String)> {
+    let mut found: Vec<(i32, String, bool)> = group_members(pgid)
         .into_iter()
         .filter(|s| s.comm == "ffmpeg" && s.pid != pgid)
         .map(|s| {
             let cmdline = std::fs::read(format!("/proc/{}/cmdline", s.pid))
                 .map(|c| String::from_utf8_lossy(&c).replace('\0', " "))
                 .unwrap_or_default();
-            (s.pid, cmdline)
+            let preferred =
+                preferred_channel.is_some_and(|c| channel_of(s.pid) == Some(c.to_owned()));
+            (s.pid, cmdline, preferred)
         })
         .collect();
-    found.sort_by_key(|(pid, cmdline)| (!is_transcoder(cmdline), *pid));
+    found.sort_by_key(|(pid, cmdline, preferred)| (!is_transcoder(cmdline), !*preferred, *pid));
     found
+        .into_iter()
+        .map(|(pid, cmdline, _)| (pid, cmdline))
+        .collect()
+}
+
+/// The channel an ffmpeg child works for, from the variable its service set
+/// ([`streaming_core::process::CHANNEL_ENV`]).
+fn channel_of(pid: i32) -> Option<String> {
+    let environ = std::fs::read(format!("/proc/{pid}/environ")).ok()?;
+    let prefix = format!("{}=", streaming_core::process::CHANNEL_ENV);
+    environ
+        .split(|b| *b == 0)
+        .find_map(|var| var.strip_prefix(prefix.as_bytes()))
+        .map(|value| String::from_utf8_lossy(value).into_owned())
 }
 
 /// The ladder encoder writes HLS or several renditions; relays and slates do not.

@@ -1,5 +1,5 @@
-//! The one ffmpeg encode a source runs: a lavfi test pattern with a burned-in wall clock and host
-//! name plus a tone, encoded once and written as FLV to ffmpeg's stdout. The source process reads
+//! The ffmpeg encode a source runs for each of its channels: a lavfi test pattern with a
+//! burned-in wall clock, channel and host name plus a tone, encoded once and written as FLV to ffmpeg's stdout. The source process reads
 //! those tags and publishes them over RTMPS to every ingest (`crate::supervisor`), so the stream
 //! key is never on ffmpeg's command line and never travels in clear.
 //!
@@ -72,20 +72,28 @@ impl std::fmt::Debug for EncodeSpec {
 }
 
 impl EncodeSpec {
-    /// Derives the encode from the host config and reads the channel's stream key.
-    pub fn from_config(config: &HostConfig) -> Result<Self, SpecError> {
+    /// One encode per channel this source publishes, in the order `cluster.nix` lists them.
+    pub fn all_from_config(config: &HostConfig) -> Result<Vec<Self>, SpecError> {
         let me = config.me();
         if me.role != Role::Source {
             return Err(SpecError::NotASource(me.name.clone()));
         }
-        let channel_name = me.channel.clone().unwrap_or_default();
+        me.channels
+            .iter()
+            .map(|channel| Self::from_config(config, channel))
+            .collect()
+    }
+
+    /// Derives the encode of `channel_name` from the host config and reads its stream key.
+    pub fn from_config(config: &HostConfig, channel_name: &str) -> Result<Self, SpecError> {
+        let me = config.me();
         let channel =
             config
                 .cluster
-                .channel(&channel_name)
+                .channel(channel_name)
                 .ok_or_else(|| SpecError::UnknownChannel {
                     host: me.name.clone(),
-                    channel: channel_name.clone(),
+                    channel: channel_name.to_owned(),
                 })?;
         // The top rendition: the source must carry at least what the ladder's best step shows.
         let top = channel
@@ -140,8 +148,9 @@ impl EncodeSpec {
     /// time 0 is whenever ffmpeg starts, and the anchor travels in the publish name.
     pub fn ffmpeg_args(&self) -> Vec<String> {
         let drawtext = format!(
-            "drawtext=fontfile={FONT}:text='%{{localtime}}  {host}':x=16:y=16:fontsize={size}:\
-             fontcolor=white:box=1:boxcolor=black@0.6:boxborderw=6",
+            "drawtext=fontfile={FONT}:text='%{{localtime}}  {channel} from {host}':x=16:y=16:\
+             fontsize={size}:fontcolor=white:box=1:boxcolor=black@0.6:boxborderw=6",
+            channel = filter_escape(&self.channel),
             host = filter_escape(&self.host),
             size = (self.height / 14).max(10),
         );

@@ -10,12 +10,12 @@ use axum::routing::get;
 use metrics_exporter_prometheus::PrometheusHandle;
 use serde::Serialize;
 
-use crate::supervisor::{EncodeStatus, Supervisor};
+use crate::encodes::{ChannelEncode, Encodes};
 
 #[derive(Clone)]
 pub struct AppState {
     pub name: String,
-    pub supervisor: Arc<Supervisor>,
+    pub encodes: Arc<Encodes>,
     pub metrics: PrometheusHandle,
     /// Who may read `/status` and `/metrics`.
     pub ops: Arc<streaming_core::ops_auth::OpsGuard>,
@@ -25,9 +25,9 @@ pub struct AppState {
 #[derive(Debug, Serialize)]
 pub struct SourceStatus {
     pub name: String,
+    /// Every channel's encode is healthy.
     pub healthy: bool,
-    #[serde(flatten)]
-    pub encode: EncodeStatus,
+    pub channels: std::collections::BTreeMap<String, ChannelEncode>,
 }
 
 pub fn router(state: AppState) -> axum::Router {
@@ -40,26 +40,35 @@ pub fn router(state: AppState) -> axum::Router {
         .with_state(state)
 }
 
-/// 200 while ffmpeg runs and makes progress; 503 with the reason otherwise.
+/// 200 while every channel's ffmpeg runs and makes progress; 503 with the reasons otherwise.
 async fn healthz(State(state): State<AppState>) -> Response {
-    if state.supervisor.is_healthy() {
+    let reasons: Vec<String> = state
+        .encodes
+        .statuses()
+        .into_iter()
+        .filter(|(_, c)| !c.healthy)
+        .map(|(channel, c)| {
+            let reason = match (c.encode.running, c.encode.last_exit) {
+                (true, _) => "ffmpeg runs but reports no progress".to_owned(),
+                (false, Some(exit)) => format!("ffmpeg not running (last exit: {exit})"),
+                (false, None) => "ffmpeg not started yet".to_owned(),
+            };
+            format!("{channel}: {reason}")
+        })
+        .collect();
+    if reasons.is_empty() {
         (StatusCode::OK, "ok\n").into_response()
     } else {
-        let status = state.supervisor.status();
-        let reason = match (status.running, status.last_exit) {
-            (true, _) => "ffmpeg runs but reports no progress".to_owned(),
-            (false, Some(exit)) => format!("ffmpeg not running (last exit: {exit})"),
-            (false, None) => "ffmpeg not started yet".to_owned(),
-        };
-        streaming_core::http::text_error(StatusCode::SERVICE_UNAVAILABLE, reason)
+        streaming_core::http::text_error(StatusCode::SERVICE_UNAVAILABLE, reasons.join("; "))
     }
 }
 
 async fn status(State(state): State<AppState>) -> Json<SourceStatus> {
+    let channels = state.encodes.statuses();
     Json(SourceStatus {
         name: state.name.clone(),
-        healthy: state.supervisor.is_healthy(),
-        encode: state.supervisor.status(),
+        healthy: channels.values().all(|c| c.healthy),
+        channels,
     })
 }
 

@@ -44,8 +44,18 @@ pub const MAX_START_LAG_MS: i64 = 300;
 /// PROGRAM-DATE-TIME and every latency figure would understate the real delay by as much.
 /// Corrected the same way.
 pub const MAX_START_LEAD_MS: i64 = 150;
-/// Restarts for a late start before the lag is accepted (and logged).
+/// Restarts for a late start in a row; after them the next run is first checked only once the
+/// machine had time to settle ([`SETTLED_CHECK_MS`] of media).
 const MAX_LAG_CORRECTIONS: u32 = 3;
+/// Media time of the first check after [`MAX_LAG_CORRECTIONS`] restarts in a row.
+const SETTLED_CHECK_MS: i64 = 30_000;
+/// A run is checked again every this much media time: one whose start was measured wrong (a
+/// machine busy starting a whole cluster jitters the measure by a second) would otherwise
+/// never deliver a slot on time, and the ingests would never come back to it.
+const LAG_RECHECK_MS: i64 = 10_000;
+/// The bound of those later checks, looser than the start's: they catch runs that are off,
+/// not the jitter of the progress reports.
+const MAX_RUNNING_SKEW_MS: i64 = 600;
 /// Tags queued per ingest before a stuck one starts dropping (about 3.5 s at 25 fps + audio).
 pub const PUBLISH_QUEUE_TAGS: usize = 256;
 /// Reconnection waits towards an ingest that went away: at most a second, so a restarted
@@ -101,6 +111,7 @@ pub struct Supervisor {
 impl Supervisor {
     /// Starts the supervisor thread; must be called on the runtime that runs the publishing.
     pub fn start(spec: EncodeSpec, lifecycle: Lifecycle) -> std::io::Result<Self> {
+        let spec_channel = spec.channel.clone();
         let shared = Arc::new(Shared {
             control: Mutex::new(Control {
                 spec: Some(spec),
@@ -115,7 +126,7 @@ impl Supervisor {
         });
         let thread_shared = shared.clone();
         let thread = std::thread::Builder::new()
-            .name("ffmpeg-supervisor".into())
+            .name(format!("ffmpeg-{}", spec_channel))
             .spawn(move || supervise(&thread_shared))?;
         Ok(Self {
             shared,
@@ -205,10 +216,18 @@ fn supervise(shared: &Shared) {
         };
         let anchor_ms = streaming_hls::timeline::unix_now_ms() + start_delay_ms.max(0) as u64;
         let started = Instant::now();
-        let check_lag = corrections < MAX_LAG_CORRECTIONS;
-        let exit = match run_once(shared, &spec, anchor_ms, check_lag) {
+        let first_check_ms = if corrections < MAX_LAG_CORRECTIONS {
+            1000
+        } else {
+            SETTLED_CHECK_MS
+        };
+        let exit = match run_once(shared, &spec, anchor_ms, first_check_ms) {
             RunEnd::Exited(exit) => exit,
             RunEnd::Late { lag_ms } => {
+                // Off after a long run: a new problem, not one more try at the same start.
+                if started.elapsed() > HEALTHY_RUN {
+                    corrections = 0;
+                }
                 corrections += 1;
                 start_delay_ms = (start_delay_ms + lag_ms).clamp(0, 10_000);
                 tracing::warn!(
@@ -280,9 +299,9 @@ pub fn parse_media_time_ms(time: &str) -> Option<i64> {
     Some(sign * (total + (seconds * 1000.0).round() as i64))
 }
 
-/// Runs one ffmpeg to its end (or, with `check_lag`, until it turns out to have started late).
-fn run_once(shared: &Shared, spec: &EncodeSpec, anchor_ms: u64, check_lag: bool) -> RunEnd {
-    match run_and_watch(shared, spec, anchor_ms, check_lag) {
+/// Runs one ffmpeg to its end, or until its media turns out to be off its anchor.
+fn run_once(shared: &Shared, spec: &EncodeSpec, anchor_ms: u64, first_check_ms: i64) -> RunEnd {
+    match run_and_watch(shared, spec, anchor_ms, first_check_ms) {
         Ok(exit) => RunEnd::Exited(exit),
         Err(lag_ms) => RunEnd::Late { lag_ms },
     }
@@ -292,7 +311,7 @@ fn run_and_watch(
     shared: &Shared,
     spec: &EncodeSpec,
     anchor_ms: u64,
-    check_lag: bool,
+    first_check_ms: i64,
 ) -> Result<String, i64> {
     // Read at every start, so a renewed CA bundle applies from the next run on.
     let tls = match streaming_rtmp_publish::client_config(&spec.ca_cert) {
@@ -301,6 +320,10 @@ fn run_and_watch(
     };
     let mut command = FfmpegCommand::new_with_path("ffmpeg");
     command.args(spec.ffmpeg_args());
+    // Which channel this encode is, for operators' tools (`streamctl kill --ffmpeg`).
+    command
+        .as_inner_mut()
+        .env(streaming_core::process::CHANNEL_ENV, &spec.channel);
     streaming_core::process::die_with_parent(command.as_inner_mut());
     let mut child = match command.spawn() {
         Ok(child) => child,
@@ -334,7 +357,7 @@ fn run_and_watch(
     ));
     mark_started(shared, spec, pid, anchor_ms);
     let late = match child.iter() {
-        Ok(events) => watch_log(shared, events, pid, anchor_ms, check_lag),
+        Ok(events) => watch_log(shared, events, pid, anchor_ms, first_check_ms),
         Err(e) => {
             tracing::error!("cannot read ffmpeg's log: {e}");
             None
@@ -382,16 +405,18 @@ fn mark_started(shared: &Shared, spec: &EncodeSpec, pid: u32, anchor_ms: u64) {
 }
 
 /// Follows ffmpeg's log until it ends: progress feeds the watchdog and the status, warnings and
-/// errors are logged (each line at most once per [`REPEAT_LOG_INTERVAL`]). With `check_lag`,
-/// one look a second into the media: a run that started too far behind its anchor is ended and
-/// its lag returned.
+/// errors are logged (each line at most once per [`REPEAT_LOG_INTERVAL`]). At `first_check_ms`
+/// of media, then every [`LAG_RECHECK_MS`], the media time is compared with the wall clock: a
+/// run too far off its anchor is ended and its lag returned.
 fn watch_log(
     shared: &Shared,
     events: impl Iterator<Item = FfmpegEvent>,
     pid: u32,
     anchor_ms: u64,
-    mut check_lag: bool,
+    first_check_ms: i64,
 ) -> Option<i64> {
+    let mut next_check_ms = first_check_ms;
+    let mut bounds = -MAX_START_LEAD_MS..=MAX_START_LAG_MS;
     let mut last_logged: HashMap<String, Instant> = HashMap::new();
     for event in events {
         match event {
@@ -403,18 +428,20 @@ fn watch_log(
                 lock(&shared.status).frames = u64::from(p.frame);
                 metrics::gauge!("source_frames").set(f64::from(p.frame));
                 if let Some(media_ms) = parse_media_time_ms(&p.time)
-                    && check_lag
-                    && media_ms >= 1000
+                    && media_ms >= next_check_ms
                 {
-                    check_lag = false;
                     let wall_ms = streaming_hls::timeline::unix_now_ms() as i64;
                     let lag_ms = wall_ms - anchor_ms as i64 - media_ms;
                     metrics::gauge!("source_start_lag_ms").set(lag_ms as f64);
-                    tracing::info!(lag_ms, "media time against the anchor");
-                    if !(-MAX_START_LEAD_MS..=MAX_START_LAG_MS).contains(&lag_ms) {
+                    if next_check_ms == first_check_ms {
+                        tracing::info!(lag_ms, "media time against the anchor");
+                    }
+                    if !bounds.contains(&lag_ms) {
                         terminate(Some(pid));
                         return Some(lag_ms);
                     }
+                    next_check_ms = media_ms + LAG_RECHECK_MS;
+                    bounds = -MAX_RUNNING_SKEW_MS..=MAX_RUNNING_SKEW_MS;
                 }
             }
             FfmpegEvent::Log(

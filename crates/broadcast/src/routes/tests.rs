@@ -270,7 +270,18 @@ async fn cors_only_for_cluster_origins() {
 #[tokio::test]
 async fn page_has_strict_csp_and_types() {
     let app = app();
-    let (status, headers, body) = get(&app, "/?t=x&channel=test", None).await;
+    // The front page is the first channel's page, token kept.
+    let (status, headers, _) = get(&app, "/?t=a.b-c_d&channel=test", None).await;
+    assert_eq!(status, StatusCode::FOUND);
+    assert_eq!(headers[header::LOCATION], "/live/test/?t=a.b-c_d");
+    let (status, headers, _) = get(&app, "/?t=%3Cx%3E", None).await;
+    assert_eq!(status, StatusCode::FOUND);
+    assert_eq!(headers[header::LOCATION], "/live/test/");
+    assert_eq!(
+        get(&app, "/?channel=nope", None).await.0,
+        StatusCode::NOT_FOUND
+    );
+    let (status, headers, body) = get(&app, "/live/test/?t=x", None).await;
     assert_eq!(status, StatusCode::OK);
     assert!(body.contains("hls.min.js"));
     assert_eq!(headers[header::CONTENT_TYPE], "text/html; charset=utf-8");
@@ -298,6 +309,12 @@ async fn page_has_strict_csp_and_types() {
     );
     let (_, headers, _) = get(&app, "/app.css", None).await;
     assert_eq!(headers[header::CONTENT_TYPE], "text/css; charset=utf-8");
+    // The page's assets are absolute: it is served at /live/<channel>/.
+    assert!(body.contains("src=\"/app.js\""), "{body}");
+    assert_eq!(
+        get(&app, "/live/nope/", None).await.0,
+        StatusCode::NOT_FOUND
+    );
     let (status, _, _) = get(&app, "/vendor/hls.js/hls.min.js", None).await;
     assert_eq!(status, StatusCode::OK);
 }
@@ -406,6 +423,10 @@ async fn cluster_info_status_and_health() {
     let v: serde_json::Value = serde_json::from_str(&body).unwrap();
     assert_eq!(v["broadcast"], "broadcast1");
     assert_eq!(v["channel"], "test");
+    assert_eq!(
+        v["channels"],
+        serde_json::json!([{"name": "test", "live": false}])
+    );
     // Each LB by its own URL, not the site name: clients try them in turn.
     assert_eq!(
         v["lbs"],

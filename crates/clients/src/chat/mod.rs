@@ -133,7 +133,7 @@ impl Target {
             None => config
                 .as_ref()
                 .ok()
-                .and_then(|c| c.cluster.channels.first().map(|c| c.name.clone()))
+                .and_then(|c| c.cluster.default_channel().map(|c| c.name.clone()))
                 .unwrap_or_else(|| "test".to_owned()),
         };
         Ok(Self {

@@ -98,8 +98,7 @@ fn local_defaults(state: &std::path::Path) -> anyhow::Result<(String, Vec<String
     let first = lbs.first().context("cluster has no LB")?;
     let channel = config
         .cluster
-        .channels
-        .first()
+        .default_channel()
         .context("cluster has no channel")?;
     Ok((format!("{first}/live/{}/master.m3u8", channel.name), lbs))
 }

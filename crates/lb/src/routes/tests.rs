@@ -37,6 +37,8 @@ fn app(free: &[(&str, u64)]) -> App {
             free_viewers: *free,
             live: true,
             draining: false,
+            channel_viewers: Default::default(),
+            live_channels: vec!["test".into()],
             origins: Default::default(),
         };
         health.record(name, Ok(status), Instant::now());
@@ -128,10 +130,19 @@ async fn redirects_carry_a_token_for_the_chosen_broadcast() {
     assert_eq!(status, StatusCode::FOUND);
     let loc = headers[header::LOCATION].to_str().unwrap();
     assert!(
-        loc.starts_with("https://127.79.2.2:8443/?t=") && loc.ends_with("&channel=test"),
+        loc.starts_with("https://127.79.2.2:8443/live/test/?t="),
         "{loc}"
     );
     assert_eq!(headers[header::CACHE_CONTROL], "no-store");
+    // A channel's own address on the LB, and one that does not exist.
+    let (status, headers, _) = get(&app, "/live/test/").await;
+    assert_eq!(status, StatusCode::FOUND);
+    let loc = headers[header::LOCATION].to_str().unwrap();
+    assert!(
+        loc.starts_with("https://127.79.2.2:8443/live/test/?t="),
+        "{loc}"
+    );
+    assert_eq!(get(&app, "/live/nope/").await.0, StatusCode::NOT_FOUND);
 }
 
 #[tokio::test]

@@ -95,7 +95,8 @@ fn print_plan(p: &Plan, bitrate_given: bool) {
     let counted_as = if bitrate_given {
         "as given"
     } else {
-        "the costliest top rendition: the LBs admit viewers so, any of them may switch up"
+        "on average: each at its channel's top rendition, as the broadcasts count them, since \
+         any viewer may switch up"
     };
     println!(
         "\n{} viewers, each counted at {} ({counted_as})",
