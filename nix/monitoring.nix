@@ -246,6 +246,22 @@ let
       summary = "viewers fill {{ $value | humanize }} % of the broadcasts' capacity";
       description = "Viewers over viewers plus the free slots the LBs can still hand out (each broadcast's slots are planned at 80 % of its uplink). Above ${toString thresholds.capacityPercent} % a peak, or the loss of one broadcast, turns viewers away: add a broadcast to cluster.nix or raise an uplink.";
     })
+    # What the players themselves report (the page's POST /api/player): their own networks
+    # and the time to find another broadcast included.
+    (rule "PlayersStalling" {
+      expr = "sum by (channel) (rate(broadcast_player_stall_milliseconds_total[5m])) / sum by (channel) (rate(broadcast_player_watch_milliseconds_total[5m])) > 0.01";
+      for = "5m";
+      severity = "warning";
+      summary = "players of {{ $labels.channel }} stall {{ $value | humanizePercentage }} of the time";
+      description = "Reported by the players themselves (the page), so it includes what no server sees: the viewers' own networks and the time to find another broadcast.";
+    })
+    (rule "PlayerLatencyHigh" {
+      expr = "histogram_quantile(0.9, sum by (channel, le) (rate(broadcast_player_latency_seconds_bucket[5m]))) > ${toString (5 * cluster.timeline.segmentSeconds)}";
+      for = "5m";
+      severity = "warning";
+      summary = "{{ $labels.channel }} plays {{ $value | humanizeDuration }} behind live for 1 viewer in 10";
+      description = "Latency reported by the players (now minus PROGRAM-DATE-TIME at the play head): beyond five segments players fell behind the live edge after stalls and do not catch up.";
+    })
   ];
 
   ingestRules = [
@@ -405,26 +421,6 @@ let
       }
     ) (filter (c: c.capacity != null) refusalCounters);
 
-  # What operators need but no service measures yet: kept apart, and run by Prometheus all the
-  # same (they stay silent until the metrics exist). docs/monitoring.md lists the metrics.
-  pendingRules = [
-    (rule "PlayersStalling" {
-      expr = "sum by (channel) (rate(broadcast_player_stall_seconds_total[5m])) / sum by (channel) (rate(broadcast_player_watch_seconds_total[5m])) > 0.01";
-      for = "5m";
-      severity = "warning";
-      labels.pending = "needs broadcast_player_stall_seconds_total and broadcast_player_watch_seconds_total";
-      summary = "players of {{ $labels.channel }} stall {{ $value | humanizePercentage }} of the time";
-      description = "Reported by the players themselves (the page), so it includes what no server sees: the viewers' own networks and the time to find another broadcast.";
-    })
-    (rule "PlayerLatencyHigh" {
-      expr = "histogram_quantile(0.9, sum by (channel, le) (rate(broadcast_player_latency_seconds_bucket[5m]))) > ${toString (5 * cluster.timeline.segmentSeconds)}";
-      for = "5m";
-      severity = "warning";
-      labels.pending = "needs broadcast_player_latency_seconds (a histogram)";
-      summary = "{{ $labels.channel }} plays {{ $value | humanizeDuration }} behind live for 1 viewer in 10";
-      description = "Latency reported by the players (now minus PROGRAM-DATE-TIME at the play head): beyond five segments players fell behind the live edge after stalls and do not catch up.";
-    })
-  ];
 
   rules.groups = [
     {
@@ -459,12 +455,7 @@ let
         }
       ]
   )
-  ++ [
-    {
-      name = "pending";
-      rules = pendingRules;
-    }
-  ];
+  ;
 
   # ---- Dashboards ----
 
@@ -757,6 +748,21 @@ let
             targets = [ (query "sum by (channel) (rate(broadcast_egress_bytes_total[1m])) * 8" "{{channel}}") ];
           })
           (timeseries {
+            title = "Players: share of play time stalled, per channel";
+            description = "What the pages report (POST /api/player every 10 s): seconds waiting for media over seconds played, the viewers' own networks and failovers included.";
+            unit = "percentunit";
+            targets = [ (query "sum by (channel) (rate(broadcast_player_stall_milliseconds_total[5m])) / sum by (channel) (rate(broadcast_player_watch_milliseconds_total[5m]))" "{{channel}}") ];
+          })
+          (timeseries {
+            title = "Players: latency behind live, per channel";
+            description = "What the pages report: now minus PROGRAM-DATE-TIME at the play head, median and 1 viewer in 10.";
+            unit = "s";
+            targets = [
+              (query "histogram_quantile(0.5, sum by (channel, le) (rate(broadcast_player_latency_seconds_bucket[5m])))" "{{channel}} p50")
+              (query "histogram_quantile(0.9, sum by (channel, le) (rate(broadcast_player_latency_seconds_bucket[5m])))" "{{channel}} p90")
+            ];
+          })
+          (timeseries {
             title = "Free viewers per broadcast, at each LB";
             description = "The room each LB sees and balances on: viewers of the top rendition that still fit under 80 % of the uplink, minus its own recent assignments.";
             targets = [ (query "lb_broadcast_free_viewers" "{{broadcast}} at {{host}}") ];
@@ -864,8 +870,12 @@ let
       }
     ];
   };
+  # Where Prometheus runs: the address of the host flagged `monitoring = true` (null: none).
+  flagged = filter (h: h.monitoring or false) cluster.hosts;
+  monitoringAddress =
+    if flagged == [ ] then null else (head (filter (h: h.name == (head flagged).name) hosts)).address;
 in
 {
-  inherit prometheus rules;
+  inherit prometheus rules monitoringAddress;
   dashboards.cluster-overview = overview;
 }

@@ -59,7 +59,10 @@ failures = []
 
 # What the services export: the metrics:: macros of crates/ (names on the macro's first
 # argument) and the publishers' failure counters passed by name. The exporter renders
-# histograms as summaries: name{quantile=...}, name_sum, name_count.
+# histograms as summaries (name{quantile=...}, name_sum, name_count), or with buckets
+# (name_bucket{le=...}) those listed in crates/core/src/telemetry.rs's BUCKETED_HISTOGRAMS.
+telemetry = pathlib.Path("crates/core/src/telemetry.rs").read_text()
+bucketed = set(re.findall(r'^\s*"([a-z0-9_]+)",\s*$', telemetry.split("BUCKETED_HISTOGRAMS", 1)[1].split("];", 1)[0], re.M))
 exported = set()
 for path in pathlib.Path("crates").rglob("*.rs"):
     text = path.read_text()
@@ -67,6 +70,8 @@ for path in pathlib.Path("crates").rglob("*.rs"):
         exported.add(name)
         if kind == "histogram":
             exported |= {name + "_sum", name + "_count"}
+            if name in bucketed:
+                exported = (exported - {name}) | {name + "_bucket"}
     exported |= set(re.findall(r'failures_metric:\s*"([a-z0-9_]+)"', text))
 # Patroni's REST /metrics (3.0 and 4.x alike), and Prometheus's own per target.
 exported |= {"patroni_primary", "patroni_replica", "patroni_sync_standby",

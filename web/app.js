@@ -40,7 +40,7 @@
     failover: (reason) => failover(reason),
     lbs: () => lbList(),
     // The LBs in the order the next failover asks them.
-    lbOrder: () => lbList().then(rotated),
+    lbOrder: () => lbOrderNow(),
   };
   window.scPlayer = state;
 
@@ -79,24 +79,29 @@
       if (typeof c.broadcast === 'string' && c.broadcast && state.failovers === 0) state.broadcast = c.broadcast;
       render();
       const lbs = Array.isArray(c.lbs) ? c.lbs.filter((x) => typeof x === 'string').map((x) => x.replace(/\/+$/, '')) : [];
-      showChannels(Array.isArray(c.channels) ? c.channels : [], lbs);
+      showChannels(Array.isArray(c.channels) ? c.channels : []);
       return { lbs };
     } finally {
       clearTimeout(timer);
     }
   }
   // Every channel, each a link to its address on an LB (which picks a broadcast for it and
-  // hands over a token); the current one marked, those not live here marked offline.
-  function showChannels(channels, lbs) {
+  // hands over a token): the LB that answered last, chosen when clicked. The current channel is
+  // marked, those not live here are marked offline.
+  function showChannels(channels) {
     const nav = $('channels');
     const list = channels.filter((c) => c && typeof c.name === 'string' && /^[a-z0-9-]{1,63}$/.test(c.name));
     if (list.length < 2) return;
-    const base = lbs.length ? lbs[firstLb % lbs.length] : '';
     nav.replaceChildren(...list.map((c) => {
       const a = document.createElement('a');
-      a.href = `${base}/live/${c.name}/`;
+      a.href = `/live/${c.name}/`;
+      a.dataset.channel = c.name;
       a.textContent = c.live === false ? `${c.name} (offline)` : c.name;
       if (c.name === channel) a.setAttribute('aria-current', 'page');
+      a.addEventListener('click', (e) => {
+        e.preventDefault();
+        lbOrderNow().then((lbs) => location.assign(`${lbs.length ? lbs[0] : ''}/live/${c.name}/`));
+      });
       return a;
     }));
     nav.hidden = false;
@@ -116,6 +121,7 @@
   // broadcast's death does not send all its viewers to the same LB.
   let firstLb = Math.floor(Math.random() * 1024);
   const rotated = (lbs) => lbs.map((_, i) => lbs[(firstLb + i) % lbs.length]);
+  const lbOrderNow = () => lbList().then(rotated);
 
   // Broadcasts that failed us recently: an LB may not have noticed a death yet (it polls every
   // second), so every one of them is excluded, not just the current one.
@@ -396,6 +402,42 @@
     state.latency = pd ? (Date.now() - pd) / 1000 : null;
   }, 1000);
 
+  // ---- what this player reports ----------------------------------------------
+  // Every REPORT_MS the page tells its broadcast how long it played, how long of that it
+  // stalled and how far behind live it is (POST /api/player), so the operators' dashboard shows
+  // what viewers see: their own networks and the time to find another broadcast included.
+  // Stalled: started once, not paused, and waiting for media (or for another server).
+  const REPORT_MS = 10000;
+  const played = { watchS: 0, stallS: 0, since: performance.now(), started: false };
+  state.reports = { sent: 0, lastStatus: null, ...played };
+  video.addEventListener('playing', () => { played.started = true; });
+  setInterval(() => {
+    const now = performance.now();
+    const dt = (now - played.since) / 1000;
+    played.since = now;
+    if (!played.started || video.paused) return;
+    played.watchS += dt;
+    if (state.playback !== 'live') played.stallS += dt;
+    Object.assign(state.reports, { watchS: played.watchS, stallS: played.stallS });
+  }, 250);
+  function sendReport() {
+    if (played.watchS <= 0 || !state.token) return;
+    const body = JSON.stringify({
+      watch_s: played.watchS,
+      stall_s: Math.min(played.stallS, played.watchS),
+      latency_s: Number.isFinite(state.latency) && state.latency >= 0 ? state.latency : null,
+    });
+    played.watchS = 0;
+    played.stallS = 0;
+    const url = `${state.baseUrl}/api/player?t=${encodeURIComponent(state.token)}`;
+    // text/plain keeps it a simple request (no preflight); keepalive lets it leave with the page.
+    fetch(url, { method: 'POST', body, keepalive: true, headers: { 'Content-Type': 'text/plain' } })
+      .then((r) => { state.reports.sent++; state.reports.lastStatus = r.status; })
+      .catch(() => { state.reports.lastStatus = 'failed'; });
+  }
+  setInterval(sendReport, REPORT_MS);
+  addEventListener('pagehide', sendReport);
+
   // ---- live edge -------------------------------------------------------------
   // hls.js's liveSyncPosition is the live edge minus the hold-back the player aims for; being
   // more than 1.5 target durations behind it means the viewer paused or seeked back.
@@ -487,8 +529,8 @@
   else if (!token) {
     // Come in through an LB, which picks a broadcast for this channel and hands a token.
     setPlayback('getting an access token…');
-    lbList().then((lbs) => {
-      if (lbs.length) location.replace(`${lbs[firstLb % lbs.length]}/live/${channel}/`);
+    lbOrderNow().then((lbs) => {
+      if (lbs.length) location.replace(`${lbs[0]}/live/${channel}/`);
       else setPlayback('error: missing access token (t=…) and no load balancer known');
     });
   } else if (typeof Hls !== 'undefined' && Hls.isSupported()) startHls();

@@ -109,6 +109,29 @@ async function watchPage(page, label) {
   });
 }
 
+// CSP violations and fatal player errors a page saw (its window's record ends with it).
+async function collectPageState(page, label) {
+  try {
+    const info = await page.evaluate(() => ({ csp: window.__csp || [], fatal: window.__hlsFatal || [] }));
+    result.csp_violations.push(...info.csp.map((c) => `${label}: ${c}`));
+    result.hls_fatal.push(...info.fatal.map((c) => `${label}: ${c}`));
+  } catch (e) { log(`cannot read ${label}'s page state: ${e.message}`); }
+}
+
+// The page as it is now, wide and as a phone shows it.
+async function screenshots(page) {
+  try {
+    result.screenshot = join(outDir, 'page.png');
+    await page.screenshot({ path: result.screenshot });
+    const wide = page.viewportSize();
+    await page.setViewportSize({ width: 390, height: 844 });
+    await sleep(300);
+    result.screenshot_phone = join(outDir, 'page-phone.png');
+    await page.screenshot({ path: result.screenshot_phone, fullPage: true });
+    if (wide) await page.setViewportSize(wide);
+  } catch (e) { log(`screenshot: ${e.message}`); }
+}
+
 async function waitPlaying(page, label, timeoutMs = 40000) {
   await page.waitForFunction(() => {
     const v = document.querySelector('video');
@@ -353,28 +376,35 @@ async function main() {
       });
       if (!ok) break;
     }
+    // The player tells its broadcast what it plays (POST /api/player every 10 s).
+    await step('A reports what it plays to its broadcast', async () => {
+      await a.waitForFunction(() => window.scPlayer.reports.sent > 0 && window.scPlayer.reports.lastStatus === 204,
+        null, { timeout: 25000, polling: 200 });
+      result.player_reports = await a.evaluate(() => ({ sent: window.scPlayer.reports.sent, last_status: window.scPlayer.reports.lastStatus }));
+    });
+    // Last, as it leaves the page: the channel list, and another channel through an LB. What
+    // the page saw so far is taken first: its window's records end with it.
+    await screenshots(a);
+    await collectPageState(a, 'A (test)');
+    await step('A lists every channel and switches to another one', async () => {
+      const links = await a.evaluate(() => [...document.querySelectorAll('#channels a')]
+        .map((l) => ({ name: l.dataset.channel, current: l.getAttribute('aria-current') === 'page' })));
+      result.channels = links.map((l) => l.name);
+      const current = links.filter((l) => l.current).map((l) => l.name);
+      if (current.length !== 1 || current[0] !== channel) throw new Error(`current channel: ${JSON.stringify(links)}`);
+      const other = links.find((l) => !l.current);
+      if (!other) throw new Error(`no other channel listed: ${JSON.stringify(links)}`);
+      await a.click(`#channels a[data-channel="${other.name}"]`);
+      await a.waitForURL((u) => u.pathname === `/live/${other.name}/`, { timeout: 20000 });
+      await waitPlaying(a, `A on ${other.name}`);
+      result.switched_to = { channel: other.name, broadcast: broadcastOf(a.url()), title: await a.textContent('#channel') };
+    });
   } catch (e) {
     result.errors.push(`unexpected: ${e.message.split('\n')[0]}`);
     log(e.stack || e.message);
   } finally {
-    for (const [p, label] of [[a, 'A'], [b, 'B']]) {
-      if (!p) continue;
-      try {
-        const info = await p.evaluate(() => ({ csp: window.__csp || [], fatal: window.__hlsFatal || [] }));
-        result.csp_violations.push(...info.csp.map((c) => `${label}: ${c}`));
-        result.hls_fatal.push(...info.fatal.map((c) => `${label}: ${c}`));
-      } catch (e) { log(`cannot read ${label}'s page state: ${e.message}`); }
-    }
-    if (a) {
-      try {
-        result.screenshot = join(outDir, 'page.png');
-        await a.screenshot({ path: result.screenshot });
-        await a.setViewportSize({ width: 390, height: 844 });
-        await sleep(300);
-        result.screenshot_phone = join(outDir, 'page-phone.png');
-        await a.screenshot({ path: result.screenshot_phone, fullPage: true });
-      } catch (e) { log(`screenshot: ${e.message}`); }
-    }
+    for (const [p, label] of [[a, 'A'], [b, 'B']]) if (p) await collectPageState(p, label);
+    if (a && !result.screenshot) await screenshots(a);
     await browser.close().catch(() => {});
   }
 }

@@ -32,9 +32,10 @@ let
       rule = ruleOf alert role;
       all = labels // rule.labels;
       names = attrNames all;
-      fill = replaceStrings (map (k: "{{ $labels.${k} }}") names ++ [ "{{ $value | humanize }}" ]) (
-        map (k: all.${k}) names ++ [ value ]
-      );
+      fill =
+        replaceStrings
+          (map (k: "{{ $labels.${k} }}") names ++ [ "{{ $value | humanize }}" "{{ $value | humanizePercentage }}" ])
+          (map (k: all.${k}) names ++ [ value value ]);
     in
     {
       exp_labels = all;
@@ -118,6 +119,31 @@ in
               alert = "ClusterCapacityHigh";
               labels = { };
               value = "85";
+            })
+          ];
+        }
+      ];
+    }
+    {
+      # 10 s of play per 10 s on two broadcasts; one channel's players stall 0.5 s of it (5 %),
+      # the other's never.
+      name = "players that report 5 % of their time stalled fire PlayersStalling for their channel only";
+      interval = "5s";
+      input_series = concatMap (b: [
+        (series "broadcast_player_watch_milliseconds_total" (target "broadcast" b // { channel = "test"; }) "0+5000x80")
+        (series "broadcast_player_stall_milliseconds_total" (target "broadcast" b // { channel = "test"; }) "0+250x80")
+        (series "broadcast_player_watch_milliseconds_total" (target "broadcast" b // { channel = "backstage"; }) "0+5000x80")
+        (series "broadcast_player_stall_milliseconds_total" (target "broadcast" b // { channel = "backstage"; }) "0+0x80")
+      ]) [ "broadcast1" "broadcast2" ];
+      alert_rule_test = [
+        {
+          eval_time = "6m";
+          alertname = "PlayersStalling";
+          exp_alerts = [
+            (firing {
+              alert = "PlayersStalling";
+              labels = { channel = "test"; };
+              value = "5%";
             })
           ];
         }

@@ -2,6 +2,7 @@
 //! in-memory window and serves playlists and segments straight to viewers over HTTPS, with the
 //! viewer page, token checks, and the `/status` the LBs balance on.
 
+pub mod player;
 pub mod pull;
 pub mod routes;
 pub mod state;

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
-use axum::extract::{Path, Query, State};
+use axum::extract::{DefaultBodyLimit, Path, Query, State};
 use axum::http::{HeaderValue, Method, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -53,6 +53,11 @@ pub fn router(app: App, chat: Option<Arc<streaming_chat::Chat>>) -> Router {
         .route("/live/{channel}/{file}", get(master))
         .route("/live/{channel}/{rendition}/{file}", get(media_or_segment))
         .route("/api/cluster", get(cluster))
+        .route(
+            "/api/player",
+            axum::routing::post(crate::player::report)
+                .layer(DefaultBodyLimit::max(crate::player::MAX_REPORT_BYTES)),
+        )
         .with_state(app.clone());
     let steering = crate::steering::router(app.bc.clone());
     // Accounts and chat: a page that failed over to us keeps its account session.

@@ -171,6 +171,11 @@ impl Broadcast {
         }
     }
 
+    /// Whether a report of `viewer`'s player counts now (see `crate::player`).
+    pub fn player_report_counts(&self, channel: &str, viewer: &str) -> bool {
+        lock(&self.viewers).report_counts(channel, viewer, Instant::now())
+    }
+
     /// Prunes stale viewers and returns the current count per channel (also published as
     /// gauges, every configured channel included so a channel that lost its viewers reads 0).
     pub fn viewer_count(&self) -> BTreeMap<String, u64> {

@@ -14,6 +14,16 @@ use std::time::{Duration, Instant};
 /// A full map is pruned at most this often on the insert path, so a flood of fresh ids does not
 /// turn every segment request into a scan of the whole map.
 const PRUNE_EVERY: Duration = Duration::from_secs(1);
+/// A viewer's player reports (see `crate::player`) count at most this often: one holding a
+/// token cannot flood the players' figures.
+pub const REPORT_EVERY: Duration = Duration::from_secs(5);
+
+/// One viewer: its last whole segment, and its player's last report that counted.
+#[derive(Debug, Clone, Copy)]
+struct Seen {
+    fetched: Instant,
+    reported: Option<Instant>,
+}
 
 /// Distinct viewer ids per channel with the last time each finished downloading a segment.
 #[derive(Debug)]
@@ -22,7 +32,7 @@ pub struct ViewerTracker {
     cap: usize,
     /// channel → viewer id → last whole segment. Per channel because a viewer commits its own
     /// channel's top rendition to the uplink, and one id may watch two channels at once.
-    last_fetch: HashMap<String, HashMap<String, Instant>>,
+    last_fetch: HashMap<String, HashMap<String, Seen>>,
     /// Ids held over all channels, stale ones included.
     tracked: usize,
     last_prune: Option<Instant>,
@@ -56,7 +66,7 @@ impl ViewerTracker {
             .get_mut(channel)
             .and_then(|viewers| viewers.get_mut(viewer))
         {
-            *t = (*t).max(now);
+            t.fetched = t.fetched.max(now);
             return true;
         }
         if self.tracked >= self.cap {
@@ -74,8 +84,35 @@ impl ViewerTracker {
             Some(viewers) => viewers,
             None => self.last_fetch.entry(channel.to_owned()).or_default(),
         };
-        viewers.insert(viewer.to_owned(), now);
+        let seen = Seen {
+            fetched: now,
+            reported: None,
+        };
+        viewers.insert(viewer.to_owned(), seen);
         self.tracked += 1;
+        true
+    }
+
+    /// Whether a report of `viewer`'s player counts now: it must be a viewer (a whole segment
+    /// within the window) whose last counted report is at least [`REPORT_EVERY`] old. A report
+    /// that counts is noted.
+    pub fn report_counts(&mut self, channel: &str, viewer: &str, now: Instant) -> bool {
+        let window = self.window;
+        let Some(seen) = self
+            .last_fetch
+            .get_mut(channel)
+            .and_then(|viewers| viewers.get_mut(viewer))
+            .filter(|seen| now.saturating_duration_since(seen.fetched) < window)
+        else {
+            return false;
+        };
+        if seen
+            .reported
+            .is_some_and(|t| now.saturating_duration_since(t) < REPORT_EVERY)
+        {
+            return false;
+        }
+        seen.reported = Some(now);
         true
     }
 
@@ -84,7 +121,7 @@ impl ViewerTracker {
     pub fn prune(&mut self, now: Instant) -> BTreeMap<String, u64> {
         let window = self.window;
         for viewers in self.last_fetch.values_mut() {
-            viewers.retain(|_, fetched| now.saturating_duration_since(*fetched) < window);
+            viewers.retain(|_, seen| now.saturating_duration_since(seen.fetched) < window);
         }
         self.last_fetch.retain(|_, viewers| !viewers.is_empty());
         self.last_prune = Some(now);
@@ -179,6 +216,29 @@ mod tests {
         assert_eq!(counts(&mut v, 5), (Some(1), None));
         assert_eq!(counts(&mut v, 8), (None, None));
         assert_eq!(v.tracked(), 0);
+    }
+
+    #[test]
+    fn player_reports_count_for_viewers_at_most_every_few_seconds() {
+        let t0 = Instant::now();
+        let at = |s: u64| t0 + Duration::from_secs(s);
+        let mut v = ViewerTracker::new(Duration::from_secs(8), 100);
+        // No segment yet: a token alone reports nothing.
+        assert!(!v.report_counts("main", "a", t0));
+        v.fetched_segment("main", "a", t0);
+        assert!(
+            !v.report_counts("side", "a", at(1)),
+            "a viewer of another channel"
+        );
+        assert!(v.report_counts("main", "a", at(1)));
+        assert!(
+            !v.report_counts("main", "a", at(3)),
+            "too soon after the last one"
+        );
+        v.fetched_segment("main", "a", at(4));
+        assert!(v.report_counts("main", "a", at(6)));
+        // Gone quiet for a whole window: no longer a viewer.
+        assert!(!v.report_counts("main", "a", at(13)));
     }
 
     #[test]

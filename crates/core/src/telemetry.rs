@@ -97,7 +97,25 @@ pub fn init(
     })
 }
 
+/// Histograms exported with buckets, which can be summed across hosts and channels
+/// (`histogram_quantile`); the others are summaries, quantiles per process.
+const BUCKETED_HISTOGRAMS: &[(&str, &[f64])] = &[(
+    // Seconds behind live reported by players: low latency sits around 2-3 s, classic HLS
+    // around 6-8 s, a player that fell behind beyond.
+    "broadcast_player_latency_seconds",
+    &[
+        1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 8.0, 10.0, 15.0, 20.0, 30.0, 60.0,
+    ],
+)];
+
 /// Installs the Prometheus recorder; the handle renders `/metrics`.
 pub fn install_metrics() -> anyhow::Result<PrometheusHandle> {
-    Ok(PrometheusBuilder::new().install_recorder()?)
+    let mut builder = PrometheusBuilder::new();
+    for (name, bounds) in BUCKETED_HISTOGRAMS {
+        builder = builder.set_buckets_for_metric(
+            metrics_exporter_prometheus::Matcher::Full((*name).to_owned()),
+            bounds,
+        )?;
+    }
+    Ok(builder.install_recorder()?)
 }

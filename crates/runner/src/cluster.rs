@@ -307,7 +307,7 @@ pub fn generate(layout: &Layout, source: &Source) -> anyhow::Result<BTreeMap<Str
 }
 
 /// A path as a Nix path literal; Nix paths cannot hold spaces and a few other characters.
-fn nix_path(path: &Path) -> anyhow::Result<String> {
+pub(crate) fn nix_path(path: &Path) -> anyhow::Result<String> {
     let s = path.to_str().context("cluster file path is not UTF-8")?;
     if !s
         .chars()

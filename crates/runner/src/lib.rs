@@ -14,12 +14,14 @@
 //! - [`partition`]: network cuts between hosts (nftables).
 //! - [`db`]: the database role (etcd, Patroni, PostgreSQL) and who is primary.
 //! - [`probe`]: health, status and playback checks over HTTPS.
+//! - [`monitoring`]: Prometheus watching the local cluster (`up --monitoring`).
 
 pub mod cgroup;
 pub mod cluster;
 pub mod db;
 pub mod files;
 pub mod hosts;
+pub mod monitoring;
 pub mod partition;
 pub mod pki;
 pub mod probe;

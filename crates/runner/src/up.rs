@@ -44,6 +44,8 @@ pub struct UpReport {
     pub db_streaming: Vec<String>,
     /// Seconds from the start of `up` until a replica streamed.
     pub db_streaming_s: Option<f64>,
+    /// Prometheus's URL with `--monitoring`.
+    pub prometheus_url: Option<String>,
 }
 
 /// Where `up` reads the host list and which loopback addresses it gives the hosts.
@@ -53,6 +55,8 @@ pub struct UpOptions {
     pub address_prefix: String,
     /// How long to wait for the first playable segment (and the database primary).
     pub timeout: Duration,
+    /// Also run Prometheus against the cluster ([`crate::monitoring`]).
+    pub monitoring: bool,
 }
 
 /// `streamctl up`: generates every host's config, starts the hosts in order and waits until
@@ -79,6 +83,15 @@ pub async fn up(
         say(&note);
     }
     let hosts = start_hosts(layout, &ordered, say);
+    let prometheus_url = if options.monitoring {
+        let url = crate::monitoring::start(layout, &source)?;
+        say(&format!(
+            "prometheus: {url} (rules and scrape jobs of nix/monitoring.nix)"
+        ));
+        Some(url)
+    } else {
+        None
+    };
     let any = ordered.first().context("cluster has no host")?;
     let lb_url = any
         .cluster
@@ -89,8 +102,7 @@ pub async fn up(
         .context("cluster has no LB")?;
     let channel = any
         .cluster
-        .channels
-        .first()
+        .default_channel()
         .context("cluster has no channel")?
         .name
         .clone();
@@ -125,6 +137,7 @@ pub async fn up(
         db_primary_s: database.primary_s,
         db_streaming: database.streaming,
         db_streaming_s: database.streaming_s,
+        prometheus_url,
     })
 }
 

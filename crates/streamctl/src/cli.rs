@@ -212,6 +212,10 @@ pub struct UpArgs {
     /// One JSON object: viewer_url, playlist_url, ca_cert, hosts, startup_s.
     #[arg(long)]
     pub json: bool,
+    /// Also run Debian's Prometheus against the cluster, on the address of the host flagged
+    /// `monitoring = true` (docs/monitoring.md); `down` stops it.
+    #[arg(long)]
+    pub monitoring: bool,
 }
 
 #[derive(Debug, Args)]

@@ -222,6 +222,21 @@ fn page_plays_chats_and_survives_its_broadcast_in_chromium() {
         "A moved off the killed broadcast: {report:#}"
     );
 
+    // The player reported what it played; the page listed every channel of cluster.nix and
+    // moved to another one through an LB.
+    assert!(
+        report["player_reports"]["sent"].as_u64() >= Some(1),
+        "{report:#}"
+    );
+    assert_eq!(report["player_reports"]["last_status"], 204, "{report:#}");
+    assert_eq!(
+        report["channels"],
+        json!(["test", "backstage"]),
+        "{report:#}"
+    );
+    assert_eq!(report["switched_to"]["channel"], "backstage", "{report:#}");
+    assert_eq!(report["switched_to"]["title"], "backstage", "{report:#}");
+
     // Chat crossed broadcasts both ways, before and after the failover.
     let roundtrips = report["chat_roundtrip_ms"].as_array().unwrap();
     assert_eq!(roundtrips.len(), 4, "four chat round trips: {report:#}");

@@ -152,14 +152,24 @@ fn assert_key_stays_secret_and_sources_use_rtmps(state: &Path, key: &str) {
         !String::from_utf8_lossy(&status.stdout).contains(key),
         "the stream key is in `streamctl status`"
     );
-    for source in ["5.1", "5.2"] {
-        let from = format!("{PREFIX}.{source}");
+    // One publish per channel a source publishes.
+    let configs = streaming_runner::cluster::Layout::new(state)
+        .unwrap()
+        .load_configs()
+        .unwrap();
+    for (n, source) in [(1, "source1"), (2, "source2")] {
+        let from = format!("{PREFIX}.5.{n}");
+        let channels = configs[0].cluster.host(source).unwrap().channels.len();
+        assert!(
+            channels >= 2,
+            "cluster.nix has a source with several channels"
+        );
         for ingest in ["4.1", "4.2"] {
             let to = format!("{PREFIX}.{ingest}");
             assert_eq!(
                 established(&from, &to, 1936),
-                1,
-                "{from} publishes to {to} over RTMPS"
+                channels,
+                "{from} publishes each of its channels to {to} over RTMPS"
             );
             assert_eq!(
                 established(&from, &to, 1935),
@@ -218,6 +228,67 @@ fn origin_sequence(state: &Path, ingest_url: &str, channel: &str, rendition: &st
     (playlist.media_sequence, playlist.segments.len())
 }
 
+/// GET `url` with curl, as JSON.
+fn get_json(url: &str) -> Value {
+    json_of(&run(Command::new("curl").args([
+        "-sf",
+        "--max-time",
+        "5",
+        url,
+    ])))
+}
+
+/// The Prometheus of `up --monitoring` scrapes every host of the cluster (each target up
+/// within a minute) and runs every alert rule nix/monitoring.nix generated, none in error.
+fn assert_monitoring(up: &Value, state: &Path) {
+    let url = up["prometheus_url"]
+        .as_str()
+        .expect("up --monitoring names Prometheus");
+    let hosts = up["hosts"].as_array().unwrap().len();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let targets = get_json(&format!("{url}/api/v1/targets?state=active"));
+        let health: Vec<(String, String)> = targets["data"]["activeTargets"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| (t["labels"]["host"].to_string(), t["health"].to_string()))
+            .collect();
+        if health.len() == hosts && health.iter().all(|(_, h)| h == "\"up\"") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "Prometheus targets not all up: {health:?}"
+        );
+        std::thread::sleep(Duration::from_secs(1));
+    }
+    let generated: Value =
+        serde_json::from_slice(&std::fs::read(state.join("monitoring/alerts.rules.json")).unwrap())
+            .unwrap();
+    let count = |groups: &Value| -> usize {
+        groups
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|g| g["rules"].as_array().unwrap().len())
+            .sum()
+    };
+    let loaded = get_json(&format!("{url}/api/v1/rules"));
+    let groups = &loaded["data"]["groups"];
+    assert_eq!(count(groups), count(&generated["groups"]), "rules loaded");
+    assert!(count(groups) > 30, "{loaded:#}");
+    for group in groups.as_array().unwrap() {
+        for rule in group["rules"].as_array().unwrap() {
+            assert_eq!(rule["health"], "ok", "{rule:#}");
+        }
+    }
+    eprintln!(
+        "prometheus: {hosts} targets up, {} rules loaded",
+        count(groups)
+    );
+}
+
 #[test]
 #[ignore = "end to end: needs ffmpeg, nix-instantiate and the workspace binaries (scripts/test.sh)"]
 fn local_cluster_streams_end_to_end() {
@@ -227,9 +298,10 @@ fn local_cluster_streams_end_to_end() {
         state: state.clone(),
     };
 
-    // Up: every host as real processes, until the stream plays through an LB.
+    // Up: every host as real processes, until the stream plays through an LB; Prometheus
+    // watching them.
     let started = Instant::now();
-    let up = common::up(&state, PREFIX, None);
+    let up = common::up_with(&state, PREFIX, None, &["--monitoring"]);
     eprintln!("up took {:.1} s: {up:#}", started.elapsed().as_secs_f64());
     let playlist_url = up["playlist_url"]
         .as_str()
@@ -261,6 +333,9 @@ fn local_cluster_streams_end_to_end() {
     );
     let latency = report["latency_s"].as_f64().unwrap();
     assert!(latency > 0.0, "latency is measured: {latency}");
+
+    // Prometheus (`up --monitoring`) reads every host and runs every alert rule.
+    assert_monitoring(&up, &state);
 
     // The same in low-latency mode: parts, blocking reloads and preload hints, every rendition,
     // no stall, and a latency figure (measured, not asserted: docs/latency.md).

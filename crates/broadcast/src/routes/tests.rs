@@ -98,7 +98,15 @@ async fn get_from(
     if let Some(o) = origin {
         req = req.header(header::ORIGIN, o);
     }
-    let mut req = req.body(Body::empty()).unwrap();
+    send(app, req.body(Body::empty()).unwrap(), peer).await
+}
+
+/// Sends `req` from `peer` through the router: status, headers and body as text.
+async fn send(
+    app: &App,
+    mut req: Request<Body>,
+    peer: &str,
+) -> (StatusCode, axum::http::HeaderMap, String) {
     req.extensions_mut()
         .insert(axum::extract::ConnectInfo::<std::net::SocketAddr>(
             peer.parse().unwrap(),
@@ -700,4 +708,48 @@ async fn low_latency_requests_wait_for_the_part_they_ask_for() {
         let (status, _, _) = get(&app, &format!("{playlist}&{bad}"), None).await;
         assert_eq!(status, StatusCode::BAD_REQUEST, "{bad}");
     }
+}
+
+async fn post(app: &App, uri: &str, body: &[u8]) -> (StatusCode, String) {
+    let req = Request::post(uri)
+        .header(header::CONTENT_TYPE, "text/plain")
+        .body(Body::from(body.to_vec()))
+        .unwrap();
+    let (status, _, body) = send(app, req, VIEWER).await;
+    (status, body)
+}
+
+#[tokio::test]
+async fn player_reports_count_only_from_viewers_bounded_and_spaced() {
+    let app = app();
+    fill(&app, 1..5);
+    let report = br#"{"watch_s": 10, "stall_s": 0.5, "latency_s": 3.2}"#;
+    let t = token("broadcast1", "test", "v", unix_now() + 100);
+    let uri = format!("/api/player?t={t}");
+    // A token alone is no viewer.
+    let (status, body) = post(&app, &uri, report).await;
+    assert_eq!(status, StatusCode::TOO_MANY_REQUESTS, "{body}");
+    assert!(body.contains("viewers"), "{body}");
+    let (status, _, _) = get(&app, &format!("/live/test/360p/3.m4s?t={t}"), None).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(post(&app, &uri, report).await.0, StatusCode::NO_CONTENT);
+    // At most one per REPORT_EVERY.
+    assert_eq!(
+        post(&app, &uri, report).await.0,
+        StatusCode::TOO_MANY_REQUESTS
+    );
+    // Forged, garbage, out of bounds, too big.
+    let forged = format!("/api/player?t={}x", t);
+    assert_eq!(post(&app, &forged, report).await.0, StatusCode::FORBIDDEN);
+    let (status, body) = post(&app, &uri, br#"{"watch_s": 1e9, "stall_s": 0}"#).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    assert_eq!(
+        post(&app, &uri, b"<script>").await.0,
+        StatusCode::BAD_REQUEST
+    );
+    let huge = vec![b' '; 64 * 1024];
+    assert_eq!(
+        post(&app, &uri, &huge).await.0,
+        StatusCode::PAYLOAD_TOO_LARGE
+    );
 }

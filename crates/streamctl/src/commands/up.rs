@@ -15,6 +15,7 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
         cluster: args.cluster,
         address_prefix: args.address_prefix,
         timeout: Duration::from_secs(args.timeout),
+        monitoring: args.monitoring,
     };
     let report = streaming_runner::up::up(&layout, &options, &super::sayer(args.json)).await?;
     if args.json {
@@ -36,6 +37,9 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
         println!("database: primary {primary} after {s:.1} s; {replicas}");
     }
     println!("viewer:   {}", report.viewer_url);
+    if let Some(url) = &report.prometheus_url {
+        println!("metrics:  {url} (Prometheus: targets, alerts)");
+    }
     println!("playlist: {}", report.playlist_url);
     println!(
         "CA:       {} (trust it, or use curl --cacert)",
@@ -47,6 +51,9 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
 /// `streamctl down`.
 pub fn down(args: DownArgs) -> anyhow::Result<()> {
     let layout = Layout::new(&args.state.dir)?;
+    if let Some(stopped) = streaming_runner::monitoring::stop(&layout) {
+        println!("{stopped}");
+    }
     let left = streaming_runner::hosts::stop_all(&layout, &|line| println!("{line}"));
     for leftover in streaming_runner::partition::remove_cluster(&layout) {
         println!("not removed: {leftover}");

@@ -62,11 +62,19 @@ pub fn test_publisher(url: &str, seconds: u32, gop: u32) -> Command {
 }
 
 /// `streamctl up --json` of a host list (`cluster.nix` of the repository by default) on the
-/// loopback addresses `prefix`.*: its report.
+/// loopback addresses `prefix`.*: its report. Not every test binary starts it this way.
+#[allow(dead_code)]
 pub fn up(state: &Path, prefix: &str, cluster: Option<&Path>) -> Value {
+    up_with(state, prefix, cluster, &[])
+}
+
+/// [`up`] with more flags (`--monitoring`).
+#[allow(dead_code)]
+pub fn up_with(state: &Path, prefix: &str, cluster: Option<&Path>, flags: &[&str]) -> Value {
     json_of(&run(streamctl()
         .args(["up", "--json", "--address-prefix", prefix, "--cluster"])
         .arg(cluster.map_or_else(|| repo_root().join("cluster.nix"), Path::to_owned))
+        .args(flags)
         .arg("--state")
         .arg(state)))
 }
