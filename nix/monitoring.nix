@@ -294,11 +294,11 @@ let
       description = "Each change pauses chat writes for up to the leader lease plus 2 s. Patroni fails over when the primary dies, hangs or loses etcd: look for a flapping db host or etcd member.";
     })
     (rule "ChatAppendsSlow" {
-      expr = ''max by (host) (chat_append_seconds{quantile="0.99"}) > ${toString thresholds.chatAppendP99Seconds}'';
+      expr = "histogram_quantile(0.99, sum by (host, le) (rate(chat_append_seconds_bucket[5m]))) > ${toString thresholds.chatAppendP99Seconds}";
       for = "5m";
       severity = "warning";
       summary = "chat messages take {{ $value | humanizeDuration }} to be stored on {{ $labels.host }}";
-      description = "The 99th percentile of message appends (over the last minute, retries through a failover included) stayed above ${toString thresholds.chatAppendP99Seconds} s for 5 minutes: longer than any failover, so the database primary itself is slow or far.";
+      description = "The 99th percentile of message appends (over the last 5 minutes, retries through a failover included) stayed above ${toString thresholds.chatAppendP99Seconds} s for 5 minutes: longer than any failover, so the database primary itself is slow or far.";
     })
   ];
 
@@ -797,12 +797,12 @@ let
           (timeseries {
             title = "Segments per second per ingest";
             description = "Live segments and slate segments made (one per rendition and slot).";
-            targets = [ (query "sum by (host, kind) (rate(ingest_segments_total[1m]))" "{{host}} {{kind}}") ];
+            targets = [ (query "sum by (host, channel, kind) (rate(ingest_segments_total[1m]))" "{{host}} {{channel}} {{kind}}") ];
           })
           (timeseries {
             title = "Late media per second";
             description = "Live media that arrived after its slot was decided (dropped; the slot had the slate or the other source).";
-            targets = [ (query "sum by (host) (rate(ingest_segments_late_total[5m]))" "{{host}}") ];
+            targets = [ (query "sum by (host, channel) (rate(ingest_segments_late_total[5m]))" "{{host}} {{channel}}") ];
           })
           (timeseries {
             title = "Transcoder restarts and stalls (10 min)";
@@ -814,10 +814,11 @@ let
           })
           (timeseries {
             title = "Part delay";
-            description = "From the end of a part's media to its publication, quantiles over the last minute per ingest (a summary: quantiles of different hosts cannot be combined).";
+            description = "From the end of a part's media to its publication, per channel over both ingests (5 minutes).";
             unit = "s";
             targets = [
-              (query ''ingest_part_delay_seconds{quantile=~"0.5|0.9|0.99"}'' "{{host}} {{channel}} p{{quantile}}")
+              (query "histogram_quantile(0.5, sum by (channel, le) (rate(ingest_part_delay_seconds_bucket[5m])))" "{{channel}} p50")
+              (query "histogram_quantile(0.99, sum by (channel, le) (rate(ingest_part_delay_seconds_bucket[5m])))" "{{channel}} p99")
             ];
           })
           (timeseries {
@@ -838,9 +839,12 @@ let
           })
           (timeseries {
             title = "Chat append latency";
-            description = "From a message taken off its socket to its commit on the primary (retries through a failover included), quantiles over the last minute per broadcast.";
+            description = "From a message taken off its socket to its commit on the primary (retries through a failover included), per broadcast over 5 minutes.";
             unit = "s";
-            targets = [ (query ''chat_append_seconds{quantile=~"0.5|0.99"}'' "{{host}} p{{quantile}}") ];
+            targets = [
+              (query "histogram_quantile(0.5, sum by (host, le) (rate(chat_append_seconds_bucket[5m])))" "{{host}} p50")
+              (query "histogram_quantile(0.99, sum by (host, le) (rate(chat_append_seconds_bucket[5m])))" "{{host}} p99")
+            ];
           })
           (timeseries {
             title = "Chat connections";

@@ -99,14 +99,30 @@ pub fn init(
 
 /// Histograms exported with buckets, which can be summed across hosts and channels
 /// (`histogram_quantile`); the others are summaries, quantiles per process.
-const BUCKETED_HISTOGRAMS: &[(&str, &[f64])] = &[(
-    // Seconds behind live reported by players: low latency sits around 2-3 s, classic HLS
-    // around 6-8 s, a player that fell behind beyond.
-    "broadcast_player_latency_seconds",
-    &[
-        1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 8.0, 10.0, 15.0, 20.0, 30.0, 60.0,
-    ],
-)];
+const BUCKETED_HISTOGRAMS: &[(&str, &[f64])] = &[
+    (
+        // Seconds behind live reported by players: low latency sits around 2-3 s, classic HLS
+        // around 6-8 s, a player that fell behind beyond.
+        "broadcast_player_latency_seconds",
+        &[
+            1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 8.0, 10.0, 15.0, 20.0, 30.0, 60.0,
+        ],
+    ),
+    (
+        // From the end of a part's media to its publication: tenths of a second when all is
+        // well, a part duration or more when the transcoder lags.
+        "ingest_part_delay_seconds",
+        &[0.05, 0.1, 0.2, 0.3, 0.4, 0.6, 0.8, 1.0, 1.5, 2.0, 3.0, 5.0],
+    ),
+    (
+        // A chat message's append: milliseconds on a healthy primary, up to the leader lease
+        // plus 2 s through a failover.
+        "chat_append_seconds",
+        &[
+            0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0,
+        ],
+    ),
+];
 
 /// Installs the Prometheus recorder; the handle renders `/metrics`.
 pub fn install_metrics() -> anyhow::Result<PrometheusHandle> {

@@ -99,7 +99,8 @@ impl ChannelTask {
         let now_slot = self.setup.clock.slot_at(unix_now_ms());
         if slot < self.next_slot {
             tracing::debug!(channel = %self.setup.config.name, slot, "live media arrived after its slot was decided: dropped");
-            metrics::counter!("ingest_segments_late_total").increment(1);
+            metrics::counter!("ingest_segments_late_total", "channel" => self.setup.config.name.clone())
+                .increment(1);
             return false;
         }
         if slot > now_slot + 1 {
@@ -406,7 +407,14 @@ impl ChannelTask {
         }
         self.last_pushed = Some(kind);
         let live = matches!(kind, LastPushed::Live(_));
-        metrics::counter!("ingest_segments_total", "channel" => self.setup.config.name.clone(), "kind" => if live { "live" } else { "slate" }).increment(1);
+        let channel = self.setup.config.name.clone();
+        metrics::counter!("ingest_segments_total", "channel" => channel.clone(), "kind" => if live { "live" } else { "slate" }).increment(1);
+        // What `/status` says too: whether the last segment made was live, not the slate.
+        metrics::gauge!("ingest_channel_live", "channel" => channel).set(if live {
+            1.0
+        } else {
+            0.0
+        });
         {
             let mut status = lock(&self.shared.status);
             status.live = live;
