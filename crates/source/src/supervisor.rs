@@ -91,6 +91,8 @@ struct Control {
 }
 
 struct Shared {
+    /// The channel this encode publishes: every metric carries it.
+    channel: String,
     control: Mutex<Control>,
     wake: Condvar,
     status: Mutex<EncodeStatus>,
@@ -113,6 +115,7 @@ impl Supervisor {
     pub fn start(spec: EncodeSpec, lifecycle: Lifecycle) -> std::io::Result<Self> {
         let spec_channel = spec.channel.clone();
         let shared = Arc::new(Shared {
+            channel: spec_channel.clone(),
             control: Mutex::new(Control {
                 spec: Some(spec),
                 ..Control::default()
@@ -249,7 +252,7 @@ fn supervise(shared: &Shared) {
             status.pid = None;
             status.last_exit = Some(exit.clone());
         }
-        metrics::gauge!("source_ffmpeg_running").set(0.0);
+        metrics::gauge!("source_ffmpeg_running", "channel" => shared.channel.clone()).set(0.0);
         if stopping {
             tracing::info!("ffmpeg stopped ({exit})");
             break;
@@ -264,7 +267,8 @@ fn supervise(shared: &Shared) {
             corrections = 0;
         }
         lock(&shared.status).restarts += 1;
-        metrics::counter!("source_ffmpeg_restarts_total").increment(1);
+        metrics::counter!("source_ffmpeg_restarts_total", "channel" => shared.channel.clone())
+            .increment(1);
         tracing::error!("ffmpeg exited ({exit}); restarting in {backoff:?} with a new anchor");
         // Sleep, but wake at once for shutdown or a new spec.
         let control = lock(&shared.control);
@@ -399,8 +403,9 @@ fn mark_started(shared: &Shared, spec: &EncodeSpec, pid: u32, anchor_ms: u64) {
             .map(|target| format!("{target:?}"))
             .collect();
     }
-    metrics::gauge!("source_ffmpeg_running").set(1.0);
-    metrics::gauge!("source_anchor_ms").set(anchor_ms as f64);
+    let channel = || shared.channel.clone();
+    metrics::gauge!("source_ffmpeg_running", "channel" => channel()).set(1.0);
+    metrics::gauge!("source_anchor_ms", "channel" => channel()).set(anchor_ms as f64);
     tracing::info!(pid, anchor_ms, ?spec, "ffmpeg encode started");
 }
 
@@ -426,13 +431,15 @@ fn watch_log(
                     Ordering::Relaxed,
                 );
                 lock(&shared.status).frames = u64::from(p.frame);
-                metrics::gauge!("source_frames").set(f64::from(p.frame));
+                metrics::gauge!("source_frames", "channel" => shared.channel.clone())
+                    .set(f64::from(p.frame));
                 if let Some(media_ms) = parse_media_time_ms(&p.time)
                     && media_ms >= next_check_ms
                 {
                     let wall_ms = streaming_hls::timeline::unix_now_ms() as i64;
                     let lag_ms = wall_ms - anchor_ms as i64 - media_ms;
-                    metrics::gauge!("source_start_lag_ms").set(lag_ms as f64);
+                    metrics::gauge!("source_start_lag_ms", "channel" => shared.channel.clone())
+                        .set(lag_ms as f64);
                     if next_check_ms == first_check_ms {
                         tracing::info!(lag_ms, "media time against the anchor");
                     }
