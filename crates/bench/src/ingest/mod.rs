@@ -61,6 +61,9 @@ pub struct IngestArgs {
     /// Our x264 preset [default: the channel's production preset in the cluster file].
     #[arg(long)]
     pub preset: Option<String>,
+    /// The ingest binary to measure [default: the one beside streamctl].
+    #[arg(long)]
+    pub ingest: Option<PathBuf>,
     /// Where the input is kept between runs and the bench's files go.
     #[arg(long, default_value_os_t = std::env::temp_dir().join("streaming-bench-ingest"))]
     pub work: PathBuf,
@@ -184,7 +187,7 @@ async fn live_rounds(
 ) -> anyhow::Result<Vec<IngestRound>> {
     let config = ours::prepare(cluster, &args.address_prefix, work, channel.clone())?;
     eprintln!("bench ingest: starting our ingest (slates first) and nginx-rtmp...");
-    let mut ours = ours::OurIngest::start(&config, work)?;
+    let mut ours = ours::OurIngest::start(&config, args.ingest.as_deref(), work)?;
     let me = config.me();
     let nginx_addr = std::net::SocketAddr::new(me.address, me.ports.rtmp + 1000);
     let ffmpeg = which("ffmpeg").context("ffmpeg")?;

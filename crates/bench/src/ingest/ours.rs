@@ -56,9 +56,13 @@ pub struct OurIngest {
 }
 
 impl OurIngest {
-    /// Starts the ingest binary beside streamctl with `config` and waits until it listens.
-    pub fn start(config: &HostConfig, work: &Path) -> anyhow::Result<Self> {
-        let binary = procs::role_binary(Role::Ingest)?;
+    /// Starts `binary` (default: the ingest beside streamctl) with `config` and waits until
+    /// it listens.
+    pub fn start(config: &HostConfig, binary: Option<&Path>, work: &Path) -> anyhow::Result<Self> {
+        let binary = match binary {
+            Some(b) => b.to_owned(),
+            None => procs::role_binary(Role::Ingest)?,
+        };
         if !binary.exists() {
             bail!(
                 "no binary {} (cargo build -p streaming-ingest)",
