@@ -54,8 +54,11 @@
       name = "test";
       fps = 25;
       audioKbps = 96;
-      # Production ladder (1080p is for hosts with CPU to spare).
-      preset = "veryfast";
+      # Production ladder (1080p is for hosts with CPU to spare). superfast rather than
+      # veryfast: with our 2 s GOP it gives better SSIM per rendition than the original
+      # pipeline's veryfast with `-g 10` at the same bitrate, for about 0.6 of veryfast's
+      # cores (docs/benchmarks.md, "Ingest").
+      preset = "superfast";
       ladder = [
         { name = "1080p"; width = 1920; height = 1080; videoKbps = 5000; }
         { name = "720p"; width = 1280; height = 720; videoKbps = 2800; }

@@ -657,15 +657,7 @@ fn rejoin_line(r: &FaultRow) -> String {
 pub async fn run(args: ChatFailoverArgs) -> anyhow::Result<()> {
     let report = bench(&args).await?;
     let table = markdown(&args, &report);
-    if let Some(path) = &args.markdown {
-        std::fs::write(path, &table).with_context(|| format!("writing {}", path.display()))?;
-    }
-    if args.json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
-    } else {
-        print!("{table}");
-    }
-    Ok(())
+    crate::output::emit(args.markdown.as_deref(), args.json, &table, &report)
 }
 
 #[cfg(test)]

@@ -585,13 +585,5 @@ pub async fn run(args: FailoverArgs) -> anyhow::Result<()> {
         rows.push(row);
     }
     let table = markdown(&args, &rows);
-    if let Some(path) = &args.out {
-        std::fs::write(path, &table).with_context(|| format!("writing {}", path.display()))?;
-    }
-    if args.json {
-        println!("{}", serde_json::to_string_pretty(&rows)?);
-    } else {
-        print!("{table}");
-    }
-    Ok(())
+    crate::output::emit(args.out.as_deref(), args.json, &table, &rows)
 }

@@ -6,6 +6,8 @@
 //! - [`chaos`]: a random fault schedule from a seed.
 //! - [`serve`]: one broadcast against nginx serving the same segment.
 //! - [`viewers`]: how many simulated viewers one broadcast holds, and their cost.
+//! - [`ingest`]: our ingest against the original nginx-rtmp + `exec ffmpeg` pipeline: cores
+//!   and picture quality per rendition.
 //! - [`faults`]: injecting and undoing a fault, as `streamctl kill/start/partition/heal` do;
 //!   [`whole`]: when the cluster is whole again after one; [`database`]: who is primary and
 //!   whether every acked chat message is stored; [`obs_publisher`]: the OBS-like publisher of
@@ -16,7 +18,9 @@ pub mod chat_failover;
 pub mod database;
 pub mod failover;
 pub mod faults;
+pub mod ingest;
 pub mod obs_publisher;
+pub mod output;
 pub mod serve;
 pub mod viewers;
 pub mod whole;

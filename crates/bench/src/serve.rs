@@ -129,15 +129,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let _ = std::fs::remove_dir_all(&work);
     let report = result?;
     let table = markdown(&report);
-    if let Some(out) = &args.out {
-        std::fs::write(out, &table).with_context(|| format!("write {}", out.display()))?;
-    }
-    if args.json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
-    } else {
-        print!("{table}");
-    }
-    Ok(())
+    crate::output::emit(args.out.as_deref(), args.json, &table, &report)
 }
 
 /// The segment both servers serve: its URL path on the broadcast, its bytes and the token.

@@ -125,15 +125,7 @@ pub async fn run(args: ViewersArgs) -> anyhow::Result<()> {
     }
     let steps = result?;
     let table = markdown(&args, &rendition, &steps);
-    if let Some(out) = &args.out {
-        std::fs::write(out, &table).with_context(|| format!("write {}", out.display()))?;
-    }
-    if args.json {
-        println!("{}", serde_json::to_string_pretty(&steps)?);
-    } else {
-        print!("{table}");
-    }
-    Ok(())
+    crate::output::emit(args.out.as_deref(), args.json, &table, &steps)
 }
 
 async fn steps(args: &ViewersArgs, rendition: &str, pgid: i32) -> anyhow::Result<Vec<ViewersStep>> {

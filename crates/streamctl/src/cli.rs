@@ -124,6 +124,10 @@ pub enum BenchKind {
     /// Simulated viewers on one broadcast in growing steps until one stalls: stalls, segment
     /// fetch p50/p99, the broadcast's cores and memory per viewer, the generator's own cores.
     Viewers(streaming_bench::viewers::ViewersArgs),
+    /// Our ingest against the original pipeline (nginx-rtmp + `exec ffmpeg`, its 720p/480p/360p
+    /// ladder) on the same 1080p25 input, standalone (no cluster needed): cores per channel in
+    /// alternating rounds, and each rendition's real bitrate, SSIM and PSNR against the input.
+    Ingest(streaming_bench::ingest::IngestArgs),
 }
 
 #[derive(Debug, Args)]

@@ -31,6 +31,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             BenchKind::Chaos(args) => streaming_bench::chaos::run(args).await,
             BenchKind::Serve(args) => streaming_bench::serve::run(args).await,
             BenchKind::Viewers(args) => streaming_bench::viewers::run(args).await,
+            BenchKind::Ingest(args) => streaming_bench::ingest::run(args).await,
         },
         Command::Plan(args) => commands::plan(args),
         Command::Chat(args) => streaming_clients::chat::run(args).await,

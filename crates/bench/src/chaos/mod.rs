@@ -243,15 +243,7 @@ pub async fn run(args: ChaosArgs) -> anyhow::Result<()> {
     }
     let report = bench(&args, layout, seed, plan).await?;
     let page = report::markdown(&report);
-    if let Some(path) = &args.out {
-        std::fs::write(path, &page).with_context(|| format!("writing {}", path.display()))?;
-    }
-    if args.json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
-    } else {
-        print!("{page}");
-    }
-    Ok(())
+    crate::output::emit(args.out.as_deref(), args.json, &page, &report)
 }
 
 /// Runs the schedule; stops early (and says why in the report) when the cluster is not whole
