@@ -78,7 +78,7 @@
       name = "backstage";
       fps = 25;
       audioKbps = 64;
-      preset = "veryfast";
+      preset = "superfast";
       ladder = [
         { name = "480p"; width = 854; height = 480; videoKbps = 1400; }
         { name = "240p"; width = 426; height = 240; videoKbps = 400; }

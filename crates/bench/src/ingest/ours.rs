@@ -36,9 +36,16 @@ pub fn prepare(
         .with_context(|| format!("{} declares no host {INGEST}", cluster_file.display()))?;
     let name = channel.name.clone();
     config.cluster.channels = vec![channel];
-    config.cluster.hosts.retain(|h| {
-        h.name == INGEST || (h.role == Role::Source && h.channel.as_deref() == Some(&name))
-    });
+    config
+        .cluster
+        .hosts
+        .retain(|h| h.name == INGEST || (h.role == Role::Source && h.channels.contains(&name)));
+    // The kept sources publish this channel only: the others are not in this config.
+    for host in &mut config.cluster.hosts {
+        if host.role == Role::Source {
+            host.channels = vec![name.clone()];
+        }
+    }
     if !config.cluster.hosts.iter().any(|h| h.name == SOURCE) {
         bail!("{SOURCE} is not a source of channel {name} in the cluster file");
     }
