@@ -94,7 +94,7 @@ pub struct ServeRound {
 /// Runs the bench and prints (or writes) its report.
 pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     for tool in ["wrk", "nginx"] {
-        which(tool).with_context(|| {
+        streaming_runner::procs::which(tool).with_context(|| {
             format!("{tool} is needed (Debian: apt-get install -y wrk nginx-light)")
         })?;
     }
@@ -303,31 +303,9 @@ impl Nginx {
         std::fs::write(&file, &segment.bytes)?;
         let conf = work.join("nginx.conf");
         std::fs::write(&conf, nginx_conf(config, addr, workers, work, &root))?;
-        let log = std::fs::File::create(work.join("nginx.out"))?;
-        let child = std::os::unix::process::CommandExt::process_group(
-            Command::new("nginx")
-                .arg("-p")
-                .arg(work)
-                .arg("-c")
-                .arg(&conf)
-                .arg("-e")
-                .arg(work.join("error.log"))
-                .stdin(Stdio::null())
-                .stdout(log.try_clone()?)
-                .stderr(log),
-            0,
-        )
-        .spawn()
-        .context("cannot start nginx")?;
+        let child = spawn_nginx(work, &conf, "nginx")?;
         let nginx = Self { child };
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_err() {
-            if Instant::now() > deadline {
-                let out = std::fs::read_to_string(work.join("nginx.out")).unwrap_or_default();
-                bail!("nginx did not listen on {addr}: {out}");
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        wait_listening(addr, &work.join("nginx.out"), "nginx")?;
         Ok(nginx)
     }
 
@@ -347,6 +325,40 @@ impl Drop for Nginx {
             self.stop();
         }
     }
+}
+
+/// Debian's nginx with `conf`, in a process group of its own (stopping it stops its workers
+/// and whatever they exec), output in `<work>/<name>.out`, errors in `<work>/<name>-error.log`.
+pub(crate) fn spawn_nginx(work: &Path, conf: &Path, name: &str) -> anyhow::Result<Child> {
+    let log = std::fs::File::create(work.join(format!("{name}.out")))?;
+    std::os::unix::process::CommandExt::process_group(
+        Command::new("nginx")
+            .arg("-p")
+            .arg(work)
+            .arg("-c")
+            .arg(conf)
+            .arg("-e")
+            .arg(work.join(format!("{name}-error.log")))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log),
+        0,
+    )
+    .spawn()
+    .context("cannot start nginx")
+}
+
+/// Waits up to 10 s for `addr` to accept connections; `out` tells why not.
+pub(crate) fn wait_listening(addr: SocketAddr, out: &Path, what: &str) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_err() {
+        if Instant::now() > deadline {
+            let out = std::fs::read_to_string(out).unwrap_or_default();
+            bail!("{what} did not listen on {addr}: {out}");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    Ok(())
 }
 
 fn nginx_conf(
@@ -449,14 +461,6 @@ fn duration_ms(v: &str) -> Option<f64> {
         "s" => n * 1000.0,
         "m" => n * 60_000.0,
         _ => return None,
-    })
-}
-
-fn which(tool: &str) -> Option<PathBuf> {
-    std::env::var_os("PATH").and_then(|paths| {
-        std::env::split_paths(&paths)
-            .map(|d| d.join(tool))
-            .find(|p| p.is_file())
     })
 }
 

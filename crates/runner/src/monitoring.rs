@@ -57,7 +57,7 @@ pub fn running(layout: &Layout) -> Option<i32> {
 /// Writes `prometheus.yml`, `alerts.rules.json` and `dashboards.json` for the local cluster,
 /// then starts Prometheus (or has the running one reload them). Returns its URL.
 pub fn start(layout: &Layout, source: &Source) -> anyhow::Result<String> {
-    let binary = which("prometheus").context(
+    let binary = procs::which("prometheus").context(
         "prometheus is not installed (Debian: apt-get install --no-install-recommends \
          prometheus; scripts/setup-debian.sh does it)",
     )?;
@@ -154,15 +154,4 @@ fn evaluate(source: &Source, layout: &Layout, attr: &str) -> anyhow::Result<Vec<
         );
     }
     Ok(output.stdout)
-}
-
-/// `binary` on the PATH, or in /usr/bin (a root shell's PATH may lack nothing, a service's may).
-fn which(binary: &str) -> Option<PathBuf> {
-    std::env::var_os("PATH")
-        .map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
-        .unwrap_or_default()
-        .into_iter()
-        .chain([PathBuf::from("/usr/bin")])
-        .map(|dir| dir.join(binary))
-        .find(|path| path.is_file())
 }

@@ -336,6 +336,17 @@ pub fn role_binary(role: streaming_core::config::Role) -> anyhow::Result<PathBuf
     Ok(dir.join(role.as_str()))
 }
 
+/// `tool` on the PATH, or in /usr/bin (a service's or sudo's PATH may be short).
+pub fn which(tool: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
+        .unwrap_or_default()
+        .into_iter()
+        .chain([PathBuf::from("/usr/bin")])
+        .map(|dir| dir.join(tool))
+        .find(|path| path.is_file())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

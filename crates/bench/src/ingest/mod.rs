@@ -77,7 +77,7 @@ pub struct IngestArgs {
 
 pub async fn run(args: IngestArgs) -> anyhow::Result<()> {
     for tool in ["ffmpeg", "ffprobe", "nginx"] {
-        which(tool).with_context(|| {
+        streaming_runner::procs::which(tool).with_context(|| {
             format!(
                 "{tool} is needed (Debian: apt-get install -y ffmpeg nginx-light libnginx-mod-rtmp)"
             )
@@ -190,7 +190,7 @@ async fn live_rounds(
     let mut ours = ours::OurIngest::start(&config, args.ingest.as_deref(), work)?;
     let me = config.me();
     let nginx_addr = std::net::SocketAddr::new(me.address, me.ports.rtmp + 1000);
-    let ffmpeg = which("ffmpeg").context("ffmpeg")?;
+    let ffmpeg = streaming_runner::procs::which("ffmpeg").context("ffmpeg")?;
     let mut nginx = original::NginxRtmp::start(nginx_addr, work, &ffmpeg)?;
     let mut rounds = Vec::new();
     let mut result = Ok(());
@@ -336,12 +336,4 @@ impl Drop for Publisher {
     fn drop(&mut self) {
         self.stop();
     }
-}
-
-fn which(tool: &str) -> Option<PathBuf> {
-    std::env::var_os("PATH").and_then(|paths| {
-        std::env::split_paths(&paths)
-            .map(|d| d.join(tool))
-            .find(|p| p.is_file())
-    })
 }

@@ -7,10 +7,10 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Child;
+use std::time::Duration;
 
-use anyhow::{Context, bail};
+use anyhow::bail;
 use streaming_runner::procs;
 
 /// One output of the original's `exec ffmpeg`.
@@ -113,35 +113,13 @@ impl NginxRtmp {
         )?;
         let conf = work.join("nginx-rtmp.conf");
         std::fs::write(&conf, nginx_conf(module, addr, work, &hls_dir, ffmpeg))?;
-        let log = std::fs::File::create(work.join("nginx-rtmp.out"))?;
-        let child = std::os::unix::process::CommandExt::process_group(
-            Command::new("nginx")
-                .arg("-p")
-                .arg(work)
-                .arg("-c")
-                .arg(&conf)
-                .arg("-e")
-                .arg(work.join("nginx-error.log"))
-                .stdin(Stdio::null())
-                .stdout(log.try_clone()?)
-                .stderr(log),
-            0,
-        )
-        .spawn()
-        .context("cannot start nginx")?;
+        let child = crate::serve::spawn_nginx(work, &conf, "nginx-rtmp")?;
         let nginx = Self {
             child,
             addr,
             hls_dir,
         };
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_err() {
-            if Instant::now() > deadline {
-                let out = std::fs::read_to_string(work.join("nginx-rtmp.out")).unwrap_or_default();
-                bail!("nginx-rtmp did not listen on {addr}: {out}");
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        crate::serve::wait_listening(addr, &work.join("nginx-rtmp.out"), "nginx-rtmp")?;
         Ok(nginx)
     }
 
