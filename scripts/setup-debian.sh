@@ -24,12 +24,15 @@ command -v etcd >/dev/null || need+=(etcd-server)
 [ -x /usr/bin/chromium ] || need+=(chromium)
 # Network partitions of the local runner (`streamctl partition`) are nftables rules.
 command -v nft >/dev/null || [ -x /usr/sbin/nft ] || need+=(nftables)
-# promtool checks the monitoring configuration (scripts/check-monitoring.sh); Debian ships it
-# only with the Prometheus server, whose service is stopped and disabled below.
+# promtool checks the monitoring configuration (scripts/check-monitoring.sh) and
+# `streamctl up --monitoring` runs the Prometheus server itself; its own service is stopped and
+# disabled below.
 command -v promtool >/dev/null || need+=(prometheus)
 # `streamctl bench serve` measures a broadcast against nginx with wrk.
 command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || need+=(nginx-light)
 command -v wrk >/dev/null || need+=(wrk)
+# `streamctl bench ingest` runs the original pipeline: nginx-rtmp and its exec'ed ffmpeg.
+[ -f /usr/lib/nginx/modules/ngx_rtmp_module.so ] || need+=(libnginx-mod-rtmp)
 
 if [ ${#need[@]} -gt 0 ]; then
   echo "setup: installing ${need[*]}"
@@ -38,7 +41,8 @@ if [ ${#need[@]} -gt 0 ]; then
   $sudo_cmd apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $sudo_cmd apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
   # Their postinsts enable and start servers (Prometheus on :9090, nginx on :80) that have
-  # nothing to do here: only promtool is used, and the serve bench runs its own nginx.
+  # nothing to do here: promtool and `up --monitoring` run their own Prometheus, the benches
+  # their own nginx.
   for service in prometheus nginx; do
     if [[ " ${need[*]} " == *" $service"* ]]; then
       $sudo_cmd systemctl disable --quiet "$service.service" 2>/dev/null || true
