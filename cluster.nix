@@ -27,8 +27,8 @@
   database = {
     name = "streaming";
     # Patroni's leader lease in seconds: a dead primary is replaced within about this long, and
-    # chat writes resume within ttl + 2 s. 5 is a measured, safe tuning on quiet hosts.
-    ttl = 10;
+    # chat writes resume within ttl + 2 s. 20 is the least Patroni 3.1 and later accept (docs/nix.md).
+    ttl = 20;
   };
 
   # What one outside client may hold or ask for; every listener faces the internet

@@ -4,13 +4,15 @@
 {
   services.streaming-cluster.tls.acme = {
     email = "ops@example.org"; # EXAMPLE
-    # The LBs both serve the site name, so its certificate is ordered with DNS-01 (lego provider
-    # name and an environment file with its credentials, e.g. an agenix secret).
+    # The LBs both serve the site name, so its certificate is ordered with DNS-01: the lego
+    # provider here, its credentials in the agenix secret acme-dns (secrets/acme-dns.age, lego's
+    # environment variables for this provider; secrets/README.md), which the module decrypts on
+    # the LBs for ACME (tls.acme.credentialsFile, by default /run/agenix/acme-dns).
     dnsProvider = "rfc2136"; # EXAMPLE
-    credentialsFile = "/run/agenix/acme-dns"; # EXAMPLE: add secrets/acme-dns.age and age.secrets.acme-dns
   };
 
-  # Who may deploy (nixos-rebuild --target-host) and read the journal.
+  # Who may deploy (`nix run .#deploy`: deploy-rs logs in as root, docs/deploy.md) and read
+  # the journal.
   users.users.root.openssh.authorizedKeys.keys = [
     "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIEXAMPLEEXAMPLEEXAMPLEEXAMPLEEXAMPLEEXAMPLE ops@example" # EXAMPLE
   ];

@@ -71,7 +71,12 @@ let
   database = {
     name = cluster.database.name or "streaming";
     user = cluster.database.user or "streaming";
-    ttl = cluster.database.ttl or 10;
+    # Patroni 3.1 and later (nixpkgs ships 4.x; scripts/setup-debian.sh installs the same
+    # version) raise a ttl under 20 s to 20 s without a word, and the services derive their
+    # write retry window from this value: one under 20 would be a lie, so it is refused.
+    ttl =
+      let ttl = cluster.database.ttl or 20; in
+      if ttl < 20 then throw "database.ttl = ${toString ttl}: Patroni's minimum is 20 s" else ttl;
     loopWait = cluster.database.loopWait or 1;
     retryTimeout = cluster.database.retryTimeout or 3;
   };
@@ -195,6 +200,50 @@ let
     ++ map (cidr: "hostssl replication replicator ${cidr} scram-sha-256") clientCidrs
     ++ map (cidr: "hostssl all all ${cidr} scram-sha-256") clientCidrs;
 
+  # pgBackRest (docs/backup.md): one repository for every db host, so whichever is primary
+  # archives its WAL there and a backup taken on one restores on the other. Locally a directory
+  # in the state dir both db hosts' postgres user share; on NixOS the db module's repository
+  # (a shared path or S3, `services.streaming-cluster.db.backup`), whose settings it merges in.
+  # The runner and the module render `global` and `stanza` as pgbackrest.conf's two sections.
+  backupStanza = "${cluster.site}-db";
+  pgbackrestConfig = host: {
+    stanza = backupStanza;
+    config_file =
+      if profile == "local" then "${(paths host).state_dir}/pgbackrest.conf"
+      else "/etc/pgbackrest/pgbackrest.conf";
+    global = {
+      repo1-path = if profile == "local" then "${stateDir}/backup/repo" else "/var/lib/pgbackrest";
+      # Two full backups kept (each with its incrementals); WAL older than the oldest kept
+      # full backup is expired with it.
+      repo1-retention-full = cluster.database.backupRetentionFull or 2;
+      lock-path = "${(paths host).state_dir}/pgbackrest/lock";
+      log-path = "${(paths host).state_dir}/pgbackrest/log";
+      spool-path = "${(paths host).state_dir}/pgbackrest/spool";
+      log-level-console = "info";
+      log-level-file = "detail";
+      compress-type = "zst";
+      # A backup starts at once (checkpoint now), not at the next spread checkpoint.
+      start-fast = "y";
+    };
+    stanza_options = {
+      pg1-path = "${(paths host).state_dir}/pgdata";
+      pg1-port = ports.postgres;
+      pg1-socket-path = "${(paths host).state_dir}/run";
+      pg1-user = "postgres";
+    };
+  };
+  # Locally the repository is created by the first `streamctl backup` (stanza-create): until
+  # then a segment is let go instead of failing, which would keep every segment in pg_wal and
+  # retry at each shutdown (slower failovers in every test cluster). WAL from before the first
+  # base backup could not be replayed onto anything anyway. Deployed hosts always push: their
+  # backup units create the stanza, and a failing archive there is a signal to act on.
+  pushCommand = host:
+    "pgbackrest --config=${(pgbackrestConfig host).config_file} --stanza=${backupStanza} archive-push %p";
+  archiveCommand = host:
+    if profile == "local" then
+      "test ! -e ${(pgbackrestConfig host).global.repo1-path}/archive/${backupStanza}/archive.info || ${pushCommand host}"
+    else pushCommand host;
+
   # Patroni's own settings for a db host (its YAML is a superset of JSON, so this is written as
   # is). Passwords are not here: Patroni reads PATRONI_SUPERUSER_PASSWORD and
   # PATRONI_REPLICATION_PASSWORD from its environment, filled from the secret files. The runner
@@ -277,6 +326,13 @@ let
         # the walsender to hand the replica its last WAL; on a silent network that lasted until
         # TCP gave up, well after the heal. Its replica silent for a ttl is gone.
         wal_sender_timeout = "${toString database.ttl}s";
+        # Every db host archives while it is the primary (a replica's archiver is idle with
+        # archive_mode on), all into the one pgBackRest repository: point-in-time recovery.
+        archive_mode = "on";
+        archive_command = archiveCommand host;
+        # A quiet primary still closes a WAL segment within a minute, so a restore point is
+        # at most that far behind the last commit.
+        archive_timeout = "60s";
       };
       # pg_basebackup's default spread checkpoint keeps a new replica waiting for minutes.
       basebackup = [ { checkpoint = "fast"; } ];
@@ -292,6 +348,7 @@ let
     telemetry = { json_logs = jsonLogs; otlp_endpoint = otlpEndpoint; };
     etcd = if runsEtcd host then etcdConfig host else null;
     patroni = if host.role == "db" then patroniConfig host else null;
+    pgbackrest = if host.role == "db" then pgbackrestConfig host else null;
   };
 in
 listToAttrs (map (host: { inherit (host) name; value = hostConfig host; }) cluster.hosts)

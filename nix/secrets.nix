@@ -75,16 +75,39 @@ let
       owner = "grafana";
     }
   ];
-  readBy = host: forHost host ++ (if host.monitoring or false then monitoring else [ ]);
+  # The LBs' DNS-01 credentials for ACME (nixos-modules/common.nix, tls.source = "acme"): lego's
+  # environment file (provider variables, e.g. RFC2136_TSIG_SECRET=...), read by nixpkgs'
+  # acme-order-renew-<fqdn>.service, which runs as the acme user. Encrypted to every LB; decrypted
+  # only where the LB orders its certificate with ACME (the VM test uses test certificates).
+  acme = [
+    {
+      name = "acme-dns";
+      file = "acme-dns.age";
+      owner = "acme";
+    }
+  ];
+  readBy =
+    host:
+    forHost host
+    ++ (if host.monitoring or false then monitoring else [ ])
+    ++ (if host.role == "lb" then acme else [ ]);
 
   all = concatMap readBy cluster.hosts;
   files = builtins.attrNames (listToAttrs (map (s: {
     name = s.file;
     value = null;
   }) all));
+  # What the VM test decrypts (vm-tests/test-material.nix): everything but the ACME credentials.
+  testFiles = filter (f: !(elem f (map (s: s.file) acme))) files;
 in
 {
-  inherit forHost monitoring files;
+  inherit
+    forHost
+    monitoring
+    acme
+    files
+    testFiles
+    ;
   # Host names that read `file`.
   readers = file: map (h: h.name) (filter (h: elem file (map (s: s.file) (readBy h))) cluster.hosts);
 }

@@ -33,11 +33,27 @@ let
 
   # Secrets this host reads (nix/secrets.nix: the same mapping secrets/secrets.nix encrypts by).
   secrets = import ../nix/secrets.nix { inherit (cfg) cluster; };
-  wanted = secrets.forHost entry ++ lib.optionals cfg.monitoring.enable secrets.monitoring;
-  present = lib.filter (s: builtins.pathExists (cfg.secrets.directory + "/${s.file}")) wanted;
-  missing = lib.filter (s: !builtins.pathExists (cfg.secrets.directory + "/${s.file}")) wanted;
+  # The LBs' DNS-01 credentials: decrypted when tls.acme.credentialsFile is their agenix path
+  # (its default); another path is the operator's own file.
+  acmeDnsSecret =
+    acme && isLb && cfg.tls.acme.credentialsFile == "${config.age.secretsDir}/acme-dns";
+  wanted =
+    secrets.forHost entry
+    ++ lib.optionals cfg.monitoring.enable secrets.monitoring
+    ++ lib.optionals acmeDnsSecret secrets.acme;
+  # What `directory` holds: looked at when the host is evaluated, unless `files` lists it (a
+  # directory built by a derivation, the VM test's, cannot be looked into before it is built).
+  exists =
+    s:
+    if cfg.secrets.files != null then
+      lib.elem s.file cfg.secrets.files
+    else
+      builtins.pathExists (cfg.secrets.directory + "/${s.file}");
+  present = lib.filter exists wanted;
+  missing = lib.filter (s: !exists s) wanted;
   # Patroni (user patroni) reads the db passwords; the cluster's services read theirs through
-  # the streaming-cluster group; Prometheus's and Grafana's name their own user.
+  # the streaming-cluster group; Prometheus's, Grafana's and lego's (acme-dns) name their own
+  # user, group of the same name.
   secretOwner =
     s:
     if s ? owner then
@@ -160,9 +176,16 @@ in
         };
         credentialsFile = lib.mkOption {
           type = lib.types.nullOr lib.types.str;
-          default = null;
-          example = "/run/agenix/acme-dns";
-          description = "`acme` on LBs: environment file with the DNS provider's credentials (a path).";
+          default = "${config.age.secretsDir}/acme-dns";
+          defaultText = lib.literalExpression ''"''${config.age.secretsDir}/acme-dns"'';
+          example = "/var/lib/secrets/lego-dns.env";
+          description = ''
+            `acme` on LBs: environment file with the DNS provider's credentials (lego's
+            variables for `dnsProvider`), security.acme's `environmentFile`. By default the
+            agenix secret `acme-dns` (secrets/acme-dns.age, owner acme), which the module then
+            decrypts on the LBs; another path is a file you provide; null: none (a provider that
+            needs no credentials).
+          '';
         };
       };
     };
@@ -176,8 +199,21 @@ in
           Directory of the agenix files (`token-key.age`, `cluster-key.age`,
           `stream-key-<channel>.age`, `db-password.age`, `db-superuser-password.age`,
           `db-replication-password.age`, `admin-password.age`, `metrics-token.age`; on a
-          monitoring host also `grafana-admin-password.age`, `grafana-secret-key.age`); see
-          secrets/README.md.
+          monitoring host also `grafana-admin-password.age`, `grafana-secret-key.age`; on the
+          LBs with ACME `acme-dns.age`); see secrets/README.md.
+        '';
+      };
+      files = lib.mkOption {
+        type = lib.types.nullOr (lib.types.listOf lib.types.str);
+        default = null;
+        example = [
+          "token-key.age"
+          "metrics-token.age"
+        ];
+        description = ''
+          The `.age` files `directory` holds. null: those found there when the host is
+          evaluated. A list is for a directory that a derivation builds (the VM test's, made
+          from cluster.nix at build time), which evaluation cannot look into.
         '';
       };
     };
@@ -306,7 +342,8 @@ in
         # good time (docs/architecture.md).
         services.chrony.enable = lib.mkDefault true;
         time.timeZone = lib.mkDefault "UTC";
-        # nixos-rebuild over ssh, and agenix decrypts with the ssh host key.
+        # Deployments over ssh (deploy-rs, docs/deploy.md), and agenix decrypts with the ssh
+        # host key.
         services.openssh = {
           enable = lib.mkDefault true;
           settings.PasswordAuthentication = lib.mkDefault false;
@@ -320,8 +357,12 @@ in
           certs.${certName} = {
             domain = certName;
             group = "streaming-cluster";
-            # Renewal: the role service re-reads the certificate on SIGHUP, viewers stay.
-            reloadServices = [ "streaming-${entry.role}.service" ];
+            # A new certificate (the first real one replacing the placeholder, then each
+            # renewal): the role service re-reads it on SIGHUP, viewers stay (acme-deps.nix).
+            # db hosts have no streaming unit: this named streaming-db.service there, a unit
+            # that does not exist (found by scripts/check-nix.sh, section 8); etcd and Patroni
+            # copy the certificate at their next start.
+            reloadServices = lib.optional (entry.role != "db") "streaming-${entry.role}.service";
           }
           // (
             if isLb then

@@ -26,10 +26,13 @@ let
     install -m 0600 -o etcd ${paths.tls_key} ${tls}/key.pem
     install -m 0644 -o etcd ${paths.ca_cert} ${tls}/ca.pem
   '';
+  # With ACME (the witness on an LB), tlsCopies needs the host's certificate: start once the
+  # placeholder is in place (acme-deps.nix). A renewed certificate is copied at the next start.
+  acmeDeps = lib.optionalAttrs (top.tls.source == "acme") (import ./acme-deps.nix me.fqdn);
   # Members of the etcd cluster: peers, and (db hosts) Patroni's clients.
   members = map (h: h.address) (lib.filter (h: h.role == "db" || (h.etcd_witness or false)) hosts);
   dbs = map (h: h.address) (lib.filter (h: h.role == "db") hosts);
-  firewall = import ./internal-ports.nix lib [
+  firewall = import ./internal-ports.nix lib config.networking.firewall.backend [
     {
       port = port member.client_url;
       from = lib.remove me.address dbs;
@@ -79,7 +82,7 @@ in
       # local runner's layout.
     };
     # A member that died comes back at once (the module waits 30 s); it rejoins with its data.
-    systemd.services.etcd = {
+    systemd.services.etcd = acmeDeps // {
       serviceConfig = {
         Restart = lib.mkDefault "always";
         RestartSec = lib.mkForce 2;

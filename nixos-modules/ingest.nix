@@ -46,6 +46,7 @@ import ./role.nix {
       top,
       cfg,
       me,
+      firewallBackend,
       ...
     }:
     let
@@ -59,7 +60,7 @@ import ./role.nix {
     {
       services.streaming-cluster.fonts.enable = true;
       networking.firewall = lib.mkIf (top.openFirewall && !cfg.directPublishing) (
-        import ./internal-ports.nix lib [
+        import ./internal-ports.nix lib firewallBackend [
           {
             port = me.ports.rtmps;
             from = publishers;

@@ -4,8 +4,9 @@
 # `<role> --config /etc/streaming-cluster/config.json` (crates/core/src/service.rs), reloads on a
 # config or certificate change (SIGHUP) and restarts only when the binary itself changes.
 #
-# `options` gets { lib, pkgs }; `unit` and `config` get { lib, pkgs, top, cfg, me }: top is
-# services.streaming-cluster, cfg the role's own options, me this host in the generated config.
+# `options` gets { lib, pkgs }; `unit` and `config` get { lib, pkgs, top, cfg, me,
+# firewallBackend }: top is services.streaming-cluster, cfg the role's own options, me this host
+# in the generated config, firewallBackend networking.firewall.backend (for internal-ports.nix).
 {
   # lb, broadcast, ingest or source: names the options, the unit, the binary and the package.
   role,
@@ -23,9 +24,12 @@ let
   top = nixos.config.services.streaming-cluster;
   cfg = top.${role};
   me = lib.findFirst (h: h.name == top.hostName) null top.hostConfig.cluster.hosts;
-  args = { inherit lib pkgs top cfg me; };
-  acme = top.tls.source == "acme";
-  acmeUnit = "acme-${me.fqdn}.service";
+  args = {
+    inherit lib pkgs top cfg me;
+    firewallBackend = nixos.config.networking.firewall.backend;
+  };
+  # With ACME: start on the placeholder certificate, never wait for the order (acme-deps.nix).
+  acmeDeps = lib.optionalAttrs (top.tls.source == "acme") (import ./acme-deps.nix me.fqdn);
 
   service =
     {
@@ -46,8 +50,8 @@ let
       systemd.services."streaming-${role}" = {
         description = "streaming-cluster ${role} (${top.hostName})";
         wantedBy = [ "multi-user.target" ];
-        wants = [ "network-online.target" ] ++ lib.optional acme acmeUnit;
-        after = [ "network-online.target" ] ++ lib.optional acme acmeUnit;
+        wants = [ "network-online.target" ] ++ acmeDeps.wants or [ ];
+        after = [ "network-online.target" ] ++ acmeDeps.after or [ ];
         inherit path;
         # A new config (topology change, a host added) or a renewed certificate: SIGHUP, the
         # service re-reads both and keeps its viewers. A new binary: restart.

@@ -12,7 +12,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-all_targets=(rtmp_session flv_tag m3u8_media m3u8_master viewer_token session_token chat_frame)
+all_targets=(rtmp_session flv_tag m3u8_media m3u8_master viewer_token session_token chat_frame player_report)
 seconds=20
 sanitizer=address
 targets=()

@@ -8,6 +8,9 @@ command -v ffmpeg >/dev/null || need+=(ffmpeg)
 command -v nix-instantiate >/dev/null || need+=(nix-bin)
 [ -f /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf ] || need+=(fonts-dejavu-core)
 command -v openssl >/dev/null || need+=(openssl)
+# scripts/check-nix.sh runs the VM test's material script (vm-tests/test-material.sh) with them.
+command -v age >/dev/null || need+=(age)
+command -v ssh-keygen >/dev/null || need+=(openssh-client)
 command -v curl >/dev/null || need+=(curl ca-certificates)
 command -v cc >/dev/null || need+=(build-essential)
 command -v pkg-config >/dev/null || need+=(pkg-config)
@@ -17,6 +20,8 @@ command -v pgrep >/dev/null || need+=(procps)
 [ -x /usr/lib/postgresql/15/bin/postgres ] || need+=(postgresql-15)
 dpkg -s python3-venv >/dev/null 2>&1 || need+=(python3-venv)
 command -v etcd >/dev/null || need+=(etcd-server)
+# WAL archiving and base backups of the chat database (docs/backup.md, the restore drill).
+command -v pgbackrest >/dev/null || need+=(pgbackrest)
 /usr/bin/python3 -c 'import psycopg2' 2>/dev/null || need+=(python3-psycopg2)
 # Patroni's HTTPS clients (etcd, its peers' REST API) go through urllib3, which needs idna.
 /usr/bin/python3 -c 'import idna' 2>/dev/null || need+=(python3-idna)
@@ -55,10 +60,11 @@ if [ ${#need[@]} -gt 0 ]; then
   done
 fi
 
-# Patroni from PyPI, pinned: Debian 12's 3.0.2 can take the leader key back after a hang
-# longer than its ttl and demote the new primary, losing acknowledged commits (fixed in 3.0.3).
-# Not 3.1+: those raise any ttl below 20 s to 20 s, doubling the failover time.
-patroni_version=3.0.4
+# Patroni from PyPI, pinned to the version nixpkgs ships (pkgs/by-name/pa/patroni), so the local
+# cluster and NixOS behave the same: 3.1 and later make 20 s the least ttl (nix/generate.nix).
+# Not Debian 12's 3.0.2: it can take the leader key back after a hang longer than its ttl and
+# demote the new primary, losing acknowledged commits (fixed in 3.0.3).
+patroni_version=4.1.0
 patroni_venv=/opt/streaming-cluster/patroni
 if [ "$("$patroni_venv/bin/patroni" --version 2>/dev/null)" != "patroni $patroni_version" ]; then
   echo "setup: Patroni $patroni_version into $patroni_venv"
@@ -70,7 +76,7 @@ if ! command -v cargo >/dev/null; then
   if [ -x "$HOME/.cargo/bin/cargo" ]; then
     export PATH="$HOME/.cargo/bin:$PATH"
   else
-    echo "setup: Rust is missing. Install it with rustup (https://rustup.rs), Rust >= 1.95, then re-run." >&2
+    echo "setup: Rust is missing. Install it with rustup (https://rustup.rs), Rust >= 1.91, then re-run." >&2
     exit 1
   fi
 fi

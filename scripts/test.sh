@@ -16,6 +16,9 @@ echo "== format and lints"
 cargo fmt --all --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
 
+echo "== MSRV: every crate at nixos-25.11's rustc, and every locked dependency"
+scripts/check-msrv.sh
+
 echo "== shape: no source file over 800 lines, no function over 100 outside tests"
 scripts/shape.sh
 

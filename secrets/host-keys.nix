@@ -2,7 +2,8 @@
 # agenix CLI only). EXAMPLE VALUES: replace every key before creating any .age file.
 #   admins: people who create and edit secrets (their ~/.ssh/id_ed25519.pub or an age key)
 #   hosts:  each host's ssh host key, `ssh-keyscan -t ed25519 <host>` (agenix decrypts with it)
-# A host added to cluster.nix needs its key here before `agenix -r` re-encrypts for it.
+# A host added to cluster.nix needs its key here before `agenix -r` re-encrypts for it:
+# scripts/rekey.sh NAME does both (secrets/README.md, "Adding a host").
 {
   admins = [
     "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIEXAMPLEADMINKEYEXAMPLEADMINKEYEXAMPLEADMIN ops@example" # EXAMPLE

@@ -8,7 +8,7 @@ let
   hostKey =
     name:
     keys.hosts.${name}
-      or (throw "secrets/host-keys.nix has no key for ${name}: add its ssh host key (ssh-keyscan -t ed25519 ${name})");
+      or (throw "secrets/host-keys.nix has no key for ${name}: run scripts/rekey.sh ${name} (secrets/README.md)");
 in
 builtins.listToAttrs (
   map (file: {

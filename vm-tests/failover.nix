@@ -4,9 +4,12 @@
 # primary, then brings each back and checks that it rejoins. Run by `nix flake check`
 # (checks.x86_64-linux.vm-failover); `nix run .#cluster-vm` is its interactive driver.
 #
-# TLS: a test-only CA and one certificate per host from secrets/test/tls (generate.sh; SANs:
-# name, fqdn, vm address). Secrets: the production agenix path, decrypting secrets/test/*.age
-# with the committed, test-only identity secrets/test/test-host.agekey.
+# Every host's test material comes from its entry in cluster.nix when the test is BUILT
+# (./test-material.nix, TEST ONLY, never for a real host): a test CA and one certificate per host
+# (SANs: name, fqdn, vm address), a test ssh host key per node, and the secrets encrypted to the
+# test keys of exactly the nodes that read them. Secrets take the production agenix path: each
+# node decrypts them to /run/agenix with its own test key. Adding a host to cluster.nix is all
+# this test needs.
 { self }:
 { lib, pkgs, ... }:
 let
@@ -15,8 +18,14 @@ let
     inherit cluster;
     profile = "vm";
   };
-  testSecrets = ../secrets/test;
-  ca = "${testSecrets}/tls/ca.crt";
+  # The client reads two secrets itself (test-material.nix's extraReaders): the metrics token
+  # and the first channel's stream key.
+  channel = (builtins.head anyConfig.cluster.channels).name;
+  material = import ./test-material.nix { inherit pkgs cluster; };
+  testSecrets = "${material.secrets}";
+  ca = "${material.ca}/ca.crt";
+  # TEST ONLY identity of a node: its test ssh host key, as agenix uses the host key in production.
+  testIdentity = name: [ "${material.hostKeys.${name}}/ssh_host_ed25519_key" ];
   entryOf = name: lib.findFirst (h: h.name == name) null generated.${name}.cluster.hosts;
 
   # Guest RAM (MiB) and vCPUs per role, plus Prometheus and Grafana on the monitoring host:
@@ -65,14 +74,16 @@ let
         profile = "vm";
         tls = {
           source = "files";
-          certFile = "${testSecrets}/tls/${host.name}.crt";
-          keyFile = "${testSecrets}/tls/${host.name}.key"; # TEST ONLY key, public on purpose
+          certFile = "${material.tls.${host.name}}/cert.pem";
+          keyFile = "${material.tls.${host.name}}/key.pem"; # TEST ONLY key, in the store
           caFile = ca;
         };
-        secrets.directory = testSecrets;
+        secrets = {
+          directory = testSecrets;
+          files = material.secretFiles;
+        };
       };
-      # TEST ONLY identity: decrypts secrets/test/*.age and nothing else.
-      age.identityPaths = [ "${testSecrets}/test-host.agekey" ];
+      age.identityPaths = testIdentity host.name;
       environment.systemPackages = [ pkgs.curl ];
     };
 
@@ -94,7 +105,6 @@ let
   anyConfig = generated.${(builtins.head cluster.hosts).name};
   lbs = lib.filter (h: h.role == "lb") anyConfig.cluster.hosts;
   streamctl = self.packages.${pkgs.stdenv.hostPlatform.system}.streamctl;
-  channel = (builtins.head anyConfig.cluster.channels).name;
 in
 {
   name = "streaming-cluster-failover";
@@ -116,8 +126,8 @@ in
         # would. TEST ONLY identity, as on the hosts.
         age.secrets.metrics-token.file = "${testSecrets}/metrics-token.age";
         # The OBS-like publisher of the "publisher's ingest crashes" subtest.
-        age.secrets.stream-key-test.file = "${testSecrets}/stream-key-test.age";
-        age.identityPaths = [ "${testSecrets}/test-host.agekey" ];
+        age.secrets."stream-key-${channel}".file = "${testSecrets}/stream-key-${channel}.age";
+        age.identityPaths = testIdentity "client";
         environment.systemPackages = [
           streamctl
           pkgs.curl

@@ -92,9 +92,9 @@ def chat_cmd(seconds):
     )
 
 
-def start_load(tag, pin=None):
+def start_load(tag, pin=None, seconds=LOAD_SECONDS):
     """watch and chat in the background, as transient units writing their JSON to /tmp."""
-    for kind, cmd in (("watch", watch_cmd(LOAD_SECONDS, 4, pin)), ("chat", chat_cmd(LOAD_SECONDS))):
+    for kind, cmd in (("watch", watch_cmd(seconds, 4, pin)), ("chat", chat_cmd(seconds))):
         client.succeed(
             f"systemd-run --unit={kind}-{tag} --property=Type=exec"
             f" --property=StandardOutput=file:/tmp/{kind}-{tag}.json"
@@ -111,10 +111,10 @@ def report(kind, tag):
         raise Exception(f"{kind} during {tag} printed no JSON report: {out!r}\n{log}")
 
 
-def finish_load(tag):
+def finish_load(tag, seconds=LOAD_SECONDS):
     for kind in ("watch", "chat"):
         client.wait_until_succeeds(
-            f"! systemctl is-active --quiet {kind}-{tag}.service", timeout=LOAD_SECONDS + 300
+            f"! systemctl is-active --quiet {kind}-{tag}.service", timeout=seconds + 300
         )
     w, c = report("watch", tag), report("chat", tag)
     print(
@@ -284,7 +284,7 @@ with subtest("the publisher's ingest crashes: it reconnects through the LBs to t
         " -f lavfi -i sine=frequency=440 -g 50 -c:v libx264 -preset ultrafast -b:v 1000k"
         " -c:a aac -b:a 96k -f flv pipe:1"
         f" | {STREAMCTL} publish --to \"rtmps://$lb:1936/live/{CHANNEL}\""
-        f" --key-file /run/agenix/stream-key-test --ca-file {CA}\n"
+        f" --key-file /run/agenix/stream-key-{CHANNEL} --ca-file {CA}\n"
         "    sleep 2\n"
         "  done\n"
         "done\n"
@@ -319,6 +319,86 @@ with subtest("the publisher's ingest crashes: it reconnects through the LBs to t
             f" | jq -e '.channels[\"{CHANNEL}\"].active_source == \"source1\"'",
             timeout=120,
         )
+
+def cluster_whole(timeout=300):
+    """What `streamctl upgrade` waits for between hosts (crates/runner/src/upgrade/gates.rs)."""
+    for h in HOSTS:
+        if h["role"] != "db":
+            wait_healthy(h["name"], timeout=timeout)
+    wait_primary(timeout=timeout)
+    primary = db_primary()
+    for db in names("db"):
+        if db != primary:
+            db_client().wait_until_succeeds(patroni_cmd(db, "sync"), timeout=timeout)
+    for ingest in names("ingest"):
+        client.wait_until_succeeds(
+            f"{STATUS_CURL} {url_of(ingest)}/status | jq -e '[.channels[] | .live and"
+            f" .active_source == \"source1\"] | all'",
+            timeout=timeout,
+        )
+    for b in names("broadcast"):
+        client.wait_until_succeeds(
+            f"{STATUS_CURL} {LB}/status | jq -e '.broadcasts[] | select(.name == \"{b}\") | .live'",
+            timeout=timeout,
+        )
+
+
+def restart_units(name, role):
+    units = {"db": "patroni.service etcd.service", "lb": "streaming-lb.service"}.get(
+        role, f"streaming-{role}.service"
+    )
+    if name == "lb1":
+        units += " etcd.service"
+    vm(name).succeed(f"systemctl restart {units}")
+
+
+ROLLING_SECONDS = 240
+
+with subtest("every host restarts in turn, as a rolling upgrade does: nobody notices"):
+    # The order and gates of `streamctl upgrade` / `nix run .#deploy` (docs/deploy.md), with a
+    # restart of the host's units in place of deploy-rs's switch (the same binaries: nothing to
+    # deploy in a VM test).
+    cluster_whole()
+    start_load("rolling", seconds=ROLLING_SECONDS)
+    time.sleep(10)
+    primary = db_primary()
+    replica = next(db for db in names("db") if db != primary)
+    turns = [replica] + names("source") + names("ingest") + names("broadcast") + names("lb")
+    started = time.time()
+    for name in turns:
+        role = next(h["role"] for h in HOSTS if h["name"] == name)
+        t0 = time.time()
+        if role == "broadcast":
+            vm(name).succeed(
+                "touch /var/lib/streaming-cluster/draining && systemctl reload streaming-broadcast.service"
+            )
+            client.wait_until_succeeds(
+                f"{STATUS_CURL} {LB}/status | jq -e '.broadcasts[] | select(.name == \"{name}\") | .draining'",
+                timeout=30,
+            )
+        restart_units(name, role)
+        cluster_whole()
+        if role == "broadcast":
+            vm(name).succeed(
+                "rm -f /var/lib/streaming-cluster/draining && systemctl reload streaming-broadcast.service"
+            )
+        print(f"rolling: {name} done in {time.time() - t0:.1f} s")
+    # The primary last: a switchover to the replica, asked from the replica (certificate and
+    # REST password there; the password reaches curl on stdin), then its restart as a replica.
+    switchover = (
+        "{ printf 'user = \"patroni:'; cat /run/agenix/db-superuser-password; printf '\"\\n'; }"
+        f" | curl -sS --fail-with-body -K - --max-time 60 --cacert /run/patroni/tls/ca.pem"
+        " --cert /run/patroni/tls/cert.pem --key /run/patroni/tls/key.pem"
+        " -H 'Content-Type: application/json'"
+        f" -d '{{\"leader\": \"{primary}\", \"candidate\": \"{replica}\"}}'"
+        f" https://{primary}:8008/switchover"
+    )
+    vm(replica).succeed(switchover)
+    db_client().wait_until_succeeds(patroni_cmd(replica, "primary"), timeout=120)
+    restart_units(primary, "db")
+    cluster_whole()
+    print(f"rolling: all {len(turns) + 1} hosts in {time.time() - started:.1f} s")
+    finish_load("rolling", seconds=ROLLING_SECONDS)
 
 with subtest("the whole cluster is back"):
     for h in HOSTS:

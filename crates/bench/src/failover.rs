@@ -21,7 +21,7 @@ use streaming_runner::cluster::Layout;
 use streaming_runner::hosts::Blow;
 
 use crate::faults;
-use crate::whole::wait_whole;
+use streaming_runner::whole::wait_whole;
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct FailoverArgs {

@@ -5,11 +5,12 @@
 //! - [`chat_failover`]: chat durability while the database primary fails.
 //! - [`chaos`]: a random fault schedule from a seed.
 //! - [`serve`]: one broadcast against nginx serving the same segment.
+//! - [`lb`]: `/api/stats` requests per second per core one LB uses.
 //! - [`viewers`]: how many simulated viewers one broadcast holds, and their cost.
 //! - [`ingest`]: our ingest against the original nginx-rtmp + `exec ffmpeg` pipeline: cores
 //!   and picture quality per rendition.
-//! - [`faults`]: injecting and undoing a fault, as `streamctl kill/start/partition/heal` do;
-//!   [`whole`]: when the cluster is whole again after one; [`database`]: who is primary and
+//! - [`faults`]: injecting and undoing a fault, as `streamctl kill/start/partition/heal` do
+//!   (`streaming_runner::whole`: when the cluster is whole again); [`database`]: who is primary and
 //!   whether every acked chat message is stored; [`obs_publisher`]: the OBS-like publisher of
 //!   the single-publisher rows.
 
@@ -19,8 +20,8 @@ pub mod database;
 pub mod failover;
 pub mod faults;
 pub mod ingest;
+pub mod lb;
 pub mod obs_publisher;
 pub mod output;
 pub mod serve;
 pub mod viewers;
-pub mod whole;

@@ -105,31 +105,48 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         .find(|c| c.name == args.broadcast && c.me().role == Role::Broadcast)
         .with_context(|| format!("no broadcast named {} in this cluster", args.broadcast))?
         .clone();
-    let quiet: Vec<String> = if args.keep_transcoding {
-        Vec::new()
-    } else {
-        configs
-            .iter()
-            .filter(|c| matches!(c.me().role, Role::Source | Role::Ingest))
-            .map(|c| c.name.clone())
-            .collect()
-    };
     let work = tempdir()?;
     let segment = fetch_segment(&config, args.rendition.as_deref()).await?;
     // Hung only once the segment is in hand; resumed whatever the rounds did.
-    for host in &quiet {
-        faults::kill(&args.state, host, Blow::Hang).await?;
-    }
+    let hung = hang_transcoders(&args.state, &configs, args.keep_transcoding).await?;
     let result = measure(&args, &layout, &config, &segment, &work).await;
-    for host in &quiet {
-        if let Err(e) = faults::start(&args.state, host).await {
-            tracing::warn!(%host, "cannot resume: {e:#}");
-        }
-    }
+    resume(&args.state, &hung).await;
     let _ = std::fs::remove_dir_all(&work);
     let report = result?;
     let table = markdown(&report);
     crate::output::emit(args.out.as_deref(), args.json, &table, &report)
+}
+
+/// Hangs every source and ingest (unless `keep`): their transcoders would take the cores the
+/// measured server competes for. Returns the hosts to [`resume`].
+pub(crate) async fn hang_transcoders(
+    state: &Path,
+    configs: &[HostConfig],
+    keep: bool,
+) -> anyhow::Result<Vec<String>> {
+    let mut hung = Vec::new();
+    if keep {
+        return Ok(hung);
+    }
+    for config in configs {
+        if matches!(config.me().role, Role::Source | Role::Ingest) {
+            if let Err(e) = faults::kill(state, &config.name, Blow::Hang).await {
+                resume(state, &hung).await;
+                return Err(e);
+            }
+            hung.push(config.name.clone());
+        }
+    }
+    Ok(hung)
+}
+
+/// Resumes the hosts [`hang_transcoders`] hung; a host that cannot be resumed is logged.
+pub(crate) async fn resume(state: &Path, hosts: &[String]) {
+    for host in hosts {
+        if let Err(e) = faults::start(state, host).await {
+            tracing::warn!(%host, "cannot resume: {e:#}");
+        }
+    }
 }
 
 /// The segment both servers serve: its URL path on the broadcast, its bytes and the token.
@@ -219,7 +236,7 @@ async fn measure(
         ] {
             let cpu0 = procs::group_cpu_seconds(pgid);
             let t0 = Instant::now();
-            let wrk = run_wrk(url, args.connections, args.seconds, cores).await?;
+            let wrk = run_wrk(url, args.connections, args.seconds, cores, &[]).await?;
             let cpu = procs::group_cpu_seconds(pgid) - cpu0;
             let wall = t0.elapsed().as_secs_f64();
             let ok = wrk.requests.saturating_sub(wrk.non_success);
@@ -275,7 +292,7 @@ fn summarise(
     }
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
+pub(crate) fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     match v.len() {
         0 => 0.0,
@@ -387,22 +404,24 @@ fn nginx_conf(
 
 /// What one wrk run reported.
 #[derive(Debug, Default, PartialEq)]
-struct WrkResult {
-    requests: u64,
-    seconds: f64,
-    requests_per_second: f64,
-    p99_ms: f64,
-    non_success: u64,
-    socket_errors: u64,
+pub(crate) struct WrkResult {
+    pub requests: u64,
+    pub seconds: f64,
+    pub requests_per_second: f64,
+    pub p99_ms: f64,
+    pub non_success: u64,
+    pub socket_errors: u64,
 }
 
-async fn run_wrk(
+pub(crate) async fn run_wrk(
     url: &str,
     connections: u32,
     seconds: u64,
     threads: usize,
+    headers: &[&str],
 ) -> anyhow::Result<WrkResult> {
     let output = tokio::process::Command::new("wrk")
+        .args(headers.iter().flat_map(|h| ["-H", h]))
         .arg(format!("-t{threads}"))
         .arg(format!("-c{connections}"))
         .arg(format!("-d{seconds}s"))

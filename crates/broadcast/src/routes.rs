@@ -55,8 +55,9 @@ pub fn router(app: App, chat: Option<Arc<streaming_chat::Chat>>) -> Router {
         .route("/api/cluster", get(cluster))
         .route(
             "/api/player",
-            axum::routing::post(crate::player::report)
-                .layer(DefaultBodyLimit::max(crate::player::MAX_REPORT_BYTES)),
+            axum::routing::post(crate::player::report).layer(DefaultBodyLimit::max(
+                streaming_core::player_report::MAX_REPORT_BYTES,
+            )),
         )
         .with_state(app.clone());
     let steering = crate::steering::router(app.bc.clone());

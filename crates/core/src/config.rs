@@ -72,6 +72,10 @@ pub struct HostConfig {
     pub etcd: Option<EtcdConfig>,
     /// Db hosts: Patroni's own configuration, passed through to its config file untouched.
     pub patroni: Option<serde_json::Value>,
+    /// Db hosts: pgBackRest's stanza, config file path and settings (`global` and
+    /// `stanza_options`, rendered as pgbackrest.conf's two sections).
+    #[serde(default)]
+    pub pgbackrest: Option<serde_json::Value>,
 }
 
 /// One etcd member as the runner (or the NixOS module) starts it.
@@ -358,8 +362,13 @@ impl Rendition {
     }
 }
 
+/// A host drained at run time: while this file exists in its state directory, the host reads
+/// its own entry as drained whatever the config says (a rolling upgrade of NixOS hosts creates
+/// it and reloads the service, so no config has to be redeployed; docs/deploy.md).
+pub const DRAIN_FLAG: &str = "draining";
+
 impl HostConfig {
-    /// Reads and validates a host config file.
+    /// Reads and validates a host config file (and the [`DRAIN_FLAG`] beside its state).
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
             path: path.to_owned(),
@@ -374,6 +383,13 @@ impl HostConfig {
             path: path.to_owned(),
             reason,
         })?;
+        let mut config = config;
+        if config.paths.state_dir.join(DRAIN_FLAG).exists() {
+            let name = config.name.clone();
+            if let Some(me) = config.cluster.hosts.iter_mut().find(|h| h.name == name) {
+                me.drain = true;
+            }
+        }
         Ok(config)
     }
 
@@ -535,6 +551,32 @@ pub fn is_safe_name(name: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_drain_flag_in_the_state_dir_drains_the_host_itself() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut json = crate::fixture::host_config(
+            "broadcast1",
+            vec![
+                crate::fixture::host("broadcast1", "broadcast", "127.0.0.1"),
+                crate::fixture::host("broadcast2", "broadcast", "127.0.0.2"),
+            ],
+        );
+        json["paths"]["state_dir"] = dir.path().to_str().unwrap().into();
+        for host in json["cluster"]["hosts"].as_array_mut().unwrap() {
+            host["uplink_mbps"] = 1000.into();
+        }
+        let file = dir.path().join("config.json");
+        std::fs::write(&file, json.to_string()).unwrap();
+        assert!(!HostConfig::load(&file).unwrap().me().drain);
+        std::fs::write(dir.path().join(DRAIN_FLAG), "").unwrap();
+        let drained = HostConfig::load(&file).unwrap();
+        assert!(drained.me().drain);
+        assert!(
+            !drained.cluster.host("broadcast2").unwrap().drain,
+            "only itself"
+        );
+    }
 
     #[test]
     fn primary_return_is_whole_slots() {

@@ -28,7 +28,7 @@ pub fn host_config(me: &str, hosts: Vec<Value>) -> Value {
             "hosts": hosts,
             "channels": [{"name": "test", "fps": 25, "preset": "ultrafast", "audio_kbps": 96,
                           "ladder": [{"name": "360p", "width": 640, "height": 360, "video_kbps": 800}]}],
-            "database": {"name": "streaming", "user": "streaming", "ttl": 10}
+            "database": {"name": "streaming", "user": "streaming", "ttl": 20}
         },
         "paths": {"state_dir": "/x", "log_dir": null, "tls_cert": "/x", "tls_key": "/x", "ca_cert": "/x",
                   "token_key": "/x", "cluster_key": "/x", "stream_keys_dir": "/x", "db_password": "/x",

@@ -14,6 +14,7 @@ pub mod lifecycle;
 pub mod news;
 pub mod ops_auth;
 pub mod patroni;
+pub mod player_report;
 pub mod process;
 pub mod rate_limit;
 pub mod secrets;

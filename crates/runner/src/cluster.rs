@@ -152,16 +152,23 @@ pub fn evaluate_production(
     generator: &Path,
     cluster_file: &Path,
 ) -> anyhow::Result<streaming_core::config::ClusterConfig> {
-    let configs = run_generator(
-        generator,
-        cluster_file,
-        &["--argstr".into(), "profile".into(), "production".into()],
-    )?;
-    configs
+    evaluate_production_configs(generator, cluster_file)?
         .into_values()
         .next()
         .map(|c| c.cluster)
         .context("the cluster file declares no host")
+}
+
+/// Every host's config as the production profile generates it (what NixOS hosts run).
+pub fn evaluate_production_configs(
+    generator: &Path,
+    cluster_file: &Path,
+) -> anyhow::Result<BTreeMap<String, HostConfig>> {
+    run_generator(
+        generator,
+        cluster_file,
+        &["--argstr".into(), "profile".into(), "production".into()],
+    )
 }
 
 fn run_generator(
@@ -455,6 +462,38 @@ mod tests {
             );
             assert_eq!(config.paths.ca_cert, state.path().join("tls/ca.crt"));
             assert!(config.paths.state_dir.starts_with(state.path()));
+        }
+        // Both db hosts archive into the one repository under the state dir, each through its
+        // own pgbackrest.conf, which names its own data directory and socket.
+        for db in ["db1", "db2"] {
+            let config = &configs[db];
+            let backup = crate::db::pgbackrest(config).unwrap();
+            assert_eq!(backup.repo_path, Some(state.path().join("backup/repo")));
+            let parameters = &config.patroni.as_ref().unwrap()["postgresql"]["parameters"];
+            assert_eq!(parameters["archive_mode"], "on");
+            assert_eq!(
+                parameters["archive_command"].as_str().unwrap(),
+                format!(
+                    "test ! -e {}/archive/{}/archive.info || pgbackrest --config={} --stanza={} \
+                     archive-push %p",
+                    state.path().join("backup/repo").display(),
+                    backup.stanza,
+                    backup.config_file.display(),
+                    backup.stanza
+                )
+            );
+            let data = config.paths.state_dir.join("pgdata");
+            assert!(backup.text.contains("[global]\n"), "{}", backup.text);
+            assert!(
+                backup.text.contains(&format!(
+                    "[{}]\npg1-path={}\n",
+                    backup.stanza,
+                    data.display()
+                )),
+                "{}",
+                backup.text
+            );
+            assert!(configs["lb1"].pgbackrest.is_none());
         }
         let source1 = &configs["source1"];
         assert_eq!(source1.me().address.to_string(), "127.80.5.1");

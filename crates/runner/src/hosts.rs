@@ -341,6 +341,30 @@ pub fn start_again(layout: &Layout, name: &str) -> anyhow::Result<String> {
     })
 }
 
+/// A rolling upgrade's restart: the host stops as `down` stops it (SIGTERM, in-flight requests
+/// finish within [`STOP_GRACE`]; a db host's Patroni shuts its PostgreSQL down cleanly) and
+/// starts again on the binaries there are now. What was done, for the operator.
+pub fn restart(layout: &Layout, name: &str) -> anyhow::Result<String> {
+    let config = layout.load_config(name)?;
+    let pid_file = layout.pid_file(name);
+    let stopped = if config.patroni.is_some() {
+        let pid = procs::live_pid(&pid_file, &layout.config_file(name));
+        let gone = db::stop_host(&config, pid, STOP_GRACE);
+        let _ = std::fs::remove_file(&pid_file);
+        (format!("{name}: stopped"), gone)
+    } else {
+        stop_one(layout, &pid_file, Some(&config))
+    };
+    if !stopped.1 {
+        bail!("{}: not started again", stopped.0);
+    }
+    Ok(match start_host(layout, &config)? {
+        Started::Fresh(pid) | Started::AlreadyUp(pid) => {
+            format!("{}; started pid {pid}", stopped.0)
+        }
+    })
+}
+
 /// The pid files of every host started from this state dir, with each host's config.
 fn started_hosts(layout: &Layout) -> Vec<(std::path::PathBuf, Option<HostConfig>)> {
     let Ok(entries) = std::fs::read_dir(layout.run_dir()) else {

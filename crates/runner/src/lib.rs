@@ -10,7 +10,8 @@
 //! - [`supervise`]: restarts a failed host service, as systemd would.
 //! - [`hosts`]: one host started, stopped, killed, hung, crashed or resumed; [`up`]: the whole
 //!   cluster started and waited for; [`topology`]: hosts added, drained and removed while it
-//!   runs; [`status`]: what every host is doing.
+//!   runs; [`status`]: what every host is doing; [`whole`]: whether every host is back;
+//!   [`upgrade`]: every host restarted in turn without viewers or chat noticing.
 //! - [`partition`]: network cuts between hosts (nftables).
 //! - [`db`]: the database role (etcd, Patroni, PostgreSQL) and who is primary.
 //! - [`probe`]: health, status and playback checks over HTTPS.
@@ -30,3 +31,5 @@ pub mod status;
 pub mod supervise;
 pub mod topology;
 pub mod up;
+pub mod upgrade;
+pub mod whole;

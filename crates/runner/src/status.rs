@@ -84,7 +84,7 @@ pub async fn collect(layout: &Layout) -> anyhow::Result<Vec<HostStatus>> {
     let token = ops_token(&configs);
     let checks = configs
         .iter()
-        .map(|config| host_status(layout, &client, config, token.as_deref()));
+        .map(|config| host_status(Some(layout), &client, config, token.as_deref()));
     let mut statuses: Vec<HostStatus> = futures::future::join_all(checks).await;
     let cuts = partition::active(layout);
     for s in &mut statuses {
@@ -93,15 +93,38 @@ pub async fn collect(layout: &Layout) -> anyhow::Result<Vec<HostStatus>> {
     Ok(statuses)
 }
 
+/// Every host's status seen from outside, over HTTPS only: hosts this machine did not start
+/// (NixOS hosts, for `streamctl upgrade --nixos`). No process is visible, so a host counts as
+/// up and its health says the rest; etcd members are not asked (they want a cluster
+/// certificate). `configs`' CA and ops token paths are this machine's files.
+pub async fn collect_remote(
+    configs: &[HostConfig],
+    client: &reqwest::Client,
+    token: Option<&str>,
+) -> Vec<HostStatus> {
+    let checks = configs
+        .iter()
+        .map(|config| host_status(None, client, config, token));
+    futures::future::join_all(checks).await
+}
+
+/// One host's status; `layout` is the local cluster's state dir (its processes and etcd
+/// members are then looked at too).
 async fn host_status(
-    layout: &Layout,
+    layout: Option<&Layout>,
     client: &reqwest::Client,
     config: &HostConfig,
     token: Option<&str>,
 ) -> HostStatus {
     let me = config.me();
-    let pid = procs::live_pid(&layout.pid_file(&me.name), &layout.config_file(&me.name));
-    let (process, service) = host_liveness(layout, &me.name, pid);
+    let (pid, process, service) = match layout {
+        Some(layout) => {
+            let pid = procs::live_pid(&layout.pid_file(&me.name), &layout.config_file(&me.name));
+            let (process, service) = host_liveness(layout, &me.name, pid);
+            (pid, process, service)
+        }
+        None => (None, Liveness::Running, None),
+    };
     let mut status = HostStatus {
         name: me.name.clone(),
         role: me.role,
@@ -124,7 +147,7 @@ async fn host_status(
         etcd: None,
         partitions: Vec::new(),
     };
-    if let Some(etcd) = &config.etcd {
+    if let Some(etcd) = config.etcd.as_ref().filter(|_| layout.is_some()) {
         status.etcd = Some(match db::etcd_client(config) {
             Ok(client) => match db::etcd_health(&client, etcd).await {
                 Ok(()) => "ok".into(),

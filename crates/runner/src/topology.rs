@@ -213,6 +213,16 @@ pub fn drain(
     Ok(report)
 }
 
+/// Takes a drained host back (the end of its turn in a rolling upgrade): off the drained list,
+/// every config rewritten and reloaded. Unlike [`add`], starts nothing.
+pub fn undrain(layout: &Layout, name: &str) -> anyhow::Result<TopologyReport> {
+    let mut drained = cluster::read_drained(layout)?;
+    if drained.remove(name) {
+        cluster::write_drained(layout, &drained)?;
+    }
+    sync(layout, None)
+}
+
 /// `streamctl sync`: re-read the cluster file, stop hosts no longer listed, reload the rest.
 pub fn sync(layout: &Layout, cluster: Option<&Path>) -> anyhow::Result<TopologyReport> {
     let source = cluster::Source::resolve(layout, cluster, None)?;

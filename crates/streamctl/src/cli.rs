@@ -53,6 +53,19 @@ pub enum Command {
     /// Re-read the cluster file (drained list applied): rewrite every config, SIGHUP every
     /// running host, and stop hosts whose entry was removed.
     Sync(SyncArgs),
+    /// Restart hosts one at a time on the build there is now, viewers and chat undisturbed:
+    /// db replica, sources, ingests, broadcasts (drained first), LBs, then the db primary after
+    /// a Patroni switchover; each waits until the cluster is whole again. Ctrl-C finishes the
+    /// host in hand and stops.
+    Upgrade(UpgradeArgs),
+    /// Base backup of the chat database with pgBackRest from the current primary (the stanza
+    /// is created on first use and WAL archiving checked), then what the repository holds
+    /// (docs/backup.md).
+    Backup(BackupArgs),
+    /// Point-in-time restore of the database: both db hosts' Patroni stopped, their data
+    /// directories moved aside (kept), one restored to --to, the old cluster's keys removed from
+    /// etcd, Patroni started again and the other db host re-cloned from the new primary.
+    Restore(RestoreArgs),
     /// Load and comparison benchmarks.
     Bench(BenchArgs),
     /// Capacity plan from the cluster file and the measured per-core figures: egress, room on
@@ -121,6 +134,9 @@ pub enum BenchKind {
     /// rounds: requests/s, Gbit/s, p99, and Gbit/s per core used (the sources and ingests are
     /// hung meanwhile, then resumed).
     Serve(streaming_bench::serve::ServeArgs),
+    /// One LB answering what every page asks it every 5 s (`/api/stats`) to wrk over HTTPS:
+    /// requests/s, p99, and requests/s per core used (the figure `streamctl plan` sizes LBs with).
+    Lb(streaming_bench::lb::LbArgs),
     /// Simulated viewers on one broadcast in growing steps until one stalls: stalls, segment
     /// fetch p50/p99, the broadcast's cores and memory per viewer, the generator's own cores.
     Viewers(streaming_bench::viewers::ViewersArgs),
@@ -180,6 +196,81 @@ pub struct DrainArgs {
     pub cluster: Option<PathBuf>,
     #[arg(long)]
     pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct BackupArgs {
+    /// full, diff or incr (pgBackRest makes a full backup when the repository has none).
+    #[arg(long = "type", default_value = "incr")]
+    pub kind: String,
+    /// Only make sure the stanza exists and archiving works: switch the WAL segment and wait
+    /// until it is archived (every commit before the call is then in the repository).
+    #[arg(long)]
+    pub archive_check: bool,
+    #[command(flatten)]
+    pub state: StateArg,
+    /// Print the report as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct RestoreArgs {
+    /// The point in time, as PostgreSQL reads a timestamp: "2026-12-03 08:30:00.123+00".
+    #[arg(long = "to")]
+    pub to: String,
+    /// The db host restored first, the new primary (default: the current primary, else the
+    /// first db host).
+    #[arg(long)]
+    pub host: Option<String>,
+    #[command(flatten)]
+    pub state: StateArg,
+    /// Print the report as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct UpgradeArgs {
+    /// Hosts to upgrade, in any order (the safe order is applied).
+    pub hosts: Vec<String>,
+    /// Every host of a role (repeatable): lb, broadcast, ingest, source, db.
+    #[arg(long = "role", value_parser = parse_role)]
+    pub roles: Vec<streaming_core::config::Role>,
+    /// Every host of the cluster.
+    #[arg(long)]
+    pub all: bool,
+    #[command(flatten)]
+    pub state: StateArg,
+    /// Seconds the cluster may take to be whole again after a host's restart.
+    #[arg(long, default_value_t = 120)]
+    pub ready_timeout: u64,
+    /// Seconds a drained broadcast's viewers get to move before it restarts anyway.
+    #[arg(long, default_value_t = 30)]
+    pub drain_timeout: u64,
+    /// Upgrade the NixOS hosts of a flake instead (what `nix run .#deploy` runs): deploy-rs
+    /// switches each host, ssh and HTTPS check it (docs/deploy.md).
+    #[arg(long, requires_all = ["flake", "ca", "ops_token_file"])]
+    pub nixos: bool,
+    /// The flake checkout whose cluster.nix and nixosConfigurations are deployed.
+    #[arg(long)]
+    pub flake: Option<PathBuf>,
+    /// PEM bundle trusting what the hosts serve: the cluster CA, plus public roots with ACME.
+    #[arg(long)]
+    pub ca: Option<PathBuf>,
+    /// File holding the ops token (the `metrics-token` secret) that `/status` asks for.
+    #[arg(long)]
+    pub ops_token_file: Option<PathBuf>,
+    /// Who ssh logs in as on the hosts (not root: needs passwordless sudo).
+    #[arg(long, default_value = "root")]
+    pub ssh_user: String,
+    #[arg(long)]
+    pub json: bool,
+}
+
+fn parse_role(text: &str) -> Result<streaming_core::config::Role, String> {
+    serde_json::from_value(serde_json::Value::String(text.to_owned()))
+        .map_err(|_| format!("unknown role {text} (lb, broadcast, ingest, source, db)"))
 }
 
 #[derive(Debug, Args)]

@@ -1426,6 +1426,15 @@ async fn publish_front(ctx: &Ctx) {
 // ---------------------------------------------------------------------------------------------
 // 9. The broadcasts' /steering proxy
 
+/// How many answers had each HTTP status (0: no answer).
+fn tally(answers: &[u16]) -> std::collections::BTreeMap<u16, usize> {
+    let mut by_status = std::collections::BTreeMap::new();
+    for a in answers {
+        *by_status.entry(*a).or_insert(0) += 1;
+    }
+    by_status
+}
+
 async fn steering_flood(ctx: &Ctx) {
     const ATTACK: &str = "steering-flood";
     let target = addr(2, 1, 8443);
@@ -1468,10 +1477,7 @@ async fn steering_flood(ctx: &Ctx) {
         .collect()
         .await;
     let took = started.elapsed();
-    let mut by_status: std::collections::BTreeMap<u16, usize> = Default::default();
-    for a in &answers {
-        *by_status.entry(*a).or_insert(0) += 1;
-    }
+    let by_status = tally(&answers);
     let mut asked_after = 0.0;
     for lb in lbs {
         asked_after += counter(&ctx.metrics_text(lb).await, "lb_steering_total");
@@ -1510,6 +1516,154 @@ async fn steering_flood(ctx: &Ctx) {
              200 KiB values, others odd or forged): answers {by_status:?} in {:.1} s; LB steering \
              requests during it: {asked}",
             took.as_secs_f64()
+        ),
+    );
+}
+
+/// The newest segment URL (relative to `{base}/live/test/`) of the first rendition the master
+/// playlist lists, fetched with `token`.
+async fn newest_segment(client: &reqwest::Client, base: &str, token: &str) -> Option<String> {
+    let get = |url: String| async move {
+        let r = client.get(url).send().await.ok()?;
+        r.status().is_success().then_some(())?;
+        r.text().await.ok()
+    };
+    let uri_lines = |text: String| -> Vec<String> {
+        text.lines()
+            .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+            .map(|l| l.split('?').next().unwrap_or(l).to_owned())
+            .collect()
+    };
+    let master = get(format!("{base}/live/test/master.m3u8?t={token}")).await?;
+    let media = uri_lines(master).into_iter().next()?;
+    let playlist = get(format!("{base}/live/test/{media}?t={token}")).await?;
+    let dir = media.rsplit_once('/').map_or("", |(d, _)| d);
+    let segment = uri_lines(playlist).pop()?;
+    Some(format!("{dir}/{segment}"))
+}
+
+/// Player reports (`POST /api/player`) from a token holder who also downloads a segment, so
+/// its reports are a viewer's: forged tokens, bodies too big, odd figures and a flood of
+/// "all stalled" reports. One token may move the stall figures by one player's worth at most.
+async fn player_reports(ctx: &Ctx) {
+    const ATTACK: &str = "player-reports";
+    let reporter = Ctx::client_from(&ctx.ca, Some(IpAddr::V4(attacker(11))));
+    let assigned: Value = match reporter
+        .get(format!(
+            "https://{}/api/assign?channel=test",
+            addr(1, 2, 8443)
+        ))
+        .send()
+        .await
+    {
+        Ok(r) => r.json().await.unwrap_or(Value::Null),
+        Err(_) => Value::Null,
+    };
+    let (Some(base), Some(token)) = (assigned["base_url"].as_str(), assigned["token"].as_str())
+    else {
+        ctx.check(
+            ATTACK,
+            false,
+            format!("an assign for the attack: {assigned}"),
+        );
+        return;
+    };
+    let Ok(target) = base.trim_start_matches("https://").parse::<SocketAddr>() else {
+        ctx.check(ATTACK, false, format!("a broadcast address in {base}"));
+        return;
+    };
+    // Only this attack reports (the watchers are no pages).
+    let host = match target.ip() {
+        IpAddr::V4(ip) => format!("broadcast{}", ip.octets()[3]),
+        IpAddr::V6(_) => unreachable!("the local cluster is on IPv4 loopback"),
+    };
+    let (pid, restarts) = (ctx.service_pid(&host), ctx.restarts(&host));
+    let stalls = |m: &str| counter(m, "broadcast_player_stall_milliseconds_total");
+    let stalled_before = stalls(&ctx.metrics_text(target).await);
+    let post = |t: String, body: String| {
+        let reporter = reporter.clone();
+        async move {
+            match reporter
+                .post(format!("{base}/api/player?t={t}"))
+                .body(body)
+                .send()
+                .await
+            {
+                Ok(r) => r.status().as_u16(),
+                Err(_) => 0,
+            }
+        }
+    };
+    let all_stalled = r#"{"watch_s":30,"stall_s":30,"latency_s":600}"#.to_owned();
+    // Before any download the token is no viewer's yet.
+    let not_viewer = post(token.to_owned(), all_stalled.clone()).await;
+    let segment = newest_segment(&reporter, base, token).await;
+    let fetched = match &segment {
+        Some(s) => match reporter
+            .get(format!("{base}/live/test/{s}?t={token}"))
+            .send()
+            .await
+        {
+            Ok(r) if r.status().is_success() => r.bytes().await.is_ok(),
+            _ => false,
+        },
+        None => false,
+    };
+    let started = Instant::now();
+    let huge = format!(
+        r#"{{"watch_s":1,"stall_s":1,"pad":"{}"}}"#,
+        "x".repeat(200 * 1024)
+    );
+    let requests: Vec<(String, String)> = (0..1000)
+        .map(|i| match i % 10 {
+            0 => (token.to_owned(), huge.clone()),
+            1 => (format!("{token}x"), all_stalled.clone()),
+            2 => (token.to_owned(), r#"{"watch_s":1e308,"stall_s":-1}"#.into()),
+            3 => (token.to_owned(), r#"{"watch_s":5,"stall_s":9}"#.into()),
+            4 => (token.to_owned(), "[[[[[[[[[[[[[[[[[[[[".repeat(50)),
+            5 => (
+                token.to_owned(),
+                r#"{"watch_s":5,"stall_s":1,"extra":1}"#.into(),
+            ),
+            _ => (token.to_owned(), all_stalled.clone()),
+        })
+        .collect();
+    let answers: Vec<u16> = futures::stream::iter(requests)
+        .map(|(t, body)| post(t, body))
+        .buffer_unordered(64)
+        .collect()
+        .await;
+    let took = started.elapsed();
+    let by_status = tally(&answers);
+    let stalled = stalls(&ctx.metrics_text(target).await) - stalled_before;
+    // One counted report per 5 s, 30 s of stall each at most.
+    let bound = 30_000.0 * ((took.as_secs_f64() / 5.0).ceil() + 1.0);
+    let counted = by_status.get(&204).copied().unwrap_or(0);
+    ctx.check(
+        ATTACK,
+        not_viewer == 429
+            && fetched
+            && (1..=(took.as_secs() / 5 + 2) as usize).contains(&counted)
+            && stalled <= bound
+            && [400, 403].iter().all(|s| by_status.contains_key(s))
+            // Too big: 413, or the connection closed before the client finished sending.
+            && (by_status.contains_key(&413) || by_status.contains_key(&0))
+            && !by_status.keys().any(|s| *s >= 500),
+        format!(
+            "before a download: {not_viewer}; a segment fetched: {fetched}; 1000 reports in \
+             {:.1} s: answers {by_status:?}; stall ms counted {stalled} (at most {bound})",
+            took.as_secs_f64()
+        ),
+    );
+    ctx.same_or_restarted(ATTACK, &host, pid, restarts);
+    ctx.figures(
+        ATTACK,
+        format!(
+            "1000 player reports from one viewer's token, 64 at a time (a tenth of 200 KiB, \
+             a tenth forged, others odd or all-stalled): answers {by_status:?} in {:.1} s; \
+             stall seconds counted {:.0}",
+            took.as_secs_f64(),
+            stalled / 1000.0
         ),
     );
 }
@@ -1564,6 +1718,7 @@ fn hostile_clients_cost_viewers_nothing() {
             async {
                 publish_front(&ctx).await;
                 steering_flood(&ctx).await;
+                player_reports(&ctx).await;
             },
         );
         let (published, why) = ctx.legit_publish(4).await;

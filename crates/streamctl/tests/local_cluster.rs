@@ -482,6 +482,17 @@ fn local_cluster_streams_end_to_end() {
         );
     }
     assert_eq!(serve["rounds"].as_array().unwrap().len(), 2, "{serve:#}");
+    let lb = json_of(&run(streamctl()
+        .args(["bench", "lb", "--rounds", "1", "--seconds", "2"])
+        .args(["--connections", "20", "--json", "--state"])
+        .arg(&state)));
+    let lb_round = &lb["rounds"][0];
+    assert!(
+        lb_round["requests_per_second"].as_f64().unwrap() > 0.0
+            && lb_round["errors"] == 0
+            && lb["requests_per_second_per_core"].as_f64().unwrap() > 0.0,
+        "bench lb: {lb:#}"
+    );
     let viewers = json_of(&run(streamctl()
         .args([
             "bench",

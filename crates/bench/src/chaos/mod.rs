@@ -295,7 +295,9 @@ pub async fn bench(
     let mut rows = Vec::new();
     let mut stopped = None;
     for step in &plan {
-        if let Err(missing) = crate::whole::wait_whole(&args.state, &[], WHOLE_LIMIT).await {
+        if let Err(missing) =
+            streaming_runner::whole::wait_whole(&args.state, &[], WHOLE_LIMIT).await
+        {
             stopped = Some(format!(
                 "not whole within {} s before step {}: {missing}",
                 WHOLE_LIMIT.as_secs(),
@@ -404,7 +406,7 @@ async fn run_step(ctx: &StepContext, step: &Step) -> anyhow::Result<StepRow> {
     let mut row = StepRow::default();
     let planned = plan(ctx, step, &mut row).await?;
     play(&args.state, planned, &mut row).await?;
-    let whole = crate::whole::wait_whole(&args.state, &[], WHOLE_LIMIT).await;
+    let whole = streaming_runner::whole::wait_whole(&args.state, &[], WHOLE_LIMIT).await;
     let _ = primaries_stop.send(true);
     let max_primaries = primaries.await.context("primary poll task")?;
 

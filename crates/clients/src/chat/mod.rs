@@ -93,6 +93,10 @@ pub struct ChatArgs {
     /// Print one JSON object instead of text.
     #[arg(long)]
     pub json: bool,
+    /// Also write every acked message (user, client id, seq) and the run's account prefix to
+    /// this file as JSON, for checks against the database (the restore drill).
+    #[arg(long)]
+    pub acked: Option<PathBuf>,
 }
 
 /// Where the load goes.
@@ -212,6 +216,16 @@ pub async fn run(args: ChatArgs) -> anyhow::Result<()> {
         live: Arc::new(Live::default()),
     })
     .await?;
+    if let Some(path) = &args.acked {
+        let acked: Vec<serde_json::Value> = outcome
+            .acked
+            .iter()
+            .map(|m| serde_json::json!({"user": m.user, "id": m.id, "seq": m.seq}))
+            .collect();
+        let doc = serde_json::json!({"user_prefix": outcome.user_prefix, "acked": acked});
+        std::fs::write(path, serde_json::to_vec_pretty(&doc)?)
+            .with_context(|| format!("write {}", path.display()))?;
+    }
     if args.json {
         println!("{}", serde_json::to_string_pretty(&outcome.report)?);
     } else {

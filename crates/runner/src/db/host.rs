@@ -17,8 +17,8 @@ use streaming_core::secrets::read_secret;
 
 use super::{
     MAX_SOCKET_PATH, PATRONI, PG_OS_USER, PYTHON, RESTAPI_USER, app_password_copy, db_tls_files,
-    etcd_args, etcd_log_file, patroni_file, patroni_settings, pg_bin_dir, pg_dirs,
-    post_bootstrap_file, post_bootstrap_script,
+    etcd_args, etcd_log_file, patroni_file, patroni_hold_file, patroni_settings, pg_bin_dir,
+    pg_dirs, pgbackrest, post_bootstrap_file, post_bootstrap_script,
 };
 use crate::cluster::Layout;
 use crate::files::write_file;
@@ -76,7 +76,7 @@ pub fn open_ancestors(dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
     Ok(changed)
 }
 
-fn own_dir(dir: &Path, user: Option<OsUser>, mode: u32) -> anyhow::Result<()> {
+pub(super) fn own_dir(dir: &Path, user: Option<OsUser>, mode: u32) -> anyhow::Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
     if let Some(user) = user {
         std::os::unix::fs::chown(dir, Some(user.uid), Some(user.gid))
@@ -142,6 +142,9 @@ pub fn prepare_host(config: &HostConfig) -> anyhow::Result<Vec<PathBuf>> {
         }
         write_owned(&copy, &bytes, user, 0o600)?;
     }
+    if config.pgbackrest.is_some() {
+        prepare_pgbackrest(config, user)?;
+    }
     let password = read_secret(&config.paths.db_password)?;
     write_owned(&app_password_copy(config), password.as_bytes(), user, 0o600)?;
     let database = &config.cluster.database;
@@ -155,6 +158,27 @@ pub fn prepare_host(config: &HostConfig) -> anyhow::Result<Vec<PathBuf>> {
         0o600,
     )?;
     Ok(opened)
+}
+
+/// pgBackRest's config file and directories; the repository, shared by the db hosts' postgres
+/// user, is created once and keeps its contents.
+fn prepare_pgbackrest(config: &HostConfig, user: OsUser) -> anyhow::Result<()> {
+    let settings = pgbackrest(config)?;
+    for dir in &settings.own_dirs {
+        if let Some(parent) = dir.parent() {
+            own_dir(parent, Some(user), 0o700)?;
+        }
+        own_dir(dir, Some(user), 0o700)?;
+    }
+    if let Some(repo) = &settings.repo_path {
+        if let Some(parent) = repo.parent() {
+            std::fs::create_dir_all(parent)
+                .with_context(|| format!("create {}", parent.display()))?;
+            open_ancestors(repo)?;
+        }
+        own_dir(repo, Some(user), 0o750)?;
+    }
+    write_owned(&settings.config_file, settings.text.as_bytes(), user, 0o600)
 }
 
 /// Starts a db host: its files, then the `streamctl db-host` supervisor as the leader of the
@@ -283,6 +307,10 @@ pub fn run_host(config_file: &Path) -> anyhow::Result<()> {
         children.insert(pid, "etcd");
     }
     let spawn_patroni = |children: &mut BTreeMap<i32, &str>| -> anyhow::Result<()> {
+        if patroni_hold_file(&config).exists() {
+            println!("{name}: Patroni held (restore in progress), etcd only");
+            return Ok(());
+        }
         let child = patroni_command(&config)?
             .spawn()
             .with_context(|| format!("{name}: start Patroni"))?;

@@ -29,8 +29,8 @@ pub const PG_OS_USER: &str = "postgres";
 /// Patroni from PyPI in a venv over Debian's python3 (whose psycopg2 it uses), installed by
 /// scripts/setup-debian.sh. Debian 12's own patroni 3.0.2 can take the leader key back after
 /// a hang longer than the ttl and demote the new primary, losing acknowledged commits
-/// (patroni/patroni#2689, fixed in 3.0.3). Pinned to 3.0.4: from 3.1 on, a ttl under 20 s is
-/// raised to 20 s.
+/// (patroni/patroni#2689, fixed in 3.0.3). Pinned to the version nixpkgs ships (4.1.0), so the
+/// local cluster fails over as NixOS hosts do; from 3.1 on the least ttl is 20 s.
 pub const PYTHON: &str = "/opt/streaming-cluster/patroni/bin/python3";
 pub const PATRONI: &str = "/opt/streaming-cluster/patroni/bin/patroni";
 /// Server binaries when `STREAMCTL_PG_BIN_DIR` is unset (else the newest installed version).
@@ -62,8 +62,10 @@ const HOST_COMMANDS: &[&str] = &[
     "initdb",
     "psql",
     "setpriv",
+    "pgbackrest",
 ];
 
+mod backup;
 mod host;
 mod readiness;
 mod rest;
@@ -71,6 +73,7 @@ mod settings;
 mod signals;
 mod sql;
 
+pub use backup::*;
 pub use host::*;
 pub use readiness::*;
 pub use rest::*;

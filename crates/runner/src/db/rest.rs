@@ -68,6 +68,52 @@ pub fn rest_client(config: &HostConfig) -> anyhow::Result<Patroni> {
 /// An HTTPS client for etcd, which refuses clients without a certificate from the cluster CA:
 /// it shows the host's own.
 pub fn etcd_client(config: &HostConfig) -> anyhow::Result<reqwest::Client> {
+    identity_client(config, REST_TIMEOUT)
+}
+
+/// `POST /switchover` to the primary: Patroni stops it, lets `candidate` (a synchronous
+/// standby) catch up and promotes it, then restarts the old primary as its replica, without a
+/// single acknowledged commit lost; it answers once done. A request that changes state needs
+/// a certificate of the cluster CA and the REST credentials, which `config` (a db host's)
+/// holds.
+pub async fn switchover(
+    config: &HostConfig,
+    primary: &HostEntry,
+    candidate: &str,
+) -> anyhow::Result<String> {
+    // Patroni checks, stops, waits for the candidate and promotes it before answering.
+    let client = identity_client(config, SWITCHOVER_TIMEOUT)?;
+    let password = streaming_core::secrets::read_secret(&config.paths.db_superuser_password)?;
+    let response = client
+        .post(format!("{}/switchover", rest_url(primary)))
+        .basic_auth(super::RESTAPI_USER, Some(password))
+        .json(&serde_json::json!({"leader": primary.name, "candidate": candidate}))
+        .send()
+        .await
+        .map_err(|e| anyhow::anyhow!("{}", PatroniError::from(e)))
+        .with_context(|| format!("switchover request to {}", primary.name))?;
+    let status = response.status();
+    let body = read_limited(response, MAX_REST_BYTES)
+        .await
+        .map(|b| String::from_utf8_lossy(&b).trim().to_owned())
+        .unwrap_or_default();
+    if !status.is_success() {
+        anyhow::bail!(
+            "{} refused the switchover to {candidate}: HTTP {status} {body}",
+            primary.name
+        );
+    }
+    Ok(body)
+}
+
+/// Patroni answers a switchover once the candidate is promoted: seconds, not milliseconds.
+const SWITCHOVER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// A client showing this host's certificate and key (etcd, Patroni's state-changing requests).
+fn identity_client(
+    config: &HostConfig,
+    timeout: std::time::Duration,
+) -> anyhow::Result<reqwest::Client> {
     let paths = &config.paths;
     let mut pem = std::fs::read(&paths.tls_cert)
         .with_context(|| format!("read {}", paths.tls_cert.display()))?;
@@ -77,7 +123,7 @@ pub fn etcd_client(config: &HostConfig) -> anyhow::Result<reqwest::Client> {
     );
     let identity = reqwest::Identity::from_pem(&pem)
         .with_context(|| format!("{} + {}", paths.tls_cert.display(), paths.tls_key.display()))?;
-    Ok(cluster_client_builder(&paths.ca_cert, REST_TIMEOUT)?
+    Ok(cluster_client_builder(&paths.ca_cert, timeout)?
         .https_only(true)
         .identity(identity)
         .build()?)

@@ -49,6 +49,67 @@ pub fn db_tls_files(config: &HostConfig) -> anyhow::Result<Vec<(PathBuf, PathBuf
     .collect()
 }
 
+/// While this file exists the host's supervisor does not start Patroni (etcd only): `restore`
+/// holds both db hosts so while it rebuilds the data directory and clears the DCS.
+pub fn patroni_hold_file(config: &HostConfig) -> PathBuf {
+    config.paths.state_dir.join("patroni.hold")
+}
+
+/// pgBackRest's settings of a db host (the generator's `pgbackrest` section).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Pgbackrest {
+    pub stanza: String,
+    pub config_file: PathBuf,
+    /// The repository (`repo1-path`), when it is a directory.
+    pub repo_path: Option<PathBuf>,
+    /// Directories pgBackRest writes (lock, log, spool): the postgres user's.
+    pub own_dirs: Vec<PathBuf>,
+    /// pgbackrest.conf's text.
+    pub text: String,
+}
+
+pub fn pgbackrest(config: &HostConfig) -> anyhow::Result<Pgbackrest> {
+    let section = config
+        .pgbackrest
+        .as_ref()
+        .with_context(|| format!("{} has no pgbackrest section", config.name))?;
+    let field = |key: &str| {
+        section[key]
+            .as_str()
+            .map(str::to_owned)
+            .with_context(|| format!("{}: pgbackrest.{key} is missing", config.name))
+    };
+    let stanza = field("stanza")?;
+    let render = |object: &Value| -> String {
+        object
+            .as_object()
+            .into_iter()
+            .flatten()
+            .map(|(k, v)| match v {
+                Value::String(s) => format!("{k}={s}\n"),
+                other => format!("{k}={other}\n"),
+            })
+            .collect()
+    };
+    let global = &section["global"];
+    let text = format!(
+        "# Written by streamctl from the generator's pgbackrest section.\n[global]\n{}\n[{stanza}]\n{}",
+        render(global),
+        render(&section["stanza_options"])
+    );
+    let own_dirs = ["lock-path", "log-path", "spool-path"]
+        .into_iter()
+        .filter_map(|k| global[k].as_str().map(PathBuf::from))
+        .collect();
+    Ok(Pgbackrest {
+        stanza,
+        config_file: field("config_file")?.into(),
+        repo_path: global["repo1-path"].as_str().map(PathBuf::from),
+        own_dirs,
+        text,
+    })
+}
+
 /// etcd's own output (verbose JSON lines), beside the host's `.out` file.
 pub fn etcd_log_file(config: &HostConfig) -> PathBuf {
     let dir = config

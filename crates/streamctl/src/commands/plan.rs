@@ -209,9 +209,11 @@ fn print_ingests_and_lbs(p: &Plan) {
         }
     );
 
-    println!("\nLBs (every open page asks one LB for the viewer count every 5 s)");
     println!(
-        "  one LB alone: {:.0} requests/s, {}{}; with one down: {}",
+        "\nLBs (every open page asks one LB for the viewer count every 5 s; cores at a TLS handshake per request)"
+    );
+    println!(
+        "  one LB alone: {:.0} requests/s, {} cores{}; with one down: {}",
         p.lbs.requests_per_second,
         cores(p.lbs.cores_each),
         short(&p.lbs.short_of_cores),
