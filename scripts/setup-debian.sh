@@ -33,9 +33,11 @@ command -v nft >/dev/null || [ -x /usr/sbin/nft ] || need+=(nftables)
 # `streamctl up --monitoring` runs the Prometheus server itself; its own service is stopped and
 # disabled below.
 command -v promtool >/dev/null || need+=(prometheus)
-# `streamctl bench serve` measures a broadcast against nginx with wrk.
+# `streamctl bench serve` measures a broadcast against nginx with wrk (HTTP/1.1) and h2load
+# (HTTP/2).
 command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || need+=(nginx-light)
 command -v wrk >/dev/null || need+=(wrk)
+command -v h2load >/dev/null || need+=(nghttp2-client)
 # `streamctl bench ingest` runs the original pipeline: nginx-rtmp and its exec'ed ffmpeg.
 [ -f /usr/lib/nginx/modules/ngx_rtmp_module.so ] || need+=(libnginx-mod-rtmp)
 

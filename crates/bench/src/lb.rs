@@ -19,7 +19,8 @@ use streaming_core::config::Role;
 use streaming_runner::cluster::Layout;
 use streaming_runner::procs;
 
-use crate::serve::{hang_transcoders, median, resume, run_wrk};
+use crate::http_load::run_wrk;
+use crate::serve::{hang_transcoders, median, resume};
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct LbArgs {

@@ -4,7 +4,8 @@
 //! - [`failover`]: the failover matrix, one fault (or pair) per row.
 //! - [`chat_failover`]: chat durability while the database primary fails.
 //! - [`chaos`]: a random fault schedule from a seed.
-//! - [`serve`]: one broadcast against nginx serving the same segment.
+//! - [`serve`]: one broadcast against nginx serving the same segment ([`http_load`]: the
+//!   HTTP/1.1 and HTTP/2 clients it and [`lb`] drive).
 //! - [`lb`]: `/api/stats` requests per second per core one LB uses.
 //! - [`viewers`]: how many simulated viewers one broadcast holds, and their cost.
 //! - [`ingest`]: our ingest against the original nginx-rtmp + `exec ffmpeg` pipeline: cores
@@ -19,6 +20,7 @@ pub mod chat_failover;
 pub mod database;
 pub mod failover;
 pub mod faults;
+pub mod http_load;
 pub mod ingest;
 pub mod lb;
 pub mod obs_publisher;

@@ -1,14 +1,15 @@
 //! `streamctl bench serve`: one broadcast against nginx serving the same segment bytes.
 //!
 //! Against a running local cluster: the bench signs a viewer token for the broadcast (with the
-//! cluster's token key, as an LB would), takes the newest segment of a rendition from it, and
-//! writes those bytes under an nginx root at the same path. nginx (Debian's, `worker_processes`
-//! = cores, TLS 1.3 only, the broadcast's own certificate, sendfile, no access log: how an
-//! nginx edge is usually set up) listens beside the broadcast. Then wrk asks each server for
-//! that segment over HTTPS with the same connections for the same time, in alternating rounds,
-//! broadcast first. The sources and ingests are hung meanwhile (their transcoders would take
-//! the cores the servers compete for; the broadcast keeps its window of segments) and resumed
-//! at the end, whatever happens.
+//! cluster's token key, as an LB would), takes a segment of a rendition from it (the largest of
+//! the newest five: not a slate), and writes those bytes under an nginx root at the same path.
+//! nginx (Debian's, `worker_processes` = cores, TLS 1.3 only, the broadcast's own certificate,
+//! sendfile, no access log: how an nginx edge is usually set up, HTTP/2 offered as the
+//! broadcast offers it) listens beside the broadcast. Then one client (wrk for HTTP/1.1, h2load
+//! for HTTP/2: `--protocol`) asks each server for that segment over HTTPS with the same
+//! connections for the same time, in alternating rounds, broadcast first. The sources and
+//! ingests are hung meanwhile (their transcoders would take the cores the servers compete for;
+//! the broadcast keeps its window of segments) and resumed at the end, whatever happens.
 //!
 //! Each round gives requests per second, Gbit/s, the 99th percentile of the request time and
 //! the CPU the server used (its whole process group, from /proc): Gbit/s per core of the
@@ -30,6 +31,7 @@ use streaming_runner::hosts::Blow;
 use streaming_runner::procs;
 
 use crate::faults;
+use crate::http_load::{self, Protocol};
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct ServeArgs {
@@ -42,6 +44,9 @@ pub struct ServeArgs {
     /// The rendition whose segment is served [default: the channel's top one].
     #[arg(long)]
     pub rendition: Option<String>,
+    /// The protocol the client speaks: HTTP/1.1 (wrk) or HTTP/2 (h2load), what browsers use.
+    #[arg(long, value_enum, default_value = "http1")]
+    pub protocol: Protocol,
     /// Open connections, each asking for the segment again as soon as it has it.
     #[arg(long, default_value_t = 200)]
     pub connections: u32,
@@ -66,6 +71,7 @@ pub struct ServeArgs {
 pub struct ServeReport {
     pub broadcast: String,
     pub rendition: String,
+    pub protocol: Protocol,
     pub segment_bytes: usize,
     pub connections: u32,
     pub seconds: u64,
@@ -93,10 +99,12 @@ pub struct ServeRound {
 
 /// Runs the bench and prints (or writes) its report.
 pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
-    for tool in ["wrk", "nginx"] {
-        streaming_runner::procs::which(tool).with_context(|| {
-            format!("{tool} is needed (Debian: apt-get install -y wrk nginx-light)")
-        })?;
+    for (tool, package) in [
+        (args.protocol.tool(), args.protocol.package()),
+        ("nginx", "nginx-light"),
+    ] {
+        procs::which(tool)
+            .with_context(|| format!("{tool} is needed (Debian: apt-get install -y {package})"))?;
     }
     let layout = Layout::new(&args.state)?;
     let configs = layout.load_configs()?;
@@ -140,16 +148,15 @@ pub(crate) async fn hang_transcoders(
     Ok(hung)
 }
 
-/// Resumes the hosts [`hang_transcoders`] hung; a host that cannot be resumed is logged.
+/// Resumes the hosts [`hang_transcoders`] hung, and waits until the cluster has settled.
 pub(crate) async fn resume(state: &Path, hosts: &[String]) {
-    for host in hosts {
-        if let Err(e) = faults::start(state, host).await {
-            tracing::warn!(%host, "cannot resume: {e:#}");
-        }
-    }
+    faults::resume_settled(state, hosts).await;
 }
 
 /// The segment both servers serve: its URL path on the broadcast, its bytes and the token.
+/// How many of the window's newest segments the served one is the largest of.
+const LARGEST_OF: usize = 5;
+
 struct Segment {
     rendition: String,
     path: String,
@@ -189,20 +196,31 @@ async fn fetch_segment(config: &HostConfig, rendition: Option<&str>) -> anyhow::
         .context("media playlist")?
         .text()
         .await?;
-    let newest = playlist
+    // The window may hold slate segments (after a restart, or the hang of an earlier bench),
+    // a fraction of a live one's size: the largest of the newest few is a live segment.
+    let listed: Vec<&str> = playlist
         .lines()
-        .rfind(|l| !l.starts_with('#') && !l.trim().is_empty())
-        .context("the media playlist lists no segment yet: is the cluster live?")?;
-    let file = newest.split('?').next().unwrap_or(newest).to_owned();
-    let bytes = client
-        .get(format!("{base}/{file}?t={token}"))
-        .send()
-        .await?
-        .error_for_status()
-        .context("segment")?
-        .bytes()
-        .await?
-        .to_vec();
+        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+        .collect();
+    if listed.is_empty() {
+        bail!("the media playlist lists no segment yet: is the cluster live?");
+    }
+    let mut fetched = Vec::new();
+    for line in listed.iter().rev().take(LARGEST_OF) {
+        let file = line.split('?').next().unwrap_or(line).to_owned();
+        let bytes = client
+            .get(format!("{base}/{file}?t={token}"))
+            .send()
+            .await?
+            .error_for_status()
+            .context("segment")?
+            .bytes()
+            .await?
+            .to_vec();
+        fetched.push((file, bytes));
+    }
+    fetched.sort_by_key(|(_, bytes)| bytes.len());
+    let (file, bytes) = fetched.pop().context("no segment fetched")?;
     Ok(Segment {
         path: format!("/live/{}/{rendition}/{file}", channel.name),
         rendition,
@@ -236,17 +254,26 @@ async fn measure(
         ] {
             let cpu0 = procs::group_cpu_seconds(pgid);
             let t0 = Instant::now();
-            let wrk = run_wrk(url, args.connections, args.seconds, cores, &[]).await?;
+            let load = http_load::run(
+                args.protocol,
+                url,
+                args.connections,
+                args.seconds,
+                cores,
+                work,
+            )
+            .await?;
             let cpu = procs::group_cpu_seconds(pgid) - cpu0;
             let wall = t0.elapsed().as_secs_f64();
-            let ok = wrk.requests.saturating_sub(wrk.non_success);
+            let ok = load.requests.saturating_sub(load.non_success);
+            let ok_per_second = load.requests_per_second * ok as f64 / load.requests.max(1) as f64;
             rounds.push(ServeRound {
                 round,
                 server: server.to_owned(),
-                requests_per_second: wrk.requests_per_second,
-                gbps: ok as f64 * segment.bytes.len() as f64 * 8.0 / wrk.seconds / 1e9,
-                p99_ms: wrk.p99_ms,
-                errors: wrk.non_success + wrk.socket_errors,
+                requests_per_second: load.requests_per_second,
+                gbps: ok_per_second * segment.bytes.len() as f64 * 8.0 / 1e9,
+                p99_ms: load.p99_ms,
+                errors: load.non_success + load.socket_errors,
                 server_cores: cpu / wall,
             });
         }
@@ -281,6 +308,7 @@ fn summarise(
     ServeReport {
         broadcast: config.name.clone(),
         rendition: segment.rendition.clone(),
+        protocol: args.protocol,
         segment_bytes: segment.bytes.len(),
         connections: args.connections,
         seconds: args.seconds,
@@ -393,94 +421,13 @@ fn nginx_conf(
            keepalive_timeout 60;\n  client_body_temp_path {w}/body;\n  proxy_temp_path {w}/proxy;\n\
            fastcgi_temp_path {w}/fastcgi;\n  uwsgi_temp_path {w}/uwsgi;\n  scgi_temp_path {w}/scgi;\n\
            types {{ video/mp4 m4s; }}\n\
-           server {{\n    listen {addr} ssl;\n    ssl_protocols TLSv1.3;\n\
+           server {{\n    listen {addr} ssl http2;\n    ssl_protocols TLSv1.3;\n\
              ssl_certificate {};\n    ssl_certificate_key {};\n    root {};\n\
              add_header Cache-Control \"private, max-age=24\";\n  }}\n}}\n",
         config.paths.tls_cert.display(),
         config.paths.tls_key.display(),
         root.display(),
     )
-}
-
-/// What one wrk run reported.
-#[derive(Debug, Default, PartialEq)]
-pub(crate) struct WrkResult {
-    pub requests: u64,
-    pub seconds: f64,
-    pub requests_per_second: f64,
-    pub p99_ms: f64,
-    pub non_success: u64,
-    pub socket_errors: u64,
-}
-
-pub(crate) async fn run_wrk(
-    url: &str,
-    connections: u32,
-    seconds: u64,
-    threads: usize,
-    headers: &[&str],
-) -> anyhow::Result<WrkResult> {
-    let output = tokio::process::Command::new("wrk")
-        .args(headers.iter().flat_map(|h| ["-H", h]))
-        .arg(format!("-t{threads}"))
-        .arg(format!("-c{connections}"))
-        .arg(format!("-d{seconds}s"))
-        .arg("--latency")
-        .arg(url)
-        .kill_on_drop(true)
-        .output()
-        .await
-        .context("cannot run wrk")?;
-    let text = String::from_utf8_lossy(&output.stdout);
-    if !output.status.success() {
-        bail!(
-            "wrk failed: {text}{}",
-            String::from_utf8_lossy(&output.stderr)
-        );
-    }
-    parse_wrk(&text).with_context(|| format!("cannot read wrk's report:\n{text}"))
-}
-
-fn parse_wrk(text: &str) -> Option<WrkResult> {
-    let mut r = WrkResult::default();
-    for line in text.lines().map(str::trim) {
-        let words: Vec<&str> = line.split_whitespace().collect();
-        match words.as_slice() {
-            [n, "requests", "in", secs, ..] => {
-                r.requests = n.parse().ok()?;
-                r.seconds = secs
-                    .trim_end_matches(',')
-                    .trim_end_matches('s')
-                    .parse()
-                    .ok()?;
-            }
-            ["Requests/sec:", v] => r.requests_per_second = v.parse().ok()?,
-            ["99%", v] => r.p99_ms = duration_ms(v)?,
-            ["Non-2xx", "or", "3xx", "responses:", n] => r.non_success = n.parse().ok()?,
-            ["Socket", "errors:", rest @ ..] => {
-                r.socket_errors = rest
-                    .iter()
-                    .filter_map(|w| w.trim_end_matches(',').parse::<u64>().ok())
-                    .sum();
-            }
-            _ => {}
-        }
-    }
-    (r.seconds > 0.0).then_some(r)
-}
-
-/// wrk's durations: `850.00us`, `12.34ms`, `1.02s`, `2.00m`.
-fn duration_ms(v: &str) -> Option<f64> {
-    let split = v.find(|c: char| c.is_ascii_alphabetic())?;
-    let (n, unit) = v.split_at(split);
-    let n: f64 = n.parse().ok()?;
-    Some(match unit {
-        "us" => n / 1000.0,
-        "ms" => n,
-        "s" => n * 1000.0,
-        "m" => n * 60_000.0,
-        _ => return None,
-    })
 }
 
 fn tempdir() -> anyhow::Result<PathBuf> {
@@ -493,13 +440,15 @@ fn markdown(r: &ServeReport) -> String {
     let mut s = String::new();
     let _ = writeln!(
         s,
-        "{} ({} rendition, one {:.2} MB segment), {} connections, {} s per round, {} cores shared with wrk\n",
+        "{} ({} rendition, one {:.2} MB segment), {}, {} connections, {} s per round, {} cores shared with {}\n",
         r.broadcast,
         r.rendition,
         r.segment_bytes as f64 / 1e6,
+        r.protocol.label(),
         r.connections,
         r.seconds,
-        r.cores
+        r.cores,
+        r.protocol.tool()
     );
     let _ = writeln!(
         s,
@@ -534,40 +483,6 @@ fn markdown(r: &ServeReport) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn wrk_reports_are_read() {
-        let text = "Running 10s test @ https://127.75.2.1:8443/live/test/360p/1.m4s?t=x
-  2 threads and 200 connections
-  Thread Stats   Avg      Stdev     Max   +/- Stdev
-    Latency   120.50ms   30.20ms   1.20s    80.00%
-    Req/Sec   830.10    100.20     1.00k    70.00%
-  Latency Distribution
-     50%  110.00ms
-     75%  130.00ms
-     90%  160.00ms
-     99%    1.02s
-  16602 requests in 10.01s, 9.10GB read
-  Socket errors: connect 0, read 2, write 0, timeout 3
-  Non-2xx or 3xx responses: 4
-Requests/sec:   1658.54
-Transfer/sec:    930.90MB
-";
-        assert_eq!(
-            parse_wrk(text),
-            Some(WrkResult {
-                requests: 16602,
-                seconds: 10.01,
-                requests_per_second: 1658.54,
-                p99_ms: 1020.0,
-                non_success: 4,
-                socket_errors: 5,
-            })
-        );
-        assert_eq!(parse_wrk("garbage"), None);
-        assert_eq!(duration_ms("850.00us"), Some(0.85));
-        assert_eq!(duration_ms("2.00m"), Some(120_000.0));
-    }
 
     #[test]
     fn medians() {

@@ -118,11 +118,7 @@ pub async fn run(args: ViewersArgs) -> anyhow::Result<()> {
         faults::kill(&args.state, host, Blow::Hang).await?;
     }
     let result = steps(&args, &rendition, pgid).await;
-    for host in &backups {
-        if let Err(e) = faults::start(&args.state, host).await {
-            tracing::warn!(%host, "cannot resume: {e:#}");
-        }
-    }
+    faults::resume_settled(&args.state, &backups).await;
     let steps = result?;
     let table = markdown(&args, &rendition, &steps);
     crate::output::emit(args.out.as_deref(), args.json, &table, &steps)

@@ -152,7 +152,7 @@ pub async fn upgrade<F: Fleet>(
 
 /// Seconds until the cluster may lose its next host (`host`, just replaced, checked by the
 /// fleet too), or what was still missing at `limit`.
-async fn wait_ready<F: Fleet>(
+pub async fn wait_ready<F: Fleet>(
     fleet: &F,
     host: Option<&str>,
     limit: Duration,
