@@ -80,24 +80,14 @@ pub(crate) async fn run_wrk(
     threads: usize,
     headers: &[&str],
 ) -> anyhow::Result<LoadResult> {
-    let output = tokio::process::Command::new("wrk")
-        .args(headers.iter().flat_map(|h| ["-H", h]))
+    let mut wrk = tokio::process::Command::new("wrk");
+    wrk.args(headers.iter().flat_map(|h| ["-H", h]))
         .arg(format!("-t{threads}"))
         .arg(format!("-c{connections}"))
         .arg(format!("-d{seconds}s"))
         .arg("--latency")
-        .arg(url)
-        .kill_on_drop(true)
-        .output()
-        .await
-        .context("cannot run wrk")?;
-    let text = String::from_utf8_lossy(&output.stdout);
-    if !output.status.success() {
-        bail!(
-            "wrk failed: {text}{}",
-            String::from_utf8_lossy(&output.stderr)
-        );
-    }
+        .arg(url);
+    let text = report_of(wrk, "wrk").await?;
     parse_wrk(&text).with_context(|| format!("cannot read wrk's report:\n{text}"))
 }
 
@@ -109,7 +99,8 @@ async fn run_h2load(
     work: &Path,
 ) -> anyhow::Result<LoadResult> {
     let log = work.join("h2load.log");
-    let output = tokio::process::Command::new("h2load")
+    let mut h2load = tokio::process::Command::new("h2load");
+    h2load
         .arg(format!("--threads={threads}"))
         .arg(format!("--clients={connections}"))
         .arg("--max-concurrent-streams=1")
@@ -118,24 +109,31 @@ async fn run_h2load(
         // wrk's connections are open before its clock starts.
         .arg("--warm-up-time=1")
         .arg(format!("--log-file={}", log.display()))
-        .arg(url)
-        .kill_on_drop(true)
-        .output()
-        .await
-        .context("cannot run h2load")?;
-    let text = String::from_utf8_lossy(&output.stdout);
-    if !output.status.success() {
-        bail!(
-            "h2load failed: {text}{}",
-            String::from_utf8_lossy(&output.stderr)
-        );
-    }
+        .arg(url);
+    let text = report_of(h2load, "h2load").await?;
     let mut result =
         parse_h2load(&text).with_context(|| format!("cannot read h2load's report:\n{text}"))?;
     let log = std::fs::read_to_string(&log).context("h2load's request log")?;
     let _ = std::fs::remove_file(work.join("h2load.log"));
     result.p99_ms = p99_of_h2load_log(&log).context("h2load logged no request")?;
     Ok(result)
+}
+
+/// Runs a load generator to its end: its report (standard output), or why it failed.
+async fn report_of(mut command: tokio::process::Command, tool: &str) -> anyhow::Result<String> {
+    let output = command
+        .kill_on_drop(true)
+        .output()
+        .await
+        .with_context(|| format!("cannot run {tool}"))?;
+    let text = String::from_utf8_lossy(&output.stdout).into_owned();
+    if !output.status.success() {
+        bail!(
+            "{tool} failed: {text}{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    Ok(text)
 }
 
 fn parse_wrk(text: &str) -> Option<LoadResult> {
