@@ -19,8 +19,9 @@ use streaming_core::config::Role;
 use streaming_runner::cluster::Layout;
 use streaming_runner::procs;
 
+use crate::faults;
 use crate::http_load::run_wrk;
-use crate::serve::{hang_transcoders, median, resume};
+use crate::serve::{hang_transcoders, median};
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct LbArgs {
@@ -118,7 +119,7 @@ pub async fn run(args: LbArgs) -> anyhow::Result<()> {
             }
         }
     }
-    resume(&args.state, &hung).await;
+    faults::resume_settled(&args.state, &hung).await;
     if let Some(e) = failure {
         return Err(e);
     }

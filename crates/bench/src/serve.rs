@@ -118,7 +118,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     // Hung only once the segment is in hand; resumed whatever the rounds did.
     let hung = hang_transcoders(&args.state, &configs, args.keep_transcoding).await?;
     let result = measure(&args, &layout, &config, &segment, &work).await;
-    resume(&args.state, &hung).await;
+    faults::resume_settled(&args.state, &hung).await;
     let _ = std::fs::remove_dir_all(&work);
     let report = result?;
     let table = markdown(&report);
@@ -126,7 +126,8 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
 }
 
 /// Hangs every source and ingest (unless `keep`): their transcoders would take the cores the
-/// measured server competes for. Returns the hosts to [`resume`].
+/// measured server competes for. Returns the hosts to hand to
+/// [`faults::resume_settled`].
 pub(crate) async fn hang_transcoders(
     state: &Path,
     configs: &[HostConfig],
@@ -139,18 +140,13 @@ pub(crate) async fn hang_transcoders(
     for config in configs {
         if matches!(config.me().role, Role::Source | Role::Ingest) {
             if let Err(e) = faults::kill(state, &config.name, Blow::Hang).await {
-                resume(state, &hung).await;
+                faults::resume_settled(state, &hung).await;
                 return Err(e);
             }
             hung.push(config.name.clone());
         }
     }
     Ok(hung)
-}
-
-/// Resumes the hosts [`hang_transcoders`] hung, and waits until the cluster has settled.
-pub(crate) async fn resume(state: &Path, hosts: &[String]) {
-    faults::resume_settled(state, hosts).await;
 }
 
 /// The segment both servers serve: its URL path on the broadcast, its bytes and the token.
@@ -219,8 +215,10 @@ async fn fetch_segment(config: &HostConfig, rendition: Option<&str>) -> anyhow::
             .to_vec();
         fetched.push((file, bytes));
     }
-    fetched.sort_by_key(|(_, bytes)| bytes.len());
-    let (file, bytes) = fetched.pop().context("no segment fetched")?;
+    let (file, bytes) = fetched
+        .into_iter()
+        .max_by_key(|(_, bytes)| bytes.len())
+        .context("no segment fetched")?;
     Ok(Segment {
         path: format!("/live/{}/{rendition}/{file}", channel.name),
         rendition,
