@@ -79,6 +79,9 @@ pub struct ServeReport {
     pub rounds: Vec<ServeRound>,
     /// Broadcast requests per second over nginx's, per round.
     pub ratios: Vec<f64>,
+    /// Broadcast Gbit/s per core it used over nginx's, per round: the fair comparison when the
+    /// client shares the machine's cores and the request rate follows the scheduler.
+    pub per_core_ratios: Vec<f64>,
     /// The broadcast's Gbit/s per core it used, median over its rounds.
     pub broadcast_gbps_per_core: f64,
     pub nginx_gbps_per_core: f64,
@@ -95,6 +98,12 @@ pub struct ServeRound {
     pub errors: u64,
     /// Cores the server's processes used during the round.
     pub server_cores: f64,
+}
+
+impl ServeRound {
+    fn gbps_per_core(&self) -> f64 {
+        self.gbps / self.server_cores.max(1e-3)
+    }
 }
 
 /// Runs the bench and prints (or writes) its report.
@@ -290,19 +299,14 @@ fn summarise(
     let of = |server: &str| -> Vec<&ServeRound> {
         rounds.iter().filter(|r| r.server == server).collect()
     };
-    let ratios = of("broadcast")
-        .iter()
-        .zip(of("nginx"))
+    let pairs = || of("broadcast").into_iter().zip(of("nginx"));
+    let ratios = pairs()
         .map(|(b, n)| b.requests_per_second / n.requests_per_second.max(f64::MIN_POSITIVE))
         .collect();
-    let per_core = |server: &str| {
-        median(
-            of(server)
-                .iter()
-                .map(|r| r.gbps / r.server_cores.max(1e-3))
-                .collect(),
-        )
-    };
+    let per_core_ratios = pairs()
+        .map(|(b, n)| b.gbps_per_core() / n.gbps_per_core().max(f64::MIN_POSITIVE))
+        .collect();
+    let per_core = |server: &str| median(of(server).iter().map(|r| r.gbps_per_core()).collect());
     ServeReport {
         broadcast: config.name.clone(),
         rendition: segment.rendition.clone(),
@@ -312,6 +316,7 @@ fn summarise(
         seconds: args.seconds,
         cores,
         ratios,
+        per_core_ratios,
         broadcast_gbps_per_core: per_core("broadcast"),
         nginx_gbps_per_core: per_core("nginx"),
         rounds,
@@ -464,14 +469,18 @@ fn markdown(r: &ServeReport) -> String {
             x.p99_ms,
             x.errors,
             x.server_cores,
-            x.gbps / x.server_cores.max(1e-3)
+            x.gbps_per_core()
         );
     }
-    let ratios: Vec<String> = r.ratios.iter().map(|x| format!("{x:.2}")).collect();
+    let list = |v: &[f64]| -> String {
+        let v: Vec<String> = v.iter().map(|x| format!("{x:.2}")).collect();
+        v.join(", ")
+    };
     let _ = writeln!(
         s,
-        "\nBroadcast / nginx requests per second, per round: {}. Gbit/s per core used (median): broadcast {:.2}, nginx {:.2}.",
-        ratios.join(", "),
+        "\nBroadcast / nginx, per round: requests per second {}; Gbit/s per core used {}. Gbit/s per core used (median): broadcast {:.2}, nginx {:.2}.",
+        list(&r.ratios),
+        list(&r.per_core_ratios),
         r.broadcast_gbps_per_core,
         r.nginx_gbps_per_core
     );

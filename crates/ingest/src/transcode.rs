@@ -32,26 +32,34 @@ const STDERR_TAIL: usize = 12;
 /// otherwise signal Constrained Baseline while the master playlist announces Main,
 /// streaming_hls::master::CODECS), constant bitrate, and no keyframes but the forced ones.
 /// `bitrates` holds one video bitrate per output video stream, in order.
+///
+/// At most one B-frame (the presets above ultrafast default to three): a part waits for the
+/// frames reordered before it, and one B-frame keeps most of their gain for about 5 % fewer
+/// cores (docs/benchmarks.md, "Ingest"). ultrafast keeps its none.
 pub fn x264_args(preset: &str, bitrates: &[u32]) -> Vec<String> {
-    let mut args: Vec<String> = [
-        "-c:v",
-        "libx264",
-        "-preset",
-        preset,
-        "-profile:v",
-        "main",
-        "-level:v",
-        "4.0",
-        "-coder",
-        "1",
-        "-g",
-        "9999",
-        "-sc_threshold",
-        "0",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
+    let mut args: Vec<String> = ["-c:v", "libx264", "-preset", preset]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    if preset != "ultrafast" {
+        args.extend(["-bf".to_owned(), "1".to_owned()]);
+    }
+    args.extend(
+        [
+            "-profile:v",
+            "main",
+            "-level:v",
+            "4.0",
+            "-coder",
+            "1",
+            "-g",
+            "9999",
+            "-sc_threshold",
+            "0",
+        ]
+        .iter()
+        .map(|s| s.to_string()),
+    );
     for (i, kbps) in bitrates.iter().enumerate() {
         let vb = format!("{kbps}k");
         for option in ["-b", "-maxrate", "-bufsize"] {
@@ -104,6 +112,26 @@ pub const TS_OUTPUT_ARGS: [&str; 12] = [
     "mpegts",
 ];
 
+/// The largest picture rate (pixels per second) one x264 thread encodes per rendition: 720p30.
+/// At superfast one thread of the 2-core test machine encodes 720p at about 90 fps, three times
+/// real time (docs/benchmarks.md, "Ingest").
+const ONE_THREAD_MAX_PIXEL_RATE: u64 = 1280 * 720 * 30;
+
+/// One x264 thread per rendition up to 720p30. Left to itself, each encoder starts frame
+/// threads per core and a lookahead thread: the ladder's encoders then take about 7 % more
+/// cores between them, and each frame thread delays every picture by one frame. Larger
+/// renditions keep the frame threads, which a 1080p60 rung needs to keep up.
+fn encoder_threads_args(channel: &ChannelConfig) -> Vec<String> {
+    let mut args = Vec::new();
+    for (i, r) in channel.ladder.iter().enumerate() {
+        let pixel_rate = u64::from(r.width) * u64::from(r.height) * u64::from(channel.fps);
+        if pixel_rate <= ONE_THREAD_MAX_PIXEL_RATE {
+            args.extend([format!("-threads:v:{i}"), "1".to_owned()]);
+        }
+    }
+    args
+}
+
 /// The ffmpeg arguments of a ladder run. `first_frame_s` is C: the time of the first frame
 /// fed, so forced keyframes land on absolute multiples of `segment_s`. Output streams: the
 /// renditions' video in ladder order, then the audio they share.
@@ -148,6 +176,7 @@ pub fn ladder_args(channel: &ChannelConfig, segment_s: u32, first_frame_s: f64) 
     args.extend(["-map".to_owned(), "0:a".to_owned()]);
     let bitrates: Vec<u32> = channel.ladder.iter().map(|r| r.video_kbps).collect();
     args.extend(x264_args(&channel.preset, &bitrates));
+    args.extend(encoder_threads_args(channel));
     args.extend([
         "-forced-idr".to_owned(),
         "1".to_owned(),
@@ -456,5 +485,34 @@ pub(crate) mod tests {
         assert!(joined.ends_with(
             "-omit_video_pes_length 0 -pes_payload_size 0 -flush_packets 1 -f mpegts pipe:1"
         ));
+        // Small renditions: one encoder thread each; ultrafast keeps its zero B-frames.
+        assert!(joined.contains("-threads:v:0 1 -threads:v:1 1 -threads:v:2 1"));
+        assert!(!args.contains(&"-bf".to_string()));
+    }
+
+    #[test]
+    fn large_renditions_keep_frame_threads_and_b_frames_stay_at_one() {
+        let mut channel = channel();
+        channel.preset = "superfast".into();
+        channel.fps = 30;
+        channel.ladder[0] = Rendition {
+            name: "1080p".into(),
+            width: 1920,
+            height: 1080,
+            video_kbps: 5000,
+        };
+        channel.ladder[1] = Rendition {
+            name: "720p".into(),
+            width: 1280,
+            height: 720,
+            video_kbps: 2800,
+        };
+        let joined = ladder_args(&channel, 2, 0.0).join(" ");
+        assert!(joined.contains("-preset superfast -bf 1 -profile:v main"));
+        assert!(!joined.contains("-threads:v:0"));
+        assert!(joined.contains("-threads:v:1 1 -threads:v:2 1"));
+        channel.fps = 60;
+        let joined = ladder_args(&channel, 2, 0.0).join(" ");
+        assert!(!joined.contains("-threads:v:1"), "720p60 keeps its frame threads");
     }
 }
