@@ -9,6 +9,8 @@ use std::path::Path;
 
 use anyhow::{Context, bail};
 
+use crate::affinity::Cpus;
+
 /// Which client asks, and so which protocol the server answers in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -58,18 +60,18 @@ pub(crate) struct LoadResult {
 }
 
 /// One run of `protocol`'s client against `url`: `connections` kept open, each asking again as
-/// soon as it has its answer, for `seconds`, on `threads` threads; `work` holds h2load's log.
+/// soon as it has its answer, for `seconds`, on `cpus`; `work` holds h2load's log.
 pub(crate) async fn run(
     protocol: Protocol,
     url: &str,
     connections: u32,
     seconds: u64,
-    threads: usize,
+    cpus: &Cpus,
     work: &Path,
 ) -> anyhow::Result<LoadResult> {
     match protocol {
-        Protocol::Http1 => run_wrk(url, connections, seconds, threads, &[]).await,
-        Protocol::Http2 => run_h2load(url, connections, seconds, threads, work).await,
+        Protocol::Http1 => run_wrk(url, connections, seconds, cpus, &[]).await,
+        Protocol::Http2 => run_h2load(url, connections, seconds, cpus, work).await,
     }
 }
 
@@ -77,12 +79,13 @@ pub(crate) async fn run_wrk(
     url: &str,
     connections: u32,
     seconds: u64,
-    threads: usize,
+    cpus: &Cpus,
     headers: &[&str],
 ) -> anyhow::Result<LoadResult> {
     let mut wrk = tokio::process::Command::new("wrk");
+    cpus.apply(&mut wrk);
     wrk.args(headers.iter().flat_map(|h| ["-H", h]))
-        .arg(format!("-t{threads}"))
+        .arg(format!("-t{}", cpus.threads()))
         .arg(format!("-c{connections}"))
         .arg(format!("-d{seconds}s"))
         .arg("--latency")
@@ -95,13 +98,14 @@ async fn run_h2load(
     url: &str,
     connections: u32,
     seconds: u64,
-    threads: usize,
+    cpus: &Cpus,
     work: &Path,
 ) -> anyhow::Result<LoadResult> {
     let log = work.join("h2load.log");
     let mut h2load = tokio::process::Command::new("h2load");
+    cpus.apply(&mut h2load);
     h2load
-        .arg(format!("--threads={threads}"))
+        .arg(format!("--threads={}", cpus.threads()))
         .arg(format!("--clients={connections}"))
         .arg("--max-concurrent-streams=1")
         .arg(format!("--duration={seconds}"))

@@ -19,6 +19,7 @@ use streaming_core::config::Role;
 use streaming_runner::cluster::Layout;
 use streaming_runner::procs;
 
+use crate::affinity::Cpus;
 use crate::faults;
 use crate::http_load::run_wrk;
 use crate::serve::{hang_transcoders, median};
@@ -105,7 +106,15 @@ pub async fn run(args: LbArgs) -> anyhow::Result<()> {
     for round in 1..=args.rounds {
         let cpu0 = procs::group_cpu_seconds(pgid);
         let t0 = Instant::now();
-        match run_wrk(&url, args.connections, args.seconds, cores, headers).await {
+        match run_wrk(
+            &url,
+            args.connections,
+            args.seconds,
+            &Cpus::Any(cores),
+            headers,
+        )
+        .await
+        {
             Ok(wrk) => rounds.push(LbRound {
                 round,
                 requests_per_second: wrk.requests_per_second,

@@ -15,6 +15,7 @@
 //!   whether every acked chat message is stored; [`obs_publisher`]: the OBS-like publisher of
 //!   the single-publisher rows.
 
+pub mod affinity;
 pub mod chaos;
 pub mod chat_failover;
 pub mod database;

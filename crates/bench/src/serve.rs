@@ -13,7 +13,8 @@
 //!
 //! Each round gives requests per second, Gbit/s, the 99th percentile of the request time and
 //! the CPU the server used (its whole process group, from /proc): Gbit/s per core of the
-//! broadcast is the figure `streamctl plan` sizes broadcasts with.
+//! broadcast is the figure `streamctl plan` sizes broadcasts with. With `--pin` each server
+//! runs on CPU 0 only (nginx with one worker) and the client on the others (`affinity`).
 
 use std::fmt::Write as _;
 use std::net::SocketAddr;
@@ -30,6 +31,7 @@ use streaming_runner::cluster::Layout;
 use streaming_runner::hosts::Blow;
 use streaming_runner::procs;
 
+use crate::affinity::{self, Cpus, PinnedGroup};
 use crate::faults;
 use crate::http_load::{self, Protocol};
 
@@ -59,6 +61,10 @@ pub struct ServeArgs {
     /// Leave the sources and ingests running during the rounds.
     #[arg(long)]
     pub keep_transcoding: bool,
+    /// Keep each server on CPU 0 during its rounds and the client on the other CPUs, so that
+    /// the two servers get the same one CPU and the client does not take from it.
+    #[arg(long)]
+    pub pin: bool,
     /// Write the Markdown table here.
     #[arg(long)]
     pub out: Option<PathBuf>,
@@ -76,6 +82,8 @@ pub struct ServeReport {
     pub connections: u32,
     pub seconds: u64,
     pub cores: usize,
+    /// The CPUs each server was kept on (`--pin`); `None`: it shared every core with the client.
+    pub server_cpus: Option<Vec<usize>>,
     pub rounds: Vec<ServeRound>,
     /// Broadcast requests per second over nginx's, per round.
     pub ratios: Vec<f64>,
@@ -159,8 +167,8 @@ pub(crate) async fn hang_transcoders(
 }
 
 /// The segment both servers serve: its URL path on the broadcast, its bytes and the token.
-/// How many of the window's newest segments the served one is the largest of.
-const LARGEST_OF: usize = 5;
+/// How long the bench waits for the window to hold a live segment.
+const LIVE_SEGMENT_WAIT: Duration = Duration::from_secs(60);
 
 struct Segment {
     rendition: String,
@@ -169,6 +177,10 @@ struct Segment {
     token: String,
 }
 
+/// The largest segment of the rendition's window, once it is a live one. The window may hold
+/// only slate segments for a while (after a restart, or right after an earlier bench hung and
+/// resumed the sources), each a fraction of a live one's size: a segment counts as live from a
+/// quarter of what the rendition's bitrate fills in a segment's time.
 async fn fetch_segment(config: &HostConfig, rendition: Option<&str>) -> anyhow::Result<Segment> {
     let channel = config
         .cluster
@@ -176,13 +188,13 @@ async fn fetch_segment(config: &HostConfig, rendition: Option<&str>) -> anyhow::
         .first()
         .context("the cluster has no channel")?;
     let rendition = match rendition {
-        Some(r) => r.to_owned(),
-        None => channel
-            .ladder
-            .first()
-            .map(|r| r.name.clone())
-            .context("the channel has no rendition")?,
-    };
+        Some(name) => channel.ladder.iter().find(|r| r.name == name),
+        None => channel.ladder.first(),
+    }
+    .context("no such rendition in the channel's ladder")?;
+    let live_bytes = u64::from(rendition.video_kbps) * 1000 / 8
+        * u64::from(config.cluster.timeline.segment_seconds)
+        / 4;
     let key = streaming_core::secrets::read_secret(&config.paths.token_key)?;
     let token = TokenSigner::new(key.as_bytes()).sign(&ViewerClaims {
         broadcast: config.name.clone(),
@@ -192,7 +204,42 @@ async fn fetch_segment(config: &HostConfig, rendition: Option<&str>) -> anyhow::
     });
     let client =
         streaming_core::client::cluster_client(&config.paths.ca_cert, Duration::from_secs(10))?;
-    let base = format!("{}/live/{}/{rendition}", config.me().url, channel.name);
+    let base = format!(
+        "{}/live/{}/{}",
+        config.me().url,
+        channel.name,
+        rendition.name
+    );
+    let deadline = Instant::now() + LIVE_SEGMENT_WAIT;
+    loop {
+        let (file, bytes) = largest_in_window(&client, &base, &token).await?;
+        if bytes.len() as u64 >= live_bytes {
+            return Ok(Segment {
+                path: format!("/live/{}/{}/{file}", channel.name, rendition.name),
+                rendition: rendition.name.clone(),
+                bytes,
+                token,
+            });
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "no live segment in {}'s window after {} s (the largest has {} bytes, a live one \
+                 at least {live_bytes}): is the channel on slate?",
+                rendition.name,
+                LIVE_SEGMENT_WAIT.as_secs(),
+                bytes.len()
+            );
+        }
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
+}
+
+/// The name and bytes of the largest segment the media playlist at `base` lists.
+async fn largest_in_window(
+    client: &reqwest::Client,
+    base: &str,
+    token: &str,
+) -> anyhow::Result<(String, Vec<u8>)> {
     let playlist = client
         .get(format!("{base}/index.m3u8?t={token}"))
         .send()
@@ -201,17 +248,11 @@ async fn fetch_segment(config: &HostConfig, rendition: Option<&str>) -> anyhow::
         .context("media playlist")?
         .text()
         .await?;
-    // The window may hold slate segments (after a restart, or the hang of an earlier bench),
-    // a fraction of a live one's size: the largest of the newest few is a live segment.
-    let listed: Vec<&str> = playlist
+    let mut largest: Option<(String, Vec<u8>)> = None;
+    for line in playlist
         .lines()
         .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
-        .collect();
-    if listed.is_empty() {
-        bail!("the media playlist lists no segment yet: is the cluster live?");
-    }
-    let mut fetched = Vec::new();
-    for line in listed.iter().rev().take(LARGEST_OF) {
+    {
         let file = line.split('?').next().unwrap_or(line).to_owned();
         let bytes = client
             .get(format!("{base}/{file}?t={token}"))
@@ -222,18 +263,11 @@ async fn fetch_segment(config: &HostConfig, rendition: Option<&str>) -> anyhow::
             .bytes()
             .await?
             .to_vec();
-        fetched.push((file, bytes));
+        if largest.as_ref().is_none_or(|(_, l)| bytes.len() > l.len()) {
+            largest = Some((file, bytes));
+        }
     }
-    let (file, bytes) = fetched
-        .into_iter()
-        .max_by_key(|(_, bytes)| bytes.len())
-        .context("no segment fetched")?;
-    Ok(Segment {
-        path: format!("/live/{}/{rendition}/{file}", channel.name),
-        rendition,
-        bytes,
-        token,
-    })
+    largest.context("the media playlist lists no segment yet: is the cluster live?")
 }
 
 async fn measure(
@@ -249,8 +283,24 @@ async fn measure(
         &layout.config_file(&config.name),
     )
     .context("the broadcast is not running")?;
+    let (server_cpus, client_cpus) = if args.pin {
+        let (server, client) = affinity::split(cores)?;
+        (Some(server), client)
+    } else {
+        (None, Cpus::Any(cores))
+    };
+    let workers = server_cpus.as_ref().map_or(cores, Vec::len);
     let nginx_addr = SocketAddr::new(config.me().address, config.me().ports.https + 1000);
-    let mut nginx = Nginx::start(config, segment, nginx_addr, cores, work)?;
+    let mut nginx = Nginx::start(config, segment, nginx_addr, workers, work)?;
+    // Both stay pinned over all the rounds (the idle one takes nothing from the other), and
+    // the broadcast runs on every core again when the guard drops, whatever happens.
+    let _pinned = match &server_cpus {
+        Some(cpus) => Some((
+            PinnedGroup::new(broadcast_pgid, cpus, cores).context("pinning the broadcast")?,
+            PinnedGroup::new(nginx.pgid(), cpus, cores).context("pinning nginx")?,
+        )),
+        None => None,
+    };
     let broadcast_url = format!("{}{}?t={}", config.me().url, segment.path, segment.token);
     let nginx_url = format!("https://{nginx_addr}{}?t={}", segment.path, segment.token);
     let mut rounds = Vec::new();
@@ -266,7 +316,7 @@ async fn measure(
                 url,
                 args.connections,
                 args.seconds,
-                cores,
+                &client_cpus,
                 work,
             )
             .await?;
@@ -286,7 +336,7 @@ async fn measure(
         }
     }
     nginx.stop();
-    Ok(summarise(args, config, segment, cores, rounds))
+    Ok(summarise(args, config, segment, cores, server_cpus, rounds))
 }
 
 fn summarise(
@@ -294,6 +344,7 @@ fn summarise(
     config: &HostConfig,
     segment: &Segment,
     cores: usize,
+    server_cpus: Option<Vec<usize>>,
     rounds: Vec<ServeRound>,
 ) -> ServeReport {
     let of = |server: &str| -> Vec<&ServeRound> {
@@ -315,6 +366,7 @@ fn summarise(
         connections: args.connections,
         seconds: args.seconds,
         cores,
+        server_cpus,
         ratios,
         per_core_ratios,
         broadcast_gbps_per_core: per_core("broadcast"),
@@ -441,17 +493,24 @@ fn tempdir() -> anyhow::Result<PathBuf> {
 
 fn markdown(r: &ServeReport) -> String {
     let mut s = String::new();
+    let machine = match &r.server_cpus {
+        Some(cpus) => format!(
+            "each server kept on {} of the {} cores, {} on the others",
+            cpus.len(),
+            r.cores,
+            r.protocol.tool()
+        ),
+        None => format!("{} cores shared with {}", r.cores, r.protocol.tool()),
+    };
     let _ = writeln!(
         s,
-        "{} ({} rendition, one {:.2} MB segment), {}, {} connections, {} s per round, {} cores shared with {}\n",
+        "{} ({} rendition, one {:.2} MB segment), {}, {} connections, {} s per round, {machine}\n",
         r.broadcast,
         r.rendition,
         r.segment_bytes as f64 / 1e6,
         r.protocol.label(),
         r.connections,
         r.seconds,
-        r.cores,
-        r.protocol.tool()
     );
     let _ = writeln!(
         s,

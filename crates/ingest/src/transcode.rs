@@ -513,6 +513,9 @@ pub(crate) mod tests {
         assert!(joined.contains("-threads:v:1 1 -threads:v:2 1"));
         channel.fps = 60;
         let joined = ladder_args(&channel, 2, 0.0).join(" ");
-        assert!(!joined.contains("-threads:v:1"), "720p60 keeps its frame threads");
+        assert!(
+            !joined.contains("-threads:v:1"),
+            "720p60 keeps its frame threads"
+        );
     }
 }

@@ -104,6 +104,39 @@ fn established(from: &str, to: &str, port: u16) -> usize {
         .count()
 }
 
+/// Every thread of every process of `host` (its process group) may run on every CPU.
+fn assert_runs_on_every_cpu(state: &Path, host: &str) {
+    let layout = streaming_runner::cluster::Layout::new(state).unwrap();
+    let pgid: i32 = std::fs::read_to_string(layout.pid_file(host))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let cores = std::thread::available_parallelism().unwrap().get();
+    let all = if cores == 1 {
+        "0".to_owned()
+    } else {
+        format!("0-{}", cores - 1)
+    };
+    let members = streaming_runner::procs::group_members(pgid);
+    assert!(!members.is_empty(), "{host} has no process");
+    for member in members {
+        let Ok(tasks) = std::fs::read_dir(format!("/proc/{}/task", member.pid)) else {
+            continue;
+        };
+        for task in tasks.flatten() {
+            let status = std::fs::read_to_string(task.path().join("status")).unwrap_or_default();
+            if let Some(line) = status.lines().find(|l| l.starts_with("Cpus_allowed_list:")) {
+                assert!(
+                    line.ends_with(&all),
+                    "{host} {} thread: {line}",
+                    member.comm
+                );
+            }
+        }
+    }
+}
+
 fn host_log(state: &Path, host: &str) -> String {
     std::fs::read_to_string(state.join(format!("logs/{host}.log"))).unwrap_or_default()
         + &std::fs::read_to_string(state.join(format!("logs/{host}.out"))).unwrap_or_default()
@@ -463,11 +496,15 @@ fn local_cluster_streams_end_to_end() {
     // The capacity benches in short form (docs/benchmarks.md has the real runs): both servers
     // answer every request (over HTTP/2, what browsers use: h2load; the LB bench drives wrk),
     // the viewers step holds, and the hosts they hang come back.
+    // Pinned (each server on CPU 0, h2load on the other), and the broadcast runs on every
+    // CPU again afterwards.
     let serve = json_of(&run(streamctl()
-        .args(["bench", "serve", "--rounds", "1", "--seconds", "2"])
+        .args(["bench", "serve", "--rounds", "1", "--seconds", "2", "--pin"])
         .args(["--connections", "20", "--protocol", "http2"])
         .args(["--json", "--state"])
         .arg(&state)));
+    assert_eq!(serve["server_cpus"], serde_json::json!([0]), "{serve:#}");
+    assert_runs_on_every_cpu(&state, "broadcast1");
     for round in serve["rounds"].as_array().unwrap() {
         assert!(
             round["requests_per_second"].as_f64().unwrap() > 0.0
