@@ -27,7 +27,7 @@ const PREFIX: &str = "127.79";
 const BROWSER_DEADLINE: Duration = Duration::from_secs(300);
 
 mod common;
-use common::{Cluster, repo_root, run, streamctl};
+use common::{LocalCluster, repo_root, run, streamctl};
 
 fn chromium() -> Option<PathBuf> {
     std::env::var_os("CHROMIUM")
@@ -72,12 +72,9 @@ fn page_plays_chats_and_survives_its_broadcast_in_chromium() {
     let chromium =
         prerequisites(&root).unwrap_or_else(|why| panic!("the browser test cannot run: {why}"));
 
-    let tmp = tempfile::tempdir().unwrap();
-    let state = tmp.path().join("state");
-    let _cluster = Cluster {
-        state: state.clone(),
-    };
-    let up = common::up(&state, PREFIX, None);
+    let cluster = LocalCluster::new();
+    let state = cluster.state.clone();
+    let up = cluster.up(PREFIX, None, &[]);
     let lb = up["viewer_url"]
         .as_str()
         .expect("viewer_url")

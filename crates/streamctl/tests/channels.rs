@@ -24,7 +24,7 @@ use streaming_core::config::Role;
 use streaming_runner::cluster::Layout;
 
 mod common;
-use common::{Cluster, json_of, repo_root, streamctl};
+use common::{LocalCluster, json_of, repo_root, streamctl};
 
 /// Loopback prefix of this test's cluster.
 const PREFIX: &str = "127.87";
@@ -298,12 +298,9 @@ fn watch_report(child: Child) -> Value {
 #[ignore = "end to end: needs ffmpeg, nix-instantiate, PostgreSQL + Patroni + etcd and the workspace binaries (scripts/test.sh)"]
 fn three_channels_play_and_chat_side_by_side_and_a_wrong_key_is_refused() {
     let started = Instant::now();
-    let tmp = tempfile::tempdir().unwrap();
-    let state = tmp.path().join("state");
-    let _cluster = Cluster {
-        state: state.clone(),
-    };
-    common::up(&state, PREFIX, Some(&cluster_with_studio(tmp.path())));
+    let cluster = LocalCluster::new();
+    let state = cluster.state.clone();
+    cluster.up(PREFIX, Some(&cluster_with_studio(cluster.dir())), &[]);
     let key = state.join(format!("secrets/stream-keys/{STUDIO}.key"));
     let (studio, encoder) = publish(&state, STUDIO, &key, WATCH_SECONDS + 120);
     let _publisher = Children(vec![studio, encoder]);
@@ -325,7 +322,7 @@ fn three_channels_play_and_chat_side_by_side_and_a_wrong_key_is_refused() {
     ));
     // A publisher for backstage with a wrong key, while everyone watches.
     std::thread::sleep(Duration::from_secs(5));
-    let wrong_key = tmp.path().join("wrong.key");
+    let wrong_key = cluster.dir().join("wrong.key");
     std::fs::write(&wrong_key, "not-the-backstage-key").unwrap();
     let (refused, encoder) = publish(&state, "backstage", &wrong_key, 20);
     let _encoder = Children(vec![encoder]);

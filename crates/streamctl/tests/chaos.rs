@@ -19,21 +19,18 @@ const PREFIX: &str = "127.84";
 const SEED: &str = "88";
 
 mod common;
-use common::{Cluster, json_of, run, streamctl};
+use common::{LocalCluster, json_of, run, streamctl};
 
 #[test]
 #[ignore = "end to end: needs ffmpeg, nix-instantiate, PostgreSQL + Patroni + etcd and the workspace binaries (scripts/test.sh)"]
 fn ten_random_faults_cost_viewers_and_chat_nothing() {
     let started = Instant::now();
-    let tmp = tempfile::tempdir().unwrap();
-    let state = tmp.path().join("state");
-    let _cluster = Cluster {
-        state: state.clone(),
-    };
-    common::up(&state, PREFIX, None);
+    let cluster = LocalCluster::new();
+    let state = cluster.state.clone();
+    cluster.up(PREFIX, None, &[]);
     let up_s = started.elapsed().as_secs_f64();
 
-    let page = tmp.path().join("chaos.md");
+    let page = cluster.dir().join("chaos.md");
     let output = run(streamctl()
         .args([
             "bench",

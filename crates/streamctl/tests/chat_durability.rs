@@ -20,7 +20,7 @@ const PREFIX: &str = "127.80";
 const LEFT_OUT: [&str; 4] = ["broadcast3", "broadcast4", "ingest2", "source2"];
 
 mod common;
-use common::{Cluster, json_of, run, streamctl};
+use common::{LocalCluster, json_of, run, streamctl};
 
 fn number(v: &Value) -> f64 {
     v.as_f64().unwrap_or_else(|| panic!("not a number: {v}"))
@@ -30,16 +30,12 @@ fn number(v: &Value) -> f64 {
 #[ignore = "end to end: needs ffmpeg, nix-instantiate, PostgreSQL + Patroni + etcd and the workspace binaries (scripts/test.sh)"]
 fn acked_chat_messages_survive_killed_and_hung_database_primaries() {
     let started = Instant::now();
-    let tmp = tempfile::tempdir().unwrap();
-    let state = tmp.path().join("state");
-    let _cluster = Cluster {
-        state: state.clone(),
-    };
-    let cluster_file = common::cluster_without(tmp.path(), &LEFT_OUT);
-    common::up(&state, PREFIX, Some(&cluster_file));
+    let cluster = LocalCluster::new();
+    let state = cluster.state.clone();
+    cluster.up_without(PREFIX, &LEFT_OUT);
     let up_s = started.elapsed().as_secs_f64();
 
-    let markdown = tmp.path().join("chat-failover.md");
+    let markdown = cluster.dir().join("chat-failover.md");
     let output = run(streamctl()
         .args([
             "bench",

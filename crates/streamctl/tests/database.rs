@@ -35,7 +35,7 @@ const PREFIX: &str = "127.78";
 
 mod chat_close;
 mod common;
-use common::{Cluster, json_of, run, streamctl};
+use common::{LocalCluster, json_of, run, streamctl};
 
 fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_current_thread()
@@ -112,15 +112,12 @@ fn process_state(pid: i32) -> Option<char> {
 #[test]
 #[ignore = "end to end: needs PostgreSQL, Patroni, etcd, root and the workspace binaries (scripts/test.sh)"]
 fn database_primary_fails_over_and_rejoins() {
-    let tmp = tempfile::tempdir().unwrap();
-    let state = tmp.path().join("state");
-    let _cluster = Cluster {
-        state: state.clone(),
-    };
+    let cluster = LocalCluster::new();
+    let state = cluster.state.clone();
 
     // Up: the stream plays and a primary answers /primary.
     let started = Instant::now();
-    let up = common::up(&state, PREFIX, None);
+    let up = cluster.up(PREFIX, None, &[]);
     eprintln!(
         "up took {:.1} s: playing after {} s, db primary {} after {} s, streaming {} after {} s",
         started.elapsed().as_secs_f64(),

@@ -15,7 +15,7 @@ use serde_json::Value;
 const PREFIX: &str = "127.73";
 
 mod common;
-use common::{Cluster, json_of, repo_root, run, streamctl};
+use common::{LocalCluster, json_of, repo_root, run, streamctl};
 
 fn curl(state: &Path, url: &str, bearer: Option<&str>) -> Vec<u8> {
     let mut command = Command::new("curl");
@@ -123,14 +123,11 @@ fn lb_broadcasts(state: &Path) -> Vec<(String, bool)> {
 #[test]
 #[ignore = "end to end: needs ffmpeg, nix-instantiate and the workspace binaries (scripts/test.sh)"]
 fn any_one_host_may_fail_and_the_topology_may_change() {
-    let tmp = tempfile::tempdir().unwrap();
-    let state = tmp.path().join("state");
-    let _cluster = Cluster {
-        state: state.clone(),
-    };
-    let cluster_file = tmp.path().join("cluster.nix");
+    let cluster = LocalCluster::new();
+    let state = cluster.state.clone();
+    let cluster_file = cluster.dir().join("cluster.nix");
     std::fs::copy(repo_root().join("cluster.nix"), &cluster_file).unwrap();
-    common::up(&state, PREFIX, Some(&cluster_file));
+    cluster.up(PREFIX, Some(&cluster_file), &[]);
     // Let both ingests settle on source1 and fill their windows.
     let settled = watch(&state, 8, None);
     assert_eq!(settled["errors"], 0, "{settled:#}");
@@ -201,7 +198,7 @@ fn any_one_host_may_fail_and_the_topology_may_change() {
         bytes.extend(file(&streaming_hls::names::segment(a.seq)));
         bytes
     };
-    let scratch = tmp.path().join("segment.mp4");
+    let scratch = cluster.dir().join("segment.mp4");
     let (pts1, pts2) = (
         first_video_pts(&segment(1), &scratch),
         first_video_pts(&segment(2), &scratch),

@@ -44,7 +44,7 @@ const VIEWERS: u64 = 4;
 const WATCH_SECONDS: u64 = 130;
 
 mod common;
-use common::{Cluster, run, streamctl};
+use common::{LocalCluster, run, streamctl};
 
 fn addr(role: u8, n: u8, port: u16) -> SocketAddr {
     format!("{PREFIX}.{role}.{n}:{port}").parse().unwrap()
@@ -1673,12 +1673,9 @@ async fn player_reports(ctx: &Ctx) {
 #[test]
 #[ignore = "end to end: needs ffmpeg, nix-instantiate, PostgreSQL, Patroni, etcd and the workspace binaries (scripts/test.sh)"]
 fn hostile_clients_cost_viewers_nothing() {
-    let tmp = tempfile::tempdir().unwrap();
-    let state = tmp.path().join("state");
-    let _cluster = Cluster {
-        state: state.clone(),
-    };
-    common::up(&state, PREFIX, None);
+    let cluster = LocalCluster::new();
+    let state = cluster.state.clone();
+    cluster.up(PREFIX, None, &[]);
     let started = Instant::now();
     let viewers = streamctl()
         .args(["watch", "--json", "--viewers"])

@@ -19,7 +19,7 @@ use serde_json::Value;
 const PREFIX: &str = "127.76";
 
 mod common;
-use common::{Cluster, json_of, run, streamctl};
+use common::{LocalCluster, json_of, run, streamctl};
 
 /// Every process's pid and command line (arguments joined by spaces).
 fn command_lines() -> Vec<(u32, String)> {
@@ -325,16 +325,13 @@ fn assert_monitoring(up: &Value, state: &Path) {
 #[test]
 #[ignore = "end to end: needs ffmpeg, nix-instantiate and the workspace binaries (scripts/test.sh)"]
 fn local_cluster_streams_end_to_end() {
-    let tmp = tempfile::tempdir().unwrap();
-    let state = tmp.path().join("state");
-    let _cluster = Cluster {
-        state: state.clone(),
-    };
+    let cluster = LocalCluster::new();
+    let state = cluster.state.clone();
 
     // Up: every host as real processes, until the stream plays through an LB; Prometheus
     // watching them.
     let started = Instant::now();
-    let up = common::up_with(&state, PREFIX, None, &["--monitoring"]);
+    let up = cluster.up(PREFIX, None, &["--monitoring"]);
     eprintln!("up took {:.1} s: {up:#}", started.elapsed().as_secs_f64());
     let playlist_url = up["playlist_url"]
         .as_str()

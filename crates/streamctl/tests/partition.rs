@@ -21,7 +21,7 @@ const PREFIX: &str = "127.83";
 const LEFT_OUT: [&str; 5] = ["broadcast3", "broadcast4", "ingest2", "source2", "lb2"];
 
 mod common;
-use common::{Cluster, json_of, run, streamctl};
+use common::{LocalCluster, json_of, run, streamctl};
 
 fn number(v: &Value) -> f64 {
     v.as_f64().unwrap_or_else(|| panic!("not a number: {v}"))
@@ -59,13 +59,9 @@ fn healthz(ca: &Path, host_url: &str) -> Result<u16, String> {
 #[ignore = "end to end: needs root, nftables, ffmpeg, nix-instantiate, PostgreSQL + Patroni + etcd and the workspace binaries (scripts/test.sh)"]
 fn partitions_cut_hosts_and_a_cut_off_primary_steps_down_without_losing_acked_chat() {
     let started = Instant::now();
-    let tmp = tempfile::tempdir().unwrap();
-    let state = tmp.path().join("state");
-    let _cluster = Cluster {
-        state: state.clone(),
-    };
-    let cluster_file = common::cluster_without(tmp.path(), &LEFT_OUT);
-    let report = common::up(&state, PREFIX, Some(&cluster_file));
+    let cluster = LocalCluster::new();
+    let state = cluster.state.clone();
+    let report = cluster.up_without(PREFIX, &LEFT_OUT);
     let url_of = |name: &str| {
         report["hosts"]
             .as_array()

@@ -32,7 +32,7 @@ const LATE_FIRST_TAG: Duration = Duration::from_millis(2500);
 const INGESTS: [&str; 2] = ["ingest1", "ingest2"];
 
 mod common;
-use common::{Cluster, json_of, run, streamctl};
+use common::{LocalCluster, json_of, run, streamctl};
 
 fn lb_address(i: usize) -> String {
     format!("{PREFIX}.1.{}", i + 1)
@@ -284,12 +284,9 @@ fn wait_until(what: &str, limit: Duration, mut ok: impl FnMut() -> bool) {
 #[test]
 #[ignore = "end to end: needs ffmpeg, nix-instantiate and the workspace binaries (scripts/test.sh)"]
 fn a_publisher_through_the_lbs_survives_its_ingest_and_its_lb() {
-    let tmp = tempfile::tempdir().unwrap();
-    let state: PathBuf = tmp.path().join("state");
-    let _cluster = Cluster {
-        state: state.clone(),
-    };
-    common::up(&state, PREFIX, None);
+    let cluster = LocalCluster::new();
+    let state = cluster.state.clone();
+    cluster.up(PREFIX, None, &[]);
     streamctl_on(&state, &["kill", "source1"]);
     streamctl_on(&state, &["kill", "source2"]);
     let token = secret(&state, "metrics-token");

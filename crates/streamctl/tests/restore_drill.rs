@@ -23,7 +23,7 @@ const PREFIX: &str = "127.90";
 const LEFT_OUT: [&str; 4] = ["broadcast3", "broadcast4", "ingest2", "source2"];
 
 mod common;
-use common::{Cluster, json_of, run, streamctl};
+use common::{LocalCluster, json_of, run, streamctl};
 
 /// One batch of chat messages through `streamctl chat` (real clients, real servers); returns
 /// the run's account prefix and its acked (user, id) pairs.
@@ -94,22 +94,18 @@ fn archive_check(state: &Path) {
 #[ignore = "end to end: needs ffmpeg, nix-instantiate, PostgreSQL + Patroni + etcd + pgBackRest and the workspace binaries (scripts/test.sh)"]
 fn point_in_time_restore_keeps_what_was_acked_up_to_t_and_nothing_after() {
     let started = Instant::now();
-    let tmp = tempfile::tempdir().unwrap();
-    let state = tmp.path().join("state");
-    let _cluster = Cluster {
-        state: state.clone(),
-    };
-    let cluster_file = common::cluster_without(tmp.path(), &LEFT_OUT);
-    common::up(&state, PREFIX, Some(&cluster_file));
+    let cluster = LocalCluster::new();
+    let state = cluster.state.clone();
+    cluster.up_without(PREFIX, &LEFT_OUT);
     eprintln!("cluster up in {:.0} s", started.elapsed().as_secs_f64());
 
-    let (prefix_a, acked_a) = chat_batch(&state, tmp.path(), "a", 6);
+    let (prefix_a, acked_a) = chat_batch(&state, cluster.dir(), "a", 6);
     let backup = json_of(&run(streamctl()
         .args(["backup", "--type", "full", "--json", "--state"])
         .arg(&state)));
     eprintln!("{}", backup["info_text"].as_str().unwrap_or_default());
     assert_eq!(backup["kind"], "full", "{backup:#}");
-    let (prefix_b, acked_b) = chat_batch(&state, tmp.path(), "b", 6);
+    let (prefix_b, acked_b) = chat_batch(&state, cluster.dir(), "b", 6);
     // An incremental backup on top: the restore below starts from it.
     let incr = json_of(&run(streamctl()
         .args(["backup", "--json", "--state"])
@@ -122,7 +118,7 @@ fn point_in_time_restore_keeps_what_was_acked_up_to_t_and_nothing_after() {
         "SELECT to_char(clock_timestamp() AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS.US') || '+00'",
     );
     eprintln!("T = {target}");
-    let (prefix_c, acked_c) = chat_batch(&state, tmp.path(), "c", 6);
+    let (prefix_c, acked_c) = chat_batch(&state, cluster.dir(), "c", 6);
     // C's commits archived too: recovery needs a commit after T to know it has reached T.
     archive_check(&state);
     for (prefix, acked) in [
@@ -169,7 +165,7 @@ fn point_in_time_restore_keeps_what_was_acked_up_to_t_and_nothing_after() {
     );
 
     // The chat writes again on the restored cluster.
-    let (prefix_d, acked_d) = chat_batch(&state, tmp.path(), "d", 4);
+    let (prefix_d, acked_d) = chat_batch(&state, cluster.dir(), "d", 4);
     assert_eq!(stored(&state, &prefix_d), acked_d, "after the restore");
 
     eprintln!(

@@ -20,7 +20,7 @@ const PREFIX: &str = "127.89";
 const WATCH_SECONDS: u64 = 120;
 
 mod common;
-use common::{Cluster, json_of, run, streamctl};
+use common::{LocalCluster, json_of, run, streamctl};
 
 /// Each host's process group, from `streamctl status --json`.
 fn pids(state: &Path) -> BTreeMap<String, i64> {
@@ -61,12 +61,9 @@ fn report_of(child: Child, what: &str) -> Value {
 #[test]
 #[ignore = "end to end: needs ffmpeg, nix-instantiate, PostgreSQL + Patroni + etcd and the workspace binaries (scripts/test.sh)"]
 fn every_host_restarts_in_turn_and_nobody_notices() {
-    let tmp = tempfile::tempdir().unwrap();
-    let state = tmp.path().join("state");
-    let _cluster = Cluster {
-        state: state.clone(),
-    };
-    common::up(&state, PREFIX, None);
+    let cluster = LocalCluster::new();
+    let state = cluster.state.clone();
+    cluster.up(PREFIX, None, &[]);
     let before = pids(&state);
     let configs = streaming_runner::cluster::Layout::new(&state)
         .unwrap()

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 mod common;
-use common::{Cluster, json_of, run, streamctl};
+use common::{LocalCluster, json_of, run, streamctl};
 
 /// Loopback prefix of this test's cluster.
 const PREFIX: &str = "127.82";
@@ -116,13 +116,9 @@ async fn steer(
 #[test]
 #[ignore = "end to end: needs ffmpeg, nix-instantiate, PostgreSQL + Patroni + etcd and the workspace binaries (scripts/test.sh)"]
 fn viewers_and_steering_outlive_an_lb_and_then_their_broadcast() {
-    let tmp = tempfile::tempdir().unwrap();
-    let state = tmp.path().join("state");
-    let _cluster = Cluster {
-        state: state.clone(),
-    };
-    let cluster_file = common::cluster_without(tmp.path(), &LEFT_OUT);
-    common::up(&state, PREFIX, Some(&cluster_file));
+    let cluster = LocalCluster::new();
+    let state = cluster.state.clone();
+    cluster.up_without(PREFIX, &LEFT_OUT);
     let lb1 = format!("https://{PREFIX}.1.1:8443");
     let lb2 = format!("https://{PREFIX}.1.2:8443");
     let rt = tokio::runtime::Runtime::new().unwrap();

@@ -61,29 +61,11 @@ pub fn test_publisher(url: &str, seconds: u32, gop: u32) -> Command {
     ffmpeg
 }
 
-/// `streamctl up --json` of a host list (`cluster.nix` of the repository by default) on the
-/// loopback addresses `prefix`.*: its report. Not every test binary starts it this way.
-#[allow(dead_code)]
-pub fn up(state: &Path, prefix: &str, cluster: Option<&Path>) -> Value {
-    up_with(state, prefix, cluster, &[])
-}
-
-/// [`up`] with more flags (`--monitoring`).
-#[allow(dead_code)]
-pub fn up_with(state: &Path, prefix: &str, cluster: Option<&Path>, flags: &[&str]) -> Value {
-    json_of(&run(streamctl()
-        .args(["up", "--json", "--address-prefix", prefix, "--cluster"])
-        .arg(cluster.map_or_else(|| repo_root().join("cluster.nix"), Path::to_owned))
-        .args(flags)
-        .arg("--state")
-        .arg(state)))
-}
-
 /// Writes `<dir>/cluster.nix`: the repository's host list without the hosts named in
 /// `left_out` (a smaller cluster where a test needs fewer hosts), and returns its path. Not
 /// every test binary trims the list.
 #[allow(dead_code)]
-pub fn cluster_without(dir: &Path, left_out: &[&str]) -> PathBuf {
+fn cluster_without(dir: &Path, left_out: &[&str]) -> PathBuf {
     let full = std::fs::read_to_string(repo_root().join("cluster.nix")).unwrap();
     let trimmed: String = full
         .lines()
@@ -99,12 +81,49 @@ pub fn cluster_without(dir: &Path, left_out: &[&str]) -> PathBuf {
     path
 }
 
-/// Stops the cluster of a state dir when dropped, so no process outlives a failing test.
-pub struct Cluster {
+/// A local cluster for one test: a temporary directory with its state (and whatever else the
+/// test writes there), stopped by `streamctl down` when dropped, so no process outlives a
+/// failing test. Not every test binary starts one.
+#[allow(dead_code)]
+pub struct LocalCluster {
     pub state: PathBuf,
+    dir: tempfile::TempDir,
 }
 
-impl Drop for Cluster {
+#[allow(dead_code)]
+impl LocalCluster {
+    pub fn new() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        Self {
+            state: dir.path().join("state"),
+            dir,
+        }
+    }
+
+    /// The test's temporary directory (the state is its `state` subdirectory).
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// `streamctl up --json` of a host list (`cluster.nix` of the repository by default) on
+    /// the loopback addresses `prefix`.*, with more `flags` (`--monitoring`): its report.
+    pub fn up(&self, prefix: &str, cluster: Option<&Path>, flags: &[&str]) -> Value {
+        json_of(&run(streamctl()
+            .args(["up", "--json", "--address-prefix", prefix, "--cluster"])
+            .arg(cluster.map_or_else(|| repo_root().join("cluster.nix"), Path::to_owned))
+            .args(flags)
+            .arg("--state")
+            .arg(&self.state)))
+    }
+
+    /// [`Self::up`] of the repository's host list without the hosts named in `left_out`.
+    pub fn up_without(&self, prefix: &str, left_out: &[&str]) -> Value {
+        let cluster = cluster_without(self.dir(), left_out);
+        self.up(prefix, Some(&cluster), &[])
+    }
+}
+
+impl Drop for LocalCluster {
     fn drop(&mut self) {
         let _ = streamctl()
             .arg("down")
