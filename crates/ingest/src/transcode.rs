@@ -34,7 +34,7 @@ const STDERR_TAIL: usize = 12;
 /// `bitrates` holds one video bitrate per output video stream, in order.
 ///
 /// At most one B-frame (the presets above ultrafast default to three): a part waits for the
-/// frames reordered before it, and one B-frame keeps most of their gain for about 5 % fewer
+/// frames reordered before it, and one B-frame keeps most of their gain for about 7 % fewer
 /// cores (docs/benchmarks.md, "Ingest"). ultrafast keeps its none.
 pub fn x264_args(preset: &str, bitrates: &[u32]) -> Vec<String> {
     let mut args: Vec<String> = ["-c:v", "libx264", "-preset", preset]
@@ -118,7 +118,7 @@ pub const TS_OUTPUT_ARGS: [&str; 12] = [
 const ONE_THREAD_MAX_PIXEL_RATE: u64 = 1280 * 720 * 30;
 
 /// One x264 thread per rendition up to 720p30. Left to itself, each encoder starts frame
-/// threads per core and a lookahead thread: the ladder's encoders then take about 7 % more
+/// threads per core and a lookahead thread: the ladder's encoders then take about 5 % more
 /// cores between them, and each frame thread delays every picture by one frame. Larger
 /// renditions keep the frame threads, which a 1080p60 rung needs to keep up.
 fn encoder_threads_args(channel: &ChannelConfig) -> Vec<String> {
