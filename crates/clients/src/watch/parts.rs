@@ -11,7 +11,7 @@ use streaming_hls::parse::ParsedPart;
 use streaming_hls::{ParsedMedia, ParsedSegment, parse_media};
 use url::Url;
 
-use super::viewer::{Media, Playback, Viewer, rebase};
+use super::viewer::{Playback, Viewer, rebase};
 
 /// What comes next in a low-latency playlist.
 enum Next {
@@ -123,7 +123,7 @@ impl Viewer {
         let hint = want.zip(hinted_uri(p, want));
         let (answer, hinted) = tokio::join!(self.fetch(&url, limit), async {
             match &hint {
-                Some((part, uri)) => self.fetch_media(uri, limit).await.ok().map(|b| (*part, b)),
+                Some((part, uri)) => self.fetch(uri, limit).await.ok().map(|b| (*part, b)),
                 None => None,
             }
         });
@@ -198,7 +198,7 @@ impl Viewer {
     ) -> anyhow::Result<bool> {
         let url = rebase(&p.media_url.join(uri)?, &p.assignment);
         let first_byte = blocking_timeout(p.playlist.as_ref());
-        match self.fetch_media(&url, first_byte).await {
+        match self.fetch(&url, first_byte).await {
             Ok(body) => {
                 self.take_media(p, body, duration_s, pdt, started, seconds)?;
                 Ok(true)
@@ -215,13 +215,13 @@ impl Viewer {
     fn take_media(
         &mut self,
         p: &mut Playback,
-        body: Media,
+        body: bytes::Bytes,
         duration_s: f64,
         pdt: Option<u64>,
         started: Instant,
         seconds: u64,
     ) -> anyhow::Result<()> {
-        if !body.is_fragment {
+        if !streaming_media::fmp4::starts_with_fragment(&body) {
             bail!("a part is not fragmented MP4");
         }
         let stalls_before = p.buffer.stalls;

@@ -108,7 +108,7 @@ pub(super) struct Playback {
     /// Low-latency mode: the next part to play, (segment, part index).
     pub(super) next_part: Option<(u64, u32)>,
     /// The preload-hinted part, fetched before it was listed.
-    pub(super) hinted: Option<((u64, u32), Media)>,
+    pub(super) hinted: Option<((u64, u32), bytes::Bytes)>,
     pub(super) target: Duration,
     /// When the run ends: `seconds` after the first segment played.
     pub(super) deadline: Option<Instant>,
@@ -149,19 +149,6 @@ impl Playback {
     }
 }
 
-/// What a player needs of a media segment or part: that it is one of ours, and its size for
-/// the throughput estimate. The bytes are not kept: a simulated viewer decodes nothing, and
-/// gathering each body into one buffer would only cost the generator a copy and, with
-/// thousands of viewers, a segment's memory per viewer.
-pub(super) struct Media {
-    pub(super) len: usize,
-    /// It starts with a movie fragment (`moof`), as our segments and parts do.
-    pub(super) is_fragment: bool,
-}
-
-/// The bytes of a body [`streaming_media::fmp4::starts_with_fragment`] looks at.
-const MEDIA_HEAD: usize = 16;
-
 impl Viewer {
     /// GET with a time-to-first-byte limit and a whole-body limit.
     pub(super) async fn fetch(
@@ -169,52 +156,6 @@ impl Viewer {
         url: &Url,
         first_byte: Duration,
     ) -> Result<bytes::Bytes, FetchError> {
-        let response = self.open(url, first_byte).await?;
-        let body = tokio::time::timeout(first_byte * 4, response.bytes())
-            .await
-            .map_err(|_| FetchError::Timeout(first_byte * 4))?
-            .map_err(|e| FetchError::Transport(e.to_string()))?;
-        if body.len() > MAX_BODY_BYTES {
-            return Err(FetchError::TooLarge);
-        }
-        Ok(body)
-    }
-
-    /// [`Self::fetch`] for a segment or part: the body is read to its end within the same
-    /// limits, chunk by chunk, and only its size and first bytes are kept.
-    pub(super) async fn fetch_media(
-        &self,
-        url: &Url,
-        first_byte: Duration,
-    ) -> Result<Media, FetchError> {
-        let mut response = self.open(url, first_byte).await?;
-        let deadline = tokio::time::Instant::now() + first_byte * 4;
-        let mut head = [0u8; MEDIA_HEAD];
-        let mut len = 0usize;
-        loop {
-            let chunk = tokio::time::timeout_at(deadline, response.chunk())
-                .await
-                .map_err(|_| FetchError::Timeout(first_byte * 4))?
-                .map_err(|e| FetchError::Transport(e.to_string()))?;
-            let Some(chunk) = chunk else {
-                break;
-            };
-            if len < MEDIA_HEAD {
-                let n = (MEDIA_HEAD - len).min(chunk.len());
-                head[len..len + n].copy_from_slice(&chunk[..n]);
-            }
-            len += chunk.len();
-            if len > MAX_BODY_BYTES {
-                return Err(FetchError::TooLarge);
-            }
-        }
-        let is_fragment = streaming_media::fmp4::starts_with_fragment(&head[..len.min(MEDIA_HEAD)]);
-        Ok(Media { len, is_fragment })
-    }
-
-    /// Sends a GET and waits for its answer's head: a success within `first_byte`, and not
-    /// announcing more than [`MAX_BODY_BYTES`].
-    async fn open(&self, url: &Url, first_byte: Duration) -> Result<reqwest::Response, FetchError> {
         let response = tokio::time::timeout(first_byte, self.client.get(url.clone()).send())
             .await
             .map_err(|_| FetchError::Timeout(first_byte))?
@@ -225,7 +166,14 @@ impl Viewer {
         if response.content_length().unwrap_or(0) > MAX_BODY_BYTES as u64 {
             return Err(FetchError::TooLarge);
         }
-        Ok(response)
+        let body = tokio::time::timeout(first_byte * 4, response.bytes())
+            .await
+            .map_err(|_| FetchError::Timeout(first_byte * 4))?
+            .map_err(|e| FetchError::Transport(e.to_string()))?;
+        if body.len() > MAX_BODY_BYTES {
+            return Err(FetchError::TooLarge);
+        }
+        Ok(body)
     }
 
     /// Enters through the LBs in turn (the entry URL's path and query on each), the last one
@@ -540,7 +488,7 @@ impl Viewer {
     ) -> anyhow::Result<()> {
         let segment_url = rebase(&p.media_url.join(&segment.uri)?, &p.assignment);
         let t0 = Instant::now();
-        let body = match self.fetch_media(&segment_url, p.target).await {
+        let body = match self.fetch(&segment_url, p.target).await {
             Ok(body) => body,
             Err(e) => {
                 self.on_failure(&mut p.assignment, &e, &mut p.failures_this_segment)
@@ -548,7 +496,7 @@ impl Viewer {
                 return Ok(());
             }
         };
-        if !body.is_fragment {
+        if !streaming_media::fmp4::starts_with_fragment(&body) {
             bail!("segment {} is not a fragmented MP4 segment", segment.seq);
         }
         let now = Instant::now();
@@ -575,7 +523,7 @@ impl Viewer {
         self.report.felt.discontinuities += u64::from(segment.discontinuity);
         p.next_seq = Some(segment.seq + 1);
         let elapsed = now.duration_since(t0).as_secs_f64().max(1e-3);
-        let choice = self.choose_variant(&p.variants, Some(body.len as f64 * 8.0 / elapsed));
+        let choice = self.choose_variant(&p.variants, Some(body.len() as f64 * 8.0 / elapsed));
         if choice != p.variant {
             p.variant = choice;
             p.media_url = p.master_url.join(&p.variants[p.variant].uri)?;
